@@ -1,0 +1,100 @@
+// The run configuration: typed structs filled from YAML plus `--set key.path=value` overrides.
+// Every key, its type, default and meaning is listed in docs/config.md; the schema in
+// config.cpp is the single source of the key list (tests check the doc against it).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace mpt {
+
+struct ModelConfig {
+  int n_layer = 4;
+  int n_head = 4;
+  int n_embd = 128;
+  int vocab_size = 256;          // real vocabulary; the embedding is padded (see below)
+  int vocab_pad_multiple = 64;   // padded vocab = vocab_size rounded up to this multiple
+  int max_seq_len = 64;          // positions in the learned position embedding
+  uint64_t init_seed = 1337;
+  double init_std = 0.02;
+
+  int padded_vocab() const {
+    return (vocab_size + vocab_pad_multiple - 1) / vocab_pad_multiple * vocab_pad_multiple;
+  }
+};
+
+struct DataConfig {
+  // Each entry is a path or glob of llm.c-format token shards, or the word "builtin" for the
+  // built-in corpus (its train split for `train`, its validation split for `val`).
+  std::vector<std::string> train{"builtin"};
+  std::vector<std::string> val{"builtin"};
+};
+
+struct TrainingConfig {
+  int micro_batch = 8;    // sequences per micro-batch (B)
+  int seq_len = 64;       // tokens per sequence (T), at most model.max_seq_len
+  int grad_accum = 1;     // micro-batches per optimizer step
+  int64_t steps = 300;    // optimizer steps
+  int64_t eval_every = 50;  // steps between validation passes; 0 = only at start and end
+  int eval_batches = 8;     // micro-batches per validation pass
+  int64_t log_every = 10;   // steps between step records
+  uint64_t seed = 42;       // data order
+};
+
+struct OptimizerConfig {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double weight_decay = 0.1;
+  double grad_clip = 1.0;  // global-norm clip; 0 disables
+};
+
+struct ScheduleConfig {
+  std::string decay = "cosine";  // cosine | linear | constant
+  int64_t warmup_steps = 20;
+  double min_lr = 1e-4;
+};
+
+struct OutputConfig {
+  std::string dir = "runs";
+  std::string name;  // empty: "<config file stem>-<UTC timestamp>"
+};
+
+struct Config {
+  ModelConfig model;
+  DataConfig data;
+  TrainingConfig training;
+  OptimizerConfig optimizer;
+  ScheduleConfig schedule;
+  std::string precision = "fp32";
+  std::string backend = "auto";  // cpu | cuda | auto
+  int threads = 0;               // CPU threads; 0 = all available cores
+  OutputConfig output;
+
+  std::string source_path;  // the YAML file this came from ("" for the built-in default)
+};
+
+// Loads `path` (or the built-in default config when `path` is empty), applies the overrides
+// ("key.path=value", YAML-typed), and validates everything. On any problem throws InputError
+// whose message lists every error found, each with file:line:column (or "--set KEY") and the
+// full key path. Does not touch the file system except to read the config and expand globs.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+
+// The fully resolved config as YAML (round-trips through load_config) and as JSON.
+std::string config_to_yaml(const Config& c);
+nlohmann::json config_to_json(const Config& c);
+
+// One entry per documented key, for docs and tests: "model.n_layer", ...
+struct ConfigKeyInfo {
+  std::string path;
+  std::string type;
+  std::string default_value;
+  std::string description;
+};
+const std::vector<ConfigKeyInfo>& config_schema();
+
+}  // namespace mpt
