@@ -1,1 +1,104 @@
-int main() { return 0; }
+// The `mpt` executable: command-line parsing and exit codes only; the work lives in src/.
+#include <CLI/CLI.hpp>
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "config/config.h"
+#include "core/error.h"
+#include "data/prepare.h"
+#include "data/shard.h"
+#include "train/trainer.h"
+
+namespace {
+
+int run_train(const std::string& config_path, const std::vector<std::string>& sets,
+              const std::string& run_dir) {
+  const mpt::Config cfg = mpt::load_config(config_path, sets);
+  mpt::TrainOptions opt;
+  opt.run_dir = run_dir;
+  mpt::train(cfg, opt);
+  return 0;
+}
+
+int run_prepare(const std::vector<std::string>& inputs, const std::string& out, double val_fraction,
+                int64_t shard_tokens) {
+  mpt::data::PrepareOptions opt;
+  opt.val_fraction = val_fraction;
+  opt.shard_tokens = shard_tokens;
+  const auto r = mpt::data::prepare_shards(inputs, out, opt);
+  for (const auto& s : r.train_shards) std::printf("train shard %s\n", s.c_str());
+  for (const auto& s : r.val_shards) std::printf("val   shard %s\n", s.c_str());
+  std::printf("%lld train tokens, %lld val tokens (byte tokenizer, vocab 256)\n",
+              static_cast<long long>(r.train_tokens), static_cast<long long>(r.val_tokens));
+  return 0;
+}
+
+int run_inspect(const std::vector<std::string>& shards) {
+  for (const auto& s : shards) std::printf("%s\n", mpt::data::format_shard_info(mpt::data::inspect_shard(s)).c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"mpt: mixed-precision GPT trainer", "mpt"};
+  app.set_version_flag("--version", std::string("mpt ") + MPT_VERSION);
+  app.require_subcommand(1);
+
+  std::string config_path, run_dir;
+  std::vector<std::string> sets;
+  auto* train = app.add_subcommand("train", "Train a GPT as described by a YAML config");
+  train->add_option("config", config_path, "YAML config file (see docs/config.md)")
+      ->required()
+      ->check(CLI::ExistingFile);
+  train->add_option("--set", sets, "Override a config key: --set key.path=value (repeatable)")
+      ->type_name("KEY=VALUE");
+  train->add_option("--run-dir", run_dir, "Write the run here instead of output.dir/output.name");
+
+  auto* data = app.add_subcommand("data", "Prepare and inspect token shards");
+  data->require_subcommand(1);
+  std::vector<std::string> inputs;
+  std::string out_dir;
+  double val_fraction = 0.1;
+  int64_t shard_tokens = 100'000'000;
+  auto* prepare = data->add_subcommand(
+      "prepare", "Turn text files into llm.c-format token shards (byte-level tokenizer)");
+  prepare->add_option("--input", inputs, "Text files, concatenated in order")
+      ->required()
+      ->check(CLI::ExistingFile);
+  prepare->add_option("--out", out_dir, "Output directory for train_*.bin and val_*.bin")
+      ->required();
+  prepare->add_option("--val-fraction", val_fraction, "Fraction of tokens for validation")
+      ->capture_default_str();
+  prepare->add_option("--shard-tokens", shard_tokens, "Maximum tokens per shard")
+      ->capture_default_str();
+  std::vector<std::string> shards;
+  auto* inspect = data->add_subcommand("inspect", "Print a shard's header, token count and range");
+  inspect->add_option("shards", shards, "Shard files")->required();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);  // prints help, version or the parse error
+    return rc == 0 ? 0 : static_cast<int>(mpt::ExitCode::bad_input);
+  }
+
+  try {
+    if (*train) return run_train(config_path, sets, run_dir);
+    if (*prepare) return run_prepare(inputs, out_dir, val_fraction, shard_tokens);
+    if (*inspect) return run_inspect(shards);
+  } catch (const mpt::Error& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "mpt: error: %s\n", e.what());
+    return static_cast<int>(e.code());
+  } catch (const std::exception& e) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "mpt: error: %s\n", e.what());
+    return static_cast<int>(mpt::ExitCode::runtime_failure);
+  }
+  return static_cast<int>(mpt::ExitCode::bad_input);
+}

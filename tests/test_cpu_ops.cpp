@@ -1,1 +1,314 @@
-// placeholder
+// Every CPU op: forward against a straightforward fp64 reference, backward against central
+// finite differences of L = sum(w * out) with fresh random w. Shapes are deliberately awkward
+// (not multiples of 32, more columns than one reduction block).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+
+#include "backend/cpu/cpu_backend.h"
+#include "test_util.h"
+
+using namespace mpt;
+using namespace mpt::test;
+
+namespace {
+
+double weighted_sum(const Owned& y, const Owned& w) {
+  double s = 0.0;
+  for (int64_t i = 0; i < y.n(); ++i) s += static_cast<double>(w.f()[i]) * y.f()[i];
+  return s;
+}
+
+// Compares analytic gradients of x with central differences of `loss` at `samples` random
+// elements plus the element of largest analytic gradient. fp32 forward passes limit accuracy
+// to about 1e-6 relative in L, so eps = 1e-2 balances that against the O(eps^2) truncation.
+void check_fd(const std::string& what, Owned& x, const std::vector<double>& analytic,
+              const std::function<double()>& loss, Rng& rng, int samples = 24,
+              double eps = 1e-2, double atol = 2e-3, double rtol = 1e-2) {
+  ASSERT_EQ(static_cast<int64_t>(analytic.size()), x.n());
+  std::vector<int64_t> idx;
+  for (int s = 0; s < samples; ++s) idx.push_back(static_cast<int64_t>(rng.below(x.n())));
+  idx.push_back(std::max_element(analytic.begin(), analytic.end(),
+                                 [](double a, double b) { return std::fabs(a) < std::fabs(b); }) -
+                analytic.begin());
+  double max_abs = 0.0;
+  for (double g : analytic) {
+    ASSERT_TRUE(std::isfinite(g)) << what;
+    max_abs = std::max(max_abs, std::fabs(g));
+  }
+  ASSERT_GT(max_abs, 0.0) << what << ": gradient is identically zero";
+  for (int64_t i : idx) {
+    const float orig = x.f()[i];
+    const float up = orig + static_cast<float>(eps), down = orig - static_cast<float>(eps);
+    x.f()[i] = up;
+    const double lp = loss();
+    x.f()[i] = down;
+    const double lm = loss();
+    x.f()[i] = orig;
+    const double numeric = (lp - lm) / (static_cast<double>(up) - static_cast<double>(down));
+    EXPECT_NEAR(analytic[i], numeric, atol + rtol * std::fabs(numeric))
+        << what << " element " << i;
+  }
+}
+
+// Gradient written into `g` by an accumulating op that started from `before`.
+std::vector<double> accumulated(const Owned& g, const std::vector<float>& before) {
+  std::vector<double> d(g.n());
+  for (int64_t i = 0; i < g.n(); ++i) d[i] = static_cast<double>(g.f()[i]) - before[i];
+  return d;
+}
+
+std::vector<double> as_double(const Owned& g) { return {g.f(), g.f() + g.n()}; }
+
+class CpuOps : public ::testing::Test {
+ protected:
+  CpuBackend be{2};
+  Rng rng{fresh_seed()};
+};
+
+}  // namespace
+
+TEST_F(CpuOps, Embedding) {
+  const int64_t B = 3, T = 5, C = 45, Vp = 11, maxT = 6;
+  Owned tok = make(be, {B, T}, DType::i32);
+  for (int64_t i = 0; i < tok.n(); ++i) tok.i()[i] = static_cast<int32_t>(rng.below(Vp));
+  Owned wte = randn(be, {Vp, C}, rng), wpe = randn(be, {maxT, C}, rng);
+  Owned out = make(be, {B, T, C}), w = randn(be, {B, T, C}, rng);
+  be.embedding_forward(out.t, tok.t, wte.t, wpe.t);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t c = 0; c < C; ++c)
+        ASSERT_EQ(out.f()[(b * T + t) * C + c],
+                  wte.f()[tok.i()[b * T + t] * C + c] + wpe.f()[t * C + c]);
+
+  Owned dwte = randn(be, {Vp, C}, rng), dwpe = randn(be, {maxT, C}, rng);
+  const auto dwte0 = copy_of(dwte), dwpe0 = copy_of(dwpe);
+  be.embedding_backward(dwte.t, dwpe.t, w.t, tok.t);
+  auto loss = [&] {
+    be.embedding_forward(out.t, tok.t, wte.t, wpe.t);
+    return weighted_sum(out, w);
+  };
+  check_fd("dwte", wte, accumulated(dwte, dwte0), loss, rng);
+  check_fd("dwpe", wpe, accumulated(dwpe, dwpe0), loss, rng);
+  // position rows past T receive nothing
+  for (int64_t c = 0; c < C; ++c) EXPECT_EQ(dwpe.f()[(maxT - 1) * C + c], dwpe0[(maxT - 1) * C + c]);
+}
+
+TEST_F(CpuOps, LayerNorm) {
+  const int64_t B = 2, T = 5, C = 45;
+  Owned x = randn(be, {B, T, C}, rng, 2.0);
+  for (int64_t i = 0; i < x.n(); ++i) x.f()[i] += 0.5f;  // a non-zero mean to remove
+  Owned wt = randn(be, {C}, rng, 0.3), bs = randn(be, {C}, rng, 0.3);
+  for (int64_t c = 0; c < C; ++c) wt.f()[c] += 1.0f;
+  Owned out = make(be, {B, T, C}), mean = make(be, {B, T}), rstd = make(be, {B, T});
+  be.layernorm_forward(out.t, mean.t, rstd.t, x.t, wt.t, bs.t);
+  for (int64_t n = 0; n < B * T; ++n) {
+    double m = 0, v = 0;
+    for (int64_t c = 0; c < C; ++c) m += x.f()[n * C + c];
+    m /= C;
+    for (int64_t c = 0; c < C; ++c) v += (x.f()[n * C + c] - m) * (x.f()[n * C + c] - m);
+    v /= C;
+    const double s = 1.0 / std::sqrt(v + 1e-5);
+    EXPECT_NEAR(mean.f()[n], m, 1e-5);
+    EXPECT_NEAR(rstd.f()[n], s, 1e-5 * s);
+    for (int64_t c = 0; c < C; ++c)
+      EXPECT_NEAR(out.f()[n * C + c], (x.f()[n * C + c] - m) * s * wt.f()[c] + bs.f()[c], 1e-5);
+  }
+  Owned w = randn(be, {B, T, C}, rng);
+  Owned dx = randn(be, {B, T, C}, rng), dw = randn(be, {C}, rng), db = randn(be, {C}, rng);
+  const auto dx0 = copy_of(dx), dw0 = copy_of(dw), db0 = copy_of(db);
+  be.layernorm_backward(dx.t, dw.t, db.t, w.t, x.t, wt.t, mean.t, rstd.t);
+  auto loss = [&] {
+    be.layernorm_forward(out.t, mean.t, rstd.t, x.t, wt.t, bs.t);
+    return weighted_sum(out, w);
+  };
+  check_fd("dinp", x, accumulated(dx, dx0), loss, rng);
+  check_fd("dweight", wt, accumulated(dw, dw0), loss, rng);
+  check_fd("dbias", bs, accumulated(db, db0), loss, rng);
+}
+
+TEST_F(CpuOps, Matmul) {
+  for (bool with_bias : {true, false}) {
+    SCOPED_TRACE(with_bias ? "with bias" : "without bias");
+    const int64_t B = 2, T = 7, C = 37, OC = 45;
+    Owned x = randn(be, {B, T, C}, rng), wt = randn(be, {OC, C}, rng, 0.3);
+    Owned bias = with_bias ? randn(be, {OC}, rng) : Owned{};
+    Owned out = make(be, {B, T, OC});
+    be.matmul_forward(out.t, x.t, wt.t, bias.t);
+    for (int64_t n = 0; n < B * T; ++n)
+      for (int64_t o = 0; o < OC; ++o) {
+        double s = with_bias ? bias.f()[o] : 0.0;
+        for (int64_t c = 0; c < C; ++c)
+          s += static_cast<double>(x.f()[n * C + c]) * wt.f()[o * C + c];
+        ASSERT_NEAR(out.f()[n * OC + o], s, 1e-5 * (1 + std::fabs(s)));
+      }
+    Owned w = randn(be, {B, T, OC}, rng);
+    Owned dx = randn(be, {B, T, C}, rng);  // written, not accumulated: old contents must go
+    Owned dw = randn(be, {OC, C}, rng), db = randn(be, {OC}, rng);
+    const auto dw0 = copy_of(dw), db0 = copy_of(db);
+    be.matmul_backward(dx.t, dw.t, with_bias ? db.t : Tensor(), w.t, x.t, wt.t);
+    auto loss = [&] {
+      be.matmul_forward(out.t, x.t, wt.t, bias.t);
+      return weighted_sum(out, w);
+    };
+    check_fd("dinp", x, as_double(dx), loss, rng);
+    check_fd("dweight", wt, accumulated(dw, dw0), loss, rng);
+    if (with_bias) check_fd("dbias", bias, accumulated(db, db0), loss, rng);
+  }
+}
+
+TEST_F(CpuOps, Attention) {
+  const int64_t B = 2, T = 7, NH = 3, HS = 5, C = NH * HS;
+  Owned qkv = randn(be, {B, T, 3 * C}, rng);
+  Owned out = make(be, {B, T, C}), att = make(be, {B, NH, T, T});
+  be.attention_forward(out.t, att.t, qkv.t, NH);
+  // fp64 reference: softmax(q k^T / sqrt(HS)) over t2 <= t, times v
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < NH; ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        std::vector<double> p(t + 1);
+        double mx = -1e300, sum = 0;
+        for (int64_t t2 = 0; t2 <= t; ++t2) {
+          double s = 0;
+          for (int64_t i = 0; i < HS; ++i)
+            s += static_cast<double>(qkv.f()[(b * T + t) * 3 * C + h * HS + i]) *
+                 qkv.f()[(b * T + t2) * 3 * C + C + h * HS + i];
+          p[t2] = s / std::sqrt(static_cast<double>(HS));
+          mx = std::max(mx, p[t2]);
+        }
+        for (auto& v : p) sum += (v = std::exp(v - mx));
+        const float* arow = att.f() + ((b * NH + h) * T + t) * T;
+        for (int64_t t2 = 0; t2 < T; ++t2)
+          ASSERT_NEAR(arow[t2], t2 <= t ? p[t2] / sum : 0.0, 1e-6);
+        for (int64_t i = 0; i < HS; ++i) {
+          double o = 0;
+          for (int64_t t2 = 0; t2 <= t; ++t2)
+            o += p[t2] / sum * qkv.f()[(b * T + t2) * 3 * C + 2 * C + h * HS + i];
+          ASSERT_NEAR(out.f()[(b * T + t) * C + h * HS + i], o, 1e-5);
+        }
+      }
+  Owned w = randn(be, {B, T, C}, rng);
+  Owned dqkv = randn(be, {B, T, 3 * C}, rng);  // written: stale contents must not survive
+  be.attention_backward(dqkv.t, w.t, qkv.t, att.t, NH);
+  auto loss = [&] {
+    be.attention_forward(out.t, att.t, qkv.t, NH);
+    return weighted_sum(out, w);
+  };
+  check_fd("dqkv", qkv, as_double(dqkv), loss, rng, 48);
+  // causality: the key and value of the last position influence nothing but itself
+  be.attention_forward(out.t, att.t, qkv.t, NH);
+  const auto before = copy_of(out);
+  for (int64_t i = C; i < 3 * C; ++i) qkv.f()[(0 * T + T - 1) * 3 * C + i] += 1.0f;
+  be.attention_forward(out.t, att.t, qkv.t, NH);
+  for (int64_t t = 0; t < T - 1; ++t)
+    for (int64_t c = 0; c < C; ++c) EXPECT_EQ(out.f()[t * C + c], before[t * C + c]);
+}
+
+TEST_F(CpuOps, Gelu) {
+  const int64_t n = 333;
+  Owned x = randn(be, {n}, rng, 2.0), out = make(be, {n}), w = randn(be, {n}, rng);
+  be.gelu_forward(out.t, x.t);
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = x.f()[i];
+    const double ref = 0.5 * v * (1 + std::tanh(std::sqrt(2 / M_PI) * (v + 0.044715 * v * v * v)));
+    ASSERT_NEAR(out.f()[i], ref, 1e-6 * (1 + std::fabs(ref)));
+  }
+  Owned dx = randn(be, {n}, rng);
+  be.gelu_backward(dx.t, x.t, w.t);
+  check_fd("gelu", x, as_double(dx), [&] {
+    be.gelu_forward(out.t, x.t);
+    return weighted_sum(out, w);
+  }, rng, 48, 1e-3, 1e-3, 1e-2);
+}
+
+TEST_F(CpuOps, Residual) {
+  Owned a = randn(be, {3, 41}, rng), b = randn(be, {3, 41}, rng), out = make(be, {3, 41});
+  be.residual_forward(out.t, a.t, b.t);
+  for (int64_t i = 0; i < a.n(); ++i) ASSERT_EQ(out.f()[i], a.f()[i] + b.f()[i]);
+}
+
+TEST_F(CpuOps, CrossEntropyMasksPaddingAndMatchesFiniteDifferences) {
+  const int64_t N = 6, V = 50, Vp = 64;
+  Owned logits = randn(be, {N, Vp}, rng, 2.0), tgt = make(be, {N}, DType::i32);
+  for (int64_t n = 0; n < N; ++n) tgt.i()[n] = static_cast<int32_t>(rng.below(V));
+  // Huge padded logits must change nothing: the padding is outside the softmax.
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = V; i < Vp; ++i) logits.f()[n * Vp + i] = 1e4f;
+  Owned losses = make(be, {N}), scratch = make(be, {N, Vp});
+  auto mean_loss = [&] {
+    std::copy(logits.f(), logits.f() + logits.n(), scratch.f());
+    be.crossentropy_forward_backward(losses.t, scratch.t, tgt.t, V, 0.0f);
+    double s = 0;
+    for (int64_t n = 0; n < N; ++n) s += losses.f()[n];
+    return s / N;
+  };
+  mean_loss();
+  for (int64_t n = 0; n < N; ++n) {
+    double mx = -1e300, sum = 0;
+    for (int64_t i = 0; i < V; ++i) mx = std::max(mx, double(logits.f()[n * Vp + i]));
+    for (int64_t i = 0; i < V; ++i) sum += std::exp(logits.f()[n * Vp + i] - mx);
+    const double ref = std::log(sum) + mx - logits.f()[n * Vp + tgt.i()[n]];
+    EXPECT_NEAR(losses.f()[n], ref, 1e-5 * (1 + ref));
+  }
+  std::copy(logits.f(), logits.f() + logits.n(), scratch.f());
+  be.crossentropy_forward_backward(losses.t, scratch.t, tgt.t, V, 1.0f / N);
+  std::vector<double> grad(scratch.f(), scratch.f() + scratch.n());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = V; i < Vp; ++i) EXPECT_EQ(grad[n * Vp + i], 0.0);
+  check_fd("dlogits", logits, grad, mean_loss, rng, 48, 1e-2, 2e-4, 1e-2);
+}
+
+TEST_F(CpuOps, SumSquaresIsExactAndIndependentOfThreads) {
+  const int64_t n = 100003;
+  Owned x = randn(be, {n}, rng);
+  double ref = 0;
+  for (int64_t i = 0; i < n; ++i) ref += static_cast<double>(x.f()[i]) * x.f()[i];
+  const double got = be.sum_squares(x.t);
+  EXPECT_NEAR(got, ref, 1e-9 * ref);
+  CpuBackend one(1);
+  EXPECT_EQ(one.sum_squares(x.t), got);
+}
+
+TEST_F(CpuOps, AdamWMatchesFp64Reference) {
+  const int64_t n = 1001;
+  Owned p = randn(be, {n}, rng), g = randn(be, {n}, rng), m = randn(be, {n}, rng, 0.1),
+        v = randn(be, {n}, rng, 0.1);
+  for (int64_t i = 0; i < n; ++i) v.f()[i] = std::fabs(v.f()[i]);
+  const auto p0 = copy_of(p), m0 = copy_of(m), v0 = copy_of(v);
+  AdamWParams hp{3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 7, 0.5f};
+  be.adamw_update(p.t, g.t, m.t, v.t, hp);
+  for (int64_t i = 0; i < n; ++i) {
+    const double gi = double(g.f()[i]) * 0.5;
+    const double mi = 0.9 * m0[i] + 0.1 * gi;
+    const double vi = 0.95 * v0[i] + 0.05 * gi * gi;
+    const double mh = mi / (1 - std::pow(0.9, 7)), vh = vi / (1 - std::pow(0.95, 7));
+    const double pi = p0[i] - 3e-3 * (mh / (std::sqrt(vh) + 1e-8) + 0.1 * p0[i]);
+    ASSERT_NEAR(m.f()[i], mi, 1e-6 * (1 + std::fabs(mi)));
+    ASSERT_NEAR(v.f()[i], vi, 1e-6 * (1 + vi));
+    ASSERT_NEAR(p.f()[i], pi, 1e-6 * (1 + std::fabs(pi)));
+  }
+}
+
+// Loops that are not BLAS must give the same bits whatever the thread count.
+TEST_F(CpuOps, LoopOpsAreIndependentOfThreadCount) {
+  CpuBackend one(1);
+  const int64_t B = 2, T = 9, NH = 2, HS = 20, C = NH * HS, Vp = 13;
+  Owned qkv = randn(be, {B, T, 3 * C}, rng), dout = randn(be, {B, T, C}, rng);
+  Owned att = make(be, {B, NH, T, T}), out1 = make(be, {B, T, C}), out2 = make(be, {B, T, C});
+  Owned d1 = make(be, {B, T, 3 * C}), d2 = make(be, {B, T, 3 * C});
+  be.attention_forward(out1.t, att.t, qkv.t, NH);
+  be.attention_backward(d1.t, dout.t, qkv.t, att.t, NH);
+  one.attention_forward(out2.t, att.t, qkv.t, NH);
+  one.attention_backward(d2.t, dout.t, qkv.t, att.t, NH);
+  EXPECT_EQ(copy_of(out1), copy_of(out2));
+  EXPECT_EQ(copy_of(d1), copy_of(d2));
+  Owned tok = make(be, {B, T}, DType::i32);
+  for (int64_t i = 0; i < tok.n(); ++i) tok.i()[i] = static_cast<int32_t>(rng.below(3));
+  Owned e1 = make(be, {Vp, C}), e2 = make(be, {Vp, C}), p1 = make(be, {T, C}), p2 = make(be, {T, C});
+  be.embedding_backward(e1.t, p1.t, dout.t, tok.t);
+  one.embedding_backward(e2.t, p2.t, dout.t, tok.t);
+  EXPECT_EQ(copy_of(e1), copy_of(e2));
+  EXPECT_EQ(copy_of(p1), copy_of(p2));
+}

@@ -1,1 +1,39 @@
-// placeholder: filled in by the foundation issue
+#include "optim/adamw.h"
+
+#include <cmath>
+
+namespace mpt {
+
+AdamW::AdamW(const OptimizerConfig& cfg, Gpt& model, Backend& backend)
+    : cfg_(cfg), model_(model), be_(backend) {
+  // Moments share the parameter slab's layout, so parameter i's moments are at its offset.
+  const size_t bytes = model_.all_params().bytes();
+  m_buf_ = be_.allocate(bytes);
+  v_buf_ = be_.allocate(bytes);
+}
+
+double AdamW::grad_norm() const { return std::sqrt(be_.sum_squares(model_.all_grads())); }
+
+float AdamW::clip_scale(double norm) const {
+  if (cfg_.grad_clip <= 0.0 || !std::isfinite(norm) || norm <= cfg_.grad_clip) return 1.0f;
+  return static_cast<float>(cfg_.grad_clip / norm);
+}
+
+void AdamW::step(double lr, float grad_scale) {
+  ++t_;
+  for (size_t i = 0; i < model_.params().size(); ++i) {
+    const ParamInfo& info = model_.params()[i];
+    AdamWParams p{static_cast<float>(lr),
+                  static_cast<float>(cfg_.beta1),
+                  static_cast<float>(cfg_.beta2),
+                  static_cast<float>(cfg_.eps),
+                  info.decay ? static_cast<float>(cfg_.weight_decay) : 0.0f,
+                  t_,
+                  grad_scale};
+    const size_t off = info.offset * sizeof(float);
+    be_.adamw_update(model_.param(i), model_.grad(i), m_buf_.view(off, DType::f32, info.shape),
+                     v_buf_.view(off, DType::f32, info.shape), p);
+  }
+}
+
+}  // namespace mpt

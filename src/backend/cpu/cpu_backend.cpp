@@ -1,1 +1,475 @@
-// placeholder: filled in by the foundation issue
+#include "backend/cpu/cpu_backend.h"
+
+#include <cblas.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+
+namespace mpt {
+namespace {
+
+// Checks an op argument's dtype and shape; a mismatch is a bug in the caller.
+void expect(const char* op, const char* arg, const Tensor& t, DType dtype, Shape shape) {
+  if (!t.defined() || t.dtype != dtype || t.shape != shape)
+    throw RuntimeError(std::string(op) + ": argument '" + arg + "' expected " + dtype_name(dtype) +
+                       shape.str() + ", got " + (t.defined() ? dtype_name(t.dtype) : "undefined") +
+                       t.shape.str());
+}
+
+// Token ids index tables; check them before the parallel loops (an exception must not leave an
+// OpenMP region).
+void check_ids(const char* op, const int32_t* ids, int64_t n, int64_t limit) {
+  for (int64_t i = 0; i < n; ++i)
+    if (ids[i] < 0 || ids[i] >= limit)
+      throw RuntimeError(std::string(op) + ": token id " + std::to_string(ids[i]) + " at " +
+                         std::to_string(i) + " outside [0, " + std::to_string(limit) + ")");
+}
+
+// Columns handled together when a reduction over rows is split by column across threads: wide
+// enough to vectorise, narrow enough to give every thread work.
+constexpr int64_t kColumnBlock = 32;
+
+constexpr float kLayerNormEps = 1e-5f;
+constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
+constexpr float kGeluCubic = 0.044715f;
+
+}  // namespace
+
+CpuBackend::CpuBackend(int threads) : threads_(threads > 0 ? threads : omp_get_num_procs()) {
+  // OpenBLAS keeps its thread count in library state; the OpenMP build of OpenBLAS runs on the
+  // same pool as our loops, so the two never compete for cores.
+  openblas_set_num_threads(threads_);
+}
+
+std::string CpuBackend::device_description() const {
+  return std::string("CPU, ") + std::to_string(threads_) + " threads, OpenBLAS " +
+         openblas_get_config();
+}
+
+Buffer CpuBackend::allocate(size_t bytes) {
+  constexpr size_t kAlign = 256;
+  const size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
+  void* p = std::aligned_alloc(kAlign, rounded ? rounded : kAlign);
+  if (!p) throw std::bad_alloc();
+  std::memset(p, 0, rounded);
+  return Buffer(p, bytes, [](void* q) { std::free(q); });
+}
+
+void CpuBackend::copy_from_host(Tensor dst, const void* src) {
+  std::memcpy(dst.data, src, dst.bytes());
+}
+
+void CpuBackend::copy_to_host(void* dst, Tensor src) { std::memcpy(dst, src.data, src.bytes()); }
+
+void CpuBackend::fill(Tensor t, float value) {
+  MPT_CHECK(t.dtype == DType::f32, "fill needs fp32");
+  float* p = t.as<float>();
+  const int64_t n = t.numel();
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t i = 0; i < n; ++i) p[i] = value;
+}
+
+void CpuBackend::embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
+  const int64_t B = tokens.dim(0), T = tokens.dim(1), C = wte.dim(1), Vp = wte.dim(0);
+  expect("embedding_forward", "tokens", tokens, DType::i32, {B, T});
+  expect("embedding_forward", "out", out, DType::f32, {B, T, C});
+  MPT_CHECK(wpe.dim(0) >= T && wpe.dim(1) == C, "wpe too small for T");
+  const int32_t* tok = tokens.as<int32_t>();
+  const float* e = wte.as<float>();
+  const float* p = wpe.as<float>();
+  float* o = out.as<float>();
+  check_ids("embedding_forward", tok, B * T, Vp);
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t bt = 0; bt < B * T; ++bt) {
+    const int32_t id = tok[bt];
+    const float* erow = e + id * C;              // (C)
+    const float* prow = p + (bt % T) * C;        // (C)
+    float* orow = o + bt * C;                    // (C)
+    for (int64_t c = 0; c < C; ++c) orow[c] = erow[c] + prow[c];
+  }
+}
+
+void CpuBackend::embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
+  const int64_t B = tokens.dim(0), T = tokens.dim(1), C = dwte.dim(1);
+  expect("embedding_backward", "dout", dout, DType::f32, {B, T, C});
+  const int32_t* tok = tokens.as<int32_t>();
+  const float* d = dout.as<float>();
+  float* dwt = dwte.as<float>();
+  float* dwp = dwpe.as<float>();
+  check_ids("embedding_backward", tok, B * T, dwte.dim(0));
+  // Tokens repeat, so rows of dwte receive several contributions: split the work by column so
+  // that each element is summed by one thread in (b,t) order.
+  const int64_t nblocks = (C + kColumnBlock - 1) / kColumnBlock;
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const int64_t c0 = blk * kColumnBlock, c1 = std::min(C, c0 + kColumnBlock);
+    for (int64_t bt = 0; bt < B * T; ++bt) {
+      const float* drow = d + bt * C;
+      float* erow = dwt + static_cast<int64_t>(tok[bt]) * C;
+      float* prow = dwp + (bt % T) * C;
+      for (int64_t c = c0; c < c1; ++c) {
+        erow[c] += drow[c];
+        prow[c] += drow[c];
+      }
+    }
+  }
+}
+
+void CpuBackend::layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight,
+                                   Tensor bias) {
+  const int64_t C = inp.dim(-1), N = inp.numel() / C;
+  expect("layernorm_forward", "out", out.reshape({N, C}), DType::f32, {N, C});
+  expect("layernorm_forward", "mean", mean.reshape({N}), DType::f32, {N});
+  expect("layernorm_forward", "rstd", rstd.reshape({N}), DType::f32, {N});
+  expect("layernorm_forward", "weight", weight, DType::f32, {C});
+  expect("layernorm_forward", "bias", bias, DType::f32, {C});
+  const float* x = inp.as<float>();
+  const float* w = weight.as<float>();
+  const float* b = bias.as<float>();
+  float* o = out.as<float>();
+  float* mu = mean.as<float>();
+  float* rs = rstd.as<float>();
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xr = x + n * C;  // (C)
+    float m = 0.0f;
+    for (int64_t c = 0; c < C; ++c) m += xr[c];
+    m /= static_cast<float>(C);
+    float var = 0.0f;
+    for (int64_t c = 0; c < C; ++c) {
+      const float dx = xr[c] - m;
+      var += dx * dx;
+    }
+    var /= static_cast<float>(C);
+    const float s = 1.0f / std::sqrt(var + kLayerNormEps);
+    float* orow = o + n * C;
+    for (int64_t c = 0; c < C; ++c) orow[c] = (xr[c] - m) * s * w[c] + b[c];
+    mu[n] = m;
+    rs[n] = s;
+  }
+}
+
+void CpuBackend::layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+                                    Tensor inp, Tensor weight, Tensor mean, Tensor rstd) {
+  const int64_t C = inp.dim(-1), N = inp.numel() / C;
+  expect("layernorm_backward", "dinp", dinp.reshape({N, C}), DType::f32, {N, C});
+  expect("layernorm_backward", "dout", dout.reshape({N, C}), DType::f32, {N, C});
+  expect("layernorm_backward", "dweight", dweight, DType::f32, {C});
+  expect("layernorm_backward", "dbias", dbias, DType::f32, {C});
+  const float* x = inp.as<float>();
+  const float* w = weight.as<float>();
+  const float* d = dout.as<float>();
+  const float* mu = mean.as<float>();
+  const float* rs = rstd.as<float>();
+  float* dx = dinp.as<float>();
+  float* dw = dweight.as<float>();
+  float* db = dbias.as<float>();
+
+  // dinp: rows are independent.
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xr = x + n * C;
+    const float* dr = d + n * C;
+    const float m = mu[n], s = rs[n];
+    // dnorm = dout * w;  dx = s * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
+    float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+    for (int64_t c = 0; c < C; ++c) {
+      const float norm = (xr[c] - m) * s;
+      const float dnorm = w[c] * dr[c];
+      dnorm_mean += dnorm;
+      dnorm_norm_mean += dnorm * norm;
+    }
+    dnorm_mean /= static_cast<float>(C);
+    dnorm_norm_mean /= static_cast<float>(C);
+    float* dxr = dx + n * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const float norm = (xr[c] - m) * s;
+      const float dnorm = w[c] * dr[c];
+      dxr[c] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
+    }
+  }
+  // dweight, dbias: sums over rows, split by column.
+  const int64_t nblocks = (C + kColumnBlock - 1) / kColumnBlock;
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t blk = 0; blk < nblocks; ++blk) {
+    const int64_t c0 = blk * kColumnBlock, c1 = std::min(C, c0 + kColumnBlock);
+    for (int64_t n = 0; n < N; ++n) {
+      const float* xr = x + n * C;
+      const float* dr = d + n * C;
+      const float m = mu[n], s = rs[n];
+      for (int64_t c = c0; c < c1; ++c) {
+        dw[c] += (xr[c] - m) * s * dr[c];
+        db[c] += dr[c];
+      }
+    }
+  }
+}
+
+void CpuBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
+  const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
+  expect("matmul_forward", "weight", weight, DType::f32, {OC, C});
+  expect("matmul_forward", "out", out.reshape({N, OC}), DType::f32, {N, OC});
+  float* o = out.as<float>();
+  float beta = 0.0f;
+  if (bias.defined()) {
+    expect("matmul_forward", "bias", bias, DType::f32, {OC});
+    const float* b = bias.as<float>();
+#pragma omp parallel for schedule(static) num_threads(threads_)
+    for (int64_t n = 0; n < N; ++n) std::memcpy(o + n * OC, b, OC * sizeof(float));
+    beta = 1.0f;
+  }
+  // out(N,OC) = inp(N,C) . weight(OC,C)^T  [+ out]
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp.as<float>(), C,
+              weight.as<float>(), C, beta, o, OC);
+}
+
+void CpuBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+                                 Tensor inp, Tensor weight) {
+  const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
+  expect("matmul_backward", "weight", weight, DType::f32, {OC, C});
+  expect("matmul_backward", "dout", dout.reshape({N, OC}), DType::f32, {N, OC});
+  const float* d = dout.as<float>();
+  if (dinp.defined()) {
+    expect("matmul_backward", "dinp", dinp.reshape({N, C}), DType::f32, {N, C});
+    // dinp(N,C) = dout(N,OC) . weight(OC,C)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, d, OC,
+                weight.as<float>(), C, 0.0f, dinp.as<float>(), C);
+  }
+  expect("matmul_backward", "dweight", dweight, DType::f32, {OC, C});
+  // dweight(OC,C) += dout(N,OC)^T . inp(N,C)
+  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, d, OC, inp.as<float>(), C,
+              1.0f, dweight.as<float>(), C);
+  if (dbias.defined()) {
+    expect("matmul_backward", "dbias", dbias, DType::f32, {OC});
+    float* db = dbias.as<float>();
+    const int64_t nblocks = (OC + kColumnBlock - 1) / kColumnBlock;
+#pragma omp parallel for schedule(static) num_threads(threads_)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t o0 = blk * kColumnBlock, o1 = std::min(OC, o0 + kColumnBlock);
+      for (int64_t n = 0; n < N; ++n) {
+        const float* dr = d + n * OC;
+        for (int64_t o = o0; o < o1; ++o) db[o] += dr[o];
+      }
+    }
+  }
+}
+
+void CpuBackend::attention_forward(Tensor out, Tensor att, Tensor qkv, int n_head) {
+  const int64_t B = qkv.dim(0), T = qkv.dim(1), C3 = qkv.dim(2), C = C3 / 3;
+  const int64_t NH = n_head, HS = C / NH;
+  MPT_CHECK(C3 == 3 * C && HS * NH == C, "qkv width must be 3 * n_head * head_size");
+  expect("attention_forward", "out", out, DType::f32, {B, T, C});
+  expect("attention_forward", "att", att, DType::f32, {B, NH, T, T});
+  const float* x = qkv.as<float>();
+  float* o = out.as<float>();
+  float* a = att.as<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads_)
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < NH; ++h) {
+      for (int64_t t = 0; t < T; ++t) {
+        const float* q = x + (b * T + t) * C3 + h * HS;  // (HS)
+        float* arow = a + ((b * NH + h) * T + t) * T;     // (T)
+        // scores over the causal window t2 <= t, softmax in fp32 with the max subtracted
+        float maxv = -INFINITY;
+        for (int64_t t2 = 0; t2 <= t; ++t2) {
+          const float* k = x + (b * T + t2) * C3 + C + h * HS;
+          float s = 0.0f;
+          for (int64_t i = 0; i < HS; ++i) s += q[i] * k[i];
+          s *= scale;
+          arow[t2] = s;
+          maxv = std::max(maxv, s);
+        }
+        float sum = 0.0f;
+        for (int64_t t2 = 0; t2 <= t; ++t2) {
+          const float e = std::exp(arow[t2] - maxv);
+          arow[t2] = e;
+          sum += e;
+        }
+        const float inv = 1.0f / sum;
+        for (int64_t t2 = 0; t2 <= t; ++t2) arow[t2] *= inv;
+        for (int64_t t2 = t + 1; t2 < T; ++t2) arow[t2] = 0.0f;
+        float* orow = o + (b * T + t) * C + h * HS;  // (HS)
+        for (int64_t i = 0; i < HS; ++i) orow[i] = 0.0f;
+        for (int64_t t2 = 0; t2 <= t; ++t2) {
+          const float* v = x + (b * T + t2) * C3 + 2 * C + h * HS;
+          const float p = arow[t2];
+          for (int64_t i = 0; i < HS; ++i) orow[i] += p * v[i];
+        }
+      }
+    }
+  }
+}
+
+void CpuBackend::attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att, int n_head) {
+  const int64_t B = qkv.dim(0), T = qkv.dim(1), C3 = qkv.dim(2), C = C3 / 3;
+  const int64_t NH = n_head, HS = C / NH;
+  expect("attention_backward", "dqkv", dqkv, DType::f32, {B, T, C3});
+  expect("attention_backward", "dout", dout, DType::f32, {B, T, C});
+  expect("attention_backward", "att", att, DType::f32, {B, NH, T, T});
+  const float* x = qkv.as<float>();
+  const float* a = att.as<float>();
+  const float* d = dout.as<float>();
+  float* dx = dqkv.as<float>();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
+  // Each (b, h) owns its slice of dqkv, so the tasks never write the same element.
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads_)
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < NH; ++h) {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < 3; ++j)
+          std::memset(dx + (b * T + t) * C3 + j * C + h * HS, 0, HS * sizeof(float));
+      std::vector<float> datt(T), dpre(T);
+      for (int64_t t = 0; t < T; ++t) {
+        const float* arow = a + ((b * NH + h) * T + t) * T;  // (T)
+        const float* drow = d + (b * T + t) * C + h * HS;    // (HS)
+        const float* q = x + (b * T + t) * C3 + h * HS;
+        float* dq = dx + (b * T + t) * C3 + h * HS;
+        // out[t] = sum_t2 att[t,t2] v[t2]  ->  datt[t2] = dout[t].v[t2], dv[t2] += att[t,t2] dout[t]
+        for (int64_t t2 = 0; t2 <= t; ++t2) {
+          const float* v = x + (b * T + t2) * C3 + 2 * C + h * HS;
+          float* dv = dx + (b * T + t2) * C3 + 2 * C + h * HS;
+          const float p = arow[t2];
+          float s = 0.0f;
+          for (int64_t i = 0; i < HS; ++i) {
+            s += drow[i] * v[i];
+            dv[i] += p * drow[i];
+          }
+          datt[t2] = s;
+        }
+        // softmax backward: dpre = att * (datt - sum(att * datt))
+        float dot = 0.0f;
+        for (int64_t t2 = 0; t2 <= t; ++t2) dot += arow[t2] * datt[t2];
+        for (int64_t t2 = 0; t2 <= t; ++t2) dpre[t2] = arow[t2] * (datt[t2] - dot) * scale;
+        // pre[t,t2] = scale * q[t].k[t2]
+        for (int64_t t2 = 0; t2 <= t; ++t2) {
+          const float* k = x + (b * T + t2) * C3 + C + h * HS;
+          float* dk = dx + (b * T + t2) * C3 + C + h * HS;
+          const float g = dpre[t2];
+          for (int64_t i = 0; i < HS; ++i) {
+            dq[i] += g * k[i];
+            dk[i] += g * q[i];
+          }
+        }
+      }
+    }
+  }
+}
+
+void CpuBackend::gelu_forward(Tensor out, Tensor inp) {
+  MPT_CHECK(out.numel() == inp.numel(), "gelu_forward: size mismatch");
+  const float* x = inp.as<float>();
+  float* o = out.as<float>();
+  const int64_t n = inp.numel();
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    o[i] = 0.5f * v * (1.0f + std::tanh(kGeluScale * (v + kGeluCubic * v * v * v)));
+  }
+}
+
+void CpuBackend::gelu_backward(Tensor dinp, Tensor inp, Tensor dout) {
+  MPT_CHECK(dinp.numel() == inp.numel() && dout.numel() == inp.numel(), "gelu_backward: sizes");
+  const float* x = inp.as<float>();
+  const float* d = dout.as<float>();
+  float* dx = dinp.as<float>();
+  const int64_t n = inp.numel();
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    const float th = std::tanh(kGeluScale * (v + kGeluCubic * v * v * v));
+    const float sech2 = 1.0f - th * th;
+    const float grad =
+        0.5f * (1.0f + th) + 0.5f * v * sech2 * kGeluScale * (1.0f + 3.0f * kGeluCubic * v * v);
+    dx[i] = grad * d[i];
+  }
+}
+
+void CpuBackend::residual_forward(Tensor out, Tensor a, Tensor b) {
+  MPT_CHECK(out.numel() == a.numel() && b.numel() == a.numel(), "residual_forward: sizes");
+  const float* x = a.as<float>();
+  const float* y = b.as<float>();
+  float* o = out.as<float>();
+  const int64_t n = a.numel();
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t i = 0; i < n; ++i) o[i] = x[i] + y[i];
+}
+
+void CpuBackend::crossentropy_forward_backward(Tensor losses, Tensor logits, Tensor targets,
+                                               int vocab_size, float dloss) {
+  const int64_t Vp = logits.dim(-1), N = logits.numel() / Vp, V = vocab_size;
+  MPT_CHECK(V >= 1 && V <= Vp, "vocab_size larger than the logits");
+  expect("crossentropy", "losses", losses.reshape({N}), DType::f32, {N});
+  expect("crossentropy", "targets", targets.reshape({N}), DType::i32, {N});
+  float* lg = logits.as<float>();
+  const int32_t* tgt = targets.as<int32_t>();
+  float* loss = losses.as<float>();
+  check_ids("crossentropy", tgt, N, V);
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t n = 0; n < N; ++n) {
+    float* row = lg + n * Vp;  // (Vp); only the first V columns are real tokens
+    const int32_t y = tgt[n];
+    float maxv = -INFINITY;
+    for (int64_t i = 0; i < V; ++i) maxv = std::max(maxv, row[i]);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < V; ++i) sum += std::exp(row[i] - maxv);
+    const float logsum = std::log(sum) + maxv;
+    loss[n] = logsum - row[y];
+    if (dloss != 0.0f) {
+      for (int64_t i = 0; i < V; ++i) {
+        const float p = std::exp(row[i] - logsum);
+        row[i] = dloss * (p - (i == y ? 1.0f : 0.0f));
+      }
+      for (int64_t i = V; i < Vp; ++i) row[i] = 0.0f;
+    }
+  }
+}
+
+double CpuBackend::sum_squares(Tensor t) {
+  const float* x = t.as<float>();
+  const int64_t n = t.numel();
+  // Fixed chunks summed in a fixed order: the result does not depend on the thread count.
+  constexpr int64_t kChunk = 1 << 14;
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(nchunks, 0.0);
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t i1 = std::min(n, (c + 1) * kChunk);
+    double s = 0.0;
+    for (int64_t i = c * kChunk; i < i1; ++i) s += static_cast<double>(x[i]) * x[i];
+    partial[c] = s;
+  }
+  double total = 0.0;
+  for (double s : partial) total += s;
+  return total;
+}
+
+void CpuBackend::adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v,
+                              const AdamWParams& p) {
+  const int64_t n = param.numel();
+  MPT_CHECK(grad.numel() == n && m.numel() == n && v.numel() == n, "adamw: sizes");
+  float* w = param.as<float>();
+  const float* g = grad.as<float>();
+  float* mm = m.as<float>();
+  float* vv = v.as<float>();
+  // Bias corrections in double: beta^step underflows gracefully and stays exact for long runs.
+  const float c1 = static_cast<float>(1.0 / (1.0 - std::pow(double(p.beta1), double(p.step))));
+  const float c2 = static_cast<float>(1.0 / (1.0 - std::pow(double(p.beta2), double(p.step))));
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = g[i] * p.grad_scale;
+    const float mi = p.beta1 * mm[i] + (1.0f - p.beta1) * gi;
+    const float vi = p.beta2 * vv[i] + (1.0f - p.beta2) * gi * gi;
+    mm[i] = mi;
+    vv[i] = vi;
+    const float mhat = mi * c1, vhat = vi * c2;
+    w[i] -= p.lr * (mhat / (std::sqrt(vhat) + p.eps) + p.weight_decay * w[i]);
+  }
+}
+
+}  // namespace mpt

@@ -1,0 +1,34 @@
+// AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019) over the
+// model's parameter slab, with global-norm gradient clipping.
+#pragma once
+
+#include "backend/backend.h"
+#include "config/config.h"
+#include "model/gpt.h"
+
+namespace mpt {
+
+class AdamW {
+ public:
+  AdamW(const OptimizerConfig& cfg, Gpt& model, Backend& backend);
+
+  // L2 norm of all gradients, accumulated in fp64 in a fixed order.
+  double grad_norm() const;
+  // One update at learning rate `lr`; gradients are multiplied by `grad_scale` first (the
+  // clipping factor). Weight decay applies to the parameters marked `decay` only.
+  void step(double lr, float grad_scale);
+  // The factor that clips a gradient of norm `norm` to optimizer.grad_clip (1 when disabled or
+  // already inside; a non-finite norm gives 1 so the caller sees the non-finite loss itself).
+  float clip_scale(double norm) const;
+
+  int64_t steps_taken() const { return t_; }
+
+ private:
+  OptimizerConfig cfg_;
+  Gpt& model_;
+  Backend& be_;
+  Buffer m_buf_, v_buf_;
+  int64_t t_ = 0;
+};
+
+}  // namespace mpt

@@ -1,0 +1,28 @@
+// The training loop: data -> forward -> backward -> clip -> AdamW -> metrics, with periodic
+// validation. Everything that can fail because of the user's input is checked before the run
+// directory is created.
+#pragma once
+
+#include <string>
+
+#include "config/config.h"
+
+namespace mpt {
+
+struct TrainOptions {
+  std::string run_dir;  // --run-dir: overrides output.dir / output.name
+};
+
+struct TrainResult {
+  std::string run_dir;
+  int64_t steps = 0;
+  double final_loss = 0.0;
+  double final_val_loss = 0.0;
+};
+
+// Runs the whole training described by `cfg`. Throws InputError (bad data, unavailable backend,
+// occupied run directory) before anything is written, RuntimeError for failures during the run
+// (for example a loss that stops being finite).
+TrainResult train(const Config& cfg, const TrainOptions& opt);
+
+}  // namespace mpt
