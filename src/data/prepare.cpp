@@ -1,1 +1,132 @@
-// placeholder: filled in by the foundation issue
+#include "data/prepare.h"
+
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <climits>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <regex>
+
+#include "core/error.h"
+#include "data/shard.h"
+#include "data/tokenizer.h"
+
+namespace mpt::data {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string read_text_file(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    throw InputError(path + ": cannot read input (" + std::strerror(errno) + ")");
+  }
+  if (!S_ISREG(st.st_mode)) throw InputError(path + ": input is not a regular file");
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw InputError(path + ": cannot open input for reading");
+  std::string text((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  if (f.bad()) throw InputError(path + ": error while reading input");
+  return text;
+}
+
+std::string shard_name(const std::string& dir, const char* split, size_t index) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%s_%06zu.bin", split, index);
+  return (fs::path(dir) / buf).string();
+}
+
+// Writes text[begin, begin+n) as ceil(n / max) shards of nearly equal size.
+std::vector<std::string> write_split(const std::string& text, size_t begin, int64_t n,
+                                     int64_t max, const std::string& dir, const char* split) {
+  std::vector<std::string> paths;
+  if (n == 0) return paths;
+  const int64_t k = (n + max - 1) / max;
+  size_t at = begin;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t len = n / k + (i < n % k ? 1 : 0);
+    const std::vector<uint16_t> tokens =
+        encode(std::string_view(text).substr(at, static_cast<size_t>(len)));
+    const std::string path = shard_name(dir, split, static_cast<size_t>(i));
+    write_shard(path, tokens);
+    paths.push_back(path);
+    at += static_cast<size_t>(len);
+  }
+  return paths;
+}
+
+// Deletes SPLIT_NNNNNN.bin in dir whose number is >= keep (left over from an earlier run).
+void remove_stale(const std::string& dir, const char* split, size_t keep) {
+  const std::regex re(std::string(split) + "_([0-9]{6})\\.bin");
+  std::error_code ec;
+  for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {
+    std::smatch m;
+    const std::string name = e.path().filename().string();
+    if (std::regex_match(name, m, re) && std::stoul(m[1].str()) >= keep) {
+      fs::remove(e.path(), ec);
+    }
+  }
+}
+
+}  // namespace
+
+PrepareResult prepare_shards(const std::vector<std::string>& inputs, const std::string& out_dir,
+                             const PrepareOptions& opt) {
+  if (inputs.empty()) throw InputError("data prepare: no input files given");
+  if (!(opt.val_fraction >= 0.0 && opt.val_fraction < 1.0)) {
+    throw InputError("data prepare: val_fraction must be in [0, 1), got " +
+                     std::to_string(opt.val_fraction));
+  }
+  if (opt.shard_tokens < 2 || opt.shard_tokens > INT32_MAX) {
+    throw InputError("data prepare: shard_tokens must be in [2, " + std::to_string(INT32_MAX) +
+                     "], got " + std::to_string(opt.shard_tokens));
+  }
+
+  std::string text;
+  for (const std::string& in : inputs) {
+    std::string t = read_text_file(in);
+    if (t.empty()) continue;
+    text += t;
+    if (text.back() != '\n') text += '\n';
+  }
+  if (text.empty()) throw InputError("data prepare: the input files hold no text");
+
+  const int64_t total = static_cast<int64_t>(text.size());
+  int64_t n_val = static_cast<int64_t>(std::floor(static_cast<double>(total) * opt.val_fraction));
+  if (n_val > total - 1) n_val = total - 1;
+  const int64_t n_train = total - n_val;
+  if (n_train < 2) {
+    throw InputError("data prepare: the train split would hold " + std::to_string(n_train) +
+                     " token(s); a split needs at least 2 (input has " + std::to_string(total) +
+                     " tokens)");
+  }
+  if (n_val == 1) {
+    throw InputError("data prepare: the val split would hold 1 token; a split needs at least 2 "
+                     "(input has " + std::to_string(total) +
+                     " tokens; raise val_fraction or set it to 0)");
+  }
+
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec || !fs::is_directory(out_dir)) {
+    throw InputError(out_dir + ": cannot create output directory" +
+                     (ec ? " (" + ec.message() + ")" : std::string()));
+  }
+
+  PrepareResult r;
+  r.train_tokens = n_train;
+  r.val_tokens = n_val;
+  r.train_shards = write_split(text, 0, n_train, opt.shard_tokens, out_dir, "train");
+  r.val_shards = write_split(text, static_cast<size_t>(n_train), n_val, opt.shard_tokens, out_dir,
+                             "val");
+  remove_stale(out_dir, "train", r.train_shards.size());
+  remove_stale(out_dir, "val", r.val_shards.size());
+  return r;
+}
+
+}  // namespace mpt::data
