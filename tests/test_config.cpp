@@ -1,1 +1,463 @@
-// placeholder
+// Tests of the config module: defaults, every class of bad input (with its location and hint),
+// --set overrides, the YAML/JSON dumps, and that docs/config.md documents every key.
+#include <gtest/gtest.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "config/config.h"
+#include "core/error.h"
+
+namespace fs = std::filesystem;
+using mpt::Config;
+using mpt::InputError;
+using mpt::load_config;
+
+namespace {
+
+const Config kDefaults;  // the struct defaults from config.h
+
+// A fresh directory per test, removed with everything in it at the end.
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "mpt_test_config_XXXXXX").string();
+    path_ = mkdtemp(tmpl.data());
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  std::string write(const std::string& name, const std::string& text) const {
+    const fs::path p = fs::path(path_) / name;
+    fs::create_directories(p.parent_path());
+    std::ofstream(p) << text;
+    return p.string();
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// The InputError message load_config throws, or a test failure when it does not throw.
+std::string load_error(const std::string& path, const std::vector<std::string>& overrides = {}) {
+  try {
+    load_config(path, overrides);
+  } catch (const InputError& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected InputError loading '" << path << "'";
+  return "";
+}
+
+std::string replace_all(std::string s, const std::string& from, const std::string& to) {
+  for (size_t pos = 0; (pos = s.find(from, pos)) != std::string::npos; pos += to.size())
+    s.replace(pos, from.size(), to);
+  return s;
+}
+
+// Changes the working directory for one scope (relative data paths resolve against it).
+class ScopedCwd {
+ public:
+  explicit ScopedCwd(const std::string& dir) : old_(fs::current_path()) { fs::current_path(dir); }
+  ~ScopedCwd() { fs::current_path(old_); }
+
+ private:
+  fs::path old_;
+};
+
+TEST(Config, DefaultsWithoutFile) {
+  const Config c = load_config("");
+  EXPECT_EQ(config_to_json(c), config_to_json(kDefaults));
+  EXPECT_EQ(c.source_path, "");
+  EXPECT_EQ(c.model.n_layer, 4);
+  EXPECT_EQ(c.precision, "fp32");
+  EXPECT_EQ(c.data.train, std::vector<std::string>{"builtin"});
+}
+
+TEST(Config, DefaultYamlEqualsBuiltInDefaults) {
+  const std::string path = std::string(MPT_SOURCE_DIR) + "/configs/default.yaml";
+  const Config c = load_config(path);
+  EXPECT_EQ(config_to_json(c), config_to_json(kDefaults));
+  EXPECT_EQ(c.source_path, path);
+}
+
+TEST(Config, EmptyFileAndEmptySectionsKeepDefaults) {
+  TempDir dir;
+  for (const char* text : {"", "# only a comment\n", "model:\ntraining:\n"}) {
+    const Config c = load_config(dir.write("c.yaml", text));
+    EXPECT_EQ(config_to_json(c), config_to_json(kDefaults)) << "text: " << text;
+  }
+}
+
+TEST(Config, FileValuesAreApplied) {
+  TempDir dir;
+  dir.write("shards/train_000.bin", "x");
+  dir.write("shards/train_001.bin", "x");
+  const std::string path = dir.write("c.yaml",
+                                     "model:\n  n_layer: 2\n  init_std: 0.01\n"
+                                     "data:\n  train: " + dir.path() + "/shards/train_*.bin\n"
+                                     "training:\n  steps: 20\n  seed: 18446744073709551615\n"
+                                     "schedule:\n  decay: linear\nbackend: cpu\n");
+  const Config c = load_config(path);
+  EXPECT_EQ(c.model.n_layer, 2);
+  EXPECT_EQ(c.model.init_std, 0.01);
+  EXPECT_EQ(c.data.train, std::vector<std::string>{dir.path() + "/shards/train_*.bin"});
+  EXPECT_EQ(c.training.steps, 20);
+  EXPECT_EQ(c.training.seed, UINT64_MAX);
+  EXPECT_EQ(c.schedule.decay, "linear");
+  EXPECT_EQ(c.backend, "cpu");
+  EXPECT_EQ(c.model.n_head, 4);  // untouched keys keep their defaults
+}
+
+TEST(Config, MissingFileIsAnInputError) {
+  const std::string msg = load_error("/nonexistent/config.yaml");
+  EXPECT_NE(msg.find("invalid config /nonexistent/config.yaml:"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("cannot open"), std::string::npos) << msg;
+}
+
+// One bad config: the YAML text and substrings the error message must contain. "{F}" stands for
+// the config file's path.
+struct BadCase {
+  const char* name;
+  const char* yaml;
+  std::vector<std::string> expected;
+};
+
+const std::vector<BadCase> kBadCases = {
+    // Unknown keys, with a did-you-mean at the same level or across sections.
+    {"unknown_key", "model:\n  n_layers: 4\n",
+     {"{F}:2:3: model.n_layers: unknown key (did you mean 'n_layer'?)"}},
+    {"unknown_key_transposed", "training:\n  stpes: 4\n",
+     {"{F}:2:3: training.stpes: unknown key (did you mean 'steps'?)"}},
+    {"unknown_section_typo", "modle:\n  n_layer: 2\n",
+     {"{F}:1:1: modle: unknown key (did you mean 'model'?)"}},
+    {"unknown_section", "foo:\n  bar: 1\n",
+     {"{F}:1:1: foo: unknown key (known here: model, data, training"}},
+    {"key_in_wrong_section", "model:\n  lr: 0.1\n",
+     {"{F}:2:3: model.lr: unknown key (did you mean 'optimizer.lr'?)"}},
+    {"duplicate_key", "model:\n  n_layer: 2\n  n_layer: 3\n",
+     {"{F}:3:3: model.n_layer: duplicate key (first given at {F}:2:3)"}},
+    // Structure and types.
+    {"top_level_not_map", "- a\n- b\n", {"{F}:1:1: the top level must be a map"}},
+    {"section_not_map", "model: 4\n", {"{F}:1:8: model: expected a map of keys, got '4'"}},
+    {"wrong_type_integer", "model:\n  n_layer: four\n",
+     {"{F}:2:12: model.n_layer: expected an integer, got 'four'"}},
+    {"fraction_for_integer", "training:\n  steps: 3.5\n",
+     {"{F}:2:10: training.steps: expected an integer, got '3.5'"}},
+    {"quoted_integer", "model:\n  n_head: \"4\"\n",
+     {"model.n_head: expected an integer, got the quoted string '4'"}},
+    {"null_value", "model:\n  n_layer:\n",
+     {"{F}:2:3: model.n_layer: expected an integer, got nothing"}},
+    {"list_for_number", "optimizer:\n  lr: [1]\n",
+     {"{F}:2:7: optimizer.lr: expected a number, got a list"}},
+    {"word_for_number", "optimizer:\n  eps: tiny\n",
+     {"optimizer.eps: expected a number, got 'tiny'"}},
+    {"map_for_string", "output:\n  dir: {a: 1}\n", {"output.dir: expected a string, got a map"}},
+    {"int32_overflow", "model:\n  n_layer: 3000000000\n",
+     {"model.n_layer: '3000000000' does not fit in a 32-bit integer"}},
+    {"negative_seed", "training:\n  seed: -1\n",
+     {"training.seed: expected a non-negative integer, got '-1'"}},
+    {"list_entry_not_string", "data:\n  train: [[a]]\n",
+     {"{F}:2:11: data.train[0]: expected a string, got a list"}},
+    // Non-finite numbers.
+    {"nan", "optimizer:\n  lr: .nan\n",
+     {"{F}:2:7: optimizer.lr: must be a finite number, got '.nan'"}},
+    {"inf", "model:\n  init_std: .inf\n", {"model.init_std: must be a finite number, got '.inf'"}},
+    {"overflowing_double", "optimizer:\n  eps: 1e999\n",
+     {"optimizer.eps: must be a finite number, got '1e999'"}},
+    // Ranges.
+    {"n_layer_zero", "model:\n  n_layer: 0\n", {"{F}:2:12: model.n_layer: must be >= 1, got 0"}},
+    {"vocab_too_large", "model:\n  vocab_size: 70000\n",
+     {"model.vocab_size: must be in [2, 65536], got 70000"}},
+    {"beta1_one", "optimizer:\n  beta1: 1.0\n", {"optimizer.beta1: must be in [0, 1), got 1"}},
+    {"lr_zero", "optimizer:\n  lr: 0\n", {"optimizer.lr: must be > 0, got 0"}},
+    {"negative_eval_every", "training:\n  eval_every: -1\n",
+     {"training.eval_every: must be >= 0, got -1"}},
+    {"negative_threads", "threads: -2\n", {"{F}:1:10: threads: must be >= 0, got -2"}},
+    // Constraints between two keys name both keys and values.
+    {"n_embd_not_divisible", "model:\n  n_head: 4\n  n_embd: 102\n",
+     {"{F}:3:11: model.n_embd: 102 is not divisible by model.n_head (4)"}},
+    {"n_head_zero_skips_divisibility", "model:\n  n_head: 0\n",
+     {"{F}:2:11: model.n_head: must be >= 1, got 0"}},
+    {"n_head_breaks_divisibility", "model:\n  n_head: 3\n",
+     {"{F}:2:11: model.n_embd: 128 is not divisible by model.n_head (3)"}},
+    {"seq_len_too_long", "training:\n  seq_len: 128\n",
+     {"{F}:2:12: training.seq_len: 128 exceeds model.max_seq_len (64)"}},
+    {"min_lr_above_lr", "schedule:\n  min_lr: 0.01\n",
+     {"schedule.min_lr: 0.01 is greater than optimizer.lr (0.001)"}},
+    // Enumerations list their choices; known but unimplemented precisions say so.
+    {"unknown_decay", "schedule:\n  decay: cosin\n",
+     {"{F}:2:10: schedule.decay: unknown value 'cosin' (did you mean 'cosine'? choices: cosine, "
+      "linear, constant)"}},
+    {"unknown_backend", "backend: gpu\n",
+     {"backend: unknown value 'gpu'", "choices: cpu, cuda, auto"}},
+    {"unknown_precision", "precision: fp64\n",
+     {"precision: unknown value 'fp64'", "fp32, tf32, fp16, bf16, bf16-pure, fp8"}},
+    {"unavailable_precision", "precision: bf16\n",
+     {"{F}:1:12: precision: precision 'bf16' is not yet available in this version (available: "
+      "fp32)"}},
+    // Data entries must match files; output.name must be one path component.
+    {"missing_data_file", "data:\n  train: [builtin, /nonexistent/dir/*.bin]\n",
+     {"{F}:2:20: data.train: '/nonexistent/dir/*.bin' matches no existing file"}},
+    {"missing_data_file_single_string", "data:\n  val: no_such_shard.bin\n",
+     {"{F}:2:8: data.val: 'no_such_shard.bin' matches no existing file",
+      "relative to the current directory"}},
+    {"empty_data_list", "data:\n  train: []\n", {"{F}:2:10: data.train: empty list"}},
+    {"output_name_with_slash", "output:\n  name: a/b\n",
+     {"{F}:2:9: output.name: must be a single path component"}},
+    {"output_name_dotdot", "output:\n  name: ..\n",
+     {"output.name: must be a single path component"}},
+    {"empty_output_dir", "output:\n  dir: \"\"\n", {"output.dir: must not be empty"}},
+    // Syntax errors carry the parser's line and column.
+    {"bad_yaml", "model:\n  n_layer: 4\n n_head: 2\n",
+     {"{F}:3:2: invalid YAML: end of map not found"}},
+    {"two_documents", "model: {}\n---\nmodel: {}\n", {"{F}: holds 2 YAML documents"}},
+    // Everything wrong is reported at once.
+    {"many_errors", "model:\n  n_layers: 4\n  n_head: x\ntraining:\n  steps: 0\nprecision: fp16\n",
+     {"{F}:2:3: model.n_layers: unknown key", "{F}:3:11: model.n_head: expected an integer",
+      "{F}:5:10: training.steps: must be >= 1, got 0", "{F}:6:12: precision: precision 'fp16'"}},
+};
+
+void PrintTo(const BadCase& c, std::ostream* os) { *os << c.name; }
+
+class BadConfig : public ::testing::TestWithParam<BadCase> {};
+
+TEST_P(BadConfig, ReportsEveryExpectedPart) {
+  const BadCase& bad = GetParam();
+  TempDir dir;
+  const std::string path = dir.write("bad.yaml", bad.yaml);
+  const std::string msg = load_error(path);
+  EXPECT_EQ(msg.rfind("invalid config " + path + ":\n", 0), 0u) << msg;
+  for (const auto& part : bad.expected) {
+    const std::string want = replace_all(part, "{F}", path);
+    EXPECT_NE(msg.find(want), std::string::npos) << "missing: " << want << "\nin: " << msg;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Config, BadConfig, ::testing::ValuesIn(kBadCases),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+TEST(Config, ManyErrorsGiveOneLineEach) {
+  TempDir dir;
+  const std::string msg = load_error(
+      dir.write("c.yaml", "model:\n  n_layers: 4\n  n_head: x\ntraining:\n  steps: 0\n"));
+  EXPECT_EQ(std::count(msg.begin(), msg.end(), '\n'), 3) << msg;
+}
+
+TEST(Config, TypedOverrides) {
+  TempDir dir;
+  dir.write("a.bin", "x");
+  dir.write("b.bin", "x");
+  const Config c = load_config(
+      "", {"training.steps=20", "data.train=[" + dir.path() + "/a.bin, " + dir.path() + "/b.bin]",
+           "precision=fp32", "optimizer.lr=3e-4", "output.name=", "model={n_layer: 2, n_head: 2}",
+           "training.seed = 7"});
+  EXPECT_EQ(c.training.steps, 20);
+  EXPECT_EQ(c.data.train,
+            (std::vector<std::string>{dir.path() + "/a.bin", dir.path() + "/b.bin"}));
+  EXPECT_EQ(c.precision, "fp32");
+  EXPECT_EQ(c.optimizer.lr, 3e-4);
+  EXPECT_EQ(c.output.name, "");
+  EXPECT_EQ(c.model.n_layer, 2);
+  EXPECT_EQ(c.model.n_head, 2);
+  EXPECT_EQ(c.training.seed, 7u);
+}
+
+TEST(Config, OverridesWinOverTheFileAndAreValidatedAfterIt) {
+  TempDir dir;
+  const std::string path = dir.write("c.yaml", "model:\n  n_layer: 0\ntraining:\n  steps: 5\n");
+  // The file's n_layer: 0 would be out of range, but the override replaces it before validation.
+  const Config c = load_config(path, {"model.n_layer=3", "training.steps=9"});
+  EXPECT_EQ(c.model.n_layer, 3);
+  EXPECT_EQ(c.training.steps, 9);
+  EXPECT_EQ(c.source_path, path);
+}
+
+TEST(Config, BadOverridesAreReportedWithSet) {
+  struct Case {
+    std::string arg;
+    std::string expected;
+  };
+  const std::vector<Case> cases = {
+      {"training.steps=abc", "  --set training.steps=abc: expected an integer, got 'abc'"},
+      {"model.n_layer=0", "  --set model.n_layer=0: must be >= 1, got 0"},
+      {"model.n_layers=4", "  --set model.n_layers=4: unknown key (did you mean 'model.n_layer'?)"},
+      {"optimiser.lr=1", "  --set optimiser.lr=1: unknown key (did you mean 'optimizer'?)"},
+      {"precision.x=1", "  --set precision.x=1: unknown key"},
+      {"training.steps", "  --set training.steps: expected KEY.PATH=VALUE"},
+      {"data.train=[a,", "  --set data.train=[a,: invalid YAML value"},
+      {"precision=bf16", "  --set precision=bf16: precision 'bf16' is not yet available"},
+      {"model={n_layers: 2}", "  --set model={n_layers: 2}: model.n_layers: unknown key"},
+      {"data.val=/nonexistent/*.bin",
+       "  --set data.val=/nonexistent/*.bin: '/nonexistent/*.bin' matches no existing file"},
+  };
+  for (const auto& c : cases) {
+    const std::string msg = load_error("", {c.arg});
+    EXPECT_EQ(msg.rfind("invalid config (built-in defaults):\n", 0), 0u) << msg;
+    EXPECT_NE(msg.find(c.expected), std::string::npos)
+        << "want: " << c.expected << "\ngot: " << msg;
+  }
+}
+
+TEST(Config, RelativeDataPathsResolveAgainstTheWorkingDirectory) {
+  TempDir dir;
+  dir.write("shards/val_000.bin", "x");
+  ScopedCwd cwd(dir.path());
+  const Config c = load_config("", {"data.val=shards/val_*.bin"});
+  EXPECT_EQ(c.data.val, std::vector<std::string>{"shards/val_*.bin"});
+  EXPECT_EQ(mpt::glob_data_files("shards/val_*.bin"),
+            std::vector<std::string>{"shards/val_000.bin"});
+}
+
+TEST(Config, GlobDataFilesIsSortedAndSkipsDirectories) {
+  TempDir dir;
+  dir.write("d/b.bin", "x");
+  dir.write("d/a.bin", "x");
+  fs::create_directories(fs::path(dir.path()) / "d" / "c.bin");
+  const std::string d = dir.path() + "/d/";
+  EXPECT_EQ(mpt::glob_data_files(d + "*.bin"),
+            (std::vector<std::string>{d + "a.bin", d + "b.bin"}));
+  EXPECT_TRUE(mpt::glob_data_files(d + "c.bin").empty());
+  EXPECT_TRUE(mpt::glob_data_files(d + "none*.bin").empty());
+}
+
+TEST(Config, YamlRoundTripIsExact) {
+  TempDir dir;
+  dir.write("shards/s_0.bin", "x");
+  Config a;
+  a.model.n_layer = 6;
+  a.model.n_head = 3;
+  a.model.n_embd = 96;
+  a.model.vocab_size = 50257;
+  a.model.vocab_pad_multiple = 128;
+  a.model.max_seq_len = 256;
+  a.model.init_seed = UINT64_MAX;
+  a.model.init_std = 0.012345678901234567;
+  a.data.train = {dir.path() + "/shards/s_*.bin", "builtin"};
+  a.data.val = {"builtin"};
+  a.training.micro_batch = 4;
+  a.training.seq_len = 200;
+  a.training.grad_accum = 3;
+  a.training.steps = 123456789012;
+  a.training.eval_every = 0;
+  a.training.eval_batches = 2;
+  a.training.log_every = 1;
+  a.training.seed = 0;
+  a.optimizer.lr = 3e-4;
+  a.optimizer.beta1 = 0.1;
+  a.optimizer.beta2 = 0.999;
+  a.optimizer.eps = 1e-10;
+  a.optimizer.weight_decay = 0.0;
+  a.optimizer.grad_clip = 0.5;
+  a.schedule.decay = "linear";
+  a.schedule.warmup_steps = 0;
+  a.schedule.min_lr = 1.0 / 3.0 * 1e-4;
+  a.backend = "cpu";
+  a.threads = 2;
+  a.output.dir = "my runs/null";
+  a.output.name = "null";  // a YAML null word must come back as the string
+
+  const std::string text = config_to_yaml(a);
+  EXPECT_NE(text.find("lr: 0.0003"), std::string::npos) << text;
+  const Config b = load_config(dir.write("dump.yaml", text));
+  EXPECT_EQ(config_to_json(a), config_to_json(b)) << text;
+  EXPECT_EQ(b.optimizer.lr, 3e-4);
+  EXPECT_EQ(b.optimizer.beta1, 0.1);
+  EXPECT_EQ(b.model.init_std, 0.012345678901234567);
+  EXPECT_EQ(b.schedule.min_lr, a.schedule.min_lr);
+  EXPECT_EQ(b.model.init_seed, UINT64_MAX);
+  EXPECT_EQ(b.output.name, "null");
+  EXPECT_EQ(b.data.train, a.data.train);
+}
+
+TEST(Config, DefaultsRoundTripWithEmptyName) {
+  TempDir dir;
+  const Config b = load_config(dir.write("dump.yaml", config_to_yaml(kDefaults)));
+  EXPECT_EQ(config_to_json(b), config_to_json(kDefaults));
+  EXPECT_EQ(b.output.name, "");
+}
+
+TEST(Config, JsonIsNestedBySection) {
+  Config c;
+  c.training.seed = UINT64_MAX;
+  const nlohmann::json j = config_to_json(c);
+  EXPECT_EQ(j["model"]["n_layer"], 4);
+  EXPECT_EQ(j["optimizer"]["lr"], 1e-3);
+  EXPECT_TRUE(j["training"]["seed"].is_number_unsigned());
+  EXPECT_EQ(j["training"]["seed"].get<uint64_t>(), UINT64_MAX);
+  EXPECT_EQ(j["precision"], "fp32");
+  EXPECT_EQ(j["data"]["train"], nlohmann::json::array({"builtin"}));
+  EXPECT_FALSE(j.contains("source_path"));
+}
+
+// The schema must list exactly the fields of the structs in config.h, once each.
+TEST(Config, SchemaListsEveryKeyOnce) {
+  const std::vector<std::string> expected = {
+      "model.n_layer", "model.n_head", "model.n_embd", "model.vocab_size",
+      "model.vocab_pad_multiple", "model.max_seq_len", "model.init_seed", "model.init_std",
+      "data.train", "data.val", "training.micro_batch", "training.seq_len", "training.grad_accum",
+      "training.steps", "training.eval_every", "training.eval_batches", "training.log_every",
+      "training.seed", "optimizer.lr", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
+      "optimizer.weight_decay", "optimizer.grad_clip", "schedule.decay", "schedule.warmup_steps",
+      "schedule.min_lr", "precision", "backend", "threads", "output.dir", "output.name"};
+  std::vector<std::string> paths;
+  for (const auto& k : mpt::config_schema()) {
+    paths.push_back(k.path);
+    EXPECT_FALSE(k.type.empty()) << k.path;
+    EXPECT_FALSE(k.default_value.empty()) << k.path;
+    EXPECT_FALSE(k.description.empty()) << k.path;
+    EXPECT_FALSE(k.allowed.empty()) << k.path;
+  }
+  EXPECT_EQ(paths, expected);
+  // Spot-check the generated text.
+  const auto& first = mpt::config_schema().front();
+  EXPECT_EQ(first.default_value, "4");
+  EXPECT_EQ(first.allowed, ">= 1");
+}
+
+TEST(Config, DocsMentionEveryKey) {
+  const std::string doc = read_text(std::string(MPT_SOURCE_DIR) + "/docs/config.md");
+  ASSERT_FALSE(doc.empty());
+  for (const auto& k : mpt::config_schema())
+    EXPECT_NE(doc.find("`" + k.path + "`"), std::string::npos) << k.path << " is not documented";
+}
+
+// docs/config.md's key table is generated from config_schema(); this keeps it in sync. Run the
+// test with MPT_UPDATE_DOCS=1 to rewrite the table after changing the schema.
+TEST(Config, DocsKeyTableMatchesSchema) {
+  std::string table = "| Key | Type | Default | Allowed | Meaning |\n|---|---|---|---|---|\n";
+  for (const auto& k : mpt::config_schema())
+    table += "| `" + k.path + "` | " + k.type + " | `" + k.default_value + "` | " + k.allowed +
+             " | " + k.description + " |\n";
+  const std::string begin = "<!-- BEGIN KEY TABLE (generated from config_schema()) -->\n";
+  const std::string end = "<!-- END KEY TABLE -->";
+  const std::string path = std::string(MPT_SOURCE_DIR) + "/docs/config.md";
+  std::string doc = read_text(path);
+  const size_t b = doc.find(begin), e = doc.find(end);
+  ASSERT_NE(b, std::string::npos);
+  ASSERT_NE(e, std::string::npos);
+  const std::string current = doc.substr(b + begin.size(), e - b - begin.size());
+  if (current != table && std::getenv("MPT_UPDATE_DOCS")) {
+    doc.replace(b + begin.size(), e - b - begin.size(), table);
+    std::ofstream(path) << doc;
+    return;
+  }
+  EXPECT_EQ(current, table) << "run with MPT_UPDATE_DOCS=1 to regenerate docs/config.md's table";
+}
+
+}  // namespace
