@@ -38,7 +38,7 @@ Result run(const std::string& cmd) {
   return r;
 }
 
-std::string mpt() { return std::string(MPT_BINARY); }
+std::string mpt_bin() { return std::string(MPT_BINARY); }
 
 // Tiny and quick: the tests that only check plumbing use this model.
 const std::string kTiny =
@@ -90,18 +90,18 @@ std::vector<json> events(const std::vector<json>& recs, const std::string& kind)
 }  // namespace
 
 TEST_F(Cli, VersionHelpAndUsageErrors) {
-  auto r = run(mpt() + " --version");
+  auto r = run(mpt_bin() + " --version");
   EXPECT_EQ(r.code, 0);
   EXPECT_NE(r.out.find(std::string("mpt ") + MPT_VERSION), std::string::npos) << r.out;
   for (const char* sub : {"train", "data", "data prepare", "data inspect"}) {
-    r = run(mpt() + " " + sub + " --help");
+    r = run(mpt_bin() + " " + sub + " --help");
     EXPECT_EQ(r.code, 0) << sub;
     EXPECT_NE(r.out.find("Usage"), std::string::npos) << sub << ": " << r.out;
   }
-  EXPECT_EQ(run(mpt()).code, 2);
-  EXPECT_EQ(run(mpt() + " frobnicate").code, 2);
-  EXPECT_EQ(run(mpt() + " train " + path("nope.yaml")).code, 2);
-  EXPECT_EQ(run(mpt() + " data prepare --out " + path("x")).code, 2);
+  EXPECT_EQ(run(mpt_bin()).code, 2);
+  EXPECT_EQ(run(mpt_bin() + " frobnicate").code, 2);
+  EXPECT_EQ(run(mpt_bin() + " train " + path("nope.yaml")).code, 2);
+  EXPECT_EQ(run(mpt_bin() + " data prepare --out " + path("x")).code, 2);
 }
 
 // The README's command (scripts/train), with the step count lowered.
@@ -156,7 +156,7 @@ TEST_F(Cli, ReadmeTrainingCommandWritesConfigAndMetrics) {
 // corpus's byte unigram entropy (what a model that ignores context could reach).
 TEST_F(Cli, DefaultConfigLearnsTheBuiltinCorpus) {
   const std::string run_dir = path("run");
-  auto r = run(mpt() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml --set training.steps=200"
+  auto r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml --set training.steps=200"
                " --set training.eval_every=0 --run-dir " + run_dir);
   ASSERT_EQ(r.code, 0) << r.out;
   const auto evals = events(read_jsonl(run_dir + "/metrics.jsonl"), "eval");
@@ -176,7 +176,7 @@ TEST_F(Cli, DefaultConfigLearnsTheBuiltinCorpus) {
 TEST_F(Cli, SameConfigGivesIdenticalMetrics) {
   std::vector<std::vector<json>> runs;
   for (const char* name : {"a", "b"}) {
-    auto r = run(mpt() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
+    auto r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
                  " --set training.steps=15 --set training.log_every=1 --set training.eval_every=5"
                  " --set training.grad_accum=2 --run-dir " + path(name));
     ASSERT_EQ(r.code, 0) << r.out;
@@ -186,7 +186,7 @@ TEST_F(Cli, SameConfigGivesIdenticalMetrics) {
   EXPECT_EQ(events(runs[0], "").size(), 15u);
   for (size_t i = 0; i < runs[0].size(); ++i) EXPECT_EQ(runs[0][i], runs[1][i]) << "record " << i;
   // and a different data seed gives a different run
-  auto r = run(mpt() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
+  auto r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
                " --set training.steps=3 --set training.log_every=1 --set training.seed=7"
                " --run-dir " + path("c"));
   ASSERT_EQ(r.code, 0) << r.out;
@@ -197,19 +197,19 @@ TEST_F(Cli, SameConfigGivesIdenticalMetrics) {
 TEST_F(Cli, PrepareInspectAndTrainOnShards) {
   const std::string text = mpt::data::builtin_corpus_text(mpt::data::Split::train, 120000);
   const std::string in = write("input.txt", text);
-  auto r = run(mpt() + " data prepare --input " + in + " --out " + path("shards") +
+  auto r = run(mpt_bin() + " data prepare --input " + in + " --out " + path("shards") +
                " --val-fraction 0.2 --shard-tokens 50000");
   ASSERT_EQ(r.code, 0) << r.out;
   ASSERT_TRUE(fs::exists(path("shards/train_000000.bin"))) << r.out;
   ASSERT_TRUE(fs::exists(path("shards/val_000000.bin"))) << r.out;
 
-  r = run(mpt() + " data inspect " + path("shards/val_000000.bin"));
+  r = run(mpt_bin() + " data inspect " + path("shards/val_000000.bin"));
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("20240520"), std::string::npos) << r.out;
   const auto info = mpt::data::inspect_shard(path("shards/val_000000.bin"));
   EXPECT_NE(r.out.find(std::to_string(info.num_tokens)), std::string::npos) << r.out;
 
-  r = run(mpt() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
+  r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
           " --set 'data.train=[\"" + path("shards") + "/train_*.bin\"]' --set data.val=" +
           path("shards/val_000000.bin") + " --set training.steps=5 --run-dir " + path("run"));
   ASSERT_EQ(r.code, 0) << r.out;
@@ -220,7 +220,7 @@ TEST_F(Cli, PrepareInspectAndTrainOnShards) {
 
 TEST_F(Cli, RunDirectoryThatHoldsARunIsNotReused) {
   write("keep.txt", "precious");
-  auto r = run(mpt() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
+  auto r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
                " --set training.steps=2 --run-dir " + dir_.string());
   EXPECT_EQ(r.code, 2) << r.out;
   EXPECT_NE(r.out.find(dir_.string()), std::string::npos) << r.out;
@@ -228,7 +228,7 @@ TEST_F(Cli, RunDirectoryThatHoldsARunIsNotReused) {
 }
 
 TEST_F(Cli, DivergenceIsARuntimeFailure) {
-  auto r = run(mpt() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
+  auto r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
                " --set training.steps=30 --set optimizer.lr=1e30 --set schedule.warmup_steps=0"
                " --set schedule.min_lr=0 --set optimizer.grad_clip=0 --run-dir " + path("run"));
   EXPECT_EQ(r.code, 1) << r.out;
@@ -265,7 +265,7 @@ TEST_F(Cli, BadConfigsExitTwoWithoutRunDirectory) {
     SCOPED_TRACE(c.name);
     const std::string cfg = write("bad.yaml", c.yaml);
     const std::string run_dir = path("run");
-    auto r = run(mpt() + " train " + cfg + " " + c.sets + " --run-dir " + run_dir);
+    auto r = run(mpt_bin() + " train " + cfg + " " + c.sets + " --run-dir " + run_dir);
     EXPECT_EQ(r.code, 2) << r.out;
     for (const auto& e : c.expect) EXPECT_NE(r.out.find(e), std::string::npos) << e << " in: " << r.out;
     EXPECT_FALSE(fs::exists(run_dir));
@@ -299,7 +299,7 @@ TEST_F(Cli, BadShardsExitTwoWithoutRunDirectory) {
     const std::string shard = write("bad_shard.bin", c.bytes);
     for (const char* split : {"train", "val"}) {
       const std::string run_dir = path("run");
-      auto r = run(mpt() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
+      auto r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
                    " --set data." + split + "=" + shard + " --run-dir " + run_dir);
       EXPECT_EQ(r.code, 2) << split << ": " << r.out;
       EXPECT_NE(r.out.find(shard), std::string::npos) << split << ": " << r.out;
@@ -307,7 +307,7 @@ TEST_F(Cli, BadShardsExitTwoWithoutRunDirectory) {
         EXPECT_NE(r.out.find(e), std::string::npos) << e << " in: " << r.out;
       EXPECT_FALSE(fs::exists(run_dir));
     }
-    auto r = run(mpt() + " data inspect " + shard);
+    auto r = run(mpt_bin() + " data inspect " + shard);
     if (c.name != "token above vocab" && c.name != "too few tokens") {
       EXPECT_EQ(r.code, 2) << r.out;
       EXPECT_NE(r.out.find(shard), std::string::npos) << r.out;
