@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "config/config.h"
+#include "data/dataset.h"
 #include "core/error.h"
 
 namespace fs = std::filesystem;
@@ -320,20 +321,20 @@ TEST(Config, RelativeDataPathsResolveAgainstTheWorkingDirectory) {
   ScopedCwd cwd(dir.path());
   const Config c = load_config("", {"data.val=shards/val_*.bin"});
   EXPECT_EQ(c.data.val, std::vector<std::string>{"shards/val_*.bin"});
-  EXPECT_EQ(mpt::glob_data_files("shards/val_*.bin"),
+  EXPECT_EQ(mpt::data::glob_files("shards/val_*.bin"),
             std::vector<std::string>{"shards/val_000.bin"});
 }
 
-TEST(Config, GlobDataFilesIsSortedAndSkipsDirectories) {
+TEST(Config, GlobFilesIsSortedAndSkipsDirectories) {
   TempDir dir;
   dir.write("d/b.bin", "x");
   dir.write("d/a.bin", "x");
   fs::create_directories(fs::path(dir.path()) / "d" / "c.bin");
   const std::string d = dir.path() + "/d/";
-  EXPECT_EQ(mpt::glob_data_files(d + "*.bin"),
+  EXPECT_EQ(mpt::data::glob_files(d + "*.bin"),
             (std::vector<std::string>{d + "a.bin", d + "b.bin"}));
-  EXPECT_TRUE(mpt::glob_data_files(d + "c.bin").empty());
-  EXPECT_TRUE(mpt::glob_data_files(d + "none*.bin").empty());
+  EXPECT_TRUE(mpt::data::glob_files(d + "c.bin").empty());
+  EXPECT_TRUE(mpt::data::glob_files(d + "none*.bin").empty());
 }
 
 TEST(Config, YamlRoundTripIsExact) {

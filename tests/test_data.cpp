@@ -337,7 +337,7 @@ TEST(Dataset, Errors) {
       [&] { TokenDataset::open({dir.file("small*.bin")}, Split::val, 256, 65); },
       {"small*.bin", "10", "65", "val"});
   expect_input_error([&] { TokenDataset::open({dir.file("nothing_*.bin")}, Split::train, 256, 0); },
-                     {dir.file("nothing_*.bin"), "matched no files"});
+                     {dir.file("nothing_*.bin"), "matches no existing file"});
   expect_input_error([&] { TokenDataset::open({dir.file("absent.bin")}, Split::train, 256, 0); },
                      {dir.file("absent.bin")});
   expect_input_error([&] { TokenDataset::open({}, Split::train, 256, 0); }, {"train"});

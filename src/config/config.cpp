@@ -25,6 +25,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include "core/error.h"
+#include "data/dataset.h"
 
 namespace mpt {
 namespace {
@@ -269,7 +270,7 @@ void check_data_entries(const KeyDef& key, const Config& c, const Origin& origin
     if (entry == "builtin") continue;
     if (entry.empty()) {
       errors.add(at, key.path, "empty path");
-    } else if (glob_data_files(entry).empty()) {
+    } else if (data::glob_files(entry).empty()) {
       std::string msg = in_quotes(entry) + " matches no existing file";
       char cwd[4096];
       if (entry[0] != '/' && getcwd(cwd, sizeof cwd))
@@ -843,19 +844,6 @@ void validate(LoadState& st) {
 // ---------------------------------------------------------------------------------------------
 // Public API
 
-std::vector<std::string> glob_data_files(const std::string& pattern) {
-  std::vector<std::string> files;
-  glob_t g{};
-  if (glob(pattern.c_str(), 0, nullptr, &g) == 0) {
-    for (size_t i = 0; i < g.gl_pathc; ++i) {
-      struct stat info {};
-      if (stat(g.gl_pathv[i], &info) == 0 && !S_ISDIR(info.st_mode))
-        files.emplace_back(g.gl_pathv[i]);
-    }
-  }
-  globfree(&g);
-  return files;  // glob(3) already sorts its matches
-}
 
 Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
   LoadState st;

@@ -98,10 +98,4 @@ struct ConfigKeyInfo {
 };
 const std::vector<ConfigKeyInfo>& config_schema();
 
-// The existing files (not directories) that one data.train / data.val entry names: a path or a
-// POSIX glob(3) pattern, relative to the current working directory; sorted, empty when nothing
-// matches. "builtin" is not special here. load_config uses this to check every entry, so the
-// data module should use it too to expand them the same way.
-std::vector<std::string> glob_data_files(const std::string& pattern);
-
 }  // namespace mpt

@@ -1,6 +1,7 @@
 #include "data/dataset.h"
 
 #include <glob.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <sstream>
@@ -12,8 +13,6 @@ namespace mpt::data {
 
 namespace {
 
-bool has_glob_chars(const std::string& s) { return s.find_first_of("*?[") != std::string::npos; }
-
 std::string join_specs(const std::vector<std::string>& specs) {
   std::string out;
   for (size_t i = 0; i < specs.size(); ++i) {
@@ -23,26 +22,21 @@ std::string join_specs(const std::vector<std::string>& specs) {
   return out;
 }
 
-// Sorted matches of a POSIX glob; InputError when nothing matches.
-std::vector<std::string> expand_glob(const std::string& pattern, const std::string& what) {
+}  // namespace
+
+std::vector<std::string> glob_files(const std::string& pattern) {
+  std::vector<std::string> files;
   glob_t g{};
-  const int rc = ::glob(pattern.c_str(), 0, nullptr, &g);
-  std::vector<std::string> out;
-  if (rc == 0) {
-    for (size_t i = 0; i < g.gl_pathc; ++i) out.emplace_back(g.gl_pathv[i]);
+  if (::glob(pattern.c_str(), 0, nullptr, &g) == 0) {
+    for (size_t i = 0; i < g.gl_pathc; ++i) {
+      struct stat info {};
+      if (::stat(g.gl_pathv[i], &info) == 0 && !S_ISDIR(info.st_mode))
+        files.emplace_back(g.gl_pathv[i]);
+    }
   }
   ::globfree(&g);
-  if (rc == GLOB_NOMATCH || (rc == 0 && out.empty())) {
-    throw InputError(what + ": pattern '" + pattern + "' matched no files");
-  }
-  if (rc != 0) {
-    throw InputError(what + ": cannot expand pattern '" + pattern + "' (read error or out of memory)");
-  }
-  std::sort(out.begin(), out.end());
-  return out;
+  return files;  // glob(3) sorts its matches
 }
-
-}  // namespace
 
 TokenDataset TokenDataset::open(const std::vector<std::string>& specs, Split split, int vocab_size,
                                 int64_t min_tokens) {
@@ -70,8 +64,8 @@ TokenDataset TokenDataset::open(const std::vector<std::string>& specs, Split spl
       ++ds.builtin_count_;
       continue;
     }
-    const std::vector<std::string> paths =
-        has_glob_chars(spec) ? expand_glob(spec, what) : std::vector<std::string>{spec};
+    const std::vector<std::string> paths = glob_files(spec);
+    if (paths.empty()) throw InputError(what + ": '" + spec + "' matches no existing file");
     for (const std::string& path : paths) {
       Shard s = Shard::open(path);
       const uint16_t* t = s.tokens();

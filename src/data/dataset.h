@@ -17,6 +17,11 @@ struct TokenSource {
   int64_t size;
 };
 
+// The existing files (not directories) a path or POSIX glob(3) pattern names, sorted; relative
+// to the working directory; empty when nothing matches. Config validation and TokenDataset
+// expand data entries with this same function, so they agree on what a pattern means.
+std::vector<std::string> glob_files(const std::string& pattern);
+
 class TokenDataset {
  public:
   // specs: entries of data.train / data.val: "builtin" or a path or POSIX glob (matches sorted,
