@@ -52,8 +52,8 @@ int main(int argc, char** argv) {
   std::string config_path, run_dir;
   std::vector<std::string> sets;
   auto* train = app.add_subcommand("train", "Train a GPT as described by a YAML config");
-  train->add_option("config", config_path, "YAML config file (see docs/config.md)")
-      ->required()
+  train->add_option("config", config_path,
+                    "YAML config file (see docs/config.md); without one, the built-in default")
       ->check(CLI::ExistingFile);
   train->add_option("--set", sets, "Override a config key: --set key.path=value (repeatable)")
       ->type_name("KEY=VALUE");

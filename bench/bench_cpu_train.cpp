@@ -1,6 +1,11 @@
 // CPU training throughput on the reference shape: GPT with 4 layers, width 256, 4 heads,
 // vocab 256, sequence 64, micro-batch 4, fp32. Times whole optimizer steps (forward, backward,
-// clipping, AdamW), after warm-up, and prints tokens/s with the median of several repeats.
+// clipping, AdamW) after warm-up and prints tokens/s, the median of several repeats, for:
+//   mpt          the CPU backend as shipped (OpenBLAS sgemm, OpenMP loops), N threads
+//   mpt-1thread  the same on one thread
+//   loop-matmul  baseline: the same trainer with matmuls as plain OpenMP loops, the way a plain
+//                C reference trainer (llm.c's train_gpt2.c) computes them, N threads
+// and the ratios against the baseline, all measured in the same run.
 //
 //   build/bench/bench_cpu_train [--threads N] [--steps N] [--repeats N]
 #include <algorithm>
@@ -18,8 +23,100 @@
 
 using namespace mpt;
 
+namespace {
+
+// Baseline: matmuls as plain loops, parallel over rows, in the style of a plain C trainer.
+class LoopMatmulBackend : public CpuBackend {
+ public:
+  using CpuBackend::CpuBackend;
+  void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) override {
+    const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
+    const float *x = inp.as<float>(), *w = weight.as<float>();
+    const float* b = bias.defined() ? bias.as<float>() : nullptr;
+    float* o = out.as<float>();
+#pragma omp parallel for schedule(static) num_threads(threads())
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < OC; ++k) {
+        float s = b ? b[k] : 0.0f;
+        for (int64_t c = 0; c < C; ++c) s += x[n * C + c] * w[k * C + c];
+        o[n * OC + k] = s;
+      }
+  }
+  void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
+                       Tensor weight) override {
+    const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
+    const float *x = inp.as<float>(), *w = weight.as<float>(), *d = dout.as<float>();
+    float* dx = dinp.as<float>();
+    float* dw = dweight.as<float>();
+    float* db = dbias.defined() ? dbias.as<float>() : nullptr;
+#pragma omp parallel for schedule(static) num_threads(threads())
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < C; ++c) dx[n * C + c] = 0.0f;
+      for (int64_t k = 0; k < OC; ++k)
+        for (int64_t c = 0; c < C; ++c) dx[n * C + c] += d[n * OC + k] * w[k * C + c];
+    }
+#pragma omp parallel for schedule(static) num_threads(threads())
+    for (int64_t k = 0; k < OC; ++k)
+      for (int64_t n = 0; n < N; ++n) {
+        const float g = d[n * OC + k];
+        if (db) db[k] += g;
+        for (int64_t c = 0; c < C; ++c) dw[k * C + c] += g * x[n * C + c];
+      }
+  }
+};
+
+struct BenchShape {
+  int layers, width, heads, B, T;
+};
+
+// Median tokens/s of `repeats` timings of `steps` optimizer steps on `be`.
+double measure(Backend& be, const BenchShape& sh, int steps, int repeats, double* flops_per_token,
+               int64_t* n_params) {
+  ModelConfig m;
+  m.n_layer = sh.layers;
+  m.n_embd = sh.width;
+  m.n_head = sh.heads;
+  m.vocab_size = 256;
+  m.max_seq_len = sh.T;
+  Gpt model(m, be);
+  model.init_weights(1, 0.02);
+  OptimizerConfig oc;
+  AdamW opt(oc, model, be);
+  const int B = sh.B, T = sh.T;
+  // Real text from the built-in corpus, consecutive windows.
+  const auto& corpus = data::builtin_corpus_tokens(data::Split::train);
+  std::vector<int32_t> in(B * T), tg(B * T);
+  size_t pos = 0;
+  auto one_step = [&] {
+    if (pos + B * T + 1 > corpus.size()) pos = 0;
+    for (int i = 0; i < B * T; ++i) {
+      in[i] = corpus[pos + i];
+      tg[i] = corpus[pos + i + 1];
+    }
+    pos += B * T;
+    model.zero_grad();
+    model.forward(in.data(), tg.data(), B, T, 1.0f / (B * T));
+    model.backward();
+    opt.step(1e-3, opt.clip_scale(opt.grad_norm()));
+  };
+  for (int i = 0; i < 3; ++i) one_step();  // warm-up: first-touch pages, thread pools
+  std::vector<double> rates;
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int s = 0; s < steps; ++s) one_step();
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    rates.push_back(double(B) * T * steps / dt);
+  }
+  std::sort(rates.begin(), rates.end());
+  *flops_per_token = model.flops_per_token(T);
+  *n_params = model.num_params();
+  return rates[rates.size() / 2];
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  int threads = 2, steps = 20, repeats = 5, layers = 4, width = 256, heads = 4, B = 4, T = 64;
+  int threads = 2, steps = 10, repeats = 5, layers = 4, width = 256, heads = 4, B = 4, T = 64;
   for (int i = 1; i + 1 < argc; i += 2) {
     const char* k = argv[i];
     const int v = std::atoi(argv[i + 1]);
@@ -34,54 +131,24 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  ModelConfig m;
-  m.n_layer = layers;
-  m.n_embd = width;
-  m.n_head = heads;
-  m.vocab_size = 256;
-  m.max_seq_len = T;
-  CpuBackend be(threads);
-  Gpt model(m, be);
-  model.init_weights(1, 0.02);
-  OptimizerConfig oc;
-  AdamW opt(oc, model, be);
-
-  // Real text from the built-in corpus, consecutive windows.
-  const auto& corpus = data::builtin_corpus_tokens(data::Split::train);
-  std::vector<int32_t> in(B * T), tg(B * T);
-  size_t pos = 0;
-  auto next_batch = [&] {
-    if (pos + B * T + 1 > corpus.size()) pos = 0;
-    for (int i = 0; i < B * T; ++i) {
-      in[i] = corpus[pos + i];
-      tg[i] = corpus[pos + i + 1];
-    }
-    pos += B * T;
+  const BenchShape sh{layers, width, heads, B, T};
+  double fpt = 0;
+  int64_t n_params = 0;
+  CpuBackend mpt_be(threads), one_be(1);
+  LoopMatmulBackend base_be(threads);
+  const double base = measure(base_be, sh, steps, repeats, &fpt, &n_params);
+  const double rate = measure(mpt_be, sh, steps, repeats, &fpt, &n_params);
+  const double rate1 = measure(one_be, sh, steps, repeats, &fpt, &n_params);
+  std::printf("shape: layers=%d width=%d heads=%d vocab=256 seq=%d batch=%d fp32; "
+              "%lld params, %.3g FLOPs/token\n",
+              layers, width, heads, T, B, static_cast<long long>(n_params), fpt);
+  std::printf("median of %d repeats x %d steps each\n", repeats, steps);
+  std::printf("%-12s %8s %10s %10s %8s\n", "variant", "threads", "tokens/s", "GFLOP/s", "ratio");
+  auto row = [&](const char* name, int th, double r) {
+    std::printf("%-12s %8d %10.0f %10.1f %7.2fx\n", name, th, r, r * fpt / 1e9, r / base);
   };
-  float loss = 0;
-  auto one_step = [&] {
-    next_batch();
-    model.zero_grad();
-    loss = model.forward(in.data(), tg.data(), B, T, 1.0f / (B * T));
-    model.backward();
-    opt.step(1e-3, opt.clip_scale(opt.grad_norm()));
-  };
-  for (int i = 0; i < 3; ++i) one_step();  // warm-up: first-touch pages, thread pools
-  std::vector<double> rates;
-  for (int r = 0; r < repeats; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    for (int s = 0; s < steps; ++s) one_step();
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    rates.push_back(double(B) * T * steps / dt);
-  }
-  std::sort(rates.begin(), rates.end());
-  std::printf("shape: layers=%d width=%d heads=%d vocab=256 seq=%d batch=%d fp32, threads=%d\n",
-              layers, width, heads, T, B, be.threads());
-  std::printf("params: %lld, flops/token: %.3g\n", static_cast<long long>(model.num_params()),
-              model.flops_per_token(T));
-  std::printf("tokens/s: median %.0f (min %.0f, max %.0f) over %d repeats of %d steps; "
-              "last loss %.3f\n",
-              rates[rates.size() / 2], rates.front(), rates.back(), repeats, steps, loss);
-  std::printf("achieved: %.1f GFLOP/s\n", rates[rates.size() / 2] * model.flops_per_token(T) / 1e9);
+  row("loop-matmul", base_be.threads(), base);
+  row("mpt", mpt_be.threads(), rate);
+  row("mpt-1thread", 1, rate1);
   return 0;
 }

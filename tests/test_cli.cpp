@@ -314,3 +314,17 @@ TEST_F(Cli, BadShardsExitTwoWithoutRunDirectory) {
     }
   }
 }
+
+// Without a config file `mpt train` trains the built-in default; output goes to
+// output.dir/<"default">-<UTC time>.
+TEST_F(Cli, TrainWithoutConfigUsesBuiltinDefault) {
+  auto r = run("cd " + dir_.string() + " && " + mpt_bin() + " train" + kTiny +
+               " --set training.steps=2 --set output.dir=out");
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::vector<fs::path> runs;
+  for (const auto& e : fs::directory_iterator(dir_ / "out")) runs.push_back(e.path());
+  ASSERT_EQ(runs.size(), 1u);
+  EXPECT_EQ(runs[0].filename().string().rfind("default-", 0), 0u) << runs[0];
+  EXPECT_TRUE(fs::exists(runs[0] / "config.yaml"));
+  EXPECT_EQ(read_jsonl((runs[0] / "metrics.jsonl").string()).back()["status"], "completed");
+}

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <omp.h>
 
 #include "backend/cpu/cpu_backend.h"
 #include "test_util.h"
@@ -311,4 +312,17 @@ TEST_F(CpuOps, LoopOpsAreIndependentOfThreadCount) {
   one.embedding_backward(e2.t, p2.t, dout.t, tok.t);
   EXPECT_EQ(copy_of(e1), copy_of(e2));
   EXPECT_EQ(copy_of(p1), copy_of(p2));
+}
+
+// Backends with different thread counts share a process: a BLAS call must leave OpenMP's
+// thread count as it found it.
+TEST_F(CpuOps, BlasCallsRestoreOpenMpThreadCount) {
+  const int before = omp_get_max_threads();
+  CpuBackend one(1);
+  Owned x = randn(be, {5, 7}, rng), w = randn(be, {3, 7}, rng), out = make(be, {5, 3});
+  one.matmul_forward(out.t, x.t, w.t, Tensor());
+  EXPECT_EQ(omp_get_max_threads(), before);
+  Owned dx = make(be, {5, 7}), dw = make(be, {3, 7});
+  one.matmul_backward(dx.t, dw.t, Tensor(), out.t, x.t, w.t);
+  EXPECT_EQ(omp_get_max_threads(), before);
 }

@@ -43,13 +43,27 @@ constexpr float kGeluCubic = 0.044715f;
 // error near 0 is about 1e-7, below what the fp32 GELU output can resolve.
 inline float fast_tanh(float u) { return 1.0f - 2.0f / (std::exp(2.0f * u) + 1.0f); }
 
+// OpenBLAS's OpenMP build runs on our OpenMP pool (so the two never compete for cores) and sizes
+// its parallel regions from process state: omp_get_max_threads() and the count given to
+// openblas_set_num_threads(). Set both for the duration of one BLAS call and restore OpenMP's,
+// so that backends with different thread counts can live in one process.
+class BlasThreads {
+ public:
+  explicit BlasThreads(int n) : saved_(omp_get_max_threads()) {
+    omp_set_num_threads(n);
+    openblas_set_num_threads(n);
+  }
+  ~BlasThreads() { omp_set_num_threads(saved_); }
+  BlasThreads(const BlasThreads&) = delete;
+  BlasThreads& operator=(const BlasThreads&) = delete;
+
+ private:
+  int saved_;
+};
+
 }  // namespace
 
-CpuBackend::CpuBackend(int threads) : threads_(threads > 0 ? threads : omp_get_num_procs()) {
-  // OpenBLAS keeps its thread count in library state; the OpenMP build of OpenBLAS runs on the
-  // same pool as our loops, so the two never compete for cores.
-  openblas_set_num_threads(threads_);
-}
+CpuBackend::CpuBackend(int threads) : threads_(threads > 0 ? threads : omp_get_num_procs()) {}
 
 std::string CpuBackend::device_description() const {
   return std::string("CPU, ") + std::to_string(threads_) + " threads, OpenBLAS " +
@@ -229,6 +243,7 @@ void CpuBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bi
     beta = 1.0f;
   }
   // out(N,OC) = inp(N,C) . weight(OC,C)^T  [+ out]
+  BlasThreads blas(threads_);
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp.as<float>(), C,
               weight.as<float>(), C, beta, o, OC);
 }
@@ -239,6 +254,7 @@ void CpuBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tens
   expect("matmul_backward", "weight", weight, DType::f32, {OC, C});
   expect("matmul_backward", "dout", dout.reshape({N, OC}), DType::f32, {N, OC});
   const float* d = dout.as<float>();
+  BlasThreads blas(threads_);
   if (dinp.defined()) {
     expect("matmul_backward", "dinp", dinp.reshape({N, C}), DType::f32, {N, C});
     // dinp(N,C) = dout(N,OC) . weight(OC,C)

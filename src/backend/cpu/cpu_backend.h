@@ -7,7 +7,7 @@
 
 namespace mpt {
 
-class CpuBackend final : public Backend {
+class CpuBackend : public Backend {
  public:
   // threads = 0: all cores available to this process.
   explicit CpuBackend(int threads);
