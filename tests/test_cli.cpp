@@ -73,10 +73,11 @@ std::vector<json> read_jsonl(const std::string& p) {
   return v;
 }
 
-// The records without the fields that depend on the machine's speed and the clock.
+// The records without the fields that depend on the clock, the machine's speed and the run's
+// directory.
 std::vector<json> without_timing(std::vector<json> recs) {
   for (auto& r : recs)
-    for (const char* k : {"time", "step_ms", "tokens_per_s", "elapsed_s"}) r.erase(k);
+    for (const char* k : {"time", "step_ms", "tokens_per_s", "elapsed_s", "run_dir"}) r.erase(k);
   return recs;
 }
 
@@ -327,4 +328,41 @@ TEST_F(Cli, TrainWithoutConfigUsesBuiltinDefault) {
   EXPECT_EQ(runs[0].filename().string().rfind("default-", 0), 0u) << runs[0];
   EXPECT_TRUE(fs::exists(runs[0] / "config.yaml"));
   EXPECT_EQ(read_jsonl((runs[0] / "metrics.jsonl").string()).back()["status"], "completed");
+}
+
+// A config whose model cannot fit in memory is refused before anything is allocated or written,
+// naming the keys to change; so are out-of-range sizes that would overflow.
+TEST_F(Cli, OversizedConfigsExitTwoWithoutRunDirectory) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--set model.max_seq_len=2000000000", "model.max_seq_len"},
+      {"--set model.n_embd=65536 --set model.n_layer=64", "model.n_embd"},
+      {"--set training.micro_batch=3000 --set model.n_embd=1024", "training.micro_batch"},
+      {"--set model.vocab_pad_multiple=2147483647", "model.vocab_pad_multiple"},
+      {"--set threads=100000", "threads"},
+  };
+  for (const auto& [sets, key] : cases) {
+    SCOPED_TRACE(sets);
+    auto r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml " + sets +
+                 " --run-dir " + path("run"));
+    EXPECT_EQ(r.code, 2) << r.out;
+    EXPECT_NE(r.out.find(key), std::string::npos) << r.out;
+    EXPECT_FALSE(fs::exists(path("run")));
+  }
+}
+
+// Two runs started at once with the same run directory: exactly one gets it.
+TEST_F(Cli, RacingRunsNeverShareADirectory) {
+  const std::string cmd = mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
+                          " --set training.steps=3 --run-dir " + path("run");
+  auto r = run("(" + cmd + " >/dev/null 2>&1; echo a=$?) & (" + cmd +
+               " >/dev/null 2>&1; echo b=$?); wait");
+  const bool a_ok = r.out.find("a=0") != std::string::npos;
+  const bool b_ok = r.out.find("b=0") != std::string::npos;
+  EXPECT_NE(a_ok, b_ok) << r.out;
+  EXPECT_TRUE(r.out.find("a=2") != std::string::npos || r.out.find("b=2") != std::string::npos)
+      << r.out;
+  const auto recs = read_jsonl(path("run/metrics.jsonl"));
+  ASSERT_FALSE(recs.empty());
+  EXPECT_EQ(events(recs, "start").size(), 1u);
+  EXPECT_EQ(recs.back()["status"], "completed");
 }

@@ -189,7 +189,7 @@ const std::vector<BadCase> kBadCases = {
     {"lr_zero", "optimizer:\n  lr: 0\n", {"optimizer.lr: must be > 0, got 0"}},
     {"negative_eval_every", "training:\n  eval_every: -1\n",
      {"training.eval_every: must be >= 0, got -1"}},
-    {"negative_threads", "threads: -2\n", {"{F}:1:10: threads: must be >= 0, got -2"}},
+    {"negative_threads", "threads: -2\n", {"{F}:1:10: threads: must be in [0, 1024], got -2"}},
     // Constraints between two keys name both keys and values.
     {"n_embd_not_divisible", "model:\n  n_head: 4\n  n_embd: 102\n",
      {"{F}:3:11: model.n_embd: 102 is not divisible by model.n_head (4)"}},

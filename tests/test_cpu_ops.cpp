@@ -312,6 +312,35 @@ TEST_F(CpuOps, LoopOpsAreIndependentOfThreadCount) {
   one.embedding_backward(e2.t, p2.t, dout.t, tok.t);
   EXPECT_EQ(copy_of(e1), copy_of(e2));
   EXPECT_EQ(copy_of(p1), copy_of(p2));
+
+  // LayerNorm backward: row-wise dinp and the column-split dweight/dbias sums.
+  Owned x = randn(be, {B, T, C}, rng), w = randn(be, {C}, rng), bias = randn(be, {C}, rng);
+  Owned ln = make(be, {B, T, C}), mean = make(be, {B, T}), rstd = make(be, {B, T});
+  be.layernorm_forward(ln.t, mean.t, rstd.t, x.t, w.t, bias.t);
+  Owned dx1 = make(be, {B, T, C}), dx2 = make(be, {B, T, C}), dw1 = make(be, {C}),
+        dw2 = make(be, {C}), db1 = make(be, {C}), db2 = make(be, {C});
+  be.layernorm_backward(dx1.t, dw1.t, db1.t, dout.t, x.t, w.t, mean.t, rstd.t);
+  one.layernorm_backward(dx2.t, dw2.t, db2.t, dout.t, x.t, w.t, mean.t, rstd.t);
+  EXPECT_EQ(copy_of(dx1), copy_of(dx2));
+  EXPECT_EQ(copy_of(dw1), copy_of(dw2));
+  EXPECT_EQ(copy_of(db1), copy_of(db2));
+
+  // Matmul bias gradient (the weight gradients are BLAS's and may split sums by thread count).
+  Owned W = randn(be, {C, C}, rng), gx = make(be, {B, T, C}), gw = make(be, {C, C});
+  Owned gb1 = make(be, {C}), gb2 = make(be, {C});
+  be.matmul_backward(gx.t, gw.t, gb1.t, dout.t, x.t, W.t);
+  one.matmul_backward(gx.t, gw.t, gb2.t, dout.t, x.t, W.t);
+  EXPECT_EQ(copy_of(gb1), copy_of(gb2));
+
+  // The fused classifier: losses and in-place gradients.
+  Owned logits1 = randn(be, {B * T, Vp}, rng), tg = make(be, {B * T}, DType::i32);
+  for (int64_t i = 0; i < tg.n(); ++i) tg.i()[i] = static_cast<int32_t>(rng.below(Vp - 2));
+  Owned logits2 = make(be, {B * T, Vp}), l1 = make(be, {B * T}), l2 = make(be, {B * T});
+  std::copy(logits1.f(), logits1.f() + logits1.n(), logits2.f());
+  be.crossentropy_forward_backward(l1.t, logits1.t, tg.t, Vp - 2, 0.5f);
+  one.crossentropy_forward_backward(l2.t, logits2.t, tg.t, Vp - 2, 0.5f);
+  EXPECT_EQ(copy_of(l1), copy_of(l2));
+  EXPECT_EQ(copy_of(logits1), copy_of(logits2));
 }
 
 // Backends with different thread counts share a process: a BLAS call must leave OpenMP's

@@ -111,21 +111,39 @@ TEST(Gpt, WholeModelGradientMatchesFiniteDifferences) {
   float* p = P.as<float>();
   const float* gr = G.as<float>();
   ASSERT_TRUE(all_finite(gr, G.numel()));
+  auto numeric_grad = [&](int64_t i) {
+    const float orig = p[i];
+    const float eps = 1e-2f;
+    p[i] = orig + eps;
+    const double lp = loss();
+    p[i] = orig - eps;
+    const double lm = loss();
+    p[i] = orig;
+    return (lp - lm) / (double(orig + eps) - double(orig - eps));
+  };
   for (size_t k = 0; k < g.params().size(); ++k) {
     const ParamInfo& info = g.params()[k];
+    // The largest-gradient element, where a wrong formula shows most, and a few random ones
+    // (for the embeddings: rows actually used by this batch, positions past 0 included).
+    std::vector<int64_t> picks;
     int64_t best = info.offset;
     for (int64_t i = 0; i < info.shape.numel(); ++i)
       if (std::fabs(gr[info.offset + i]) > std::fabs(gr[best])) best = info.offset + i;
     ASSERT_GT(std::fabs(gr[best]), 0.0f) << info.name << " has no gradient";
-    const float orig = p[best];
-    const float eps = 1e-2f;
-    p[best] = orig + eps;
-    const double lp = loss();
-    p[best] = orig - eps;
-    const double lm = loss();
-    p[best] = orig;
-    const double numeric = (lp - lm) / (double(orig + eps) - double(orig - eps));
-    EXPECT_NEAR(gr[best], numeric, 1e-3 + 3e-2 * std::fabs(numeric)) << info.name;
+    picks.push_back(best);
+    const bool matrix = info.shape.ndim == 2;
+    const int64_t rows = matrix ? info.shape[0] : 1, cols = matrix ? info.shape[1] : info.shape[0];
+    for (int r = 0; r < 3; ++r) {
+      int64_t row = static_cast<int64_t>(rng.below(rows));
+      if (k == 0) row = in[rng.below(in.size())];                    // wte: a token of this batch
+      if (k == 1) row = 1 + static_cast<int64_t>(rng.below(T - 1));  // wpe: a position t > 0
+      picks.push_back(info.offset + row * cols + static_cast<int64_t>(rng.below(cols)));
+    }
+    for (int64_t i : picks) {
+      const double numeric = numeric_grad(i);
+      EXPECT_NEAR(gr[i], numeric, 1e-3 + 3e-2 * std::fabs(numeric))
+          << info.name << " element " << i - static_cast<int64_t>(info.offset);
+    }
   }
 
   std::vector<float> dir(P.numel(), 0.0f);
@@ -244,6 +262,39 @@ TEST(LrSchedule, WarmupThenDecayToMin) {
   EXPECT_NEAR(sch.at(55), 1e-4 + 0.5 * (1 + std::cos(M_PI * 45.0 / 89.0)) * 9e-4, 1e-12);
   s.decay = "bogus";
   EXPECT_THROW(LrSchedule(s, 1e-3, 100), InputError);
+}
+
+TEST(LrSchedule, WarmupLongerThanTheRunAndOneStepDecay) {
+  ScheduleConfig s;
+  s.decay = "cosine";
+  s.warmup_steps = 50;
+  s.min_lr = 1e-4;
+  LrSchedule sch(s, 1e-3, 10);  // the run ends inside the warmup
+  for (int i = 0; i < 10; ++i) EXPECT_DOUBLE_EQ(sch.at(i), 1e-3 * (i + 1) / 50.0);
+  s.warmup_steps = 9;
+  LrSchedule one(s, 1e-3, 10);  // a decay of a single step lands on min_lr
+  EXPECT_DOUBLE_EQ(one.at(8), 1e-3);
+  EXPECT_DOUBLE_EQ(one.at(9), 1e-4);
+  s.warmup_steps = 0;
+  LrSchedule none(s, 1e-3, 1);
+  EXPECT_DOUBLE_EQ(none.at(0), 1e-4);
+}
+
+TEST(Gpt, MemoryEstimateMatchesAllocations) {
+  CpuBackend be(1);
+  ModelConfig m = tiny_model();
+  m.n_embd = 48;
+  m.n_head = 3;
+  m.max_seq_len = 16;
+  Gpt g(m, be);
+  g.init_weights(1, 0.02);
+  const int B = 3, T = 16;
+  std::vector<int32_t> tok(B * T, 1);
+  g.forward(tok.data(), tok.data(), B, T, 0.0f);
+  const auto est = Gpt::estimate_memory(m, B, T);
+  const double state = 4.0 * g.all_params().bytes();  // params, grads, two moments
+  EXPECT_NEAR(est.state_bytes, state, 0.05 * state);
+  EXPECT_NEAR(est.activation_bytes, double(g.activation_bytes()), 0.05 * g.activation_bytes());
 }
 
 TEST(AdamW, ClipScaleAndDecayOnlyOn2D) {

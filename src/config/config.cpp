@@ -3,7 +3,6 @@
 // driven by it, so a key cannot be added to one of them and forgotten in another.
 #include "config/config.h"
 
-#include <glob.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -25,6 +24,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include "core/error.h"
+#include "core/text.h"
 #include "data/dataset.h"
 
 namespace mpt {
@@ -34,12 +34,6 @@ namespace {
 // Text helpers
 
 std::string in_quotes(const std::string& s) { return "'" + s + "'"; }
-
-std::string join(const std::vector<std::string>& items, const std::string& sep) {
-  std::string out;
-  for (size_t i = 0; i < items.size(); ++i) out += (i ? sep : "") + items[i];
-  return out;
-}
 
 // Shortest text that parses back to exactly `v`, written the way people write numbers: 0.0003,
 // 300, 1e-08. std::to_chars guarantees the round trip and, unlike printf, ignores the locale.
@@ -310,7 +304,7 @@ const std::vector<KeyDef>& key_table() {
                         "real vocabulary size; shards store tokens as uint16, hence at most "
                         "65536"));
     t.push_back(integer("model.vocab_pad_multiple", MPT_FIELD(model.vocab_pad_multiple),
-                        at_least(1),
+                        closed(1, 65536),
                         "embedding rows are padded up to a multiple of this; padded ids are never "
                         "predicted"));
     t.push_back(integer("model.max_seq_len", MPT_FIELD(model.max_seq_len), at_least(1),
@@ -373,7 +367,7 @@ const std::vector<KeyDef>& key_table() {
                        "numeric precision of the training step"));
     t.push_back(choice("backend", MPT_FIELD(backend), {"cpu", "cuda", "auto"}, {},
                        "compute backend; auto picks cuda when a usable GPU is present, else cpu"));
-    t.push_back(integer("threads", MPT_FIELD(threads), at_least(0),
+    t.push_back(integer("threads", MPT_FIELD(threads), closed(0, 1024),
                         "CPU threads; 0 = all available cores"));
     // output
     t.push_back(text("output.dir", MPT_FIELD(output.dir), check_not_empty, "non-empty path",

@@ -7,22 +7,10 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/text.h"
 #include "data/tokenizer.h"
 
 namespace mpt::data {
-
-namespace {
-
-std::string join_specs(const std::vector<std::string>& specs) {
-  std::string out;
-  for (size_t i = 0; i < specs.size(); ++i) {
-    if (i) out += ", ";
-    out += specs[i];
-  }
-  return out;
-}
-
-}  // namespace
 
 std::vector<std::string> glob_files(const std::string& pattern) {
   std::vector<std::string> files;
@@ -88,7 +76,7 @@ TokenDataset TokenDataset::open(const std::vector<std::string>& specs, Split spl
     }
   }
   if (ds.total_ < min_tokens) {
-    throw InputError(what + " (" + join_specs(specs) + ") holds " + std::to_string(ds.total_) +
+    throw InputError(what + " (" + join(specs, ", ") + ") holds " + std::to_string(ds.total_) +
                      " tokens but at least " + std::to_string(min_tokens) + " are needed");
   }
   return ds;

@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "io/files.h"
 
 // The format is little-endian and we map it in place, so the host must be little-endian too.
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
@@ -21,28 +22,6 @@ namespace mpt::data {
 namespace {
 
 std::string errno_text(int err) { return std::strerror(err); }
-
-// Writes all of [data, data+n) to fd, retrying short writes and EINTR. Returns 0 or an errno.
-int write_all(int fd, const void* data, size_t n) {
-  const char* p = static_cast<const char*>(data);
-  while (n > 0) {
-    const ssize_t w = ::write(fd, p, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    p += w;
-    n -= static_cast<size_t>(w);
-  }
-  return 0;
-}
-
-std::string parent_dir(const std::string& path) {
-  const size_t slash = path.find_last_of('/');
-  if (slash == std::string::npos) return ".";
-  if (slash == 0) return "/";
-  return path.substr(0, slash);
-}
 
 }  // namespace
 
@@ -57,37 +36,8 @@ void write_shard(const std::string& path, const std::vector<uint16_t>& tokens) {
   header[1] = kShardVersion;
   header[2] = static_cast<int32_t>(tokens.size());
 
-  const std::string tmp = path + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) {
-    throw RuntimeError(tmp + ": cannot create shard file (" + errno_text(errno) + ")");
-  }
-  int err = write_all(fd, header, sizeof(header));
-  if (err == 0 && !tokens.empty()) err = write_all(fd, tokens.data(), tokens.size() * 2);
-  const char* what = "cannot write shard file";
-  if (err == 0 && ::fsync(fd) != 0) {
-    err = errno;
-    what = "cannot sync shard file";
-  }
-  if (::close(fd) != 0 && err == 0) {
-    err = errno;
-    what = "cannot close shard file";
-  }
-  if (err != 0) {
-    ::unlink(tmp.c_str());
-    throw RuntimeError(tmp + ": " + what + " (" + errno_text(err) + ")");
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    err = errno;
-    ::unlink(tmp.c_str());
-    throw RuntimeError(path + ": cannot rename " + tmp + " into place (" + errno_text(err) + ")");
-  }
-  // Make the rename itself durable. Best effort: some file systems refuse to fsync directories.
-  const int dfd = ::open(parent_dir(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    (void)::fsync(dfd);
-    ::close(dfd);
-  }
+  write_file_atomic(path, {ByteSpan{header, sizeof(header)},
+                           ByteSpan{tokens.data(), tokens.size() * sizeof(uint16_t)}});
 }
 
 Shard Shard::open(const std::string& path) {

@@ -5,6 +5,7 @@
 #include <ctime>
 
 #include "core/error.h"
+#include "core/text.h"
 
 namespace mpt {
 
@@ -24,13 +25,6 @@ void MetricsSink::write(const nlohmann::json& record) {
     throw RuntimeError(path_ + ": write failed: " + std::strerror(errno));
 }
 
-std::string utc_timestamp() {
-  std::time_t now = std::time(nullptr);
-  std::tm tm{};
-  gmtime_r(&now, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
+std::string utc_timestamp() { return utc_now("%Y-%m-%dT%H:%M:%SZ"); }
 
 }  // namespace mpt

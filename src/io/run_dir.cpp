@@ -4,79 +4,78 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstdio>
 #include <cstring>
-#include <ctime>
 #include <filesystem>
 
 #include "core/error.h"
+#include "core/text.h"
+#include "io/files.h"
 
 namespace fs = std::filesystem;
 
 namespace mpt {
+namespace {
 
-std::string plan_run_dir(const Config& cfg, const std::string& override_dir) {
-  fs::path dir;
+void require_free(const fs::path& dir) {
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) return;
+  if (!fs::is_directory(dir, ec))
+    throw InputError("run directory " + dir.string() + " exists and is not a directory");
+  if (!fs::is_empty(dir, ec))
+    throw InputError("run directory " + dir.string() +
+                     " already holds a run; choose another output.name or --run-dir");
+}
+
+// Creates `dir` if needed and metrics.jsonl inside it with O_EXCL. False when another run got
+// there first.
+bool claim(const fs::path& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw RuntimeError(dir.string() + ": cannot create run directory: " + ec.message());
+  const std::string marker = (dir / "metrics.jsonl").string();
+  const int fd = ::open(marker.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (fd >= 0) {
+    ::close(fd);
+    return true;
+  }
+  if (errno == EEXIST) return false;
+  throw RuntimeError(marker + ": cannot create (" + std::strerror(errno) + ")");
+}
+
+}  // namespace
+
+RunDirPlan plan_run_dir(const Config& cfg, const std::string& override_dir) {
+  RunDirPlan plan;
   if (!override_dir.empty()) {
-    dir = override_dir;
+    plan.path = override_dir;
   } else {
+    std::error_code ec;
+    if (fs::exists(cfg.output.dir, ec) && !fs::is_directory(cfg.output.dir, ec))
+      throw InputError("output.dir: " + cfg.output.dir + " exists and is not a directory");
     std::string name = cfg.output.name;
     if (name.empty()) {
       const std::string stem =
           cfg.source_path.empty() ? "default" : fs::path(cfg.source_path).stem().string();
-      std::time_t now = std::time(nullptr);
-      std::tm tm{};
-      gmtime_r(&now, &tm);
-      char buf[32];
-      std::strftime(buf, sizeof buf, "%Y%m%d-%H%M%S", &tm);
-      name = stem + "-" + buf;
+      name = stem + "-" + utc_now("%Y%m%d-%H%M%S");
+      plan.auto_named = true;
     }
-    dir = fs::path(cfg.output.dir) / name;
+    plan.path = (fs::path(cfg.output.dir) / name).string();
   }
-  std::error_code ec;
-  if (fs::exists(dir, ec)) {
-    if (!fs::is_directory(dir, ec))
-      throw InputError("run directory " + dir.string() + " exists and is not a directory");
-    if (!fs::is_empty(dir, ec))
-      throw InputError("run directory " + dir.string() +
-                       " already holds a run; choose another output.name or --run-dir");
-  }
-  return dir.string();
+  require_free(plan.path);
+  return plan;
 }
 
-void write_file_atomic(const std::string& path, const std::string& content) {
-  const std::string tmp = path + ".tmp";
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw RuntimeError(tmp + ": cannot create: " + std::strerror(errno));
-  size_t done = 0;
-  while (done < content.size()) {
-    const ssize_t n = ::write(fd, content.data() + done, content.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      const int err = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      throw RuntimeError(tmp + ": write failed: " + std::strerror(err));
-    }
-    done += static_cast<size_t>(n);
+std::string create_run_dir(const RunDirPlan& plan, const Config& cfg) {
+  std::string dir = plan.path;
+  for (int attempt = 2; !claim(dir); ++attempt) {
+    if (!plan.auto_named)
+      throw InputError("run directory " + plan.path +
+                       " was taken by another run; choose another output.name or --run-dir");
+    dir = plan.path + "-" + std::to_string(attempt);
+    require_free(dir);
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    throw RuntimeError(tmp + ": fsync/close failed: " + std::strerror(err));
-  }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    throw RuntimeError(path + ": rename failed: " + std::strerror(err));
-  }
-}
-
-void create_run_dir(const std::string& dir, const Config& cfg) {
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec) throw RuntimeError(dir + ": cannot create run directory: " + ec.message());
   write_file_atomic((fs::path(dir) / "config.yaml").string(), config_to_yaml(cfg));
+  return dir;
 }
 
 }  // namespace mpt

@@ -8,16 +8,21 @@
 
 namespace mpt {
 
+struct RunDirPlan {
+  std::string path;
+  bool auto_named = false;  // the name was generated, so a collision may pick another
+};
+
 // Decides where the run goes: `override_dir` when given (--run-dir), else output.dir/output.name,
-// where an empty name becomes "<config stem>-<UTC time>". Throws InputError when that directory
-// already holds files (a finished or running run is never overwritten).
-std::string plan_run_dir(const Config& cfg, const std::string& override_dir);
+// where an empty name becomes "<config stem>-<UTC time>" ("default" without a config file).
+// InputError when that directory already holds files (a run is never overwritten) or when
+// output.dir or the run directory exists as something other than a directory.
+RunDirPlan plan_run_dir(const Config& cfg, const std::string& override_dir);
 
-// Creates the directory (and parents) and writes config.yaml by write-temp-and-rename.
-void create_run_dir(const std::string& dir, const Config& cfg);
-
-// Writes `content` to `path` through a temporary file in the same directory, fsync and rename,
-// so readers see either the old file or the whole new one.
-void write_file_atomic(const std::string& path, const std::string& content);
+// Creates the planned directory (and parents), claims it by creating metrics.jsonl exclusively,
+// and writes the resolved config.yaml atomically. Two runs started at once can never share a
+// directory: the loser of an explicitly named one fails with InputError; a generated name gets a
+// "-2", "-3", ... suffix instead. Returns the directory used.
+std::string create_run_dir(const RunDirPlan& plan, const Config& cfg);
 
 }  // namespace mpt

@@ -91,6 +91,16 @@ double Gpt::flops_per_token(int T) const {
   return 6.0 * static_cast<double>(num_params()) + 6.0 * L_ * C_ * static_cast<double>(T);
 }
 
+Gpt::MemoryEstimate Gpt::estimate_memory(const ModelConfig& cfg, int B, int T) {
+  // In double: absurd configs must give a large number, not an overflowed one.
+  const double C = cfg.n_embd, L = cfg.n_layer, NH = cfg.n_head, Vp = cfg.padded_vocab();
+  const double params = Vp * C + double(cfg.max_seq_len) * C + L * (12 * C * C + 13 * C) + 2 * C;
+  // Per token, as laid out in ensure_activations: 18C + 4 + NH*T floats per layer (attention
+  // probabilities included), embeddings, final LayerNorm, logits, and the backward scratch.
+  const double per_token = L * (18 * C + 4 + NH * T) + 16 * C + Vp + 5;
+  return {4.0 * 4.0 * params, 4.0 * per_token * B * T};
+}
+
 void Gpt::init_weights(uint64_t seed, double std) {
   Rng rng(seed);
   const double residual_std = std / std::sqrt(2.0 * L_);

@@ -52,6 +52,17 @@ class Gpt {
   // 6*L*C*T for attention scores and values.
   double flops_per_token(int T) const;
 
+  // Bytes a training run of this model needs in backend memory, predicted before anything is
+  // allocated: parameter, gradient and two AdamW moment slabs, plus the activation arena for
+  // micro-batches of (B, T).
+  struct MemoryEstimate {
+    double state_bytes;
+    double activation_bytes;
+  };
+  static MemoryEstimate estimate_memory(const ModelConfig& cfg, int B, int T);
+
+  size_t activation_bytes() const { return act_buf_.bytes(); }  // 0 before the first forward
+
   const ModelConfig& config() const { return cfg_; }
   int padded_vocab() const { return Vp_; }
 

@@ -2,7 +2,10 @@
 
 #include <spdlog/spdlog.h>
 
+#include <unistd.h>
+
 #include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <filesystem>
 #include <vector>
@@ -50,6 +53,25 @@ double evaluate(Gpt& model, data::BatchLoader& loader, int batches, int B, int T
   return sum / batches;
 }
 
+// Refuses, naming the keys, a run whose predicted memory exceeds this machine's, before
+// allocating any of it (an allocation that large would fail midway or swap the machine to death).
+void check_memory(const Config& cfg) {
+  const auto est = Gpt::estimate_memory(cfg.model, cfg.training.micro_batch, cfg.training.seq_len);
+  const double total = est.state_bytes + est.activation_bytes;
+  const double machine = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+  if (machine > 0 && total > machine) {
+    char msg[512];
+    std::snprintf(msg, sizeof msg,
+                  "this run needs about %.1f GiB (%.1f GiB of parameters, gradients and AdamW "
+                  "state; %.1f GiB of activations) but the machine has %.1f GiB; reduce "
+                  "model.n_layer, model.n_embd, model.vocab_size, model.max_seq_len, "
+                  "training.micro_batch or training.seq_len",
+                  total / (1 << 30), est.state_bytes / (1 << 30),
+                  est.activation_bytes / (1 << 30), machine / (1 << 30));
+    throw InputError(msg);
+  }
+}
+
 }  // namespace
 
 TrainResult train(const Config& cfg, const TrainOptions& opt) {
@@ -59,12 +81,13 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   const int64_t tokens_per_step = static_cast<int64_t>(B) * T * accum;
 
   // ---- validate and build everything before the run directory exists
-  const std::string run_dir = plan_run_dir(cfg, opt.run_dir);
+  const RunDirPlan plan = plan_run_dir(cfg, opt.run_dir);
   const int64_t min_tokens = static_cast<int64_t>(B) * T + 1;  // one micro-batch of windows
   data::TokenDataset train_data =
       data::TokenDataset::open(cfg.data.train, data::Split::train, cfg.model.vocab_size, min_tokens);
   data::TokenDataset val_data =
       data::TokenDataset::open(cfg.data.val, data::Split::val, cfg.model.vocab_size, min_tokens);
+  check_memory(cfg);
   std::unique_ptr<Backend> backend = make_backend(cfg.backend, cfg.threads);
   Gpt model(cfg.model, *backend);
   model.init_weights(cfg.model.init_seed, cfg.model.init_std);
@@ -74,11 +97,12 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   data::BatchLoader val_loader(val_data, B, T, cfg.training.seed, /*shuffle=*/false);
 
   // ---- the run directory, then the start record
-  create_run_dir(run_dir, cfg);
+  const std::string run_dir = create_run_dir(plan, cfg);
   MetricsSink metrics((std::filesystem::path(run_dir) / "metrics.jsonl").string());
   metrics.write({{"event", "start"},
                  {"time", utc_timestamp()},
                  {"version", MPT_VERSION},
+                 {"run_dir", run_dir},
                  {"backend", backend->name()},
                  {"device", backend->device_description()},
                  {"threads", backend->threads()},

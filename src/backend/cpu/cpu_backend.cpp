@@ -34,6 +34,17 @@ void check_ids(const char* op, const int32_t* ids, int64_t n, int64_t limit) {
 // enough to vectorise, narrow enough to give every thread work.
 constexpr int64_t kColumnBlock = 32;
 
+// Reductions over rows (bias, LayerNorm and embedding gradients) are split across threads by
+// column, so every sum runs over the rows in order in one thread: deterministic results.
+// Calls f(c0, c1) for each block [c0, c1) of [0, ncols).
+template <class F>
+void for_column_blocks(int64_t ncols, int threads, F&& f) {
+  const int64_t nblocks = (ncols + kColumnBlock - 1) / kColumnBlock;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t blk = 0; blk < nblocks; ++blk)
+    f(blk * kColumnBlock, std::min(ncols, (blk + 1) * kColumnBlock));
+}
+
 constexpr float kLayerNormEps = 1e-5f;
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
 constexpr float kGeluCubic = 0.044715f;
@@ -121,12 +132,8 @@ void CpuBackend::embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tenso
   float* dwt = dwte.as<float>();
   float* dwp = dwpe.as<float>();
   check_ids("embedding_backward", tok, B * T, dwte.dim(0));
-  // Tokens repeat, so rows of dwte receive several contributions: split the work by column so
-  // that each element is summed by one thread in (b,t) order.
-  const int64_t nblocks = (C + kColumnBlock - 1) / kColumnBlock;
-#pragma omp parallel for schedule(static) num_threads(threads_)
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
-    const int64_t c0 = blk * kColumnBlock, c1 = std::min(C, c0 + kColumnBlock);
+  // Tokens repeat, so rows of dwte receive several contributions: split by column.
+  for_column_blocks(C, threads_, [&](int64_t c0, int64_t c1) {
     for (int64_t bt = 0; bt < B * T; ++bt) {
       const float* drow = d + bt * C;
       float* erow = dwt + static_cast<int64_t>(tok[bt]) * C;
@@ -136,7 +143,7 @@ void CpuBackend::embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tenso
         prow[c] += drow[c];
       }
     }
-  }
+  });
 }
 
 void CpuBackend::layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight,
@@ -212,11 +219,8 @@ void CpuBackend::layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, T
       dxr[c] += (dnorm - dnorm_mean - norm * dnorm_norm_mean) * s;
     }
   }
-  // dweight, dbias: sums over rows, split by column.
-  const int64_t nblocks = (C + kColumnBlock - 1) / kColumnBlock;
-#pragma omp parallel for schedule(static) num_threads(threads_)
-  for (int64_t blk = 0; blk < nblocks; ++blk) {
-    const int64_t c0 = blk * kColumnBlock, c1 = std::min(C, c0 + kColumnBlock);
+  // dweight, dbias: sums over rows.
+  for_column_blocks(C, threads_, [&](int64_t c0, int64_t c1) {
     for (int64_t n = 0; n < N; ++n) {
       const float* xr = x + n * C;
       const float* dr = d + n * C;
@@ -226,7 +230,7 @@ void CpuBackend::layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, T
         db[c] += dr[c];
       }
     }
-  }
+  });
 }
 
 void CpuBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
@@ -268,15 +272,12 @@ void CpuBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tens
   if (dbias.defined()) {
     expect("matmul_backward", "dbias", dbias, DType::f32, {OC});
     float* db = dbias.as<float>();
-    const int64_t nblocks = (OC + kColumnBlock - 1) / kColumnBlock;
-#pragma omp parallel for schedule(static) num_threads(threads_)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
-      const int64_t o0 = blk * kColumnBlock, o1 = std::min(OC, o0 + kColumnBlock);
+    for_column_blocks(OC, threads_, [&](int64_t o0, int64_t o1) {
       for (int64_t n = 0; n < N; ++n) {
         const float* dr = d + n * OC;
         for (int64_t o = o0; o < o1; ++o) db[o] += dr[o];
       }
-    }
+    });
   }
 }
 
@@ -338,6 +339,8 @@ void CpuBackend::attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor
   const float* d = dout.as<float>();
   float* dx = dqkv.as<float>();
   const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
+  // Scratch rows per thread, allocated here: nothing may throw inside the parallel region.
+  std::vector<float> scratch(static_cast<size_t>(threads_) * 2 * T);
   // Each (b, h) owns its slice of dqkv, so the tasks never write the same element.
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads_)
   for (int64_t b = 0; b < B; ++b) {
@@ -345,7 +348,8 @@ void CpuBackend::attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor
       for (int64_t t = 0; t < T; ++t)
         for (int64_t j = 0; j < 3; ++j)
           std::memset(dx + (b * T + t) * C3 + j * C + h * HS, 0, HS * sizeof(float));
-      std::vector<float> datt(T), dpre(T);
+      float* datt = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * T;  // (T)
+      float* dpre = datt + T;                                                         // (T)
       for (int64_t t = 0; t < T; ++t) {
         const float* arow = a + ((b * NH + h) * T + t) * T;  // (T)
         const float* drow = d + (b * T + t) * C + h * HS;    // (HS)

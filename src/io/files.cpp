@@ -1,0 +1,72 @@
+#include "io/files.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace mpt {
+namespace {
+
+// Writes all of [data, data+n) to fd, retrying short writes and EINTR. Returns 0 or an errno.
+int write_all(int fd, const void* data, size_t n) {
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    const ssize_t w = ::write(fd, p, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return 0;
+}
+
+std::string parent_dir(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+}  // namespace
+
+void write_file_atomic(const std::string& path, std::initializer_list<ByteSpan> chunks) {
+  const std::string tmp = path + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw RuntimeError(tmp + ": cannot create (" + std::strerror(errno) + ")");
+  int err = 0;
+  const char* what = "cannot write";
+  for (const ByteSpan& c : chunks)
+    if (err == 0 && c.size > 0) err = write_all(fd, c.data, c.size);
+  if (err == 0 && ::fsync(fd) != 0) {
+    err = errno;
+    what = "cannot sync";
+  }
+  if (::close(fd) != 0 && err == 0) {  // always closed, whatever failed before
+    err = errno;
+    what = "cannot close";
+  }
+  if (err != 0) {
+    ::unlink(tmp.c_str());
+    throw RuntimeError(tmp + ": " + what + " (" + std::strerror(err) + ")");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    err = errno;
+    ::unlink(tmp.c_str());
+    throw RuntimeError(path + ": cannot rename " + tmp + " into place (" + std::strerror(err) + ")");
+  }
+  // Best effort: some file systems refuse to fsync directories.
+  const int dfd = ::open(parent_dir(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    (void)::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+}  // namespace mpt
