@@ -16,10 +16,11 @@
 namespace {
 
 int run_train(const std::string& config_path, const std::vector<std::string>& sets,
-              const std::string& run_dir) {
+              const std::string& run_dir, bool dry_run) {
   const mpt::Config cfg = mpt::load_config(config_path, sets);
   mpt::TrainOptions opt;
   opt.run_dir = run_dir;
+  opt.dry_run = dry_run;
   mpt::train(cfg, opt);
   return 0;
 }
@@ -58,6 +59,10 @@ int main(int argc, char** argv) {
   train->add_option("--set", sets, "Override a config key: --set key.path=value (repeatable)")
       ->type_name("KEY=VALUE");
   train->add_option("--run-dir", run_dir, "Write the run here instead of output.dir/output.name");
+  bool dry_run = false;
+  train->add_flag("--dry-run", dry_run,
+                  "Validate the config and data, print the model, data and predicted memory, "
+                  "and exit without creating or training anything");
 
   auto* data = app.add_subcommand("data", "Prepare and inspect token shards");
   data->require_subcommand(1);
@@ -88,7 +93,7 @@ int main(int argc, char** argv) {
   }
 
   try {
-    if (*train) return run_train(config_path, sets, run_dir);
+    if (*train) return run_train(config_path, sets, run_dir, dry_run);
     if (*prepare) return run_prepare(inputs, out_dir, val_fraction, shard_tokens);
     if (*inspect) return run_inspect(shards);
   } catch (const mpt::Error& e) {

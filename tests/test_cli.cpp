@@ -131,6 +131,10 @@ TEST_F(Cli, ReadmeTrainingCommandWritesConfigAndMetrics) {
                         "precision", "time"})
     EXPECT_TRUE(start.contains(k)) << k;
   EXPECT_EQ(start["backend"], "cpu");
+  for (const char* role : {"parameters", "master_weights", "gradients", "optimizer_state",
+                           "activations", "workspace", "total"})
+    EXPECT_TRUE(start["memory"].contains(role)) << role;
+  EXPECT_GT(start["memory"]["total"].get<double>(), 0.0);
   EXPECT_EQ(start["config"]["training"]["steps"], 12);
   EXPECT_EQ(recs.back()["event"], "end");
   EXPECT_EQ(recs.back()["status"], "completed");
@@ -365,4 +369,20 @@ TEST_F(Cli, RacingRunsNeverShareADirectory) {
   ASSERT_FALSE(recs.empty());
   EXPECT_EQ(events(recs, "start").size(), 1u);
   EXPECT_EQ(recs.back()["status"], "completed");
+}
+
+// --dry-run validates everything and prints the plan, the predicted memory ledger included, but
+// creates nothing; bad input still fails with exit 2.
+TEST_F(Cli, DryRunPrintsThePlanAndCreatesNothing) {
+  auto r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml --dry-run" +
+               " --run-dir " + path("run"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  for (const char* want : {"config OK", "parameters", "834304", "master weights", "optimizer state",
+                           "activations", "total", "builtin corpus"})
+    EXPECT_NE(r.out.find(want), std::string::npos) << want << " in: " << r.out;
+  EXPECT_FALSE(fs::exists(path("run")));
+  r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml --dry-run" +
+          " --set data.train=" + path("missing.bin") + " --run-dir " + path("run"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_FALSE(fs::exists(path("run")));
 }

@@ -45,6 +45,7 @@ TEST(Gpt, ParameterLayoutNamesAndCount) {
   const int64_t C = 12, L = 2, V = 37, T = 9;
   const int64_t expect = V * C + T * C + L * (12 * C * C + 13 * C) + 2 * C;
   EXPECT_EQ(g.num_params(), expect);
+  EXPECT_EQ(Gpt::param_count(m), double(expect));
   for (const auto& p : g.params()) {
     EXPECT_EQ(p.offset % 64, 0u) << p.name;
     EXPECT_EQ(p.decay, p.shape.ndim == 2) << p.name;
@@ -291,10 +292,15 @@ TEST(Gpt, MemoryEstimateMatchesAllocations) {
   const int B = 3, T = 16;
   std::vector<int32_t> tok(B * T, 1);
   g.forward(tok.data(), tok.data(), B, T, 0.0f);
-  const auto est = Gpt::estimate_memory(m, B, T);
-  const double state = 4.0 * g.all_params().bytes();  // params, grads, two moments
-  EXPECT_NEAR(est.state_bytes, state, 0.05 * state);
-  EXPECT_NEAR(est.activation_bytes, double(g.activation_bytes()), 0.05 * g.activation_bytes());
+  const MemoryLedger plan = Gpt::plan_memory(m, B, T);
+  const double slab = g.all_params().bytes();  // params; grads and each moment have the same
+  EXPECT_NEAR(plan.parameters, slab, 0.05 * slab);
+  EXPECT_NEAR(plan.gradients, slab, 0.05 * slab);
+  EXPECT_NEAR(plan.optimizer_state, 2 * slab, 0.1 * slab);
+  EXPECT_EQ(plan.master_weights, 0.0);
+  EXPECT_NEAR(plan.activations, double(g.activation_bytes()), 0.05 * g.activation_bytes());
+  EXPECT_DOUBLE_EQ(plan.total(), plan.parameters + plan.gradients + plan.optimizer_state +
+                                     plan.activations);
 }
 
 TEST(AdamW, ClipScaleAndDecayOnlyOn2D) {

@@ -1,6 +1,7 @@
 #include "model/gpt.h"
 
 #include <cmath>
+#include <cstdio>
 
 #include "core/rng.h"
 
@@ -87,18 +88,51 @@ int64_t Gpt::num_params() const {
   return n - static_cast<int64_t>(Vp_ - V_) * C_;  // padding rows are not parameters
 }
 
-double Gpt::flops_per_token(int T) const {
-  return 6.0 * static_cast<double>(num_params()) + 6.0 * L_ * C_ * static_cast<double>(T);
+double Gpt::param_count(const ModelConfig& cfg) {
+  const double C = cfg.n_embd;
+  return double(cfg.vocab_size) * C + double(cfg.max_seq_len) * C +
+         cfg.n_layer * (12 * C * C + 13 * C) + 2 * C;
 }
 
-Gpt::MemoryEstimate Gpt::estimate_memory(const ModelConfig& cfg, int B, int T) {
+double Gpt::flops_per_token(const ModelConfig& cfg, int T) {
+  return 6.0 * param_count(cfg) + 6.0 * cfg.n_layer * double(cfg.n_embd) * T;
+}
+
+MemoryLedger Gpt::plan_memory(const ModelConfig& cfg, int B, int T) {
   // In double: absurd configs must give a large number, not an overflowed one.
   const double C = cfg.n_embd, L = cfg.n_layer, NH = cfg.n_head, Vp = cfg.padded_vocab();
-  const double params = Vp * C + double(cfg.max_seq_len) * C + L * (12 * C * C + 13 * C) + 2 * C;
+  const double params = param_count(cfg) + (Vp - cfg.vocab_size) * C;  // padding rows are stored
   // Per token, as laid out in ensure_activations: 18C + 4 + NH*T floats per layer (attention
   // probabilities included), embeddings, final LayerNorm, logits, and the backward scratch.
   const double per_token = L * (18 * C + 4 + NH * T) + 16 * C + Vp + 5;
-  return {4.0 * 4.0 * params, 4.0 * per_token * B * T};
+  MemoryLedger m;
+  m.parameters = 4.0 * params;
+  m.gradients = 4.0 * params;
+  m.optimizer_state = 2 * 4.0 * params;
+  m.activations = 4.0 * per_token * B * T;
+  return m;
+}
+
+nlohmann::json MemoryLedger::to_json() const {
+  return {{"parameters", parameters},         {"master_weights", master_weights},
+          {"gradients", gradients},           {"optimizer_state", optimizer_state},
+          {"activations", activations},       {"workspace", workspace},
+          {"total", total()}};
+}
+
+std::string MemoryLedger::to_text() const {
+  std::string out;
+  const std::pair<const char*, double> rows[] = {
+      {"parameters", parameters},     {"master weights", master_weights},
+      {"gradients", gradients},       {"optimizer state", optimizer_state},
+      {"activations", activations},   {"workspace", workspace},
+      {"total", total()}};
+  for (const auto& [name, bytes] : rows) {
+    char line[96];
+    std::snprintf(line, sizeof line, "  %-16s %12.2f MiB\n", name, bytes / (1 << 20));
+    out += line;
+  }
+  return out;
 }
 
 void Gpt::init_weights(uint64_t seed, double std) {

@@ -22,6 +22,23 @@ struct ParamInfo {
   Init init;
 };
 
+// Predicted backend memory of a training run, by role, in bytes. In fp32 there are no master
+// weights; the precision policies will fill that role and shrink the others.
+struct MemoryLedger {
+  double parameters = 0;       // the weights the ops read
+  double master_weights = 0;   // an fp32 copy kept beside low-precision weights
+  double gradients = 0;
+  double optimizer_state = 0;  // AdamW's two moments
+  double activations = 0;      // the activation arena for one micro-batch, backward scratch included
+  double workspace = 0;        // backend scratch (the GEMM workspace on GPUs; none on the CPU)
+
+  double total() const {
+    return parameters + master_weights + gradients + optimizer_state + activations + workspace;
+  }
+  nlohmann::json to_json() const;
+  std::string to_text() const;  // one role a line, in MiB, for the terminal
+};
+
 class Gpt {
  public:
   Gpt(const ModelConfig& cfg, Backend& backend);
@@ -48,18 +65,16 @@ class Gpt {
 
   // Trainable parameters, counting the real vocabulary rows of the embedding only.
   int64_t num_params() const;
+  // The same count from a config alone, in double so that absurd configs cannot overflow.
+  static double param_count(const ModelConfig& cfg);
   // Training FLOPs per token as llm.c counts them: 6N for the matmuls (forward + backward) and
   // 6*L*C*T for attention scores and values.
-  double flops_per_token(int T) const;
+  static double flops_per_token(const ModelConfig& cfg, int T);
+  double flops_per_token(int T) const { return flops_per_token(cfg_, T); }
 
-  // Bytes a training run of this model needs in backend memory, predicted before anything is
-  // allocated: parameter, gradient and two AdamW moment slabs, plus the activation arena for
-  // micro-batches of (B, T).
-  struct MemoryEstimate {
-    double state_bytes;
-    double activation_bytes;
-  };
-  static MemoryEstimate estimate_memory(const ModelConfig& cfg, int B, int T);
+  // The backend memory a training run of this model needs, by role, predicted before anything
+  // is allocated (micro-batches of (B, T)).
+  static MemoryLedger plan_memory(const ModelConfig& cfg, int B, int T);
 
   size_t activation_bytes() const { return act_buf_.bytes(); }  // 0 before the first forward
 

@@ -55,21 +55,41 @@ double evaluate(Gpt& model, data::BatchLoader& loader, int batches, int B, int T
 
 // Refuses, naming the keys, a run whose predicted memory exceeds this machine's, before
 // allocating any of it (an allocation that large would fail midway or swap the machine to death).
-void check_memory(const Config& cfg) {
-  const auto est = Gpt::estimate_memory(cfg.model, cfg.training.micro_batch, cfg.training.seq_len);
-  const double total = est.state_bytes + est.activation_bytes;
+void check_memory(const MemoryLedger& plan) {
   const double machine = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
-  if (machine > 0 && total > machine) {
+  if (machine > 0 && plan.total() > machine) {
     char msg[512];
     std::snprintf(msg, sizeof msg,
-                  "this run needs about %.1f GiB (%.1f GiB of parameters, gradients and AdamW "
-                  "state; %.1f GiB of activations) but the machine has %.1f GiB; reduce "
-                  "model.n_layer, model.n_embd, model.vocab_size, model.max_seq_len, "
-                  "training.micro_batch or training.seq_len",
-                  total / (1 << 30), est.state_bytes / (1 << 30),
-                  est.activation_bytes / (1 << 30), machine / (1 << 30));
+                  "this run needs about %.1f GiB (%.1f GiB of activations) but the machine has "
+                  "%.1f GiB; reduce model.n_layer, model.n_embd, model.vocab_size, "
+                  "model.max_seq_len, training.micro_batch or training.seq_len",
+                  plan.total() / (1 << 30), plan.activations / (1 << 30), machine / (1 << 30));
     throw InputError(msg);
   }
+}
+
+void print_dry_run(const Config& cfg, const std::string& run_dir, const Backend& backend,
+                   const data::TokenDataset& train, const data::TokenDataset& val,
+                   const MemoryLedger& plan) {
+  const ModelConfig& m = cfg.model;
+  const int T = cfg.training.seq_len;
+  std::printf("config OK: %s\n", cfg.source_path.empty() ? "(built-in default)" : cfg.source_path.c_str());
+  std::printf("run directory   %s (not created: --dry-run)\n", run_dir.c_str());
+  std::printf("model           %d layers, %d heads, width %d, vocab %d (padded %d), context %d\n",
+              m.n_layer, m.n_head, m.n_embd, m.vocab_size, m.padded_vocab(), m.max_seq_len);
+  std::printf("parameters      %.0f; %.3g training FLOPs/token\n", Gpt::param_count(m),
+              Gpt::flops_per_token(m, T));
+  std::printf("batch           %d x %d tokens x %d accumulation = %lld tokens/step, %lld steps\n",
+              cfg.training.micro_batch, T, cfg.training.grad_accum,
+              static_cast<long long>(int64_t(cfg.training.micro_batch) * T * cfg.training.grad_accum),
+              static_cast<long long>(cfg.training.steps));
+  std::printf("train data      %s\n", train.describe().c_str());
+  std::printf("val data        %s\n", val.describe().c_str());
+  std::printf("backend         %s (%s)\n", backend.name().c_str(),
+              backend.device_description().c_str());
+  std::printf("precision       %s\n", cfg.precision.c_str());
+  std::printf("memory (predicted, %s):\n%s", backend.name().c_str(), plan.to_text().c_str());
+  std::fflush(stdout);
 }
 
 }  // namespace
@@ -87,14 +107,21 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
       data::TokenDataset::open(cfg.data.train, data::Split::train, cfg.model.vocab_size, min_tokens);
   data::TokenDataset val_data =
       data::TokenDataset::open(cfg.data.val, data::Split::val, cfg.model.vocab_size, min_tokens);
-  check_memory(cfg);
+  data::BatchLoader train_loader(train_data, B, T, cfg.training.seed, /*shuffle=*/true);
+  data::BatchLoader val_loader(val_data, B, T, cfg.training.seed, /*shuffle=*/false);
+  LrSchedule schedule(cfg.schedule, cfg.optimizer.lr, steps);
+  const MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T);
+  check_memory(memory);
   std::unique_ptr<Backend> backend = make_backend(cfg.backend, cfg.threads);
+  TrainResult result;
+  result.run_dir = plan.path;
+  if (opt.dry_run) {
+    print_dry_run(cfg, plan.path, *backend, train_data, val_data, memory);
+    return result;
+  }
   Gpt model(cfg.model, *backend);
   model.init_weights(cfg.model.init_seed, cfg.model.init_std);
   AdamW optimizer(cfg.optimizer, model, *backend);
-  LrSchedule schedule(cfg.schedule, cfg.optimizer.lr, steps);
-  data::BatchLoader train_loader(train_data, B, T, cfg.training.seed, /*shuffle=*/true);
-  data::BatchLoader val_loader(val_data, B, T, cfg.training.seed, /*shuffle=*/false);
 
   // ---- the run directory, then the start record
   const std::string run_dir = create_run_dir(plan, cfg);
@@ -111,6 +138,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
                  {"padded_vocab", model.padded_vocab()},
                  {"flops_per_token", model.flops_per_token(T)},
                  {"tokens_per_step", tokens_per_step},
+                 {"memory", memory.to_json()},
                  {"train_data", train_data.describe()},
                  {"val_data", val_data.describe()},
                  {"config", config_to_json(cfg)}});
@@ -128,7 +156,6 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     return val;
   };
 
-  TrainResult result;
   result.run_dir = run_dir;
   result.final_val_loss = run_eval(0);
 

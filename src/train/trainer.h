@@ -11,6 +11,7 @@ namespace mpt {
 
 struct TrainOptions {
   std::string run_dir;  // --run-dir: overrides output.dir / output.name
+  bool dry_run = false;  // validate everything and print the plan; create and train nothing
 };
 
 struct TrainResult {
