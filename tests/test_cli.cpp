@@ -386,3 +386,17 @@ TEST_F(Cli, DryRunPrintsThePlanAndCreatesNothing) {
   EXPECT_EQ(r.code, 2) << r.out;
   EXPECT_FALSE(fs::exists(path("run")));
 }
+
+// configs/gpt2-124m.yaml builds GPT-2 small: 124,439,808 parameters, as published.
+TEST_F(Cli, Gpt2SmallConfigHasGpt2ParameterCount) {
+  auto r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/gpt2-124m.yaml --dry-run" +
+               " --set data.train=builtin --set data.val=builtin --run-dir " + path("run"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("parameters      124439808"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("vocab 50257 (padded 50304)"), std::string::npos) << r.out;
+  // Without its FineWeb shards the config is refused, naming the missing pattern.
+  r = run("cd " + dir_.string() + " && " + mpt_bin() + " train " + MPT_SOURCE_DIR +
+          "/configs/gpt2-124m.yaml --dry-run");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("fineweb_train_*.bin"), std::string::npos) << r.out;
+}
