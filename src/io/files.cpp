@@ -36,7 +36,7 @@ std::string parent_dir(const std::string& path) {
 
 }  // namespace
 
-void write_file_atomic(const std::string& path, std::initializer_list<ByteSpan> chunks) {
+void write_file_atomic(const std::string& path, const std::vector<ByteSpan>& chunks) {
   const std::string tmp = path + ".tmp";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) throw RuntimeError(tmp + ": cannot create (" + std::strerror(errno) + ")");

@@ -1,0 +1,142 @@
+// Durable writes and the safetensors reader/writer.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "core/error.h"
+#include "io/files.h"
+#include "io/safetensors.h"
+#include "test_util.h"
+
+namespace fs = std::filesystem;
+using namespace mpt;
+
+namespace {
+
+class Io : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::path(::testing::TempDir()) /
+           (std::string("mpt_io_") + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  fs::path dir_;
+};
+
+std::string slurp(const std::string& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// A file assembled byte by byte from the format's description, independent of our writer.
+std::string by_hand(const std::string& header, const std::string& data) {
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>(uint64_t(header.size()) >> (8 * i));
+  return out + header + data;
+}
+
+std::string floats(std::initializer_list<float> v) {
+  std::string s(v.size() * 4, '\0');
+  std::memcpy(&s[0], v.begin(), s.size());
+  return s;
+}
+
+}  // namespace
+
+TEST_F(Io, AtomicWriteReplacesWholeFileAndLeavesNoTemporary) {
+  write_file_atomic(path("a.txt"), "first");
+  write_file_atomic(path("a.txt"), {ByteSpan{"sec", 3}, ByteSpan{"ond", 3}});
+  EXPECT_EQ(slurp(path("a.txt")), "second");
+  EXPECT_FALSE(fs::exists(path("a.txt.tmp")));
+  EXPECT_THROW(write_file_atomic(path("no/such/dir/b.txt"), "x"), RuntimeError);
+}
+
+TEST_F(Io, SafetensorsRoundTripWithFreshRandomTensors) {
+  Rng rng(test::fresh_seed());
+  std::vector<float> a(3 * 37), b(5);
+  std::vector<int32_t> c(2 * 3 * 4);
+  for (auto& v : a) v = static_cast<float>(rng.normal());
+  for (auto& v : b) v = static_cast<float>(rng.normal());
+  for (auto& v : c) v = static_cast<int32_t>(rng.next_u64());
+  safetensors::write(path("t.safetensors"),
+                     {{"layer.weight", DType::f32, {3, 37}, a.data()},
+                      {"layer.bias", DType::f32, {5}, b.data()},
+                      {"ids", DType::i32, {2, 3, 4}, c.data()}},
+                     {{"format", "pt"}, {"step", "12"}});
+  const auto f = safetensors::File::open(path("t.safetensors"));
+  EXPECT_EQ(f.metadata().at("step"), "12");
+  ASSERT_EQ(f.entries().size(), 3u);
+  EXPECT_EQ(f.entries()[0].name, "layer.weight");  // data order = write order
+  const auto& w = f.entry("layer.weight");
+  EXPECT_EQ(w.dtype, DType::f32);
+  EXPECT_EQ(w.shape, (Shape{3, 37}));
+  EXPECT_EQ(std::memcmp(f.data(w), a.data(), a.size() * 4), 0);
+  EXPECT_EQ(std::memcmp(f.data(f.entry("layer.bias")), b.data(), b.size() * 4), 0);
+  const auto& ids = f.entry("ids");
+  EXPECT_EQ(ids.dtype, DType::i32);
+  EXPECT_EQ(std::memcmp(f.data(ids), c.data(), c.size() * 4), 0);
+  // the header is padded so the data starts 8-byte aligned
+  const std::string raw = slurp(path("t.safetensors"));
+  uint64_t n = 0;
+  std::memcpy(&n, raw.data(), 8);
+  EXPECT_EQ((8 + n) % 8, 0u);
+  EXPECT_THROW(f.entry("missing"), InputError);
+}
+
+TEST_F(Io, SafetensorsReadsAFileWrittenByHand) {
+  std::ofstream(path("h.safetensors"), std::ios::binary)
+      << by_hand(R"({"x":{"dtype":"F32","shape":[2,1],"data_offsets":[4,12]},)"
+                 R"("y":{"dtype":"F32","shape":[],"data_offsets":[0,4]}})",
+                 floats({7.0f, 1.5f, -2.0f}));
+  const auto f = safetensors::File::open(path("h.safetensors"));
+  float x[2], y;
+  std::memcpy(x, f.data(f.entry("x")), 8);
+  std::memcpy(&y, f.data(f.entry("y")), 4);
+  EXPECT_EQ(y, 7.0f);
+  EXPECT_EQ(x[0], 1.5f);
+  EXPECT_EQ(x[1], -2.0f);
+  EXPECT_EQ(f.entry("y").shape.ndim, 0);
+}
+
+TEST_F(Io, CorruptSafetensorsAreReportedNamingFileAndTensor) {
+  const std::string ok_entry = R"("w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]})";
+  struct Case {
+    std::string name, bytes, expect;
+  };
+  const std::vector<Case> cases = {
+      {"too short", "abc", "shorter"},
+      {"header past end", by_hand("{}", "").substr(0, 8) + "{", "exceeds"},
+      {"not json", by_hand("{nope", ""), "not JSON"},
+      {"not an object", by_hand("[1,2]", ""), "not a JSON object"},
+      {"missing field", by_hand(R"({"w":{"dtype":"F32","shape":[2]}})", floats({1, 2})), "'w'"},
+      {"unknown dtype", by_hand(R"({"w":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}})",
+                                floats({1, 2})), "F64"},
+      {"negative dim", by_hand(R"({"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})",
+                               floats({1, 2})), "'w'"},
+      {"span mismatch", by_hand(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})",
+                                floats({1, 2})), "'w'"},
+      {"gap", by_hand(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                      floats({1, 2})), "'w'"},
+      {"truncated data", by_hand("{" + ok_entry + "}", floats({1})), "truncated"},
+      {"trailing bytes", by_hand("{" + ok_entry + "}", floats({1, 2, 3})), "trailing"},
+      {"bad metadata", by_hand(R"({"__metadata__":{"a":1}})", ""), "__metadata__"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    const std::string p = path("bad.safetensors");
+    std::ofstream(p, std::ios::binary) << c.bytes;
+    try {
+      safetensors::File::open(p);
+      ADD_FAILURE() << "no error";
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(p), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(c.expect), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_THROW(safetensors::File::open(path("absent.safetensors")), InputError);
+}
