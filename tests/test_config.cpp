@@ -415,7 +415,8 @@ TEST(Config, SchemaListsEveryKeyOnce) {
       "training.steps", "training.eval_every", "training.eval_batches", "training.log_every",
       "training.seed", "optimizer.lr", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
       "optimizer.weight_decay", "optimizer.grad_clip", "schedule.decay", "schedule.warmup_steps",
-      "schedule.min_lr", "precision", "backend", "threads", "output.dir", "output.name"};
+      "schedule.min_lr", "checkpoint.every", "checkpoint.keep_last", "checkpoint.keep_every",
+      "precision", "backend", "threads", "output.dir", "output.name"};
   std::vector<std::string> paths;
   for (const auto& k : mpt::config_schema()) {
     paths.push_back(k.path);

@@ -361,6 +361,15 @@ const std::vector<KeyDef>& key_table() {
     t.push_back(number("schedule.min_lr", MPT_FIELD(schedule.min_lr), at_least(0),
                        "learning rate at the end of the decay")
                     .with_note("<= optimizer.lr"));
+    // checkpoint
+    t.push_back(integer("checkpoint.every", MPT_FIELD(checkpoint.every), at_least(0),
+                        "steps between checkpoints; 0 = only at the end of the run and when "
+                        "stopped by a signal"));
+    t.push_back(integer("checkpoint.keep_last", MPT_FIELD(checkpoint.keep_last), at_least(1),
+                        "how many of the newest checkpoints to keep"));
+    t.push_back(integer("checkpoint.keep_every", MPT_FIELD(checkpoint.keep_every), at_least(0),
+                        "also keep, permanently, every checkpoint whose step is a multiple of "
+                        "this; 0 = none"));
     // top-level keys
     t.push_back(choice("precision", MPT_FIELD(precision),
                        {"fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8"}, {"fp32"},

@@ -59,6 +59,12 @@ struct ScheduleConfig {
   double min_lr = 1e-4;
 };
 
+struct CheckpointConfig {
+  int64_t every = 100;     // steps between checkpoints; 0 = only at the end (and on a signal)
+  int keep_last = 3;       // newest checkpoints kept
+  int64_t keep_every = 0;  // also keep every checkpoint whose step is a multiple of this; 0 = none
+};
+
 struct OutputConfig {
   std::string dir = "runs";
   std::string name;  // empty: "<config file stem>-<UTC timestamp>"
@@ -70,6 +76,7 @@ struct Config {
   TrainingConfig training;
   OptimizerConfig optimizer;
   ScheduleConfig schedule;
+  CheckpointConfig checkpoint;
   std::string precision = "fp32";
   std::string backend = "auto";  // cpu | cuda | auto
   int threads = 0;               // CPU threads; 0 = all available cores
