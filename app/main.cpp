@@ -11,18 +11,16 @@
 #include "core/error.h"
 #include "data/prepare.h"
 #include "data/shard.h"
+#include "io/checkpoint.h"
 #include "train/trainer.h"
 
 namespace {
 
 int run_train(const std::string& config_path, const std::vector<std::string>& sets,
-              const std::string& run_dir, bool dry_run) {
+              const mpt::TrainOptions& opt) {
   const mpt::Config cfg = mpt::load_config(config_path, sets);
-  mpt::TrainOptions opt;
-  opt.run_dir = run_dir;
-  opt.dry_run = dry_run;
-  mpt::train(cfg, opt);
-  return 0;
+  const mpt::TrainResult r = mpt::train(cfg, opt);
+  return static_cast<int>(r.stopped_by_signal ? mpt::ExitCode::stopped : mpt::ExitCode::ok);
 }
 
 int run_prepare(const std::vector<std::string>& inputs, const std::string& out, double val_fraction,
@@ -59,10 +57,21 @@ int main(int argc, char** argv) {
   train->add_option("--set", sets, "Override a config key: --set key.path=value (repeatable)")
       ->type_name("KEY=VALUE");
   train->add_option("--run-dir", run_dir, "Write the run here instead of output.dir/output.name");
-  bool dry_run = false;
-  train->add_flag("--dry-run", dry_run,
+  mpt::TrainOptions train_opt;
+  train->add_flag("--dry-run", train_opt.dry_run,
                   "Validate the config and data, print the model, data and predicted memory, "
                   "and exit without creating or training anything");
+  auto* resume = train->add_option(
+      "--resume", train_opt.resume_from,
+      "Continue from the run's latest checkpoint, or from the checkpoint directory given "
+      "(put it after the config file)");
+  resume->expected(0, 1)->type_name("[CHECKPOINT]");
+
+  std::string inspect_path;
+  auto* inspect_ckpt = app.add_subcommand(
+      "inspect", "Print what a checkpoint holds and verify every checksum");
+  inspect_ckpt->add_option("checkpoint", inspect_path, "A checkpoint directory (step_NNNNNNNN)")
+      ->required();
 
   auto* data = app.add_subcommand("data", "Prepare and inspect token shards");
   data->require_subcommand(1);
@@ -93,7 +102,15 @@ int main(int argc, char** argv) {
   }
 
   try {
-    if (*train) return run_train(config_path, sets, run_dir, dry_run);
+    if (*train) {
+      train_opt.run_dir = run_dir;
+      train_opt.resume = resume->count() > 0;
+      return run_train(config_path, sets, train_opt);
+    }
+    if (*inspect_ckpt) {
+      std::printf("%s", mpt::describe_checkpoint(inspect_path).c_str());
+      return 0;
+    }
     if (*prepare) return run_prepare(inputs, out_dir, val_fraction, shard_tokens);
     if (*inspect) return run_inspect(shards);
   } catch (const mpt::Error& e) {

@@ -36,14 +36,27 @@ std::string parent_dir(const std::string& path) {
 
 }  // namespace
 
-void write_file_atomic(const std::string& path, const std::vector<ByteSpan>& chunks) {
+void sync_directory(const std::string& dir) {
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    (void)::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+void write_file_atomic(const std::string& path, const std::vector<ByteSpan>& chunks,
+                       const WriteHook& hook) {
   const std::string tmp = path + ".tmp";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) throw RuntimeError(tmp + ": cannot create (" + std::strerror(errno) + ")");
   int err = 0;
   const char* what = "cannot write";
-  for (const ByteSpan& c : chunks)
+  size_t written = 0;
+  for (const ByteSpan& c : chunks) {
+    if (err == 0 && hook) err = hook(written, c.size);
     if (err == 0 && c.size > 0) err = write_all(fd, c.data, c.size);
+    written += c.size;
+  }
   if (err == 0 && ::fsync(fd) != 0) {
     err = errno;
     what = "cannot sync";
@@ -61,12 +74,7 @@ void write_file_atomic(const std::string& path, const std::vector<ByteSpan>& chu
     ::unlink(tmp.c_str());
     throw RuntimeError(path + ": cannot rename " + tmp + " into place (" + std::strerror(err) + ")");
   }
-  // Best effort: some file systems refuse to fsync directories.
-  const int dfd = ::open(parent_dir(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    (void)::fsync(dfd);
-    ::close(dfd);
-  }
+  sync_directory(parent_dir(path));
 }
 
 }  // namespace mpt

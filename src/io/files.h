@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstddef>
+#include <functional>
 #include <initializer_list>
 #include <string>
 #include <vector>
@@ -16,10 +17,20 @@ struct ByteSpan {
 // Writes the chunks, in order, to `path` through PATH.tmp: write, fsync, close, rename, then
 // fsync the directory so the rename itself survives a crash. Readers see either the old file or
 // the whole new one. RuntimeError naming the file on any failure; the temporary is removed.
-void write_file_atomic(const std::string& path, const std::vector<ByteSpan>& chunks);
+//
+// `hook`, for fault-injection tests only: called before each chunk with the bytes of this file
+// written so far and the chunk's size; it returns 0 to go on or an errno to fail the write with
+// (ENOSPC after N bytes), and may end the process (a crash in the middle of a file).
+using WriteHook = std::function<int(size_t written, size_t chunk_bytes)>;
+void write_file_atomic(const std::string& path, const std::vector<ByteSpan>& chunks,
+                       const WriteHook& hook = nullptr);
 inline void write_file_atomic(const std::string& path, std::initializer_list<ByteSpan> chunks) {
   write_file_atomic(path, std::vector<ByteSpan>(chunks));
 }
+
+// fsync a directory, so that renames and creations inside it survive a crash. Best effort: some
+// file systems refuse to fsync directories.
+void sync_directory(const std::string& dir);
 inline void write_file_atomic(const std::string& path, const std::string& content) {
   write_file_atomic(path, {ByteSpan{content.data(), content.size()}});
 }

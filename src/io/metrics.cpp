@@ -9,8 +9,8 @@
 
 namespace mpt {
 
-MetricsSink::MetricsSink(const std::string& path) : path_(path) {
-  f_ = std::fopen(path.c_str(), "w");
+MetricsSink::MetricsSink(const std::string& path, bool append) : path_(path) {
+  f_ = std::fopen(path.c_str(), append ? "a" : "w");
   if (!f_) throw RuntimeError(path + ": cannot open for writing: " + std::strerror(errno));
 }
 

@@ -11,7 +11,8 @@ namespace mpt {
 
 class MetricsSink {
  public:
-  explicit MetricsSink(const std::string& path);  // truncates; RuntimeError naming the file
+  // Truncates, or appends (a resumed run); RuntimeError naming the file.
+  explicit MetricsSink(const std::string& path, bool append = false);
   ~MetricsSink();
   MetricsSink(const MetricsSink&) = delete;
   MetricsSink& operator=(const MetricsSink&) = delete;

@@ -42,7 +42,7 @@ std::string format_name(DType t) {
 }
 
 void write(const std::string& path, const std::vector<TensorRef>& tensors,
-           const std::map<std::string, std::string>& metadata) {
+           const std::map<std::string, std::string>& metadata, const WriteHook& hook) {
   // ordered_json keeps the header in the order the tensors are laid out, which reads better.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
@@ -69,7 +69,7 @@ void write(const std::string& path, const std::vector<TensorRef>& tensors,
   for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(uint64_t(text.size()) >> (8 * i));
   chunks[0] = {len, sizeof len};
   chunks[1] = {text.data(), text.size()};
-  write_file_atomic(path, chunks);
+  write_file_atomic(path, chunks, hook);
 }
 
 File File::open(const std::string& path) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "io/files.h"
 
 namespace mpt::safetensors {
 
@@ -28,7 +29,8 @@ struct TensorRef {
 // padded with spaces to a multiple of 8 bytes so every tensor starts 8-byte aligned. Names must
 // be unique and not "__metadata__" (RuntimeError otherwise: a caller bug).
 void write(const std::string& path, const std::vector<TensorRef>& tensors,
-           const std::map<std::string, std::string>& metadata = {});
+           const std::map<std::string, std::string>& metadata = {},
+           const WriteHook& hook = nullptr);
 
 // A read-only, validated safetensors file held in memory.
 class File {

@@ -19,6 +19,16 @@ float AdamW::clip_scale(double norm) const {
   return static_cast<float>(cfg_.grad_clip / norm);
 }
 
+Tensor AdamW::exp_avg(size_t i) const {
+  const ParamInfo& info = model_.params()[i];
+  return m_buf_.view(info.offset * sizeof(float), DType::f32, info.shape);
+}
+
+Tensor AdamW::exp_avg_sq(size_t i) const {
+  const ParamInfo& info = model_.params()[i];
+  return v_buf_.view(info.offset * sizeof(float), DType::f32, info.shape);
+}
+
 void AdamW::step(double lr, float grad_scale) {
   ++t_;
   for (size_t i = 0; i < model_.params().size(); ++i) {
@@ -30,9 +40,7 @@ void AdamW::step(double lr, float grad_scale) {
                   info.decay ? static_cast<float>(cfg_.weight_decay) : 0.0f,
                   t_,
                   grad_scale};
-    const size_t off = info.offset * sizeof(float);
-    be_.adamw_update(model_.param(i), model_.grad(i), m_buf_.view(off, DType::f32, info.shape),
-                     v_buf_.view(off, DType::f32, info.shape), p);
+    be_.adamw_update(model_.param(i), model_.grad(i), exp_avg(i), exp_avg_sq(i), p);
   }
 }
 

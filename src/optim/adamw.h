@@ -22,6 +22,10 @@ class AdamW {
   float clip_scale(double norm) const;
 
   int64_t steps_taken() const { return t_; }
+  void set_steps_taken(int64_t t) { t_ = t; }  // when resuming from a checkpoint
+  // The first and second moments of parameter i (same shape as the parameter).
+  Tensor exp_avg(size_t i) const;
+  Tensor exp_avg_sq(size_t i) const;
 
  private:
   OptimizerConfig cfg_;

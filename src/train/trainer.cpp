@@ -5,20 +5,30 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cmath>
 #include <filesystem>
+#include <map>
+#include <optional>
+#include <set>
 #include <vector>
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "core/text.h"
 #include "data/dataset.h"
 #include "data/loader.h"
+#include "io/checkpoint.h"
+#include "io/files.h"
 #include "io/metrics.h"
 #include "io/run_dir.h"
 #include "model/gpt.h"
 #include "optim/adamw.h"
 #include "optim/schedule.h"
+#include "train/signals.h"
+
+namespace fs = std::filesystem;
 
 namespace mpt {
 namespace {
@@ -92,6 +102,115 @@ void print_dry_run(const Config& cfg, const std::string& run_dir, const Backend&
   std::fflush(stdout);
 }
 
+// Keys a resumed run may change; every other key must equal the checkpoint's
+// (docs/checkpoints.md says why each of these is safe).
+const std::set<std::string>& resume_safe_keys() {
+  static const std::set<std::string> keys = {
+      "training.steps",   "training.log_every",    "training.eval_every",
+      "training.eval_batches", "checkpoint.every", "checkpoint.keep_last",
+      "checkpoint.keep_every", "output.dir",       "output.name",
+      "threads",          "backend"};
+  return keys;
+}
+
+void flatten(const nlohmann::json& j, const std::string& prefix,
+             std::map<std::string, nlohmann::json>& out) {
+  if (j.is_object()) {
+    for (auto it = j.begin(); it != j.end(); ++it)
+      flatten(it.value(), prefix.empty() ? it.key() : prefix + "." + it.key(), out);
+  } else {
+    out[prefix] = j;
+  }
+}
+
+void check_resume_compatible(const nlohmann::json& saved, const nlohmann::json& now,
+                             const std::string& ckpt_dir) {
+  std::map<std::string, nlohmann::json> a, b;
+  flatten(saved, "", a);
+  flatten(now, "", b);
+  for (const auto& [k, v] : a) b.emplace(k, nullptr);  // keys only one side has differ too
+  for (const auto& [k, v] : b) a.emplace(k, nullptr);
+  std::string diffs;
+  for (const auto& [key, was] : a)
+    if (was != b[key] && !resume_safe_keys().count(key))
+      diffs += "\n  " + key + ": checkpoint has " + was.dump() + ", config has " + b[key].dump();
+  if (!diffs.empty())
+    throw InputError("cannot resume from " + ckpt_dir +
+                     ": the config changes keys that must stay as they were:" + diffs +
+                     "\n(keys that may change on resume: " +
+                     join({resume_safe_keys().begin(), resume_safe_keys().end()}, ", ") + ")");
+}
+
+// Where a resumed run continues, and from which checkpoint.
+struct ResumePoint {
+  std::string run_dir;
+  Checkpoint ckpt;
+};
+
+ResumePoint locate_resume(const Config& cfg, const TrainOptions& opt) {
+  if (!opt.resume_from.empty()) {
+    Checkpoint c = load_checkpoint(opt.resume_from);
+    fs::path p = fs::path(opt.resume_from).lexically_normal();
+    if (p.filename().empty()) p = p.parent_path();
+    // .../RUN/checkpoints/step_N continues in RUN unless --run-dir says otherwise.
+    const std::string run_dir = opt.run_dir.empty() ? p.parent_path().parent_path().string()
+                                                    : opt.run_dir;
+    return {run_dir.empty() ? "." : run_dir, std::move(c)};
+  }
+  std::string run_dir = opt.run_dir;
+  if (run_dir.empty()) {
+    if (cfg.output.name.empty())
+      throw InputError("--resume needs to know the run: give --run-dir, output.name, or the "
+                       "checkpoint's path (--resume runs/NAME/checkpoints/step_NNNNNNNN)");
+    run_dir = (fs::path(cfg.output.dir) / cfg.output.name).string();
+  }
+  return {run_dir, CheckpointManager::load_latest(run_dir)};
+}
+
+// Copies one named tensor of a checkpoint into a backend tensor, checking dtype and shape.
+void restore_tensor(Backend& be, Tensor dst, const safetensors::File& file,
+                    const std::string& name) {
+  const auto& e = file.entry(name);
+  if (e.dtype != dst.dtype || e.shape != dst.shape)
+    throw InputError(file.path() + ": tensor '" + name + "' is " +
+                     safetensors::format_name(e.dtype) + e.shape.str() + ", the model needs " +
+                     safetensors::format_name(dst.dtype) + dst.shape.str());
+  be.copy_from_host(dst, file.data(e));
+}
+
+std::string exp_avg_name(const std::string& p) { return p + ".exp_avg"; }
+std::string exp_avg_sq_name(const std::string& p) { return p + ".exp_avg_sq"; }
+
+void restore(Backend& be, Gpt& model, AdamW& optimizer, const Checkpoint& c) {
+  for (size_t i = 0; i < model.params().size(); ++i) {
+    const std::string& name = model.params()[i].name;
+    restore_tensor(be, model.param(i), c.model, name);
+    restore_tensor(be, optimizer.exp_avg(i), c.optimizer, exp_avg_name(name));
+    restore_tensor(be, optimizer.exp_avg_sq(i), c.optimizer, exp_avg_sq_name(name));
+  }
+  optimizer.set_steps_taken(c.state.optimizer_step);
+}
+
+std::string save_checkpoint(CheckpointManager& ckpts, Backend& be, Gpt& model,
+                            const AdamW& optimizer, const CheckpointState& state) {
+  // Host copies: the backend's memory may be a GPU's.
+  std::vector<std::vector<char>> host;
+  host.reserve(3 * model.params().size());
+  auto ref = [&](const std::string& name, Tensor t) {
+    host.emplace_back(t.bytes());
+    be.copy_to_host(host.back().data(), t);
+    return safetensors::TensorRef{name, t.dtype, t.shape, host.back().data()};
+  };
+  std::vector<safetensors::TensorRef> weights, moments;
+  for (size_t i = 0; i < model.params().size(); ++i) {
+    const std::string& name = model.params()[i].name;
+    weights.push_back(ref(name, model.param(i)));
+    moments.push_back(ref(exp_avg_name(name), optimizer.exp_avg(i)));
+    moments.push_back(ref(exp_avg_sq_name(name), optimizer.exp_avg_sq(i)));
+  }
+  return ckpts.save(state, weights, moments);
+}
+
 }  // namespace
 
 TrainResult train(const Config& cfg, const TrainOptions& opt) {
@@ -99,9 +218,22 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   const int accum = cfg.training.grad_accum;
   const int64_t steps = cfg.training.steps;
   const int64_t tokens_per_step = static_cast<int64_t>(B) * T * accum;
+  const FaultPlan faults = FaultPlan::from_env();
 
-  // ---- validate and build everything before the run directory exists
-  const RunDirPlan plan = plan_run_dir(cfg, opt.run_dir);
+  // ---- validate and build everything before anything is written
+  std::optional<ResumePoint> resume;
+  RunDirPlan plan;
+  if (opt.resume) {
+    resume = locate_resume(cfg, opt);
+    check_resume_compatible(resume->ckpt.state.config, config_to_json(cfg), resume->ckpt.dir);
+    if (resume->ckpt.state.step >= steps)
+      throw InputError("nothing to resume: " + resume->ckpt.dir + " is at step " +
+                       std::to_string(resume->ckpt.state.step) + " and training.steps is " +
+                       std::to_string(steps) + " (raise training.steps to train further)");
+    plan.path = resume->run_dir;
+  } else {
+    plan = plan_run_dir(cfg, opt.run_dir);
+  }
   const int64_t min_tokens = static_cast<int64_t>(B) * T + 1;  // one micro-batch of windows
   data::TokenDataset train_data =
       data::TokenDataset::open(cfg.data.train, data::Split::train, cfg.model.vocab_size, min_tokens);
@@ -122,27 +254,49 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   Gpt model(cfg.model, *backend);
   model.init_weights(cfg.model.init_seed, cfg.model.init_std);
   AdamW optimizer(cfg.optimizer, model, *backend);
+  int64_t start_step = 0;
+  if (resume) {
+    restore(*backend, model, optimizer, resume->ckpt);
+    train_loader.seek({resume->ckpt.state.data_epoch, resume->ckpt.state.data_sample});
+    start_step = resume->ckpt.state.step;
+  }
 
   // ---- the run directory, then the start record
-  const std::string run_dir = create_run_dir(plan, cfg);
-  MetricsSink metrics((std::filesystem::path(run_dir) / "metrics.jsonl").string());
-  metrics.write({{"event", "start"},
-                 {"time", utc_timestamp()},
-                 {"version", MPT_VERSION},
-                 {"run_dir", run_dir},
-                 {"backend", backend->name()},
-                 {"device", backend->device_description()},
-                 {"threads", backend->threads()},
-                 {"precision", cfg.precision},
-                 {"n_params", model.num_params()},
-                 {"padded_vocab", model.padded_vocab()},
-                 {"flops_per_token", model.flops_per_token(T)},
-                 {"tokens_per_step", tokens_per_step},
-                 {"memory", memory.to_json()},
-                 {"train_data", train_data.describe()},
-                 {"val_data", val_data.describe()},
-                 {"config", config_to_json(cfg)}});
+  std::string run_dir;
+  if (resume) {
+    run_dir = resume->run_dir;
+    std::error_code ec;
+    fs::create_directories(run_dir, ec);
+    if (ec) throw RuntimeError(run_dir + ": cannot create run directory: " + ec.message());
+    write_file_atomic((fs::path(run_dir) / "config.yaml").string(), config_to_yaml(cfg));
+  } else {
+    run_dir = create_run_dir(plan, cfg);
+  }
+  result.run_dir = run_dir;
+  MetricsSink metrics((fs::path(run_dir) / "metrics.jsonl").string(), /*append=*/resume.has_value());
+  nlohmann::json start = {{"event", "start"},
+                          {"time", utc_timestamp()},
+                          {"version", MPT_VERSION},
+                          {"run_dir", run_dir},
+                          {"backend", backend->name()},
+                          {"device", backend->device_description()},
+                          {"threads", backend->threads()},
+                          {"precision", cfg.precision},
+                          {"n_params", model.num_params()},
+                          {"padded_vocab", model.padded_vocab()},
+                          {"flops_per_token", model.flops_per_token(T)},
+                          {"tokens_per_step", tokens_per_step},
+                          {"memory", memory.to_json()},
+                          {"train_data", train_data.describe()},
+                          {"val_data", val_data.describe()},
+                          {"config", config_to_json(cfg)}};
+  if (resume) {
+    start["resumed_from"] = resume->ckpt.dir;
+    start["resume_step"] = start_step;
+  }
+  metrics.write(start);
   spdlog::info("run directory {}", run_dir);
+  if (resume) spdlog::info("resumed from {} at step {}", resume->ckpt.dir, start_step);
   spdlog::info("model: {} layers, {} heads, width {}, {} parameters; backend {} ({})",
                cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, model.num_params(),
                backend->name(), backend->device_description());
@@ -155,63 +309,102 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     spdlog::info("eval  step {:>6} | val_loss {:.4f}", step, val);
     return val;
   };
+  CheckpointManager checkpoints(run_dir, cfg.checkpoint, faults);
+  auto checkpoint = [&](int64_t step) {
+    CheckpointState st;
+    st.step = step;
+    st.tokens = step * tokens_per_step;
+    st.optimizer_step = optimizer.steps_taken();
+    const data::LoaderCursor cur = train_loader.cursor();
+    st.data_epoch = cur.epoch;
+    st.data_sample = cur.sample;
+    st.config = config_to_json(cfg);
+    const std::string dir = save_checkpoint(checkpoints, *backend, model, optimizer, st);
+    metrics.write({{"event", "checkpoint"}, {"step", step}, {"path", dir}});
+    spdlog::info("checkpoint {}", dir);
+    return dir;
+  };
 
-  result.run_dir = run_dir;
-  result.final_val_loss = run_eval(0);
+  if (!resume) result.final_val_loss = run_eval(0);
 
   std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
   const float dloss = 1.0f / static_cast<float>(static_cast<int64_t>(B) * T * accum);
   const auto t_start = Clock::now();
-  // Step timings exclude evaluation and logging: they measure training alone.
+  // Step timings exclude evaluation, logging and checkpoints: they measure training alone.
   double interval_s = 0.0;
   int64_t interval_steps = 0;
   double last_loss = 0.0;
+  StopSignals signals;
+  std::string last_checkpoint = resume ? resume->ckpt.dir : "";
 
-  for (int64_t step = 1; step <= steps; ++step) {
-    const auto t_step = Clock::now();
-    const double lr = schedule.at(step - 1);
-    model.zero_grad();
-    double loss = 0.0;
-    for (int micro = 0; micro < accum; ++micro) {
-      train_loader.next(inputs.data(), targets.data());
-      loss += model.forward(inputs.data(), targets.data(), B, T, dloss);
-      model.backward();
-    }
-    loss /= accum;
-    const double norm = optimizer.grad_norm();
-    if (!std::isfinite(loss) || !std::isfinite(norm)) {
-      metrics.write({{"event", "end"}, {"time", utc_timestamp()}, {"status", "failed"},
-                     {"step", step}, {"reason", "non-finite loss or gradient"}});
-      throw RuntimeError("training diverged at step " + std::to_string(step) + ": loss " +
-                         std::to_string(loss) + ", gradient norm " + std::to_string(norm) +
-                         " (lower optimizer.lr or raise schedule.warmup_steps)");
-    }
-    optimizer.step(lr, optimizer.clip_scale(norm));
-    last_loss = loss;
-    interval_s += seconds_since(t_step);
-    ++interval_steps;
+  try {
+    for (int64_t step = start_step + 1; step <= steps; ++step) {
+      const auto t_step = Clock::now();
+      const double lr = schedule.at(step - 1);
+      model.zero_grad();
+      double loss = 0.0;
+      for (int micro = 0; micro < accum; ++micro) {
+        train_loader.next(inputs.data(), targets.data());
+        loss += model.forward(inputs.data(), targets.data(), B, T, dloss);
+        model.backward();
+      }
+      loss /= accum;
+      const double norm = optimizer.grad_norm();
+      if (!std::isfinite(loss) || !std::isfinite(norm))
+        throw RuntimeError("training diverged at step " + std::to_string(step) + ": loss " +
+                           std::to_string(loss) + ", gradient norm " + std::to_string(norm) +
+                           " (lower optimizer.lr or raise schedule.warmup_steps)");
+      optimizer.step(lr, optimizer.clip_scale(norm));
+      last_loss = loss;
+      interval_s += seconds_since(t_step);
+      ++interval_steps;
 
-    if (step == 1 || step % cfg.training.log_every == 0 || step == steps) {
-      const double step_ms = 1000.0 * interval_s / interval_steps;
-      const double tok_s = static_cast<double>(tokens_per_step * interval_steps) / interval_s;
-      const double eta = (steps - step) * step_ms / 1000.0;
-      metrics.write({{"step", step},
-                     {"tokens", step * tokens_per_step},
-                     {"loss", loss},
-                     {"lr", lr},
-                     {"grad_norm", norm},
-                     {"step_ms", step_ms},
-                     {"tokens_per_s", tok_s},
-                     {"elapsed_s", seconds_since(t_start)}});
-      spdlog::info("step {:>6}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f} | {:.0f} tok/s | ETA {}",
-                   step, steps, loss, lr, norm, tok_s, format_duration(eta));
-      interval_s = 0.0;
-      interval_steps = 0;
+      if (step == 1 || step % cfg.training.log_every == 0 || step == steps) {
+        const double step_ms = 1000.0 * interval_s / interval_steps;
+        const double tok_s = static_cast<double>(tokens_per_step * interval_steps) / interval_s;
+        const double eta = (steps - step) * step_ms / 1000.0;
+        metrics.write({{"step", step},
+                       {"tokens", step * tokens_per_step},
+                       {"loss", loss},
+                       {"lr", lr},
+                       {"grad_norm", norm},
+                       {"step_ms", step_ms},
+                       {"tokens_per_s", tok_s},
+                       {"elapsed_s", seconds_since(t_start)}});
+        spdlog::info("step {:>6}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f} | {:.0f} tok/s | ETA {}",
+                     step, steps, loss, lr, norm, tok_s, format_duration(eta));
+        interval_s = 0.0;
+        interval_steps = 0;
+      }
+      const bool eval_due = cfg.training.eval_every > 0 && step % cfg.training.eval_every == 0;
+      if (eval_due || step == steps) result.final_val_loss = run_eval(step);
+
+      const int sig = faults.preempt_at_step == step ? SIGTERM : signals.requested();
+      const bool save_due =
+          (cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0) || step == steps;
+      if (save_due || sig != 0) last_checkpoint = checkpoint(step);
+      if (sig != 0) {
+        metrics.write({{"event", "end"},
+                       {"time", utc_timestamp()},
+                       {"status", "stopped"},
+                       {"signal", sig},
+                       {"step", step},
+                       {"tokens", step * tokens_per_step},
+                       {"checkpoint", last_checkpoint}});
+        spdlog::warn("stopped by signal {} after step {}; continue with --resume", sig, step);
+        result.steps = step;
+        result.final_loss = last_loss;
+        result.stopped_by_signal = sig;
+        return result;
+      }
     }
-    const bool eval_due = cfg.training.eval_every > 0 && step % cfg.training.eval_every == 0;
-    if (eval_due || step == steps) {
-      result.final_val_loss = run_eval(step);
-    }
+  } catch (const std::exception& e) {
+    metrics.write({{"event", "end"},
+                   {"time", utc_timestamp()},
+                   {"status", "failed"},
+                   {"reason", e.what()},
+                   {"checkpoint", last_checkpoint}});
+    throw;
   }
 
   result.steps = steps;
@@ -223,6 +416,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
                  {"tokens", steps * tokens_per_step},
                  {"loss", last_loss},
                  {"val_loss", result.final_val_loss},
+                 {"checkpoint", last_checkpoint},
                  {"elapsed_s", seconds_since(t_start)}});
   spdlog::info("done: {} steps, final loss {:.4f}, val_loss {:.4f}, {:.1f} s", steps, last_loss,
                result.final_val_loss, seconds_since(t_start));

@@ -12,6 +12,8 @@ namespace mpt {
 struct TrainOptions {
   std::string run_dir;  // --run-dir: overrides output.dir / output.name
   bool dry_run = false;  // validate everything and print the plan; create and train nothing
+  bool resume = false;   // --resume: continue from a checkpoint
+  std::string resume_from;  // --resume PATH: that checkpoint; empty: the run's latest
 };
 
 struct TrainResult {
@@ -19,6 +21,7 @@ struct TrainResult {
   int64_t steps = 0;
   double final_loss = 0.0;
   double final_val_loss = 0.0;
+  int stopped_by_signal = 0;  // the signal that stopped the run after a checkpoint, or 0
 };
 
 // Runs the whole training described by `cfg`. Throws InputError (bad data, unavailable backend,

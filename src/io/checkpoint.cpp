@@ -1,0 +1,327 @@
+#include "io/checkpoint.h"
+
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "core/error.h"
+#include "io/files.h"
+
+namespace fs = std::filesystem;
+
+namespace mpt {
+namespace {
+
+constexpr int kFormatVersion = 1;
+constexpr const char* kModelFile = "model.safetensors";
+constexpr const char* kOptimizerFile = "optimizer.safetensors";
+constexpr const char* kStateFile = "state.json";
+constexpr const char* kLatest = "latest";
+constexpr const char* kTmpPrefix = ".tmp-";
+
+std::string step_name(int64_t step) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "step_%08lld", static_cast<long long>(step));
+  return buf;
+}
+
+bool parse_step_name(const std::string& name, int64_t* step) {
+  if (name.size() < 6 || name.compare(0, 5, "step_") != 0) return false;
+  int64_t v = 0;
+  for (size_t i = 5; i < name.size(); ++i) {
+    if (name[i] < '0' || name[i] > '9' || v > (INT64_MAX - 9) / 10) return false;
+    v = v * 10 + (name[i] - '0');
+  }
+  *step = v;
+  return true;
+}
+
+std::string hex64(uint64_t h) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
+// XXH3-64 (xxHash, https://github.com/Cyan4973/xxHash) of a file, streamed; also its size.
+std::string hash_file(const std::string& path, uint64_t* bytes) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw InputError(path + ": missing or unreadable (" + std::strerror(errno) + ")");
+  XXH3_state_t* st = XXH3_createState();
+  MPT_CHECK(st != nullptr, "XXH3_createState");
+  XXH3_64bits_reset(st);
+  std::vector<char> buf(1 << 20);
+  *bytes = 0;
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    const std::streamsize n = in.gcount();
+    if (n > 0) {
+      XXH3_64bits_update(st, buf.data(), static_cast<size_t>(n));
+      *bytes += static_cast<uint64_t>(n);
+    }
+  }
+  const uint64_t h = XXH3_64bits_digest(st);
+  XXH3_freeState(st);
+  if (in.bad()) throw InputError(path + ": read error");
+  return hex64(h);
+}
+
+// state.json cannot hold its own checksum, so it holds the checksum of its content without that
+// field; nlohmann::json dumps the same object to the same text every time (sorted keys).
+std::string content_checksum(nlohmann::json j) {
+  j.erase("state_checksum");
+  const std::string text = j.dump();
+  return hex64(XXH3_64bits(text.data(), text.size()));
+}
+
+std::vector<std::pair<int64_t, fs::path>> committed_steps(const fs::path& dir) {
+  std::vector<std::pair<int64_t, fs::path>> out;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    int64_t step;
+    if (e.is_directory(ec) && parse_step_name(e.path().filename().string(), &step))
+      out.emplace_back(step, e.path());
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  return out;
+}
+
+// The newest checkpoint below `below_step` that verifies, for error messages; "" if none.
+std::string newest_verified(const fs::path& dir, int64_t below_step) {
+  for (const auto& [step, path] : committed_steps(dir)) {
+    if (step >= below_step) continue;
+    try {
+      load_checkpoint(path.string());
+      return path.string();
+    } catch (const InputError&) {
+    }
+  }
+  return "";
+}
+
+std::string fallback_hint(const fs::path& dir, int64_t below_step) {
+  const std::string ok = newest_verified(dir, below_step);
+  return ok.empty() ? "; no earlier checkpoint of this run verifies"
+                    : "; the newest earlier checkpoint that verifies is " + ok +
+                          " (continue from it with --resume " + ok + ")";
+}
+
+}  // namespace
+
+FaultPlan FaultPlan::from_env() {
+  FaultPlan f;
+  const char* env = std::getenv("MPT_FAULT");
+  if (!env || !*env) return f;
+  std::stringstream items(env);
+  std::string item;
+  while (std::getline(items, item, ',')) {
+    const size_t eq = item.find('=');
+    const std::string key = item.substr(0, eq), value = eq == std::string::npos ? "" : item.substr(eq + 1);
+    char* end = nullptr;
+    if (key == "crash" && (value == "in_file" || value == "before_rename" || value == "in_latest" ||
+                           value == "in_delete")) {
+      f.crash_point = value;
+    } else if (key == "enospc_after" && !value.empty() &&
+               (f.enospc_after = std::strtoll(value.c_str(), &end, 10), *end == '\0')) {
+    } else if (key == "preempt_at_step" && !value.empty() &&
+               (f.preempt_at_step = std::strtoll(value.c_str(), &end, 10), *end == '\0')) {
+    } else {
+      throw InputError("MPT_FAULT: cannot use '" + item +
+                       "' (expected crash=in_file|before_rename|in_latest|in_delete, "
+                       "enospc_after=BYTES, preempt_at_step=N)");
+    }
+  }
+  return f;
+}
+
+void FaultPlan::crash_if(const char* point) const {
+  if (crash_point != point) return;
+  std::fprintf(stderr, "mpt: fault injection: crashing at %s\n", point);
+  std::fflush(stderr);
+  std::_Exit(86);  // no destructors, no flushing: as abrupt as a kill
+}
+
+Checkpoint load_checkpoint(const std::string& dir) {
+  const std::string state_path = (fs::path(dir) / kStateFile).string();
+  std::ifstream in(state_path);
+  if (!in) throw InputError(state_path + ": missing or unreadable");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(state_path + ": not valid JSON (truncated or corrupted): " + e.what());
+  }
+  if (!j.is_object() || !j.contains("state_checksum") || !j["state_checksum"].is_string() ||
+      j["state_checksum"].get<std::string>() != content_checksum(j))
+    throw InputError(state_path + ": checksum mismatch (the file was modified or corrupted)");
+  try {
+    if (j.at("format_version").get<int>() != kFormatVersion)
+      throw InputError(state_path + ": checkpoint format version " +
+                       j.at("format_version").dump() + ", this mpt reads " +
+                       std::to_string(kFormatVersion));
+    for (const char* name : {kModelFile, kOptimizerFile}) {
+      const auto& want = j.at("files").at(name);
+      const std::string path = (fs::path(dir) / name).string();
+      uint64_t bytes = 0;
+      const std::string hash = hash_file(path, &bytes);
+      if (bytes != want.at("bytes").get<uint64_t>())
+        throw InputError(path + ": " + std::to_string(bytes) + " bytes, but state.json records " +
+                         want.at("bytes").dump() + " (truncated or replaced)");
+      if (hash != want.at("xxh3_64").get<std::string>())
+        throw InputError(path + ": checksum mismatch (corrupted)");
+    }
+    CheckpointState st;
+    st.step = j.at("step").get<int64_t>();
+    st.tokens = j.at("tokens").get<int64_t>();
+    st.optimizer_step = j.at("optimizer_step").get<int64_t>();
+    st.data_epoch = j.at("data").at("epoch").get<uint64_t>();
+    st.data_sample = j.at("data").at("sample").get<uint64_t>();
+    st.config = j.at("config");
+    return Checkpoint{dir, std::move(st), j,
+                      safetensors::File::open((fs::path(dir) / kModelFile).string()),
+                      safetensors::File::open((fs::path(dir) / kOptimizerFile).string())};
+  } catch (const nlohmann::json::exception& e) {
+    throw InputError(state_path + ": missing or malformed field (" + e.what() + ")");
+  }
+}
+
+std::string describe_checkpoint(const std::string& dir) {
+  const Checkpoint c = load_checkpoint(dir);
+  std::ostringstream o;
+  o << "checkpoint  " << dir << "\n";
+  o << "step        " << c.state.step << " (" << c.state.tokens << " tokens, optimizer step "
+    << c.state.optimizer_step << ")\n";
+  o << "data        train cursor: epoch " << c.state.data_epoch << ", sample "
+    << c.state.data_sample << "\n";
+  o << "written by  mpt " << c.state_json.value("mpt_version", "?") << ", precision "
+    << c.state_json.value("precision", "?") << ", world size "
+    << c.state_json.value("world_size", 1) << "\n";
+  o << "files       (all checksums verified)\n";
+  for (const char* name : {kModelFile, kOptimizerFile}) {
+    const auto& f = c.state_json["files"][name];
+    o << "  " << name << "  " << f["bytes"].get<uint64_t>() << " bytes  xxh3_64 "
+      << f["xxh3_64"].get<std::string>() << "\n";
+  }
+  for (const auto* file : {&c.model, &c.optimizer}) {
+    o << "tensors in " << fs::path(file->path()).filename().string() << " ("
+      << file->entries().size() << "):\n";
+    for (const auto& e : file->entries())
+      o << "  " << e.name << "  " << safetensors::format_name(e.dtype) << e.shape.str() << "\n";
+  }
+  return o.str();
+}
+
+CheckpointManager::CheckpointManager(const std::string& run_dir, const CheckpointConfig& cfg,
+                                     FaultPlan faults)
+    : dir_((fs::path(run_dir) / "checkpoints").string()), cfg_(cfg), faults_(std::move(faults)) {}
+
+std::string CheckpointManager::save(const CheckpointState& state,
+                                    const std::vector<safetensors::TensorRef>& model,
+                                    const std::vector<safetensors::TensorRef>& optimizer) {
+  std::error_code ec;
+  fs::create_directories(dir_, ec);
+  if (ec) throw RuntimeError(dir_ + ": cannot create: " + ec.message());
+  // Leftovers of a save that crashed are never read; clear them now.
+  for (const auto& e : fs::directory_iterator(dir_, ec))
+    if (e.path().filename().string().rfind(kTmpPrefix, 0) == 0) fs::remove_all(e.path(), ec);
+
+  const std::string name = step_name(state.step);
+  const fs::path tmp = fs::path(dir_) / (kTmpPrefix + name), final_dir = fs::path(dir_) / name;
+  auto hook = [this](size_t written, size_t chunk) -> int {
+    if (faults_.crash_point == "in_file" && written > 0) faults_.crash_if("in_file");
+    if (faults_.enospc_after >= 0 && bytes_written_ + int64_t(chunk) > faults_.enospc_after)
+      return ENOSPC;
+    bytes_written_ += int64_t(chunk);
+    return 0;
+  };
+  try {
+    fs::create_directories(tmp);
+    const std::map<std::string, std::string> meta = {{"format", "mpt"},
+                                                     {"step", std::to_string(state.step)}};
+    safetensors::write((tmp / kModelFile).string(), model, meta, hook);
+    safetensors::write((tmp / kOptimizerFile).string(), optimizer, meta, hook);
+    nlohmann::json j = {{"format", "mpt-checkpoint"},
+                        {"format_version", kFormatVersion},
+                        {"mpt_version", MPT_VERSION},
+                        {"step", state.step},
+                        {"tokens", state.tokens},
+                        {"optimizer_step", state.optimizer_step},
+                        {"schedule_step", state.step},
+                        {"data", {{"epoch", state.data_epoch}, {"sample", state.data_sample}}},
+                        {"precision", state.config.value("precision", "fp32")},
+                        {"world_size", 1},
+                        {"config", state.config}};
+    for (const char* f : {kModelFile, kOptimizerFile}) {
+      uint64_t bytes = 0;
+      const std::string hash = hash_file((tmp / f).string(), &bytes);
+      j["files"][f] = {{"bytes", bytes}, {"xxh3_64", hash}};
+    }
+    j["state_checksum"] = content_checksum(j);
+    const std::string text = j.dump(2) + "\n";
+    write_file_atomic((tmp / kStateFile).string(), {ByteSpan{text.data(), text.size()}}, hook);
+    sync_directory(tmp.string());
+    faults_.crash_if("before_rename");
+    // The same step can be saved again when a run is resumed from an older checkpoint after a
+    // crash that left this one committed but not `latest`: the new one replaces it.
+    fs::remove_all(final_dir);
+    fs::rename(tmp, final_dir);
+    sync_directory(dir_);
+  } catch (const std::exception& e) {
+    fs::remove_all(tmp, ec);
+    throw RuntimeError("checkpoint at step " + std::to_string(state.step) + " not saved: " +
+                       e.what());
+  }
+  // `latest` moves last; written in two pieces so that a crash can land between them.
+  const std::string head = "step_", tail = name.substr(5) + "\n";
+  write_file_atomic((fs::path(dir_) / kLatest).string(),
+                    {ByteSpan{head.data(), head.size()}, ByteSpan{tail.data(), tail.size()}},
+                    [this](size_t written, size_t) {
+                      if (written > 0) faults_.crash_if("in_latest");
+                      return 0;
+                    });
+  apply_retention(state.step);
+  return final_dir.string();
+}
+
+void CheckpointManager::apply_retention(int64_t newest_step) {
+  const auto steps = committed_steps(dir_);
+  int kept = 0;
+  std::error_code ec;
+  for (const auto& [step, path] : steps) {
+    const bool recent = step == newest_step || kept < cfg_.keep_last;
+    if (recent) ++kept;
+    if (recent || (cfg_.keep_every > 0 && step % cfg_.keep_every == 0)) continue;
+    // state.json first: a deletion cut short leaves a directory that plainly fails to verify.
+    fs::remove(path / kStateFile, ec);
+    faults_.crash_if("in_delete");
+    fs::remove_all(path, ec);
+  }
+}
+
+Checkpoint CheckpointManager::load_latest(const std::string& run_dir) {
+  const fs::path dir = fs::path(run_dir) / "checkpoints";
+  const fs::path latest = dir / kLatest;
+  std::ifstream in(latest);
+  if (!in)
+    throw InputError(latest.string() + ": missing: the run has no committed checkpoint" +
+                     fallback_hint(dir, INT64_MAX));
+  std::string name;
+  std::getline(in, name);
+  int64_t step = 0;
+  if (!parse_step_name(name, &step))
+    throw InputError(latest.string() + ": does not name a checkpoint (holds '" + name + "')" +
+                     fallback_hint(dir, INT64_MAX));
+  try {
+    return load_checkpoint((dir / name).string());
+  } catch (const InputError& e) {
+    throw InputError(std::string(e.what()) + fallback_hint(dir, step));
+  }
+}
+
+}  // namespace mpt
