@@ -320,9 +320,11 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     st.data_sample = cur.sample;
     st.config = config_to_json(cfg);
     const std::string dir = save_checkpoint(checkpoints, *backend, model, optimizer, st);
-    metrics.write({{"event", "checkpoint"}, {"step", step}, {"path", dir}});
     spdlog::info("checkpoint {}", dir);
-    return dir;
+    // Relative to the run directory, so the records stay true when the run is moved.
+    const std::string rel = fs::path(dir).lexically_relative(run_dir).string();
+    metrics.write({{"event", "checkpoint"}, {"step", step}, {"path", rel}});
+    return rel;
   };
 
   if (!resume) result.final_val_loss = run_eval(0);
@@ -335,7 +337,8 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   int64_t interval_steps = 0;
   double last_loss = 0.0;
   StopSignals signals;
-  std::string last_checkpoint = resume ? resume->ckpt.dir : "";
+  std::string last_checkpoint =
+      resume ? fs::path(resume->ckpt.dir).lexically_relative(run_dir).string() : "";
 
   try {
     for (int64_t step = start_step + 1; step <= steps; ++step) {
