@@ -129,19 +129,21 @@ FaultPlan FaultPlan::from_env() {
       f.crash_point = value;
     } else if (key == "enospc_after" && !value.empty() &&
                (f.enospc_after = std::strtoll(value.c_str(), &end, 10), *end == '\0')) {
+    } else if (key == "crash_step" && !value.empty() &&
+               (f.crash_step = std::strtoll(value.c_str(), &end, 10), *end == '\0')) {
     } else if (key == "preempt_at_step" && !value.empty() &&
                (f.preempt_at_step = std::strtoll(value.c_str(), &end, 10), *end == '\0')) {
     } else {
       throw InputError("MPT_FAULT: cannot use '" + item +
                        "' (expected crash=in_file|before_rename|in_latest|in_delete, "
-                       "enospc_after=BYTES, preempt_at_step=N)");
+                       "crash_step=N, enospc_after=BYTES, preempt_at_step=N)");
     }
   }
   return f;
 }
 
-void FaultPlan::crash_if(const char* point) const {
-  if (crash_point != point) return;
+void FaultPlan::crash_if(const char* point, int64_t step) const {
+  if (crash_point != point || (crash_step >= 0 && crash_step != step)) return;
   std::fprintf(stderr, "mpt: fault injection: crashing at %s\n", point);
   std::fflush(stderr);
   std::_Exit(86);  // no destructors, no flushing: as abrupt as a kill
@@ -231,10 +233,11 @@ std::string CheckpointManager::save(const CheckpointState& state,
   for (const auto& e : fs::directory_iterator(dir_, ec))
     if (e.path().filename().string().rfind(kTmpPrefix, 0) == 0) fs::remove_all(e.path(), ec);
 
+  saving_step_ = state.step;
   const std::string name = step_name(state.step);
   const fs::path tmp = fs::path(dir_) / (kTmpPrefix + name), final_dir = fs::path(dir_) / name;
   auto hook = [this](size_t written, size_t chunk) -> int {
-    if (faults_.crash_point == "in_file" && written > 0) faults_.crash_if("in_file");
+    if (faults_.crash_point == "in_file" && written > 0) faults_.crash_if("in_file", saving_step_);
     if (faults_.enospc_after >= 0 && bytes_written_ + int64_t(chunk) > faults_.enospc_after)
       return ENOSPC;
     bytes_written_ += int64_t(chunk);
@@ -266,7 +269,7 @@ std::string CheckpointManager::save(const CheckpointState& state,
     const std::string text = j.dump(2) + "\n";
     write_file_atomic((tmp / kStateFile).string(), {ByteSpan{text.data(), text.size()}}, hook);
     sync_directory(tmp.string());
-    faults_.crash_if("before_rename");
+    faults_.crash_if("before_rename", saving_step_);
     // The same step can be saved again when a run is resumed from an older checkpoint after a
     // crash that left this one committed but not `latest`: the new one replaces it.
     fs::remove_all(final_dir);
@@ -282,7 +285,7 @@ std::string CheckpointManager::save(const CheckpointState& state,
   write_file_atomic((fs::path(dir_) / kLatest).string(),
                     {ByteSpan{head.data(), head.size()}, ByteSpan{tail.data(), tail.size()}},
                     [this](size_t written, size_t) {
-                      if (written > 0) faults_.crash_if("in_latest");
+                      if (written > 0) faults_.crash_if("in_latest", saving_step_);
                       return 0;
                     });
   apply_retention(state.step);
@@ -299,7 +302,7 @@ void CheckpointManager::apply_retention(int64_t newest_step) {
     if (recent || (cfg_.keep_every > 0 && step % cfg_.keep_every == 0)) continue;
     // state.json first: a deletion cut short leaves a directory that plainly fails to verify.
     fs::remove(path / kStateFile, ec);
-    faults_.crash_if("in_delete");
+    faults_.crash_if("in_delete", saving_step_);
     fs::remove_all(path, ec);
   }
 }

@@ -17,16 +17,19 @@ namespace mpt {
 
 // Crash-safety tests inject faults through MPT_FAULT (docs/checkpoints.md): a comma-separated
 // list of `crash=POINT` (the process ends abruptly at that point of a checkpoint save; POINT is
-// in_file, before_rename, in_latest or in_delete), `enospc_after=BYTES` (checkpoint writes fail
-// with ENOSPC once that many bytes were written) and `preempt_at_step=N` (behave as if a stop
-// signal arrived during step N).
+// in_file, before_rename, in_latest or in_delete), `crash_step=N` (only in the save of step N;
+// default: the first save that reaches POINT), `enospc_after=BYTES` (checkpoint writes fail with
+// ENOSPC once that many bytes were written) and `preempt_at_step=N` (behave as if a stop signal
+// arrived during step N).
 struct FaultPlan {
   std::string crash_point;
+  int64_t crash_step = -1;
   int64_t enospc_after = -1;
   int64_t preempt_at_step = 0;
 
   static FaultPlan from_env();  // InputError naming MPT_FAULT for anything it does not know
-  void crash_if(const char* point) const;
+  // Ends the process when `point` is the planned crash point and `step` the planned step.
+  void crash_if(const char* point, int64_t step) const;
 };
 
 // Everything a checkpoint holds besides the tensors.
@@ -72,6 +75,7 @@ class CheckpointManager {
 
  private:
   void apply_retention(int64_t newest_step);
+  int64_t saving_step_ = 0;  // the step being saved, for fault injection
 
   std::string dir_;  // run_dir/checkpoints
   CheckpointConfig cfg_;

@@ -15,8 +15,9 @@ namespace {
 
 // The dtypes mpt stores, by safetensors name.
 const std::vector<std::pair<DType, const char*>>& dtype_names() {
-  static const std::vector<std::pair<DType, const char*>> names = {{DType::f32, "F32"},
-                                                                   {DType::i32, "I32"}};
+  static const std::vector<std::pair<DType, const char*>> names = {
+      {DType::f32, "F32"},  {DType::i32, "I32"},      {DType::f16, "F16"},
+      {DType::bf16, "BF16"}, {DType::e4m3, "F8_E4M3"}, {DType::e5m2, "F8_E5M2"}};
   return names;
 }
 

@@ -1,0 +1,254 @@
+// Checkpoints through the `mpt` executable: exact resume, crash safety at every point of a
+// save, full disks, corrupted files, config compatibility, stop signals, retention, inspect.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "cli_util.h"
+#include "data/corpus.h"
+
+using namespace mpt::test;
+
+namespace {
+
+class Checkpoints : public CliTest {
+ protected:
+  // Small shards, so that a run crosses shard boundaries (and the data cursor must too).
+  void SetUp() override {
+    CliTest::SetUp();
+    write("text.txt", mpt::data::builtin_corpus_text(mpt::data::Split::train, 40000));
+    auto r = run(mpt_bin() + " data prepare --input " + path("text.txt") + " --out " +
+                 path("shards") + " --val-fraction 0.25 --shard-tokens 3000");
+    ASSERT_EQ(r.code, 0) << r.out;
+  }
+  // The tiny model on the shards; 16 steps of 2 x 4 x 32 tokens cross several shards.
+  std::string train_cmd(const std::string& run_dir, const std::string& extra = "") const {
+    return mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
+           " --set training.grad_accum=2 --set training.steps=16 --set training.log_every=2"
+           " --set training.eval_every=4 --set checkpoint.every=4 --set checkpoint.keep_last=3"
+           " --set 'data.train=[\"" + path("shards") + "/train_*.bin\"]'"
+           " --set 'data.val=[\"" + path("shards") + "/val_*.bin\"]'"
+           " --run-dir " + run_dir + " " + extra;
+  }
+  std::string ckpt(const std::string& run, int step) const {
+    char name[32];
+    std::snprintf(name, sizeof name, "step_%08d", step);
+    return path(run + "/checkpoints/" + name);
+  }
+  static std::string slurp(const std::string& p) {
+    std::ifstream in(p, std::ios::binary);
+    return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  }
+  // The reference: 16 straight steps.
+  void straight() {
+    auto r = run(train_cmd(path("straight")));
+    ASSERT_EQ(r.code, 0) << r.out;
+  }
+  // The final weights and optimizer state equal the straight run's byte for byte; so does
+  // state.json when the two runs' configs are the same.
+  void expect_same_final_checkpoint(const std::string& run_name, bool same_config = true) {
+    std::vector<std::string> files = {"model.safetensors", "optimizer.safetensors"};
+    if (same_config) files.push_back("state.json");
+    for (const auto& f : files)
+      EXPECT_TRUE(slurp(ckpt("straight", 16) + "/" + f) == slurp(ckpt(run_name, 16) + "/" + f))
+          << f << " differs from the straight run's";
+  }
+};
+
+std::vector<json> steps_and_evals(const std::vector<json>& recs) {
+  std::vector<json> out;
+  for (const auto& r : without_timing(recs))
+    if (!r.contains("event") || r["event"] == "eval") out.push_back(r);
+  return out;
+}
+
+}  // namespace
+
+// N steps, stop, resume, N more: the same records and the same bytes as 2N straight steps.
+TEST_F(Checkpoints, ResumeContinuesExactly) {
+  straight();
+  auto r = run("MPT_FAULT=preempt_at_step=13 " + train_cmd(path("split")));
+  ASSERT_EQ(r.code, 3) << r.out;  // stopped after saving
+  ASSERT_TRUE(fs::exists(ckpt("split", 13) + "/state.json"));  // past a shard boundary
+  r = run(train_cmd(path("split"), "--resume"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  const auto a = read_jsonl(path("straight/metrics.jsonl"));
+  const auto b = read_jsonl(path("split/metrics.jsonl"));
+  EXPECT_EQ(steps_and_evals(a), steps_and_evals(b));
+  EXPECT_EQ(events(b, "start").size(), 2u);
+  EXPECT_EQ(events(b, "start")[1]["resume_step"], 13);
+  expect_same_final_checkpoint("split");
+  // and from an explicit checkpoint path, into another run directory
+  r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
+          " --set training.grad_accum=2 --set training.steps=16 --set training.log_every=2"
+          " --set training.eval_every=4 --set checkpoint.every=4 --set checkpoint.keep_last=3"
+          " --set 'data.train=[\"" + path("shards") + "/train_*.bin\"]'"
+          " --set 'data.val=[\"" + path("shards") + "/val_*.bin\"]'"
+          " --resume " + ckpt("straight", 8) + " --run-dir " + path("fork"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  expect_same_final_checkpoint("fork");
+}
+
+// A crash at any point of a save leaves the previous committed checkpoint loadable, and the
+// resumed run ends exactly where an uninterrupted one does.
+TEST_F(Checkpoints, CrashAtAnyPointOfASaveIsRecoverable) {
+  straight();
+  for (const char* point : {"in_file", "before_rename", "in_latest", "in_delete"}) {
+    SCOPED_TRACE(point);
+    const std::string name = std::string("crash_") + point;
+    // keep_last=1 so that the save of step 8 deletes step 4 (the in_delete point).
+    auto r = run(std::string("MPT_FAULT=crash=") + point + ",crash_step=8 " +
+                 train_cmd(path(name), "--set checkpoint.keep_last=1"));
+    ASSERT_EQ(r.code, 86) << r.out;  // the injected crash
+    const std::string latest = slurp(path(name + "/checkpoints/latest"));
+    const bool committed = std::string(point) == "in_delete";
+    EXPECT_EQ(latest, committed ? "step_00000008\n" : "step_00000004\n");
+    r = run(mpt_bin() + " inspect " + path(name + "/checkpoints/") + latest.substr(0, 13));
+    EXPECT_EQ(r.code, 0) << r.out;
+    r = run(train_cmd(path(name), "--set checkpoint.keep_last=1 --resume"));
+    ASSERT_EQ(r.code, 0) << r.out;
+    EXPECT_NE(r.out.find(committed ? "at step 8" : "at step 4"), std::string::npos) << r.out;
+    expect_same_final_checkpoint(name, /*same_config=*/false);  // keep_last differs
+    // nothing half-written is left behind
+    for (const auto& e : fs::directory_iterator(path(name + "/checkpoints")))
+      EXPECT_EQ(e.path().filename().string().find(".tmp"), std::string::npos) << e.path();
+  }
+}
+
+TEST_F(Checkpoints, FullDiskFailsTheRunAndKeepsThePreviousCheckpoint) {
+  auto r = run("MPT_FAULT=enospc_after=0 " + train_cmd(path("full")));
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("No space left on device"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(path("full/checkpoints/latest")));
+  EXPECT_EQ(read_jsonl(path("full/metrics.jsonl")).back()["status"], "failed");
+
+  // Room for one checkpoint but not two: step 4 survives and the run resumes from it.
+  straight();
+  uintmax_t one = 0;
+  for (const auto& e : fs::directory_iterator(ckpt("straight", 16))) one += fs::file_size(e.path());
+  r = run("MPT_FAULT=enospc_after=" + std::to_string(one + 64) + " " + train_cmd(path("half")));
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_EQ(slurp(path("half/checkpoints/latest")), "step_00000004\n");
+  EXPECT_FALSE(fs::exists(ckpt("half", 8)));
+  r = run(train_cmd(path("half"), "--resume"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  expect_same_final_checkpoint("half");
+}
+
+// Corruption is reported naming the file, never a silent fresh start, and the message names
+// the newest earlier checkpoint that does verify.
+TEST_F(Checkpoints, CorruptionIsNamedWithTheNewestGoodCheckpoint) {
+  straight();
+  auto flip = [](const std::string& p, size_t at) {
+    std::fstream f(p, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(at));
+    char c;
+    f.get(c);
+    f.seekp(static_cast<std::streamoff>(at));
+    f.put(static_cast<char>(c ^ 0x10));
+  };
+  struct Case {
+    std::string name, bad_file;
+    std::function<void(const std::string& ckpt_dir, const std::string& run_dir)> damage;
+  };
+  const std::vector<Case> cases = {
+      {"bit flip in the weights", "model.safetensors",
+       [&](const std::string& c, const std::string&) { flip(c + "/model.safetensors", 5000); }},
+      {"truncated optimizer state", "optimizer.safetensors",
+       [](const std::string& c, const std::string&) {
+         fs::resize_file(c + "/optimizer.safetensors", 1000);
+       }},
+      {"missing file", "model.safetensors",
+       [](const std::string& c, const std::string&) { fs::remove(c + "/model.safetensors"); }},
+      {"edited state", "state.json",
+       [&](const std::string& c, const std::string&) {
+         std::string s = slurp(c + "/state.json");
+         s.replace(s.find("\"step\": 16"), 10, "\"step\": 15");
+         std::ofstream(c + "/state.json", std::ios::binary) << s;
+       }},
+      {"garbage latest", "latest",
+       [](const std::string&, const std::string& run) {
+         std::ofstream(run + "/checkpoints/latest") << "hello";
+       }},
+      {"empty latest", "latest",
+       [](const std::string&, const std::string& run) {
+         std::ofstream(run + "/checkpoints/latest") << "";
+       }},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    fs::remove_all(path("copy"));
+    fs::copy(path("straight"), path("copy"), fs::copy_options::recursive);
+    c.damage(ckpt("copy", 16), path("copy"));
+    auto r = run(train_cmd(path("copy"), "--set training.steps=20 --resume"));
+    EXPECT_EQ(r.code, 2) << r.out;
+    EXPECT_NE(r.out.find(c.bad_file), std::string::npos) << r.out;
+    // The latest is broken (or unreadable): the newest earlier good one is named.
+    const std::string good = c.bad_file == "latest" ? ckpt("copy", 16) : ckpt("copy", 12);
+    EXPECT_NE(r.out.find("verifies is " + good), std::string::npos) << r.out;
+    if (c.bad_file != "latest") {
+      r = run(mpt_bin() + " inspect " + ckpt("copy", 16));
+      EXPECT_EQ(r.code, 2) << r.out;
+      EXPECT_NE(r.out.find(c.bad_file), std::string::npos) << r.out;
+    }
+    // nothing was trained or written
+    EXPECT_EQ(read_jsonl(path("copy/metrics.jsonl")).size(),
+              read_jsonl(path("straight/metrics.jsonl")).size());
+  }
+}
+
+TEST_F(Checkpoints, ResumeRefusesChangedModelOrDataButAllowsSafeKeys) {
+  straight();
+  auto r = run(train_cmd(path("straight"), "--set model.n_layer=3 --set training.seed=9 "
+                                          "--set training.steps=20 --resume"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("model.n_layer: checkpoint has 2, config has 3"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("training.seed"), std::string::npos) << r.out;
+  r = run(train_cmd(path("straight"), "--resume"));  // already at training.steps
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("nothing to resume"), std::string::npos) << r.out;
+  r = run(train_cmd(path("straight"), "--set training.steps=20 --set training.log_every=1 "
+                                      "--set checkpoint.every=0 --resume"));
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(read_jsonl(path("straight/metrics.jsonl")).back()["step"], 20);
+}
+
+// A real SIGTERM (then a second signal while saving): the step finishes, a checkpoint is saved
+// and verifies, the run exits 3 and resumes.
+TEST_F(Checkpoints, StopSignalsSaveAndExitThree) {
+  const std::string cmd = train_cmd(path("sig"), "--set training.steps=100000 --set checkpoint.every=0");
+  auto r = run("(" + cmd + " >" + path("log") + " 2>&1 & pid=$!; "
+               "for i in $(seq 1 200); do grep -q '\"step\"' " + path("sig/metrics.jsonl") +
+               " 2>/dev/null && break; sleep 0.05; done; "
+               "kill -TERM $pid; kill -USR1 $pid; wait $pid; echo rc=$?)");
+  EXPECT_NE(r.out.find("rc=3"), std::string::npos) << r.out << slurp(path("log"));
+  const auto recs = read_jsonl(path("sig/metrics.jsonl"));
+  ASSERT_FALSE(recs.empty());
+  EXPECT_EQ(recs.back()["status"], "stopped");
+  const std::string latest = slurp(path("sig/checkpoints/latest"));
+  ASSERT_FALSE(latest.empty());
+  r = run(mpt_bin() + " inspect " + path("sig/checkpoints/") + latest.substr(0, 13));
+  EXPECT_EQ(r.code, 0) << r.out;
+  const int64_t stopped_at = recs.back()["step"];
+  r = run(train_cmd(path("sig"), "--set training.steps=" + std::to_string(stopped_at + 2) +
+                                     " --set checkpoint.every=0 --resume"));
+  EXPECT_EQ(r.code, 0) << r.out;
+}
+
+TEST_F(Checkpoints, RetentionKeepsTheNewestAndEveryMth) {
+  auto r = run(train_cmd(path("ret"), "--set training.steps=10 --set checkpoint.every=2 "
+                                      "--set checkpoint.keep_last=2 --set checkpoint.keep_every=4"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  std::vector<std::string> left;
+  for (const auto& e : fs::directory_iterator(path("ret/checkpoints")))
+    left.push_back(e.path().filename().string());
+  std::sort(left.begin(), left.end());
+  EXPECT_EQ(left, (std::vector<std::string>{"latest", "step_00000004", "step_00000008",
+                                            "step_00000010"}));
+  r = run(mpt_bin() + " inspect " + ckpt("ret", 10));
+  ASSERT_EQ(r.code, 0) << r.out;
+  for (const char* want : {"step        10", "checksums verified", "transformer.wte.weight",
+                           "transformer.h.1.mlp.c_proj.weight.exp_avg_sq"})
+    EXPECT_NE(r.out.find(want), std::string::npos) << want << " in " << r.out;
+}
