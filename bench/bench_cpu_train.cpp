@@ -5,6 +5,7 @@
 //   mpt-1thread  the same on one thread
 //   loop-matmul  baseline: the same trainer with matmuls as plain OpenMP loops, the way a plain
 //                C reference trainer (llm.c's train_gpt2.c) computes them, N threads
+//   mpt tf32     the tf32 policy (matmul operands rounded to tf32 before sgemm), N threads
 // and the ratios against the baseline, all measured in the same run.
 //
 //   build/bench/bench_cpu_train [--threads N] [--steps N] [--repeats N]
@@ -20,6 +21,7 @@
 #include "data/corpus.h"
 #include "model/gpt.h"
 #include "optim/adamw.h"
+#include "precision/policy.h"
 
 using namespace mpt;
 
@@ -29,7 +31,8 @@ namespace {
 class LoopMatmulBackend : public CpuBackend {
  public:
   using CpuBackend::CpuBackend;
-  void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) override {
+  void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
+                      MatmulPrecision) override {
     const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
     const float *x = inp.as<float>(), *w = weight.as<float>();
     const float* b = bias.defined() ? bias.as<float>() : nullptr;
@@ -43,7 +46,7 @@ class LoopMatmulBackend : public CpuBackend {
       }
   }
   void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
-                       Tensor weight) override {
+                       Tensor weight, MatmulPrecision) override {
     const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
     const float *x = inp.as<float>(), *w = weight.as<float>(), *d = dout.as<float>();
     float* dx = dinp.as<float>();
@@ -70,15 +73,15 @@ struct BenchShape {
 };
 
 // Median tokens/s of `repeats` timings of `steps` optimizer steps on `be`.
-double measure(Backend& be, const BenchShape& sh, int steps, int repeats, double* flops_per_token,
-               int64_t* n_params) {
+double measure(Backend& be, const PrecisionPolicy& policy, const BenchShape& sh, int steps,
+               int repeats, double* flops_per_token, int64_t* n_params) {
   ModelConfig m;
   m.n_layer = sh.layers;
   m.n_embd = sh.width;
   m.n_head = sh.heads;
   m.vocab_size = 256;
   m.max_seq_len = sh.T;
-  Gpt model(m, be);
+  Gpt model(m, be, policy);
   model.init_weights(1, 0.02);
   OptimizerConfig oc;
   AdamW opt(oc, model, be);
@@ -136,9 +139,12 @@ int main(int argc, char** argv) {
   int64_t n_params = 0;
   CpuBackend mpt_be(threads), one_be(1);
   LoopMatmulBackend base_be(threads);
-  const double base = measure(base_be, sh, steps, repeats, &fpt, &n_params);
-  const double rate = measure(mpt_be, sh, steps, repeats, &fpt, &n_params);
-  const double rate1 = measure(one_be, sh, steps, repeats, &fpt, &n_params);
+  const PrecisionPolicy fp32 = PrecisionPolicy::preset("fp32");
+  const double base = measure(base_be, fp32, sh, steps, repeats, &fpt, &n_params);
+  const double rate = measure(mpt_be, fp32, sh, steps, repeats, &fpt, &n_params);
+  const double rate1 = measure(one_be, fp32, sh, steps, repeats, &fpt, &n_params);
+  const double rate_tf32 =
+      measure(mpt_be, PrecisionPolicy::preset("tf32"), sh, steps, repeats, &fpt, &n_params);
   std::printf("shape: layers=%d width=%d heads=%d vocab=256 seq=%d batch=%d fp32; "
               "%lld params, %.3g FLOPs/token\n",
               layers, width, heads, T, B, static_cast<long long>(n_params), fpt);
@@ -150,5 +156,7 @@ int main(int argc, char** argv) {
   row("loop-matmul", base_be.threads(), base);
   row("mpt", mpt_be.threads(), rate);
   row("mpt-1thread", 1, rate1);
+  row("mpt tf32", mpt_be.threads(), rate_tf32);
+  std::printf("tf32 emulation: step time %.2fx fp32's\n", rate / rate_tf32);
   return 0;
 }

@@ -211,7 +211,7 @@ const std::vector<BadCase> kBadCases = {
      {"precision: unknown value 'fp64'", "fp32, tf32, fp16, bf16, bf16-pure, fp8"}},
     {"unavailable_precision", "precision: bf16\n",
      {"{F}:1:12: precision: precision 'bf16' is not yet available in this version (available: "
-      "fp32)"}},
+      "fp32, tf32)"}},
     // Data entries must match files; output.name must be one path component.
     {"missing_data_file", "data:\n  train: [builtin, /nonexistent/dir/*.bin]\n",
      {"{F}:2:20: data.train: '/nonexistent/dir/*.bin' matches no existing file"}},

@@ -9,6 +9,7 @@
 #include <omp.h>
 
 #include "backend/cpu/cpu_backend.h"
+#include "core/formats.h"
 #include "test_util.h"
 
 using namespace mpt;
@@ -130,34 +131,51 @@ TEST_F(CpuOps, LayerNorm) {
   check_fd("dbias", bs, accumulated(db, db0), loss, rng);
 }
 
+// fp32 and tf32 matmuls: the forward against an fp64 product of the operands as the precision
+// sees them (rounded to tf32 for tf32), the backward against finite differences.
 TEST_F(CpuOps, Matmul) {
-  for (bool with_bias : {true, false}) {
-    SCOPED_TRACE(with_bias ? "with bias" : "without bias");
-    const int64_t B = 2, T = 7, C = 37, OC = 45;
-    Owned x = randn(be, {B, T, C}, rng), wt = randn(be, {OC, C}, rng, 0.3);
-    Owned bias = with_bias ? randn(be, {OC}, rng) : Owned{};
-    Owned out = make(be, {B, T, OC});
-    be.matmul_forward(out.t, x.t, wt.t, bias.t);
-    for (int64_t n = 0; n < B * T; ++n)
-      for (int64_t o = 0; o < OC; ++o) {
-        double s = with_bias ? bias.f()[o] : 0.0;
-        for (int64_t c = 0; c < C; ++c)
-          s += static_cast<double>(x.f()[n * C + c]) * wt.f()[o * C + c];
-        ASSERT_NEAR(out.f()[n * OC + o], s, 1e-5 * (1 + std::fabs(s)));
+  for (MatmulPrecision prec : {MatmulPrecision::fp32, MatmulPrecision::tf32})
+    for (bool with_bias : {true, false}) {
+      SCOPED_TRACE(std::string(prec == MatmulPrecision::tf32 ? "tf32" : "fp32") +
+                   (with_bias ? ", with bias" : ", without bias"));
+      const int64_t B = 2, T = 7, C = 37, OC = 45;
+      Owned x = randn(be, {B, T, C}, rng), wt = randn(be, {OC, C}, rng, 0.3);
+      Owned bias = with_bias ? randn(be, {OC}, rng) : Owned{};
+      Owned out = make(be, {B, T, OC});
+      be.matmul_forward(out.t, x.t, wt.t, bias.t, prec);
+      auto operand = [&](float v) {
+        return prec == MatmulPrecision::tf32 ? double(round_tf32(v)) : double(v);
+      };
+      double max_rounding = 0;  // how far tf32 moved the result from the fp32 product
+      for (int64_t n = 0; n < B * T; ++n)
+        for (int64_t o = 0; o < OC; ++o) {
+          double s = with_bias ? bias.f()[o] : 0.0, exact = s;
+          for (int64_t c = 0; c < C; ++c) {
+            s += operand(x.f()[n * C + c]) * operand(wt.f()[o * C + c]);
+            exact += double(x.f()[n * C + c]) * wt.f()[o * C + c];
+          }
+          ASSERT_NEAR(out.f()[n * OC + o], s, 1e-5 * (1 + std::fabs(s)));
+          max_rounding = std::max(max_rounding, std::fabs(s - exact));
+        }
+      if (prec == MatmulPrecision::tf32) {
+        EXPECT_GT(max_rounding, 1e-4);  // tf32 really rounds...
+        EXPECT_LT(max_rounding, 0.05);  // ...by about 2^-11 per operand
       }
-    Owned w = randn(be, {B, T, OC}, rng);
-    Owned dx = randn(be, {B, T, C}, rng);  // written, not accumulated: old contents must go
-    Owned dw = randn(be, {OC, C}, rng), db = randn(be, {OC}, rng);
-    const auto dw0 = copy_of(dw), db0 = copy_of(db);
-    be.matmul_backward(dx.t, dw.t, with_bias ? db.t : Tensor(), w.t, x.t, wt.t);
-    auto loss = [&] {
-      be.matmul_forward(out.t, x.t, wt.t, bias.t);
-      return weighted_sum(out, w);
-    };
-    check_fd("dinp", x, as_double(dx), loss, rng);
-    check_fd("dweight", wt, accumulated(dw, dw0), loss, rng);
-    if (with_bias) check_fd("dbias", bias, accumulated(db, db0), loss, rng);
-  }
+      Owned w = randn(be, {B, T, OC}, rng);
+      Owned dx = randn(be, {B, T, C}, rng);  // written, not accumulated: old contents must go
+      Owned dw = randn(be, {OC, C}, rng), db = randn(be, {OC}, rng);
+      const auto dw0 = copy_of(dw), db0 = copy_of(db);
+      be.matmul_backward(dx.t, dw.t, with_bias ? db.t : Tensor(), w.t, x.t, wt.t, prec);
+      auto loss = [&] {
+        be.matmul_forward(out.t, x.t, wt.t, bias.t, MatmulPrecision::fp32);
+        return weighted_sum(out, w);
+      };
+      // tf32 gradients are those of the fp32 loss up to tf32's rounding (2^-11 relative).
+      const double rtol = prec == MatmulPrecision::tf32 ? 2e-2 : 1e-2;
+      check_fd("dinp", x, as_double(dx), loss, rng, 24, 1e-2, 2e-3, rtol);
+      check_fd("dweight", wt, accumulated(dw, dw0), loss, rng, 24, 1e-2, 2e-3, rtol);
+      if (with_bias) check_fd("dbias", bias, accumulated(db, db0), loss, rng);
+    }
 }
 
 TEST_F(CpuOps, Attention) {
@@ -328,8 +346,8 @@ TEST_F(CpuOps, LoopOpsAreIndependentOfThreadCount) {
   // Matmul bias gradient (the weight gradients are BLAS's and may split sums by thread count).
   Owned W = randn(be, {C, C}, rng), gx = make(be, {B, T, C}), gw = make(be, {C, C});
   Owned gb1 = make(be, {C}), gb2 = make(be, {C});
-  be.matmul_backward(gx.t, gw.t, gb1.t, dout.t, x.t, W.t);
-  one.matmul_backward(gx.t, gw.t, gb2.t, dout.t, x.t, W.t);
+  be.matmul_backward(gx.t, gw.t, gb1.t, dout.t, x.t, W.t, MatmulPrecision::fp32);
+  one.matmul_backward(gx.t, gw.t, gb2.t, dout.t, x.t, W.t, MatmulPrecision::fp32);
   EXPECT_EQ(copy_of(gb1), copy_of(gb2));
 
   // The fused classifier: losses and in-place gradients.
@@ -349,9 +367,9 @@ TEST_F(CpuOps, BlasCallsRestoreOpenMpThreadCount) {
   const int before = omp_get_max_threads();
   CpuBackend one(1);
   Owned x = randn(be, {5, 7}, rng), w = randn(be, {3, 7}, rng), out = make(be, {5, 3});
-  one.matmul_forward(out.t, x.t, w.t, Tensor());
+  one.matmul_forward(out.t, x.t, w.t, Tensor(), MatmulPrecision::fp32);
   EXPECT_EQ(omp_get_max_threads(), before);
   Owned dx = make(be, {5, 7}), dw = make(be, {3, 7});
-  one.matmul_backward(dx.t, dw.t, Tensor(), out.t, x.t, w.t);
+  one.matmul_backward(dx.t, dw.t, Tensor(), out.t, x.t, w.t, MatmulPrecision::fp32);
   EXPECT_EQ(omp_get_max_threads(), before);
 }

@@ -19,6 +19,12 @@
 
 namespace mpt {
 
+// The arithmetic of a matmul's multiplications. Accumulation is fp32 for every format.
+//   fp32: operands as stored.
+//   tf32: operands rounded to TF32 (fp32 with a 10-bit mantissa, round to nearest even), as
+//         Tensor Cores do for fp32 data under CUBLAS_COMPUTE_32F_FAST_TF32.
+enum class MatmulPrecision { fp32, tf32 };
+
 struct AdamWParams {
   float lr;
   float beta1;
@@ -59,11 +65,12 @@ class Backend {
                                   Tensor inp, Tensor weight, Tensor mean, Tensor rstd) = 0;
 
   // out(N,OC) writes = inp(N,C) . weight(OC,C)^T + bias(OC); bias optional.
-  virtual void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) = 0;
+  virtual void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
+                              MatmulPrecision prec) = 0;
   // dinp(N,C) writes = dout . weight; dweight(OC,C) accumulates dout^T . inp; dbias(OC)
-  // accumulates the column sums of dout (optional).
+  // accumulates the column sums of dout (optional; always fp32 sums).
   virtual void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
-                               Tensor weight) = 0;
+                               Tensor weight, MatmulPrecision prec) = 0;
 
   // Causal multi-head self-attention. qkv (B,T,3C) holds q|k|v, heads of size C/n_head.
   // out(B,T,C) writes; att (B,NH,T,T) writes the softmax probabilities (fp32), saved for backward.

@@ -26,6 +26,7 @@
 #include "core/error.h"
 #include "core/text.h"
 #include "data/dataset.h"
+#include "precision/policy.h"
 
 namespace mpt {
 namespace {
@@ -371,8 +372,8 @@ const std::vector<KeyDef>& key_table() {
                         "also keep, permanently, every checkpoint whose step is a multiple of "
                         "this; 0 = none"));
     // top-level keys
-    t.push_back(choice("precision", MPT_FIELD(precision),
-                       {"fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8"}, {"fp32"},
+    t.push_back(choice("precision", MPT_FIELD(precision), PrecisionPolicy::preset_names(),
+                       PrecisionPolicy::available_presets(),
                        "numeric precision of the training step"));
     t.push_back(choice("backend", MPT_FIELD(backend), {"cpu", "cuda", "auto"}, {},
                        "compute backend; auto picks cuda when a usable GPU is present, else cpu"));

@@ -16,9 +16,10 @@ size_t align_up(size_t n) { return (n + kAlignElems - 1) / kAlignElems * kAlignE
 
 }  // namespace
 
-Gpt::Gpt(const ModelConfig& cfg, Backend& backend)
+Gpt::Gpt(const ModelConfig& cfg, Backend& backend, const PrecisionPolicy& policy)
     : cfg_(cfg),
       be_(backend),
+      policy_(policy),
       L_(cfg.n_layer),
       NH_(cfg.n_head),
       C_(cfg.n_embd),
@@ -226,26 +227,27 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
   be_.copy_from_host(tokens_, inputs);
   be_.copy_from_host(targets_, targets);
 
+  const MatmulPrecision mp = policy_.matmul;
   be_.embedding_forward(encoded_, tokens_, param(wte_), param(wpe_));  // (B,T,C)
   Tensor residual = encoded_;
   for (int l = 0; l < L_; ++l) {
     const Layer& w = layers_[l];
     LayerActs& a = acts_[l];
     be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, residual, param(w.ln1w), param(w.ln1b));
-    be_.matmul_forward(a.qkv, a.ln1, param(w.qkvw), param(w.qkvb));          // (B,T,3C)
-    be_.attention_forward(a.atty, a.att, a.qkv, NH_);                          // (B,T,C)
-    be_.matmul_forward(a.attproj, a.atty, param(w.attprojw), param(w.attprojb));
+    be_.matmul_forward(a.qkv, a.ln1, param(w.qkvw), param(w.qkvb), mp);  // (B,T,3C)
+    be_.attention_forward(a.atty, a.att, a.qkv, NH_);  // (B,T,C)
+    be_.matmul_forward(a.attproj, a.atty, param(w.attprojw), param(w.attprojb), mp);
     be_.residual_forward(a.residual2, residual, a.attproj);
     be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, param(w.ln2w),
                           param(w.ln2b));
-    be_.matmul_forward(a.fch, a.ln2, param(w.fcw), param(w.fcb));             // (B,T,4C)
+    be_.matmul_forward(a.fch, a.ln2, param(w.fcw), param(w.fcb), mp);  // (B,T,4C)
     be_.gelu_forward(a.fch_gelu, a.fch);
-    be_.matmul_forward(a.fcproj, a.fch_gelu, param(w.fcprojw), param(w.fcprojb));  // (B,T,C)
+    be_.matmul_forward(a.fcproj, a.fch_gelu, param(w.fcprojw), param(w.fcprojb), mp);
     be_.residual_forward(a.residual3, a.residual2, a.fcproj);
     residual = a.residual3;
   }
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, residual, param(lnfw_), param(lnfb_));
-  be_.matmul_forward(logits_, lnf_, param(wte_), Tensor());  // tied LM head: (B,T,Vp)
+  be_.matmul_forward(logits_, lnf_, param(wte_), Tensor(), mp);  // tied LM head: (B,T,Vp)
   be_.crossentropy_forward_backward(losses_, logits_, targets_, V_, dloss);
   grad_ready_ = dloss != 0.0f;
 
@@ -259,9 +261,10 @@ void Gpt::backward() {
   MPT_CHECK(grad_ready_, "backward() needs a preceding forward() with dloss != 0");
   grad_ready_ = false;
   // logits_ now holds dlogits.
+  const MatmulPrecision mp = policy_.matmul;
   be_.fill(dresidual_, 0.0f);
   const Tensor last = L_ > 0 ? acts_[L_ - 1].residual3 : encoded_;
-  be_.matmul_backward(dln_, grad(wte_), Tensor(), logits_, lnf_, param(wte_));
+  be_.matmul_backward(dln_, grad(wte_), Tensor(), logits_, lnf_, param(wte_), mp);
   be_.layernorm_backward(dresidual_, grad(lnfw_), grad(lnfb_), dln_, last, param(lnfw_),
                          lnf_mean_, lnf_rstd_);
   // dresidual_ holds d(residual stream) flowing down through the blocks.
@@ -270,15 +273,15 @@ void Gpt::backward() {
     LayerActs& a = acts_[l];
     const Tensor residual = l == 0 ? encoded_ : acts_[l - 1].residual3;
     be_.matmul_backward(dfch_gelu_, grad(w.fcprojw), grad(w.fcprojb), dresidual_, a.fch_gelu,
-                        param(w.fcprojw));
+                        param(w.fcprojw), mp);
     be_.gelu_backward(dfch_, a.fch, dfch_gelu_);
-    be_.matmul_backward(dln_, grad(w.fcw), grad(w.fcb), dfch_, a.ln2, param(w.fcw));
+    be_.matmul_backward(dln_, grad(w.fcw), grad(w.fcb), dfch_, a.ln2, param(w.fcw), mp);
     be_.layernorm_backward(dresidual_, grad(w.ln2w), grad(w.ln2b), dln_, a.residual2,
                            param(w.ln2w), a.ln2_mean, a.ln2_rstd);
     be_.matmul_backward(datty_, grad(w.attprojw), grad(w.attprojb), dresidual_, a.atty,
-                        param(w.attprojw));
+                        param(w.attprojw), mp);
     be_.attention_backward(dqkv_, datty_, a.qkv, a.att, NH_);
-    be_.matmul_backward(dln_, grad(w.qkvw), grad(w.qkvb), dqkv_, a.ln1, param(w.qkvw));
+    be_.matmul_backward(dln_, grad(w.qkvw), grad(w.qkvb), dqkv_, a.ln1, param(w.qkvw), mp);
     be_.layernorm_backward(dresidual_, grad(w.ln1w), grad(w.ln1b), dln_, residual, param(w.ln1w),
                            a.ln1_mean, a.ln1_rstd);
   }

@@ -10,6 +10,7 @@
 
 #include "backend/backend.h"
 #include "config/config.h"
+#include "precision/policy.h"
 
 namespace mpt {
 
@@ -41,7 +42,7 @@ struct MemoryLedger {
 
 class Gpt {
  public:
-  Gpt(const ModelConfig& cfg, Backend& backend);
+  Gpt(const ModelConfig& cfg, Backend& backend, const PrecisionPolicy& policy = {});
 
   // GPT-2 initialisation: N(0, std) for weights and embeddings, std / sqrt(2 * n_layer) for the
   // projections into the residual stream, zero biases, unit LayerNorm gains; the rows of the
@@ -94,6 +95,7 @@ class Gpt {
 
   ModelConfig cfg_;
   Backend& be_;
+  PrecisionPolicy policy_;
   int L_, NH_, C_, V_, Vp_, maxT_;
   std::vector<ParamInfo> params_;
   size_t slab_elems_ = 0;

@@ -26,6 +26,7 @@
 #include "model/gpt.h"
 #include "optim/adamw.h"
 #include "optim/schedule.h"
+#include "precision/policy.h"
 #include "train/signals.h"
 
 namespace fs = std::filesystem;
@@ -219,6 +220,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   const int64_t steps = cfg.training.steps;
   const int64_t tokens_per_step = static_cast<int64_t>(B) * T * accum;
   const FaultPlan faults = FaultPlan::from_env();
+  const PrecisionPolicy policy = PrecisionPolicy::preset(cfg.precision);
 
   // ---- validate and build everything before anything is written
   std::optional<ResumePoint> resume;
@@ -251,7 +253,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     print_dry_run(cfg, plan.path, *backend, train_data, val_data, memory);
     return result;
   }
-  Gpt model(cfg.model, *backend);
+  Gpt model(cfg.model, *backend, policy);
   model.init_weights(cfg.model.init_seed, cfg.model.init_std);
   AdamW optimizer(cfg.optimizer, model, *backend);
   int64_t start_step = 0;
@@ -281,7 +283,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
                           {"backend", backend->name()},
                           {"device", backend->device_description()},
                           {"threads", backend->threads()},
-                          {"precision", cfg.precision},
+                          {"precision", policy.to_json()},
                           {"n_params", model.num_params()},
                           {"padded_vocab", model.padded_vocab()},
                           {"flops_per_token", model.flops_per_token(T)},

@@ -1,5 +1,7 @@
 #include "backend/cpu/cpu_backend.h"
 
+#include "core/formats.h"
+
 #include <cblas.h>
 #include <omp.h>
 
@@ -233,7 +235,20 @@ void CpuBackend::layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, T
   });
 }
 
-void CpuBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) {
+const float* CpuBackend::matmul_operand(Tensor t, MatmulPrecision prec, int slot) {
+  const float* x = t.as<float>();
+  if (prec == MatmulPrecision::fp32) return x;
+  std::vector<float>& buf = operand_scratch_[slot];
+  const int64_t n = t.numel();
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);  // grows once, before the loop
+  float* y = buf.data();
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t i = 0; i < n; ++i) y[i] = round_tf32(x[i]);
+  return y;
+}
+
+void CpuBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
+                                MatmulPrecision prec) {
   const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
   expect("matmul_forward", "weight", weight, DType::f32, {OC, C});
   expect("matmul_forward", "out", out.reshape({N, OC}), DType::f32, {N, OC});
@@ -246,29 +261,38 @@ void CpuBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bi
     for (int64_t n = 0; n < N; ++n) std::memcpy(o + n * OC, b, OC * sizeof(float));
     beta = 1.0f;
   }
+  const float* x = matmul_operand(inp, prec, 0);
+  const float* w = matmul_operand(weight, prec, 1);
   // out(N,OC) = inp(N,C) . weight(OC,C)^T  [+ out]
   BlasThreads blas(threads_);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, inp.as<float>(), C,
-              weight.as<float>(), C, beta, o, OC);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, x, C, w, C, beta, o, OC);
 }
 
 void CpuBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
-                                 Tensor inp, Tensor weight) {
+                                 Tensor inp, Tensor weight, MatmulPrecision prec) {
   const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
   expect("matmul_backward", "weight", weight, DType::f32, {OC, C});
   expect("matmul_backward", "dout", dout.reshape({N, OC}), DType::f32, {N, OC});
-  const float* d = dout.as<float>();
-  BlasThreads blas(threads_);
-  if (dinp.defined()) {
-    expect("matmul_backward", "dinp", dinp.reshape({N, C}), DType::f32, {N, C});
-    // dinp(N,C) = dout(N,OC) . weight(OC,C)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, d, OC,
-                weight.as<float>(), C, 0.0f, dinp.as<float>(), C);
-  }
   expect("matmul_backward", "dweight", dweight, DType::f32, {OC, C});
-  // dweight(OC,C) += dout(N,OC)^T . inp(N,C)
-  cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, d, OC, inp.as<float>(), C,
-              1.0f, dweight.as<float>(), C);
+  // Both GEMMs see their operands in the matmul precision; the bias sums below use dout as is.
+  const float* d = dout.as<float>();
+  const float* dq = matmul_operand(dout, prec, 0);
+  {
+    BlasThreads blas(threads_);
+    if (dinp.defined()) {
+      expect("matmul_backward", "dinp", dinp.reshape({N, C}), DType::f32, {N, C});
+      // dinp(N,C) = dout(N,OC) . weight(OC,C)
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, dq, OC,
+                  matmul_operand(weight, prec, 1), C, 0.0f, dinp.as<float>(), C);
+    }
+  }
+  const float* x = matmul_operand(inp, prec, 2);
+  {
+    BlasThreads blas(threads_);
+    // dweight(OC,C) += dout(N,OC)^T . inp(N,C)
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dq, OC, x, C, 1.0f,
+                dweight.as<float>(), C);
+  }
   if (dbias.defined()) {
     expect("matmul_backward", "dbias", dbias, DType::f32, {OC});
     float* db = dbias.as<float>();

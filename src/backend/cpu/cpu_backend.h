@@ -3,6 +3,8 @@
 // one thread in a fixed order, and reductions across rows are split by column, never by row.
 #pragma once
 
+#include <vector>
+
 #include "backend/backend.h"
 
 namespace mpt {
@@ -28,9 +30,10 @@ class CpuBackend : public Backend {
                          Tensor bias) override;
   void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
                           Tensor weight, Tensor mean, Tensor rstd) override;
-  void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias) override;
+  void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
+                      MatmulPrecision prec) override;
   void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
-                       Tensor weight) override;
+                       Tensor weight, MatmulPrecision prec) override;
   void attention_forward(Tensor out, Tensor att, Tensor qkv, int n_head) override;
   void attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att, int n_head) override;
   void gelu_forward(Tensor out, Tensor inp) override;
@@ -42,7 +45,12 @@ class CpuBackend : public Backend {
   void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWParams& p) override;
 
  private:
+  // The operands of a matmul as its precision sees them: `t` itself for fp32, else a copy
+  // rounded to that format in scratch buffer `slot` (0..2), reused from call to call.
+  const float* matmul_operand(Tensor t, MatmulPrecision prec, int slot);
+
   int threads_;
+  std::vector<float> operand_scratch_[3];
 };
 
 }  // namespace mpt
