@@ -47,11 +47,12 @@ class Checkpoints : public CliTest {
   }
   // The final weights and optimizer state equal the straight run's byte for byte; so does
   // state.json when the two runs' configs are the same.
-  void expect_same_final_checkpoint(const std::string& run_name, bool same_config = true) {
+  void expect_same_final_checkpoint(const std::string& run_name, bool same_config = true,
+                                    const std::string& reference = "straight") {
     std::vector<std::string> files = {"model.safetensors", "optimizer.safetensors"};
     if (same_config) files.push_back("state.json");
     for (const auto& f : files)
-      EXPECT_TRUE(slurp(ckpt("straight", 16) + "/" + f) == slurp(ckpt(run_name, 16) + "/" + f))
+      EXPECT_TRUE(slurp(ckpt(reference, 16) + "/" + f) == slurp(ckpt(run_name, 16) + "/" + f))
           << f << " differs from the straight run's";
   }
 };
@@ -88,6 +89,24 @@ TEST_F(Checkpoints, ResumeContinuesExactly) {
           " --resume " + ckpt("straight", 8) + " --run-dir " + path("fork"));
   ASSERT_EQ(r.code, 0) << r.out;
   expect_same_final_checkpoint("fork");
+}
+
+// The same under the tf32 policy, whose matmuls round their operands.
+TEST_F(Checkpoints, ResumeContinuesExactlyUnderTf32) {
+  const std::string tf32 = "--set precision=tf32";
+  auto r = run(train_cmd(path("straight_tf32"), tf32));
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = run("MPT_FAULT=preempt_at_step=10 " + train_cmd(path("split_tf32"), tf32));
+  ASSERT_EQ(r.code, 3) << r.out;
+  r = run(train_cmd(path("split_tf32"), tf32 + " --resume"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(steps_and_evals(read_jsonl(path("straight_tf32/metrics.jsonl"))),
+            steps_and_evals(read_jsonl(path("split_tf32/metrics.jsonl"))));
+  expect_same_final_checkpoint("split_tf32", true, "straight_tf32");
+  // and tf32 really is another run than fp32
+  straight();
+  EXPECT_NE(slurp(ckpt("straight", 16) + "/model.safetensors"),
+            slurp(ckpt("straight_tf32", 16) + "/model.safetensors"));
 }
 
 // A crash at any point of a save leaves the previous committed checkpoint loadable, and the
