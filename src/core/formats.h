@@ -103,6 +103,13 @@ constexpr uint32_t kF32Quiet = 0x00400000u;
 template <int M, int B>
 MPT_HOST_DEVICE inline uint32_t round_magnitude_rne(uint32_t a) {
   static_assert(M > 0 && M < 23 && B >= 1 && B <= 127, "narrower than fp32");
+  if constexpr (B == 127) {
+    // fp32's exponent range (bf16, tf32): rounding is one integer add on the magnitude bits,
+    // for normals and subnormals alike; a carry into the exponent field is the next binade, or
+    // infinity. Branch-free, so loops over tensors vectorise.
+    constexpr uint32_t shift = 23 - M;
+    return (a + ((1u << (shift - 1)) - 1u) + ((a >> shift) & 1u)) >> shift;
+  }
   // fp32 biased exponent of the target's smallest normal, 2^(1-B).
   constexpr uint32_t kMinNormalExp = 127 + 1 - B;
   const uint32_t e = a >> 23;
