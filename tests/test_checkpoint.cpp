@@ -238,13 +238,14 @@ TEST_F(Checkpoints, ResumeRefusesChangedModelOrDataButAllowsSafeKeys) {
 TEST_F(Checkpoints, StopSignalsSaveAndExitThree) {
   const std::string cmd = train_cmd(path("sig"), "--set training.steps=100000 --set checkpoint.every=0");
   auto r = run("(" + cmd + " >" + path("log") + " 2>&1 & pid=$!; "
-               "for i in $(seq 1 200); do grep -q '\"step\"' " + path("sig/metrics.jsonl") +
+               "for i in $(seq 1 200); do grep -q '\"loss\"' " + path("sig/metrics.jsonl") +
                " 2>/dev/null && break; sleep 0.05; done; "
                "kill -TERM $pid; kill -USR1 $pid; wait $pid; echo rc=$?)");
   EXPECT_NE(r.out.find("rc=3"), std::string::npos) << r.out << slurp(path("log"));
   const auto recs = read_jsonl(path("sig/metrics.jsonl"));
   ASSERT_FALSE(recs.empty());
   EXPECT_EQ(recs.back()["status"], "stopped");
+  EXPECT_EQ(recs.back()["signal"], 15);  // the first signal, SIGTERM, is the one recorded
   const std::string latest = slurp(path("sig/checkpoints/latest"));
   ASSERT_FALSE(latest.empty());
   r = run(mpt_bin() + " inspect " + path("sig/checkpoints/") + latest.substr(0, 13));
@@ -270,4 +271,49 @@ TEST_F(Checkpoints, RetentionKeepsTheNewestAndEveryMth) {
   for (const char* want : {"step        10", "checksums verified", "transformer.wte.weight",
                            "transformer.h.1.mlp.c_proj.weight.exp_avg_sq"})
     EXPECT_NE(r.out.find(want), std::string::npos) << want << " in " << r.out;
+}
+
+// Resuming from an older checkpoint of the same run abandons the newer ones: `latest` moves back
+// first, the replay rewrites them, and the result is the same as the original run's.
+TEST_F(Checkpoints, ResumeFromAnOlderCheckpointOfTheSameRun) {
+  straight();
+  fs::copy(path("straight"), path("original"), fs::copy_options::recursive);
+  auto r = run(train_cmd(path("straight"), "--resume " + ckpt("straight", 8)));
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(slurp(path("straight/checkpoints/latest")), "step_00000016\n");
+  for (const char* f : {"model.safetensors", "optimizer.safetensors", "state.json"})
+    EXPECT_TRUE(slurp(ckpt("original", 16) + "/" + f) == slurp(ckpt("straight", 16) + "/" + f)) << f;
+}
+
+TEST_F(Checkpoints, ForksNeverWriteIntoAnotherRun) {
+  straight();
+  fs::create_directories(path("other"));
+  write("other/keep.txt", "precious");
+  auto r = run(train_cmd(path("other"), "--resume " + ckpt("straight", 8)));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_FALSE(fs::exists(path("other/metrics.jsonl")));
+  // a checkpoint outside RUN/checkpoints/ needs --run-dir
+  fs::copy(ckpt("straight", 8), path("loose"), fs::copy_options::recursive);
+  r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml --resume " + path("loose"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("--run-dir"), std::string::npos) << r.out;
+  // a fork into a fresh directory is a new run that starts where the checkpoint was
+  r = run(train_cmd(path("fork"), "--resume " + path("loose")));
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_TRUE(slurp(ckpt("straight", 16) + "/model.safetensors") ==
+              slurp(ckpt("fork", 16) + "/model.safetensors"));
+}
+
+TEST_F(Checkpoints, SignalInTheLastStepCompletesTheRun) {
+  auto r = run("MPT_FAULT=preempt_at_step=16 " + train_cmd(path("last")));
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(read_jsonl(path("last/metrics.jsonl")).back()["status"], "completed");
+}
+
+TEST_F(Checkpoints, ARunDirectoryInUseIsRefused) {
+  straight();
+  auto r = run("flock " + path("straight/.lock") + " " +
+               train_cmd(path("straight"), "--set training.steps=20 --resume"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("in use"), std::string::npos) << r.out;
 }

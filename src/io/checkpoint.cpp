@@ -227,8 +227,11 @@ std::string CheckpointManager::save(const CheckpointState& state,
                                     const std::vector<safetensors::TensorRef>& model,
                                     const std::vector<safetensors::TensorRef>& optimizer) {
   std::error_code ec;
-  fs::create_directories(dir_, ec);
-  if (ec) throw RuntimeError(dir_ + ": cannot create: " + ec.message());
+  if (!fs::exists(dir_, ec)) {
+    fs::create_directories(dir_, ec);
+    if (ec) throw RuntimeError(dir_ + ": cannot create: " + ec.message());
+    sync_directory(fs::path(dir_).parent_path().string());  // the new checkpoints/ entry itself
+  }
   // Leftovers of a save that crashed are never read; clear them now.
   for (const auto& e : fs::directory_iterator(dir_, ec))
     if (e.path().filename().string().rfind(kTmpPrefix, 0) == 0) fs::remove_all(e.path(), ec);
@@ -259,7 +262,8 @@ std::string CheckpointManager::save(const CheckpointState& state,
                         {"data", {{"epoch", state.data_epoch}, {"sample", state.data_sample}}},
                         {"precision", state.config.value("precision", "fp32")},
                         {"world_size", 1},
-                        {"config", state.config}};
+                        {"config", state.config},
+                        {"train_data", state.train_data}};
     for (const char* f : {kModelFile, kOptimizerFile}) {
       uint64_t bytes = 0;
       const std::string hash = hash_file((tmp / f).string(), &bytes);
@@ -270,17 +274,37 @@ std::string CheckpointManager::save(const CheckpointState& state,
     write_file_atomic((tmp / kStateFile).string(), {ByteSpan{text.data(), text.size()}}, hook);
     sync_directory(tmp.string());
     faults_.crash_if("before_rename", saving_step_);
-    // The same step can be saved again when a run is resumed from an older checkpoint after a
-    // crash that left this one committed but not `latest`: the new one replaces it.
-    fs::remove_all(final_dir);
-    fs::rename(tmp, final_dir);
+    // The same step is saved again when a run replays steps after a crash that left this one
+    // committed but not `latest` (restart_from deletes those newer than the resume point, so
+    // this is rare): the old one is set aside, the new one renamed in, then the old one goes.
+    const fs::path aside = fs::path(dir_) / (kTmpPrefix + name + ".old");
+    const bool replacing = fs::exists(final_dir);
+    if (replacing) fs::rename(final_dir, aside);
+    try {
+      fs::rename(tmp, final_dir);
+    } catch (...) {
+      if (replacing) fs::rename(aside, final_dir, ec);
+      throw;
+    }
     sync_directory(dir_);
+    if (replacing) fs::remove_all(aside, ec);
   } catch (const std::exception& e) {
     fs::remove_all(tmp, ec);
     throw RuntimeError("checkpoint at step " + std::to_string(state.step) + " not saved: " +
                        e.what());
   }
-  // `latest` moves last; written in two pieces so that a crash can land between them.
+  try {
+    write_latest(name);
+  } catch (const std::exception& e) {
+    throw RuntimeError("checkpoint at step " + std::to_string(state.step) + " was committed as " +
+                       final_dir.string() + " but `latest` could not be moved to it: " + e.what());
+  }
+  apply_retention(state.step);
+  return final_dir.string();
+}
+
+void CheckpointManager::write_latest(const std::string& name) {
+  // Written in two pieces so that the crash-injection test can land between them.
   const std::string head = "step_", tail = name.substr(5) + "\n";
   write_file_atomic((fs::path(dir_) / kLatest).string(),
                     {ByteSpan{head.data(), head.size()}, ByteSpan{tail.data(), tail.size()}},
@@ -288,8 +312,21 @@ std::string CheckpointManager::save(const CheckpointState& state,
                       if (written > 0) faults_.crash_if("in_latest", saving_step_);
                       return 0;
                     });
-  apply_retention(state.step);
-  return final_dir.string();
+}
+
+void CheckpointManager::restart_from(const std::string& dir) {
+  const std::string name = fs::path(dir).lexically_normal().filename().empty()
+                               ? fs::path(dir).lexically_normal().parent_path().filename().string()
+                               : fs::path(dir).lexically_normal().filename().string();
+  int64_t step = 0;
+  MPT_CHECK(parse_step_name(name, &step), "restart_from: not a checkpoint directory: " + dir);
+  write_latest(name);
+  std::error_code ec;
+  for (const auto& [s, path] : committed_steps(dir_)) {
+    if (s <= step) continue;
+    fs::remove(path / kStateFile, ec);  // first, as in apply_retention
+    fs::remove_all(path, ec);
+  }
 }
 
 void CheckpointManager::apply_retention(int64_t newest_step) {

@@ -40,6 +40,7 @@ struct CheckpointState {
   uint64_t data_epoch = 0;     // the training loader's cursor
   uint64_t data_sample = 0;
   nlohmann::json config;       // the resolved config of the run that wrote it
+  nlohmann::json train_data;   // the training data's sources and sizes
 };
 
 // A checkpoint read back and verified.
@@ -68,6 +69,11 @@ class CheckpointManager {
   std::string save(const CheckpointState& state, const std::vector<safetensors::TensorRef>& model,
                    const std::vector<safetensors::TensorRef>& optimizer);
 
+  // Makes `dir` (one of this run's checkpoints, verified) the run's latest again before a
+  // resumed run replays the steps after it: `latest` moves to it, and the newer checkpoints,
+  // which the replay will write anew, are deleted.
+  void restart_from(const std::string& dir);
+
   // The newest committed checkpoint of the run, verified. InputError when `latest` is missing,
   // empty, garbage or names a checkpoint that does not verify; the message names the newest
   // earlier checkpoint that does.
@@ -75,6 +81,7 @@ class CheckpointManager {
 
  private:
   void apply_retention(int64_t newest_step);
+  void write_latest(const std::string& name);
   int64_t saving_step_ = 0;  // the step being saved, for fault injection
 
   std::string dir_;  // run_dir/checkpoints

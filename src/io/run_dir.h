@@ -25,4 +25,18 @@ RunDirPlan plan_run_dir(const Config& cfg, const std::string& override_dir);
 // "-2", "-3", ... suffix instead. Returns the directory used.
 std::string create_run_dir(const RunDirPlan& plan, const Config& cfg);
 
+// An exclusive lock on a run directory for the life of one training process (flock on
+// RUN/.lock), so that two processes never train the same run, e.g. a scheduler's requeue while
+// the old job is still dying. InputError when another process holds it.
+class RunLock {
+ public:
+  explicit RunLock(const std::string& run_dir);
+  ~RunLock();
+  RunLock(const RunLock&) = delete;
+  RunLock& operator=(const RunLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
 }  // namespace mpt

@@ -1,5 +1,6 @@
 #include "model/gpt.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 
@@ -99,7 +100,8 @@ double Gpt::flops_per_token(const ModelConfig& cfg, int T) {
   return 6.0 * param_count(cfg) + 6.0 * cfg.n_layer * double(cfg.n_embd) * T;
 }
 
-MemoryLedger Gpt::plan_memory(const ModelConfig& cfg, int B, int T) {
+MemoryLedger Gpt::plan_memory(const ModelConfig& cfg, int B, int T,
+                              const PrecisionPolicy& policy) {
   // In double: absurd configs must give a large number, not an overflowed one.
   const double C = cfg.n_embd, L = cfg.n_layer, NH = cfg.n_head, Vp = cfg.padded_vocab();
   const double params = param_count(cfg) + (Vp - cfg.vocab_size) * C;  // padding rows are stored
@@ -111,6 +113,12 @@ MemoryLedger Gpt::plan_memory(const ModelConfig& cfg, int B, int T) {
   m.gradients = 4.0 * params;
   m.optimizer_state = 2 * 4.0 * params;
   m.activations = 4.0 * per_token * B * T;
+  if (policy.matmul == MatmulPrecision::tf32) {
+    // The CPU backend's three operand copies, each as large as the largest operand it holds:
+    // activations or output gradients (the logits' are the largest), weights, activations.
+    const double BT = double(B) * T;
+    m.workspace = 4.0 * (std::max(BT * 4 * C, BT * Vp) + std::max(Vp * C, 4 * C * C) + BT * 4 * C);
+  }
   return m;
 }
 

@@ -31,7 +31,8 @@ struct MemoryLedger {
   double gradients = 0;
   double optimizer_state = 0;  // AdamW's two moments
   double activations = 0;      // the activation arena for one micro-batch, backward scratch included
-  double workspace = 0;        // backend scratch (the GEMM workspace on GPUs; none on the CPU)
+  double workspace = 0;        // backend scratch: the CPU's rounded tf32 operand copies; later
+                               // the GEMM workspace on GPUs
 
   double total() const {
     return parameters + master_weights + gradients + optimizer_state + activations + workspace;
@@ -75,7 +76,8 @@ class Gpt {
 
   // The backend memory a training run of this model needs, by role, predicted before anything
   // is allocated (micro-batches of (B, T)).
-  static MemoryLedger plan_memory(const ModelConfig& cfg, int B, int T);
+  static MemoryLedger plan_memory(const ModelConfig& cfg, int B, int T,
+                                  const PrecisionPolicy& policy = {});
 
   size_t activation_bytes() const { return act_buf_.bytes(); }  // 0 before the first forward
 

@@ -1,14 +1,18 @@
 #include "train/signals.h"
 
+#include <atomic>
 #include <csignal>
 
 namespace mpt {
 namespace {
 
-volatile std::sig_atomic_t g_stop_signal = 0;
+// Lock-free, so the handler may touch it, and atomic, so any thread sees the write.
+std::atomic<int> g_stop_signal{0};
+static_assert(std::atomic<int>::is_always_lock_free, "the signal handler needs a lock-free atomic");
 
 extern "C" void record_stop_signal(int sig) {
-  if (g_stop_signal == 0) g_stop_signal = sig;
+  int none = 0;
+  g_stop_signal.compare_exchange_strong(none, sig);  // keep the first
 }
 
 constexpr int kSignals[] = {SIGTERM, SIGINT, SIGUSR1};
@@ -29,6 +33,6 @@ StopSignals::~StopSignals() {
   for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &g_previous[i], nullptr);
 }
 
-int StopSignals::requested() const { return g_stop_signal; }
+int StopSignals::requested() const { return g_stop_signal.load(); }
 
 }  // namespace mpt

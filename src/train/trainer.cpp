@@ -145,18 +145,32 @@ void check_resume_compatible(const nlohmann::json& saved, const nlohmann::json& 
 // Where a resumed run continues, and from which checkpoint.
 struct ResumePoint {
   std::string run_dir;
+  bool same_run;  // the checkpoint is one of run_dir's own (else run_dir is a new run: a fork)
   Checkpoint ckpt;
 };
 
 ResumePoint locate_resume(const Config& cfg, const TrainOptions& opt) {
   if (!opt.resume_from.empty()) {
+    if (fs::is_regular_file(opt.resume_from))
+      throw InputError("--resume " + opt.resume_from +
+                       ": a file, not a checkpoint directory (put --resume after the config file, "
+                       "or give it a path to runs/NAME/checkpoints/step_NNNNNNNN)");
     Checkpoint c = load_checkpoint(opt.resume_from);
-    fs::path p = fs::path(opt.resume_from).lexically_normal();
+    fs::path p = fs::absolute(opt.resume_from).lexically_normal();
     if (p.filename().empty()) p = p.parent_path();
-    // .../RUN/checkpoints/step_N continues in RUN unless --run-dir says otherwise.
-    const std::string run_dir = opt.run_dir.empty() ? p.parent_path().parent_path().string()
-                                                    : opt.run_dir;
-    return {run_dir.empty() ? "." : run_dir, std::move(c)};
+    // A checkpoint at RUN/checkpoints/step_N belongs to RUN.
+    const bool in_run = p.parent_path().filename() == "checkpoints";
+    const fs::path own_run = p.parent_path().parent_path();
+    if (opt.run_dir.empty()) {
+      if (!in_run)
+        throw InputError("--resume " + opt.resume_from +
+                         ": not inside a run's checkpoints/ directory; give --run-dir for the "
+                         "run to continue in");
+      return {own_run.string(), true, std::move(c)};
+    }
+    std::error_code ec;
+    const bool same = in_run && fs::exists(opt.run_dir, ec) && fs::equivalent(own_run, opt.run_dir, ec);
+    return {opt.run_dir, same, std::move(c)};
   }
   std::string run_dir = opt.run_dir;
   if (run_dir.empty()) {
@@ -165,7 +179,15 @@ ResumePoint locate_resume(const Config& cfg, const TrainOptions& opt) {
                        "checkpoint's path (--resume runs/NAME/checkpoints/step_NNNNNNNN)");
     run_dir = (fs::path(cfg.output.dir) / cfg.output.name).string();
   }
-  return {run_dir, CheckpointManager::load_latest(run_dir)};
+  return {run_dir, true, CheckpointManager::load_latest(run_dir)};
+}
+
+// What the training data is, for a checkpoint: resuming on other data would silently change
+// the batch order, so the sources and their sizes are saved and compared.
+nlohmann::json data_identity(const data::TokenDataset& d) {
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& s : d.sources()) out.push_back({{"source", s.name}, {"tokens", s.size}});
+  return out;
 }
 
 // Copies one named tensor of a checkpoint into a backend tensor, checking dtype and shape.
@@ -223,6 +245,9 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   const PrecisionPolicy policy = PrecisionPolicy::preset(cfg.precision);
 
   // ---- validate and build everything before anything is written
+  // Stop signals count from here: one that arrives while the run is set up stops it after its
+  // first step, with a checkpoint.
+  StopSignals signals;
   std::optional<ResumePoint> resume;
   RunDirPlan plan;
   if (opt.resume) {
@@ -232,7 +257,9 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
       throw InputError("nothing to resume: " + resume->ckpt.dir + " is at step " +
                        std::to_string(resume->ckpt.state.step) + " and training.steps is " +
                        std::to_string(steps) + " (raise training.steps to train further)");
-    plan.path = resume->run_dir;
+    // A fork into another directory claims it like a new run: never someone else's run.
+    plan = resume->same_run ? RunDirPlan{resume->run_dir, false}
+                            : plan_run_dir(cfg, resume->run_dir);
   } else {
     plan = plan_run_dir(cfg, opt.run_dir);
   }
@@ -244,7 +271,14 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   data::BatchLoader train_loader(train_data, B, T, cfg.training.seed, /*shuffle=*/true);
   data::BatchLoader val_loader(val_data, B, T, cfg.training.seed, /*shuffle=*/false);
   LrSchedule schedule(cfg.schedule, cfg.optimizer.lr, steps);
-  const MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T);
+  if (resume && resume->ckpt.state_json.contains("train_data") &&
+      resume->ckpt.state_json["train_data"] != data_identity(train_data))
+    throw InputError("cannot resume from " + resume->ckpt.dir +
+                     ": the training data changed (the checkpoint was trained on " +
+                     resume->ckpt.state_json["train_data"].dump() + ", data.train now gives " +
+                     data_identity(train_data).dump() +
+                     "); the batch order would not continue");
+  const MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T, policy);
   check_memory(memory);
   std::unique_ptr<Backend> backend = make_backend(cfg.backend, cfg.threads);
   TrainResult result;
@@ -257,25 +291,28 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   model.init_weights(cfg.model.init_seed, cfg.model.init_std);
   AdamW optimizer(cfg.optimizer, model, *backend);
   int64_t start_step = 0;
+  std::string resumed_from;
+  bool continue_in_place = false;
   if (resume) {
     restore(*backend, model, optimizer, resume->ckpt);
     train_loader.seek({resume->ckpt.state.data_epoch, resume->ckpt.state.data_sample});
     start_step = resume->ckpt.state.step;
+    resumed_from = resume->ckpt.dir;
+    continue_in_place = resume->same_run;
+    resume.reset();  // the checkpoint's bytes are in the model now; free the host copy
   }
 
   // ---- the run directory, then the start record
-  std::string run_dir;
-  if (resume) {
-    run_dir = resume->run_dir;
-    std::error_code ec;
-    fs::create_directories(run_dir, ec);
-    if (ec) throw RuntimeError(run_dir + ": cannot create run directory: " + ec.message());
-    write_file_atomic((fs::path(run_dir) / "config.yaml").string(), config_to_yaml(cfg));
-  } else {
-    run_dir = create_run_dir(plan, cfg);
-  }
+  const std::string run_dir = continue_in_place ? plan.path : create_run_dir(plan, cfg);
   result.run_dir = run_dir;
-  MetricsSink metrics((fs::path(run_dir) / "metrics.jsonl").string(), /*append=*/resume.has_value());
+  const RunLock lock(run_dir);
+  if (continue_in_place)  // the resolved config may differ in the keys resuming may change
+    write_file_atomic((fs::path(run_dir) / "config.yaml").string(), config_to_yaml(cfg));
+  CheckpointManager checkpoints(run_dir, cfg.checkpoint, faults);
+  // Continuing from an older checkpoint of this run abandons the newer ones: `latest` moves
+  // back to it first, so that it never names a checkpoint the replay is about to replace.
+  if (continue_in_place) checkpoints.restart_from(resumed_from);
+  MetricsSink metrics((fs::path(run_dir) / "metrics.jsonl").string(), /*append=*/true);
   nlohmann::json start = {{"event", "start"},
                           {"time", utc_timestamp()},
                           {"version", MPT_VERSION},
@@ -292,13 +329,13 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
                           {"train_data", train_data.describe()},
                           {"val_data", val_data.describe()},
                           {"config", config_to_json(cfg)}};
-  if (resume) {
-    start["resumed_from"] = resume->ckpt.dir;
+  if (!resumed_from.empty()) {
+    start["resumed_from"] = resumed_from;
     start["resume_step"] = start_step;
   }
   metrics.write(start);
   spdlog::info("run directory {}", run_dir);
-  if (resume) spdlog::info("resumed from {} at step {}", resume->ckpt.dir, start_step);
+  if (!resumed_from.empty()) spdlog::info("resumed from {} at step {}", resumed_from, start_step);
   spdlog::info("model: {} layers, {} heads, width {}, {} parameters; backend {} ({})",
                cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, model.num_params(),
                backend->name(), backend->device_description());
@@ -311,7 +348,6 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     spdlog::info("eval  step {:>6} | val_loss {:.4f}", step, val);
     return val;
   };
-  CheckpointManager checkpoints(run_dir, cfg.checkpoint, faults);
   auto checkpoint = [&](int64_t step) {
     CheckpointState st;
     st.step = step;
@@ -321,6 +357,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     st.data_epoch = cur.epoch;
     st.data_sample = cur.sample;
     st.config = config_to_json(cfg);
+    st.train_data = data_identity(train_data);
     const std::string dir = save_checkpoint(checkpoints, *backend, model, optimizer, st);
     spdlog::info("checkpoint {}", dir);
     // Relative to the run directory, so the records stay true when the run is moved.
@@ -329,7 +366,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     return rel;
   };
 
-  if (!resume) result.final_val_loss = run_eval(0);
+  if (resumed_from.empty()) result.final_val_loss = run_eval(0);
 
   std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
   const float dloss = 1.0f / static_cast<float>(static_cast<int64_t>(B) * T * accum);
@@ -338,12 +375,13 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   double interval_s = 0.0;
   int64_t interval_steps = 0;
   double last_loss = 0.0;
-  StopSignals signals;
   std::string last_checkpoint =
-      resume ? fs::path(resume->ckpt.dir).lexically_relative(run_dir).string() : "";
+      continue_in_place ? fs::path(resumed_from).lexically_relative(run_dir).string() : "";
+  int64_t current_step = start_step;
 
   try {
     for (int64_t step = start_step + 1; step <= steps; ++step) {
+      current_step = step;
       const auto t_step = Clock::now();
       const double lr = schedule.at(step - 1);
       model.zero_grad();
@@ -387,8 +425,10 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
       const int sig = faults.preempt_at_step == step ? SIGTERM : signals.requested();
       const bool save_due =
           (cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0) || step == steps;
-      if (save_due || sig != 0) last_checkpoint = checkpoint(step);
-      if (sig != 0) {
+      // A signal during the last step changes nothing: the run is complete and saved.
+      const bool stop = sig != 0 && step < steps;
+      if (save_due || stop) last_checkpoint = checkpoint(step);
+      if (stop) {
         metrics.write({{"event", "end"},
                        {"time", utc_timestamp()},
                        {"status", "stopped"},
@@ -407,6 +447,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     metrics.write({{"event", "end"},
                    {"time", utc_timestamp()},
                    {"status", "failed"},
+                   {"step", current_step},
                    {"reason", e.what()},
                    {"checkpoint", last_checkpoint}});
     throw;
