@@ -1,5 +1,7 @@
 #include "precision/fp8_scaling.h"
 
+#include "core/dtype.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -48,7 +50,10 @@ void expect_same(const nlohmann::json& j, const char* field, const nlohmann::jso
 
 }  // namespace
 
-float fp8_max(Fp8Format f) { return f == Fp8Format::e4m3 ? 448.0f : 57344.0f; }
+DType fp8_dtype(Fp8Format f) { return f == Fp8Format::e4m3 ? DType::e4m3 : DType::e5m2; }
+
+// The dtype table is the one source of the formats' limits.
+float fp8_max(Fp8Format f) { return static_cast<float>(dtype_traits(fp8_dtype(f)).max_finite); }
 
 const char* fp8_format_name(Fp8Format f) { return f == Fp8Format::e4m3 ? "e4m3" : "e5m2"; }
 

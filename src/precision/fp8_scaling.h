@@ -10,6 +10,8 @@
 // tensor before quantising, no staleness). Defaults and reasons: docs/precision.md, "fp8 scaling".
 #pragma once
 
+#include "core/dtype.h"
+
 #include <cstdint>
 #include <deque>
 #include <string>
@@ -22,6 +24,7 @@ enum class Fp8Format { e4m3, e5m2 };
 
 // Largest finite value: 448 for e4m3 (the "fn" variant: no infinities), 57344 for e5m2.
 float fp8_max(Fp8Format f);
+DType fp8_dtype(Fp8Format f);  // the storage dtype of that format
 const char* fp8_format_name(Fp8Format f);  // "e4m3", "e5m2"
 
 struct Fp8ScalingConfig {
