@@ -55,7 +55,10 @@ int main(int argc, char** argv) {
                     "YAML config file (see docs/config.md); without one, the built-in default")
       ->check(CLI::ExistingFile);
   train->add_option("--set", sets, "Override a config key: --set key.path=value (repeatable)")
-      ->type_name("KEY=VALUE");
+      ->type_name("KEY=VALUE")
+      ->expected(1)  // one override per --set, so a config file after it stays positional
+      ->allow_extra_args(false)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
   train->add_option("--run-dir", run_dir, "Write the run here instead of output.dir/output.name");
   mpt::TrainOptions train_opt;
   train->add_flag("--dry-run", train_opt.dry_run,

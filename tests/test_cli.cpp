@@ -344,3 +344,13 @@ TEST_F(Cli, Gpt2SmallConfigHasGpt2ParameterCount) {
   EXPECT_EQ(r.code, 2) << r.out;
   EXPECT_NE(r.out.find("fineweb_train_*.bin"), std::string::npos) << r.out;
 }
+
+// Each --set takes one override, so options and the config file can come in any order.
+TEST_F(Cli, OverridesAndConfigInAnyOrder) {
+  auto r = run(mpt_bin() + " train --set training.steps=7 " + MPT_SOURCE_DIR +
+               "/configs/default.yaml --set training.grad_accum=2 --dry-run");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("config OK: " + std::string(MPT_SOURCE_DIR) + "/configs/default.yaml"),
+            std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("x 2 accumulation = 1024 tokens/step, 7 steps"), std::string::npos) << r.out;
+}
