@@ -79,7 +79,7 @@ class BlasThreads {
 CpuBackend::CpuBackend(int threads) : threads_(threads > 0 ? threads : omp_get_num_procs()) {}
 
 std::string CpuBackend::device_description() const {
-  return std::string("CPU, ") + std::to_string(threads_) + " threads, OpenBLAS " +
+  return std::string("CPU, ") + std::to_string(threads_) + " threads, " +
          openblas_get_config();
 }
 
