@@ -166,15 +166,47 @@ TEST_F(CpuOps, Matmul) {
       Owned dw = randn(be, {OC, C}, rng), db = randn(be, {OC}, rng);
       const auto dw0 = copy_of(dw), db0 = copy_of(db);
       be.matmul_backward(dx.t, dw.t, with_bias ? db.t : Tensor(), w.t, x.t, wt.t, prec);
-      auto loss = [&] {
-        be.matmul_forward(out.t, x.t, wt.t, bias.t, MatmulPrecision::fp32);
-        return weighted_sum(out, w);
-      };
-      // tf32 gradients are those of the fp32 loss up to tf32's rounding (2^-11 relative).
-      const double rtol = prec == MatmulPrecision::tf32 ? 2e-2 : 1e-2;
-      check_fd("dinp", x, as_double(dx), loss, rng, 24, 1e-2, 2e-3, rtol);
-      check_fd("dweight", wt, accumulated(dw, dw0), loss, rng, 24, 1e-2, 2e-3, rtol);
-      if (with_bias) check_fd("dbias", bias, accumulated(db, db0), loss, rng);
+      if (prec == MatmulPrecision::fp32) {
+        auto loss = [&] {
+          be.matmul_forward(out.t, x.t, wt.t, bias.t, prec);
+          return weighted_sum(out, w);
+        };
+        check_fd("dinp", x, as_double(dx), loss, rng);
+        check_fd("dweight", wt, accumulated(dw, dw0), loss, rng);
+        if (with_bias) check_fd("dbias", bias, accumulated(db, db0), loss, rng);
+        continue;
+      }
+      // tf32: both backward products take tf32-rounded operands, exactly like the forward; the
+      // reference is their fp64 product. (Finite differences cannot resolve tf32's rounding.)
+      const auto dwg = accumulated(dw, dw0);
+      for (int64_t n = 0; n < B * T; ++n)
+        for (int64_t c = 0; c < C; ++c) {
+          double ref = 0, mag = 0;
+          for (int64_t o = 0; o < OC; ++o) {
+            const double term = operand(w.f()[n * OC + o]) * operand(wt.f()[o * C + c]);
+            ref += term;
+            mag += std::fabs(term);
+          }
+          ASSERT_NEAR(dx.f()[n * C + c], ref, 1e-6 * mag + 1e-7) << "dinp " << n << "," << c;
+        }
+      for (int64_t o = 0; o < OC; ++o)
+        for (int64_t c = 0; c < C; ++c) {
+          double ref = 0, mag = 0;
+          for (int64_t n = 0; n < B * T; ++n) {
+            const double term = operand(w.f()[n * OC + o]) * operand(x.f()[n * C + c]);
+            ref += term;
+            mag += std::fabs(term);
+          }
+          // dweight started at dw0 (fp32 accumulation adds one rounding of |dw0|)
+          ASSERT_NEAR(dwg[o * C + c], ref, 1e-6 * (mag + std::fabs(dw0[o * C + c])) + 1e-7)
+              << "dweight " << o << "," << c;
+        }
+      if (with_bias)  // bias sums use the unrounded gradient: fp32 adds, no tf32 products
+        for (int64_t o = 0; o < OC; ++o) {
+          double ref = 0;
+          for (int64_t n = 0; n < B * T; ++n) ref += w.f()[n * OC + o];
+          ASSERT_NEAR(db.f()[o] - db0[o], ref, 1e-5 * (1 + std::fabs(ref)));
+        }
     }
 }
 
@@ -235,6 +267,17 @@ TEST_F(CpuOps, Gelu) {
     ASSERT_NEAR(out.f()[i], ref, 1e-6 * (1 + std::fabs(ref)));
   }
   Owned dx = randn(be, {n}, rng);
+  be.gelu_backward(dx.t, x.t, w.t);
+  // Against the fp64 derivative everywhere, tails included...
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = x.f()[i], k = std::sqrt(2 / M_PI);
+    const double th = std::tanh(k * (v + 0.044715 * v * v * v));
+    const double d = 0.5 * (1 + th) + 0.5 * v * (1 - th * th) * k * (1 + 3 * 0.044715 * v * v);
+    ASSERT_NEAR(dx.f()[i], d * w.f()[i], 1e-5 * (1 + std::fabs(d * w.f()[i]))) << "x = " << v;
+  }
+  // ...and against finite differences where fp32 resolves them: below x = -3, 1 + tanh cancels
+  // to a few ulps and the forward is a staircase at the scale of eps.
+  for (int64_t i = 0; i < n; ++i) x.f()[i] = std::max(x.f()[i], -3.0f);
   be.gelu_backward(dx.t, x.t, w.t);
   check_fd("gelu", x, as_double(dx), [&] {
     be.gelu_forward(out.t, x.t);

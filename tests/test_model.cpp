@@ -65,7 +65,9 @@ TEST(Gpt, InitialLossIsCloseToLogVocab) {
   const int B = 4, T = 16;
   auto in = random_tokens(rng, B * T, m.vocab_size), tg = random_tokens(rng, B * T, m.vocab_size);
   const float loss = g.forward(in.data(), tg.data(), B, T, 0.0f);
-  EXPECT_NEAR(loss, std::log(200.0), 0.05);
+  // Logits have std ~ sqrt(C) * 0.02 = 0.11 at init, so the mean loss of 64 tokens sits within a
+  // few hundredths of ln V; 0.1 leaves room for the tails of that noise.
+  EXPECT_NEAR(loss, std::log(200.0), 0.1);
 }
 
 TEST(Gpt, InitialisationFollowsGpt2) {
@@ -155,13 +157,16 @@ TEST(Gpt, WholeModelGradientMatchesFiniteDifferences) {
       directional += double(dir[info.offset + i]) * gr[info.offset + i];
     }
   const std::vector<float> p0(p, p + P.numel());
-  const double h = 1e-3;
+  // Every weight moves by h * N(0,1), a step of norm h * sqrt(#params) ~ 70h, along which the
+  // loss is strongly curved: the O(h^2) truncation error reached 12% at h = 1e-2 and 3% at
+  // h = 3e-3 for some seeds, 0.1% at 3e-4. The fp32 noise of the loss stays far below that.
+  const double h = 3e-4;
   for (int64_t i = 0; i < P.numel(); ++i) p[i] = static_cast<float>(p0[i] + h * dir[i]);
   const double lp = loss();
   for (int64_t i = 0; i < P.numel(); ++i) p[i] = static_cast<float>(p0[i] - h * dir[i]);
   const double lm = loss();
   std::copy(p0.begin(), p0.end(), p);
-  EXPECT_NEAR(directional, (lp - lm) / (2 * h), 1e-2 * std::fabs(directional) + 1e-3);
+  EXPECT_NEAR(directional, (lp - lm) / (2 * h), 1e-2 * std::fabs(directional) + 2e-3);
 }
 
 TEST(Gpt, PaddedVocabularyRowsGetNoGradient) {
