@@ -67,7 +67,7 @@ bool forbidding_key(const std::string& k) {
   return (starts_with(k, "model.") && k != "model.init_seed") || starts_with(k, "data.");
 }
 
-std::string pct(double v) { return strf("%+.1f%%", v); }
+std::string pct(double v) { return strf("%+.2f%%", v); }
 
 }  // namespace
 

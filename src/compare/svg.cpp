@@ -36,9 +36,11 @@ std::vector<double> ticks(double lo, double hi, int target = 5) {
       step = m * mag;
       break;
     }
+  // From the last tick at or below lo to the first at or above hi, so the axis ends on labels.
+  const long first = static_cast<long>(std::floor(lo / step + 1e-9));
+  const long last = static_cast<long>(std::ceil(hi / step - 1e-9));
   std::vector<double> t;
-  for (double v = std::ceil(lo / step - 1e-9) * step; v <= hi + step * 1e-9; v += step)
-    t.push_back(std::fabs(v) < step * 1e-9 ? 0.0 : v);
+  for (long k = first; k <= last; ++k) t.push_back(k == 0 ? 0.0 : k * step);
   return t;
 }
 
@@ -292,8 +294,10 @@ std::string render_svg(const Comparison& c) {
       for (auto it = band.rbegin(); it != band.rend(); ++it) pts += strf("%.1f,%.1f ", f.px(it->first), f.py(-it->second));
       pts.pop_back();
       s += "<polygon id=\"noise-band\" class=\"noise-band\" points=\"" + pts + "\"/>\n";
-      s += strf("<text x=\"%.1f\" y=\"%.1f\" fill=\"#555\">%s seed noise: ±%.4f (±%.2f%%) at the end</text>\n",
-                legend_x, f.y0 + 20, xml_escape(c.band->policy).c_str(), c.band->spread, c.band->spread_pct);
+      s += strf("<text x=\"%.1f\" y=\"%.1f\" fill=\"#555\">%s seed noise at the end:</text>\n", legend_x,
+                f.y0 + 20, xml_escape(c.band->policy).c_str());
+      s += strf("<text x=\"%.1f\" y=\"%.1f\" fill=\"#555\">±%.4f (±%.2f%%), %zu seeds</text>\n", legend_x,
+                f.y0 + 36, c.band->spread, c.band->spread_pct, c.band->runs.size());
     } else {
       s += strf("<text x=\"%.1f\" y=\"%.1f\" fill=\"#555\">seed noise unknown:</text>\n", legend_x, f.y0 + 20);
       s += strf("<text x=\"%.1f\" y=\"%.1f\" fill=\"#555\">run %s with 2+ seeds</text>\n", legend_x, f.y0 + 36,
