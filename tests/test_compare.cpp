@@ -295,6 +295,45 @@ TEST_F(Compare, RefusesDifferentModelsAndNamesBadMetrics) {
   EXPECT_NE(r.out.find("empty"), std::string::npos) << r.out;
 
   EXPECT_EQ(run(mpt_bin() + " compare").code, 2);
+  r = run(mpt_bin() + " compare --help");
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("--baseline"), std::string::npos) << r.out;
+
+  // A line in the middle that is not JSON is named with its line number.
+  fs::create_directories(root_ / "damaged");
+  const std::string text = slurp(dir("fp32_s2") + "/metrics.jsonl");
+  {
+    std::ofstream f(root_ / "damaged" / "metrics.jsonl");
+    f << text.substr(0, text.find('\n') + 1) << "{not json\n" << text.substr(text.find('\n') + 1);
+  }
+  r = run(mpt_bin() + " compare " + dir("fp32_s1") + " " + dir("damaged"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find(dir("damaged") + "/metrics.jsonl:2"), std::string::npos) << r.out;
+}
+
+// A run cut off by a crash: the last line is incomplete and there is no end record. It is
+// compared as far as it got, and its verdict says so.
+TEST_F(Compare, CutOffRunIsComparedAsFarAsItGot) {
+  const auto recs = read_jsonl(dir("tf32_s1") + "/metrics.jsonl");
+  fs::create_directories(root_ / "cut");
+  int64_t last_eval_step = 0;
+  double last_val = 0;
+  {
+    std::ofstream f(root_ / "cut" / "metrics.jsonl");
+    for (const auto& rec : recs) {
+      if (rec.contains("step") && rec["step"].get<int64_t>() > 12) break;
+      if (rec.value("event", "") == "eval") last_eval_step = rec["step"], last_val = rec["val_loss"];
+      f << rec.dump() << "\n";
+    }
+    f << "{\"step\": 14, \"tok";
+  }
+  const auto c = mpt::compare::compare_runs({dir("fp32_s1"), (root_ / "cut").string()});
+  const auto& cut = c.runs[1];
+  EXPECT_EQ(cut.data.steps, 12);
+  EXPECT_EQ(cut.data.status, "");
+  EXPECT_EQ(cut.data.val_step, last_eval_step);
+  EXPECT_EQ(*cut.data.val_loss, last_val);
+  EXPECT_NE(cut.verdict.find("[run has no end record]"), std::string::npos) << cut.verdict;
 }
 
 TEST_F(Compare, WarnsWhenTrainingKeysDiffer) {
