@@ -3,15 +3,19 @@
 #include <spdlog/spdlog.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <string>
 #include <vector>
 
+#include "compare/compare.h"
+#include "compare/svg.h"
 #include "config/config.h"
 #include "core/error.h"
 #include "data/prepare.h"
 #include "data/shard.h"
 #include "io/checkpoint.h"
+#include "io/files.h"
 #include "train/trainer.h"
 
 namespace {
@@ -38,6 +42,25 @@ int run_prepare(const std::vector<std::string>& inputs, const std::string& out, 
 
 int run_inspect(const std::vector<std::string>& shards) {
   for (const auto& s : shards) std::printf("%s\n", mpt::data::format_shard_info(mpt::data::inspect_shard(s)).c_str());
+  return 0;
+}
+
+int run_compare(const std::vector<std::string>& dirs, const std::string& baseline,
+                const std::string& out) {
+  const auto c = mpt::compare::compare_runs(dirs, baseline);
+  std::fflush(stdout);
+  for (const auto& w : c.warnings) std::fprintf(stderr, "mpt: warning: %s\n", w.c_str());
+  std::printf("%s", mpt::compare::format_table(c).c_str());
+  if (!out.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(out, ec);
+    if (ec) throw mpt::InputError("--out " + out + ": cannot create the directory: " + ec.message());
+    const std::string json_path = (std::filesystem::path(out) / "compare.json").string();
+    const std::string svg_path = (std::filesystem::path(out) / "compare.svg").string();
+    mpt::write_file_atomic(json_path, mpt::compare::to_json(c).dump(2) + "\n");
+    mpt::write_file_atomic(svg_path, mpt::compare::render_svg(c));
+    std::printf("\nwrote %s and %s\n", json_path.c_str(), svg_path.c_str());
+  }
   return 0;
 }
 
@@ -97,6 +120,23 @@ int main(int argc, char** argv) {
   auto* inspect = data->add_subcommand("inspect", "Print a shard's header, token count and range");
   inspect->add_option("shards", shards, "Shard files")->required();
 
+  std::vector<std::string> compare_dirs;
+  std::string compare_baseline, compare_out;
+  auto* compare = app.add_subcommand(
+      "compare", "Compare runs: final validation loss against a baseline, seed noise, "
+                 "throughput and memory (docs/compare.md)");
+  compare->add_option("runs", compare_dirs, "Run directories (each holding metrics.jsonl)")
+      ->required()
+      ->type_name("RUN_DIR...");
+  compare->add_option("--baseline", compare_baseline,
+                      "The run the others are compared with (default: the first fp32 run, else "
+                      "the first run)")
+      ->type_name("RUN");
+  compare->add_option("--out", compare_out,
+                      "Write compare.json and compare.svg into this directory (default: write "
+                      "nothing, print the table only)")
+      ->type_name("DIR");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -114,6 +154,7 @@ int main(int argc, char** argv) {
       std::printf("%s", mpt::describe_checkpoint(inspect_path).c_str());
       return 0;
     }
+    if (*compare) return run_compare(compare_dirs, compare_baseline, compare_out);
     if (*prepare) return run_prepare(inputs, out_dir, val_fraction, shard_tokens);
     if (*inspect) return run_inspect(shards);
   } catch (const mpt::Error& e) {

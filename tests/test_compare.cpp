@@ -1,0 +1,373 @@
+// `mpt compare` end to end: tiny CPU runs of fp32 (two seeds) and tf32, compared through the
+// executable; the table and compare.json against the runs' own metrics, the SVG's
+// well-formedness and its curves, and refusals (different models, missing or empty metrics).
+#include <gtest/gtest.h>
+
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "cli_util.h"
+#include "compare/compare.h"
+#include "compare/svg.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using namespace mpt::test;
+
+namespace {
+
+// threads=1 (after kTiny's threads=2): on a loaded machine two OpenMP threads can spin for
+// seconds per step; one thread trains these 20 steps in a fraction of a second.
+const std::string kRun = kTiny +
+                         " --set threads=1 --set training.steps=20 --set training.eval_every=5"
+                         " --set training.log_every=2 --set checkpoint.every=0";
+
+std::string slurp(const std::string& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// A small XML well-formedness check: one root element, matching start and end tags, quoted
+// attributes without '<', entity references only of the five predefined kinds or numeric.
+// Returns "" when well formed, else what is wrong. `elements` receives every element name.
+std::string xml_check(const std::string& s, std::vector<std::string>* elements = nullptr) {
+  std::vector<std::string> stack;
+  int roots = 0;
+  size_t i = 0;
+  auto check_text = [&](const std::string& t) -> std::string {
+    for (size_t k = 0; k < t.size(); ++k) {
+      if (t[k] == '<') return "stray '<'";
+      if (t[k] == '&') {
+        const size_t e = t.find(';', k);
+        if (e == std::string::npos) return "unterminated entity";
+        const std::string ent = t.substr(k + 1, e - k - 1);
+        if (ent != "amp" && ent != "lt" && ent != "gt" && ent != "quot" && ent != "apos" &&
+            !(ent.size() > 1 && ent[0] == '#'))
+          return "unknown entity &" + ent + ";";
+      }
+    }
+    return "";
+  };
+  while (i < s.size()) {
+    const size_t lt = s.find('<', i);
+    const std::string text = s.substr(i, lt == std::string::npos ? std::string::npos : lt - i);
+    if (auto e = check_text(text); !e.empty()) return e;
+    if (stack.empty() && text.find_first_not_of(" \t\r\n") != std::string::npos)
+      return "text outside the root element";
+    if (lt == std::string::npos) break;
+    if (s.compare(lt, 4, "<!--") == 0) {
+      const size_t e = s.find("-->", lt);
+      if (e == std::string::npos) return "unterminated comment";
+      i = e + 3;
+      continue;
+    }
+    if (s.compare(lt, 2, "<?") == 0) {
+      const size_t e = s.find("?>", lt);
+      if (e == std::string::npos) return "unterminated declaration";
+      i = e + 2;
+      continue;
+    }
+    size_t k = lt + 1;
+    const bool closing = s[k] == '/';
+    if (closing) ++k;
+    const size_t name_start = k;
+    while (k < s.size() && (std::isalnum(static_cast<unsigned char>(s[k])) || s[k] == '-' || s[k] == ':' || s[k] == '_')) ++k;
+    const std::string name = s.substr(name_start, k - name_start);
+    if (name.empty()) return "tag without a name at " + std::to_string(lt);
+    if (closing) {
+      while (k < s.size() && std::isspace(static_cast<unsigned char>(s[k]))) ++k;
+      if (k >= s.size() || s[k] != '>') return "bad end tag " + name;
+      if (stack.empty() || stack.back() != name) return "end tag " + name + " does not match";
+      stack.pop_back();
+      i = k + 1;
+      continue;
+    }
+    // attributes
+    bool self_close = false;
+    for (;;) {
+      while (k < s.size() && std::isspace(static_cast<unsigned char>(s[k]))) ++k;
+      if (k >= s.size()) return "unterminated tag " + name;
+      if (s[k] == '>') break;
+      if (s.compare(k, 2, "/>") == 0) {
+        self_close = true;
+        ++k;
+        break;
+      }
+      const size_t an = k;
+      while (k < s.size() && s[k] != '=' && !std::isspace(static_cast<unsigned char>(s[k])) && s[k] != '>') ++k;
+      if (k == an || k >= s.size() || s[k] != '=') return "attribute without a value in " + name;
+      ++k;
+      if (k >= s.size() || (s[k] != '"' && s[k] != '\'')) return "unquoted attribute in " + name;
+      const char q = s[k];
+      const size_t e = s.find(q, k + 1);
+      if (e == std::string::npos) return "unterminated attribute in " + name;
+      if (auto err = check_text(s.substr(k + 1, e - k - 1)); !err.empty()) return err + " in an attribute of " + name;
+      k = e + 1;
+    }
+    if (elements) elements->push_back(name);
+    if (stack.empty()) ++roots;
+    if (!self_close) stack.push_back(name);
+    i = k + 1;
+  }
+  if (!stack.empty()) return "unclosed element " + stack.back();
+  if (roots != 1) return "expected one root element, found " + std::to_string(roots);
+  return "";
+}
+
+size_t count(const std::string& s, const std::string& what) {
+  size_t n = 0;
+  for (size_t p = s.find(what); p != std::string::npos; p = s.find(what, p + 1)) ++n;
+  return n;
+}
+
+// The runs are trained once for the whole suite.
+class Compare : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    root_ = fs::path(::testing::TempDir()) / "mpt_compare_runs";
+    fs::remove_all(root_);
+    fs::create_directories(root_);
+    for (const auto& [name, extra] : std::vector<std::pair<std::string, std::string>>{
+             {"fp32_s1", " --set training.seed=1"},
+             {"fp32_s2", " --set training.seed=2"},
+             {"tf32_s1", " --set training.seed=1 --set precision=tf32"},
+             {"fp32_l3", " --set training.seed=1 --set model.n_layer=3"}}) {
+      const auto r = run(mpt_bin() + " train" + kRun + extra + " --run-dir " + (root_ / name).string());
+      ASSERT_EQ(r.code, 0) << name << ": " << r.out;
+    }
+  }
+  static void TearDownTestSuite() { fs::remove_all(root_); }
+  void SetUp() override {
+    if (!fs::exists(root_ / "fp32_l3" / "metrics.jsonl")) GTEST_SKIP() << "the runs did not train";
+    out_ = root_ / ("out_" + std::string(::testing::UnitTest::GetInstance()->current_test_info()->name()));
+  }
+  static std::string dir(const std::string& name) { return (root_ / name).string(); }
+  static fs::path root_;
+  fs::path out_;
+};
+fs::path Compare::root_;
+
+TEST_F(Compare, TableAndJsonAgreeWithTheRunsOwnMetrics) {
+  // tf32 first: the default baseline is still the first fp32 run.
+  const auto r = run(mpt_bin() + " compare " + dir("tf32_s1") + " " + dir("fp32_s1") + " " +
+                     dir("fp32_s2") + " --out " + out_.string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  const json j = json::parse(slurp((out_ / "compare.json").string()));
+  EXPECT_EQ(j["baseline"], "fp32_s1");
+  ASSERT_EQ(j["runs"].size(), 3u);
+  for (const char* k : {"baseline", "baseline_dir", "warnings", "noise_band", "runs"})
+    EXPECT_TRUE(j.contains(k)) << k;
+  EXPECT_TRUE(j["warnings"].empty()) << j["warnings"];
+
+  std::map<std::string, json> by;
+  for (const auto& e : j["runs"]) {
+    for (const char* k : {"label", "dir", "policy", "training_seed", "init_seed", "status",
+                          "is_baseline", "steps", "tokens", "val_loss", "val_step", "val_loss_diff",
+                          "val_loss_diff_pct", "val_loss_diff_bands", "inside_noise_band",
+                          "tokens_per_s", "tokens_per_s_records", "speedup", "memory_bytes",
+                          "memory_ratio", "verdict", "eval"})
+      EXPECT_TRUE(e.contains(k)) << k;
+    by[e["label"]] = e;
+  }
+  EXPECT_EQ(by["tf32_s1"]["policy"], "tf32");
+  EXPECT_EQ(by["fp32_s2"]["training_seed"], 2);
+  EXPECT_TRUE(by["fp32_s1"]["is_baseline"].get<bool>());
+
+  std::map<std::string, double> tps;
+  for (const std::string name : {"fp32_s1", "fp32_s2", "tf32_s1"}) {
+    const auto recs = read_jsonl(dir(name) + "/metrics.jsonl");
+    const auto evals = events(recs, "eval");
+    const auto steps = events(recs, "");
+    const json& e = by[name];
+    EXPECT_EQ(e["val_loss"].get<double>(), evals.back()["val_loss"].get<double>()) << name;
+    EXPECT_EQ(e["val_step"], 20);
+    EXPECT_EQ(e["steps"], steps.back()["step"]) << name;
+    EXPECT_EQ(e["tokens"], steps.back()["tokens"]) << name;
+    EXPECT_EQ(e["steps"], 20);
+    EXPECT_EQ(e["status"], "completed");
+    EXPECT_EQ(e["eval"].size(), evals.size());
+    EXPECT_EQ(e["memory_bytes"].get<double>(), recs.front()["memory"]["total"].get<double>());
+    // Steady state: the step records after the first 10% of the steps (step > 2), never the first.
+    double sum = 0;
+    int n = 0;
+    for (size_t i = 1; i < steps.size(); ++i)
+      if (steps[i]["step"].get<int64_t>() > 2) sum += steps[i]["tokens_per_s"].get<double>(), ++n;
+    EXPECT_EQ(e["tokens_per_s_records"], n);
+    EXPECT_NEAR(e["tokens_per_s"].get<double>(), sum / n, 1e-9 * sum / n) << name;
+    tps[name] = sum / n;
+    // The table prints the same numbers.
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.4f", evals.back()["val_loss"].get<double>());
+    EXPECT_NE(r.out.find(buf), std::string::npos) << buf << "\n" << r.out;
+    EXPECT_NE(r.out.find(std::to_string(steps.back()["tokens"].get<int64_t>())), std::string::npos);
+  }
+  const double base = by["fp32_s1"]["val_loss"];
+  const double tf = by["tf32_s1"]["val_loss"];
+  EXPECT_NEAR(by["tf32_s1"]["val_loss_diff"].get<double>(), tf - base, 1e-12);
+  EXPECT_NEAR(by["tf32_s1"]["val_loss_diff_pct"].get<double>(), 100 * (tf - base) / base, 1e-9);
+  EXPECT_NEAR(by["tf32_s1"]["speedup"].get<double>(), tps["tf32_s1"] / tps["fp32_s1"], 1e-9);
+  EXPECT_NEAR(by["tf32_s1"]["memory_ratio"].get<double>(),
+              by["tf32_s1"]["memory_bytes"].get<double>() / by["fp32_s1"]["memory_bytes"].get<double>(), 1e-12);
+
+  // Two fp32 seeds: the band is their spread.
+  ASSERT_TRUE(j["noise_band"].is_object()) << j.dump(2);
+  const double spread = std::fabs(by["fp32_s1"]["val_loss"].get<double>() - by["fp32_s2"]["val_loss"].get<double>());
+  EXPECT_GT(spread, 0.0);
+  EXPECT_NEAR(j["noise_band"]["spread"].get<double>(), spread, 1e-12);
+  EXPECT_EQ(j["noise_band"]["policy"], "fp32");
+  EXPECT_EQ(j["noise_band"]["runs"].size(), 2u);
+  EXPECT_NEAR(by["tf32_s1"]["val_loss_diff_bands"].get<double>(), (tf - base) / spread, 1e-9);
+  EXPECT_EQ(by["tf32_s1"]["inside_noise_band"].get<bool>(), std::fabs(tf - base) <= spread);
+
+  const std::string verdict = by["tf32_s1"]["verdict"];
+  for (const char* w : {"tf32: ", "x speed", "x memory", "val loss ", "vs fp32", "fp32 seed noise (±"})
+    EXPECT_NE(verdict.find(w), std::string::npos) << w << " in " << verdict;
+  EXPECT_NE(r.out.find(verdict), std::string::npos) << r.out;
+
+  // The picture: well formed, a curve per run, the band.
+  const std::string svg = slurp((out_ / "compare.svg").string());
+  std::vector<std::string> elements;
+  EXPECT_EQ(xml_check(svg, &elements), "") << svg.substr(0, 2000);
+  ASSERT_FALSE(elements.empty());
+  EXPECT_EQ(elements.front(), "svg");
+  for (int i = 0; i < 3; ++i) {
+    for (const char* kind : {"val-", "train-", "diff-"})
+      EXPECT_EQ(count(svg, "id=\"" + std::string(kind) + std::to_string(i) + "\""), 1u) << kind << i;
+  }
+  EXPECT_EQ(count(svg, "class=\"val-curve\""), 3u);
+  EXPECT_EQ(count(svg, "id=\"noise-band\""), 1u);
+  EXPECT_EQ(count(svg, "class=\"bar\""), 6u);
+  for (const char* label : {"training tokens", "loss (nats/token)", "tokens/s", "MiB", "tf32_s1", "fp32_s2"})
+    EXPECT_NE(svg.find(label), std::string::npos) << label;
+}
+
+TEST_F(Compare, BaselineOptionAndNoBandWithOneSeed) {
+  const auto r = run(mpt_bin() + " compare " + dir("fp32_s1") + " " + dir("tf32_s1") + " --baseline " +
+                     dir("tf32_s1") + " --out " + out_.string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  const json j = json::parse(slurp((out_ / "compare.json").string()));
+  EXPECT_EQ(j["baseline"], "tf32_s1");
+  EXPECT_TRUE(j["noise_band"].is_null());
+  EXPECT_TRUE(j["runs"][1]["is_baseline"].get<bool>());
+  EXPECT_NE(r.out.find("vs tf32"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("noise band: unknown"), std::string::npos) << r.out;
+  const std::string svg = slurp((out_ / "compare.svg").string());
+  EXPECT_EQ(xml_check(svg), "");
+  EXPECT_EQ(count(svg, "noise-band\""), 0u);
+  EXPECT_EQ(count(svg, "class=\"val-curve\""), 2u);
+
+  // Without --out nothing is written.
+  const auto cwd = fs::path(::testing::TempDir()) / "mpt_compare_cwd";
+  fs::create_directories(cwd);
+  const auto r2 = run("cd " + cwd.string() + " && " + mpt_bin() + " compare " + dir("fp32_s1") + " " + dir("tf32_s1"));
+  EXPECT_EQ(r2.code, 0) << r2.out;
+  EXPECT_TRUE(fs::is_empty(cwd));
+  fs::remove_all(cwd);
+
+  // A --baseline that is not among the runs is bad input.
+  const auto r3 = run(mpt_bin() + " compare " + dir("fp32_s1") + " --baseline " + dir("tf32_s1"));
+  EXPECT_EQ(r3.code, 2) << r3.out;
+}
+
+TEST_F(Compare, RefusesDifferentModelsAndNamesBadMetrics) {
+  auto r = run(mpt_bin() + " compare " + dir("fp32_s1") + " " + dir("fp32_l3") + " --out " + out_.string());
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("model.n_layer"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(out_ / "compare.json"));
+
+  fs::create_directories(root_ / "no_metrics");
+  r = run(mpt_bin() + " compare " + dir("fp32_s1") + " " + dir("no_metrics"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find(dir("no_metrics") + "/metrics.jsonl"), std::string::npos) << r.out;
+
+  fs::create_directories(root_ / "empty_metrics");
+  std::ofstream(root_ / "empty_metrics" / "metrics.jsonl").close();
+  r = run(mpt_bin() + " compare " + dir("empty_metrics") + " " + dir("fp32_s1"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find(dir("empty_metrics") + "/metrics.jsonl"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("empty"), std::string::npos) << r.out;
+
+  EXPECT_EQ(run(mpt_bin() + " compare").code, 2);
+  r = run(mpt_bin() + " compare --help");
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("--baseline"), std::string::npos) << r.out;
+
+  // A line in the middle that is not JSON is named with its line number.
+  fs::create_directories(root_ / "damaged");
+  const std::string text = slurp(dir("fp32_s2") + "/metrics.jsonl");
+  {
+    std::ofstream f(root_ / "damaged" / "metrics.jsonl");
+    f << text.substr(0, text.find('\n') + 1) << "{not json\n" << text.substr(text.find('\n') + 1);
+  }
+  r = run(mpt_bin() + " compare " + dir("fp32_s1") + " " + dir("damaged"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find(dir("damaged") + "/metrics.jsonl:2"), std::string::npos) << r.out;
+}
+
+// A run cut off by a crash: the last line is incomplete and there is no end record. It is
+// compared as far as it got, and its verdict says so.
+TEST_F(Compare, CutOffRunIsComparedAsFarAsItGot) {
+  const auto recs = read_jsonl(dir("tf32_s1") + "/metrics.jsonl");
+  fs::create_directories(root_ / "cut");
+  int64_t last_eval_step = 0;
+  double last_val = 0;
+  {
+    std::ofstream f(root_ / "cut" / "metrics.jsonl");
+    for (const auto& rec : recs) {
+      if (rec.contains("step") && rec["step"].get<int64_t>() > 12) break;
+      if (rec.value("event", "") == "eval") last_eval_step = rec["step"], last_val = rec["val_loss"];
+      f << rec.dump() << "\n";
+    }
+    f << "{\"step\": 14, \"tok";
+  }
+  const auto c = mpt::compare::compare_runs({dir("fp32_s1"), (root_ / "cut").string()});
+  const auto& cut = c.runs[1];
+  EXPECT_EQ(cut.data.steps, 12);
+  EXPECT_EQ(cut.data.status, "");
+  EXPECT_EQ(cut.data.val_step, last_eval_step);
+  EXPECT_EQ(*cut.data.val_loss, last_val);
+  EXPECT_NE(cut.verdict.find("[run has no end record]"), std::string::npos) << cut.verdict;
+}
+
+TEST_F(Compare, WarnsWhenTrainingKeysDiffer) {
+  // A copy of a run whose start record says it trained for 30 steps.
+  fs::create_directories(root_ / "steps30");
+  auto recs = read_jsonl(dir("fp32_s2") + "/metrics.jsonl");
+  recs.front()["config"]["training"]["steps"] = 30;
+  recs.front()["config"]["optimizer"]["lr"] = 0.002;
+  {
+    std::ofstream f(root_ / "steps30" / "metrics.jsonl");
+    for (const auto& rec : recs) f << rec.dump() << "\n";
+  }
+  const auto r = run(mpt_bin() + " compare " + dir("fp32_s1") + " " + dir("steps30"));
+  EXPECT_EQ(r.code, 0) << r.out;
+  const size_t w = r.out.find("warning");
+  ASSERT_NE(w, std::string::npos) << r.out;
+  const std::string line = r.out.substr(w, r.out.find('\n', w) - w);
+  EXPECT_NE(line.find("training.steps"), std::string::npos) << line;
+  EXPECT_NE(line.find("optimizer.lr"), std::string::npos) << line;
+  EXPECT_EQ(line.find("training.seed"), std::string::npos) << line;  // seeds may differ
+}
+
+TEST(CompareUnit, SteadyStateAndXmlEscape) {
+  using mpt::compare::CurvePoint;
+  std::vector<CurvePoint> sp;
+  for (int s : {1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100}) sp.push_back({s, s * 10, 1.0 * s});
+  // warm-up: steps <= 10 (10% of 100) and the first record
+  EXPECT_EQ(mpt::compare::steady_state_records(sp), (std::vector<size_t>{2, 3, 4, 5, 6, 7, 8, 9, 10}));
+  EXPECT_EQ(mpt::compare::steady_state_records({sp[0]}), (std::vector<size_t>{0}));
+  EXPECT_EQ(mpt::compare::steady_state_records({sp[0], sp[1]}), (std::vector<size_t>{1}));
+  EXPECT_EQ(mpt::compare::xml_escape("a<b&\"c'>"), "a&lt;b&amp;&quot;c&apos;&gt;");
+  EXPECT_EQ(xml_check("<a x=\"1\"><b/>t &amp; u</a>"), "");
+  EXPECT_NE(xml_check("<a><b></a>"), "");
+  EXPECT_NE(xml_check("<a>&</a>"), "");
+}
+
+}  // namespace
