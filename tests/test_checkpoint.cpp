@@ -236,9 +236,12 @@ TEST_F(Checkpoints, ResumeRefusesChangedModelOrDataButAllowsSafeKeys) {
 // A real SIGTERM (then a second signal while saving): the step finishes, a checkpoint is saved
 // and verifies, the run exits 3 and resumes.
 TEST_F(Checkpoints, StopSignalsSaveAndExitThree) {
-  const std::string cmd = train_cmd(path("sig"), "--set training.steps=100000 --set checkpoint.every=0");
+  // One thread: on a loaded machine two threads can take many seconds per tiny step.
+  const std::string cmd = train_cmd(path("sig"), "--set training.steps=100000 "
+                                                 "--set checkpoint.every=0 --set threads=1");
+  // Wait (up to a minute) until training runs, so the handlers are surely installed.
   auto r = run("(" + cmd + " >" + path("log") + " 2>&1 & pid=$!; "
-               "for i in $(seq 1 200); do grep -q '\"loss\"' " + path("sig/metrics.jsonl") +
+               "for i in $(seq 1 1200); do grep -q '\"loss\"' " + path("sig/metrics.jsonl") +
                " 2>/dev/null && break; sleep 0.05; done; "
                "kill -TERM $pid; kill -USR1 $pid; wait $pid; echo rc=$?)");
   EXPECT_NE(r.out.find("rc=3"), std::string::npos) << r.out << slurp(path("log"));
@@ -252,7 +255,7 @@ TEST_F(Checkpoints, StopSignalsSaveAndExitThree) {
   EXPECT_EQ(r.code, 0) << r.out;
   const int64_t stopped_at = recs.back()["step"];
   r = run(train_cmd(path("sig"), "--set training.steps=" + std::to_string(stopped_at + 2) +
-                                     " --set checkpoint.every=0 --resume"));
+                                     " --set checkpoint.every=0 --set threads=1 --resume"));
   EXPECT_EQ(r.code, 0) << r.out;
 }
 
