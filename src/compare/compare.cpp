@@ -1,5 +1,8 @@
 #include "compare/compare.h"
 
+#include "config/config.h"
+#include "core/text.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdarg>
@@ -18,22 +21,6 @@ using nlohmann::json;
 
 namespace {
 
-std::string strf(const char* f, ...) __attribute__((format(printf, 1, 2)));
-std::string strf(const char* f, ...) {
-  char buf[512];
-  va_list ap;
-  va_start(ap, f);
-  std::vsnprintf(buf, sizeof buf, f, ap);
-  va_end(ap);
-  return buf;
-}
-
-std::string join(const std::vector<std::string>& v, const std::string& sep) {
-  std::string s;
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? sep : "") + v[i];
-  return s;
-}
-
 // A later record at or before an earlier one's step (a run resumed from an older checkpoint)
 // replaces what came after that step.
 void push_point(std::vector<CurvePoint>& v, CurvePoint p) {
@@ -45,15 +32,6 @@ double num(const json& r, const char* key, const std::string& where) {
   if (!r.contains(key) || !r[key].is_number())
     throw InputError(where + ": record without a numeric \"" + key + "\"");
   return r[key].get<double>();
-}
-
-void flatten(const json& j, const std::string& prefix, std::map<std::string, json>& out) {
-  if (j.is_object() && !j.empty()) {
-    for (auto it = j.begin(); it != j.end(); ++it)
-      flatten(it.value(), prefix.empty() ? it.key() : prefix + "." + it.key(), out);
-  } else {
-    out[prefix] = j;
-  }
 }
 
 bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
@@ -177,7 +155,7 @@ std::vector<std::string> differing_keys(const std::vector<json>& configs) {
   std::vector<std::map<std::string, json>> flat(configs.size());
   std::set<std::string> keys;
   for (size_t i = 0; i < configs.size(); ++i) {
-    flatten(configs[i], "", flat[i]);
+    flat[i] = flatten_config(configs[i]);
     for (const auto& kv : flat[i]) keys.insert(kv.first);
   }
   std::vector<std::string> out;

@@ -894,6 +894,24 @@ std::string config_to_yaml(const Config& c) {
   return std::string(out.c_str()) + "\n";
 }
 
+namespace {
+void flatten_into(const nlohmann::json& j, const std::string& prefix,
+                  std::map<std::string, nlohmann::json>& out) {
+  if (j.is_object()) {
+    for (auto it = j.begin(); it != j.end(); ++it)
+      flatten_into(it.value(), prefix.empty() ? it.key() : prefix + "." + it.key(), out);
+  } else {
+    out[prefix] = j;
+  }
+}
+}  // namespace
+
+std::map<std::string, nlohmann::json> flatten_config(const nlohmann::json& j) {
+  std::map<std::string, nlohmann::json> out;
+  flatten_into(j, "", out);
+  return out;
+}
+
 nlohmann::json config_to_json(const Config& c) {
   nlohmann::json j = nlohmann::json::object();
   for (const auto& key : key_table()) {

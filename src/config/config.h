@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -94,6 +95,10 @@ Config load_config(const std::string& path, const std::vector<std::string>& over
 // The fully resolved config as YAML (round-trips through load_config) and as JSON.
 std::string config_to_yaml(const Config& c);
 nlohmann::json config_to_json(const Config& c);
+
+// A config as config_to_json writes it, flattened to key paths ("model.n_layer" -> 4), for
+// comparing two runs' configs key by key.
+std::map<std::string, nlohmann::json> flatten_config(const nlohmann::json& j);
 
 // One entry per documented key, for docs and tests: "model.n_layer", ...
 struct ConfigKeyInfo {

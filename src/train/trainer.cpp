@@ -114,21 +114,9 @@ const std::set<std::string>& resume_safe_keys() {
   return keys;
 }
 
-void flatten(const nlohmann::json& j, const std::string& prefix,
-             std::map<std::string, nlohmann::json>& out) {
-  if (j.is_object()) {
-    for (auto it = j.begin(); it != j.end(); ++it)
-      flatten(it.value(), prefix.empty() ? it.key() : prefix + "." + it.key(), out);
-  } else {
-    out[prefix] = j;
-  }
-}
-
 void check_resume_compatible(const nlohmann::json& saved, const nlohmann::json& now,
                              const std::string& ckpt_dir) {
-  std::map<std::string, nlohmann::json> a, b;
-  flatten(saved, "", a);
-  flatten(now, "", b);
+  std::map<std::string, nlohmann::json> a = flatten_config(saved), b = flatten_config(now);
   for (const auto& [k, v] : a) b.emplace(k, nullptr);  // keys only one side has differ too
   for (const auto& [k, v] : b) a.emplace(k, nullptr);
   std::string diffs;
