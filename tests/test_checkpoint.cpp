@@ -243,12 +243,14 @@ TEST_F(Checkpoints, StopSignalsSaveAndExitThree) {
   auto r = run("(" + cmd + " >" + path("log") + " 2>&1 & pid=$!; "
                "for i in $(seq 1 1200); do grep -q '\"loss\"' " + path("sig/metrics.jsonl") +
                " 2>/dev/null && break; sleep 0.05; done; "
-               "kill -TERM $pid; kill -USR1 $pid; wait $pid; echo rc=$?)");
+               "kill -TERM $pid; sleep 0.1; kill -USR1 $pid; wait $pid; echo rc=$?)");
   EXPECT_NE(r.out.find("rc=3"), std::string::npos) << r.out << slurp(path("log"));
   const auto recs = read_jsonl(path("sig/metrics.jsonl"));
   ASSERT_FALSE(recs.empty());
   EXPECT_EQ(recs.back()["status"], "stopped");
-  EXPECT_EQ(recs.back()["signal"], 15);  // the first signal, SIGTERM, is the one recorded
+  // The first signal delivered is the one recorded: SIGTERM, unless the process was not
+  // scheduled before SIGUSR1 arrived too (Linux then delivers the lower number, 10, first).
+  EXPECT_TRUE(recs.back()["signal"] == 15 || recs.back()["signal"] == 10) << recs.back().dump();
   const std::string latest = slurp(path("sig/checkpoints/latest"));
   ASSERT_FALSE(latest.empty());
   r = run(mpt_bin() + " inspect " + path("sig/checkpoints/") + latest.substr(0, 13));
