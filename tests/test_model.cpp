@@ -32,6 +32,14 @@ std::vector<int32_t> random_tokens(Rng& rng, size_t n, int vocab) {
   return t;
 }
 
+// Fresh gradients of the mean loss of one batch (B,T).
+void backprop(Gpt& g, const std::vector<int32_t>& in, const std::vector<int32_t>& tg, int B,
+              int T) {
+  g.zero_grad();
+  g.forward(in.data(), tg.data(), B, T, 1.0f / (B * T));
+  g.backward();
+}
+
 }  // namespace
 
 TEST(Gpt, ParameterLayoutNamesAndCount) {
@@ -104,10 +112,7 @@ TEST(Gpt, WholeModelGradientMatchesFiniteDifferences) {
   g.init_weights(rng.next_u64(), 0.3);
   const int B = 2, T = 9;
   auto in = random_tokens(rng, B * T, m.vocab_size), tg = random_tokens(rng, B * T, m.vocab_size);
-  const float dloss = 1.0f / (B * T);
-  g.zero_grad();
-  g.forward(in.data(), tg.data(), B, T, dloss);
-  g.backward();
+  backprop(g, in, tg, B, T);
   auto loss = [&] { return double(g.forward(in.data(), tg.data(), B, T, 0.0f)); };
 
   Tensor P = g.all_params(), G = g.all_grads();
@@ -177,9 +182,7 @@ TEST(Gpt, PaddedVocabularyRowsGetNoGradient) {
   g.init_weights(rng.next_u64(), 0.02);
   const int B = 3, T = 7;
   auto in = random_tokens(rng, B * T, m.vocab_size), tg = random_tokens(rng, B * T, m.vocab_size);
-  g.zero_grad();
-  g.forward(in.data(), tg.data(), B, T, 1.0f / (B * T));
-  g.backward();
+  backprop(g, in, tg, B, T);
   const float* dwte = g.grad(0).as<float>();
   for (int64_t i = 0; i < m.vocab_size * m.n_embd; ++i) ASSERT_TRUE(std::isfinite(dwte[i]));
   for (int64_t i = int64_t(m.vocab_size) * m.n_embd; i < int64_t(g.padded_vocab()) * m.n_embd; ++i)
@@ -194,9 +197,7 @@ TEST(Gpt, GradientAccumulationEqualsOneLargerBatch) {
   g.init_weights(rng.next_u64(), 0.1);
   const int B = 4, T = 9;
   auto in = random_tokens(rng, B * T, m.vocab_size), tg = random_tokens(rng, B * T, m.vocab_size);
-  g.zero_grad();
-  g.forward(in.data(), tg.data(), B, T, 1.0f / (B * T));
-  g.backward();
+  backprop(g, in, tg, B, T);
   Tensor G = g.all_grads();
   const std::vector<float> whole(G.as<float>(), G.as<float>() + G.numel());
   g.zero_grad();
