@@ -121,7 +121,9 @@ TEST(Gpt, WholeModelGradientMatchesFiniteDifferences) {
   ASSERT_TRUE(all_finite(gr, G.numel()));
   auto numeric_grad = [&](int64_t i) {
     const float orig = p[i];
-    const float eps = 1e-2f;
+    // 2e-3: at 1e-2 the O(eps^2) truncation reached the 3% tolerance for rare seeds (a bias
+    // with a large, strongly curved gradient); the loss's fp32 noise stays ~1e-4 at 2e-3.
+    const float eps = 2e-3f;
     p[i] = orig + eps;
     const double lp = loss();
     p[i] = orig - eps;
@@ -243,7 +245,7 @@ TEST(Gpt, OverfitsOneBatchDeterministically) {
   const auto a = overfit(2, seed, 60);
   const auto b = overfit(2, seed, 60);
   EXPECT_EQ(a, b);  // bit-identical with the same thread count
-  EXPECT_NEAR(a.front(), std::log(37.0), 0.05);
+  EXPECT_NEAR(a.front(), std::log(37.0), 0.1);  // sampling noise of 36 tokens, as above
   EXPECT_LT(a.back(), 0.5 * a.front());
 }
 
