@@ -32,7 +32,7 @@ class LoopMatmulBackend : public CpuBackend {
  public:
   using CpuBackend::CpuBackend;
   void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
-                      MatmulPrecision) override {
+                      const MatmulSpec&) override {
     const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
     const float *x = inp.as<float>(), *w = weight.as<float>();
     const float* b = bias.defined() ? bias.as<float>() : nullptr;
@@ -46,7 +46,7 @@ class LoopMatmulBackend : public CpuBackend {
       }
   }
   void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
-                       Tensor weight, MatmulPrecision) override {
+                       Tensor weight, const MatmulSpec&) override {
     const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
     const float *x = inp.as<float>(), *w = weight.as<float>(), *d = dout.as<float>();
     float* dx = dinp.as<float>();

@@ -209,9 +209,6 @@ const std::vector<BadCase> kBadCases = {
      {"backend: unknown value 'gpu'", "choices: cpu, cuda, auto"}},
     {"unknown_precision", "precision: fp64\n",
      {"precision: unknown value 'fp64'", "fp32, tf32, fp16, bf16, bf16-pure, fp8"}},
-    {"unavailable_precision", "precision: bf16\n",
-     {"{F}:1:12: precision: precision 'bf16' is not yet available in this version (available: "
-      "fp32, tf32)"}},
     // Data entries must match files; output.name must be one path component.
     {"missing_data_file", "data:\n  train: [builtin, /nonexistent/dir/*.bin]\n",
      {"{F}:2:20: data.train: '/nonexistent/dir/*.bin' matches no existing file"}},
@@ -229,9 +226,10 @@ const std::vector<BadCase> kBadCases = {
      {"{F}:3:2: invalid YAML: end of map not found"}},
     {"two_documents", "model: {}\n---\nmodel: {}\n", {"{F}: holds 2 YAML documents"}},
     // Everything wrong is reported at once.
-    {"many_errors", "model:\n  n_layers: 4\n  n_head: x\ntraining:\n  steps: 0\nprecision: fp16\n",
+    {"many_errors", "model:\n  n_layers: 4\n  n_head: x\ntraining:\n  steps: 0\nprecision: fp12\n",
      {"{F}:2:3: model.n_layers: unknown key", "{F}:3:11: model.n_head: expected an integer",
-      "{F}:5:10: training.steps: must be >= 1, got 0", "{F}:6:12: precision: precision 'fp16'"}},
+      "{F}:5:10: training.steps: must be >= 1, got 0",
+      "{F}:6:12: precision: unknown value 'fp12'"}},
 };
 
 void PrintTo(const BadCase& c, std::ostream* os) { *os << c.name; }
@@ -302,7 +300,7 @@ TEST(Config, BadOverridesAreReportedWithSet) {
       {"precision.x=1", "  --set precision.x=1: unknown key"},
       {"training.steps", "  --set training.steps: expected KEY.PATH=VALUE"},
       {"data.train=[a,", "  --set data.train=[a,: invalid YAML value"},
-      {"precision=bf16", "  --set precision=bf16: precision 'bf16' is not yet available"},
+      {"precision=bf17", "  --set precision=bf17: unknown value 'bf17' (did you mean 'bf16'?"},
       {"model={n_layers: 2}", "  --set model={n_layers: 2}: model.n_layers: unknown key"},
       {"data.val=/nonexistent/*.bin",
        "  --set data.val=/nonexistent/*.bin: '/nonexistent/*.bin' matches no existing file"},

@@ -134,7 +134,7 @@ TEST_F(CpuOps, LayerNorm) {
 // fp32 and tf32 matmuls: the forward against an fp64 product of the operands as the precision
 // sees them (rounded to tf32 for tf32), the backward against finite differences.
 TEST_F(CpuOps, Matmul) {
-  for (MatmulPrecision prec : {MatmulPrecision::fp32, MatmulPrecision::tf32})
+  for (MatmulPrecision prec : {MatmulPrecision::native, MatmulPrecision::tf32})
     for (bool with_bias : {true, false}) {
       SCOPED_TRACE(std::string(prec == MatmulPrecision::tf32 ? "tf32" : "fp32") +
                    (with_bias ? ", with bias" : ", without bias"));
@@ -166,7 +166,7 @@ TEST_F(CpuOps, Matmul) {
       Owned dw = randn(be, {OC, C}, rng), db = randn(be, {OC}, rng);
       const auto dw0 = copy_of(dw), db0 = copy_of(db);
       be.matmul_backward(dx.t, dw.t, with_bias ? db.t : Tensor(), w.t, x.t, wt.t, prec);
-      if (prec == MatmulPrecision::fp32) {
+      if (prec == MatmulPrecision::native) {
         auto loss = [&] {
           be.matmul_forward(out.t, x.t, wt.t, bias.t, prec);
           return weighted_sum(out, w);
@@ -340,7 +340,7 @@ TEST_F(CpuOps, AdamWMatchesFp64Reference) {
   for (int64_t i = 0; i < n; ++i) v.f()[i] = std::fabs(v.f()[i]);
   const auto p0 = copy_of(p), m0 = copy_of(m), v0 = copy_of(v);
   AdamWParams hp{3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 7, 0.5f};
-  be.adamw_update(p.t, g.t, m.t, v.t, hp);
+  be.adamw_update(p.t, Tensor(), g.t, m.t, v.t, hp, nullptr);
   for (int64_t i = 0; i < n; ++i) {
     const double gi = double(g.f()[i]) * 0.5;
     const double mi = 0.9 * m0[i] + 0.1 * gi;
@@ -389,8 +389,8 @@ TEST_F(CpuOps, LoopOpsAreIndependentOfThreadCount) {
   // Matmul bias gradient (the weight gradients are BLAS's and may split sums by thread count).
   Owned W = randn(be, {C, C}, rng), gx = make(be, {B, T, C}), gw = make(be, {C, C});
   Owned gb1 = make(be, {C}), gb2 = make(be, {C});
-  be.matmul_backward(gx.t, gw.t, gb1.t, dout.t, x.t, W.t, MatmulPrecision::fp32);
-  one.matmul_backward(gx.t, gw.t, gb2.t, dout.t, x.t, W.t, MatmulPrecision::fp32);
+  be.matmul_backward(gx.t, gw.t, gb1.t, dout.t, x.t, W.t, MatmulPrecision::native);
+  one.matmul_backward(gx.t, gw.t, gb2.t, dout.t, x.t, W.t, MatmulPrecision::native);
   EXPECT_EQ(copy_of(gb1), copy_of(gb2));
 
   // The fused classifier: losses and in-place gradients.
@@ -410,9 +410,9 @@ TEST_F(CpuOps, BlasCallsRestoreOpenMpThreadCount) {
   const int before = omp_get_max_threads();
   CpuBackend one(1);
   Owned x = randn(be, {5, 7}, rng), w = randn(be, {3, 7}, rng), out = make(be, {5, 3});
-  one.matmul_forward(out.t, x.t, w.t, Tensor(), MatmulPrecision::fp32);
+  one.matmul_forward(out.t, x.t, w.t, Tensor(), MatmulPrecision::native);
   EXPECT_EQ(omp_get_max_threads(), before);
   Owned dx = make(be, {5, 7}), dw = make(be, {3, 7});
-  one.matmul_backward(dx.t, dw.t, Tensor(), out.t, x.t, w.t, MatmulPrecision::fp32);
+  one.matmul_backward(dx.t, dw.t, Tensor(), out.t, x.t, w.t, MatmulPrecision::native);
   EXPECT_EQ(omp_get_max_threads(), before);
 }

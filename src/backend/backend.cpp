@@ -4,6 +4,15 @@
 
 namespace mpt {
 
+const char* tensor_class_name(TensorClass c) {
+  switch (c) {
+    case TensorClass::activation: return "activations";
+    case TensorClass::weight: return "weights";
+    case TensorClass::gradient: return "gradients";
+  }
+  return "?";
+}
+
 std::unique_ptr<Backend> make_backend(const std::string& name, int threads) {
   if (name == "cpu" || name == "auto") return std::make_unique<CpuBackend>(threads);
   if (name == "cuda")

@@ -9,6 +9,11 @@
 //    for parameter gradients across micro-batches, and for the residual stream's gradient).
 //  - An optional tensor is passed as an undefined Tensor().
 //  - Ops check dtypes and shapes and throw RuntimeError on a mismatch (a bug, not bad input).
+//  - Float tensors may be stored as fp32, fp16 or bf16 (see each op for the exceptions). An op
+//    reads each element widened to fp32 (exact), computes in fp32, and stores each output
+//    rounded to the output's dtype (round to nearest even); an op that accumulates reads the
+//    output, adds in fp32 and rounds once. LayerNorm statistics, attention probabilities and
+//    losses are always fp32.
 #pragma once
 
 #include <cstdint>
@@ -20,10 +25,54 @@
 namespace mpt {
 
 // The arithmetic of a matmul's multiplications. Accumulation is fp32 for every format.
-//   fp32: operands as stored.
-//   tf32: operands rounded to TF32 (fp32 with a 10-bit mantissa, round to nearest even), as
-//         Tensor Cores do for fp32 data under CUBLAS_COMPUTE_32F_FAST_TF32.
-enum class MatmulPrecision { fp32, tf32 };
+//   native: operands as stored: fp32 products for fp32 tensors, exact products of fp16/bf16
+//           values for fp16/bf16 tensors (as Tensor Cores compute them).
+//   tf32:   fp32 operands rounded to TF32 (fp32 with a 10-bit mantissa, round to nearest even),
+//           as Tensor Cores do for fp32 data under CUBLAS_COMPUTE_32F_FAST_TF32.
+//   fp8:    each operand quantised to an fp8 format with a per-tensor scale (Fp8Operand), the
+//           products of the fp8 values summed in fp32 and the sum multiplied by both inverse
+//           scales (cuBLASLt's A/B scale pointers). The bias is added after, in fp32.
+enum class MatmulPrecision { native, tf32, fp8 };
+
+// How one matmul operand is quantised under MatmulPrecision::fp8: q = saturate(round(x * scale))
+// in `format` (e4m3 or e5m2; saturating to the largest finite value, NaN kept), so x ~ q / scale.
+struct Fp8Operand {
+  DType format = DType::e4m3;
+  float scale = 1.0f;
+  // When not null, receives max |x| over the operand before quantisation (NaN when it holds a
+  // NaN; inf when it holds an infinity) - the amax that delayed scaling records. Host memory,
+  // valid after the op returns.
+  float* amax = nullptr;
+};
+
+struct MatmulSpec {
+  MatmulPrecision prec = MatmulPrecision::native;
+  // fp8 only: the forward reads inp and weight; the backward reads dout, weight and inp.
+  Fp8Operand inp, weight, dout;
+
+  MatmulSpec() = default;
+  MatmulSpec(MatmulPrecision p) : prec(p) {}  // NOLINT: implicit, most calls name a precision
+};
+
+// What a tensor is, for the statistics of narrowing casts (numerics health, docs/metrics.md).
+enum class TensorClass { activation, weight, gradient };
+constexpr int kTensorClasses = 3;
+const char* tensor_class_name(TensorClass c);  // "activations", "weights", "gradients"
+
+// Counts over narrowing casts (fp32 -> fp16/bf16/fp8) since the last reset: values cast, values
+// whose magnitude exceeded the format's largest finite value (they became inf, or saturated for
+// fp8), and non-zero values that became zero (flushed: below half the smallest subnormal).
+struct CastCounts {
+  int64_t values = 0;
+  int64_t overflow = 0;
+  int64_t underflow = 0;
+  CastCounts& operator+=(const CastCounts& o) {
+    values += o.values;
+    overflow += o.overflow;
+    underflow += o.underflow;
+    return *this;
+  }
+};
 
 struct AdamWParams {
   float lr;
@@ -32,7 +81,20 @@ struct AdamWParams {
   float eps;
   float weight_decay;  // decoupled (Loshchilov & Hutter, "Decoupled Weight Decay Regularization")
   int64_t step;        // 1-based optimizer step, for bias correction
-  float grad_scale;    // gradients are multiplied by this first (global-norm clipping)
+  float grad_scale;    // gradients are multiplied by this first (unscaling and clipping)
+  // Without a master copy, low-precision weights are written with stochastic rounding when
+  // this is set: random bits from a counter-based hash of (sr_seed, step, element index), so
+  // the result does not depend on threads and a resumed run draws the same bits.
+  bool stochastic_rounding = false;
+  uint64_t sr_seed = 0;
+};
+
+// Per-call statistics of adamw_update.
+struct AdamWStats {
+  int64_t values = 0;
+  // Updates smaller in magnitude than half a bf16 ulp of the weight (a bf16 copy updated in
+  // place would lose them under round to nearest); counted when the weights are bf16.
+  int64_t lost_updates = 0;
 };
 
 class Backend {
@@ -48,8 +110,26 @@ class Backend {
   virtual Buffer allocate(size_t bytes) = 0;
   virtual void copy_from_host(Tensor dst, const void* src) = 0;  // dst.bytes() bytes
   virtual void copy_to_host(void* dst, Tensor src) = 0;          // src.bytes() bytes
+  // Every element = value rounded to t's dtype (any float dtype).
   virtual void fill(Tensor t, float value) = 0;
   virtual void synchronize() = 0;
+  // Bytes of backend-owned scratch in use (operand copies, staging buffers): for the memory
+  // ledger's check against its prediction.
+  virtual size_t workspace_bytes() const = 0;
+
+  // ---- dtype support
+  // dst writes = src converted to dst's dtype (same element count; any float dtypes): widening
+  // is exact, narrowing rounds to nearest even (saturating for fp8), counted under `cls`.
+  virtual void cast(Tensor dst, Tensor src, TensorClass cls) = 0;
+  // max |x| over t (NaN if t holds a NaN).
+  virtual float amax(Tensor t) = 0;
+  // Elements of t that are NaN or infinite.
+  virtual int64_t count_nonfinite(Tensor t) = 0;
+  // Narrowing-cast statistics of every op since reset_cast_counts(), by tensor class. Ops store
+  // their outputs in the outputs' dtypes; forward outputs count as activations, backward
+  // outputs as gradients, weights written by the optimizer and fp8 weight operands as weights.
+  virtual CastCounts cast_counts(TensorClass cls) const = 0;
+  virtual void reset_cast_counts() = 0;
 
   // ---- GPT ops
   // out(B,T,C) writes = wte[tokens[b,t]] + wpe[t];  tokens (B,T) int32, wte (Vp,C), wpe (maxT,C)
@@ -66,11 +146,11 @@ class Backend {
 
   // out(N,OC) writes = inp(N,C) . weight(OC,C)^T + bias(OC); bias optional.
   virtual void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
-                              MatmulPrecision prec) = 0;
+                              const MatmulSpec& spec) = 0;
   // dinp(N,C) writes = dout . weight; dweight(OC,C) accumulates dout^T . inp; dbias(OC)
-  // accumulates the column sums of dout (optional; always fp32 sums).
+  // accumulates the column sums of dout (optional; fp32 sums of dout as stored, never quantised).
   virtual void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
-                               Tensor weight, MatmulPrecision prec) = 0;
+                               Tensor weight, const MatmulSpec& spec) = 0;
 
   // Causal multi-head self-attention. qkv (B,T,3C) holds q|k|v, heads of size C/n_head.
   // out(B,T,C) writes; att (B,NH,T,T) writes the softmax probabilities (fp32), saved for backward.
@@ -95,9 +175,12 @@ class Backend {
   // ---- optimizer support
   // Sum of squares of all elements, accumulated in fp64 in a fixed order (deterministic).
   virtual double sum_squares(Tensor t) = 0;
-  // AdamW on one parameter tensor: param, m, v write; grad is read (times p.grad_scale).
-  virtual void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v,
-                            const AdamWParams& p) = 0;
+  // AdamW on one parameter tensor. grad is read (times p.grad_scale); m, v (fp32) write.
+  // With a master (fp32, optional): the master is updated and `param` (the copy the ops read)
+  // writes the master rounded to its dtype. Without: `param` is updated in place, rounded to its
+  // dtype (stochastically when p.stochastic_rounding). `stats` (optional) accumulates.
+  virtual void adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m, Tensor v,
+                            const AdamWParams& p, AdamWStats* stats) = 0;
 };
 
 // Creates the backend named in the config: "cpu", "cuda" or "auto" (CUDA when this build has it

@@ -372,8 +372,7 @@ const std::vector<KeyDef>& key_table() {
                         "also keep, permanently, every checkpoint whose step is a multiple of "
                         "this; 0 = none"));
     // top-level keys
-    t.push_back(choice("precision", MPT_FIELD(precision), PrecisionPolicy::preset_names(),
-                       PrecisionPolicy::available_presets(),
+    t.push_back(choice("precision", MPT_FIELD(precision), PrecisionPolicy::preset_names(), {},
                        "numeric precision of the training step"));
     t.push_back(choice("backend", MPT_FIELD(backend), {"cpu", "cuda", "auto"}, {},
                        "compute backend; auto picks cuda when a usable GPU is present, else cpu"));

@@ -57,8 +57,33 @@ Gpt::Gpt(const ModelConfig& cfg, Backend& backend, const PrecisionPolicy& policy
   lnfb_ = params_.size();
   add_param("transformer.ln_f.bias", {C}, false, I::zeros);
 
-  param_buf_ = be_.allocate(slab_elems_ * sizeof(float));
-  grad_buf_ = be_.allocate(slab_elems_ * sizeof(float));
+  param_buf_ = be_.allocate(slab_elems_ * dtype_size(policy_.param));
+  if (policy_.master_weights) {
+    MPT_CHECK(policy_.param != DType::f32, "a master copy of fp32 weights");
+    master_buf_ = be_.allocate(slab_elems_ * sizeof(float));
+  }
+  grad_buf_ = be_.allocate(slab_elems_ * dtype_size(policy_.grad));
+
+  // fp8 GEMMs: every linear layer of the blocks, except the first and last blocks when asked to
+  // keep them in bf16; the tied LM head only when asked for.
+  layer_gemms_.assign(L_, {-1, -1, -1, -1});
+  if (policy_.matmul == MatmulPrecision::fp8) {
+    const Fp8Recipe& r = policy_.fp8;
+    auto add = [&](const std::string& group, int layer) {
+      fp8_.push_back(Fp8Gemm{group, layer,
+                             Fp8TensorScaler(r.scaling, Fp8Format::e4m3),
+                             Fp8TensorScaler(r.scaling, Fp8Format::e4m3),
+                             Fp8TensorScaler(r.scaling, r.hybrid ? Fp8Format::e5m2
+                                                                 : Fp8Format::e4m3)});
+      return static_cast<int>(fp8_.size() - 1);
+    };
+    static const char* kGroups[4] = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"};
+    for (int l = 0; l < L_; ++l) {
+      if (r.first_last_blocks_bf16 && (l == 0 || l == L_ - 1)) continue;
+      for (int g = 0; g < 4; ++g) layer_gemms_[l][g] = add(kGroups[g], l);
+    }
+    if (r.lm_head_fp8) head_gemm_ = add("lm_head", -1);
+  }
 }
 
 void Gpt::add_param(const std::string& name, Shape shape, bool decay, ParamInfo::Init init) {
@@ -66,22 +91,31 @@ void Gpt::add_param(const std::string& name, Shape shape, bool decay, ParamInfo:
   slab_elems_ = align_up(slab_elems_ + static_cast<size_t>(shape.numel()));
 }
 
-Tensor Gpt::param(size_t i) const {
-  return param_buf_.view(params_[i].offset * sizeof(float), DType::f32, params_[i].shape);
+Tensor Gpt::slab_view(const Buffer& buf, DType dtype, size_t i) const {
+  if (!buf.data()) return Tensor();
+  return buf.view(params_[i].offset * dtype_size(dtype), dtype, params_[i].shape);
 }
-Tensor Gpt::grad(size_t i) const {
-  return grad_buf_.view(params_[i].offset * sizeof(float), DType::f32, params_[i].shape);
-}
+Tensor Gpt::param(size_t i) const { return slab_view(param_buf_, policy_.param, i); }
+Tensor Gpt::master(size_t i) const { return slab_view(master_buf_, DType::f32, i); }
+Tensor Gpt::grad(size_t i) const { return slab_view(grad_buf_, policy_.grad, i); }
 Tensor Gpt::param(const std::string& name) const {
   for (size_t i = 0; i < params_.size(); ++i)
     if (params_[i].name == name) return param(i);
   throw RuntimeError("no parameter named '" + name + "'");
 }
 Tensor Gpt::all_params() const {
-  return param_buf_.view(0, DType::f32, {static_cast<int64_t>(slab_elems_)});
+  return param_buf_.view(0, policy_.param, {static_cast<int64_t>(slab_elems_)});
+}
+Tensor Gpt::all_master() const {
+  if (!master_buf_.data()) return Tensor();
+  return master_buf_.view(0, DType::f32, {static_cast<int64_t>(slab_elems_)});
 }
 Tensor Gpt::all_grads() const {
-  return grad_buf_.view(0, DType::f32, {static_cast<int64_t>(slab_elems_)});
+  return grad_buf_.view(0, policy_.grad, {static_cast<int64_t>(slab_elems_)});
+}
+
+void Gpt::sync_params_from_master() {
+  if (master_buf_.data()) be_.cast(all_params(), all_master(), TensorClass::weight);
 }
 
 int64_t Gpt::num_params() const {
@@ -100,25 +134,99 @@ double Gpt::flops_per_token(const ModelConfig& cfg, int T) {
   return 6.0 * param_count(cfg) + 6.0 * cfg.n_layer * double(cfg.n_embd) * T;
 }
 
+namespace {
+
+// Bytes of an arena whose tensors start on 256-byte boundaries (as in ensure_activations).
+constexpr double kArenaAlign = 256;
+double arena_align(double bytes) { return std::ceil(bytes / kArenaAlign) * kArenaAlign; }
+
+}  // namespace
+
+template <class F>
+void Gpt::activation_layout(const ModelConfig& cfg, DType act, int B, int T, Gpt* self,
+                            F&& want) {
+  const int64_t b = B, t = T, C = cfg.n_embd, NH = cfg.n_head, Vp = cfg.padded_vocab();
+  auto at = [&](auto member) -> Tensor* { return self ? &(self->*member) : nullptr; };
+  want(at(&Gpt::tokens_), DType::i32, Shape{b, t});
+  want(at(&Gpt::targets_), DType::i32, Shape{b, t});
+  want(at(&Gpt::encoded_), act, Shape{b, t, C});
+  for (int l = 0; l < cfg.n_layer; ++l) {
+    LayerActs* a = self ? &self->acts_[l] : nullptr;
+    auto in = [&](Tensor LayerActs::*m) -> Tensor* { return a ? &(a->*m) : nullptr; };
+    want(in(&LayerActs::ln1), act, Shape{b, t, C});
+    want(in(&LayerActs::ln1_mean), DType::f32, Shape{b, t});  // LayerNorm statistics: fp32
+    want(in(&LayerActs::ln1_rstd), DType::f32, Shape{b, t});
+    want(in(&LayerActs::qkv), act, Shape{b, t, 3 * C});
+    want(in(&LayerActs::atty), act, Shape{b, t, C});
+    want(in(&LayerActs::att), DType::f32, Shape{b, NH, t, t});  // softmax probabilities: fp32
+    want(in(&LayerActs::attproj), act, Shape{b, t, C});
+    want(in(&LayerActs::residual2), act, Shape{b, t, C});
+    want(in(&LayerActs::ln2), act, Shape{b, t, C});
+    want(in(&LayerActs::ln2_mean), DType::f32, Shape{b, t});
+    want(in(&LayerActs::ln2_rstd), DType::f32, Shape{b, t});
+    want(in(&LayerActs::fch), act, Shape{b, t, 4 * C});
+    want(in(&LayerActs::fch_gelu), act, Shape{b, t, 4 * C});
+    want(in(&LayerActs::fcproj), act, Shape{b, t, C});
+    want(in(&LayerActs::residual3), act, Shape{b, t, C});
+  }
+  want(at(&Gpt::lnf_), act, Shape{b, t, C});
+  want(at(&Gpt::lnf_mean_), DType::f32, Shape{b, t});
+  want(at(&Gpt::lnf_rstd_), DType::f32, Shape{b, t});
+  want(at(&Gpt::logits_), act, Shape{b, t, Vp});
+  want(at(&Gpt::losses_), DType::f32, Shape{b, t});
+  // Backward scratch: activation gradients, in the activation dtype.
+  want(at(&Gpt::dresidual_), act, Shape{b, t, C});
+  want(at(&Gpt::dln_), act, Shape{b, t, C});
+  want(at(&Gpt::dqkv_), act, Shape{b, t, 3 * C});
+  want(at(&Gpt::datty_), act, Shape{b, t, C});
+  want(at(&Gpt::dfch_), act, Shape{b, t, 4 * C});
+  want(at(&Gpt::dfch_gelu_), act, Shape{b, t, 4 * C});
+}
+
 MemoryLedger Gpt::plan_memory(const ModelConfig& cfg, int B, int T,
                               const PrecisionPolicy& policy) {
   // In double: absurd configs must give a large number, not an overflowed one.
-  const double C = cfg.n_embd, L = cfg.n_layer, NH = cfg.n_head, Vp = cfg.padded_vocab();
-  const double params = param_count(cfg) + (Vp - cfg.vocab_size) * C;  // padding rows are stored
-  // Per token, as laid out in ensure_activations: 18C + 4 + NH*T floats per layer (attention
-  // probabilities included), embeddings, final LayerNorm, logits, and the backward scratch.
-  const double per_token = L * (18 * C + 4 + NH * T) + 16 * C + Vp + 5;
+  const double C = cfg.n_embd, Vp = cfg.padded_vocab(), maxT = cfg.max_seq_len;
+  // The slab as laid out by add_param: each tensor rounded up to kAlignElems elements.
+  double slab = 0;
+  auto add = [&](double n) { slab = std::ceil((slab + n) / kAlignElems) * kAlignElems; };
+  add(Vp * C);
+  add(maxT * C);
+  for (int l = 0; l < cfg.n_layer; ++l)
+    for (double n : {C, C, 3 * C * C, 3 * C, C * C, C, C, C, 4 * C * C, 4 * C, 4 * C * C, C})
+      add(n);
+  add(C);
+  add(C);
   MemoryLedger m;
-  m.parameters = 4.0 * params;
-  m.gradients = 4.0 * params;
-  m.optimizer_state = 2 * 4.0 * params;
-  m.activations = 4.0 * per_token * B * T;
-  if (policy.matmul == MatmulPrecision::tf32) {
-    // The CPU backend's three operand copies, each as large as the largest operand it holds:
-    // activations or output gradients (the logits' are the largest), weights, activations.
-    const double BT = double(B) * T;
-    m.workspace = 4.0 * (std::max(BT * 4 * C, BT * Vp) + std::max(Vp * C, 4 * C * C) + BT * 4 * C);
+  m.parameters = slab * dtype_size(policy.param);
+  m.master_weights = policy.master_weights ? slab * 4.0 : 0.0;
+  m.gradients = slab * dtype_size(policy.grad);
+  m.optimizer_state = 2 * slab * dtype_size(policy.optimizer_state);
+  activation_layout(cfg, policy.activation, B, T, nullptr, [&](Tensor*, DType d, Shape s) {
+    double n = 1;
+    for (int i = 0; i < s.ndim; ++i) n *= static_cast<double>(s.dims[i]);
+    m.activations = arena_align(m.activations + n * dtype_size(d));
+  });
+
+  // The CPU backend's scratch (CpuBackend::Slot): fp32 staging of every low-precision tensor
+  // an op reads or writes, one buffer per argument role, each as large as the largest tensor
+  // that role sees; and copies of fp32 matmul operands rounded to tf32 or quantised to fp8.
+  const double BT = double(B) * T;
+  const double big_act = BT * std::max(4 * C, Vp);  // logits or MLP activations
+  const double big_w = std::max({Vp * C, 4 * C * C, maxT * C});
+  const double small_w = std::max(maxT * C, 4 * C);
+  double ws = 0;
+  if (policy.activation != DType::f32) ws += 2 * big_act + BT * 4 * C + BT * C;  // out, in0-2
+  if (policy.param != DType::f32) ws += big_w + small_w;                        // weight, bias
+  if (policy.grad != DType::f32) ws += big_w + small_w;                         // grad0, grad1
+  const bool head_rounded = policy.matmul == MatmulPrecision::tf32 ||
+                            (policy.matmul == MatmulPrecision::fp8 && policy.fp8.lm_head_fp8);
+  if (policy.matmul != MatmulPrecision::native) {
+    if (policy.activation == DType::f32)
+      ws += BT * (head_rounded ? std::max(4 * C, Vp) : 4 * C) + BT * 4 * C;  // inp/dout, inp
+    if (policy.param == DType::f32) ws += head_rounded ? std::max(Vp * C, 4 * C * C) : 4 * C * C;
   }
+  m.workspace = 4.0 * ws;
   return m;
 }
 
@@ -163,7 +271,18 @@ void Gpt::init_weights(uint64_t seed, double std) {
       }
     }
   }
-  be_.copy_from_host(all_params(), host.data());
+  if (master_buf_.data()) {
+    be_.copy_from_host(all_master(), host.data());
+    sync_params_from_master();
+  } else if (policy_.param == DType::f32) {
+    be_.copy_from_host(all_params(), host.data());
+  } else {
+    Buffer staging = be_.allocate(slab_elems_ * sizeof(float));
+    const Tensor f32 = staging.view(0, DType::f32, {static_cast<int64_t>(slab_elems_)});
+    be_.copy_from_host(f32, host.data());
+    be_.cast(all_params(), f32, TensorClass::weight);
+  }
+  be_.reset_cast_counts();  // initialisation is not training
   zero_grad();
 }
 
@@ -171,61 +290,129 @@ void Gpt::zero_grad() { be_.fill(all_grads(), 0.0f); }
 
 void Gpt::ensure_activations(int B, int T) {
   if (B == act_B_ && T == act_T_) return;
-  const int64_t b = B, t = T, C = C_, NH = NH_, Vp = Vp_;
+  acts_.assign(L_, LayerActs{});
   // Lay out every activation in one arena: first count, then cut views.
   struct Want {
     Tensor* dst;
+    size_t offset;
     DType dtype;
     Shape shape;
   };
   std::vector<Want> wants;
-  auto want = [&](Tensor* dst, Shape s, DType d = DType::f32) { wants.push_back({dst, d, s}); };
-  acts_.assign(L_, LayerActs{});
-  want(&tokens_, {b, t}, DType::i32);
-  want(&targets_, {b, t}, DType::i32);
-  want(&encoded_, {b, t, C});
-  for (auto& a : acts_) {
-    want(&a.ln1, {b, t, C});
-    want(&a.ln1_mean, {b, t});
-    want(&a.ln1_rstd, {b, t});
-    want(&a.qkv, {b, t, 3 * C});
-    want(&a.atty, {b, t, C});
-    want(&a.att, {b, NH, t, t});
-    want(&a.attproj, {b, t, C});
-    want(&a.residual2, {b, t, C});
-    want(&a.ln2, {b, t, C});
-    want(&a.ln2_mean, {b, t});
-    want(&a.ln2_rstd, {b, t});
-    want(&a.fch, {b, t, 4 * C});
-    want(&a.fch_gelu, {b, t, 4 * C});
-    want(&a.fcproj, {b, t, C});
-    want(&a.residual3, {b, t, C});
-  }
-  want(&lnf_, {b, t, C});
-  want(&lnf_mean_, {b, t});
-  want(&lnf_rstd_, {b, t});
-  want(&logits_, {b, t, Vp});
-  want(&losses_, {b, t});
-  want(&dresidual_, {b, t, C});
-  want(&dln_, {b, t, C});
-  want(&dqkv_, {b, t, 3 * C});
-  want(&datty_, {b, t, C});
-  want(&dfch_, {b, t, 4 * C});
-  want(&dfch_gelu_, {b, t, 4 * C});
-
   size_t total = 0;
-  std::vector<size_t> offsets;
-  for (const auto& w : wants) {
-    offsets.push_back(total);
-    total = align_up(total + static_cast<size_t>(w.shape.numel()));  // i32 and f32 are 4 bytes
-  }
-  act_buf_ = be_.allocate(total * 4);
-  for (size_t i = 0; i < wants.size(); ++i)
-    *wants[i].dst = act_buf_.view(offsets[i] * 4, wants[i].dtype, wants[i].shape);
+  activation_layout(cfg_, policy_.activation, B, T, this, [&](Tensor* dst, DType d, Shape s) {
+    wants.push_back({dst, total, d, s});
+    total = static_cast<size_t>(arena_align(double(total) + double(s.numel()) * dtype_size(d)));
+  });
+  act_buf_ = be_.allocate(total);
+  for (const auto& w : wants) *w.dst = act_buf_.view(w.offset, w.dtype, w.shape);
   host_losses_.assign(static_cast<size_t>(B) * T, 0.0f);
   act_B_ = B;
   act_T_ = T;
 }
+
+// ---- fp8 scaling and the GEMM settings
+
+namespace {
+
+// The larger of two amaxes, NaN when either is (a NaN anywhere must reach the record).
+float amax_max(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? NAN : std::max(a, b); }
+
+}  // namespace
+
+MatmulSpec Gpt::gemm_spec(int gemm, Tensor inp, Tensor weight, Tensor dout) {
+  if (gemm < 0) {
+    // Not an fp8 GEMM: the policy's precision; under an fp8 policy, its storage dtype (bf16).
+    return policy_.matmul == MatmulPrecision::fp8 ? MatmulPrecision::native : policy_.matmul;
+  }
+  Fp8Gemm& g = fp8_[gemm];
+  MatmulSpec spec(MatmulPrecision::fp8);
+  spec.inp.format = spec.weight.format = policy_.fp8.forward_format();
+  spec.dout.format = policy_.fp8.grad_format();
+  // The backward quantises inp and weight again with the scales of the forward (the same fp8
+  // values); only dout gets a scale of its own.
+  spec.inp.scale = g.used_scale_inp;
+  spec.weight.scale = g.used_scale_weight;
+  spec.dout.scale = g.dout.scale();
+  const bool current = policy_.fp8.scaling.recipe == "current";
+  auto choose = [&](Tensor t, Fp8TensorScaler& scaler, Fp8Operand& op, float& pending) {
+    if (!t.defined()) return;
+    if (current) {
+      // From the tensor's own amax: one more reduction before the GEMM, no staleness.
+      pending = be_.amax(t);
+      op.scale = scaler.scale_for_current(pending);
+    } else {
+      op.scale = scaler.scale();
+      if (recording_) op.amax = &pending;  // the GEMM reports it as it quantises
+    }
+  };
+  choose(inp, g.inp, spec.inp, pending_amax_[0]);
+  choose(weight, g.weight, spec.weight, pending_amax_[1]);
+  choose(dout, g.dout, spec.dout, pending_amax_[2]);
+  if (inp.defined()) g.used_scale_inp = spec.inp.scale;
+  if (weight.defined()) g.used_scale_weight = spec.weight.scale;
+  return spec;
+}
+
+void Gpt::note_amaxes(int gemm, Tensor inp, Tensor weight, Tensor dout) {
+  if (gemm < 0 || !recording_) return;
+  Fp8Gemm& g = fp8_[gemm];
+  if (inp.defined()) g.amax_inp = amax_max(g.amax_inp, pending_amax_[0]);
+  if (weight.defined()) g.amax_weight = amax_max(g.amax_weight, pending_amax_[1]);
+  if (dout.defined()) g.amax_dout = amax_max(g.amax_dout, pending_amax_[2]);
+}
+
+void Gpt::end_step() {
+  for (Fp8Gemm& g : fp8_) {
+    g.inp.record(g.amax_inp);
+    g.weight.record(g.amax_weight);
+    g.dout.record(g.amax_dout);
+    g.amax_inp = g.amax_weight = g.amax_dout = 0.0f;
+  }
+}
+
+nlohmann::json Gpt::fp8_state() const {
+  nlohmann::json out = nlohmann::json::array();
+  for (const Fp8Gemm& g : fp8_)
+    out.push_back({{"group", g.group},
+                   {"layer", g.layer},
+                   {"inp", g.inp.state()},
+                   {"weight", g.weight.state()},
+                   {"dout", g.dout.state()}});
+  return out;
+}
+
+void Gpt::load_fp8_state(const nlohmann::json& j) {
+  if (!j.is_array() || j.size() != fp8_.size())
+    throw InputError("fp8 scaling state: expected " + std::to_string(fp8_.size()) +
+                     " GEMM entries, got " + (j.is_array() ? std::to_string(j.size()) : j.dump()));
+  for (size_t i = 0; i < fp8_.size(); ++i) {
+    const auto& e = j[i];
+    if (!e.is_object() || e.value("group", "") != fp8_[i].group ||
+        e.value("layer", -2) != fp8_[i].layer)
+      throw InputError("fp8 scaling state: entry " + std::to_string(i) + " is " + e.dump(-1).substr(0, 80) +
+                       ", expected GEMM " + fp8_[i].group + " of layer " +
+                       std::to_string(fp8_[i].layer));
+    fp8_[i].inp.load_state(e.at("inp"));
+    fp8_[i].weight.load_state(e.at("weight"));
+    fp8_[i].dout.load_state(e.at("dout"));
+  }
+}
+
+// ---- tracing
+
+void Gpt::trace_nonfinite(bool on) {
+  tracing_ = on;
+  first_nonfinite_.reset();
+}
+
+void Gpt::check(int layer, const char* op, const char* name, Tensor t, bool backward) {
+  if (!tracing_ || first_nonfinite_) return;
+  const int64_t bad = be_.count_nonfinite(t);
+  if (bad > 0) first_nonfinite_ = NonFiniteSite{layer, op, name, backward, bad};
+}
+
+// ---- forward and backward
 
 float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, float dloss) {
   MPT_CHECK(T >= 1 && T <= maxT_, "sequence longer than model.max_seq_len");
@@ -234,29 +421,49 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
   cur_T_ = T;
   be_.copy_from_host(tokens_, inputs);
   be_.copy_from_host(targets_, targets);
+  recording_ = dloss != 0.0f;  // evaluation passes do not feed the fp8 amax histories
 
-  const MatmulPrecision mp = policy_.matmul;
+  // One linear layer: its GEMM spec (fp8 scales, amaxes recorded when training), the matmul.
+  auto linear = [&](int layer, int gemm, const char* name, Tensor out, Tensor inp, size_t w,
+                    Tensor bias) {
+    const MatmulSpec spec = gemm_spec(gemm, inp, param(w), Tensor());
+    be_.matmul_forward(out, inp, param(w), bias, spec);
+    note_amaxes(gemm, inp, param(w), Tensor());
+    check(layer, "matmul_forward", name, out, false);
+  };
+
   be_.embedding_forward(encoded_, tokens_, param(wte_), param(wpe_));  // (B,T,C)
+  check(-1, "embedding_forward", "encoded", encoded_, false);
   Tensor residual = encoded_;
   for (int l = 0; l < L_; ++l) {
     const Layer& w = layers_[l];
     LayerActs& a = acts_[l];
+    const auto& gm = layer_gemms_[l];
     be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, residual, param(w.ln1w), param(w.ln1b));
-    be_.matmul_forward(a.qkv, a.ln1, param(w.qkvw), param(w.qkvb), mp);  // (B,T,3C)
+    check(l, "layernorm_forward", "ln_1", a.ln1, false);
+    linear(l, gm[0], "attn.c_attn", a.qkv, a.ln1, w.qkvw, param(w.qkvb));  // (B,T,3C)
     be_.attention_forward(a.atty, a.att, a.qkv, NH_);  // (B,T,C)
-    be_.matmul_forward(a.attproj, a.atty, param(w.attprojw), param(w.attprojb), mp);
+    check(l, "attention_forward", "attn", a.atty, false);
+    linear(l, gm[1], "attn.c_proj", a.attproj, a.atty, w.attprojw, param(w.attprojb));
     be_.residual_forward(a.residual2, residual, a.attproj);
+    check(l, "residual_forward", "residual2", a.residual2, false);
     be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, param(w.ln2w),
                           param(w.ln2b));
-    be_.matmul_forward(a.fch, a.ln2, param(w.fcw), param(w.fcb), mp);  // (B,T,4C)
+    check(l, "layernorm_forward", "ln_2", a.ln2, false);
+    linear(l, gm[2], "mlp.c_fc", a.fch, a.ln2, w.fcw, param(w.fcb));  // (B,T,4C)
     be_.gelu_forward(a.fch_gelu, a.fch);
-    be_.matmul_forward(a.fcproj, a.fch_gelu, param(w.fcprojw), param(w.fcprojb), mp);
+    check(l, "gelu_forward", "gelu", a.fch_gelu, false);
+    linear(l, gm[3], "mlp.c_proj", a.fcproj, a.fch_gelu, w.fcprojw, param(w.fcprojb));
     be_.residual_forward(a.residual3, a.residual2, a.fcproj);
+    check(l, "residual_forward", "residual3", a.residual3, false);
     residual = a.residual3;
   }
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, residual, param(lnfw_), param(lnfb_));
-  be_.matmul_forward(logits_, lnf_, param(wte_), Tensor(), mp);  // tied LM head: (B,T,Vp)
+  check(-1, "layernorm_forward", "ln_f", lnf_, false);
+  linear(-1, head_gemm_, "lm_head", logits_, lnf_, wte_, Tensor());  // tied LM head: (B,T,Vp)
   be_.crossentropy_forward_backward(losses_, logits_, targets_, V_, dloss);
+  check(-1, "crossentropy_forward_backward", "losses", losses_, false);
+  if (dloss != 0.0f) check(-1, "crossentropy_forward_backward", "dlogits", logits_, true);
   grad_ready_ = dloss != 0.0f;
 
   be_.copy_to_host(host_losses_.data(), losses_);
@@ -268,32 +475,48 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
 void Gpt::backward() {
   MPT_CHECK(grad_ready_, "backward() needs a preceding forward() with dloss != 0");
   grad_ready_ = false;
+  // The backward of one linear layer; dinp undefined for none.
+  auto linear_back = [&](int layer, int gemm, const char* name, Tensor dinp, size_t w,
+                         Tensor dbias, Tensor dout, Tensor inp) {
+    const MatmulSpec spec = gemm_spec(gemm, Tensor(), Tensor(), dout);
+    be_.matmul_backward(dinp, grad(w), dbias, dout, inp, param(w), spec);
+    note_amaxes(gemm, Tensor(), Tensor(), dout);
+    if (dinp.defined()) check(layer, "matmul_backward", name, dinp, true);
+    check(layer, "matmul_backward", (std::string(name) + ".weight.grad").c_str(), grad(w), true);
+  };
+
   // logits_ now holds dlogits.
-  const MatmulPrecision mp = policy_.matmul;
   be_.fill(dresidual_, 0.0f);
   const Tensor last = L_ > 0 ? acts_[L_ - 1].residual3 : encoded_;
-  be_.matmul_backward(dln_, grad(wte_), Tensor(), logits_, lnf_, param(wte_), mp);
+  linear_back(-1, head_gemm_, "lm_head", dln_, wte_, Tensor(), logits_, lnf_);
   be_.layernorm_backward(dresidual_, grad(lnfw_), grad(lnfb_), dln_, last, param(lnfw_),
                          lnf_mean_, lnf_rstd_);
+  check(-1, "layernorm_backward", "dresidual", dresidual_, true);
   // dresidual_ holds d(residual stream) flowing down through the blocks.
   for (int l = L_ - 1; l >= 0; --l) {
     const Layer& w = layers_[l];
     LayerActs& a = acts_[l];
+    const auto& gm = layer_gemms_[l];
     const Tensor residual = l == 0 ? encoded_ : acts_[l - 1].residual3;
-    be_.matmul_backward(dfch_gelu_, grad(w.fcprojw), grad(w.fcprojb), dresidual_, a.fch_gelu,
-                        param(w.fcprojw), mp);
+    linear_back(l, gm[3], "mlp.c_proj", dfch_gelu_, w.fcprojw, grad(w.fcprojb), dresidual_,
+                a.fch_gelu);
     be_.gelu_backward(dfch_, a.fch, dfch_gelu_);
-    be_.matmul_backward(dln_, grad(w.fcw), grad(w.fcb), dfch_, a.ln2, param(w.fcw), mp);
+    check(l, "gelu_backward", "dfc", dfch_, true);
+    linear_back(l, gm[2], "mlp.c_fc", dln_, w.fcw, grad(w.fcb), dfch_, a.ln2);
     be_.layernorm_backward(dresidual_, grad(w.ln2w), grad(w.ln2b), dln_, a.residual2,
                            param(w.ln2w), a.ln2_mean, a.ln2_rstd);
-    be_.matmul_backward(datty_, grad(w.attprojw), grad(w.attprojb), dresidual_, a.atty,
-                        param(w.attprojw), mp);
+    check(l, "layernorm_backward", "dresidual", dresidual_, true);
+    linear_back(l, gm[1], "attn.c_proj", datty_, w.attprojw, grad(w.attprojb), dresidual_,
+                a.atty);
     be_.attention_backward(dqkv_, datty_, a.qkv, a.att, NH_);
-    be_.matmul_backward(dln_, grad(w.qkvw), grad(w.qkvb), dqkv_, a.ln1, param(w.qkvw), mp);
+    check(l, "attention_backward", "dqkv", dqkv_, true);
+    linear_back(l, gm[0], "attn.c_attn", dln_, w.qkvw, grad(w.qkvb), dqkv_, a.ln1);
     be_.layernorm_backward(dresidual_, grad(w.ln1w), grad(w.ln1b), dln_, residual, param(w.ln1w),
                            a.ln1_mean, a.ln1_rstd);
+    check(l, "layernorm_backward", "dresidual", dresidual_, true);
   }
   be_.embedding_backward(grad(wte_), grad(wpe_), dresidual_, tokens_);
+  check(-1, "embedding_backward", "wte.grad", grad(wte_), true);
 }
 
 }  // namespace mpt

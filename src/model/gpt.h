@@ -4,12 +4,15 @@
 // Forward and backward are written once, against the Backend interface.
 #pragma once
 
+#include <array>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "backend/backend.h"
 #include "config/config.h"
+#include "precision/fp8_scaling.h"
 #include "precision/policy.h"
 
 namespace mpt {
@@ -23,16 +26,16 @@ struct ParamInfo {
   Init init;
 };
 
-// Predicted backend memory of a training run, by role, in bytes. In fp32 there are no master
-// weights; the precision policies will fill that role and shrink the others.
+// Predicted backend memory of a training run, by role, in bytes, for the policy's dtypes.
 struct MemoryLedger {
   double parameters = 0;       // the weights the ops read
   double master_weights = 0;   // an fp32 copy kept beside low-precision weights
   double gradients = 0;
   double optimizer_state = 0;  // AdamW's two moments
   double activations = 0;      // the activation arena for one micro-batch, backward scratch included
-  double workspace = 0;        // backend scratch: the CPU's rounded tf32 operand copies; later
-                               // the GEMM workspace on GPUs
+  double workspace = 0;        // backend scratch: the CPU's fp32 staging of low-precision
+                               // tensors and its tf32/fp8 operand copies; later the GEMM
+                               // workspace on GPUs
 
   double total() const {
     return parameters + master_weights + gradients + optimizer_state + activations + workspace;
@@ -41,29 +44,61 @@ struct MemoryLedger {
   std::string to_text() const;  // one role a line, in MiB, for the terminal
 };
 
+// Where the first non-finite value of a traced pass appeared (Gpt::trace_nonfinite).
+struct NonFiniteSite {
+  int layer = -1;       // transformer block, -1 outside the blocks (embedding, head, loss)
+  std::string op;       // e.g. "matmul_forward", "layernorm_backward"
+  std::string tensor;   // the output that held it, e.g. "fc", "dresidual"
+  bool backward = false;
+  int64_t count = 0;    // non-finite elements in that tensor
+};
+
+// fp8 scaling of one linear layer's GEMMs: scalers for its input, weight and output gradient,
+// and the amaxes seen in the current optimizer step (recorded by Gpt::end_step()).
+struct Fp8Gemm {
+  std::string group;  // "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"
+  int layer = -1;
+  Fp8TensorScaler inp, weight, dout;
+  float amax_inp = 0, amax_weight = 0, amax_dout = 0;  // this step's, NaN-propagating max
+  float used_scale_inp = 1, used_scale_weight = 1;       // the latest forward's, for backward
+};
+
 class Gpt {
  public:
   Gpt(const ModelConfig& cfg, Backend& backend, const PrecisionPolicy& policy = {});
 
   // GPT-2 initialisation: N(0, std) for weights and embeddings, std / sqrt(2 * n_layer) for the
   // projections into the residual stream, zero biases, unit LayerNorm gains; the rows of the
-  // token embedding past the real vocabulary are zero. Deterministic in `seed`.
+  // token embedding past the real vocabulary are zero. Deterministic in `seed`. The values are
+  // drawn in fp32 and rounded into the policy's parameter dtype (kept in fp32 in the master).
   void init_weights(uint64_t seed, double std);
 
   // One micro-batch: inputs and targets are host arrays of B*T token ids (B,T). Returns the
   // mean loss over the B*T positions. With dloss != 0 the classifier also leaves the logits'
   // gradient (scaled by dloss) in place, and backward() must follow before the next forward.
+  // dloss carries the loss scale: gradients come out multiplied by it.
   float forward(const int32_t* inputs, const int32_t* targets, int B, int T, float dloss);
   // Accumulates parameter gradients of the last forward (which must have had dloss != 0).
   void backward();
   void zero_grad();
+  // Ends an optimizer step (taken or skipped): fp8 scalers record the step's amaxes.
+  void end_step();
 
   const std::vector<ParamInfo>& params() const { return params_; }
+  const PrecisionPolicy& policy() const { return policy_; }
+  // The weights the ops read (the policy's param dtype).
   Tensor param(size_t i) const;
-  Tensor grad(size_t i) const;
   Tensor param(const std::string& name) const;
+  // The fp32 master copy; undefined when the policy keeps none.
+  Tensor master(size_t i) const;
+  // What the optimizer updates and checkpoints hold: the master when there is one.
+  Tensor weights(size_t i) const { return master_buf_.data() ? master(i) : param(i); }
+  Tensor grad(size_t i) const;  // the policy's grad dtype
   Tensor all_params() const;  // the whole slab as one flat tensor (padding included)
+  Tensor all_master() const;  // undefined without a master
   Tensor all_grads() const;
+  // Rewrites the parameters from the master (after the master was loaded from a checkpoint).
+  void sync_params_from_master();
 
   // Trainable parameters, counting the real vocabulary rows of the embedding only.
   int64_t num_params() const;
@@ -75,14 +110,29 @@ class Gpt {
   double flops_per_token(int T) const { return flops_per_token(cfg_, T); }
 
   // The backend memory a training run of this model needs, by role, predicted before anything
-  // is allocated (micro-batches of (B, T)).
+  // is allocated (micro-batches of (B, T)). The workspace is the CPU backend's.
   static MemoryLedger plan_memory(const ModelConfig& cfg, int B, int T,
                                   const PrecisionPolicy& policy = {});
 
   size_t activation_bytes() const { return act_buf_.bytes(); }  // 0 before the first forward
+  size_t parameter_bytes() const { return param_buf_.bytes(); }
+  size_t master_bytes() const { return master_buf_.bytes(); }
+  size_t gradient_bytes() const { return grad_buf_.bytes(); }
 
   const ModelConfig& config() const { return cfg_; }
   int padded_vocab() const { return Vp_; }
+
+  // ---- numerics health
+  // While on, every op's output is checked for NaN/inf after the op, and the first one found
+  // is kept (first_nonfinite()). For replaying a step that went non-finite: costs one pass
+  // over every output.
+  void trace_nonfinite(bool on);
+  const std::optional<NonFiniteSite>& first_nonfinite() const { return first_nonfinite_; }
+
+  // fp8 GEMMs (empty unless the policy's matmul is fp8), their scaling state for checkpoints.
+  const std::vector<Fp8Gemm>& fp8_gemms() const { return fp8_; }
+  nlohmann::json fp8_state() const;
+  void load_fp8_state(const nlohmann::json& j);  // InputError when it does not fit this model
 
  private:
   struct Layer {
@@ -92,8 +142,20 @@ class Gpt {
     Tensor ln1, ln1_mean, ln1_rstd, qkv, atty, att, attproj, residual2, ln2, ln2_mean, ln2_rstd,
         fch, fch_gelu, fcproj, residual3;
   };
+  // The activation arena of (B, T): calls want(target, dtype, shape) for each tensor in order.
+  // `self` null: only the dtypes and shapes matter (plan_memory).
+  template <class F>
+  static void activation_layout(const ModelConfig& cfg, DType act, int B, int T, Gpt* self,
+                                F&& want);
   void add_param(const std::string& name, Shape shape, bool decay, ParamInfo::Init init);
   void ensure_activations(int B, int T);
+  Tensor slab_view(const Buffer& buf, DType dtype, size_t i) const;
+  // The GEMM settings of a linear layer (`gemm` indexes fp8_; -1 for a GEMM not in fp8): the
+  // forward passes inp and weight, the backward dout. note_amaxes() then folds the amaxes the
+  // GEMM reported into the step's.
+  MatmulSpec gemm_spec(int gemm, Tensor inp, Tensor weight, Tensor dout);
+  void note_amaxes(int gemm, Tensor inp, Tensor weight, Tensor dout);
+  void check(int layer, const char* op, const char* name, Tensor t, bool backward);
 
   ModelConfig cfg_;
   Backend& be_;
@@ -103,7 +165,15 @@ class Gpt {
   size_t slab_elems_ = 0;
   size_t wte_, wpe_, lnfw_, lnfb_;
   std::vector<Layer> layers_;
-  Buffer param_buf_, grad_buf_;
+  Buffer param_buf_, master_buf_, grad_buf_;
+
+  // fp8: per layer, the indices into fp8_ of its four GEMMs (-1: that GEMM is not fp8), and the
+  // LM head's.
+  std::vector<std::array<int, 4>> layer_gemms_;
+  int head_gemm_ = -1;
+  std::vector<Fp8Gemm> fp8_;
+  bool recording_ = false;  // this forward/backward belongs to a training step
+  float pending_amax_[3] = {0, 0, 0};  // inp, weight, dout of the GEMM in flight
 
   // Activations, sized once for the largest (B, T) seen.
   int act_B_ = 0, act_T_ = 0;
@@ -115,6 +185,9 @@ class Gpt {
   int cur_B_ = 0, cur_T_ = 0;
   bool grad_ready_ = false;
   std::vector<float> host_losses_;
+
+  bool tracing_ = false;
+  std::optional<NonFiniteSite> first_nonfinite_;
 };
 
 }  // namespace mpt

@@ -2,12 +2,14 @@
 
 #include <cmath>
 
+#include "core/rng.h"
+
 namespace mpt {
 
 AdamW::AdamW(const OptimizerConfig& cfg, Gpt& model, Backend& backend)
     : cfg_(cfg), model_(model), be_(backend) {
   // Moments share the parameter slab's layout, so parameter i's moments are at its offset.
-  const size_t bytes = model_.all_params().bytes();
+  const size_t bytes = static_cast<size_t>(model_.all_grads().numel()) * sizeof(float);
   m_buf_ = be_.allocate(bytes);
   v_buf_ = be_.allocate(bytes);
 }
@@ -31,6 +33,7 @@ Tensor AdamW::exp_avg_sq(size_t i) const {
 
 void AdamW::step(double lr, float grad_scale) {
   ++t_;
+  stats_ = {};
   for (size_t i = 0; i < model_.params().size(); ++i) {
     const ParamInfo& info = model_.params()[i];
     AdamWParams p{static_cast<float>(lr),
@@ -39,8 +42,11 @@ void AdamW::step(double lr, float grad_scale) {
                   static_cast<float>(cfg_.eps),
                   info.decay ? static_cast<float>(cfg_.weight_decay) : 0.0f,
                   t_,
-                  grad_scale};
-    be_.adamw_update(model_.param(i), model_.grad(i), exp_avg(i), exp_avg_sq(i), p);
+                  grad_scale,
+                  model_.policy().stochastic_rounding,
+                  derive_seed(sr_seed_, i)};
+    be_.adamw_update(model_.param(i), model_.master(i), model_.grad(i), exp_avg(i),
+                     exp_avg_sq(i), p, &stats_);
   }
 }
 

@@ -15,8 +15,15 @@ class AdamW {
   // L2 norm of all gradients, accumulated in fp64 in a fixed order.
   double grad_norm() const;
   // One update at learning rate `lr`; gradients are multiplied by `grad_scale` first (the
-  // clipping factor). Weight decay applies to the parameters marked `decay` only.
+  // loss scale's inverse times the clipping factor). Weight decay applies to the parameters
+  // marked `decay` only. Updates the master weights when the model keeps them (and rewrites the
+  // low-precision copy from them), else the weights themselves, with stochastic rounding when
+  // the policy asks for it.
   void step(double lr, float grad_scale);
+  // The seed of stochastic rounding's random bits (each parameter tensor derives its own).
+  void set_rounding_seed(uint64_t seed) { sr_seed_ = seed; }
+  // Statistics of the latest step(): updates a bf16 copy would have lost.
+  const AdamWStats& last_stats() const { return stats_; }
   // The factor that clips a gradient of norm `norm` to optimizer.grad_clip (1 when disabled or
   // already inside; a non-finite norm gives 1 so the caller sees the non-finite loss itself).
   float clip_scale(double norm) const;
@@ -33,6 +40,8 @@ class AdamW {
   Backend& be_;
   Buffer m_buf_, v_buf_;
   int64_t t_ = 0;
+  uint64_t sr_seed_ = 0;
+  AdamWStats stats_;
 };
 
 }  // namespace mpt

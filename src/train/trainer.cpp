@@ -195,10 +195,11 @@ std::string exp_avg_sq_name(const std::string& p) { return p + ".exp_avg_sq"; }
 void restore(Backend& be, Gpt& model, AdamW& optimizer, const Checkpoint& c) {
   for (size_t i = 0; i < model.params().size(); ++i) {
     const std::string& name = model.params()[i].name;
-    restore_tensor(be, model.param(i), c.model, name);
+    restore_tensor(be, model.weights(i), c.model, name);
     restore_tensor(be, optimizer.exp_avg(i), c.optimizer, exp_avg_name(name));
     restore_tensor(be, optimizer.exp_avg_sq(i), c.optimizer, exp_avg_sq_name(name));
   }
+  model.sync_params_from_master();
   optimizer.set_steps_taken(c.state.optimizer_step);
 }
 
@@ -215,7 +216,7 @@ std::string save_checkpoint(CheckpointManager& ckpts, Backend& be, Gpt& model,
   std::vector<safetensors::TensorRef> weights, moments;
   for (size_t i = 0; i < model.params().size(); ++i) {
     const std::string& name = model.params()[i].name;
-    weights.push_back(ref(name, model.param(i)));
+    weights.push_back(ref(name, model.weights(i)));
     moments.push_back(ref(exp_avg_name(name), optimizer.exp_avg(i)));
     moments.push_back(ref(exp_avg_sq_name(name), optimizer.exp_avg_sq(i)));
   }
@@ -230,7 +231,8 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   const int64_t steps = cfg.training.steps;
   const int64_t tokens_per_step = static_cast<int64_t>(B) * T * accum;
   const FaultPlan faults = FaultPlan::from_env();
-  const PrecisionPolicy policy = PrecisionPolicy::preset(cfg.precision);
+  std::vector<std::string> policy_warnings;
+  const PrecisionPolicy policy = PrecisionPolicy::from_config(cfg, &policy_warnings);
 
   // ---- validate and build everything before anything is written
   // Stop signals count from here: one that arrives while the run is set up stops it after its

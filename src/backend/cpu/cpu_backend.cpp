@@ -1,5 +1,6 @@
 #include "backend/cpu/cpu_backend.h"
 
+#include "backend/cpu/cpu_common.h"
 #include "core/formats.h"
 
 #include <cblas.h>
@@ -15,13 +16,10 @@
 namespace mpt {
 namespace {
 
-// Checks an op argument's dtype and shape; a mismatch is a bug in the caller.
-void expect(const char* op, const char* arg, const Tensor& t, DType dtype, Shape shape) {
-  if (!t.defined() || t.dtype != dtype || t.shape != shape)
-    throw RuntimeError(std::string(op) + ": argument '" + arg + "' expected " + dtype_name(dtype) +
-                       shape.str() + ", got " + (t.defined() ? dtype_name(t.dtype) : "undefined") +
-                       t.shape.str());
-}
+using cpu_detail::BlasThreads;
+using cpu_detail::expect;
+using cpu_detail::for_column_blocks;
+
 
 // Token ids index tables; check them before the parallel loops (an exception must not leave an
 // OpenMP region).
@@ -32,20 +30,6 @@ void check_ids(const char* op, const int32_t* ids, int64_t n, int64_t limit) {
                          std::to_string(i) + " outside [0, " + std::to_string(limit) + ")");
 }
 
-// Columns handled together when a reduction over rows is split by column across threads: wide
-// enough to vectorise, narrow enough to give every thread work.
-constexpr int64_t kColumnBlock = 32;
-
-// Reductions over rows (bias, LayerNorm and embedding gradients) are split across threads by
-// column, so every sum runs over the rows in order in one thread: deterministic results.
-// Calls f(c0, c1) for each block [c0, c1) of [0, ncols).
-template <class F>
-void for_column_blocks(int64_t ncols, int threads, F&& f) {
-  const int64_t nblocks = (ncols + kColumnBlock - 1) / kColumnBlock;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t blk = 0; blk < nblocks; ++blk)
-    f(blk * kColumnBlock, std::min(ncols, (blk + 1) * kColumnBlock));
-}
 
 constexpr float kLayerNormEps = 1e-5f;
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
@@ -56,23 +40,6 @@ constexpr float kGeluCubic = 0.044715f;
 // error near 0 is about 1e-7, below what the fp32 GELU output can resolve.
 inline float fast_tanh(float u) { return 1.0f - 2.0f / (std::exp(2.0f * u) + 1.0f); }
 
-// OpenBLAS's OpenMP build runs on our OpenMP pool (so the two never compete for cores) and sizes
-// its parallel regions from process state: omp_get_max_threads() and the count given to
-// openblas_set_num_threads(). Set both for the duration of one BLAS call and restore OpenMP's,
-// so that backends with different thread counts can live in one process.
-class BlasThreads {
- public:
-  explicit BlasThreads(int n) : saved_(omp_get_max_threads()) {
-    omp_set_num_threads(n);
-    openblas_set_num_threads(n);
-  }
-  ~BlasThreads() { omp_set_num_threads(saved_); }
-  BlasThreads(const BlasThreads&) = delete;
-  BlasThreads& operator=(const BlasThreads&) = delete;
-
- private:
-  int saved_;
-};
 
 }  // namespace
 
@@ -98,15 +65,7 @@ void CpuBackend::copy_from_host(Tensor dst, const void* src) {
 
 void CpuBackend::copy_to_host(void* dst, Tensor src) { std::memcpy(dst, src.data, src.bytes()); }
 
-void CpuBackend::fill(Tensor t, float value) {
-  MPT_CHECK(t.dtype == DType::f32, "fill needs fp32");
-  float* p = t.as<float>();
-  const int64_t n = t.numel();
-#pragma omp parallel for schedule(static) num_threads(threads_)
-  for (int64_t i = 0; i < n; ++i) p[i] = value;
-}
-
-void CpuBackend::embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
+void CpuBackend::embedding_forward_f32(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
   const int64_t B = tokens.dim(0), T = tokens.dim(1), C = wte.dim(1), Vp = wte.dim(0);
   expect("embedding_forward", "tokens", tokens, DType::i32, {B, T});
   expect("embedding_forward", "out", out, DType::f32, {B, T, C});
@@ -126,7 +85,7 @@ void CpuBackend::embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor
   }
 }
 
-void CpuBackend::embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
+void CpuBackend::embedding_backward_f32(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
   const int64_t B = tokens.dim(0), T = tokens.dim(1), C = dwte.dim(1);
   expect("embedding_backward", "dout", dout, DType::f32, {B, T, C});
   const int32_t* tok = tokens.as<int32_t>();
@@ -148,7 +107,7 @@ void CpuBackend::embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tenso
   });
 }
 
-void CpuBackend::layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight,
+void CpuBackend::layernorm_forward_f32(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight,
                                    Tensor bias) {
   const int64_t C = inp.dim(-1), N = inp.numel() / C;
   expect("layernorm_forward", "out", out.reshape({N, C}), DType::f32, {N, C});
@@ -182,7 +141,7 @@ void CpuBackend::layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor 
   }
 }
 
-void CpuBackend::layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+void CpuBackend::layernorm_backward_f32(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                                     Tensor inp, Tensor weight, Tensor mean, Tensor rstd) {
   const int64_t C = inp.dim(-1), N = inp.numel() / C;
   expect("layernorm_backward", "dinp", dinp.reshape({N, C}), DType::f32, {N, C});
@@ -235,77 +194,7 @@ void CpuBackend::layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, T
   });
 }
 
-const float* CpuBackend::matmul_operand(Tensor t, MatmulPrecision prec, int slot) {
-  const float* x = t.as<float>();
-  if (prec == MatmulPrecision::fp32) return x;
-  std::vector<float>& buf = operand_scratch_[slot];
-  const int64_t n = t.numel();
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);  // grows once, before the loop
-  float* y = buf.data();
-#pragma omp parallel for schedule(static) num_threads(threads_)
-  for (int64_t i = 0; i < n; ++i) y[i] = round_tf32(x[i]);
-  return y;
-}
-
-void CpuBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
-                                MatmulPrecision prec) {
-  const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
-  expect("matmul_forward", "weight", weight, DType::f32, {OC, C});
-  expect("matmul_forward", "out", out.reshape({N, OC}), DType::f32, {N, OC});
-  float* o = out.as<float>();
-  float beta = 0.0f;
-  if (bias.defined()) {
-    expect("matmul_forward", "bias", bias, DType::f32, {OC});
-    const float* b = bias.as<float>();
-#pragma omp parallel for schedule(static) num_threads(threads_)
-    for (int64_t n = 0; n < N; ++n) std::memcpy(o + n * OC, b, OC * sizeof(float));
-    beta = 1.0f;
-  }
-  const float* x = matmul_operand(inp, prec, 0);
-  const float* w = matmul_operand(weight, prec, 1);
-  // out(N,OC) = inp(N,C) . weight(OC,C)^T  [+ out]
-  BlasThreads blas(threads_);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, 1.0f, x, C, w, C, beta, o, OC);
-}
-
-void CpuBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
-                                 Tensor inp, Tensor weight, MatmulPrecision prec) {
-  const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
-  expect("matmul_backward", "weight", weight, DType::f32, {OC, C});
-  expect("matmul_backward", "dout", dout.reshape({N, OC}), DType::f32, {N, OC});
-  expect("matmul_backward", "dweight", dweight, DType::f32, {OC, C});
-  // Both GEMMs see their operands in the matmul precision; the bias sums below use dout as is.
-  const float* d = dout.as<float>();
-  const float* dq = matmul_operand(dout, prec, 0);
-  {
-    BlasThreads blas(threads_);
-    if (dinp.defined()) {
-      expect("matmul_backward", "dinp", dinp.reshape({N, C}), DType::f32, {N, C});
-      // dinp(N,C) = dout(N,OC) . weight(OC,C)
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, 1.0f, dq, OC,
-                  matmul_operand(weight, prec, 1), C, 0.0f, dinp.as<float>(), C);
-    }
-  }
-  const float* x = matmul_operand(inp, prec, 2);
-  {
-    BlasThreads blas(threads_);
-    // dweight(OC,C) += dout(N,OC)^T . inp(N,C)
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, 1.0f, dq, OC, x, C, 1.0f,
-                dweight.as<float>(), C);
-  }
-  if (dbias.defined()) {
-    expect("matmul_backward", "dbias", dbias, DType::f32, {OC});
-    float* db = dbias.as<float>();
-    for_column_blocks(OC, threads_, [&](int64_t o0, int64_t o1) {
-      for (int64_t n = 0; n < N; ++n) {
-        const float* dr = d + n * OC;
-        for (int64_t o = o0; o < o1; ++o) db[o] += dr[o];
-      }
-    });
-  }
-}
-
-void CpuBackend::attention_forward(Tensor out, Tensor att, Tensor qkv, int n_head) {
+void CpuBackend::attention_forward_f32(Tensor out, Tensor att, Tensor qkv, int n_head) {
   const int64_t B = qkv.dim(0), T = qkv.dim(1), C3 = qkv.dim(2), C = C3 / 3;
   const int64_t NH = n_head, HS = C / NH;
   MPT_CHECK(C3 == 3 * C && HS * NH == C, "qkv width must be 3 * n_head * head_size");
@@ -352,7 +241,7 @@ void CpuBackend::attention_forward(Tensor out, Tensor att, Tensor qkv, int n_hea
   }
 }
 
-void CpuBackend::attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att, int n_head) {
+void CpuBackend::attention_backward_f32(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att, int n_head) {
   const int64_t B = qkv.dim(0), T = qkv.dim(1), C3 = qkv.dim(2), C = C3 / 3;
   const int64_t NH = n_head, HS = C / NH;
   expect("attention_backward", "dqkv", dqkv, DType::f32, {B, T, C3});
@@ -410,7 +299,7 @@ void CpuBackend::attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor
   }
 }
 
-void CpuBackend::gelu_forward(Tensor out, Tensor inp) {
+void CpuBackend::gelu_forward_f32(Tensor out, Tensor inp) {
   MPT_CHECK(out.numel() == inp.numel(), "gelu_forward: size mismatch");
   const float* x = inp.as<float>();
   float* o = out.as<float>();
@@ -422,7 +311,7 @@ void CpuBackend::gelu_forward(Tensor out, Tensor inp) {
   }
 }
 
-void CpuBackend::gelu_backward(Tensor dinp, Tensor inp, Tensor dout) {
+void CpuBackend::gelu_backward_f32(Tensor dinp, Tensor inp, Tensor dout) {
   MPT_CHECK(dinp.numel() == inp.numel() && dout.numel() == inp.numel(), "gelu_backward: sizes");
   const float* x = inp.as<float>();
   const float* d = dout.as<float>();
@@ -439,7 +328,7 @@ void CpuBackend::gelu_backward(Tensor dinp, Tensor inp, Tensor dout) {
   }
 }
 
-void CpuBackend::residual_forward(Tensor out, Tensor a, Tensor b) {
+void CpuBackend::residual_forward_f32(Tensor out, Tensor a, Tensor b) {
   MPT_CHECK(out.numel() == a.numel() && b.numel() == a.numel(), "residual_forward: sizes");
   const float* x = a.as<float>();
   const float* y = b.as<float>();
@@ -449,7 +338,7 @@ void CpuBackend::residual_forward(Tensor out, Tensor a, Tensor b) {
   for (int64_t i = 0; i < n; ++i) o[i] = x[i] + y[i];
 }
 
-void CpuBackend::crossentropy_forward_backward(Tensor losses, Tensor logits, Tensor targets,
+void CpuBackend::crossentropy_f32(Tensor losses, Tensor logits, Tensor targets,
                                                int vocab_size, float dloss) {
   const int64_t Vp = logits.dim(-1), N = logits.numel() / Vp, V = vocab_size;
   MPT_CHECK(V >= 1 && V <= Vp, "vocab_size larger than the logits");
@@ -476,48 +365,6 @@ void CpuBackend::crossentropy_forward_backward(Tensor losses, Tensor logits, Ten
       }
       for (int64_t i = V; i < Vp; ++i) row[i] = 0.0f;
     }
-  }
-}
-
-double CpuBackend::sum_squares(Tensor t) {
-  const float* x = t.as<float>();
-  const int64_t n = t.numel();
-  // Fixed chunks summed in a fixed order: the result does not depend on the thread count.
-  constexpr int64_t kChunk = 1 << 14;
-  const int64_t nchunks = (n + kChunk - 1) / kChunk;
-  std::vector<double> partial(nchunks, 0.0);
-#pragma omp parallel for schedule(static) num_threads(threads_)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t i1 = std::min(n, (c + 1) * kChunk);
-    double s = 0.0;
-    for (int64_t i = c * kChunk; i < i1; ++i) s += static_cast<double>(x[i]) * x[i];
-    partial[c] = s;
-  }
-  double total = 0.0;
-  for (double s : partial) total += s;
-  return total;
-}
-
-void CpuBackend::adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v,
-                              const AdamWParams& p) {
-  const int64_t n = param.numel();
-  MPT_CHECK(grad.numel() == n && m.numel() == n && v.numel() == n, "adamw: sizes");
-  float* w = param.as<float>();
-  const float* g = grad.as<float>();
-  float* mm = m.as<float>();
-  float* vv = v.as<float>();
-  // Bias corrections in double: beta^step underflows gracefully and stays exact for long runs.
-  const float c1 = static_cast<float>(1.0 / (1.0 - std::pow(double(p.beta1), double(p.step))));
-  const float c2 = static_cast<float>(1.0 / (1.0 - std::pow(double(p.beta2), double(p.step))));
-#pragma omp parallel for schedule(static) num_threads(threads_)
-  for (int64_t i = 0; i < n; ++i) {
-    const float gi = g[i] * p.grad_scale;
-    const float mi = p.beta1 * mm[i] + (1.0f - p.beta1) * gi;
-    const float vi = p.beta2 * vv[i] + (1.0f - p.beta2) * gi * gi;
-    mm[i] = mi;
-    vv[i] = vi;
-    const float mhat = mi * c1, vhat = vi * c2;
-    w[i] -= p.lr * (mhat / (std::sqrt(vhat) + p.eps) + p.weight_decay * w[i]);
   }
 }
 

@@ -1,8 +1,14 @@
 // The CPU reference backend: plain loops with shape comments, BLAS sgemm for matmuls, OpenMP
 // across threads. Deterministic for a given thread count: every output element is produced by
 // one thread in a fixed order, and reductions across rows are split by column, never by row.
+//
+// Low-precision storage (fp16, bf16) is emulated exactly as the op conventions in backend.h
+// describe: every public op widens its low-precision inputs into fp32 staging buffers (exact),
+// runs the fp32 kernel (the *_f32 members), and rounds its outputs back into their dtypes
+// (round to nearest even), counting overflows and underflows. fp32 tensors are used in place.
 #pragma once
 
+#include <array>
 #include <vector>
 
 #include "backend/backend.h"
@@ -23,6 +29,13 @@ class CpuBackend : public Backend {
   void copy_to_host(void* dst, Tensor src) override;
   void fill(Tensor t, float value) override;
   void synchronize() override {}
+  size_t workspace_bytes() const override;
+
+  void cast(Tensor dst, Tensor src, TensorClass cls) override;
+  float amax(Tensor t) override;
+  int64_t count_nonfinite(Tensor t) override;
+  CastCounts cast_counts(TensorClass cls) const override;
+  void reset_cast_counts() override;
 
   void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) override;
   void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) override;
@@ -31,9 +44,9 @@ class CpuBackend : public Backend {
   void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
                           Tensor weight, Tensor mean, Tensor rstd) override;
   void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
-                      MatmulPrecision prec) override;
+                      const MatmulSpec& spec) override;
   void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
-                       Tensor weight, MatmulPrecision prec) override;
+                       Tensor weight, const MatmulSpec& spec) override;
   void attention_forward(Tensor out, Tensor att, Tensor qkv, int n_head) override;
   void attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att, int n_head) override;
   void gelu_forward(Tensor out, Tensor inp) override;
@@ -42,15 +55,60 @@ class CpuBackend : public Backend {
   void crossentropy_forward_backward(Tensor losses, Tensor logits, Tensor targets, int vocab_size,
                                      float dloss) override;
   double sum_squares(Tensor t) override;
-  void adamw_update(Tensor param, Tensor grad, Tensor m, Tensor v, const AdamWParams& p) override;
+  void adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m, Tensor v,
+                    const AdamWParams& p, AdamWStats* stats) override;
+
+  // Staging slots: each op argument position has its own, so no two arguments of one op share
+  // a buffer. The memory ledger (Gpt::plan_memory) predicts their sizes from these roles.
+  enum Slot : int {
+    kOut,      // the main output: out, dinp, dqkv
+    kIn0,      // the first activation input: inp, dout of matmul_backward, qkv, a
+    kIn1,      // the second: the matmul's inp in backward, b, dout of the elementwise backward
+    kIn2,      // the third: layernorm_backward's inp
+    kWeight,   // a weight (matrix or vector)
+    kBias,     // a second weight vector (bias)
+    kGrad0,    // a parameter gradient being accumulated: dweight, dwte
+    kGrad1,    // a second one: dbias, dwpe
+    kSlots
+  };
 
  private:
-  // The operands of a matmul as its precision sees them: `t` itself for fp32, else a copy
-  // rounded to that format in scratch buffer `slot` (0..2), reused from call to call.
-  const float* matmul_operand(Tensor t, MatmulPrecision prec, int slot);
+  // ---- fp32 kernels: every tensor argument is fp32 (or int32 / fp32-only, as in backend.h)
+  void embedding_forward_f32(Tensor out, Tensor tokens, Tensor wte, Tensor wpe);
+  void embedding_backward_f32(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens);
+  void layernorm_forward_f32(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight,
+                             Tensor bias);
+  void layernorm_backward_f32(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
+                              Tensor weight, Tensor mean, Tensor rstd);
+  void attention_forward_f32(Tensor out, Tensor att, Tensor qkv, int n_head);
+  void attention_backward_f32(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att, int n_head);
+  void gelu_forward_f32(Tensor out, Tensor inp);
+  void gelu_backward_f32(Tensor dinp, Tensor inp, Tensor dout);
+  void residual_forward_f32(Tensor out, Tensor a, Tensor b);
+  void crossentropy_f32(Tensor losses, Tensor logits, Tensor targets, int vocab_size, float dloss);
+
+  // ---- staging
+  // t itself when fp32 (or undefined), else a copy widened into staging slot `slot`.
+  Tensor widen(Tensor t, Slot slot);
+  // Where an op writes output `t`: t itself when fp32 (or undefined), else staging slot `slot`,
+  // filled with t's widened values when the op accumulates into it.
+  Tensor output(Tensor t, Slot slot, bool accumulates);
+  // Stores `staged` (from output()) into t, rounded to t's dtype; nothing when they are one.
+  void commit(Tensor t, Tensor staged, TensorClass cls);
+  float* staging(Slot slot, int64_t n);
+
+  // A matmul operand as the multiplications see it (fp32 values): the widened tensor, rounded
+  // to tf32 or quantised to fp8 per `spec` (in `scratch` when the widened tensor is the caller's
+  // own fp32 memory, which must not change). For fp8 returns the inverse scale in *scale_inv
+  // and adds the quantisation's cast counts to *counts (when given).
+  const float* matmul_operand(Tensor t, Slot slot, const MatmulSpec& spec, const Fp8Operand& q,
+                              CastCounts* counts, int scratch, float* scale_inv);
+  CastCounts& counts_of(TensorClass c) { return counts_[static_cast<int>(c)]; }
 
   int threads_;
-  std::vector<float> operand_scratch_[3];
+  std::array<std::vector<float>, kSlots> staging_;
+  std::array<std::vector<float>, 3> operand_scratch_;  // tf32/fp8 copies of fp32 operands
+  std::array<CastCounts, kTensorClasses> counts_{};
 };
 
 }  // namespace mpt

@@ -1,0 +1,546 @@
+// The CPU backend's dtype handling: conversions with cast statistics, the staging that lets the
+// fp32 kernels serve fp16/bf16 tensors, the matmuls (native, tf32, fp8 with per-tensor scales),
+// and the optimizer with master weights and stochastic rounding.
+#include <cblas.h>
+#include <omp.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+
+#include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/cpu_common.h"
+#include "core/formats.h"
+
+namespace mpt {
+namespace {
+
+using cpu_detail::BlasThreads;
+using cpu_detail::expect;
+using cpu_detail::for_column_blocks;
+
+bool is_staged_dtype(DType t) { return t == DType::f16 || t == DType::bf16; }
+
+// Checks a float tensor argument of an op: defined, the shape, and a dtype ops may store in.
+void expect_float(const char* op, const char* arg, const Tensor& t, Shape shape) {
+  if (!t.defined() || (t.dtype != DType::f32 && !is_staged_dtype(t.dtype)) || t.shape != shape)
+    throw RuntimeError(std::string(op) + ": argument '" + arg + "' expected a float tensor " +
+                       "(fp32, fp16 or bf16) of shape " + shape.str() + ", got " +
+                       (t.defined() ? dtype_name(t.dtype) : "undefined") + t.shape.str());
+}
+
+// ---- conversions
+
+float widen_one(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::f32: return static_cast<const float*>(p)[i];
+    case DType::f16: return to_float(static_cast<const f16*>(p)[i]);
+    case DType::bf16: return to_float(static_cast<const bf16*>(p)[i]);
+    case DType::e4m3: return to_float(static_cast<const e4m3*>(p)[i]);
+    case DType::e5m2: return to_float(static_cast<const e5m2*>(p)[i]);
+    case DType::i32: break;
+  }
+  throw RuntimeError("not a float dtype");
+}
+
+template <class T>
+void widen_loop(const T* src, float* dst, int64_t n, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// dst[i] = src[i] widened to fp32 (exact).
+void widen_into(const void* src, DType t, float* dst, int64_t n, int threads) {
+  switch (t) {
+    case DType::f32: std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float)); return;
+    case DType::f16: widen_loop(static_cast<const f16*>(src), dst, n, threads); return;
+    case DType::bf16: widen_loop(static_cast<const bf16*>(src), dst, n, threads); return;
+    case DType::e4m3: widen_loop(static_cast<const e4m3*>(src), dst, n, threads); return;
+    case DType::e5m2: widen_loop(static_cast<const e5m2*>(src), dst, n, threads); return;
+    case DType::i32: break;
+  }
+  throw RuntimeError("widen: not a float dtype");
+}
+
+// The magnitude bits of each format, to tell a result of zero.
+inline bool is_zero(f16 v) { return (v.bits & 0x7FFFu) == 0; }
+inline bool is_zero(bf16 v) { return (v.bits & 0x7FFFu) == 0; }
+inline bool is_zero(e4m3 v) { return (v.bits & 0x7Fu) == 0; }
+inline bool is_zero(e5m2 v) { return (v.bits & 0x7Fu) == 0; }
+
+// dst[i] = round(src[i] * scale) in T, counting overflows (finite |x * scale| above max_finite)
+// and underflows (non-zero values that became zero). The counting is fused into the store loop:
+// two compares and two adds per element.
+template <class T, class Round>
+CastCounts narrow_loop(const float* src, T* dst, int64_t n, float scale, float max_finite,
+                       Round round, int threads) {
+  int64_t over = 0, under = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : over, under)
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = scale == 1.0f ? src[i] : src[i] * scale;
+    const T y = round(x);
+    dst[i] = y;
+    const float a = std::fabs(x);
+    over += (a > max_finite) & (a <= FLT_MAX);
+    under += (a > 0.0f) & is_zero(y);
+  }
+  return {n, over, under};
+}
+
+// dst = round(src * scale) in dst's dtype; fp8 saturates to its largest finite value. Returns the
+// cast counts (values 0 for an fp32 destination, which is a copy).
+CastCounts narrow_into(const float* src, void* dst, DType t, int64_t n, float scale,
+                       int threads) {
+  const float maxf = static_cast<float>(dtype_traits(t).max_finite);
+  switch (t) {
+    case DType::f32: {
+      float* d = static_cast<float*>(dst);
+      if (scale == 1.0f) {
+        if (d != src) std::memcpy(d, src, static_cast<size_t>(n) * sizeof(float));
+      } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+        for (int64_t i = 0; i < n; ++i) d[i] = src[i] * scale;
+      }
+      return {};
+    }
+    case DType::f16:
+      return narrow_loop(src, static_cast<f16*>(dst), n, scale, maxf,
+                         [](float x) { return f16_from_float(x); }, threads);
+    case DType::bf16:
+      return narrow_loop(src, static_cast<bf16*>(dst), n, scale, maxf,
+                         [](float x) { return bf16_from_float(x); }, threads);
+    case DType::e4m3:
+      return narrow_loop(src, static_cast<e4m3*>(dst), n, scale, maxf,
+                         [](float x) { return e4m3_from_float(x); }, threads);
+    case DType::e5m2:
+      return narrow_loop(src, static_cast<e5m2*>(dst), n, scale, maxf,
+                         [](float x) { return e5m2_from_float(x); }, threads);
+    case DType::i32: break;
+  }
+  throw RuntimeError("narrow: not a float dtype");
+}
+
+// Quantises x[i] * scale to an fp8 format in place, as fp32 values of the fp8 grid (what the
+// multiplications of an fp8 GEMM see). Counts like narrow_loop.
+template <class T, class Round>
+CastCounts quantise_loop(const float* x, float* y, int64_t n, float scale, float max_finite,
+                         Round round, int threads) {
+  int64_t over = 0, under = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : over, under)
+  for (int64_t i = 0; i < n; ++i) {
+    const float s = x[i] * scale;
+    const T q = round(s);
+    y[i] = to_float(q);
+    const float a = std::fabs(s);
+    over += (a > max_finite) & (a <= FLT_MAX);
+    under += (a > 0.0f) & is_zero(q);
+  }
+  return {n, over, under};
+}
+
+// max |x| over n values, NaN when any is NaN. Chunks reduced in a fixed order.
+float amax_of(const float* x, int64_t n, int threads) {
+  constexpr int64_t kChunk = 1 << 14;
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  std::vector<float> partial(static_cast<size_t>(nchunks), 0.0f);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    float m = 0.0f;
+    bool nan = false;
+    for (int64_t i = c * kChunk, e = std::min(n, (c + 1) * kChunk); i < e; ++i) {
+      const float a = std::fabs(x[i]);
+      nan |= a != a;
+      m = a > m ? a : m;
+    }
+    partial[c] = nan ? NAN : m;
+  }
+  float m = 0.0f;
+  for (float p : partial) {
+    if (std::isnan(p)) return NAN;
+    m = std::max(m, p);
+  }
+  return m;
+}
+
+// Counter-based random bits for stochastic rounding: SplitMix64's finaliser (Steele, Lea and
+// Flood, "Fast Splittable Pseudorandom Number Generators", OOPSLA 2014) over a key built from
+// the seed, the step and the element index. Independent of threads and resumable.
+inline uint32_t sr_bits(uint64_t seed, int64_t step, int64_t i) {
+  uint64_t z = seed ^ (static_cast<uint64_t>(step) * 0x9E3779B97F4A7C15ull) ^
+               (static_cast<uint64_t>(i) * 0xD1B54A32D192ED03ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return static_cast<uint32_t>((z ^ (z >> 31)) >> 32);
+}
+
+// Half a bf16 ulp of w: an update smaller than this leaves round_to_bf16(w + u) == w.
+inline float bf16_half_ulp(float w) {
+  const float a = std::fabs(round_to_bf16(w));
+  if (a == 0.0f) return 0x1p-134f;  // half the smallest bf16 subnormal
+  int e = 0;
+  std::frexp(a, &e);                 // a = m * 2^e, m in [0.5, 1): ulp = 2^(e - 8)
+  return std::ldexp(1.0f, std::max(e - 9, -134));
+}
+
+}  // namespace
+
+// ---- staging
+
+float* CpuBackend::staging(Slot slot, int64_t n) {
+  std::vector<float>& buf = staging_[slot];
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));  // grows once
+  return buf.data();
+}
+
+Tensor CpuBackend::widen(Tensor t, Slot slot) {
+  if (!t.defined() || t.dtype == DType::f32) return t;
+  MPT_CHECK(dtype_is_float(t.dtype), "widen: int32 tensor");
+  float* p = staging(slot, t.numel());
+  widen_into(t.data, t.dtype, p, t.numel(), threads_);
+  return Tensor(p, DType::f32, t.shape);
+}
+
+Tensor CpuBackend::output(Tensor t, Slot slot, bool accumulates) {
+  if (!t.defined() || t.dtype == DType::f32) return t;
+  if (accumulates) return widen(t, slot);
+  return Tensor(staging(slot, t.numel()), DType::f32, t.shape);
+}
+
+void CpuBackend::commit(Tensor t, Tensor staged, TensorClass cls) {
+  if (!t.defined() || t.data == staged.data) return;
+  counts_of(cls) +=
+      narrow_into(staged.as<float>(), t.data, t.dtype, t.numel(), 1.0f, threads_);
+}
+
+size_t CpuBackend::workspace_bytes() const {
+  size_t n = 0;
+  for (const auto& b : staging_) n += b.capacity() * sizeof(float);
+  for (const auto& b : operand_scratch_) n += b.capacity() * sizeof(float);
+  return n;
+}
+
+// ---- dtype support
+
+void CpuBackend::fill(Tensor t, float value) {
+  MPT_CHECK(dtype_is_float(t.dtype), "fill needs a float tensor");
+  const int64_t n = t.numel();
+  if (t.dtype == DType::f32) {
+    float* p = t.as<float>();
+#pragma omp parallel for schedule(static) num_threads(threads_)
+    for (int64_t i = 0; i < n; ++i) p[i] = value;
+    return;
+  }
+  // One element rounded once, then replicated (a fill is not a cast of data: not counted).
+  CastCounts ignored = narrow_into(&value, t.data, t.dtype, 1, 1.0f, 1);
+  (void)ignored;
+  const size_t es = dtype_size(t.dtype);
+  char* p = static_cast<char*>(t.data);
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t i = 1; i < n; ++i) std::memcpy(p + i * es, p, es);
+}
+
+void CpuBackend::cast(Tensor dst, Tensor src, TensorClass cls) {
+  MPT_CHECK(dst.numel() == src.numel(), "cast: element counts differ");
+  MPT_CHECK(dtype_is_float(dst.dtype) && dtype_is_float(src.dtype), "cast: float tensors only");
+  const Tensor s = widen(src, kIn0);
+  counts_of(cls) +=
+      narrow_into(s.as<float>(), dst.data, dst.dtype, dst.numel(), 1.0f, threads_);
+}
+
+float CpuBackend::amax(Tensor t) {
+  const Tensor w = widen(t, kIn0);
+  return amax_of(w.as<float>(), w.numel(), threads_);
+}
+
+int64_t CpuBackend::count_nonfinite(Tensor t) {
+  const Tensor w = widen(t, kIn0);
+  const float* x = w.as<float>();
+  const int64_t n = w.numel();
+  int64_t bad = 0;
+#pragma omp parallel for schedule(static) num_threads(threads_) reduction(+ : bad)
+  for (int64_t i = 0; i < n; ++i) bad += !std::isfinite(x[i]);
+  return bad;
+}
+
+CastCounts CpuBackend::cast_counts(TensorClass cls) const { return counts_[static_cast<int>(cls)]; }
+
+void CpuBackend::reset_cast_counts() { counts_ = {}; }
+
+// ---- ops: stage, run the fp32 kernel, commit
+
+void CpuBackend::embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
+  const Tensor o = output(out, kOut, false);
+  embedding_forward_f32(o, tokens, widen(wte, kWeight), widen(wpe, kBias));
+  commit(out, o, TensorClass::activation);
+}
+
+void CpuBackend::embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
+  const Tensor gw = output(dwte, kGrad0, true), gp = output(dwpe, kGrad1, true);
+  embedding_backward_f32(gw, gp, widen(dout, kIn0), tokens);
+  commit(dwte, gw, TensorClass::gradient);
+  commit(dwpe, gp, TensorClass::gradient);
+}
+
+void CpuBackend::layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp,
+                                   Tensor weight, Tensor bias) {
+  const Tensor o = output(out, kOut, false);
+  layernorm_forward_f32(o, mean, rstd, widen(inp, kIn0), widen(weight, kWeight),
+                        widen(bias, kBias));
+  commit(out, o, TensorClass::activation);
+}
+
+void CpuBackend::layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+                                    Tensor inp, Tensor weight, Tensor mean, Tensor rstd) {
+  const Tensor dx = output(dinp, kOut, true), dw = output(dweight, kGrad0, true),
+               db = output(dbias, kGrad1, true);
+  layernorm_backward_f32(dx, dw, db, widen(dout, kIn1), widen(inp, kIn2), widen(weight, kWeight),
+                         mean, rstd);
+  commit(dinp, dx, TensorClass::gradient);
+  commit(dweight, dw, TensorClass::gradient);
+  commit(dbias, db, TensorClass::gradient);
+}
+
+void CpuBackend::attention_forward(Tensor out, Tensor att, Tensor qkv, int n_head) {
+  const Tensor o = output(out, kOut, false);
+  attention_forward_f32(o, att, widen(qkv, kIn0), n_head);
+  commit(out, o, TensorClass::activation);
+}
+
+void CpuBackend::attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att,
+                                    int n_head) {
+  const Tensor dx = output(dqkv, kOut, false);
+  attention_backward_f32(dx, widen(dout, kIn1), widen(qkv, kIn0), att, n_head);
+  commit(dqkv, dx, TensorClass::gradient);
+}
+
+void CpuBackend::gelu_forward(Tensor out, Tensor inp) {
+  const Tensor o = output(out, kOut, false);
+  gelu_forward_f32(o, widen(inp, kIn0));
+  commit(out, o, TensorClass::activation);
+}
+
+void CpuBackend::gelu_backward(Tensor dinp, Tensor inp, Tensor dout) {
+  const Tensor dx = output(dinp, kOut, false);
+  gelu_backward_f32(dx, widen(inp, kIn0), widen(dout, kIn1));
+  commit(dinp, dx, TensorClass::gradient);
+}
+
+void CpuBackend::residual_forward(Tensor out, Tensor a, Tensor b) {
+  const Tensor o = output(out, kOut, false);
+  residual_forward_f32(o, widen(a, kIn0), widen(b, kIn1));
+  commit(out, o, TensorClass::activation);
+}
+
+void CpuBackend::crossentropy_forward_backward(Tensor losses, Tensor logits, Tensor targets,
+                                               int vocab_size, float dloss) {
+  // The logits are read and, with dloss != 0, overwritten in place with their gradient.
+  const Tensor l = widen(logits, kOut);
+  crossentropy_f32(losses, l, targets, vocab_size, dloss);
+  if (dloss != 0.0f) commit(logits, l, TensorClass::gradient);
+}
+
+// ---- matmuls
+
+const float* CpuBackend::matmul_operand(Tensor t, Slot slot, const MatmulSpec& spec,
+                                        const Fp8Operand& q, CastCounts* counts, int scratch,
+                                        float* scale_inv) {
+  const Tensor w = widen(t, slot);
+  const float* x = w.as<float>();
+  *scale_inv = 1.0f;
+  if (spec.prec == MatmulPrecision::native) return x;
+  const int64_t n = w.numel();
+  float* y;
+  if (w.data != t.data) {
+    y = const_cast<float*>(x);  // a staged copy: round it in place
+  } else {
+    std::vector<float>& buf = operand_scratch_[scratch];
+    if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+    y = buf.data();
+  }
+  if (spec.prec == MatmulPrecision::tf32) {
+#pragma omp parallel for schedule(static) num_threads(threads_)
+    for (int64_t i = 0; i < n; ++i) y[i] = round_tf32(x[i]);
+    return y;
+  }
+  MPT_CHECK(q.format == DType::e4m3 || q.format == DType::e5m2,
+            std::string("fp8 matmul: operand format must be e4m3 or e5m2, got ") +
+                dtype_name(q.format));
+  MPT_CHECK(std::isfinite(q.scale) && q.scale > 0.0f, "fp8 matmul: scale must be finite and > 0");
+  // The amax of the unquantised operand: what delayed scaling records for the next steps. A
+  // separate pass on the CPU (a GPU fuses it into the cast).
+  if (q.amax) *q.amax = amax_of(x, n, threads_);
+  const float maxf = static_cast<float>(dtype_traits(q.format).max_finite);
+  const CastCounts c =
+      q.format == DType::e4m3
+          ? quantise_loop<e4m3>(x, y, n, q.scale, maxf, [](float v) { return e4m3_from_float(v); },
+                                threads_)
+          : quantise_loop<e5m2>(x, y, n, q.scale, maxf, [](float v) { return e5m2_from_float(v); },
+                                threads_);
+  if (counts) *counts += c;
+  *scale_inv = 1.0f / q.scale;
+  return y;
+}
+
+void CpuBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
+                                const MatmulSpec& spec) {
+  const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
+  expect_float("matmul_forward", "inp", inp.reshape({N, C}), {N, C});
+  expect_float("matmul_forward", "weight", weight, {OC, C});
+  expect_float("matmul_forward", "out", out.reshape({N, OC}), {N, OC});
+  const Tensor o = output(out, kOut, false);
+  float* op = o.as<float>();
+  float beta = 0.0f;
+  if (bias.defined()) {
+    expect_float("matmul_forward", "bias", bias, {OC});
+    const float* b = widen(bias, kBias).as<float>();
+#pragma omp parallel for schedule(static) num_threads(threads_)
+    for (int64_t n = 0; n < N; ++n) std::memcpy(op + n * OC, b, OC * sizeof(float));
+    beta = 1.0f;  // the bias enters in fp32, after the scaled product (a GEMM epilogue)
+  }
+  float si = 1.0f, sw = 1.0f;
+  const float* x = matmul_operand(inp, kIn0, spec, spec.inp, &counts_of(TensorClass::activation),
+                                  0, &si);
+  const float* w = matmul_operand(weight, kWeight, spec, spec.weight,
+                                  &counts_of(TensorClass::weight), 1, &sw);
+  {
+    // out(N,OC) = (inp(N,C) . weight(OC,C)^T) * si * sw  [+ bias]
+    BlasThreads blas(threads_);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, OC, C, si * sw, x, C, w, C, beta, op,
+                OC);
+  }
+  commit(out, o, TensorClass::activation);
+}
+
+void CpuBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+                                 Tensor inp, Tensor weight, const MatmulSpec& spec) {
+  const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
+  expect_float("matmul_backward", "inp", inp.reshape({N, C}), {N, C});
+  expect_float("matmul_backward", "weight", weight, {OC, C});
+  expect_float("matmul_backward", "dout", dout.reshape({N, OC}), {N, OC});
+  expect_float("matmul_backward", "dweight", dweight, {OC, C});
+  // The bias gradient sums dout as stored, before any quantisation.
+  if (dbias.defined()) {
+    expect_float("matmul_backward", "dbias", dbias, {OC});
+    const float* d = widen(dout, kIn0).as<float>();
+    const Tensor db = output(dbias, kGrad1, true);
+    float* dbp = db.as<float>();
+    for_column_blocks(OC, threads_, [&](int64_t o0, int64_t o1) {
+      for (int64_t n = 0; n < N; ++n) {
+        const float* dr = d + n * OC;
+        for (int64_t o = o0; o < o1; ++o) dbp[o] += dr[o];
+      }
+    });
+    commit(dbias, db, TensorClass::gradient);
+  }
+  // The forward's inp and weight are quantised again with the forward's scales (the same fp8
+  // values); only dout's cast is new, so only it is counted and reports an amax.
+  Fp8Operand inp_q = spec.inp, weight_q = spec.weight;
+  inp_q.amax = weight_q.amax = nullptr;
+  float sd = 1.0f, sw = 1.0f, si = 1.0f;
+  const float* dq =
+      matmul_operand(dout, kIn0, spec, spec.dout, &counts_of(TensorClass::gradient), 0, &sd);
+  if (dinp.defined()) {
+    expect_float("matmul_backward", "dinp", dinp.reshape({N, C}), {N, C});
+    const float* w = matmul_operand(weight, kWeight, spec, weight_q, nullptr, 1, &sw);
+    const Tensor dx = output(dinp, kOut, false);
+    {
+      // dinp(N,C) = dout(N,OC) . weight(OC,C)
+      BlasThreads blas(threads_);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, OC, sd * sw, dq, OC, w, C,
+                  0.0f, dx.as<float>(), C);
+    }
+    commit(dinp, dx, TensorClass::gradient);
+  }
+  const float* x = matmul_operand(inp, kIn1, spec, inp_q, nullptr, 2, &si);
+  const Tensor dw = output(dweight, kGrad0, true);
+  {
+    // dweight(OC,C) += dout(N,OC)^T . inp(N,C)
+    BlasThreads blas(threads_);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, OC, C, N, sd * si, dq, OC, x, C, 1.0f,
+                dw.as<float>(), C);
+  }
+  commit(dweight, dw, TensorClass::gradient);
+}
+
+// ---- optimizer support
+
+double CpuBackend::sum_squares(Tensor t) {
+  MPT_CHECK(dtype_is_float(t.dtype), "sum_squares needs a float tensor");
+  const int64_t n = t.numel();
+  // Fixed chunks summed in a fixed order: the result does not depend on the thread count.
+  constexpr int64_t kChunk = 1 << 14;
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(nchunks, 0.0);
+  const void* data = t.data;
+  const DType dt = t.dtype;
+#pragma omp parallel for schedule(static) num_threads(threads_)
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const int64_t i1 = std::min(n, (c + 1) * kChunk);
+    double s = 0.0;
+    if (dt == DType::f32) {
+      const float* x = static_cast<const float*>(data);
+      for (int64_t i = c * kChunk; i < i1; ++i) s += static_cast<double>(x[i]) * x[i];
+    } else {
+      for (int64_t i = c * kChunk; i < i1; ++i) {
+        const double v = widen_one(data, dt, i);
+        s += v * v;
+      }
+    }
+    partial[c] = s;
+  }
+  double total = 0.0;
+  for (double s : partial) total += s;
+  return total;
+}
+
+void CpuBackend::adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m, Tensor v,
+                              const AdamWParams& p, AdamWStats* stats) {
+  const int64_t n = param.numel();
+  MPT_CHECK(grad.numel() == n && m.numel() == n && v.numel() == n, "adamw: sizes");
+  MPT_CHECK(!master.defined() || (master.numel() == n && master.dtype == DType::f32),
+            "adamw: the master copy must be fp32 and as large as the parameter");
+  MPT_CHECK(!master.defined() || param.dtype != DType::f32,
+            "adamw: a master copy of fp32 weights");
+  float* mm = m.as<float>();
+  float* vv = v.as<float>();
+  // The weights being updated, in fp32: the master, or the parameter widened.
+  const Tensor wt = master.defined() ? master : widen(param, kWeight);
+  float* w = wt.as<float>();
+  const Tensor g = widen(grad, kGrad0);
+  const float* gp = g.as<float>();
+  const bool count_lost = param.dtype == DType::bf16;
+  const bool sr = p.stochastic_rounding && !master.defined() && param.dtype == DType::bf16;
+  // Bias corrections in double: beta^step underflows gracefully and stays exact for long runs.
+  const float c1 = static_cast<float>(1.0 / (1.0 - std::pow(double(p.beta1), double(p.step))));
+  const float c2 = static_cast<float>(1.0 / (1.0 - std::pow(double(p.beta2), double(p.step))));
+  int64_t lost = 0;
+  bf16* pb = sr ? param.as<bf16>() : nullptr;
+#pragma omp parallel for schedule(static) num_threads(threads_) reduction(+ : lost)
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = gp[i] * p.grad_scale;
+    const float mi = p.beta1 * mm[i] + (1.0f - p.beta1) * gi;
+    const float vi = p.beta2 * vv[i] + (1.0f - p.beta2) * gi * gi;
+    mm[i] = mi;
+    vv[i] = vi;
+    const float mhat = mi * c1, vhat = vi * c2;
+    const float old = w[i];
+    const float upd = p.lr * (mhat / (std::sqrt(vhat) + p.eps) + p.weight_decay * old);
+    const float now = old - upd;
+    if (count_lost) lost += std::fabs(upd) < bf16_half_ulp(old);
+    if (sr)
+      pb[i] = bf16_from_float_stochastic(now, sr_bits(p.sr_seed, p.step, i));
+    else
+      w[i] = now;
+  }
+  if (stats) {
+    stats->values += n;
+    stats->lost_updates += count_lost ? lost : 0;
+  }
+  if (sr) return;
+  // Round the updated weights into the copy the ops read (the parameter itself when fp32).
+  if (wt.data != param.data)
+    counts_of(TensorClass::weight) +=
+        narrow_into(w, param.data, param.dtype, n, 1.0f, threads_);
+}
+
+}  // namespace mpt
