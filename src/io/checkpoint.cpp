@@ -185,6 +185,7 @@ Checkpoint load_checkpoint(const std::string& dir) {
     st.data_epoch = j.at("data").at("epoch").get<uint64_t>();
     st.data_sample = j.at("data").at("sample").get<uint64_t>();
     st.config = j.at("config");
+    st.numerics = j.value("numerics", nlohmann::json());
     return Checkpoint{dir, std::move(st), j,
                       safetensors::File::open((fs::path(dir) / kModelFile).string()),
                       safetensors::File::open((fs::path(dir) / kOptimizerFile).string())};
@@ -263,7 +264,8 @@ std::string CheckpointManager::save(const CheckpointState& state,
                         {"precision", state.config.value("precision", "fp32")},
                         {"world_size", 1},
                         {"config", state.config},
-                        {"train_data", state.train_data}};
+                        {"train_data", state.train_data},
+                        {"numerics", state.numerics}};
     for (const char* f : {kModelFile, kOptimizerFile}) {
       uint64_t bytes = 0;
       const std::string hash = hash_file((tmp / f).string(), &bytes);

@@ -41,6 +41,7 @@ struct CheckpointState {
   uint64_t data_sample = 0;
   nlohmann::json config;       // the resolved config of the run that wrote it
   nlohmann::json train_data;   // the training data's sources and sizes
+  nlohmann::json numerics;     // loss scaler and fp8 scaling state (null when none)
 };
 
 // A checkpoint read back and verified.

@@ -26,7 +26,10 @@
 #include "model/gpt.h"
 #include "optim/adamw.h"
 #include "optim/schedule.h"
+#include "core/rng.h"
+#include "precision/loss_scaler.h"
 #include "precision/policy.h"
+#include "train/numerics.h"
 #include "train/signals.h"
 
 namespace fs = std::filesystem;
@@ -79,9 +82,26 @@ void check_memory(const MemoryLedger& plan) {
   }
 }
 
+// One line: what each role is stored in, for the log and --dry-run.
+std::string describe_policy(const PrecisionPolicy& p) {
+  std::string s = std::string("weights ") + dtype_name(p.param) +
+                  (p.master_weights ? " (fp32 master)" : "") +
+                  (p.stochastic_rounding ? " (stochastic rounding)" : "") + ", activations " +
+                  dtype_name(p.activation) + ", gradients " + dtype_name(p.grad) + ", matmuls " +
+                  matmul_precision_name(p.matmul) + ", loss scaling " + p.loss_scale.mode;
+  if (p.matmul == MatmulPrecision::fp8)
+    s += std::string(", fp8 ") + (p.fp8.hybrid ? "hybrid" : "e4m3") + " " + p.fp8.scaling.recipe +
+         " scaling";
+  return s;
+}
+
+// The stream of stochastic rounding's random bits, derived from the data seed.
+constexpr uint64_t kStochasticRoundingStream = 0x5352;  // "SR"
+
 void print_dry_run(const Config& cfg, const std::string& run_dir, const Backend& backend,
                    const data::TokenDataset& train, const data::TokenDataset& val,
-                   const MemoryLedger& plan) {
+                   const MemoryLedger& plan,
+                   const PrecisionPolicy& policy, const std::vector<std::string>& warnings) {
   const ModelConfig& m = cfg.model;
   const int T = cfg.training.seq_len;
   std::printf("config OK: %s\n", cfg.source_path.empty() ? "(built-in default)" : cfg.source_path.c_str());
@@ -98,7 +118,8 @@ void print_dry_run(const Config& cfg, const std::string& run_dir, const Backend&
   std::printf("val data        %s\n", val.describe().c_str());
   std::printf("backend         %s (%s)\n", backend.name().c_str(),
               backend.device_description().c_str());
-  std::printf("precision       %s\n", cfg.precision.c_str());
+  std::printf("precision       %s: %s\n", cfg.precision.c_str(), describe_policy(policy).c_str());
+  for (const auto& w : warnings) std::printf("  warning: %s\n", w.c_str());
   std::printf("memory (predicted, %s):\n%s", backend.name().c_str(), plan.to_text().c_str());
   std::fflush(stdout);
 }
@@ -192,7 +213,8 @@ void restore_tensor(Backend& be, Tensor dst, const safetensors::File& file,
 std::string exp_avg_name(const std::string& p) { return p + ".exp_avg"; }
 std::string exp_avg_sq_name(const std::string& p) { return p + ".exp_avg_sq"; }
 
-void restore(Backend& be, Gpt& model, AdamW& optimizer, const Checkpoint& c) {
+void restore(Backend& be, Gpt& model, AdamW& optimizer, LossScaler& scaler,
+             const Checkpoint& c) {
   for (size_t i = 0; i < model.params().size(); ++i) {
     const std::string& name = model.params()[i].name;
     restore_tensor(be, model.weights(i), c.model, name);
@@ -201,6 +223,33 @@ void restore(Backend& be, Gpt& model, AdamW& optimizer, const Checkpoint& c) {
   }
   model.sync_params_from_master();
   optimizer.set_steps_taken(c.state.optimizer_step);
+  // The loss scale and fp8 amax histories continue where they were (checkpoints of runs that
+  // keep neither have none).
+  const nlohmann::json& num = c.state.numerics;
+  if (num.is_object() && num.contains("loss_scaler")) scaler.load_state(num.at("loss_scaler"));
+  if (!model.fp8_gemms().empty()) {
+    if (!num.is_object() || !num.contains("fp8"))
+      throw InputError(c.dir + ": state.json has no fp8 scaling state, which this policy needs");
+    model.load_fp8_state(num.at("fp8"));
+  }
+}
+
+// Replays the step's micro-batches with a check after every op, to name the op that first
+// produced a NaN or infinity. The CPU and CUDA backends are deterministic, so the replay
+// computes what the step computed. Leaves the gradients undefined (the step is being skipped).
+std::optional<NonFiniteSite> locate_nonfinite(Gpt& model,
+                                              const std::vector<std::vector<int32_t>>& inputs,
+                                              const std::vector<std::vector<int32_t>>& targets,
+                                              int B, int T, float dloss) {
+  model.zero_grad();
+  model.trace_nonfinite(true);
+  for (size_t i = 0; i < inputs.size() && !model.first_nonfinite(); ++i) {
+    model.forward(inputs[i].data(), targets[i].data(), B, T, dloss);
+    model.backward();
+  }
+  std::optional<NonFiniteSite> site = model.first_nonfinite();
+  model.trace_nonfinite(false);
+  return site;
 }
 
 std::string save_checkpoint(CheckpointManager& ckpts, Backend& be, Gpt& model,
@@ -274,17 +323,21 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   TrainResult result;
   result.run_dir = plan.path;
   if (opt.dry_run) {
-    print_dry_run(cfg, plan.path, *backend, train_data, val_data, memory);
+    print_dry_run(cfg, plan.path, *backend, train_data, val_data, memory, policy,
+                  policy_warnings);
     return result;
   }
   Gpt model(cfg.model, *backend, policy);
   model.init_weights(cfg.model.init_seed, cfg.model.init_std);
   AdamW optimizer(cfg.optimizer, model, *backend);
+  optimizer.set_rounding_seed(derive_seed(cfg.training.seed, kStochasticRoundingStream));
+  LossScaler scaler(policy.loss_scale);
+  NumericsMonitor numerics(model.policy(), *backend, model);
   int64_t start_step = 0;
   std::string resumed_from;
   bool continue_in_place = false;
   if (resume) {
-    restore(*backend, model, optimizer, resume->ckpt);
+    restore(*backend, model, optimizer, scaler, resume->ckpt);
     train_loader.seek({resume->ckpt.state.data_epoch, resume->ckpt.state.data_sample});
     start_step = resume->ckpt.state.step;
     resumed_from = resume->ckpt.dir;
@@ -311,6 +364,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
                           {"device", backend->device_description()},
                           {"threads", backend->threads()},
                           {"precision", policy.to_json()},
+                          {"precision_warnings", policy_warnings},
                           {"n_params", model.num_params()},
                           {"padded_vocab", model.padded_vocab()},
                           {"flops_per_token", model.flops_per_token(T)},
@@ -330,6 +384,8 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
                cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, model.num_params(),
                backend->name(), backend->device_description());
   spdlog::info("train data: {}; validation: {}", train_data.describe(), val_data.describe());
+  spdlog::info("precision {}: {}", policy.name, describe_policy(policy));
+  for (const auto& w : policy_warnings) spdlog::warn("precision: {}", w);
 
   const int eval_batches = cfg.training.eval_batches;
   auto run_eval = [&](int64_t step) {
@@ -348,6 +404,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     st.data_sample = cur.sample;
     st.config = config_to_json(cfg);
     st.train_data = data_identity(train_data);
+    st.numerics = {{"loss_scaler", scaler.state()}, {"fp8", model.fp8_state()}};
     const std::string dir = save_checkpoint(checkpoints, *backend, model, optimizer, st);
     spdlog::info("checkpoint {}", dir);
     // Relative to the run directory, so the records stay true when the run is moved.
@@ -358,8 +415,10 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
 
   if (resumed_from.empty()) result.final_val_loss = run_eval(0);
 
-  std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
-  const float dloss = 1.0f / static_cast<float>(static_cast<int64_t>(B) * T * accum);
+  // The step's micro-batches, kept for a replay when the step turns out non-finite.
+  std::vector<std::vector<int32_t>> inputs(accum, std::vector<int32_t>(static_cast<size_t>(B) * T));
+  std::vector<std::vector<int32_t>> targets = inputs;
+  const double tokens_per_micro = static_cast<double>(B) * T * accum;
   const auto t_start = Clock::now();
   // Step timings exclude evaluation, logging and checkpoints: they measure training alone.
   double interval_s = 0.0;
@@ -374,21 +433,54 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
       current_step = step;
       const auto t_step = Clock::now();
       const double lr = schedule.at(step - 1);
+      // The loss scale enters as the classifier's dloss: every gradient comes out times it.
+      const double scale = scaler.scale();
+      const float dloss = static_cast<float>(scale / tokens_per_micro);
       model.zero_grad();
       double loss = 0.0;
       for (int micro = 0; micro < accum; ++micro) {
-        train_loader.next(inputs.data(), targets.data());
-        loss += model.forward(inputs.data(), targets.data(), B, T, dloss);
+        train_loader.next(inputs[micro].data(), targets[micro].data());
+        loss += model.forward(inputs[micro].data(), targets[micro].data(), B, T, dloss);
         model.backward();
       }
       loss /= accum;
-      const double norm = optimizer.grad_norm();
-      if (!std::isfinite(loss) || !std::isfinite(norm))
-        throw RuntimeError("training diverged at step " + std::to_string(step) + ": loss " +
-                           std::to_string(loss) + ", gradient norm " + std::to_string(norm) +
-                           " (lower optimizer.lr or raise schedule.warmup_steps)");
-      optimizer.step(lr, optimizer.clip_scale(norm));
-      last_loss = loss;
+      // One pass over the (scaled) gradients gives both the norm and the overflow check: the
+      // norm is finite exactly when every gradient is.
+      const double scaled_norm = optimizer.grad_norm();
+      const double norm = scaled_norm / scale;
+      const bool nonfinite = !std::isfinite(loss) || !std::isfinite(scaled_norm);
+      if (nonfinite) {
+        numerics.collect();
+        const auto site = locate_nonfinite(model, inputs, targets, B, T, dloss);
+        numerics.discard();
+        nlohmann::json ev = {{"event", "nonfinite"},
+                             {"step", step},
+                             {"loss_scale", scale},
+                             {"loss", std::isfinite(loss) ? nlohmann::json(loss) : nlohmann::json(std::to_string(loss))}};
+        if (site) {
+          ev["layer"] = site->layer;
+          ev["op"] = site->op;
+          ev["tensor"] = site->tensor;
+          ev["pass"] = site->backward ? "backward" : "forward";
+          ev["nonfinite_values"] = site->count;
+        } else {
+          ev["op"] = nullptr;  // every op's output was finite: the sum of the gradients overflowed
+        }
+        metrics.write(ev);
+        spdlog::warn("step {}: non-finite {} (loss scale {}){}; step skipped", step,
+                     site ? site->tensor : std::string("gradient norm"), scale,
+                     site ? fmt::format(" first in {} of layer {}", site->op, site->layer) : "");
+      }
+      bool skip = false;
+      try {
+        skip = scaler.update(nonfinite);
+      } catch (const RuntimeError& e) {
+        throw RuntimeError("training diverged at step " + std::to_string(step) + ": " + e.what());
+      }
+      model.end_step();
+      if (!skip) optimizer.step(lr, static_cast<float>(1.0 / scale) * optimizer.clip_scale(norm));
+      numerics.after_step(skip ? nullptr : &optimizer.last_stats());
+      if (!skip) last_loss = loss;
       interval_s += seconds_since(t_step);
       ++interval_steps;
 
@@ -396,16 +488,27 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
         const double step_ms = 1000.0 * interval_s / interval_steps;
         const double tok_s = static_cast<double>(tokens_per_step * interval_steps) / interval_s;
         const double eta = (steps - step) * step_ms / 1000.0;
-        metrics.write({{"step", step},
-                       {"tokens", step * tokens_per_step},
-                       {"loss", loss},
-                       {"lr", lr},
-                       {"grad_norm", norm},
-                       {"step_ms", step_ms},
-                       {"tokens_per_s", tok_s},
-                       {"elapsed_s", seconds_since(t_start)}});
-        spdlog::info("step {:>6}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f} | {:.0f} tok/s | ETA {}",
-                     step, steps, loss, lr, norm, tok_s, format_duration(eta));
+        nlohmann::json rec = {{"step", step},
+                              {"tokens", step * tokens_per_step},
+                              {"loss", std::isfinite(loss) ? nlohmann::json(loss) : nlohmann::json(std::to_string(loss))},
+                              {"lr", lr},
+                              {"grad_norm", std::isfinite(norm) ? nlohmann::json(norm) : nlohmann::json(std::to_string(norm))},
+                              {"loss_scale", scale},
+                              {"skipped", skip},
+                              {"skipped_total", scaler.skipped_total()},
+                              {"step_ms", step_ms},
+                              {"tokens_per_s", tok_s},
+                              {"elapsed_s", seconds_since(t_start)}};
+        rec.update(numerics.take_record());
+        metrics.write(rec);
+        if (policy.uses_loss_scaling())
+          spdlog::info("step {:>6}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f} | scale {:g} | "
+                       "skipped {} | {:.0f} tok/s | ETA {}",
+                       step, steps, loss, lr, norm, scale, scaler.skipped_total(), tok_s,
+                       format_duration(eta));
+        else
+          spdlog::info("step {:>6}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f} | {:.0f} tok/s | ETA {}",
+                       step, steps, loss, lr, norm, tok_s, format_duration(eta));
         interval_s = 0.0;
         interval_steps = 0;
       }

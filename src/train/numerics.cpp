@@ -1,0 +1,104 @@
+#include "train/numerics.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+
+namespace mpt {
+
+NumericsMonitor::NumericsMonitor(const PrecisionPolicy& policy, Backend& backend, const Gpt& model)
+    : policy_(policy), be_(backend), model_(model) {}
+
+void NumericsMonitor::collect() {
+  for (int c = 0; c < kTensorClasses; ++c) counts_[c] += be_.cast_counts(static_cast<TensorClass>(c));
+  be_.reset_cast_counts();
+}
+
+void NumericsMonitor::discard() { be_.reset_cast_counts(); }
+
+void NumericsMonitor::after_step(const AdamWStats* taken) {
+  collect();
+  if (taken) {
+    updates_.values += taken->values;
+    updates_.lost_updates += taken->lost_updates;
+  }
+}
+
+namespace {
+
+double fraction(int64_t part, int64_t whole) {
+  return whole > 0 ? static_cast<double>(part) / static_cast<double>(whole) : 0.0;
+}
+
+// A float for JSON: NaN and infinities as strings, so that a record never silently turns them
+// into null.
+nlohmann::json number(float v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  return v;
+}
+
+}  // namespace
+
+nlohmann::json NumericsMonitor::take_record() {
+  nlohmann::json out = nlohmann::json::object();
+  const bool casts = policy_.param != DType::f32 || policy_.activation != DType::f32 ||
+                     policy_.grad != DType::f32 || policy_.matmul == MatmulPrecision::fp8;
+  if (casts) {
+    nlohmann::json c = nlohmann::json::object();
+    for (int k = 0; k < kTensorClasses; ++k) {
+      const CastCounts& n = counts_[k];
+      c[tensor_class_name(static_cast<TensorClass>(k))] = {
+          {"values", n.values},
+          {"overflow", fraction(n.overflow, n.values)},
+          {"underflow", fraction(n.underflow, n.values)}};
+    }
+    out["casts"] = c;
+  }
+  if (policy_.param == DType::bf16)
+    out["bf16_lost_updates"] = fraction(updates_.lost_updates, updates_.values);
+
+  // fp8: per GEMM group (the same linear layer across blocks), per operand: the largest amax
+  // recorded in the latest step, the smallest scale in use, the oldest amax behind a scale.
+  if (!model_.fp8_gemms().empty()) {
+    struct Agg {
+      float amax = 0;
+      float scale = std::numeric_limits<float>::infinity();
+      int64_t stale = -1;
+      bool nan = false;
+    };
+    std::map<std::string, std::array<Agg, 3>> groups;
+    std::vector<std::string> order;
+    for (const Fp8Gemm& g : model_.fp8_gemms()) {
+      if (!groups.count(g.group)) order.push_back(g.group);
+      auto& a = groups[g.group];
+      const Fp8TensorScaler* s[3] = {&g.inp, &g.weight, &g.dout};
+      for (int i = 0; i < 3; ++i) {
+        const float am = s[i]->last_amax();
+        a[i].nan |= std::isnan(am);
+        if (!std::isnan(am)) a[i].amax = std::max(a[i].amax, am);
+        a[i].scale = std::min(a[i].scale, s[i]->scale());
+        a[i].stale = std::max(a[i].stale, s[i]->steps_since_amax_max());
+      }
+    }
+    nlohmann::json f = nlohmann::json::object();
+    static const char* kOperand[3] = {"inp", "weight", "dout"};
+    for (const auto& name : order) {
+      nlohmann::json gj = nlohmann::json::object();
+      for (int i = 0; i < 3; ++i) {
+        const Agg& a = groups[name][i];
+        gj[kOperand[i]] = {{"amax", a.nan ? nlohmann::json("nan") : number(a.amax)},
+                           {"scale", number(a.scale)},
+                           {"amax_age", a.stale}};
+      }
+      f[name] = gj;
+    }
+    out["fp8"] = f;
+  }
+  counts_ = {};
+  updates_ = {};
+  return out;
+}
+
+}  // namespace mpt

@@ -1,0 +1,41 @@
+// Numerics health for the step records (docs/metrics.md, "Numerics health"): what the casts into
+// low-precision formats lost, what bf16 weights would lose without a master copy, and the fp8
+// scaling state. Gathered over the steps between two step records.
+#pragma once
+
+#include <array>
+#include <cstdint>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "model/gpt.h"
+#include "precision/policy.h"
+
+namespace mpt {
+
+class NumericsMonitor {
+ public:
+  NumericsMonitor(const PrecisionPolicy& policy, Backend& backend, const Gpt& model);
+
+  // Moves the backend's cast counts into this interval's (and resets the backend's).
+  void collect();
+  // Drops the backend's cast counts since the last collect() (a replay's, which would count
+  // the same casts twice).
+  void discard();
+  // After a step: collects, and adds the optimizer's statistics when the step was taken.
+  void after_step(const AdamWStats* taken);
+
+  // The numerics fields of a step record, over the steps since the previous call; resets.
+  // Empty for a policy that casts nothing (fp32, tf32).
+  nlohmann::json take_record();
+
+ private:
+  const PrecisionPolicy& policy_;
+  Backend& be_;
+  const Gpt& model_;
+  std::array<CastCounts, kTensorClasses> counts_{};
+  AdamWStats updates_;
+};
+
+}  // namespace mpt
