@@ -91,23 +91,41 @@ TEST_F(Checkpoints, ResumeContinuesExactly) {
   expect_same_final_checkpoint("fork");
 }
 
-// The same under the tf32 policy, whose matmuls round their operands.
-TEST_F(Checkpoints, ResumeContinuesExactlyUnderTf32) {
-  const std::string tf32 = "--set precision=tf32";
-  auto r = run(train_cmd(path("straight_tf32"), tf32));
+// The same under each precision policy: their rounding (stochastic for bf16-pure), master
+// weights, loss scale and fp8 amax histories continue exactly. Each really is another run than
+// fp32.
+class ResumeUnderPolicy : public Checkpoints, public ::testing::WithParamInterface<std::string> {};
+
+TEST_P(ResumeUnderPolicy, ContinuesExactly) {
+  const std::string name = GetParam();
+  const std::string set = "--set precision=" + name;
+  const std::string straight_run = "straight_" + name, split_run = "split_" + name;
+  auto r = run(train_cmd(path(straight_run), set));
   ASSERT_EQ(r.code, 0) << r.out;
-  r = run("MPT_FAULT=preempt_at_step=10 " + train_cmd(path("split_tf32"), tf32));
+  r = run("MPT_FAULT=preempt_at_step=10 " + train_cmd(path(split_run), set));
   ASSERT_EQ(r.code, 3) << r.out;
-  r = run(train_cmd(path("split_tf32"), tf32 + " --resume"));
+  r = run(train_cmd(path(split_run), set + " --resume"));
   ASSERT_EQ(r.code, 0) << r.out;
-  EXPECT_EQ(steps_and_evals(read_jsonl(path("straight_tf32/metrics.jsonl"))),
-            steps_and_evals(read_jsonl(path("split_tf32/metrics.jsonl"))));
-  expect_same_final_checkpoint("split_tf32", true, "straight_tf32");
-  // and tf32 really is another run than fp32
+  const auto a = read_jsonl(path(straight_run + "/metrics.jsonl"));
+  EXPECT_EQ(steps_and_evals(a), steps_and_evals(read_jsonl(path(split_run + "/metrics.jsonl"))));
+  expect_same_final_checkpoint(split_run, true, straight_run);
   straight();
   EXPECT_NE(slurp(ckpt("straight", 16) + "/model.safetensors"),
-            slurp(ckpt("straight_tf32", 16) + "/model.safetensors"));
+            slurp(ckpt(straight_run, 16) + "/model.safetensors"));
+  // The checkpoint holds what the policy needs to continue.
+  const json state = json::parse(slurp(ckpt(straight_run, 16) + "/state.json"));
+  EXPECT_EQ(state["numerics"]["loss_scaler"]["mode"], name == "fp16" ? "dynamic" : "none");
+  EXPECT_EQ(state["numerics"]["fp8"].size(), name == "fp8" ? 4u * 2u : 0u);  // 4 GEMMs x 2 layers
 }
+
+INSTANTIATE_TEST_SUITE_P(Policies, ResumeUnderPolicy,
+                         ::testing::Values("tf32", "fp16", "bf16", "bf16-pure", "fp8"),
+                         [](const auto& info) {
+                           std::string n = info.param;
+                           for (char& c : n)
+                             if (c == '-') c = '_';
+                           return n;
+                         });
 
 // A crash at any point of a save leaves the previous committed checkpoint loadable, and the
 // resumed run ends exactly where an uninterrupted one does.

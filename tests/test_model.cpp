@@ -289,27 +289,51 @@ TEST(LrSchedule, WarmupLongerThanTheRunAndOneStepDecay) {
   EXPECT_DOUBLE_EQ(none.at(0), 1e-4);
 }
 
-TEST(Gpt, MemoryEstimateMatchesAllocations) {
+// The ledger predicts, before anything is allocated, exactly what the model, the optimizer and
+// the CPU backend's scratch end up holding, for every policy: bytes per role follow the
+// policy's dtypes (a bf16 policy halves the weights and adds an fp32 master).
+class MemoryLedgerPerPolicy : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(MemoryLedgerPerPolicy, MatchesAllocations) {
+  const PrecisionPolicy policy = PrecisionPolicy::preset(GetParam());
   CpuBackend be(1);
   ModelConfig m = tiny_model();
   m.n_embd = 48;
   m.n_head = 3;
   m.max_seq_len = 16;
-  Gpt g(m, be);
+  Gpt g(m, be, policy);
   g.init_weights(1, 0.02);
+  OptimizerConfig oc;
+  AdamW opt(oc, g, be);
   const int B = 3, T = 16;
   std::vector<int32_t> tok(B * T, 1);
+  // A training step and an evaluation pass: every op and staging role is exercised.
+  g.forward(tok.data(), tok.data(), B, T, 1.0f / (B * T));
+  g.backward();
+  opt.step(1e-3, 1.0f);
   g.forward(tok.data(), tok.data(), B, T, 0.0f);
-  const MemoryLedger plan = Gpt::plan_memory(m, B, T);
-  const double slab = g.all_params().bytes();  // params; grads and each moment have the same
-  EXPECT_NEAR(plan.parameters, slab, 0.05 * slab);
-  EXPECT_NEAR(plan.gradients, slab, 0.05 * slab);
-  EXPECT_NEAR(plan.optimizer_state, 2 * slab, 0.1 * slab);
-  EXPECT_EQ(plan.master_weights, 0.0);
-  EXPECT_NEAR(plan.activations, double(g.activation_bytes()), 0.05 * g.activation_bytes());
-  EXPECT_DOUBLE_EQ(plan.total(), plan.parameters + plan.gradients + plan.optimizer_state +
-                                     plan.activations);
+  const MemoryLedger plan = Gpt::plan_memory(m, B, T, policy);
+  EXPECT_EQ(plan.parameters, double(g.parameter_bytes()));
+  EXPECT_EQ(plan.master_weights, double(g.master_bytes()));
+  EXPECT_EQ(plan.gradients, double(g.gradient_bytes()));
+  EXPECT_EQ(plan.optimizer_state, 2.0 * g.all_grads().numel() * 4);
+  EXPECT_EQ(plan.activations, double(g.activation_bytes()));
+  EXPECT_EQ(plan.workspace, double(be.workspace_bytes()));
+  EXPECT_DOUBLE_EQ(plan.total(), plan.parameters + plan.master_weights + plan.gradients +
+                                     plan.optimizer_state + plan.activations + plan.workspace);
+  const double per_param = double(g.all_grads().numel());
+  EXPECT_EQ(plan.parameters, per_param * dtype_size(policy.param));
+  EXPECT_EQ(plan.master_weights, policy.master_weights ? per_param * 4 : 0.0);
 }
+
+INSTANTIATE_TEST_SUITE_P(Presets, MemoryLedgerPerPolicy,
+                         ::testing::ValuesIn(PrecisionPolicy::preset_names()),
+                         [](const auto& info) {
+                           std::string n = info.param;
+                           for (char& c : n)
+                             if (c == '-') c = '_';
+                           return n;
+                         });
 
 TEST(AdamW, ClipScaleAndDecayOnlyOn2D) {
   CpuBackend be(1);

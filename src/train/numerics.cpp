@@ -31,15 +31,13 @@ double fraction(int64_t part, int64_t whole) {
   return whole > 0 ? static_cast<double>(part) / static_cast<double>(whole) : 0.0;
 }
 
-// A float for JSON: NaN and infinities as strings, so that a record never silently turns them
-// into null.
-nlohmann::json number(float v) {
+}  // namespace
+
+nlohmann::json json_number(double v) {
   if (std::isnan(v)) return "nan";
   if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
   return v;
 }
-
-}  // namespace
 
 nlohmann::json NumericsMonitor::take_record() {
   nlohmann::json out = nlohmann::json::object();
@@ -88,8 +86,8 @@ nlohmann::json NumericsMonitor::take_record() {
       nlohmann::json gj = nlohmann::json::object();
       for (int i = 0; i < 3; ++i) {
         const Agg& a = groups[name][i];
-        gj[kOperand[i]] = {{"amax", a.nan ? nlohmann::json("nan") : number(a.amax)},
-                           {"scale", number(a.scale)},
+        gj[kOperand[i]] = {{"amax", a.nan ? nlohmann::json("nan") : json_number(a.amax)},
+                           {"scale", json_number(a.scale)},
                            {"amax_age", a.stale}};
       }
       f[name] = gj;

@@ -14,6 +14,10 @@
 
 namespace mpt {
 
+// A number for a JSON record: NaN and infinities as the strings "nan", "inf", "-inf" (JSON has
+// no spelling for them, and nlohmann would write null, which reads as "missing").
+nlohmann::json json_number(double v);
+
 class NumericsMonitor {
  public:
   NumericsMonitor(const PrecisionPolicy& policy, Backend& backend, const Gpt& model);

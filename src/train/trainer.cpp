@@ -338,6 +338,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   bool continue_in_place = false;
   if (resume) {
     restore(*backend, model, optimizer, scaler, resume->ckpt);
+    backend->reset_cast_counts();  // rewriting the weights from the master is not training
     train_loader.seek({resume->ckpt.state.data_epoch, resume->ckpt.state.data_sample});
     start_step = resume->ckpt.state.step;
     resumed_from = resume->ckpt.dir;
@@ -389,7 +390,10 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
 
   const int eval_batches = cfg.training.eval_batches;
   auto run_eval = [&](int64_t step) {
+    // Evaluation's casts are not training's: keep them out of the step records.
+    numerics.collect();
     const double val = evaluate(model, val_loader, eval_batches, B, T);
+    numerics.discard();
     metrics.write({{"event", "eval"}, {"step", step}, {"val_loss", val}});
     spdlog::info("eval  step {:>6} | val_loss {:.4f}", step, val);
     return val;
@@ -456,7 +460,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
         nlohmann::json ev = {{"event", "nonfinite"},
                              {"step", step},
                              {"loss_scale", scale},
-                             {"loss", std::isfinite(loss) ? nlohmann::json(loss) : nlohmann::json(std::to_string(loss))}};
+                             {"loss", json_number(loss)}};
         if (site) {
           ev["layer"] = site->layer;
           ev["op"] = site->op;
@@ -490,9 +494,9 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
         const double eta = (steps - step) * step_ms / 1000.0;
         nlohmann::json rec = {{"step", step},
                               {"tokens", step * tokens_per_step},
-                              {"loss", std::isfinite(loss) ? nlohmann::json(loss) : nlohmann::json(std::to_string(loss))},
+                              {"loss", json_number(loss)},
                               {"lr", lr},
-                              {"grad_norm", std::isfinite(norm) ? nlohmann::json(norm) : nlohmann::json(std::to_string(norm))},
+                              {"grad_norm", json_number(norm)},
                               {"loss_scale", scale},
                               {"skipped", skip},
                               {"skipped_total", scaler.skipped_total()},

@@ -182,14 +182,22 @@ inline float bf16_half_ulp(float w) {
   return std::ldexp(1.0f, std::max(e - 9, -134));
 }
 
+// The buffer's data, grown to at least n elements: to exactly n (reserve, then resize within
+// it), so that the memory ledger can predict the capacity; in steady state it never reallocates.
+float* grow(std::vector<float>& buf, int64_t n) {
+  if (static_cast<int64_t>(buf.size()) < n) {
+    buf.reserve(static_cast<size_t>(n));
+    buf.resize(static_cast<size_t>(n));
+  }
+  return buf.data();
+}
+
 }  // namespace
 
 // ---- staging
 
 float* CpuBackend::staging(Slot slot, int64_t n) {
-  std::vector<float>& buf = staging_[slot];
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));  // grows once
-  return buf.data();
+  return grow(staging_[slot], n);
 }
 
 Tensor CpuBackend::widen(Tensor t, Slot slot) {
@@ -353,9 +361,7 @@ const float* CpuBackend::matmul_operand(Tensor t, Slot slot, const MatmulSpec& s
   if (w.data != t.data) {
     y = const_cast<float*>(x);  // a staged copy: round it in place
   } else {
-    std::vector<float>& buf = operand_scratch_[scratch];
-    if (static_cast<int64_t>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
-    y = buf.data();
+    y = grow(operand_scratch_[scratch], n);
   }
   if (spec.prec == MatmulPrecision::tf32) {
 #pragma omp parallel for schedule(static) num_threads(threads_)
