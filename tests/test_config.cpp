@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -14,6 +15,7 @@
 #include "config/config.h"
 #include "data/dataset.h"
 #include "core/error.h"
+#include "precision/policy.h"
 
 namespace fs = std::filesystem;
 using mpt::Config;
@@ -225,6 +227,49 @@ const std::vector<BadCase> kBadCases = {
     {"bad_yaml", "model:\n  n_layer: 4\n n_head: 2\n",
      {"{F}:3:2: invalid YAML: end of map not found"}},
     {"two_documents", "model: {}\n---\nmodel: {}\n", {"{F}: holds 2 YAML documents"}},
+    // Precision overrides: values, booleans, and combinations PrecisionPolicy rejects, each at
+    // the line of the key (or of `precision` when the key itself was not written).
+    {"unknown_dtype", "dtypes:\n  param: fp64\n",
+     {"{F}:2:10: dtypes.param: unknown value 'fp64'", "choices: preset, fp32, fp16, bf16)"}},
+    {"unknown_fp8_recipe", "precision: fp8\nfp8:\n  recipe: just_in_time\n",
+     {"{F}:3:11: fp8.recipe: unknown value 'just_in_time'", "choices: delayed, current)"}},
+    {"boolean_yes", "loss_scale:\n  consecutive_hysteresis: yes\n",
+     {"{F}:2:27: loss_scale.consecutive_hysteresis: expected true or false, got 'yes'"}},
+    {"boolean_quoted", "loss_scale:\n  consecutive_hysteresis: \"true\"\n",
+     {"loss_scale.consecutive_hysteresis: expected true or false, got the quoted string 'true'"}},
+    {"boolean_number", "loss_scale:\n  consecutive_hysteresis: 1\n",
+     {"loss_scale.consecutive_hysteresis: expected true or false, got '1'"}},
+    {"master_of_fp32_weights", "dtypes:\n  master: fp32\n",
+     {"{F}:2:11: dtypes.master: fp32 with fp32 weights (dtypes.param resolves to fp32 for "
+      "precision fp32): a master copy of fp32 weights is pointless"}},
+    {"loss_scale_range", "precision: fp16\nloss_scale:\n  backoff_factor: 1\n",
+     {"{F}:3:19: loss_scale.backoff_factor: must be in (0, 1), got 1"}},
+    {"loss_scale_cross_field", "precision: fp16\nloss_scale:\n  min_scale: 8\n  max_scale: 4\n",
+     {"{F}:4:14: loss_scale.max_scale: must be finite and >= min_scale (8), got 4"}},
+    {"problem_at_precision_when_key_not_set", "precision: fp16\nloss_scale:\n  min_scale: 131072\n",
+     {"{F}:1:12: loss_scale.init_scale: must be within [min_scale, max_scale] = [131072, "
+      "16777216], got 65536"}},
+    {"fp8_keys_without_fp8", "precision: bf16\nfp8:\n  recipe: current\n",
+     {"{F}:3:11: fp8.recipe: current has no effect: fp8.* applies to precision fp8 only "
+      "(precision is 'bf16')"}},
+    {"loss_scale_without_scaling", "precision: bf16\nloss_scale:\n  init_scale: 1024\n",
+     {"{F}:3:15: loss_scale.init_scale: 1024 has no effect: loss scaling is off "
+      "(loss_scale.mode resolves to none for precision bf16)"}},
+    {"loss_scale_turned_off", "precision: fp16\nloss_scale:\n  mode: none\n  growth_interval: 10\n",
+     {"{F}:4:20: loss_scale.growth_interval: 10 has no effect: loss scaling is off "
+      "(loss_scale.mode: none)"}},
+    {"dynamic_field_in_static_mode",
+     "precision: fp16\nloss_scale:\n  mode: static\n  hysteresis: 2\n",
+     {"{F}:4:15: loss_scale.hysteresis: 2 has no effect: it applies to loss_scale.mode: dynamic; "
+      "with static, the scale stays at loss_scale.init_scale"}},
+    {"history_with_current_scaling",
+     "precision: fp8\nfp8:\n  recipe: current\n  amax_history_len: 4\n",
+     {"{F}:4:21: fp8.amax_history_len: 4 has no effect: it applies to fp8.recipe: delayed"}},
+    {"many_precision_errors",
+     "precision: fp16\ndtypes:\n  param: fp32\n  master: fp32\nloss_scale:\n  growth_factor: 1\n"
+     "fp8:\n  margin: 2\n",
+     {"{F}:4:11: dtypes.master: fp32 with fp32 weights", "{F}:6:18: loss_scale.growth_factor: "
+      "must be > 1, got 1", "{F}:8:11: fp8.margin: 2 has no effect"}},
     // Everything wrong is reported at once.
     {"many_errors", "model:\n  n_layers: 4\n  n_head: x\ntraining:\n  steps: 0\nprecision: fp12\n",
      {"{F}:2:3: model.n_layers: unknown key", "{F}:3:11: model.n_head: expected an integer",
@@ -258,6 +303,180 @@ TEST(Config, ManyErrorsGiveOneLineEach) {
   EXPECT_EQ(std::count(msg.begin(), msg.end(), '\n'), 3) << msg;
 }
 
+// A value already rejected by its key's range is not reported again by the precision checks
+// (the loss scaler would say the same thing), nor is a key without effect checked further.
+TEST(Config, PrecisionProblemsAreNotRepeated) {
+  TempDir dir;
+  std::string msg = load_error(
+      dir.write("c.yaml", "precision: fp16\nloss_scale:\n  backoff_factor: 1\n"));
+  EXPECT_EQ(std::count(msg.begin(), msg.end(), '\n'), 1) << msg;
+  msg = load_error(dir.write("c.yaml",
+                             "precision: fp16\nloss_scale:\n  mode: static\n  min_scale: 8\n"
+                             "  max_scale: 4\n"));
+  EXPECT_EQ(std::count(msg.begin(), msg.end(), '\n'), 2) << msg;
+  EXPECT_EQ(msg.find("must be finite"), std::string::npos) << msg;
+}
+
+// Keys the policy does not use may still be written with their default values: a config written
+// out in full (configs/default.yaml, a run's config.yaml) names every key.
+TEST(Config, UnusedPrecisionKeysMayKeepTheirDefaults) {
+  TempDir dir;
+  const Config c = load_config(dir.write(
+      "c.yaml", "precision: bf16\nloss_scale:\n  init_scale: 65536\n  growth_factor: 2\n"
+                "  max_consecutive_min_scale_skips: 3\nfp8:\n  recipe: delayed\n  margin: 0\n"));
+  EXPECT_EQ(c.precision, "bf16");
+  // Stopping after overflow steps in a row works without loss scaling too.
+  EXPECT_EQ(c.loss_scale.max_consecutive_min_scale_skips, 3);
+}
+
+// Every key of the precision sections, with a value other than its default; all valid together
+// (fp8 with dynamic loss scaling, which is legal though pointless).
+struct OverrideKey {
+  const char* path;
+  const char* yaml;
+  nlohmann::json expected;
+};
+const std::vector<OverrideKey> kOverrideKeys = {
+    {"dtypes.param", "fp16", "fp16"},
+    {"dtypes.activation", "fp16", "fp16"},
+    {"dtypes.grad", "bf16", "bf16"},
+    {"dtypes.master", "fp32", "fp32"},
+    {"loss_scale.mode", "dynamic", "dynamic"},
+    {"loss_scale.init_scale", "1024", 1024.0},
+    {"loss_scale.growth_factor", "4", 4.0},
+    {"loss_scale.backoff_factor", "0.25", 0.25},
+    {"loss_scale.growth_interval", "500", 500},
+    {"loss_scale.hysteresis", "2", 2},
+    {"loss_scale.consecutive_hysteresis", "true", true},
+    {"loss_scale.min_scale", "0.5", 0.5},
+    {"loss_scale.max_scale", "65536", 65536.0},
+    {"loss_scale.max_consecutive_min_scale_skips", "4", 4},
+    {"fp8.format", "e4m3", "e4m3"},
+    {"fp8.recipe", "delayed", "delayed"},
+    {"fp8.amax_history_len", "32", 32},
+    {"fp8.amax_compute", "most_recent", "most_recent"},
+    {"fp8.margin", "1", 1},
+    {"fp8.lm_head", "fp8", "fp8"},
+    {"fp8.first_last_blocks", "bf16", "bf16"},
+};
+
+TEST(Config, EveryPrecisionOverrideKeyParses) {
+  TempDir dir;
+  std::string text = "precision: fp8\n", section;
+  for (const auto& k : kOverrideKeys) {
+    const std::string path = k.path;
+    const size_t dot = path.find('.');
+    if (path.substr(0, dot) != section) {
+      section = path.substr(0, dot);
+      text += section + ":\n";
+    }
+    text += "  " + path.substr(dot + 1) + ": " + k.yaml + "\n";
+  }
+  const Config c = load_config(dir.write("c.yaml", text));
+  const auto flat = mpt::flatten_config(config_to_json(c));
+  for (const auto& k : kOverrideKeys) EXPECT_EQ(flat.at(k.path), k.expected) << k.path;
+  // The same values as --set overrides.
+  std::vector<std::string> sets = {"precision=fp8"};
+  for (const auto& k : kOverrideKeys) sets.push_back(std::string(k.path) + "=" + k.yaml);
+  EXPECT_EQ(config_to_json(load_config("", sets)), config_to_json(c));
+  // And through the YAML dump.
+  const std::string dump = config_to_yaml(c);
+  EXPECT_NE(dump.find("  consecutive_hysteresis: true\n"), std::string::npos) << dump;
+  EXPECT_EQ(config_to_json(load_config(dir.write("dump.yaml", dump))), config_to_json(c)) << dump;
+}
+
+TEST(Config, BooleansAcceptYamlTrueAndFalseOnly) {
+  const std::string key = "loss_scale.consecutive_hysteresis=";
+  for (const char* t : {"true", "True", "TRUE"})
+    EXPECT_TRUE(load_config("", {"precision=fp16", key + t}).loss_scale.consecutive_hysteresis)
+        << t;
+  for (const char* f : {"false", "False", "FALSE"})
+    EXPECT_FALSE(load_config("", {"precision=fp16", key + f}).loss_scale.consecutive_hysteresis)
+        << f;
+  for (const char* bad : {"yes", "no", "on", "off", "y", "1", "0", "\"true\"", "[true]"}) {
+    const std::string msg = load_error("", {"precision=fp16", key + bad});
+    EXPECT_NE(msg.find("expected true or false, got"), std::string::npos) << bad << ": " << msg;
+  }
+  EXPECT_EQ(config_to_json(kDefaults)["loss_scale"]["consecutive_hysteresis"], false);
+  EXPECT_NE(config_to_yaml(kDefaults).find("  consecutive_hysteresis: false\n"), std::string::npos);
+}
+
+// The table's ranges (which report every bad value at once, at its line) and the scalers' own
+// validation (which from_config relies on for configs built in code) must agree: each value
+// outside a range is rejected by both, at the same key, and each range's ends are accepted by
+// both.
+TEST(Config, PrecisionRangesAgreeWithTheScalers) {
+  struct Case {
+    std::vector<std::string> sets;  // the value, and the mode that makes the key take effect
+    std::function<void(Config&)> apply;
+    const char* key;
+    bool valid;
+  };
+  using C = Config&;
+  const std::vector<Case> cases = {
+      {{"precision=fp16", "loss_scale.init_scale=0"}, [](C c) { c.loss_scale.init_scale = 0; },
+       "loss_scale.init_scale", false},
+      {{"precision=fp16", "loss_scale.growth_factor=1"},
+       [](C c) { c.loss_scale.growth_factor = 1; }, "loss_scale.growth_factor", false},
+      {{"precision=fp16", "loss_scale.backoff_factor=0"},
+       [](C c) { c.loss_scale.backoff_factor = 0; }, "loss_scale.backoff_factor", false},
+      {{"precision=fp16", "loss_scale.backoff_factor=1"},
+       [](C c) { c.loss_scale.backoff_factor = 1; }, "loss_scale.backoff_factor", false},
+      {{"precision=fp16", "loss_scale.growth_interval=0"},
+       [](C c) { c.loss_scale.growth_interval = 0; }, "loss_scale.growth_interval", false},
+      {{"precision=fp16", "loss_scale.growth_interval=1"},
+       [](C c) { c.loss_scale.growth_interval = 1; }, "loss_scale.growth_interval", true},
+      {{"precision=fp16", "loss_scale.hysteresis=0"}, [](C c) { c.loss_scale.hysteresis = 0; },
+       "loss_scale.hysteresis", false},
+      {{"precision=fp16", "loss_scale.min_scale=0"}, [](C c) { c.loss_scale.min_scale = 0; },
+       "loss_scale.min_scale", false},
+      {{"precision=fp16", "loss_scale.max_scale=0"}, [](C c) { c.loss_scale.max_scale = 0; },
+       "loss_scale.max_scale", false},
+      {{"precision=fp16", "loss_scale.max_consecutive_min_scale_skips=0"},
+       [](C c) { c.loss_scale.max_consecutive_min_scale_skips = 0; },
+       "loss_scale.max_consecutive_min_scale_skips", false},
+      {{"precision=fp16", "loss_scale.max_consecutive_min_scale_skips=1"},
+       [](C c) { c.loss_scale.max_consecutive_min_scale_skips = 1; },
+       "loss_scale.max_consecutive_min_scale_skips", true},
+      {{"precision=fp8", "fp8.amax_history_len=0"},
+       [](C c) { c.fp8.scaling.amax_history_len = 0; }, "fp8.amax_history_len", false},
+      {{"precision=fp8", "fp8.amax_history_len=1"},
+       [](C c) { c.fp8.scaling.amax_history_len = 1; }, "fp8.amax_history_len", true},
+      {{"precision=fp8", "fp8.amax_history_len=65536"},
+       [](C c) { c.fp8.scaling.amax_history_len = 65536; }, "fp8.amax_history_len", true},
+      {{"precision=fp8", "fp8.amax_history_len=65537"},
+       [](C c) { c.fp8.scaling.amax_history_len = 65537; }, "fp8.amax_history_len", false},
+      {{"precision=fp8", "fp8.margin=-1"}, [](C c) { c.fp8.scaling.margin = -1; }, "fp8.margin",
+       false},
+      {{"precision=fp8", "fp8.margin=16"}, [](C c) { c.fp8.scaling.margin = 16; }, "fp8.margin",
+       true},
+      {{"precision=fp8", "fp8.margin=17"}, [](C c) { c.fp8.scaling.margin = 17; }, "fp8.margin",
+       false},
+  };
+  for (const auto& e : cases) {
+    SCOPED_TRACE(e.sets.back());
+    Config direct;
+    direct.precision = e.sets.front().substr(std::string("precision=").size());
+    e.apply(direct);
+    bool scaler_accepts = true;
+    try {
+      mpt::PrecisionPolicy::from_config(direct);
+    } catch (const InputError& err) {
+      scaler_accepts = false;
+      EXPECT_NE(std::string(err.what()).find(std::string("\n  ") + e.key + ": "),
+                std::string::npos)
+          << err.what();
+    }
+    EXPECT_EQ(scaler_accepts, e.valid);
+    if (e.valid) {
+      EXPECT_NO_THROW(load_config("", e.sets));
+    } else {
+      const std::string msg = load_error("", e.sets);
+      EXPECT_NE(msg.find("  --set " + e.sets.back() + ": must be"), std::string::npos) << msg;
+    }
+  }
+}
+
 TEST(Config, TypedOverrides) {
   TempDir dir;
   dir.write("a.bin", "x");
@@ -275,6 +494,20 @@ TEST(Config, TypedOverrides) {
   EXPECT_EQ(c.model.n_layer, 2);
   EXPECT_EQ(c.model.n_head, 2);
   EXPECT_EQ(c.training.seed, 7u);
+}
+
+TEST(Config, PrecisionOverridesFromTheCommandLine) {
+  const Config c = load_config("", {"precision=fp16", "dtypes.master=none",
+                                    "loss_scale={mode: static, init_scale: 128}"});
+  EXPECT_EQ(c.dtypes.master, "none");
+  EXPECT_EQ(c.loss_scale.mode, "static");
+  EXPECT_EQ(c.loss_scale.init_scale, 128);
+  EXPECT_EQ(c.loss_scale.growth_factor, 2);  // untouched keys keep their defaults
+  // An override can also fix the file: the setting without effect is gone after it.
+  TempDir dir;
+  const std::string path = dir.write("c.yaml", "precision: bf16\nfp8:\n  margin: 2\n");
+  EXPECT_NE(load_error(path).find("fp8.margin: 2 has no effect"), std::string::npos);
+  EXPECT_EQ(load_config(path, {"precision=fp8"}).fp8.scaling.margin, 2);
 }
 
 TEST(Config, OverridesWinOverTheFileAndAreValidatedAfterIt) {
@@ -304,6 +537,13 @@ TEST(Config, BadOverridesAreReportedWithSet) {
       {"model={n_layers: 2}", "  --set model={n_layers: 2}: model.n_layers: unknown key"},
       {"data.val=/nonexistent/*.bin",
        "  --set data.val=/nonexistent/*.bin: '/nonexistent/*.bin' matches no existing file"},
+      {"dtype.master=none", "  --set dtype.master=none: unknown key (did you mean 'dtypes'?)"},
+      {"dtypes.master=fp32", "  --set dtypes.master=fp32: fp32 with fp32 weights"},
+      {"fp8.margin=2",
+       "  --set fp8.margin=2: 2 has no effect: fp8.* applies to precision fp8 only (precision is "
+       "'fp32')"},
+      {"loss_scale.consecutive_hysteresis=on",
+       "  --set loss_scale.consecutive_hysteresis=on: expected true or false, got 'on'"},
   };
   for (const auto& c : cases) {
     const std::string msg = load_error("", {c.arg});
@@ -414,7 +654,13 @@ TEST(Config, SchemaListsEveryKeyOnce) {
       "training.seed", "optimizer.lr", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
       "optimizer.weight_decay", "optimizer.grad_clip", "schedule.decay", "schedule.warmup_steps",
       "schedule.min_lr", "checkpoint.every", "checkpoint.keep_last", "checkpoint.keep_every",
-      "precision", "backend", "threads", "output.dir", "output.name"};
+      "precision", "dtypes.param", "dtypes.activation", "dtypes.grad", "dtypes.master",
+      "loss_scale.mode", "loss_scale.init_scale", "loss_scale.growth_factor",
+      "loss_scale.backoff_factor", "loss_scale.growth_interval", "loss_scale.hysteresis",
+      "loss_scale.consecutive_hysteresis", "loss_scale.min_scale", "loss_scale.max_scale",
+      "loss_scale.max_consecutive_min_scale_skips", "fp8.format", "fp8.recipe",
+      "fp8.amax_history_len", "fp8.amax_compute", "fp8.margin", "fp8.lm_head",
+      "fp8.first_last_blocks", "backend", "threads", "output.dir", "output.name"};
   std::vector<std::string> paths;
   for (const auto& k : mpt::config_schema()) {
     paths.push_back(k.path);

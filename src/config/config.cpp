@@ -145,8 +145,8 @@ struct Origin {
 // A key's storage inside Config, as a plain function so the (static) table holds no state.
 template <class T>
 using Ref = T& (*)(Config&);
-using Field = std::variant<Ref<int>, Ref<int64_t>, Ref<uint64_t>, Ref<double>, Ref<std::string>,
-                           Ref<std::vector<std::string>>>;
+using Field = std::variant<Ref<int>, Ref<int64_t>, Ref<uint64_t>, Ref<double>, Ref<bool>,
+                           Ref<std::string>, Ref<std::vector<std::string>>>;
 #define MPT_FIELD(member) [](Config& c) -> auto& { return c.member; }
 
 // Reading through a Ref never writes; the const_cast only lets one accessor serve both uses.
@@ -186,6 +186,7 @@ Range at_least(double lo) { return {lo, std::nullopt, false, false}; }
 Range above(double lo) { return {lo, std::nullopt, true, false}; }
 Range closed(double lo, double hi) { return {lo, hi, false, false}; }
 Range half_open(double lo, double hi) { return {lo, hi, false, true}; }
+Range open_interval(double lo, double hi) { return {lo, hi, true, true}; }
 
 struct KeyDef;
 // A check beyond type/range/choices (file existence, path syntax); adds its own errors.
@@ -236,6 +237,15 @@ KeyDef choice(std::string path, Ref<std::string> field, std::vector<std::string>
   k.choices = std::move(choices);
   k.available = std::move(available);
   return k;
+}
+KeyDef boolean(std::string path, Ref<bool> field, std::string description) {
+  return make_key(std::move(path), field, "boolean", std::move(description));
+}
+// A precision key's values come from PrecisionPolicy, which also checks them for configs that
+// do not come through the loader.
+KeyDef precision_choice(std::string path, Ref<std::string> field, std::string description) {
+  const auto& values = PrecisionPolicy::choices(path);
+  return choice(std::move(path), field, values, {}, std::move(description));
 }
 KeyDef text(std::string path, Ref<std::string> field, ExtraCheck extra, std::string note,
             std::string description) {
@@ -372,8 +382,93 @@ const std::vector<KeyDef>& key_table() {
                         "also keep, permanently, every checkpoint whose step is a multiple of "
                         "this; 0 = none"));
     // top-level keys
-    t.push_back(choice("precision", MPT_FIELD(precision), PrecisionPolicy::preset_names(), {},
-                       "numeric precision of the training step"));
+    t.push_back(precision_choice("precision", MPT_FIELD(precision),
+                                 "numeric precision preset of the training step "
+                                 "(docs/precision.md); the dtypes, loss_scale and fp8 sections "
+                                 "override parts of it"));
+    // dtypes: per-role overrides of the preset
+    t.push_back(precision_choice("dtypes.param", MPT_FIELD(dtypes.param),
+                                 "weights as the ops read them; preset = the preset's (fp16 for "
+                                 "fp16, bf16 for bf16, bf16-pure and fp8, else fp32)"));
+    t.push_back(precision_choice("dtypes.activation", MPT_FIELD(dtypes.activation),
+                                 "activations, the tensors between ops and their gradients; "
+                                 "preset = the preset's (as dtypes.param)"));
+    t.push_back(precision_choice("dtypes.grad", MPT_FIELD(dtypes.grad),
+                                 "parameter gradients and their accumulation; preset = the "
+                                 "preset's (bf16 for bf16-pure, else fp32)"));
+    t.push_back(precision_choice("dtypes.master", MPT_FIELD(dtypes.master),
+                                 "an fp32 master copy of the weights that the optimizer updates; "
+                                 "preset = the preset's (fp32 for fp16, bf16 and fp8) when the "
+                                 "weights are 16-bit, else none")
+                    .with_note("fp32 only with 16-bit weights"));
+    // loss_scale: LossScalerConfig (docs/precision.md, "Loss scaling")
+    t.push_back(precision_choice("loss_scale.mode", MPT_FIELD(loss_scale.mode),
+                                 "fp16 loss scaling; preset = the preset's (dynamic for fp16, "
+                                 "else none); static keeps the scale at init_scale"));
+    // A value other than the default where the key has no effect is an error (validate()).
+    const std::string dynamic_note = "non-default only with mode dynamic";
+    t.push_back(number("loss_scale.init_scale", MPT_FIELD(loss_scale.init_scale), above(0),
+                       "the first scale (dynamic) or the fixed one (static)")
+                    .with_note("within [min_scale, max_scale] when dynamic; non-default only "
+                               "with mode dynamic or static"));
+    t.push_back(number("loss_scale.growth_factor", MPT_FIELD(loss_scale.growth_factor), above(1),
+                       "dynamic: the scale is multiplied by this after growth_interval finite "
+                       "steps in a row")
+                    .with_note(dynamic_note));
+    t.push_back(number("loss_scale.backoff_factor", MPT_FIELD(loss_scale.backoff_factor),
+                       open_interval(0, 1),
+                       "dynamic: the scale is multiplied by this when an overflow backs it off")
+                    .with_note(dynamic_note));
+    t.push_back(integer("loss_scale.growth_interval", MPT_FIELD(loss_scale.growth_interval),
+                        at_least(1), "dynamic: finite steps in a row before the scale grows")
+                    .with_note(dynamic_note));
+    t.push_back(integer("loss_scale.hysteresis", MPT_FIELD(loss_scale.hysteresis), at_least(1),
+                        "dynamic: overflows tolerated before the scale backs off; 1 = back off "
+                        "at every overflow, as GradScaler does")
+                    .with_note(dynamic_note));
+    t.push_back(boolean("loss_scale.consecutive_hysteresis",
+                        MPT_FIELD(loss_scale.consecutive_hysteresis),
+                        "dynamic: true = every finite step restores the hysteresis budget "
+                        "(DeepSpeed), false = only a growth does (Megatron-LM)")
+                    .with_note(dynamic_note));
+    t.push_back(number("loss_scale.min_scale", MPT_FIELD(loss_scale.min_scale), above(0),
+                       "dynamic: the scale never backs off below this")
+                    .with_note("<= loss_scale.max_scale; " + dynamic_note));
+    t.push_back(number("loss_scale.max_scale", MPT_FIELD(loss_scale.max_scale), above(0),
+                       "dynamic: the scale never grows above this")
+                    .with_note(">= loss_scale.min_scale; " + dynamic_note));
+    t.push_back(integer("loss_scale.max_consecutive_min_scale_skips",
+                        MPT_FIELD(loss_scale.max_consecutive_min_scale_skips), at_least(1),
+                        "overflow steps in a row at min_scale (static and none: any overflow "
+                        "steps in a row) before the run stops with a diagnostic"));
+    // fp8: Fp8Recipe (docs/precision.md, "fp8 scaling")
+    const std::string fp8_note = "non-default only with precision fp8";
+    const std::string delayed_note = fp8_note + " and recipe delayed";
+    t.push_back(precision_choice("fp8.format", MPT_FIELD(fp8.format),
+                                 "hybrid: e4m3 forward and e5m2 for gradients; e4m3: e4m3 for "
+                                 "both")
+                    .with_note(fp8_note));
+    t.push_back(precision_choice("fp8.recipe", MPT_FIELD(fp8.scaling.recipe),
+                                 "delayed: each tensor's scale from the amaxes of earlier steps; "
+                                 "current: from the step's own amax")
+                    .with_note(fp8_note));
+    t.push_back(integer("fp8.amax_history_len", MPT_FIELD(fp8.scaling.amax_history_len),
+                        closed(1, 65536), "delayed: steps of amax history kept per tensor")
+                    .with_note(delayed_note));
+    t.push_back(precision_choice("fp8.amax_compute", MPT_FIELD(fp8.scaling.amax_compute),
+                                 "delayed: the history's largest amax, or its most recent one")
+                    .with_note(delayed_note));
+    t.push_back(integer("fp8.margin", MPT_FIELD(fp8.scaling.margin), closed(0, 16),
+                        "the scale is divided by 2^margin (headroom for growing amaxes)")
+                    .with_note(fp8_note));
+    t.push_back(precision_choice("fp8.lm_head", MPT_FIELD(fp8.lm_head),
+                                 "the tied LM head's GEMM: bf16 (not fp8: the policy's 16-bit "
+                                 "matmul), or fp8 (usually hurts quality; gives a warning)")
+                    .with_note(fp8_note));
+    t.push_back(precision_choice("fp8.first_last_blocks", MPT_FIELD(fp8.first_last_blocks),
+                                 "the first and last blocks' GEMMs: fp8 like the others, or bf16 "
+                                 "(not fp8) for stability")
+                    .with_note(fp8_note));
     t.push_back(choice("backend", MPT_FIELD(backend), {"cpu", "cuda", "auto"}, {},
                        "compute backend; auto picks cuda when a usable GPU is present, else cpu"));
     t.push_back(integer("threads", MPT_FIELD(threads), closed(0, 1024),
@@ -543,6 +638,18 @@ std::optional<double> read_number(const YAML::Node& n, std::string& why) {
   return std::nullopt;
 }
 
+// YAML 1.2's spellings of true and false only: YAML 1.1's yes/no/on/off (which yaml-cpp would
+// accept) are too easily meant as strings, and 1/0 as numbers.
+std::optional<bool> read_bool(const YAML::Node& n, std::string& why) {
+  if (is_plain_scalar(n)) {
+    const std::string& s = n.Scalar();
+    if (s == "true" || s == "True" || s == "TRUE") return true;
+    if (s == "false" || s == "False" || s == "FALSE") return false;
+  }
+  why = "expected true or false, got " + describe(n);
+  return std::nullopt;
+}
+
 std::optional<std::string> read_string(const YAML::Node& n, std::string& why) {
   if (n.IsScalar()) return n.Scalar();
   why = "expected a string, got " + describe(n);
@@ -610,6 +717,11 @@ void read_leaf(const KeyDef& key, const YAML::Node& n, const Source& src, const 
           },
           [&](Ref<double> ref) {
             auto v = read_number(n, why);
+            if (v) ref(c) = *v;
+            return v.has_value();
+          },
+          [&](Ref<bool> ref) {
+            auto v = read_bool(n, why);
             if (v) ref(c) = *v;
             return v.has_value();
           },
@@ -779,6 +891,7 @@ std::string value_text(const KeyDef& key, const Config& c) {
                         [&](Ref<int64_t> r) { return std::to_string(read(r, c)); },
                         [&](Ref<uint64_t> r) { return std::to_string(read(r, c)); },
                         [&](Ref<double> r) { return format_double(read(r, c)); },
+                        [&](Ref<bool> r) { return std::string(read(r, c) ? "true" : "false"); },
                         [&](Ref<std::string> r) {
                           const std::string& s = read(r, c);
                           return s.empty() ? std::string("\"\"") : s;
@@ -840,6 +953,26 @@ void validate(LoadState& st) {
                                                                             : check.other);
     st.errors.add(at.where, check.key, problem);
   }
+  // The precision keys together: PrecisionPolicy knows which combinations make sense.
+  if (failed.count("precision")) return;
+  // A value set for a key the resolved policy ignores is most likely a mistake about the
+  // policy (fp8 settings under precision bf16): rejected rather than silently unused. The
+  // default value is accepted, so that a config written out in full (configs/default.yaml,
+  // config_to_yaml) loads. Such a key's other problems are moot.
+  static const Config defaults;
+  for (const auto& [key, why] : PrecisionPolicy::inert_keys(c)) {
+    if (!st.origins.count(key) || failed.count(key)) continue;
+    const KeyDef& def = *find_key(key);
+    const std::string value = value_text(def, c);
+    if (value == value_text(def, defaults)) continue;
+    st.errors.add(origin_of(key).where, key, value + " has no effect: " + why);
+    failed.insert(key);
+  }
+  // Reported at the key when the user set it, else at the preset that implied its value.
+  for (const auto& [key, problem] : PrecisionPolicy::problems(c)) {
+    if (failed.count(key)) continue;  // reported already: its range, choices, or no effect
+    st.errors.add(origin_of(st.origins.count(key) ? key : "precision").where, key, problem);
+  }
 }
 
 }  // namespace
@@ -879,6 +1012,7 @@ std::string config_to_yaml(const Config& c) {
                    // As shortest round-trip text: the emitter's own double output either loses
                    // digits or prints 0.1 as 0.10000000000000001.
                    [&](Ref<double> r) { out << format_double(read(r, c)); },
+                   [&](Ref<bool> r) { out << YAML::TrueFalseBool << read(r, c); },
                    [&](Ref<std::string> r) { out << read(r, c); },
                    [&](Ref<std::vector<std::string>> r) {
                      out << YAML::Flow << YAML::BeginSeq;
@@ -941,7 +1075,9 @@ const std::vector<ConfigKeyInfo>& config_schema() {
       } else {
         allowed = key.range.describe();
       }
-      if (!key.note.empty()) allowed += (allowed.empty() ? "" : ", ") + key.note;
+      // After a list of choices, a comma would read as one more choice.
+      if (!key.note.empty())
+        allowed += (allowed.empty() ? "" : key.choices.empty() ? ", " : "; ") + key.note;
       if (allowed.empty()) allowed = "any";
       out.push_back({key.path, key.type, value_text(key, defaults), key.description, allowed});
     }

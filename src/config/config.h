@@ -10,6 +10,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include "precision/fp8_scaling.h"
+#include "precision/loss_scaler.h"
+
 namespace mpt {
 
 struct ModelConfig {
@@ -71,6 +74,31 @@ struct OutputConfig {
   std::string name;  // empty: "<config file stem>-<UTC timestamp>"
 };
 
+// Overrides of the precision preset, per tensor role. "preset" keeps the preset's choice; the
+// resolved policy is PrecisionPolicy::from_config (docs/precision.md, "Overriding a preset").
+struct DtypesConfig {
+  std::string param = "preset";       // preset | fp32 | fp16 | bf16
+  std::string activation = "preset";  // preset | fp32 | fp16 | bf16
+  std::string grad = "preset";        // preset | fp32 | fp16 | bf16
+  std::string master = "preset";      // preset | fp32 | none
+};
+
+// The `loss_scale` section: LossScalerConfig's fields with its defaults, except that the mode
+// defaults to "preset" (the preset's mode: dynamic for fp16, none otherwise). Deriving keeps the
+// defaults in one place.
+struct LossScaleConfig : LossScalerConfig {
+  LossScaleConfig() { mode = "preset"; }
+};
+
+// The `fp8` section (precision fp8 only): Fp8Recipe in the config's words. The defaults are
+// Fp8Recipe's; tests/test_policy.cpp checks that they resolve to the fp8 preset's recipe.
+struct Fp8Config {
+  std::string format = "hybrid";          // hybrid (e4m3 forward, e5m2 gradients) | e4m3
+  Fp8ScalingConfig scaling;               // recipe, amax_history_len, amax_compute, margin
+  std::string lm_head = "bf16";           // bf16 | fp8: the tied LM head's GEMM
+  std::string first_last_blocks = "fp8";  // fp8 | bf16: the first and last blocks' GEMMs
+};
+
 struct Config {
   ModelConfig model;
   DataConfig data;
@@ -78,7 +106,10 @@ struct Config {
   OptimizerConfig optimizer;
   ScheduleConfig schedule;
   CheckpointConfig checkpoint;
-  std::string precision = "fp32";
+  std::string precision = "fp32";  // the preset; dtypes, loss_scale and fp8 override it
+  DtypesConfig dtypes;
+  LossScaleConfig loss_scale;
+  Fp8Config fp8;
   std::string backend = "auto";  // cpu | cuda | auto
   int threads = 0;               // CPU threads; 0 = all available cores
   OutputConfig output;

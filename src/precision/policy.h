@@ -51,13 +51,24 @@ struct PrecisionPolicy {
 
   // The policy a config asks for: the `precision` preset with the config's `dtypes.*`,
   // `loss_scale.*` and `fp8.*` overrides applied. InputError for a combination that makes no
-  // sense (every problem, each naming its key). Combinations that are legal but risky are
-  // returned as warnings (when `warnings` is given) for the trainer to log and record.
+  // sense (every problem, each naming its key). Combinations that are legal but risky or
+  // pointless are returned as warnings (when `warnings` is given) for the trainer to log and
+  // record; the presets themselves give none.
   static PrecisionPolicy from_config(const Config& cfg, std::vector<std::string>* warnings = nullptr);
 
   // For the config loader: the problems of the config's precision keys, each with the key to
   // report it at; empty when the combination is valid.
   static std::vector<std::pair<std::string, std::string>> problems(const Config& cfg);
+
+  // The override keys whose value the resolved policy does not use (fp8.* without fp8 matmuls,
+  // the dynamic-only loss_scale fields in static mode, ...), each with the reason ("fp8.*
+  // applies to precision fp8 only ..."). The loader rejects those the user set explicitly;
+  // empty when the config does not resolve.
+  static std::vector<std::pair<std::string, std::string>> inert_keys(const Config& cfg);
+
+  // The values a string-valued precision key accepts ("precision", "dtypes.param", ...,
+  // "fp8.first_last_blocks"); the config's key table lists them from here.
+  static const std::vector<std::string>& choices(const std::string& key);
 
   bool uses_loss_scaling() const { return loss_scale.mode != "none"; }
   nlohmann::json to_json() const;
