@@ -138,8 +138,14 @@ const std::set<std::string>& resume_safe_keys() {
 void check_resume_compatible(const nlohmann::json& saved, const nlohmann::json& now,
                              const std::string& ckpt_dir) {
   std::map<std::string, nlohmann::json> a = flatten_config(saved), b = flatten_config(now);
-  for (const auto& [k, v] : a) b.emplace(k, nullptr);  // keys only one side has differ too
-  for (const auto& [k, v] : b) a.emplace(k, nullptr);
+  // A key the checkpoint lacks was added by a later version of mpt: the checkpoint's run had
+  // its default. Keys only the checkpoint has differ from anything.
+  const Config default_config;
+  const std::map<std::string, nlohmann::json> defaults =
+      flatten_config(config_to_json(default_config));
+  for (const auto& [k, v] : b)
+    if (!a.count(k)) a.emplace(k, defaults.count(k) ? defaults.at(k) : nullptr);
+  for (const auto& [k, v] : a) b.emplace(k, nullptr);
   std::string diffs;
   for (const auto& [key, was] : a)
     if (was != b[key] && !resume_safe_keys().count(key))
