@@ -283,7 +283,19 @@ PoliciesPlan plan_policies(const PoliciesOptions& o) {
   PoliciesPlan plan;
   plan.options = o;
   plan.options.baseline = baseline;
-  const Config base = load_config(o.config_path, o.sets);
+  // Through load_config, so that a policy is checked as the config file's `precision` is (and
+  // the file's own precision, which every run overrides, never matters).
+  auto load = [&](const std::string& policy, const std::string& seed) {
+    std::vector<std::string> sets = o.sets;
+    sets.push_back("precision=" + policy);
+    if (!seed.empty()) sets.push_back("training.seed=" + seed);
+    try {
+      return load_config(o.config_path, sets);
+    } catch (const InputError& e) {
+      throw InputError("--policies " + policy + ": " + e.what());
+    }
+  };
+  const Config base = load(o.policies.front(), "");
   for (const auto& policy : o.policies) {
     const int seeds = policy == baseline ? o.seeds : 1;
     for (int n = 1; n <= seeds; ++n) {
@@ -292,15 +304,7 @@ PoliciesPlan plan_policies(const PoliciesOptions& o) {
       r.policy = policy;
       r.seed_index = n;
       r.dir = (fs::path(o.out) / "runs" / r.name).string();
-      // Through load_config, so a policy is checked as the config file's `precision` is.
-      std::vector<std::string> sets = o.sets;
-      sets.push_back("precision=" + policy);
-      sets.push_back("training.seed=" + std::to_string(base.training.seed + uint64_t(n - 1)));
-      try {
-        r.cfg = load_config(o.config_path, sets);
-      } catch (const InputError& e) {
-        throw InputError("--policies " + policy + ": " + e.what());
-      }
+      r.cfg = load(policy, std::to_string(base.training.seed + uint64_t(n - 1)));
       if (policy == baseline && n == 1) plan.baseline = plan.runs.size();
       plan.runs.push_back(std::move(r));
     }
