@@ -9,9 +9,11 @@
 #include <vector>
 
 #include "compare/compare.h"
+#include "compare/policies.h"
 #include "compare/svg.h"
 #include "config/config.h"
 #include "core/error.h"
+#include "core/text.h"
 #include "data/prepare.h"
 #include "data/shard.h"
 #include "io/checkpoint.h"
@@ -64,6 +66,37 @@ int run_compare(const std::vector<std::string>& dirs, const std::string& baselin
   return 0;
 }
 
+// --policies: train the runs (or what is left of them), then compare them as above.
+int run_compare_policies(const mpt::compare::PoliciesOptions& options) {
+  const auto plan = mpt::compare::plan_policies(options);
+  const auto outcome = mpt::compare::train_policies(plan);
+  if (!outcome.stopped.empty()) {
+    std::fflush(stdout);
+    std::fprintf(stderr, "mpt: comparison %s; run the same command again to continue\n",
+                 outcome.stopped.c_str());
+    return static_cast<int>(mpt::ExitCode::stopped);
+  }
+  const int rc = run_compare(outcome.dirs, outcome.baseline_dir, options.out);
+  if (!outcome.failed.empty()) {
+    std::fflush(stdout);
+    std::fprintf(stderr,
+                 "mpt: error: training failed in %s (compared as far as it got, and not trained "
+                 "again by a rerun: delete its run directory for that)\n",
+                 mpt::join(outcome.failed, ", ").c_str());
+    return static_cast<int>(mpt::ExitCode::runtime_failure);
+  }
+  return rc;
+}
+
+// --set KEY=VALUE, repeatable, for `train` and `compare --policies`.
+CLI::Option* add_set_option(CLI::App* cmd, std::vector<std::string>& sets, const std::string& help) {
+  return cmd->add_option("--set", sets, help)
+      ->type_name("KEY=VALUE")
+      ->expected(1)  // one override per --set, so a config file after it stays positional
+      ->allow_extra_args(false)
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -77,11 +110,7 @@ int main(int argc, char** argv) {
   train->add_option("config", config_path,
                     "YAML config file (see docs/config.md); without one, the built-in default")
       ->check(CLI::ExistingFile);
-  train->add_option("--set", sets, "Override a config key: --set key.path=value (repeatable)")
-      ->type_name("KEY=VALUE")
-      ->expected(1)  // one override per --set, so a config file after it stays positional
-      ->allow_extra_args(false)
-      ->multi_option_policy(CLI::MultiOptionPolicy::TakeAll);
+  add_set_option(train, sets, "Override a config key: --set key.path=value (repeatable)");
   train->add_option("--run-dir", run_dir, "Write the run here instead of output.dir/output.name");
   mpt::TrainOptions train_opt;
   train->add_flag("--dry-run", train_opt.dry_run,
@@ -121,20 +150,39 @@ int main(int argc, char** argv) {
   inspect->add_option("shards", shards, "Shard files")->required();
 
   std::vector<std::string> compare_dirs;
-  std::string compare_baseline, compare_out;
+  std::string compare_baseline, compare_policies;
+  mpt::compare::PoliciesOptions policies_opt;
   auto* compare = app.add_subcommand(
       "compare", "Compare runs: final validation loss against a baseline, seed noise, "
-                 "throughput and memory (docs/compare.md)");
+                 "throughput and memory; or train a config under several precision policies "
+                 "and compare those (docs/compare.md)");
   compare->add_option("runs", compare_dirs, "Run directories (each holding metrics.jsonl)")
-      ->required()
       ->type_name("RUN_DIR...");
+  auto* c_policies = compare->add_option(
+      "--policies", compare_policies,
+      "Instead of RUN_DIRs: train the config under each of these precision policies (the "
+      "baseline with --seeds data seeds) into --out DIR, then compare; rerun to continue");
+  c_policies->type_name("P1,P2,...");
+  auto* c_config = compare->add_option("--config", policies_opt.config_path,
+                                       "With --policies: the YAML config (default: the built-in "
+                                       "one)");
+  c_config->check(CLI::ExistingFile)->type_name("CONFIG.yaml");
+  auto* c_seeds = compare->add_option("--seeds", policies_opt.seeds,
+                                      "With --policies: runs of the baseline policy, with "
+                                      "training.seed, +1, ... (default 1; 2 or more give the "
+                                      "noise band)");
+  c_seeds->type_name("K");
+  auto* c_set = add_set_option(compare, policies_opt.sets,
+                               "With --policies: override a config key in every run (repeatable)");
   compare->add_option("--baseline", compare_baseline,
-                      "The run the others are compared with (default: the first fp32 run, else "
-                      "the first run)")
-      ->type_name("RUN");
-  compare->add_option("--out", compare_out,
+                      "The run the others are compared with: one of the RUN_DIRs (default: the "
+                      "first fp32 run, else the first), or with --policies a policy (default: "
+                      "the first)")
+      ->type_name("RUN|POLICY");
+  compare->add_option("--out", policies_opt.out,
                       "Write compare.json and compare.svg into this directory (default: write "
-                      "nothing, print the table only)")
+                      "nothing, print the table only); required with --policies, whose runs go "
+                      "there too")
       ->type_name("DIR");
 
   try {
@@ -154,7 +202,23 @@ int main(int argc, char** argv) {
       std::printf("%s", mpt::describe_checkpoint(inspect_path).c_str());
       return 0;
     }
-    if (*compare) return run_compare(compare_dirs, compare_baseline, compare_out);
+    if (*compare) {
+      if (c_policies->count() == 0) {
+        for (const auto* opt : {c_config, c_seeds, c_set})
+          if (opt->count() > 0)
+            throw mpt::InputError(opt->get_name() + " goes with --policies only (to train runs)");
+        if (compare_dirs.empty())
+          throw mpt::InputError("compare: give run directories, or --policies to train them "
+                                "(mpt compare --help)");
+        return run_compare(compare_dirs, compare_baseline, policies_opt.out);
+      }
+      if (!compare_dirs.empty())
+        throw mpt::InputError("--policies trains its own runs: give RUN_DIRs or --policies, not "
+                              "both (got " + compare_dirs.front() + ")");
+      policies_opt.policies = mpt::compare::parse_policy_list(compare_policies);
+      policies_opt.baseline = compare_baseline;
+      return run_compare_policies(policies_opt);
+    }
     if (*prepare) return run_prepare(inputs, out_dir, val_fraction, shard_tokens);
     if (*inspect) return run_inspect(shards);
   } catch (const mpt::Error& e) {

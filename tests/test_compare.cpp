@@ -1,6 +1,8 @@
 // `mpt compare` end to end: tiny CPU runs of fp32 (two seeds) and tf32, compared through the
 // executable; the table and compare.json against the runs' own metrics, the SVG's
 // well-formedness and its curves, and refusals (different models, missing or empty metrics).
+// Then the --policies form, which trains the runs itself: what must agree between policies and
+// seeds, reruns that train nothing, stops and crashes continued, bad input refused.
 #include <gtest/gtest.h>
 
 #include <cctype>
@@ -8,6 +10,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -172,7 +175,8 @@ TEST_F(Compare, TableAndJsonAgreeWithTheRunsOwnMetrics) {
                           "is_baseline", "steps", "tokens", "val_loss", "val_step", "val_loss_diff",
                           "val_loss_diff_pct", "val_loss_diff_bands", "inside_noise_band",
                           "tokens_per_s", "tokens_per_s_records", "speedup", "memory_bytes",
-                          "memory_ratio", "verdict", "eval"})
+                          "memory_ratio", "measured_peak_bytes", "measured_peak_ratio", "verdict",
+                          "eval"})
       EXPECT_TRUE(e.contains(k)) << k;
     by[e["label"]] = e;
   }
@@ -194,6 +198,7 @@ TEST_F(Compare, TableAndJsonAgreeWithTheRunsOwnMetrics) {
     EXPECT_EQ(e["status"], "completed");
     EXPECT_EQ(e["eval"].size(), evals.size());
     EXPECT_EQ(e["memory_bytes"].get<double>(), recs.front()["memory"]["total"].get<double>());
+    EXPECT_TRUE(e["measured_peak_bytes"].is_null()) << name << ": made by mpt train, not measured";
     // Steady state: the step records after the first 10% of the steps (step > 2), never the first.
     double sum = 0;
     int n = 0;
@@ -354,6 +359,245 @@ TEST_F(Compare, WarnsWhenTrainingKeysDiffer) {
   EXPECT_NE(line.find("training.steps"), std::string::npos) << line;
   EXPECT_NE(line.find("optimizer.lr"), std::string::npos) << line;
   EXPECT_EQ(line.find("training.seed"), std::string::npos) << line;  // seeds may differ
+}
+
+// ---- mpt compare --policies: the runs trained from one config
+
+// Eight steps of the tiny model, a step record every 2 and an eval every 4; checkpoints only at
+// the end and when stopped.
+const std::string kPolicyRun = kTiny +
+                               " --set threads=1 --set training.steps=8 --set training.eval_every=4"
+                               " --set training.log_every=2 --set checkpoint.every=0";
+
+class ComparePolicies : public CliTest {
+ protected:
+  // `mpt compare --policies ...` into DIR/cmp, run from DIR (so that anything created by
+  // mistake would show there), with `env` (e.g. "MPT_FAULT=... ") before the command.
+  Result compare(const std::string& args, const std::string& env = "") const {
+    return run("cd " + dir_.string() + " && " + env + mpt_bin() + " compare" + kPolicyRun + " " +
+               args + " --out cmp");
+  }
+  std::string run_dir(const std::string& name) const { return path("cmp/runs/" + name); }
+  std::vector<json> metrics(const std::string& name) const {
+    return read_jsonl(run_dir(name) + "/metrics.jsonl");
+  }
+  // Every file of every run, by path, to tell whether a command changed any.
+  std::map<std::string, std::string> snapshot() const {
+    std::map<std::string, std::string> files;
+    for (const auto& e : fs::recursive_directory_iterator(path("cmp/runs")))
+      if (e.is_regular_file()) files[e.path().string()] = slurp(e.path().string());
+    return files;
+  }
+};
+
+double first_value(const std::vector<json>& recs, const std::string& kind, const char* field) {
+  const auto v = events(recs, kind);
+  return v.empty() ? std::nan("") : v.front()[field].get<double>();
+}
+
+TEST_F(ComparePolicies, TrainsEachPolicyFromTheSameStartAndReportsLikeTheRunDirForm) {
+  auto r = compare("--policies fp32,tf32 --seeds 2");
+  ASSERT_EQ(r.code, 0) << r.out;
+  // The baseline policy with two data seeds, the other with the first.
+  for (const std::string name : {"fp32-seed1", "fp32-seed2", "tf32-seed1"}) {
+    const auto recs = metrics(name);
+    ASSERT_FALSE(recs.empty()) << name;
+    EXPECT_EQ(recs.back()["status"], "completed") << name;
+  }
+  EXPECT_FALSE(fs::exists(run_dir("tf32-seed2")));
+  const json c1 = metrics("fp32-seed1").front()["config"], c2 = metrics("fp32-seed2").front()["config"],
+             t1 = metrics("tf32-seed1").front()["config"];
+  EXPECT_EQ(c1["precision"], "fp32");
+  EXPECT_EQ(t1["precision"], "tf32");
+  EXPECT_EQ(c2["training"]["seed"].get<uint64_t>(), c1["training"]["seed"].get<uint64_t>() + 1);
+  EXPECT_EQ(t1["training"]["seed"], c1["training"]["seed"]);
+  EXPECT_EQ(c2["model"]["init_seed"], c1["model"]["init_seed"]);
+  EXPECT_EQ(t1["model"]["init_seed"], c1["model"]["init_seed"]);
+
+  // Step 0 evaluates the initial weights on the validation split's first batches, which no
+  // seed changes: fp32 with the same init_seed gives the same loss to the bit; tf32 rounds the
+  // matmul operands to a 10-bit mantissa (relative error <= 2^-11 each), which moves the loss
+  // (~5.5 nats, logits far below 1 at init) by far less than 1e-3.
+  const double v_f1 = first_value(metrics("fp32-seed1"), "eval", "val_loss");
+  const double v_f2 = first_value(metrics("fp32-seed2"), "eval", "val_loss");
+  const double v_t1 = first_value(metrics("tf32-seed1"), "eval", "val_loss");
+  EXPECT_EQ(v_f1, v_f2);
+  EXPECT_NE(v_t1, v_f1);
+  EXPECT_NEAR(v_t1, v_f1, 1e-3);
+  // Step 1's loss is the forward pass on the first training batch, before any update: the same
+  // batch for the same training.seed (tf32 again only rounded), another one for the next seed,
+  // which moves the loss by more than the rounding does.
+  const double l_f1 = first_value(metrics("fp32-seed1"), "", "loss");
+  const double l_f2 = first_value(metrics("fp32-seed2"), "", "loss");
+  const double l_t1 = first_value(metrics("tf32-seed1"), "", "loss");
+  EXPECT_NE(l_t1, l_f1);
+  EXPECT_NEAR(l_t1, l_f1, 1e-3);
+  EXPECT_NE(l_f2, l_f1);
+  EXPECT_GT(std::fabs(l_f2 - l_f1), std::fabs(l_t1 - l_f1));
+
+  // The report: the first policy's first seed is the baseline, its two seeds make the band,
+  // and every run carries its measured peak memory.
+  const json j = json::parse(slurp(path("cmp/compare.json")));
+  EXPECT_EQ(j["baseline"], "fp32-seed1");
+  ASSERT_TRUE(j["noise_band"].is_object()) << j.dump(2);
+  EXPECT_EQ(j["noise_band"]["runs"], json({"fp32-seed1", "fp32-seed2"}));
+  ASSERT_EQ(j["runs"].size(), 3u);
+  std::vector<std::string> labels;
+  for (const auto& e : j["runs"]) {
+    labels.push_back(e["label"]);
+    const json peak = json::parse(slurp(run_dir(e["label"]) + "/peak_memory.json"));
+    ASSERT_EQ(peak["processes"].size(), 1u) << peak;
+    EXPECT_GT(peak["peak_rss_bytes"].get<double>(), 1 << 20) << peak;  // a process, not a ledger
+    EXPECT_EQ(e["measured_peak_bytes"].get<double>(), peak["peak_rss_bytes"].get<double>());
+    EXPECT_TRUE(e["measured_peak_ratio"].is_number()) << e;
+  }
+  EXPECT_EQ(labels, (std::vector<std::string>{"fp32-seed1", "fp32-seed2", "tf32-seed1"}));
+  EXPECT_NE(r.out.find("peak RSS MiB"), std::string::npos) << r.out;
+  const std::string svg = slurp(path("cmp/compare.svg"));
+  EXPECT_EQ(xml_check(svg), "");
+  EXPECT_EQ(count(svg, "class=\"bar-measured\""), 3u);
+  EXPECT_EQ(count(svg, "id=\"noise-band\""), 1u);
+  // ... which is what the RUN_DIR form says of the same directories (named as the first did).
+  const auto again = run("cd " + dir_.string() + " && " + mpt_bin() +
+                         " compare cmp/runs/fp32-seed1 cmp/runs/fp32-seed2 cmp/runs/tf32-seed1"
+                         " --out again");
+  ASSERT_EQ(again.code, 0) << again.out;
+  EXPECT_EQ(slurp(path("again/compare.json")), slurp(path("cmp/compare.json")));
+
+  // The same command again trains nothing: every run's files stay as they were.
+  const auto before = snapshot();
+  r = compare("--policies fp32,tf32 --seeds 2");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(count(r.out, "completed earlier, not trained again"), 3u) << r.out;
+  EXPECT_TRUE(snapshot() == before);
+
+  // Another plan into the same directory is refused, naming what differs; nothing changes.
+  r = compare("--policies fp32,tf32 --seeds 3");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("compare-plan.json"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("seeds: 2 there, 3 in this command"), std::string::npos) << r.out;
+  r = compare("--policies fp32,tf32 --seeds 2 --set training.steps=9");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("config.training.steps"), std::string::npos) << r.out;
+  EXPECT_TRUE(snapshot() == before);
+}
+
+// Stopped in its first run (a simulated SIGTERM at step 3): the comparison stops with exit code
+// 3 before the next run; the same command continues the run from its checkpoint, and it ends
+// exactly where an uninterrupted `mpt train` of the same config does.
+TEST_F(ComparePolicies, AStoppedRunContinuesExactly) {
+  auto r = compare("--policies fp32,tf32", "MPT_FAULT=preempt_at_step=3 ");
+  ASSERT_EQ(r.code, 3) << r.out;
+  EXPECT_EQ(metrics("fp32-seed1").back()["status"], "stopped");
+  EXPECT_FALSE(fs::exists(run_dir("tf32-seed1")));
+  EXPECT_FALSE(fs::exists(path("cmp/compare.json")));
+
+  r = compare("--policies fp32,tf32");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("fp32-seed1: continuing from"), std::string::npos) << r.out;
+  const auto resumed = metrics("fp32-seed1");
+  EXPECT_EQ(events(resumed, "start").size(), 2u);
+  EXPECT_EQ(events(resumed, "start")[1]["resume_step"], 3);
+  EXPECT_EQ(json::parse(slurp(run_dir("fp32-seed1") + "/peak_memory.json"))["processes"].size(), 2u);
+  EXPECT_EQ(metrics("tf32-seed1").back()["status"], "completed");
+
+  r = run(mpt_bin() + " train" + kPolicyRun + " --set precision=fp32 --run-dir " + path("straight"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  const auto straight = read_jsonl(path("straight/metrics.jsonl"));
+  EXPECT_EQ(without_timing(events(resumed, "")), without_timing(events(straight, "")));
+  EXPECT_EQ(events(resumed, "eval"), events(straight, "eval"));
+  EXPECT_TRUE(slurp(run_dir("fp32-seed1") + "/checkpoints/step_00000008/model.safetensors") ==
+              slurp(path("straight/checkpoints/step_00000008/model.safetensors")));
+}
+
+// A real SIGTERM sent to the comparison's own process (as `kill PID` or a scheduler does)
+// reaches the training process, which saves and stops; the comparison exits 3 without
+// starting the next run.
+TEST_F(ComparePolicies, ASignalToTheComparisonStopsItBeforeTheNextRun) {
+  const std::string script = write(
+      "stop.sh",
+      "cd " + dir_.string() + "\n" + mpt_bin() + " compare" + kTiny +
+          " --set threads=1 --set training.steps=5000 --set training.log_every=1"
+          " --set checkpoint.every=0 --policies fp32,tf32 --out cmp > log 2>&1 &\n"
+          "pid=$!\n"
+          "i=0\n"
+          "until grep -qs '\"step\"' cmp/runs/fp32-seed1/metrics.jsonl || [ $i -ge 1500 ]; do\n"
+          "  sleep 0.02; i=$((i+1))\n"
+          "done\n"
+          "kill -TERM $pid\n"
+          "wait $pid\n"
+          "echo \"exit code $?\"\n");
+  const auto r = run("sh " + script);
+  EXPECT_NE(r.out.find("exit code 3"), std::string::npos) << r.out << slurp(path("log"));
+  const auto recs = metrics("fp32-seed1");
+  ASSERT_FALSE(recs.empty());
+  EXPECT_EQ(recs.back()["status"], "stopped") << recs.back();
+  EXPECT_EQ(recs.back()["signal"], 15);
+  EXPECT_LT(recs.back()["step"].get<int64_t>(), 5000);
+  EXPECT_FALSE(fs::exists(run_dir("tf32-seed1")));
+}
+
+// A training process that dies before its first checkpoint leaves nothing to continue from: the
+// rerun moves the run aside (never mixing it with the new start) and trains it from step 0.
+TEST_F(ComparePolicies, ARunWithoutACheckpointStartsAgainMovedAside) {
+  auto r = compare("--policies fp32", "MPT_FAULT=crash=before_rename ");
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_NE(r.out.find("run the same command again"), std::string::npos) << r.out;
+  EXPECT_TRUE(metrics("fp32-seed1").back().value("event", "") != "end");
+
+  r = compare("--policies fp32");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("cannot be continued"), std::string::npos) << r.out;
+  std::vector<fs::path> aside;
+  for (const auto& e : fs::directory_iterator(path("cmp/abandoned"))) aside.push_back(e.path());
+  ASSERT_EQ(aside.size(), 1u);
+  EXPECT_EQ(aside[0].filename().string().rfind("fp32-seed1-", 0), 0u) << aside[0];
+  EXPECT_TRUE(read_jsonl((aside[0] / "metrics.jsonl").string()).back().value("event", "") != "end");
+  const auto recs = metrics("fp32-seed1");
+  EXPECT_EQ(events(recs, "start").size(), 1u);  // a new run, not a continuation
+  EXPECT_EQ(recs.back()["status"], "completed");
+}
+
+TEST_F(ComparePolicies, BadInputExitsTwoAndCreatesNothing) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"--policies fp32,fp99", "--policies fp99"},
+      {"--policies fp32,,tf32", "empty policy name"},
+      {"--policies fp32,fp32", "listed twice"},
+      {"--policies fp32 --seeds 0", "--seeds 0"},
+      {"--policies fp32 --seeds two", "--seeds"},
+      {"--policies fp32 --config missing.yaml", "missing.yaml"},
+      {"--policies fp32 --baseline tf32", "--baseline tf32"},
+      {"--policies fp32 --set precision=tf32", "--set precision=tf32"},
+      {"--policies fp32 some_run_dir", "not both"},
+      // Refused by the trainer's own checks, run as a dry run before anything is created.
+      {"--policies fp32 --set model.n_layer=200 --set model.n_embd=100000", "nothing was created"},
+  };
+  for (const auto& [args, said] : cases) {
+    const auto r = compare(args);
+    EXPECT_EQ(r.code, 2) << args << "\n" << r.out;
+    EXPECT_NE(r.out.find(said), std::string::npos) << args << ": no '" << said << "' in\n" << r.out;
+    EXPECT_TRUE(fs::is_empty(dir_)) << args;
+  }
+  // --out is required with --policies; --seeds, --set and --config need --policies.
+  auto r = run("cd " + dir_.string() + " && " + mpt_bin() + " compare --policies fp32");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("--out"), std::string::npos) << r.out;
+  r = run("cd " + dir_.string() + " && " + mpt_bin() + " compare --seeds 2 some_run_dir");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("--seeds goes with --policies"), std::string::npos) << r.out;
+  EXPECT_TRUE(fs::is_empty(dir_));
+  // An --out that is a file, or a directory holding something else, is not taken over.
+  write("cmp", "a file");
+  r = compare("--policies fp32");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("not a directory"), std::string::npos) << r.out;
+  fs::remove(path("cmp"));
+  fs::create_directories(path("cmp"));
+  write("cmp/notes.txt", "mine");
+  r = compare("--policies fp32");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("compare-plan.json"), std::string::npos) << r.out;
+  EXPECT_EQ(std::distance(fs::directory_iterator(path("cmp")), fs::directory_iterator()), 1);
 }
 
 TEST(CompareUnit, SteadyStateAndXmlEscape) {

@@ -47,6 +47,22 @@ bool forbidding_key(const std::string& k) {
 
 std::string pct(double v) { return strf("%+.2f%%", v); }
 
+// The measured peak of a run made by `mpt compare --policies`, if it has one.
+std::optional<double> read_measured_peak(const std::string& dir) {
+  const std::string file = (fs::path(dir) / kPeakMemoryFile).string();
+  std::error_code ec;
+  if (!fs::exists(file, ec)) return std::nullopt;
+  std::ifstream f(file);
+  const json j = json::parse(f, nullptr, false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("peak_rss_bytes") ||
+      !j["peak_rss_bytes"].is_number() || j["peak_rss_bytes"].get<double>() <= 0)
+    throw InputError(file + ": not a peak-memory record (a JSON object with a positive "
+                            "\"peak_rss_bytes\")");
+  return j["peak_rss_bytes"].get<double>();
+}
+
+std::string mib(double bytes) { return strf("%.2f", bytes / 1048576.0); }
+
 }  // namespace
 
 RunData read_run(const std::string& dir) {
@@ -128,6 +144,7 @@ RunData read_run(const std::string& dir) {
     d.val_loss = d.eval.back().value;
     d.val_step = d.eval.back().step;
   }
+  d.measured_peak_bytes = read_measured_peak(dir);
   const auto idx = steady_state_records(d.speed);
   if (!idx.empty()) {
     double s = 0;
@@ -255,6 +272,8 @@ Comparison compare_runs(const std::vector<std::string>& dirs, const std::string&
     }
     if (d.tokens_per_s && b.tokens_per_s && *b.tokens_per_s > 0) r.speedup = *d.tokens_per_s / *b.tokens_per_s;
     if (d.memory_bytes > 0 && b.memory_bytes > 0) r.memory_ratio = d.memory_bytes / b.memory_bytes;
+    if (d.measured_peak_bytes && b.measured_peak_bytes)
+      r.measured_peak_ratio = *d.measured_peak_bytes / *b.measured_peak_bytes;
 
     std::string who = d.policy;
     if (policy_count[d.policy] > 1) who += " [" + d.label + "]";
@@ -268,6 +287,7 @@ Comparison compare_runs(const std::vector<std::string>& dirs, const std::string&
     std::vector<std::string> parts;
     parts.push_back(r.speedup ? strf("%.2fx speed", *r.speedup) : "speed unknown");
     parts.push_back(r.memory_ratio ? strf("%.2fx memory", *r.memory_ratio) : "memory unknown");
+    if (r.measured_peak_ratio) parts.back() += strf(" (%.2fx measured peak RSS)", *r.measured_peak_ratio);
     parts.push_back(r.val_diff_pct ? "val loss " + pct(*r.val_diff_pct) + " vs " + b.policy
                                    : "no validation loss to compare");
     r.verdict = who + ": " + join(parts, ", ");
@@ -283,7 +303,7 @@ Comparison compare_runs(const std::vector<std::string>& dirs, const std::string&
 std::string format_table(const Comparison& c) {
   std::vector<std::vector<std::string>> rows;
   rows.push_back({"run", "policy", "seed", "steps", "tokens", "val loss", "Δ val", "Δ %", "Δ/band",
-                  "tok/s", "speed-up", "memory MiB", "mem ratio"});
+                  "tok/s", "speed-up", "memory MiB", "mem ratio", "peak RSS MiB"});
   for (const auto& r : c.runs) {
     const RunData& d = r.data;
     rows.push_back({d.label + (r.is_baseline ? " *" : ""), d.policy,
@@ -295,8 +315,9 @@ std::string format_table(const Comparison& c) {
                     r.val_diff_bands ? strf("%+.2f", *r.val_diff_bands) : "-",
                     d.tokens_per_s ? strf("%.0f", *d.tokens_per_s) : "-",
                     r.speedup ? strf("%.2fx", *r.speedup) : "-",
-                    d.memory_bytes > 0 ? strf("%.2f", d.memory_bytes / 1048576.0) : "-",
-                    r.memory_ratio ? strf("%.2fx", *r.memory_ratio) : "-"});
+                    d.memory_bytes > 0 ? mib(d.memory_bytes) : "-",
+                    r.memory_ratio ? strf("%.2fx", *r.memory_ratio) : "-",
+                    d.measured_peak_bytes ? mib(*d.measured_peak_bytes) : "-"});
   }
   auto width = [](const std::string& s) {  // display width: count UTF-8 lead bytes
     size_t n = 0;
@@ -316,6 +337,9 @@ std::string format_table(const Comparison& c) {
   }
   out += "* baseline; seed = training.seed/model.init_seed; tok/s = mean of the steady-state step "
          "records; memory = predicted total\n";
+  if (std::any_of(c.runs.begin(), c.runs.end(), [](const RunResult& r) { return r.data.measured_peak_bytes; }))
+    out += "peak RSS = measured peak resident memory of the training process, binary and data "
+           "included (runs trained by compare --policies)\n";
   if (c.band)
     out += strf("noise band: %s final val loss spread (max - min) over %zu seeds = %.4f (±%.2f%%)\n",
                 c.band->policy.c_str(), c.band->runs.size(), c.band->spread, c.band->spread_pct);
@@ -361,6 +385,8 @@ json to_json(const Comparison& c) {
               {"speedup", opt(r.speedup)},
               {"memory_bytes", d.memory_bytes},
               {"memory_ratio", opt(r.memory_ratio)},
+              {"measured_peak_bytes", opt(d.measured_peak_bytes)},
+              {"measured_peak_ratio", opt(r.measured_peak_ratio)},
               {"verdict", r.verdict}};
     e["eval"] = json::array();
     for (const auto& p : d.eval) e["eval"].push_back({{"step", p.step}, {"tokens", p.tokens}, {"val_loss", p.value}});

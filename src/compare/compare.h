@@ -1,7 +1,7 @@
 // `mpt compare`: reads finished (or stopped) runs' metrics.jsonl and sets them side by side —
-// final validation loss against a baseline, the seed-noise band, steady-state throughput and
-// predicted memory — as a table, verdict sentences, compare.json and compare.svg
-// (docs/compare.md).
+// final validation loss against a baseline, the seed-noise band, steady-state throughput,
+// predicted memory and, where it was measured, peak memory — as a table, verdict sentences,
+// compare.json and compare.svg (docs/compare.md).
 #pragma once
 
 #include <cstdint>
@@ -12,6 +12,11 @@
 #include <nlohmann/json.hpp>
 
 namespace mpt::compare {
+
+// RUN_DIR/peak_memory.json: the measured peak resident memory of the processes that trained the
+// run, written by `mpt compare --policies` (policies.h), which runs each training in a child
+// process and reads its peak from the kernel; runs made by `mpt train` have none.
+inline constexpr const char* kPeakMemoryFile = "peak_memory.json";
 
 struct CurvePoint {
   int64_t step = 0;
@@ -35,6 +40,7 @@ struct RunData {
   std::optional<double> tokens_per_s;  // steady state, see steady_state_records
   int steady_records = 0;              // step records averaged into tokens_per_s
   double memory_bytes = 0.0;           // start record's memory.total (predicted)
+  std::optional<double> measured_peak_bytes;  // kPeakMemoryFile's peak_rss_bytes, when present
   std::vector<CurvePoint> eval;        // val_loss by eval record
   std::vector<CurvePoint> train;       // training loss by step record
   std::vector<CurvePoint> speed;       // tokens_per_s by step record
@@ -50,6 +56,7 @@ struct RunResult {
   std::optional<bool> inside_band;       // |val_diff| <= band
   std::optional<double> speedup;         // tokens_per_s / baseline tokens_per_s
   std::optional<double> memory_ratio;    // memory_bytes / baseline memory_bytes
+  std::optional<double> measured_peak_ratio;  // measured_peak_bytes / the baseline's
   std::string verdict;
 };
 
@@ -70,7 +77,7 @@ struct Comparison {
 };
 
 // Reads one run directory. InputError naming the file for a missing, empty or malformed
-// metrics.jsonl, or one without a start record.
+// metrics.jsonl, or one without a start record, and for a malformed kPeakMemoryFile.
 RunData read_run(const std::string& dir);
 
 // The indices of the step records that count as steady state: every record whose step is past

@@ -126,14 +126,30 @@ std::string short_label(const std::string& s, size_t n = 22) {
   return s.size() <= n ? s : s.substr(0, n - 1) + "~";
 }
 
-// Horizontal bars, one per run, with the value written at the end of each bar.
+// One value per run (NaN: none) and the text written at the end of its bar.
+struct BarSeries {
+  std::vector<double> values;
+  std::vector<std::string> texts;
+  bool any() const {
+    return std::any_of(values.begin(), values.end(), [](double v) { return std::isfinite(v); });
+  }
+};
+
+// Horizontal bars, one per run, with the value written at the end of each bar. With a `second`
+// series that holds any value, each run gets a second, lighter bar under the first
+// (class "bar-measured"), on the same scale.
 std::string bars(const Comparison& c, double x0, double y0, double w, double h, const std::string& title,
-                 const std::string& id, const std::vector<double>& values, const std::string& unit,
-                 const std::vector<std::string>& texts) {
+                 const std::string& id, const BarSeries& first, const std::string& unit,
+                 const BarSeries* second = nullptr) {
+  if (second && !second->any()) second = nullptr;
+  const std::vector<double>& values = first.values;
+  const std::vector<std::string>& texts = first.texts;
   const double label_w = 150;
   Frame f{x0 + label_w, y0, w - label_w, h, 0, 1, 0, 1};
   double hi = 0;
   for (double v : values) hi = std::max(hi, std::isfinite(v) ? v : 0.0);
+  if (second)
+    for (double v : second->values) hi = std::max(hi, std::isfinite(v) ? v : 0.0);
   f.xhi = hi > 0 ? hi * 1.15 : 1.0;
   const auto xt = ticks(0, f.xhi, 4);
   f.xhi = std::max(f.xhi, xt.back());
@@ -148,12 +164,28 @@ std::string bars(const Comparison& c, double x0, double y0, double w, double h, 
   s += strf("<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">%s</text>\n", f.x0 + f.w / 2, f.y0 + f.h + 34,
             xml_escape(unit).c_str());
   const double slot = h / std::max<size_t>(c.runs.size(), 1);
-  const double bh = std::min(24.0, slot * 0.7);
+  const double bh = std::min(second ? 28.0 : 24.0, slot * 0.7);
   for (size_t i = 0; i < c.runs.size(); ++i) {
-    const double yc = y0 + slot * (i + 0.5);
     const auto& r = c.runs[i];
-    s += strf("<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n", f.x0 - 6, yc + 4,
+    const double slot_c = y0 + slot * (i + 0.5);
+    s += strf("<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n", f.x0 - 6, slot_c + 4,
               xml_escape(short_label(r.data.label) + (r.is_baseline ? " *" : "")).c_str());
+    if (second) {
+      const double sh = bh / 2 - 1, sy = slot_c + sh / 2 + 1;
+      const double v = second->values[i];
+      if (std::isfinite(v)) {
+        const double bw = f.px(v) - f.x0;
+        s += strf("<rect class=\"bar-measured\" data-run=\"%s\" x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" "
+                  "height=\"%.1f\" fill=\"%s\" fill-opacity=\"0.35\" stroke=\"%s\"/>\n",
+                  xml_escape(r.data.label).c_str(), f.x0, sy - sh / 2, bw, sh, color(i).c_str(),
+                  color(i).c_str());
+        s += strf("<text x=\"%.1f\" y=\"%.1f\" font-size=\"11\">%s</text>\n", f.x0 + bw + 4, sy + 4,
+                  xml_escape(second->texts[i]).c_str());
+      }
+    }
+    // With two bars the first takes the upper half of the slot.
+    const double yc = second ? slot_c - bh / 4 - 0.5 : slot_c;
+    const double bar_h = second ? bh / 2 - 1 : bh;
     const double v = values[i];
     if (!std::isfinite(v)) {
       s += strf("<text x=\"%.1f\" y=\"%.1f\" fill=\"#777\">n/a</text>\n", f.x0 + 4, yc + 4);
@@ -161,7 +193,7 @@ std::string bars(const Comparison& c, double x0, double y0, double w, double h, 
     }
     const double bw = f.px(v) - f.x0;
     s += strf("<rect class=\"bar\" data-run=\"%s\" x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"%s\"/>\n",
-              xml_escape(r.data.label).c_str(), f.x0, yc - bh / 2, bw, bh, color(i).c_str());
+              xml_escape(r.data.label).c_str(), f.x0, yc - bar_h / 2, bw, bar_h, color(i).c_str());
     s += strf("<text x=\"%.1f\" y=\"%.1f\">%s</text>\n", f.x0 + bw + 4, yc + 4, xml_escape(texts[i]).c_str());
   }
   return s + "</g>\n";
@@ -189,8 +221,11 @@ std::string render_svg(const Comparison& c) {
   const double legend_x = left + plot_w + 30;
   const RunData& base = c.runs[c.baseline].data;
   std::string s;
-  const double bars_y0 = 720, bars_h = std::max(120.0, 34.0 * c.runs.size());
-  const double H = bars_y0 + bars_h + 70;
+  // Two memory bars per run (predicted and measured) need taller slots.
+  const bool measured = std::any_of(c.runs.begin(), c.runs.end(),
+                                    [](const RunResult& r) { return r.data.measured_peak_bytes.has_value(); });
+  const double bars_y0 = 720, bars_h = std::max(120.0, (measured ? 44.0 : 34.0) * c.runs.size());
+  const double H = bars_y0 + bars_h + (measured ? 86 : 70);
   s += strf("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f %.0f\" "
             "font-family=\"sans-serif\" font-size=\"12\">\n",
@@ -311,25 +346,36 @@ std::string render_svg(const Comparison& c) {
     }
   }
 
-  // (3) bars: steady-state throughput and predicted memory.
+  // (3) bars: steady-state throughput, and predicted memory with the measured peak under it.
   {
     const double y0 = bars_y0, h = bars_h;
-    std::vector<double> tps, mem;
-    std::vector<std::string> tps_t, mem_t;
+    BarSeries tps, mem, peak;
     for (const auto& r : c.runs) {
-      tps.push_back(r.data.tokens_per_s ? *r.data.tokens_per_s : std::nan(""));
-      tps_t.push_back(r.data.tokens_per_s ? strf("%.0f", *r.data.tokens_per_s) +
-                                                (r.speedup ? strf(" (%.2fx)", *r.speedup) : "")
-                                          : "");
-      mem.push_back(r.data.memory_bytes > 0 ? r.data.memory_bytes / 1048576.0 : std::nan(""));
-      mem_t.push_back(strf("%.2f", r.data.memory_bytes / 1048576.0) +
-                      (r.memory_ratio ? strf(" (%.2fx)", *r.memory_ratio) : ""));
+      const RunData& d = r.data;
+      tps.values.push_back(d.tokens_per_s ? *d.tokens_per_s : std::nan(""));
+      tps.texts.push_back(d.tokens_per_s ? strf("%.0f", *d.tokens_per_s) +
+                                               (r.speedup ? strf(" (%.2fx)", *r.speedup) : "")
+                                         : "");
+      mem.values.push_back(d.memory_bytes > 0 ? d.memory_bytes / 1048576.0 : std::nan(""));
+      mem.texts.push_back(strf("%.2f", d.memory_bytes / 1048576.0) +
+                          (r.memory_ratio ? strf(" (%.2fx)", *r.memory_ratio) : ""));
+      peak.values.push_back(d.measured_peak_bytes ? *d.measured_peak_bytes / 1048576.0 : std::nan(""));
+      peak.texts.push_back(
+          d.measured_peak_bytes ? strf("RSS %.1f", *d.measured_peak_bytes / 1048576.0) +
+                                      (r.measured_peak_ratio ? strf(" (%.2fx)", *r.measured_peak_ratio) : "")
+                                : "");
     }
-    s += bars(c, 10, y0, 470, h, "Throughput (steady state)", "throughput-bars", tps, "tokens/s", tps_t);
-    s += bars(c, 510, y0, 470, h, "Predicted memory", "memory-bars", mem, "MiB", mem_t);
+    s += bars(c, 10, y0, 470, h, "Throughput (steady state)", "throughput-bars", tps, "tokens/s");
+    s += bars(c, 510, y0, 470, h,
+              measured ? "Memory: predicted (solid), measured peak RSS (light)" : "Predicted memory",
+              "memory-bars", mem, "MiB", &peak);
     s += strf("<text x=\"10\" y=\"%.1f\" fill=\"#555\">* baseline. Throughput: mean tokens/s of the step records "
               "after the first 10%% of steps; memory: the predicted ledger total.</text>\n",
               y0 + h + 58);
+    if (measured)
+      s += strf("<text x=\"10\" y=\"%.1f\" fill=\"#555\">Peak RSS: the measured peak resident memory of the "
+                "training process, binary and data included.</text>\n",
+                y0 + h + 74);
   }
   s += "</svg>\n";
   return s;
