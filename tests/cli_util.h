@@ -36,6 +36,12 @@ inline Result run(const std::string& cmd) {
 
 inline std::string mpt_bin() { return std::string(MPT_BINARY); }
 
+// A whole file's bytes ("" when it cannot be read).
+inline std::string slurp(const std::string& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
 // Tiny and quick: the tests that only check plumbing use this model.
 inline const std::string kTiny =
     " --set model.n_layer=2 --set model.n_embd=32 --set model.n_head=2"

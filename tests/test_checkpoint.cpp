@@ -36,10 +36,6 @@ class Checkpoints : public CliTest {
     std::snprintf(name, sizeof name, "step_%08d", step);
     return path(run + "/checkpoints/" + name);
   }
-  static std::string slurp(const std::string& p) {
-    std::ifstream in(p, std::ios::binary);
-    return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-  }
   // The reference: 16 straight steps.
   void straight() {
     auto r = run(train_cmd(path("straight")));
