@@ -4,10 +4,13 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
+#include <stdexcept>
 #include <vector>
 
 #include "backend/backend.h"
+#include "core/formats.h"
 #include "core/rng.h"
 
 namespace mpt::test {
@@ -42,6 +45,89 @@ inline Owned randn(Backend& be, Shape s, Rng& rng, double scale = 1.0) {
 }
 
 inline std::vector<float> copy_of(const Owned& o) { return {o.f(), o.f() + o.n()}; }
+
+// ---- tensors in any float dtype (fp32, fp16, bf16, fp8), element by element on the host
+
+// The bits of x rounded to nearest even in dtype d (saturating for fp8), as a tensor of d stores
+// them; fp32: x's own bits.
+inline uint32_t narrow_bits(DType d, float x) {
+  switch (d) {
+    case DType::f32: {
+      uint32_t u;
+      std::memcpy(&u, &x, sizeof u);
+      return u;
+    }
+    case DType::f16: return f16_from_float(x).bits;
+    case DType::bf16: return bf16_from_float(x).bits;
+    case DType::e4m3: return e4m3_from_float(x).bits;
+    case DType::e5m2: return e5m2_from_float(x).bits;
+    case DType::i32: break;
+  }
+  throw std::logic_error("narrow_bits: not a float dtype");
+}
+
+// Element i's stored bits (little-endian host: the low dtype_size bytes).
+inline uint32_t raw_bits(const Tensor& t, int64_t i) {
+  uint32_t u = 0;
+  std::memcpy(&u, static_cast<const char*>(t.data) + i * dtype_size(t.dtype), dtype_size(t.dtype));
+  return u;
+}
+
+// Element i widened to fp32 (exact).
+inline float widened_at(const Tensor& t, int64_t i) {
+  const uint32_t u = raw_bits(t, i);
+  switch (t.dtype) {
+    case DType::f32: {
+      float f;
+      std::memcpy(&f, &u, sizeof f);
+      return f;
+    }
+    case DType::f16: return to_float(f16::from_bits(static_cast<uint16_t>(u)));
+    case DType::bf16: return to_float(bf16::from_bits(static_cast<uint16_t>(u)));
+    case DType::e4m3: return to_float(e4m3::from_bits(static_cast<uint8_t>(u)));
+    case DType::e5m2: return to_float(e5m2::from_bits(static_cast<uint8_t>(u)));
+    case DType::i32: break;
+  }
+  throw std::logic_error("widened_at: not a float dtype");
+}
+
+inline std::vector<float> widened(const Tensor& t) {
+  std::vector<float> v(static_cast<size_t>(t.numel()));
+  for (int64_t i = 0; i < t.numel(); ++i) v[i] = widened_at(t, i);
+  return v;
+}
+
+// Stores x into element i, rounded to nearest even in t's dtype.
+inline void store_rounded(const Tensor& t, int64_t i, float x) {
+  const uint32_t u = narrow_bits(t.dtype, x);
+  std::memcpy(static_cast<char*>(t.data) + i * dtype_size(t.dtype), &u, dtype_size(t.dtype));
+}
+
+// x rounded to nearest even in d and widened back (fp32: x).
+inline float round_to(DType d, float x) {
+  uint32_t bits = narrow_bits(d, x);
+  return widened_at(Tensor(&bits, d, {1}), 0);
+}
+
+// A tensor of dtype d holding N(mean, scale^2) draws rounded to d, none of them zero.
+inline Owned randn_as(Backend& be, Shape s, DType d, Rng& rng, double scale = 1.0,
+                      double mean = 0.0) {
+  Owned o = make(be, s, d);
+  for (int64_t i = 0; i < o.n(); ++i) {
+    float v;
+    do v = round_to(d, static_cast<float>(mean + scale * rng.normal()));
+    while (v == 0.0f);
+    store_rounded(o.t, i, v);
+  }
+  return o;
+}
+
+// An fp32 tensor holding t's values widened.
+inline Owned f32_copy(Backend& be, const Tensor& t) {
+  Owned o = make(be, t.shape);
+  for (int64_t i = 0; i < t.numel(); ++i) o.f()[i] = widened_at(t, i);
+  return o;
+}
 
 inline bool all_finite(const float* p, int64_t n) {
   for (int64_t i = 0; i < n; ++i)

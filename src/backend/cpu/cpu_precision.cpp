@@ -519,9 +519,10 @@ void CpuBackend::adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m
   // Bias corrections in double: beta^step underflows gracefully and stays exact for long runs.
   const float c1 = static_cast<float>(1.0 / (1.0 - std::pow(double(p.beta1), double(p.step))));
   const float c2 = static_cast<float>(1.0 / (1.0 - std::pow(double(p.beta2), double(p.step))));
-  int64_t lost = 0;
+  int64_t lost = 0, over = 0, under = 0;  // over, under: of the stochastic rounding
   bf16* pb = sr ? param.as<bf16>() : nullptr;
-#pragma omp parallel for schedule(static) num_threads(threads_) reduction(+ : lost)
+  const float bf16_max = static_cast<float>(dtype_traits(DType::bf16).max_finite);
+#pragma omp parallel for schedule(static) num_threads(threads_) reduction(+ : lost, over, under)
   for (int64_t i = 0; i < n; ++i) {
     const float gi = gp[i] * p.grad_scale;
     const float mi = p.beta1 * mm[i] + (1.0f - p.beta1) * gi;
@@ -533,16 +534,25 @@ void CpuBackend::adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m
     const float upd = p.lr * (mhat / (std::sqrt(vhat) + p.eps) + p.weight_decay * old);
     const float now = old - upd;
     if (count_lost) lost += std::fabs(upd) < bf16_half_ulp(old);
-    if (sr)
-      pb[i] = bf16_from_float_stochastic(now, sr_bits(p.sr_seed, p.step, i));
-    else
+    if (sr) {
+      // A narrowing cast of the weights like any other: counted as narrow_loop counts.
+      const bf16 b = bf16_from_float_stochastic(now, sr_bits(p.sr_seed, p.step, i));
+      pb[i] = b;
+      const float a = std::fabs(now);
+      over += (a > bf16_max) & (a <= FLT_MAX);
+      under += (a > 0.0f) & is_zero(b);
+    } else {
       w[i] = now;
+    }
   }
   if (stats) {
     stats->values += n;
     stats->lost_updates += count_lost ? lost : 0;
   }
-  if (sr) return;
+  if (sr) {
+    counts_of(TensorClass::weight) += CastCounts{n, over, under};
+    return;
+  }
   // Round the updated weights into the copy the ops read (the parameter itself when fp32).
   if (wt.data != param.data)
     counts_of(TensorClass::weight) +=
