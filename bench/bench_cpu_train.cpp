@@ -11,6 +11,8 @@
 //   build/bench/bench_cpu_train [--threads N] [--steps N] [--repeats N]
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <string>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -143,20 +145,45 @@ int main(int argc, char** argv) {
   const double base = measure(base_be, fp32, sh, steps, repeats, &fpt, &n_params);
   const double rate = measure(mpt_be, fp32, sh, steps, repeats, &fpt, &n_params);
   const double rate1 = measure(one_be, fp32, sh, steps, repeats, &fpt, &n_params);
-  const double rate_tf32 =
-      measure(mpt_be, PrecisionPolicy::preset("tf32"), sh, steps, repeats, &fpt, &n_params);
-  std::printf("shape: layers=%d width=%d heads=%d vocab=256 seq=%d batch=%d fp32; "
+  // Every precision policy against fp32, in the same run. fp32 is measured before and after
+  // the policies and the two averaged, so that a drift of the machine's speed during the run
+  // shows up (as a difference between the two) instead of biasing the ratios.
+  std::vector<std::pair<std::string, double>> policy_rates;
+  for (const auto& name : PrecisionPolicy::preset_names()) {
+    if (name == "fp32") continue;
+    policy_rates.push_back(
+        {name, measure(mpt_be, PrecisionPolicy::preset(name), sh, steps, repeats, &fpt, &n_params)});
+  }
+  // What the numerics statistics cost: bf16 with the cast counting switched off.
+  mpt_be.set_cast_counting(false);
+  const double rate_bf16_nocount =
+      measure(mpt_be, PrecisionPolicy::preset("bf16"), sh, steps, repeats, &fpt, &n_params);
+  mpt_be.set_cast_counting(true);
+  const double rate_after = measure(mpt_be, fp32, sh, steps, repeats, &fpt, &n_params);
+  const double fp32_rate = 0.5 * (rate + rate_after);
+  std::printf("shape: layers=%d width=%d heads=%d vocab=256 seq=%d batch=%d; "
               "%lld params, %.3g FLOPs/token\n",
               layers, width, heads, T, B, static_cast<long long>(n_params), fpt);
   std::printf("median of %d repeats x %d steps each\n", repeats, steps);
-  std::printf("%-12s %8s %10s %10s %8s\n", "variant", "threads", "tokens/s", "GFLOP/s", "ratio");
-  auto row = [&](const char* name, int th, double r) {
-    std::printf("%-12s %8d %10.0f %10.1f %7.2fx\n", name, th, r, r * fpt / 1e9, r / base);
+  std::printf("%-22s %8s %10s %10s %8s\n", "variant", "threads", "tokens/s", "GFLOP/s",
+              "vs loop");
+  auto row = [&](const std::string& name, int th, double r) {
+    std::printf("%-22s %8d %10.0f %10.1f %7.2fx\n", name.c_str(), th, r, r * fpt / 1e9, r / base);
   };
-  row("loop-matmul", base_be.threads(), base);
-  row("mpt", mpt_be.threads(), rate);
-  row("mpt-1thread", 1, rate1);
-  row("mpt tf32", mpt_be.threads(), rate_tf32);
-  std::printf("tf32 emulation: step time %.2fx fp32's\n", rate / rate_tf32);
+  row("loop-matmul fp32", base_be.threads(), base);
+  row("mpt fp32", mpt_be.threads(), rate);
+  row("mpt fp32 (again, last)", mpt_be.threads(), rate_after);
+  row("mpt fp32 1 thread", 1, rate1);
+  for (const auto& [name, r] : policy_rates) row("mpt " + name, mpt_be.threads(), r);
+  row("mpt bf16, no counting", mpt_be.threads(), rate_bf16_nocount);
+  std::printf("\nstep time relative to fp32 (mean of the two fp32 measurements; they differ by "
+              "%.1f%%):\n", 100.0 * std::fabs(rate - rate_after) / fp32_rate);
+  for (const auto& [name, r] : policy_rates)
+    std::printf("  %-10s %.2fx\n", name.c_str(), fp32_rate / r);
+  double bf16_rate = 0;
+  for (const auto& [name, r] : policy_rates)
+    if (name == "bf16") bf16_rate = r;
+  std::printf("cast statistics: bf16 step time %.3fx without them\n",
+              rate_bf16_nocount / bf16_rate);
   return 0;
 }

@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "backend/cpu/fast_formats.h"
 #include "core/dtype.h"
 #include "core/formats.h"
 #include "core/rng.h"
@@ -607,6 +608,80 @@ TEST(Formats, Tf32MatchesNearbyintOracle) {
 
 // Exact: over all 2^16 values of the random bits used, x rounds up (away from zero) for exactly
 // (dropped bits) of them, and only ever to one of its two bf16 neighbours.
+// The CPU backend's branch-free conversions (backend/cpu/fast_formats.h) give formats.h's results
+// bit for bit. Inputs: every exponent and sign with the mantissa's top bits free and its low 12
+// bits set to the values around each format's rounding point (0, 1, just below, at and above a
+// tie for fp16's 13 dropped bits; fp8 drops 20 or 21 bits, whose low 12 are then free too), plus
+// every fp16 and fp8 value widened. All 2^32 floats with MPT_EXHAUSTIVE_FORMATS=1.
+TEST(FastFormats, NarrowingMatchesTheReferenceBitForBit) {
+  auto check = [](uint32_t u, uint64_t& bad, uint32_t& first) {
+    const float x = flt(u);
+    const bool ok = fast::bf16_from_float(x).bits == bf16_from_float(x).bits &&
+                    fast::f16_from_float(x).bits == f16_from_float(x).bits &&
+                    fast::e4m3_from_float(x).bits == e4m3_from_float(x).bits &&
+                    fast::e5m2_from_float(x).bits == e5m2_from_float(x).bits;
+    if (!ok) {
+      ++bad;
+      first = std::min(first, u);
+    }
+  };
+  uint64_t bad = 0;
+  uint32_t first = 0xFFFFFFFFu;
+  const char* env = std::getenv("MPT_EXHAUSTIVE_FORMATS");
+  if (env != nullptr && std::string(env) == "1") {
+#pragma omp parallel for schedule(static) reduction(+ : bad) reduction(min : first)
+    for (int64_t i = 0; i < (int64_t{1} << 32); ++i) check(static_cast<uint32_t>(i), bad, first);
+  } else {
+    const uint32_t lows[] = {0x000, 0x001, 0x7FF, 0x800, 0x801, 0xFFE, 0xFFF};
+    for (uint32_t hi = 0; hi < (1u << 20); ++hi)
+      for (uint32_t low : lows) check((hi << 12) | low, bad, first);
+    for (uint32_t b = 0; b < 65536; ++b) {
+      check(bits(to_float(f16::from_bits(uint16_t(b)))), bad, first);
+      if (b < 256) {
+        check(bits(to_float(e4m3::from_bits(uint8_t(b)))), bad, first);
+        check(bits(to_float(e5m2::from_bits(uint8_t(b)))), bad, first);
+      }
+    }
+  }
+  EXPECT_EQ(bad, 0u) << "first mismatch at " << hex(first);
+}
+
+TEST(FastFormats, WideningTablesHoldEveryValue) {
+  const fast::WidenTables& t = fast::widen_tables();
+  for (uint32_t b = 0; b < 65536; ++b)
+    ASSERT_EQ(bits(fast::to_float(bf16::from_bits(uint16_t(b)))),
+              bits(to_float(bf16::from_bits(uint16_t(b)))))
+        << hex(b);
+  for (uint32_t b = 0; b < 65536; ++b)
+    ASSERT_EQ(bits(t.f16[b]), bits(to_float(f16::from_bits(uint16_t(b))))) << hex(b);
+  for (uint32_t b = 0; b < 256; ++b) {
+    ASSERT_EQ(bits(fast::e4m3_value(b)), bits(to_float(e4m3::from_bits(uint8_t(b))))) << hex(b);
+    ASSERT_EQ(bits(fast::e5m2_value(b)), bits(to_float(e5m2::from_bits(uint8_t(b))))) << hex(b);
+    ASSERT_EQ(bits(t.e4m3[b]), bits(to_float(e4m3::from_bits(uint8_t(b))))) << hex(b);
+    ASSERT_EQ(bits(t.e5m2[b]), bits(to_float(e5m2::from_bits(uint8_t(b))))) << hex(b);
+  }
+}
+
+// Half the ulp of bf16(w), against frexp: every bf16 value, and values between them.
+TEST(FastFormats, Bf16HalfUlp) {
+  auto reference = [](float w) {
+    const double a = std::fabs(double(round_to_bf16(w)));
+    if (a == 0.0 || a < 0x1p-126) return 0x1p-134;  // zero and subnormals: half of 2^-133
+    int e = 0;
+    std::frexp(a, &e);  // a = m 2^e, m in [0.5, 1): the bf16 ulp is 2^(e - 8)
+    return std::ldexp(1.0, e - 9);
+  };
+  for (uint32_t b = 0; b < 65536; ++b) {
+    const float w = to_float(bf16::from_bits(uint16_t(b)));
+    if (!std::isfinite(w)) continue;
+    ASSERT_EQ(double(fast::bf16_half_ulp(w)), reference(w)) << hex(b);
+    const float between = flt(bits(w) | 0x5A5Au);
+    if (std::isfinite(between)) {
+      ASSERT_EQ(double(fast::bf16_half_ulp(between)), reference(between)) << hex(b);
+    }
+  }
+}
+
 TEST(StochasticRounding, UpCountEqualsDistanceExactly) {
   const uint32_t xs[] = {0x3F800001, 0x3F808000, 0x3F80FFFF, 0xBF812345, 0x3FFFFFFF,
                          0x00012345, 0x80000001, 0x7F7FFFFF, 0x42F6E979, 0x3F800000,

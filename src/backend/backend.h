@@ -59,9 +59,10 @@ enum class TensorClass { activation, weight, gradient };
 constexpr int kTensorClasses = 3;
 const char* tensor_class_name(TensorClass c);  // "activations", "weights", "gradients"
 
-// Counts over narrowing casts (fp32 -> fp16/bf16/fp8) since the last reset: values cast, values
-// whose magnitude exceeded the format's largest finite value (they became inf, or saturated for
-// fp8), and non-zero values that became zero (flushed: below half the smallest subnormal).
+// Counts over narrowing casts (fp32 -> fp16/bf16/fp8) since the last reset: values cast, finite
+// values whose magnitude exceeded the format's largest finite value (whether they rounded to inf,
+// to the largest value, or saturated in fp8), and non-zero values that became zero (at most half
+// the smallest subnormal). Inputs already inf or NaN are not counted (docs/formats.md).
 struct CastCounts {
   int64_t values = 0;
   int64_t overflow = 0;
@@ -82,8 +83,8 @@ struct AdamWParams {
   float weight_decay;  // decoupled (Loshchilov & Hutter, "Decoupled Weight Decay Regularization")
   int64_t step;        // 1-based optimizer step, for bias correction
   float grad_scale;    // gradients are multiplied by this first (unscaling and clipping)
-  // Without a master copy, low-precision weights are written with stochastic rounding when
-  // this is set: random bits from a counter-based hash of (sr_seed, step, element index), so
+  // Without a master copy, bf16 weights are written with stochastic rounding when this is set
+  // (fp16 weights always round to nearest): random bits from a counter-based hash of (sr_seed, step, element index), so
   // the result does not depend on threads and a resumed run draws the same bits.
   bool stochastic_rounding = false;
   uint64_t sr_seed = 0;
@@ -92,8 +93,10 @@ struct AdamWParams {
 // Per-call statistics of adamw_update.
 struct AdamWStats {
   int64_t values = 0;
-  // Updates smaller in magnitude than half a bf16 ulp of the weight (a bf16 copy updated in
-  // place would lose them under round to nearest); counted when the weights are bf16.
+  // Updates smaller in magnitude than half a bf16 ulp of the weight (the ulp above |w|): a
+  // bf16 copy updated in place with round to nearest would lose them. An indicator, exact but
+  // for updates towards zero from a power of two, whose ulp below is half as large. Counted
+  // when the weights are bf16.
   int64_t lost_updates = 0;
 };
 

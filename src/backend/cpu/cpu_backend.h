@@ -36,6 +36,9 @@ class CpuBackend : public Backend {
   int64_t count_nonfinite(Tensor t) override;
   CastCounts cast_counts(TensorClass cls) const override;
   void reset_cast_counts() override;
+  // Whether narrowing casts count overflows and underflows (on by default). Off only to measure
+  // what the counting costs (bench/bench_cpu_train); the counts then stay zero.
+  void set_cast_counting(bool on) { counting_ = on; }
 
   void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) override;
   void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) override;
@@ -109,6 +112,7 @@ class CpuBackend : public Backend {
   std::array<std::vector<float>, kSlots> staging_;
   std::array<std::vector<float>, 3> operand_scratch_;  // tf32/fp8 copies of fp32 operands
   std::array<CastCounts, kTensorClasses> counts_{};
+  bool counting_ = true;
 };
 
 }  // namespace mpt

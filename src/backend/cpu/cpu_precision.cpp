@@ -10,6 +10,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/cpu_common.h"
+#include "backend/cpu/fast_formats.h"
 #include "core/formats.h"
 
 namespace mpt {
@@ -43,123 +44,142 @@ float widen_one(const void* p, DType t, int64_t i) {
   throw RuntimeError("not a float dtype");
 }
 
-template <class T>
-void widen_loop(const T* src, float* dst, int64_t n, int threads) {
+// fp16 and fp8 widen through a table of every value (exact: built with to_float).
+template <class T, size_t N>
+void widen_table(const T* src, const std::array<float, N>& table, float* dst, int64_t n,
+                 int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = table[src[i].bits];
 }
 
 // dst[i] = src[i] widened to fp32 (exact).
 void widen_into(const void* src, DType t, float* dst, int64_t n, int threads) {
+  const fast::WidenTables& tab = fast::widen_tables();
   switch (t) {
     case DType::f32: std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float)); return;
-    case DType::f16: widen_loop(static_cast<const f16*>(src), dst, n, threads); return;
-    case DType::bf16: widen_loop(static_cast<const bf16*>(src), dst, n, threads); return;
-    case DType::e4m3: widen_loop(static_cast<const e4m3*>(src), dst, n, threads); return;
-    case DType::e5m2: widen_loop(static_cast<const e5m2*>(src), dst, n, threads); return;
+    case DType::f16: widen_table(static_cast<const f16*>(src), tab.f16, dst, n, threads); return;
+    case DType::bf16: {
+      const bf16* b = static_cast<const bf16*>(src);
+#pragma omp parallel for schedule(static) num_threads(threads)
+      for (int64_t i = 0; i < n; ++i) dst[i] = fast::to_float(b[i]);
+      return;
+    }
+    case DType::e4m3: widen_table(static_cast<const e4m3*>(src), tab.e4m3, dst, n, threads); return;
+    case DType::e5m2: widen_table(static_cast<const e5m2*>(src), tab.e5m2, dst, n, threads); return;
     case DType::i32: break;
   }
   throw RuntimeError("widen: not a float dtype");
 }
 
-// The magnitude bits of each format, to tell a result of zero.
-inline bool is_zero(f16 v) { return (v.bits & 0x7FFFu) == 0; }
-inline bool is_zero(bf16 v) { return (v.bits & 0x7FFFu) == 0; }
-inline bool is_zero(e4m3 v) { return (v.bits & 0x7Fu) == 0; }
-inline bool is_zero(e5m2 v) { return (v.bits & 0x7Fu) == 0; }
+constexpr uint32_t kMaxFiniteBits = 0x7F7FFFFFu;  // fp32's largest finite magnitude
 
-// dst[i] = round(src[i] * scale) in T, counting overflows (finite |x * scale| above max_finite)
-// and underflows (non-zero values that became zero). The counting is fused into the store loop:
-// two compares and two adds per element.
-template <class T, class Round>
-CastCounts narrow_loop(const float* src, T* dst, int64_t n, float scale, float max_finite,
-                       Round round, int threads) {
+// dst[i] = round(src[i]) as the bit patterns of a format (`to_bits` gives them; `zero_mask`
+// selects the magnitude bits), counting overflows (finite |x| above max_finite) and underflows
+// (non-zero values that became zero). The counting is fused into the store loop: a few integer
+// operations per element on the magnitude bits, in a loop without branches that vectorises.
+template <bool kCount, class Bits, class ToBits>
+CastCounts narrow_loop(const float* src, Bits* dst, int64_t n, float max_finite,
+                       uint32_t zero_mask, ToBits to_bits, int threads) {
+  const uint32_t max_bits = detail::float_to_bits(max_finite);
   int64_t over = 0, under = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : over, under)
   for (int64_t i = 0; i < n; ++i) {
-    const float x = scale == 1.0f ? src[i] : src[i] * scale;
-    const T y = round(x);
-    dst[i] = y;
-    const float a = std::fabs(x);
-    over += (a > max_finite) & (a <= FLT_MAX);
-    under += (a > 0.0f) & is_zero(y);
+    const float x = src[i];
+    const uint32_t y = to_bits(x);
+    dst[i] = static_cast<Bits>(y);
+    if (kCount) {
+      const uint32_t a = detail::float_to_bits(x) & 0x7FFFFFFFu;
+      over += static_cast<int64_t>((a > max_bits) & (a <= kMaxFiniteBits));
+      under += static_cast<int64_t>((a != 0) & ((y & zero_mask) == 0));
+    }
   }
-  return {n, over, under};
+  return {kCount ? n : 0, over, under};
 }
 
-// dst = round(src * scale) in dst's dtype; fp8 saturates to its largest finite value. Returns the
-// cast counts (values 0 for an fp32 destination, which is a copy).
-CastCounts narrow_into(const float* src, void* dst, DType t, int64_t n, float scale,
-                       int threads) {
+template <class Bits, class ToBits>
+CastCounts narrow_loop(bool count, const float* src, void* dst, int64_t n, DType t,
+                       uint32_t zero_mask, ToBits to_bits, int threads) {
   const float maxf = static_cast<float>(dtype_traits(t).max_finite);
+  Bits* d = static_cast<Bits*>(dst);  // the format structs are their bits (formats.h)
+  return count ? narrow_loop<true>(src, d, n, maxf, zero_mask, to_bits, threads)
+               : narrow_loop<false>(src, d, n, maxf, zero_mask, to_bits, threads);
+}
+
+// dst = round(src) in dst's dtype; fp8 saturates to its largest finite value. Returns the
+// cast counts (values 0 for an fp32 destination, which is a copy).
+CastCounts narrow_into(const float* src, void* dst, DType t, int64_t n, int threads,
+                       bool count = true) {
   switch (t) {
     case DType::f32: {
       float* d = static_cast<float*>(dst);
-      if (scale == 1.0f) {
-        if (d != src) std::memcpy(d, src, static_cast<size_t>(n) * sizeof(float));
-      } else {
-#pragma omp parallel for schedule(static) num_threads(threads)
-        for (int64_t i = 0; i < n; ++i) d[i] = src[i] * scale;
-      }
+      if (d != src) std::memcpy(d, src, static_cast<size_t>(n) * sizeof(float));
       return {};
     }
     case DType::f16:
-      return narrow_loop(src, static_cast<f16*>(dst), n, scale, maxf,
-                         [](float x) { return f16_from_float(x); }, threads);
+      return narrow_loop<uint16_t>(count, src, dst, n, t, 0x7FFFu,
+                                   [](float x) { return fast::f16_bits(x); }, threads);
     case DType::bf16:
-      return narrow_loop(src, static_cast<bf16*>(dst), n, scale, maxf,
-                         [](float x) { return bf16_from_float(x); }, threads);
+      return narrow_loop<uint16_t>(count, src, dst, n, t, 0x7FFFu,
+                                   [](float x) { return fast::bf16_bits(x); }, threads);
     case DType::e4m3:
-      return narrow_loop(src, static_cast<e4m3*>(dst), n, scale, maxf,
-                         [](float x) { return e4m3_from_float(x); }, threads);
+      return narrow_loop<uint8_t>(count, src, dst, n, t, 0x7Fu,
+                                   [](float x) { return fast::e4m3_bits(x); }, threads);
     case DType::e5m2:
-      return narrow_loop(src, static_cast<e5m2*>(dst), n, scale, maxf,
-                         [](float x) { return e5m2_from_float(x); }, threads);
+      return narrow_loop<uint8_t>(count, src, dst, n, t, 0x7Fu,
+                                   [](float x) { return fast::e5m2_bits(x); }, threads);
     case DType::i32: break;
   }
   throw RuntimeError("narrow: not a float dtype");
 }
 
-// Quantises x[i] * scale to an fp8 format in place, as fp32 values of the fp8 grid (what the
-// multiplications of an fp8 GEMM see). Counts like narrow_loop.
-template <class T, class Round>
-CastCounts quantise_loop(const float* x, float* y, int64_t n, float scale, float max_finite,
-                         Round round, int threads) {
-  int64_t over = 0, under = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : over, under)
-  for (int64_t i = 0; i < n; ++i) {
-    const float s = x[i] * scale;
-    const T q = round(s);
-    y[i] = to_float(q);
-    const float a = std::fabs(s);
-    over += (a > max_finite) & (a <= FLT_MAX);
-    under += (a > 0.0f) & is_zero(q);
-  }
-  return {n, over, under};
+// max |x| as the largest magnitude bit pattern, as a signed integer (the sign bit is cleared):
+// integer max is exact and order-independent, a NaN (whose bits exceed infinity's) wins, and a
+// signed 32-bit max vectorises with SSE2's compare (an unsigned or a float max would not).
+inline int32_t magnitude_bits(float x) {
+  return static_cast<int32_t>(detail::float_to_bits(x) & 0x7FFFFFFFu);
+}
+inline float amax_value(int32_t max_bits) {
+  return detail::bits_to_float(static_cast<uint32_t>(max_bits));
 }
 
-// max |x| over n values, NaN when any is NaN. Chunks reduced in a fixed order.
-float amax_of(const float* x, int64_t n, int threads) {
-  constexpr int64_t kChunk = 1 << 14;
-  const int64_t nchunks = (n + kChunk - 1) / kChunk;
-  std::vector<float> partial(static_cast<size_t>(nchunks), 0.0f);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t c = 0; c < nchunks; ++c) {
-    float m = 0.0f;
-    bool nan = false;
-    for (int64_t i = c * kChunk, e = std::min(n, (c + 1) * kChunk); i < e; ++i) {
-      const float a = std::fabs(x[i]);
-      nan |= a != a;
-      m = a > m ? a : m;
+// Quantises x[i] * scale to an fp8 format in place, as fp32 values of the fp8 grid (what the
+// multiplications of an fp8 GEMM see). Counts like narrow_loop; with kAmax also returns the
+// operand's amax bits (before scaling) in *amax_bits, in the same pass.
+template <bool kCount, bool kAmax, class ToBits, class Value>
+CastCounts quantise_loop(const float* x, float* y, int64_t n, float scale, float max_finite,
+                         ToBits to_bits, Value value, float* amax_out, int threads) {
+  const uint32_t max_bits = detail::float_to_bits(max_finite);
+  int64_t over = 0, under = 0;
+  int32_t amax = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : over, under) \
+    reduction(max : amax)
+  for (int64_t i = 0; i < n; ++i) {
+    if (kAmax) {
+      const int32_t a = magnitude_bits(x[i]);
+      amax = a > amax ? a : amax;
     }
-    partial[c] = nan ? NAN : m;
+    const float s = x[i] * scale;
+    const uint32_t q = to_bits(s);
+    y[i] = value(q);
+    if (kCount) {
+      const uint32_t a = detail::float_to_bits(s) & 0x7FFFFFFFu;
+      over += static_cast<int64_t>((a > max_bits) & (a <= kMaxFiniteBits));
+      under += static_cast<int64_t>((a != 0) & ((q & 0x7Fu) == 0));
+    }
   }
-  float m = 0.0f;
-  for (float p : partial) {
-    if (std::isnan(p)) return NAN;
-    m = std::max(m, p);
+  if (kAmax) *amax_out = amax_value(amax);
+  return {kCount ? n : 0, over, under};
+}
+
+// max |x| over n values; NaN when any is NaN.
+float amax_of(const float* x, int64_t n, int threads) {
+  int32_t m = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t a = magnitude_bits(x[i]);
+    m = a > m ? a : m;
   }
-  return m;
+  return amax_value(m);
 }
 
 // Counter-based random bits for stochastic rounding: SplitMix64's finaliser (Steele, Lea and
@@ -171,15 +191,6 @@ inline uint32_t sr_bits(uint64_t seed, int64_t step, int64_t i) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return static_cast<uint32_t>((z ^ (z >> 31)) >> 32);
-}
-
-// Half a bf16 ulp of w: an update smaller than this leaves round_to_bf16(w + u) == w.
-inline float bf16_half_ulp(float w) {
-  const float a = std::fabs(round_to_bf16(w));
-  if (a == 0.0f) return 0x1p-134f;  // half the smallest bf16 subnormal
-  int e = 0;
-  std::frexp(a, &e);                 // a = m * 2^e, m in [0.5, 1): ulp = 2^(e - 8)
-  return std::ldexp(1.0f, std::max(e - 9, -134));
 }
 
 // The buffer's data, grown to at least n elements: to exactly n (reserve, then resize within
@@ -217,7 +228,7 @@ Tensor CpuBackend::output(Tensor t, Slot slot, bool accumulates) {
 void CpuBackend::commit(Tensor t, Tensor staged, TensorClass cls) {
   if (!t.defined() || t.data == staged.data) return;
   counts_of(cls) +=
-      narrow_into(staged.as<float>(), t.data, t.dtype, t.numel(), 1.0f, threads_);
+      narrow_into(staged.as<float>(), t.data, t.dtype, t.numel(), threads_, counting_);
 }
 
 size_t CpuBackend::workspace_bytes() const {
@@ -239,8 +250,7 @@ void CpuBackend::fill(Tensor t, float value) {
     return;
   }
   // One element rounded once, then replicated (a fill is not a cast of data: not counted).
-  CastCounts ignored = narrow_into(&value, t.data, t.dtype, 1, 1.0f, 1);
-  (void)ignored;
+  narrow_into(&value, t.data, t.dtype, 1, 1, /*count=*/false);
   const size_t es = dtype_size(t.dtype);
   char* p = static_cast<char*>(t.data);
 #pragma omp parallel for schedule(static) num_threads(threads_)
@@ -252,7 +262,7 @@ void CpuBackend::cast(Tensor dst, Tensor src, TensorClass cls) {
   MPT_CHECK(dtype_is_float(dst.dtype) && dtype_is_float(src.dtype), "cast: float tensors only");
   const Tensor s = widen(src, kIn0);
   counts_of(cls) +=
-      narrow_into(s.as<float>(), dst.data, dst.dtype, dst.numel(), 1.0f, threads_);
+      narrow_into(s.as<float>(), dst.data, dst.dtype, dst.numel(), threads_, counting_);
 }
 
 float CpuBackend::amax(Tensor t) {
@@ -372,16 +382,24 @@ const float* CpuBackend::matmul_operand(Tensor t, Slot slot, const MatmulSpec& s
             std::string("fp8 matmul: operand format must be e4m3 or e5m2, got ") +
                 dtype_name(q.format));
   MPT_CHECK(std::isfinite(q.scale) && q.scale > 0.0f, "fp8 matmul: scale must be finite and > 0");
-  // The amax of the unquantised operand: what delayed scaling records for the next steps. A
-  // separate pass on the CPU (a GPU fuses it into the cast).
-  if (q.amax) *q.amax = amax_of(x, n, threads_);
+  // The amax of the unquantised operand (what delayed scaling records for the next steps) is
+  // reduced in the same pass as the quantisation.
   const float maxf = static_cast<float>(dtype_traits(q.format).max_finite);
-  const CastCounts c =
-      q.format == DType::e4m3
-          ? quantise_loop<e4m3>(x, y, n, q.scale, maxf, [](float v) { return e4m3_from_float(v); },
-                                threads_)
-          : quantise_loop<e5m2>(x, y, n, q.scale, maxf, [](float v) { return e5m2_from_float(v); },
-                                threads_);
+  // Lambdas, not function pointers: the conversions must inline into the loop to vectorise.
+  auto e4 = [](float v) { return fast::e4m3_bits(v); };
+  auto e4v = [](uint32_t b) { return fast::e4m3_value(b); };
+  auto e5 = [](float v) { return fast::e5m2_bits(v); };
+  auto e5v = [](uint32_t b) { return fast::e5m2_value(b); };
+  // Counting only when the counts are wanted (the backward's re-quantisations are not counted).
+  const bool count = counting_ && counts != nullptr;
+  auto run = [&](auto to_bits, auto value) {
+    if (count)
+      return q.amax ? quantise_loop<true, true>(x, y, n, q.scale, maxf, to_bits, value, q.amax, threads_)
+                    : quantise_loop<true, false>(x, y, n, q.scale, maxf, to_bits, value, nullptr, threads_);
+    return q.amax ? quantise_loop<false, true>(x, y, n, q.scale, maxf, to_bits, value, q.amax, threads_)
+                  : quantise_loop<false, false>(x, y, n, q.scale, maxf, to_bits, value, nullptr, threads_);
+  };
+  const CastCounts c = q.format == DType::e4m3 ? run(e4, e4v) : run(e5, e5v);
   if (counts) *counts += c;
   *scale_inv = 1.0f / q.scale;
   return y;
@@ -533,14 +551,14 @@ void CpuBackend::adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m
     const float old = w[i];
     const float upd = p.lr * (mhat / (std::sqrt(vhat) + p.eps) + p.weight_decay * old);
     const float now = old - upd;
-    if (count_lost) lost += std::fabs(upd) < bf16_half_ulp(old);
+    if (count_lost) lost += std::fabs(upd) < fast::bf16_half_ulp(old);
     if (sr) {
       // A narrowing cast of the weights like any other: counted as narrow_loop counts.
       const bf16 b = bf16_from_float_stochastic(now, sr_bits(p.sr_seed, p.step, i));
       pb[i] = b;
       const float a = std::fabs(now);
       over += (a > bf16_max) & (a <= FLT_MAX);
-      under += (a > 0.0f) & is_zero(b);
+      under += (a > 0.0f) & ((b.bits & 0x7FFFu) == 0);
     } else {
       w[i] = now;
     }
@@ -550,13 +568,13 @@ void CpuBackend::adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m
     stats->lost_updates += count_lost ? lost : 0;
   }
   if (sr) {
-    counts_of(TensorClass::weight) += CastCounts{n, over, under};
+    if (counting_) counts_of(TensorClass::weight) += CastCounts{n, over, under};
     return;
   }
   // Round the updated weights into the copy the ops read (the parameter itself when fp32).
   if (wt.data != param.data)
     counts_of(TensorClass::weight) +=
-        narrow_into(w, param.data, param.dtype, n, 1.0f, threads_);
+        narrow_into(w, param.data, param.dtype, n, threads_, counting_);
 }
 
 }  // namespace mpt
