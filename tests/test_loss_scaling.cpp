@@ -36,9 +36,7 @@ TEST_F(LossScaling, OverflowingStepsAreSkippedAndChangeNothing) {
                                  " --set loss_scale.init_scale=1.2676506002282294e30"));
   ASSERT_EQ(r.code, 0) << r.out;
   const auto recs = read_jsonl(path("huge/metrics.jsonl"));
-  std::vector<json> steps;
-  for (const auto& rec : recs)
-    if (!rec.contains("event")) steps.push_back(rec);
+  const std::vector<json> steps = events(recs, "");  // the step records
   ASSERT_EQ(steps.size(), 3u);
   for (size_t i = 0; i < steps.size(); ++i) {
     EXPECT_EQ(steps[i]["skipped"], true);
@@ -93,9 +91,7 @@ TEST_F(LossScaling, DynamicScaleBacksOffAndRecovers) {
                                     " --set loss_scale.max_scale=1099511627776"));
   ASSERT_EQ(r.code, 0) << r.out;
   const auto recs = read_jsonl(path("recover/metrics.jsonl"));
-  std::vector<json> steps;
-  for (const auto& rec : recs)
-    if (!rec.contains("event")) steps.push_back(rec);
+  const std::vector<json> steps = events(recs, "");  // the step records
   ASSERT_EQ(steps.size(), 40u);
   // Skips come first, each halving the scale; after the first taken step none follows.
   size_t first_taken = 0;
