@@ -141,6 +141,12 @@ class Compare : public ::testing::Test {
              {"fp32_s1", " --set training.seed=1"},
              {"fp32_s2", " --set training.seed=2"},
              {"tf32_s1", " --set training.seed=1 --set precision=tf32"},
+             // A loss scale of 2^40 that may not grow past itself: the first steps overflow
+             // in fp16 and are skipped while the scale backs off.
+             {"fp16_ovf", " --set training.seed=1 --set precision=fp16"
+                          " --set loss_scale.init_scale=1099511627776"
+                          " --set loss_scale.max_scale=1099511627776"},
+             {"bf16_s1", " --set training.seed=1 --set precision=bf16"},
              {"fp32_l3", " --set training.seed=1 --set model.n_layer=3"}}) {
       const auto r = run(mpt_bin() + " train" + kRun + extra + " --run-dir " + (root_ / name).string());
       ASSERT_EQ(r.code, 0) << name << ": " << r.out;
@@ -251,6 +257,114 @@ TEST_F(Compare, TableAndJsonAgreeWithTheRunsOwnMetrics) {
   EXPECT_EQ(count(svg, "class=\"bar\""), 6u);
   for (const char* label : {"training tokens", "loss (nats/token)", "tokens/s", "MiB", "tf32_s1", "fp32_s2"})
     EXPECT_NE(svg.find(label), std::string::npos) << label;
+}
+
+// The last four columns of a run's row in the table: MFU, skipped, overflow/sat, underflow.
+std::vector<std::string> numerics_cells(const std::string& table, const std::string& label) {
+  std::istringstream in(table);
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream words(line);
+    std::vector<std::string> w;
+    for (std::string x; words >> x;) w.push_back(x);
+    if (w.size() > 4 && w[0] == label) return {w.end() - 4, w.end()};
+  }
+  return {};
+}
+
+std::string fraction3(double f) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.3g", f);
+  return buf;
+}
+
+TEST_F(Compare, NumericsColumnsAgreeWithTheRunsOwnMetrics) {
+  const auto r = run(mpt_bin() + " compare " + dir("fp32_s1") + " " + dir("fp16_ovf") + " " +
+                     dir("bf16_s1") + " --out " + out_.string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  const json j = json::parse(slurp((out_ / "compare.json").string()));
+  std::map<std::string, json> by;
+  for (const auto& e : j["runs"]) {
+    for (const char* k : {"mfu", "skipped_steps", "overflow_fraction", "underflow_fraction", "casts"})
+      EXPECT_TRUE(e.contains(k)) << k;
+    // No backend knows its device's peak FLOP/s yet, and the CPU has none to give.
+    EXPECT_TRUE(e["mfu"].is_null()) << e["mfu"];
+    by[e["label"]] = e;
+  }
+  const char* classes[] = {"activations", "weights", "gradients"};
+  for (const std::string name : {"fp32_s1", "fp16_ovf", "bf16_s1"}) {
+    const auto steps = events(read_jsonl(dir(name) + "/metrics.jsonl"), "");
+    const json& e = by[name];
+    const auto cells = numerics_cells(r.out, name);
+    ASSERT_EQ(cells.size(), 4u) << name << "\n" << r.out;
+    EXPECT_EQ(cells[0], "-") << name;  // MFU
+    const int64_t skipped = steps.back()["skipped_total"].get<int64_t>();
+    EXPECT_EQ(e["skipped_steps"].get<int64_t>(), skipped) << name;
+    EXPECT_EQ(cells[1], std::to_string(skipped)) << name;
+    if (name == "fp32_s1") {
+      EXPECT_EQ(skipped, 0);
+      EXPECT_TRUE(e["casts"].is_null()) << e["casts"];
+      EXPECT_TRUE(e["overflow_fraction"].is_null());
+      EXPECT_TRUE(e["underflow_fraction"].is_null());
+      EXPECT_EQ(cells[2], "-");
+      EXPECT_EQ(cells[3], "-");
+      continue;
+    }
+    // Each record's fractions are over its own casts: weighted by its values.
+    double values = 0, over = 0, under = 0;
+    for (const char* k : classes) {
+      double v = 0, o = 0, u = 0;
+      for (const auto& s : steps) {
+        const json& c = s["casts"][k];
+        v += c["values"].get<double>();
+        o += c["values"].get<double>() * c["overflow"].get<double>();
+        u += c["values"].get<double>() * c["underflow"].get<double>();
+      }
+      ASSERT_GT(v, 0) << name << " " << k;
+      const json& got = e["casts"][k];
+      EXPECT_EQ(got["values"].get<double>(), v) << name << " " << k;
+      EXPECT_NEAR(got["overflow_fraction"].get<double>(), o / v, 1e-12) << name << " " << k;
+      EXPECT_NEAR(got["underflow_fraction"].get<double>(), u / v, 1e-12) << name << " " << k;
+      values += v, over += o, under += u;
+    }
+    EXPECT_NEAR(e["overflow_fraction"].get<double>(), over / values, 1e-12) << name;
+    EXPECT_NEAR(e["underflow_fraction"].get<double>(), under / values, 1e-12) << name;
+    EXPECT_EQ(e["casts"]["all"]["values"].get<double>(), values) << name;
+    EXPECT_EQ(cells[2], fraction3(over / values)) << name;
+    EXPECT_EQ(cells[3], fraction3(under / values)) << name;
+  }
+  // The forced overflow: skipped steps, counted in the verdict; fp16 overflowed, bf16 did not.
+  const int64_t skipped = by["fp16_ovf"]["skipped_steps"];
+  EXPECT_GT(skipped, 0);
+  const std::string verdict = by["fp16_ovf"]["verdict"];
+  EXPECT_NE(verdict.find(std::to_string(skipped) + " skipped step"), std::string::npos) << verdict;
+  EXPECT_NE(r.out.find(verdict), std::string::npos) << r.out;
+  EXPECT_GT(by["fp16_ovf"]["overflow_fraction"].get<double>(), 0.0);
+  EXPECT_EQ(by["bf16_s1"]["skipped_steps"], 0);
+  EXPECT_EQ(by["bf16_s1"]["verdict"].get<std::string>().find("skipped"), std::string::npos);
+  EXPECT_EQ(by["fp32_s1"]["verdict"].get<std::string>().find("skipped"), std::string::npos);
+}
+
+// A run written before the numerics fields existed: its skipped steps and casts are unknown.
+TEST_F(Compare, RunsWithoutNumericsFieldsShowThemUnknown) {
+  fs::create_directories(root_ / "old_fp16");
+  {
+    std::ofstream f(root_ / "old_fp16" / "metrics.jsonl");
+    for (auto rec : read_jsonl(dir("fp16_ovf") + "/metrics.jsonl")) {
+      for (const char* k : {"casts", "skipped", "skipped_total", "loss_scale"}) rec.erase(k);
+      f << rec.dump() << "\n";
+    }
+  }
+  const auto c = mpt::compare::compare_runs({dir("fp32_s1"), (root_ / "old_fp16").string()});
+  EXPECT_FALSE(c.runs[1].data.skipped_total.has_value());
+  EXPECT_FALSE(c.runs[1].data.cast_total.has_value());
+  EXPECT_EQ(c.runs[1].verdict.find("skipped"), std::string::npos) << c.runs[1].verdict;
+  const auto cells = numerics_cells(mpt::compare::format_table(c), "old_fp16");
+  EXPECT_EQ(cells, (std::vector<std::string>{"-", "-", "-", "-"}));
+  const json j = mpt::compare::to_json(c);
+  EXPECT_TRUE(j["runs"][1]["skipped_steps"].is_null());
+  EXPECT_TRUE(j["runs"][1]["casts"].is_null());
+  EXPECT_EQ(j["runs"][0]["skipped_steps"], 0);
 }
 
 TEST_F(Compare, BaselineOptionAndNoBandWithOneSeed) {

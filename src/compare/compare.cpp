@@ -23,7 +23,8 @@ namespace {
 
 // A later record at or before an earlier one's step (a run resumed from an older checkpoint)
 // replaces what came after that step.
-void push_point(std::vector<CurvePoint>& v, CurvePoint p) {
+template <class Point>
+void push_point(std::vector<Point>& v, Point p) {
   while (!v.empty() && v.back().step >= p.step) v.pop_back();
   v.push_back(p);
 }
@@ -62,6 +63,32 @@ std::optional<double> read_measured_peak(const std::string& dir) {
 }
 
 std::string mib(double bytes) { return strf("%.2f", bytes / 1048576.0); }
+
+// A step record's `casts`: per class, the counts behind its fractions.
+CastPoint read_casts(const json& casts, int64_t step, const std::string& where) {
+  CastPoint p;
+  p.step = step;
+  for (size_t k = 0; k < kCastClasses.size(); ++k) {
+    if (!casts.contains(kCastClasses[k])) continue;
+    const json& c = casts[kCastClasses[k]];
+    if (!c.is_object()) throw InputError(where + ": casts." + kCastClasses[k] + " is not an object");
+    const std::string at = where + " (casts." + kCastClasses[k] + ")";
+    CastCount& n = p.by_class[k];
+    n.values = num(c, "values", at);
+    n.overflow = n.values * num(c, "overflow", at);
+    n.underflow = n.values * num(c, "underflow", at);
+  }
+  return p;
+}
+
+void add(CastCount& to, const CastCount& c) {
+  to.values += c.values;
+  to.overflow += c.overflow;
+  to.underflow += c.underflow;
+}
+
+// A fraction for the table: "-" when unknown.
+std::string fraction(const std::optional<double>& f) { return f ? strf("%.3g", *f) : "-"; }
 
 }  // namespace
 
@@ -126,6 +153,13 @@ RunData read_run(const std::string& dir) {
       push_point(d.train, {step, tokens, num(r, "loss", where)});
       if (r.contains("tokens_per_s") && r["tokens_per_s"].is_number())
         push_point(d.speed, {step, tokens, r["tokens_per_s"].get<double>()});
+      // Drop the casts of records a resume replaced, even when this record has none.
+      while (!d.casts.empty() && d.casts.back().step >= step) d.casts.pop_back();
+      if (r.contains("casts") && r["casts"].is_object())
+        push_point(d.casts, read_casts(r["casts"], step, where));
+      d.skipped_total.reset();
+      if (r.contains("skipped_total") && r["skipped_total"].is_number())
+        d.skipped_total = r["skipped_total"].get<int64_t>();
       d.steps = step;
       d.tokens = tokens;
     } else if (ev == "eval") {
@@ -145,6 +179,15 @@ RunData read_run(const std::string& dir) {
     d.val_step = d.eval.back().step;
   }
   d.measured_peak_bytes = read_measured_peak(dir);
+  if (!d.casts.empty()) {
+    d.cast_totals.emplace();
+    d.cast_total.emplace();
+    for (const auto& p : d.casts)
+      for (size_t k = 0; k < kCastClasses.size(); ++k) {
+        add((*d.cast_totals)[k], p.by_class[k]);
+        add(*d.cast_total, p.by_class[k]);
+      }
+  }
   const auto idx = steady_state_records(d.speed);
   if (!idx.empty()) {
     double s = 0;
@@ -277,11 +320,15 @@ Comparison compare_runs(const std::vector<std::string>& dirs, const std::string&
 
     std::string who = d.policy;
     if (policy_count[d.policy] > 1) who += " [" + d.label + "]";
+    const int64_t skipped = d.skipped_total.value_or(0);
+    const std::string skipped_words =
+        strf("%lld skipped step%s", (long long)skipped, skipped == 1 ? "" : "s");
     if (r.is_baseline) {
       r.verdict = who + ": the baseline";
       if (d.val_loss) r.verdict += strf(" (val loss %.4f)", *d.val_loss);
       if (c.band) r.verdict += strf("; %s seed noise ±%.2f%% over %zu seeds", c.band->policy.c_str(),
                                     c.band->spread_pct, c.band->runs.size());
+      if (skipped > 0) r.verdict += "; " + skipped_words;
       continue;
     }
     std::vector<std::string> parts;
@@ -294,6 +341,7 @@ Comparison compare_runs(const std::vector<std::string>& dirs, const std::string&
     if (r.inside_band)
       r.verdict += strf(" (%s %s seed noise (±%.2f%%))", *r.inside_band ? "inside" : "outside",
                         c.band->policy.c_str(), c.band->spread_pct);
+    if (skipped > 0) r.verdict += ", " + skipped_words;
     if (d.status != "completed")
       r.verdict += d.status.empty() ? " [run has no end record]" : " [run " + d.status + "]";
   }
@@ -303,7 +351,8 @@ Comparison compare_runs(const std::vector<std::string>& dirs, const std::string&
 std::string format_table(const Comparison& c) {
   std::vector<std::vector<std::string>> rows;
   rows.push_back({"run", "policy", "seed", "steps", "tokens", "val loss", "Δ val", "Δ %", "Δ/band",
-                  "tok/s", "speed-up", "memory MiB", "mem ratio", "peak RSS MiB"});
+                  "tok/s", "speed-up", "memory MiB", "mem ratio", "peak RSS MiB", "MFU", "skipped",
+                  "overflow/sat", "underflow"});
   for (const auto& r : c.runs) {
     const RunData& d = r.data;
     rows.push_back({d.label + (r.is_baseline ? " *" : ""), d.policy,
@@ -317,7 +366,11 @@ std::string format_table(const Comparison& c) {
                     r.speedup ? strf("%.2fx", *r.speedup) : "-",
                     d.memory_bytes > 0 ? mib(d.memory_bytes) : "-",
                     r.memory_ratio ? strf("%.2fx", *r.memory_ratio) : "-",
-                    d.measured_peak_bytes ? mib(*d.measured_peak_bytes) : "-"});
+                    d.measured_peak_bytes ? mib(*d.measured_peak_bytes) : "-",
+                    d.mfu ? strf("%.1f%%", 100.0 * *d.mfu) : "-",
+                    d.skipped_total ? std::to_string(*d.skipped_total) : "-",
+                    fraction(d.cast_total ? d.cast_total->overflow_fraction() : std::nullopt),
+                    fraction(d.cast_total ? d.cast_total->underflow_fraction() : std::nullopt)});
   }
   auto width = [](const std::string& s) {  // display width: count UTF-8 lead bytes
     size_t n = 0;
@@ -337,6 +390,9 @@ std::string format_table(const Comparison& c) {
   }
   out += "* baseline; seed = training.seed/model.init_seed; tok/s = mean of the steady-state step "
          "records; memory = predicted total\n";
+  out += "MFU: needs the device's peak FLOP/s (unknown on the CPU backend); skipped = steps whose "
+         "gradients were not finite; overflow/sat, underflow = fractions of the values cast below "
+         "fp32 over the run, all tensor classes (fp8 saturation counts as overflow)\n";
   if (std::any_of(c.runs.begin(), c.runs.end(), [](const RunResult& r) { return r.data.measured_peak_bytes; }))
     out += "peak RSS = measured peak resident memory of the training process, binary and data "
            "included (runs trained by compare --policies)\n";
@@ -387,7 +443,22 @@ json to_json(const Comparison& c) {
               {"memory_ratio", opt(r.memory_ratio)},
               {"measured_peak_bytes", opt(d.measured_peak_bytes)},
               {"measured_peak_ratio", opt(r.measured_peak_ratio)},
+              {"mfu", opt(d.mfu)},
+              {"skipped_steps", opt(d.skipped_total)},
               {"verdict", r.verdict}};
+    auto cast_json = [&](const CastCount& n) {
+      return json{{"values", static_cast<int64_t>(n.values)},
+                  {"overflow_fraction", opt(n.overflow_fraction())},
+                  {"underflow_fraction", opt(n.underflow_fraction())}};
+    };
+    e["overflow_fraction"] = d.cast_total ? opt(d.cast_total->overflow_fraction()) : json(nullptr);
+    e["underflow_fraction"] = d.cast_total ? opt(d.cast_total->underflow_fraction()) : json(nullptr);
+    e["casts"] = nullptr;
+    if (d.cast_totals) {
+      e["casts"] = json::object();
+      for (size_t k = 0; k < kCastClasses.size(); ++k) e["casts"][kCastClasses[k]] = cast_json((*d.cast_totals)[k]);
+      e["casts"]["all"] = cast_json(*d.cast_total);
+    }
     e["eval"] = json::array();
     for (const auto& p : d.eval) e["eval"].push_back({{"step", p.step}, {"tokens", p.tokens}, {"val_loss", p.value}});
     j["runs"].push_back(e);

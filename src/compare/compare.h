@@ -4,6 +4,7 @@
 // compare.json and compare.svg (docs/compare.md).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -22,6 +23,29 @@ struct CurvePoint {
   int64_t step = 0;
   int64_t tokens = 0;
   double value = 0.0;
+};
+
+// The step records' `casts` classes (docs/metrics.md), in this order.
+inline constexpr std::array<const char*, 3> kCastClasses = {"activations", "weights", "gradients"};
+
+// Casts summed over step records: `values` cast, and how many of them overflowed (saturated,
+// in fp8) or underflowed — each record's fractions weighted by its `values`.
+struct CastCount {
+  double values = 0.0;
+  double overflow = 0.0;
+  double underflow = 0.0;
+  std::optional<double> overflow_fraction() const {
+    return values > 0 ? std::optional<double>(overflow / values) : std::nullopt;
+  }
+  std::optional<double> underflow_fraction() const {
+    return values > 0 ? std::optional<double>(underflow / values) : std::nullopt;
+  }
+};
+
+// One step record's casts, by kCastClasses.
+struct CastPoint {
+  int64_t step = 0;
+  std::array<CastCount, kCastClasses.size()> by_class{};
 };
 
 // One run as read from RUN_DIR/metrics.jsonl.
@@ -44,6 +68,15 @@ struct RunData {
   std::vector<CurvePoint> eval;        // val_loss by eval record
   std::vector<CurvePoint> train;       // training loss by step record
   std::vector<CurvePoint> speed;       // tokens_per_s by step record
+  std::optional<int64_t> skipped_total;  // last step record's; none when it lacks the field
+  std::vector<CastPoint> casts;          // step records with a `casts` field
+  // The casts over the whole run, by kCastClasses and all classes together; nullopt when no
+  // step record has a `casts` field (a policy that casts nothing).
+  std::optional<std::array<CastCount, kCastClasses.size()>> cast_totals;
+  std::optional<CastCount> cast_total;
+  // Model FLOPs utilization: needs the device's peak FLOP/s, which no backend reports yet (the
+  // CPU has no meaningful one; the CUDA backend will provide it), so it is always nullopt.
+  std::optional<double> mfu;
 };
 
 // A run set against the baseline.
