@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -53,8 +54,11 @@ class CliTest : public ::testing::Test {
  protected:
   void SetUp() override {
     const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    // The process id keeps two test runs on one machine (two checkouts, or CI beside a
+    // developer's run) out of each other's directories.
     dir_ = fs::path(::testing::TempDir()) /
-           (std::string("mpt_") + info->test_suite_name() + "_" + info->name());
+           (std::string("mpt_") + std::to_string(::getpid()) + "_" + info->test_suite_name() +
+            "_" + info->name());
     fs::remove_all(dir_);
     fs::create_directories(dir_);
   }

@@ -4,6 +4,7 @@
 // Then the --policies form, which trains the runs itself: what must agree between policies and
 // seeds, reruns that train nothing, stops and crashes continued, bad input refused.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cctype>
 #include <cmath>
@@ -134,7 +135,7 @@ size_t count(const std::string& s, const std::string& what) {
 class Compare : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    root_ = fs::path(::testing::TempDir()) / "mpt_compare_runs";
+    root_ = fs::path(::testing::TempDir()) / ("mpt_compare_runs_" + std::to_string(::getpid()));
     fs::remove_all(root_);
     fs::create_directories(root_);
     for (const auto& [name, extra] : std::vector<std::pair<std::string, std::string>>{
@@ -383,7 +384,7 @@ TEST_F(Compare, BaselineOptionAndNoBandWithOneSeed) {
   EXPECT_EQ(count(svg, "class=\"val-curve\""), 2u);
 
   // Without --out nothing is written.
-  const auto cwd = fs::path(::testing::TempDir()) / "mpt_compare_cwd";
+  const auto cwd = fs::path(::testing::TempDir()) / ("mpt_compare_cwd_" + std::to_string(::getpid()));
   fs::create_directories(cwd);
   const auto r2 = run("cd " + cwd.string() + " && " + mpt_bin() + " compare " + dir("fp32_s1") + " " + dir("tf32_s1"));
   EXPECT_EQ(r2.code, 0) << r2.out;

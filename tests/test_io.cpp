@@ -1,5 +1,6 @@
 // Durable writes and the safetensors reader/writer.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
@@ -19,7 +20,7 @@ class Io : public ::testing::Test {
  protected:
   void SetUp() override {
     dir_ = fs::path(::testing::TempDir()) /
-           (std::string("mpt_io_") + ::testing::UnitTest::GetInstance()->current_test_info()->name());
+           (std::string("mpt_io_") + std::to_string(::getpid()) + "_" + ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(dir_);
     fs::create_directories(dir_);
   }

@@ -111,6 +111,9 @@ class Backend {
   // ---- memory
   // Zero-initialised allocation of `bytes`, aligned to at least 256 bytes.
   virtual Buffer allocate(size_t bytes) = 0;
+  // Whether tensors live in host memory that the host may read directly (the CPU backend): then
+  // a checkpoint writes them without a copy.
+  virtual bool host_accessible() const = 0;
   virtual void copy_from_host(Tensor dst, const void* src) = 0;  // dst.bytes() bytes
   virtual void copy_to_host(void* dst, Tensor src) = 0;          // src.bytes() bytes
   // Every element = value rounded to t's dtype (any float dtype).

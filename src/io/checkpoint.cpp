@@ -49,27 +49,17 @@ std::string hex64(uint64_t h) {
   return buf;
 }
 
-// XXH3-64 (xxHash, https://github.com/Cyan4973/xxHash) of a file, streamed; also its size.
-std::string hash_file(const std::string& path, uint64_t* bytes) {
-  std::ifstream in(path, std::ios::binary);
+// A whole file's bytes. InputError naming it when it is missing or cannot be read.
+std::vector<char> read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
   if (!in) throw InputError(path + ": missing or unreadable (" + std::strerror(errno) + ")");
-  XXH3_state_t* st = XXH3_createState();
-  MPT_CHECK(st != nullptr, "XXH3_createState");
-  XXH3_64bits_reset(st);
-  std::vector<char> buf(1 << 20);
-  *bytes = 0;
-  while (in) {
-    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    const std::streamsize n = in.gcount();
-    if (n > 0) {
-      XXH3_64bits_update(st, buf.data(), static_cast<size_t>(n));
-      *bytes += static_cast<uint64_t>(n);
-    }
-  }
-  const uint64_t h = XXH3_64bits_digest(st);
-  XXH3_freeState(st);
-  if (in.bad()) throw InputError(path + ": read error");
-  return hex64(h);
+  const std::streamoff size = in.tellg();
+  if (size < 0) throw InputError(path + ": cannot determine its size");
+  std::vector<char> bytes(static_cast<size_t>(size));
+  in.seekg(0);
+  in.read(bytes.data(), size);
+  if (in.gcount() != size) throw InputError(path + ": read error");
+  return bytes;
 }
 
 // state.json cannot hold its own checksum, so it holds the checksum of its content without that
@@ -167,16 +157,20 @@ Checkpoint load_checkpoint(const std::string& dir) {
       throw InputError(state_path + ": checkpoint format version " +
                        j.at("format_version").dump() + ", this mpt reads " +
                        std::to_string(kFormatVersion));
+    // Each file is read once: its size and XXH3-64 (xxHash, https://github.com/Cyan4973/xxHash)
+    // checked against state.json, then the same bytes parsed.
+    std::vector<safetensors::File> files;
     for (const char* name : {kModelFile, kOptimizerFile}) {
       const auto& want = j.at("files").at(name);
       const std::string path = (fs::path(dir) / name).string();
-      uint64_t bytes = 0;
-      const std::string hash = hash_file(path, &bytes);
-      if (bytes != want.at("bytes").get<uint64_t>())
-        throw InputError(path + ": " + std::to_string(bytes) + " bytes, but state.json records " +
-                         want.at("bytes").dump() + " (truncated or replaced)");
-      if (hash != want.at("xxh3_64").get<std::string>())
+      std::vector<char> bytes = read_file(path);
+      if (bytes.size() != want.at("bytes").get<uint64_t>())
+        throw InputError(path + ": " + std::to_string(bytes.size()) +
+                         " bytes, but state.json records " + want.at("bytes").dump() +
+                         " (truncated or replaced)");
+      if (hex64(XXH3_64bits(bytes.data(), bytes.size())) != want.at("xxh3_64").get<std::string>())
         throw InputError(path + ": checksum mismatch (corrupted)");
+      files.push_back(safetensors::File::parse(path, std::move(bytes)));
     }
     CheckpointState st;
     st.step = j.at("step").get<int64_t>();
@@ -186,9 +180,7 @@ Checkpoint load_checkpoint(const std::string& dir) {
     st.data_sample = j.at("data").at("sample").get<uint64_t>();
     st.config = j.at("config");
     st.numerics = j.value("numerics", nlohmann::json());
-    return Checkpoint{dir, std::move(st), j,
-                      safetensors::File::open((fs::path(dir) / kModelFile).string()),
-                      safetensors::File::open((fs::path(dir) / kOptimizerFile).string())};
+    return Checkpoint{dir, std::move(st), j, std::move(files[0]), std::move(files[1])};
   } catch (const nlohmann::json::exception& e) {
     throw InputError(state_path + ": missing or malformed field (" + e.what() + ")");
   }
@@ -251,8 +243,9 @@ std::string CheckpointManager::save(const CheckpointState& state,
     fs::create_directories(tmp);
     const std::map<std::string, std::string> meta = {{"format", "mpt"},
                                                      {"step", std::to_string(state.step)}};
-    safetensors::write((tmp / kModelFile).string(), model, meta, hook);
-    safetensors::write((tmp / kOptimizerFile).string(), optimizer, meta, hook);
+    const safetensors::Written written[2] = {
+        safetensors::write((tmp / kModelFile).string(), model, meta, hook),
+        safetensors::write((tmp / kOptimizerFile).string(), optimizer, meta, hook)};
     nlohmann::json j = {{"format", "mpt-checkpoint"},
                         {"format_version", kFormatVersion},
                         {"mpt_version", MPT_VERSION},
@@ -266,11 +259,9 @@ std::string CheckpointManager::save(const CheckpointState& state,
                         {"config", state.config},
                         {"train_data", state.train_data},
                         {"numerics", state.numerics}};
-    for (const char* f : {kModelFile, kOptimizerFile}) {
-      uint64_t bytes = 0;
-      const std::string hash = hash_file((tmp / f).string(), &bytes);
-      j["files"][f] = {{"bytes", bytes}, {"xxh3_64", hash}};
-    }
+    const char* names[2] = {kModelFile, kOptimizerFile};
+    for (int f = 0; f < 2; ++f)
+      j["files"][names[f]] = {{"bytes", written[f].bytes}, {"xxh3_64", hex64(written[f].xxh3)}};
     j["state_checksum"] = content_checksum(j);
     const std::string text = j.dump(2) + "\n";
     write_file_atomic((tmp / kStateFile).string(), {ByteSpan{text.data(), text.size()}}, hook);

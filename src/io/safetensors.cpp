@@ -1,5 +1,7 @@
 #include "io/safetensors.h"
 
+#include <xxhash.h>
+
 #include <algorithm>
 #include <cstring>
 #include <fstream>
@@ -42,8 +44,8 @@ std::string format_name(DType t) {
   throw RuntimeError(std::string("safetensors: no name for dtype ") + mpt::dtype_name(t));
 }
 
-void write(const std::string& path, const std::vector<TensorRef>& tensors,
-           const std::map<std::string, std::string>& metadata, const WriteHook& hook) {
+Written write(const std::string& path, const std::vector<TensorRef>& tensors,
+              const std::map<std::string, std::string>& metadata, const WriteHook& hook) {
   // ordered_json keeps the header in the order the tensors are laid out, which reads better.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
@@ -70,16 +72,40 @@ void write(const std::string& path, const std::vector<TensorRef>& tensors,
   for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(uint64_t(text.size()) >> (8 * i));
   chunks[0] = {len, sizeof len};
   chunks[1] = {text.data(), text.size()};
+  XXH3_state_t* st = XXH3_createState();
+  MPT_CHECK(st != nullptr, "XXH3_createState");
+  XXH3_64bits_reset(st);
+  uint64_t total = 0;
+  for (const ByteSpan& c : chunks) {
+    XXH3_64bits_update(st, c.data, c.size);
+    total += c.size;
+  }
+  const uint64_t hash = XXH3_64bits_digest(st);
+  XXH3_freeState(st);
   write_file_atomic(path, chunks, hook);
+  return {total, hash};
 }
 
 File File::open(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw InputError(path + ": cannot open (" + std::strerror(errno) + ")");
+  // One read of the whole file (a checkpoint's are gigabytes: a character-wise copy through
+  // stream iterators took seconds per GiB).
+  const std::streamoff file_size = in.tellg();
+  if (file_size < 0) throw InputError(path + ": cannot determine its size");
+  std::vector<char> bytes(static_cast<size_t>(file_size));
+  in.seekg(0);
+  in.read(bytes.data(), file_size);
+  if (in.gcount() != file_size)
+    throw InputError(path + ": read error (got " + std::to_string(in.gcount()) + " of " +
+                     std::to_string(file_size) + " bytes)");
+  return parse(path, std::move(bytes));
+}
+
+File File::parse(const std::string& path, std::vector<char> bytes) {
   File f;
   f.path_ = path;
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw InputError(path + ": cannot open (" + std::strerror(errno) + ")");
-  f.bytes_.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  if (in.bad()) throw InputError(path + ": read error");
+  f.bytes_ = std::move(bytes);
   const size_t size = f.bytes_.size();
   if (size < 8) bad(path, "only " + std::to_string(size) + " bytes, shorter than the 8-byte length");
   uint64_t n = 0;

@@ -28,9 +28,15 @@ struct TensorRef {
 // Writes the tensors, in the given order, durably (temporary file, fsync, rename). The header is
 // padded with spaces to a multiple of 8 bytes so every tensor starts 8-byte aligned. Names must
 // be unique and not "__metadata__" (RuntimeError otherwise: a caller bug).
-void write(const std::string& path, const std::vector<TensorRef>& tensors,
-           const std::map<std::string, std::string>& metadata = {},
-           const WriteHook& hook = nullptr);
+// Returns the file's size and the XXH3-64 of its bytes, hashed from memory as they are written
+// (re-reading a gigabyte file to hash it would double the cost of a checkpoint).
+struct Written {
+  uint64_t bytes;
+  uint64_t xxh3;
+};
+Written write(const std::string& path, const std::vector<TensorRef>& tensors,
+              const std::map<std::string, std::string>& metadata = {},
+              const WriteHook& hook = nullptr);
 
 // A read-only, validated safetensors file held in memory.
 class File {
@@ -49,6 +55,8 @@ class File {
   // and together they cover the data section exactly. Any failure is an InputError naming the
   // file (and the tensor, where one is at fault).
   static File open(const std::string& path);
+  // The same checks on a file's bytes already in memory (read once, verified, then parsed).
+  static File parse(const std::string& path, std::vector<char> bytes);
 
   const std::string& path() const { return path_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }

@@ -260,10 +260,11 @@ std::optional<NonFiniteSite> locate_nonfinite(Gpt& model,
 
 std::string save_checkpoint(CheckpointManager& ckpts, Backend& be, Gpt& model,
                             const AdamW& optimizer, const CheckpointState& state) {
-  // Host copies: the backend's memory may be a GPU's.
+  // Tensors in host memory are written as they are; a GPU's are copied to the host first.
   std::vector<std::vector<char>> host;
   host.reserve(3 * model.params().size());
   auto ref = [&](const std::string& name, Tensor t) {
+    if (be.host_accessible()) return safetensors::TensorRef{name, t.dtype, t.shape, t.data};
     host.emplace_back(t.bytes());
     be.copy_to_host(host.back().data(), t);
     return safetensors::TensorRef{name, t.dtype, t.shape, host.back().data()};

@@ -25,6 +25,7 @@ class CpuBackend : public Backend {
   int threads() const override { return threads_; }
 
   Buffer allocate(size_t bytes) override;
+  bool host_accessible() const override { return true; }
   void copy_from_host(Tensor dst, const void* src) override;
   void copy_to_host(void* dst, Tensor src) override;
   void fill(Tensor t, float value) override;
