@@ -9,8 +9,8 @@
 namespace mpt {
 namespace {
 
-// Slab offsets are rounded up to this many elements (256 bytes of fp32), so that every tensor
-// view satisfies the alignment GPU libraries want.
+// Slab offsets are rounded up to this many elements (256 bytes of fp32, 128 of bf16), so that
+// every tensor view satisfies the alignment GPU libraries want (16 bytes for cuBLASLt).
 constexpr size_t kAlignElems = 64;
 
 size_t align_up(size_t n) { return (n + kAlignElems - 1) / kAlignElems * kAlignElems; }

@@ -16,6 +16,7 @@
 
 #include "backend/backend.h"
 #include "core/error.h"
+#include "core/rng.h"
 #include "core/text.h"
 #include "data/dataset.h"
 #include "data/loader.h"
@@ -26,7 +27,6 @@
 #include "model/gpt.h"
 #include "optim/adamw.h"
 #include "optim/schedule.h"
-#include "core/rng.h"
 #include "precision/loss_scaler.h"
 #include "precision/policy.h"
 #include "train/numerics.h"
@@ -429,7 +429,9 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   // The step's micro-batches, kept for a replay when the step turns out non-finite.
   std::vector<std::vector<int32_t>> inputs(accum, std::vector<int32_t>(static_cast<size_t>(B) * T));
   std::vector<std::vector<int32_t>> targets = inputs;
-  const double tokens_per_micro = static_cast<double>(B) * T * accum;
+  // The loss of a step is the mean over its B*T*accum tokens; each token's gradient carries the
+  // loss scale.
+  const double tokens_per_step_f = static_cast<double>(tokens_per_step);
   const auto t_start = Clock::now();
   // Step timings exclude evaluation, logging and checkpoints: they measure training alone.
   double interval_s = 0.0;
@@ -446,7 +448,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
       const double lr = schedule.at(step - 1);
       // The loss scale enters as the classifier's dloss: every gradient comes out times it.
       const double scale = scaler.scale();
-      const float dloss = static_cast<float>(scale / tokens_per_micro);
+      const float dloss = static_cast<float>(scale / tokens_per_step_f);
       model.zero_grad();
       double loss = 0.0;
       for (int micro = 0; micro < accum; ++micro) {
