@@ -49,19 +49,6 @@ std::string hex64(uint64_t h) {
   return buf;
 }
 
-// A whole file's bytes. InputError naming it when it is missing or cannot be read.
-std::vector<char> read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) throw InputError(path + ": missing or unreadable (" + std::strerror(errno) + ")");
-  const std::streamoff size = in.tellg();
-  if (size < 0) throw InputError(path + ": cannot determine its size");
-  std::vector<char> bytes(static_cast<size_t>(size));
-  in.seekg(0);
-  in.read(bytes.data(), size);
-  if (in.gcount() != size) throw InputError(path + ": read error");
-  return bytes;
-}
-
 // state.json cannot hold its own checksum, so it holds the checksum of its content without that
 // field; nlohmann::json dumps the same object to the same text every time (sorted keys).
 std::string content_checksum(nlohmann::json j) {

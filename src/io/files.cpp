@@ -6,6 +6,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 
 #include "core/error.h"
 
@@ -75,6 +76,20 @@ void write_file_atomic(const std::string& path, const std::vector<ByteSpan>& chu
     throw RuntimeError(path + ": cannot rename " + tmp + " into place (" + std::strerror(err) + ")");
   }
   sync_directory(parent_dir(path));
+}
+
+std::vector<char> read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
+  if (!in) throw InputError(path + ": missing or unreadable (" + std::strerror(errno) + ")");
+  const std::streamoff size = in.tellg();
+  if (size < 0) throw InputError(path + ": cannot determine its size");
+  std::vector<char> bytes(static_cast<size_t>(size));
+  in.seekg(0);
+  in.read(bytes.data(), size);
+  if (in.gcount() != size)
+    throw InputError(path + ": read error (got " + std::to_string(in.gcount()) + " of " +
+                     std::to_string(size) + " bytes)");
+  return bytes;
 }
 
 }  // namespace mpt

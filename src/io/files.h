@@ -31,6 +31,10 @@ inline void write_file_atomic(const std::string& path, std::initializer_list<Byt
 // fsync a directory, so that renames and creations inside it survive a crash. Best effort: some
 // file systems refuse to fsync directories.
 void sync_directory(const std::string& dir);
+
+// A whole file's bytes, in one read. InputError naming the file when it is missing, unreadable
+// or shorter than its size said.
+std::vector<char> read_file(const std::string& path);
 inline void write_file_atomic(const std::string& path, const std::string& content) {
   write_file_atomic(path, {ByteSpan{content.data(), content.size()}});
 }

@@ -86,21 +86,7 @@ Written write(const std::string& path, const std::vector<TensorRef>& tensors,
   return {total, hash};
 }
 
-File File::open(const std::string& path) {
-  std::ifstream in(path, std::ios::binary | std::ios::ate);
-  if (!in) throw InputError(path + ": cannot open (" + std::strerror(errno) + ")");
-  // One read of the whole file (a checkpoint's are gigabytes: a character-wise copy through
-  // stream iterators took seconds per GiB).
-  const std::streamoff file_size = in.tellg();
-  if (file_size < 0) throw InputError(path + ": cannot determine its size");
-  std::vector<char> bytes(static_cast<size_t>(file_size));
-  in.seekg(0);
-  in.read(bytes.data(), file_size);
-  if (in.gcount() != file_size)
-    throw InputError(path + ": read error (got " + std::to_string(in.gcount()) + " of " +
-                     std::to_string(file_size) + " bytes)");
-  return parse(path, std::move(bytes));
-}
+File File::open(const std::string& path) { return parse(path, read_file(path)); }
 
 File File::parse(const std::string& path, std::vector<char> bytes) {
   File f;
