@@ -27,6 +27,7 @@
 #include "model/gpt.h"
 #include "optim/adamw.h"
 #include "precision/policy.h"
+#include "train/checkpoint_tensors.h"
 
 using namespace mpt;
 namespace fs = std::filesystem;
@@ -40,31 +41,6 @@ double since(Clock::time_point t0) {
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
-}
-
-// What the trainer writes: the weights of record (the master when there is one) and the moments,
-// copied to host memory first unless the backend's memory is the host's (as the trainer does).
-struct HostCopy {
-  std::vector<std::vector<char>> buffers;
-  std::vector<safetensors::TensorRef> weights, moments;
-};
-
-HostCopy host_copy(Backend& be, const Gpt& model, const AdamW& opt) {
-  HostCopy h;
-  h.buffers.reserve(3 * model.params().size());
-  auto ref = [&](const std::string& name, Tensor t) {
-    if (be.host_accessible()) return safetensors::TensorRef{name, t.dtype, t.shape, t.data};
-    h.buffers.emplace_back(t.bytes());
-    be.copy_to_host(h.buffers.back().data(), t);
-    return safetensors::TensorRef{name, t.dtype, t.shape, h.buffers.back().data()};
-  };
-  for (size_t i = 0; i < model.params().size(); ++i) {
-    const std::string& name = model.params()[i].name;
-    h.weights.push_back(ref(name, model.weights(i)));
-    h.moments.push_back(ref(name + ".exp_avg", opt.exp_avg(i)));
-    h.moments.push_back(ref(name + ".exp_avg_sq", opt.exp_avg_sq(i)));
-  }
-  return h;
 }
 
 // The disk's sequential write speed for `bytes`: 8 MiB writes, then fsync, as a checkpoint does.
@@ -125,7 +101,7 @@ int main(int argc, char** argv) {
     for (int r = 0; r < repeats; ++r) {
       // The host copy is part of a save's cost (a GPU backend's device-to-host copy).
       auto t0 = Clock::now();
-      const HostCopy h = host_copy(be, model, opt);
+      const CheckpointTensors h = checkpoint_tensors(be, model, opt);
       copy_s.push_back(since(t0));
       CheckpointState st;
       st.step = r + 1;
@@ -137,15 +113,7 @@ int main(int argc, char** argv) {
         if (e.is_regular_file()) bytes += static_cast<size_t>(e.file_size());
       // Load: read, verify every checksum, copy into the model and the optimizer.
       t0 = Clock::now();
-      const Checkpoint c = load_checkpoint(saved);
-      for (size_t i = 0; i < model.params().size(); ++i) {
-        const std::string& name = model.params()[i].name;
-        be.copy_from_host(model.weights(i), c.model.data(c.model.entry(name)));
-        be.copy_from_host(opt.exp_avg(i), c.optimizer.data(c.optimizer.entry(name + ".exp_avg")));
-        be.copy_from_host(opt.exp_avg_sq(i),
-                          c.optimizer.data(c.optimizer.entry(name + ".exp_avg_sq")));
-      }
-      model.sync_params_from_master();
+      restore_tensors(be, model, opt, load_checkpoint(saved));
       load_s.push_back(since(t0));
       disk_s.push_back(disk_write_seconds(dir + "/disk-speed.bin", bytes));
     }

@@ -657,8 +657,6 @@ TEST(FastFormats, WideningTablesHoldEveryValue) {
   for (uint32_t b = 0; b < 256; ++b) {
     ASSERT_EQ(bits(fast::e4m3_value(b)), bits(to_float(e4m3::from_bits(uint8_t(b))))) << hex(b);
     ASSERT_EQ(bits(fast::e5m2_value(b)), bits(to_float(e5m2::from_bits(uint8_t(b))))) << hex(b);
-    ASSERT_EQ(bits(t.e4m3[b]), bits(to_float(e4m3::from_bits(uint8_t(b))))) << hex(b);
-    ASSERT_EQ(bits(t.e5m2[b]), bits(to_float(e5m2::from_bits(uint8_t(b))))) << hex(b);
   }
 }
 

@@ -29,6 +29,7 @@
 #include "optim/schedule.h"
 #include "precision/loss_scaler.h"
 #include "precision/policy.h"
+#include "train/checkpoint_tensors.h"
 #include "train/numerics.h"
 #include "train/signals.h"
 
@@ -205,29 +206,9 @@ nlohmann::json data_identity(const data::TokenDataset& d) {
   return out;
 }
 
-// Copies one named tensor of a checkpoint into a backend tensor, checking dtype and shape.
-void restore_tensor(Backend& be, Tensor dst, const safetensors::File& file,
-                    const std::string& name) {
-  const auto& e = file.entry(name);
-  if (e.dtype != dst.dtype || e.shape != dst.shape)
-    throw InputError(file.path() + ": tensor '" + name + "' is " +
-                     safetensors::format_name(e.dtype) + e.shape.str() + ", the model needs " +
-                     safetensors::format_name(dst.dtype) + dst.shape.str());
-  be.copy_from_host(dst, file.data(e));
-}
-
-std::string exp_avg_name(const std::string& p) { return p + ".exp_avg"; }
-std::string exp_avg_sq_name(const std::string& p) { return p + ".exp_avg_sq"; }
-
 void restore(Backend& be, Gpt& model, AdamW& optimizer, LossScaler& scaler,
              const Checkpoint& c) {
-  for (size_t i = 0; i < model.params().size(); ++i) {
-    const std::string& name = model.params()[i].name;
-    restore_tensor(be, model.weights(i), c.model, name);
-    restore_tensor(be, optimizer.exp_avg(i), c.optimizer, exp_avg_name(name));
-    restore_tensor(be, optimizer.exp_avg_sq(i), c.optimizer, exp_avg_sq_name(name));
-  }
-  model.sync_params_from_master();
+  restore_tensors(be, model, optimizer, c);
   optimizer.set_steps_taken(c.state.optimizer_step);
   // The loss scale and fp8 amax histories continue where they were (checkpoints of runs that
   // keep neither have none).
@@ -260,23 +241,8 @@ std::optional<NonFiniteSite> locate_nonfinite(Gpt& model,
 
 std::string save_checkpoint(CheckpointManager& ckpts, Backend& be, Gpt& model,
                             const AdamW& optimizer, const CheckpointState& state) {
-  // Tensors in host memory are written as they are; a GPU's are copied to the host first.
-  std::vector<std::vector<char>> host;
-  host.reserve(3 * model.params().size());
-  auto ref = [&](const std::string& name, Tensor t) {
-    if (be.host_accessible()) return safetensors::TensorRef{name, t.dtype, t.shape, t.data};
-    host.emplace_back(t.bytes());
-    be.copy_to_host(host.back().data(), t);
-    return safetensors::TensorRef{name, t.dtype, t.shape, host.back().data()};
-  };
-  std::vector<safetensors::TensorRef> weights, moments;
-  for (size_t i = 0; i < model.params().size(); ++i) {
-    const std::string& name = model.params()[i].name;
-    weights.push_back(ref(name, model.weights(i)));
-    moments.push_back(ref(exp_avg_name(name), optimizer.exp_avg(i)));
-    moments.push_back(ref(exp_avg_sq_name(name), optimizer.exp_avg_sq(i)));
-  }
-  return ckpts.save(state, weights, moments);
+  const CheckpointTensors t = checkpoint_tensors(be, model, optimizer);
+  return ckpts.save(state, t.weights, t.moments);
 }
 
 }  // namespace

@@ -44,28 +44,35 @@ float widen_one(const void* p, DType t, int64_t i) {
   throw RuntimeError("not a float dtype");
 }
 
-// fp16 and fp8 widen through a table of every value (exact: built with to_float).
-template <class T, size_t N>
-void widen_table(const T* src, const std::array<float, N>& table, float* dst, int64_t n,
-                 int threads) {
+// fp16 widens through a table of every value, fp8 arithmetically (both exact, checked against
+// to_float in tests/test_formats.cpp).
+template <class T, class Widen>
+void widen_loop(const T* src, float* dst, int64_t n, Widen widen, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t i = 0; i < n; ++i) dst[i] = table[src[i].bits];
+  for (int64_t i = 0; i < n; ++i) dst[i] = widen(src[i].bits);
 }
 
 // dst[i] = src[i] widened to fp32 (exact).
 void widen_into(const void* src, DType t, float* dst, int64_t n, int threads) {
-  const fast::WidenTables& tab = fast::widen_tables();
+  const std::array<float, 65536>& f16_table = fast::widen_tables().f16;
   switch (t) {
     case DType::f32: std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float)); return;
-    case DType::f16: widen_table(static_cast<const f16*>(src), tab.f16, dst, n, threads); return;
-    case DType::bf16: {
-      const bf16* b = static_cast<const bf16*>(src);
-#pragma omp parallel for schedule(static) num_threads(threads)
-      for (int64_t i = 0; i < n; ++i) dst[i] = fast::to_float(b[i]);
+    case DType::f16:
+      widen_loop(static_cast<const f16*>(src), dst, n,
+                 [&](uint32_t b) { return f16_table[b]; }, threads);
       return;
-    }
-    case DType::e4m3: widen_table(static_cast<const e4m3*>(src), tab.e4m3, dst, n, threads); return;
-    case DType::e5m2: widen_table(static_cast<const e5m2*>(src), tab.e5m2, dst, n, threads); return;
+    case DType::bf16:
+      widen_loop(static_cast<const bf16*>(src), dst, n,
+                 [](uint32_t b) { return fast::to_float(bf16::from_bits(uint16_t(b))); }, threads);
+      return;
+    case DType::e4m3:
+      widen_loop(static_cast<const e4m3*>(src), dst, n,
+                 [](uint32_t b) { return fast::e4m3_value(b); }, threads);
+      return;
+    case DType::e5m2:
+      widen_loop(static_cast<const e5m2*>(src), dst, n,
+                 [](uint32_t b) { return fast::e5m2_value(b); }, threads);
+      return;
     case DType::i32: break;
   }
   throw RuntimeError("widen: not a float dtype");

@@ -123,21 +123,16 @@ inline float bf16_half_ulp(float w) {
   return detail::bits_to_float(bits);
 }
 
-// Widening by table: every fp16 / fp8 value, computed once with formats.h's to_float.
+// Widening fp16 by table: every fp16 value, computed once with formats.h's to_float (fp8
+// widens arithmetically, e4m3_value / e5m2_value).
 struct WidenTables {
   std::array<float, 65536> f16;
-  std::array<float, 256> e4m3;
-  std::array<float, 256> e5m2;
   WidenTables() {
     for (uint32_t i = 0; i < 65536; ++i) f16[i] = mpt::to_float(mpt::f16::from_bits(uint16_t(i)));
-    for (uint32_t i = 0; i < 256; ++i) {
-      e4m3[i] = mpt::to_float(mpt::e4m3::from_bits(uint8_t(i)));
-      e5m2[i] = mpt::to_float(mpt::e5m2::from_bits(uint8_t(i)));
-    }
   }
 };
 
-// The tables, built on first use (a function-local static: immutable after its thread-safe
+// The table, built on first use (a function-local static: immutable after its thread-safe
 // initialisation).
 inline const WidenTables& widen_tables() {
   static const WidenTables tables;
