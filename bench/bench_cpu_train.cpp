@@ -8,7 +8,10 @@
 //   mpt tf32     the tf32 policy (matmul operands rounded to tf32 before sgemm), N threads
 // and the ratios against the baseline, all measured in the same run.
 //
-//   build/bench/bench_cpu_train [--threads N] [--steps N] [--repeats N]
+//   build/bench/bench_cpu_train [--threads N] [--steps N] [--repeats N] [--policy NAME]
+//
+// --policy NAME measures only fp32 (before and after) and that policy: a short run for profiling
+// one policy (perf record) or for repeating one ratio.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -122,8 +125,13 @@ double measure(Backend& be, const PrecisionPolicy& policy, const BenchShape& sh,
 
 int main(int argc, char** argv) {
   int threads = 2, steps = 10, repeats = 5, layers = 4, width = 256, heads = 4, B = 4, T = 64;
+  std::string only;  // --policy: measure just this policy against fp32
   for (int i = 1; i + 1 < argc; i += 2) {
     const char* k = argv[i];
+    if (!std::strcmp(k, "--policy")) {
+      only = argv[i + 1];
+      continue;
+    }
     const int v = std::atoi(argv[i + 1]);
     if (!std::strcmp(k, "--threads")) threads = v;
     else if (!std::strcmp(k, "--steps")) steps = v;
@@ -142,6 +150,15 @@ int main(int argc, char** argv) {
   CpuBackend mpt_be(threads), one_be(1);
   LoopMatmulBackend base_be(threads);
   const PrecisionPolicy fp32 = PrecisionPolicy::preset("fp32");
+  if (!only.empty()) {
+    const PrecisionPolicy p = PrecisionPolicy::preset(only);  // throws on an unknown name
+    const double before = measure(mpt_be, fp32, sh, steps, repeats, &fpt, &n_params);
+    const double r = measure(mpt_be, p, sh, steps, repeats, &fpt, &n_params);
+    const double after = measure(mpt_be, fp32, sh, steps, repeats, &fpt, &n_params);
+    std::printf("fp32 %.0f tokens/s (before), %.0f (after); %s %.0f tokens/s: %.2fx fp32's step "
+                "time\n", before, after, only.c_str(), r, 0.5 * (before + after) / r);
+    return 0;
+  }
   const double base = measure(base_be, fp32, sh, steps, repeats, &fpt, &n_params);
   const double rate = measure(mpt_be, fp32, sh, steps, repeats, &fpt, &n_params);
   const double rate1 = measure(one_be, fp32, sh, steps, repeats, &fpt, &n_params);

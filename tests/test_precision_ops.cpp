@@ -708,7 +708,7 @@ int64_t saturated(DType fmt, const std::vector<float>& x, float scale) {
 // roundings), the bias add). amax of each operand reported exactly; the dout's left alone.
 TEST_F(PrecisionOps, Fp8MatmulForward) {
   const int64_t N = 14, C = 37, OC = 45;
-  for (DType storage : {DType::f32, DType::bf16})
+  for (DType storage : {DType::f32, DType::bf16, DType::f16})
     for (bool with_bias : {true, false}) {
       SCOPED_TRACE(std::string(dtype_name(storage)) + (with_bias ? ", with bias" : ", no bias"));
       Owned x = randn_as(be, {N, C}, storage, rng), w = randn_as(be, {OC, C}, storage, rng, 0.3);

@@ -4,6 +4,7 @@
 #include <cblas.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstring>
@@ -80,27 +81,48 @@ void widen_into(const void* src, DType t, float* dst, int64_t n, int threads) {
 
 constexpr uint32_t kMaxFiniteBits = 0x7F7FFFFFu;  // fp32's largest finite magnitude
 
-// dst[i] = round(src[i]) as the bit patterns of a format (`to_bits` gives them; `zero_mask`
-// selects the magnitude bits), counting overflows (finite |x| above max_finite) and underflows
-// (non-zero values that became zero). The counting is fused into the store loop: a few integer
-// operations per element on the magnitude bits, in a loop without branches that vectorises.
+// The conversion loops count in 32-bit lanes over blocks of this many elements and add each
+// block's counts to 64-bit totals: 64-bit counters in the vectorised loop itself would halve its
+// lanes and cost a widening per element.
+constexpr int64_t kCountBlock = int64_t{1} << 14;
+
+// dst[i] = round(src[i]) for one block, as the bit patterns of a format (`to_bits` gives them;
+// `zero_mask` selects the magnitude bits), counting overflows (finite |x| above max_finite) and
+// underflows (non-zero values that became zero). The counting is fused into the store loop: a
+// few integer operations per element on the magnitude bits, without branches, so it vectorises.
 template <bool kCount, class Bits, class ToBits>
-CastCounts narrow_loop(const float* src, Bits* dst, int64_t n, float max_finite,
-                       uint32_t zero_mask, ToBits to_bits, int threads) {
-  const uint32_t max_bits = detail::float_to_bits(max_finite);
-  int64_t over = 0, under = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : over, under)
+CastCounts narrow_block(const float* src, Bits* dst, int64_t n, uint32_t max_bits,
+                        uint32_t zero_mask, ToBits to_bits) {
+  uint32_t over = 0, under = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float x = src[i];
     const uint32_t y = to_bits(x);
     dst[i] = static_cast<Bits>(y);
     if (kCount) {
       const uint32_t a = detail::float_to_bits(x) & 0x7FFFFFFFu;
-      over += static_cast<int64_t>((a > max_bits) & (a <= kMaxFiniteBits));
-      under += static_cast<int64_t>((a != 0) & ((y & zero_mask) == 0));
+      over += (a > max_bits) & (a <= kMaxFiniteBits);
+      under += (a != 0) & ((y & zero_mask) == 0);
     }
   }
   return {kCount ? n : 0, over, under};
+}
+
+template <bool kCount, class Bits, class ToBits>
+CastCounts narrow_loop(const float* src, Bits* dst, int64_t n, float max_finite,
+                       uint32_t zero_mask, ToBits to_bits, int threads) {
+  const uint32_t max_bits = detail::float_to_bits(max_finite);
+  const int64_t blocks = (n + kCountBlock - 1) / kCountBlock;
+  int64_t values = 0, over = 0, under = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : values, over, under)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t i0 = b * kCountBlock, len = std::min(kCountBlock, n - i0);
+    const CastCounts c =
+        narrow_block<kCount>(src + i0, dst + i0, len, max_bits, zero_mask, to_bits);
+    values += c.values;
+    over += c.overflow;
+    under += c.underflow;
+  }
+  return {values, over, under};
 }
 
 template <class Bits, class ToBits>
@@ -149,33 +171,90 @@ inline float amax_value(int32_t max_bits) {
   return detail::bits_to_float(static_cast<uint32_t>(max_bits));
 }
 
-// Quantises x[i] * scale to an fp8 format in place, as fp32 values of the fp8 grid (what the
-// multiplications of an fp8 GEMM see). Counts like narrow_loop; with kAmax also returns the
-// operand's amax bits (before scaling) in *amax_bits, in the same pass.
-template <bool kCount, bool kAmax, class ToBits, class Value>
-CastCounts quantise_loop(const float* x, float* y, int64_t n, float scale, float max_finite,
-                         ToBits to_bits, Value value, float* amax_out, int threads) {
-  const uint32_t max_bits = detail::float_to_bits(max_finite);
-  int64_t over = 0, under = 0;
-  int32_t amax = 0;
-#pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : over, under) \
-    reduction(max : amax)
+// How quantise_loop reads an operand stored as fp32, bf16 or fp16: `widen` gives an element as
+// fp32 (exact); `magnitude` its magnitude bits in the storage format, whose integer order is the
+// order of |x| (NaN above infinity) so the amax is an integer max in the narrowest lanes (bf16's
+// and fp16's 16-bit max is one SSE2 instruction; a 32-bit max of widened values did not
+// vectorise beside 16-bit loads); `value` widens the largest magnitude back.
+struct ReadF32 {
+  using Src = float;
+  using Mag = int32_t;
+  static float widen(float x) { return x; }
+  static Mag magnitude(float x) { return magnitude_bits(x); }
+  float value(Mag m) const { return amax_value(m); }
+};
+struct ReadBf16 {
+  using Src = uint16_t;
+  using Mag = int16_t;
+  static float widen(uint16_t b) { return fast::to_float(bf16::from_bits(b)); }
+  static Mag magnitude(uint16_t b) { return static_cast<int16_t>(b & 0x7FFFu); }
+  float value(Mag m) const { return widen(static_cast<uint16_t>(m)); }
+};
+struct ReadF16 {  // widens by table: a gather, so this one does not vectorise
+  using Src = uint16_t;
+  using Mag = int16_t;
+  const float* table;
+  float widen(uint16_t b) const { return table[b]; }
+  static Mag magnitude(uint16_t b) { return static_cast<int16_t>(b & 0x7FFFu); }
+  float value(Mag m) const { return table[static_cast<uint16_t>(m)]; }
+};
+
+// Quantises one block of x[i] * scale to an fp8 format, as fp32 values of the fp8 grid (what
+// the multiplications of an fp8 GEMM see), widening fp16/bf16 in the same pass (one pass over
+// the operand instead of a widen pass and a quantise pass). Counts like narrow_block; with kAmax
+// also returns the block's largest magnitude (before scaling) in *amax. The pointers are plain
+// arguments, not captured by lambdas: GCC vectorises the loop only when it can see them.
+template <bool kCount, bool kAmax, class Read, class ToBits, class Value>
+CastCounts quantise_block(const typename Read::Src* x, Read read, float* y, int64_t n,
+                          float scale, uint32_t max_bits, ToBits to_bits, Value value,
+                          typename Read::Mag* amax_out) {
+  // Overflows in the low 16 bits, underflows in the high 16 (a block has fewer than 2^16
+  // elements): with two separate counters GCC 12 does not vectorise this loop, with one it does.
+  static_assert(kCountBlock < (1 << 16), "a block's counts must fit in 16 bits");
+  uint32_t counts = 0;
+  typename Read::Mag amax = 0;
   for (int64_t i = 0; i < n; ++i) {
     if (kAmax) {
-      const int32_t a = magnitude_bits(x[i]);
+      const typename Read::Mag a = Read::magnitude(x[i]);
       amax = a > amax ? a : amax;
     }
-    const float s = x[i] * scale;
+    const float s = read.widen(x[i]) * scale;
     const uint32_t q = to_bits(s);
     y[i] = value(q);
     if (kCount) {
       const uint32_t a = detail::float_to_bits(s) & 0x7FFFFFFFu;
-      over += static_cast<int64_t>((a > max_bits) & (a <= kMaxFiniteBits));
-      under += static_cast<int64_t>((a != 0) & ((q & 0x7Fu) == 0));
+      counts += uint32_t((a > max_bits) & (a <= kMaxFiniteBits)) |
+                (uint32_t((a != 0) & ((q & 0x7Fu) == 0)) << 16);
     }
   }
-  if (kAmax) *amax_out = amax_value(amax);
-  return {kCount ? n : 0, over, under};
+  *amax_out = amax;
+  return {kCount ? n : 0, counts & 0xFFFFu, counts >> 16};
+}
+
+// quantise_block over the whole operand; with kAmax the operand's amax goes to *amax_out.
+template <bool kCount, bool kAmax, class Read, class ToBits, class Value>
+CastCounts quantise_loop(const typename Read::Src* x, Read read, float* y, int64_t n,
+                         float scale, float max_finite, ToBits to_bits, Value value,
+                         float* amax_out, int threads) {
+  using Mag = typename Read::Mag;
+  const uint32_t max_bits = detail::float_to_bits(max_finite);
+  const int64_t blocks = (n + kCountBlock - 1) / kCountBlock;
+  int64_t values = 0, over = 0, under = 0;
+  Mag amax = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    reduction(+ : values, over, under) reduction(max : amax)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t i0 = b * kCountBlock, len = std::min(kCountBlock, n - i0);
+    Mag m = 0;
+    const CastCounts c = quantise_block<kCount, kAmax>(x + i0, read, y + i0, len, scale,
+                                                       max_bits, to_bits, value, &m);
+    values += c.values;
+    over += c.overflow;
+    under += c.underflow;
+    amax = m > amax ? m : amax;
+  }
+  if (kAmax) *amax_out = read.value(amax);
+  return {values, over, under};
 }
 
 // max |x| over n values; NaN when any is NaN.
@@ -369,18 +448,14 @@ void CpuBackend::crossentropy_forward_backward(Tensor losses, Tensor logits, Ten
 const float* CpuBackend::matmul_operand(Tensor t, Slot slot, const MatmulSpec& spec,
                                         const Fp8Operand& q, CastCounts* counts, int scratch,
                                         float* scale_inv) {
-  const Tensor w = widen(t, slot);
-  const float* x = w.as<float>();
   *scale_inv = 1.0f;
-  if (spec.prec == MatmulPrecision::native) return x;
-  const int64_t n = w.numel();
-  float* y;
-  if (w.data != t.data) {
-    y = const_cast<float*>(x);  // a staged copy: round it in place
-  } else {
-    y = grow(operand_scratch_[scratch], n);
-  }
-  if (spec.prec == MatmulPrecision::tf32) {
+  if (spec.prec != MatmulPrecision::fp8) {
+    const Tensor w = widen(t, slot);
+    const float* x = w.as<float>();
+    if (spec.prec == MatmulPrecision::native) return x;
+    const int64_t n = w.numel();
+    // tf32: a staged copy is rounded in place; the caller's own fp32 memory must not change.
+    float* y = w.data != t.data ? const_cast<float*>(x) : grow(operand_scratch_[scratch], n);
 #pragma omp parallel for schedule(static) num_threads(threads_)
     for (int64_t i = 0; i < n; ++i) y[i] = round_tf32(x[i]);
     return y;
@@ -389,6 +464,13 @@ const float* CpuBackend::matmul_operand(Tensor t, Slot slot, const MatmulSpec& s
             std::string("fp8 matmul: operand format must be e4m3 or e5m2, got ") +
                 dtype_name(q.format));
   MPT_CHECK(std::isfinite(q.scale) && q.scale > 0.0f, "fp8 matmul: scale must be finite and > 0");
+  MPT_CHECK(t.dtype == DType::f32 || is_staged_dtype(t.dtype),
+            std::string("fp8 matmul: operand must be fp32, fp16 or bf16, got ") +
+                dtype_name(t.dtype));
+  const int64_t n = t.numel();
+  // fp16/bf16 operands are widened and quantised in one pass into their staging slot; an fp32
+  // operand (the caller's memory, which must not change) is quantised into scratch.
+  float* y = t.dtype == DType::f32 ? grow(operand_scratch_[scratch], n) : staging(slot, n);
   // The amax of the unquantised operand (what delayed scaling records for the next steps) is
   // reduced in the same pass as the quantisation.
   const float maxf = static_cast<float>(dtype_traits(q.format).max_finite);
@@ -399,14 +481,21 @@ const float* CpuBackend::matmul_operand(Tensor t, Slot slot, const MatmulSpec& s
   auto e5v = [](uint32_t b) { return fast::e5m2_value(b); };
   // Counting only when the counts are wanted (the backward's re-quantisations are not counted).
   const bool count = counting_ && counts != nullptr;
-  auto run = [&](auto to_bits, auto value) {
+  auto run = [&](auto read, auto to_bits, auto value) {
+    using Src = typename decltype(read)::Src;
+    const Src* x = static_cast<const Src*>(t.data);
     if (count)
-      return q.amax ? quantise_loop<true, true>(x, y, n, q.scale, maxf, to_bits, value, q.amax, threads_)
-                    : quantise_loop<true, false>(x, y, n, q.scale, maxf, to_bits, value, nullptr, threads_);
-    return q.amax ? quantise_loop<false, true>(x, y, n, q.scale, maxf, to_bits, value, q.amax, threads_)
-                  : quantise_loop<false, false>(x, y, n, q.scale, maxf, to_bits, value, nullptr, threads_);
+      return q.amax ? quantise_loop<true, true>(x, read, y, n, q.scale, maxf, to_bits, value, q.amax, threads_)
+                    : quantise_loop<true, false>(x, read, y, n, q.scale, maxf, to_bits, value, nullptr, threads_);
+    return q.amax ? quantise_loop<false, true>(x, read, y, n, q.scale, maxf, to_bits, value, q.amax, threads_)
+                  : quantise_loop<false, false>(x, read, y, n, q.scale, maxf, to_bits, value, nullptr, threads_);
   };
-  const CastCounts c = q.format == DType::e4m3 ? run(e4, e4v) : run(e5, e5v);
+  auto run_format = [&](auto read) {
+    return q.format == DType::e4m3 ? run(read, e4, e4v) : run(read, e5, e5v);
+  };
+  const CastCounts c = t.dtype == DType::f32    ? run_format(ReadF32{})
+                       : t.dtype == DType::bf16 ? run_format(ReadBf16{})
+                                                : run_format(ReadF16{fast::widen_tables().f16.data()});
   if (counts) *counts += c;
   *scale_inv = 1.0f / q.scale;
   return y;
