@@ -1,6 +1,10 @@
 #include "backend/backend.h"
 
 #include "backend/cpu/cpu_backend.h"
+#if MPT_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/cuda_context.h"
+#endif
 
 namespace mpt {
 
@@ -14,11 +18,20 @@ const char* tensor_class_name(TensorClass c) {
 }
 
 std::unique_ptr<Backend> make_backend(const std::string& name, int threads) {
-  if (name == "cpu" || name == "auto") return std::make_unique<CpuBackend>(threads);
+  if (name == "cpu") return std::make_unique<CpuBackend>(threads);
+#if MPT_HAVE_CUDA
+  if (name == "cuda") return std::make_unique<CudaBackend>(0);
+  if (name == "auto") {
+    if (cuda::device_available()) return std::make_unique<CudaBackend>(0);
+    return std::make_unique<CpuBackend>(threads);
+  }
+#else
+  if (name == "auto") return std::make_unique<CpuBackend>(threads);
   if (name == "cuda")
     throw InputError(
-        "backend 'cuda' is not available: this version of mpt has no CUDA backend yet "
-        "(use backend: cpu or auto)");
+        "backend 'cuda' is not available: this mpt was built without the CUDA toolkit (nvcc "
+        "not found at configure time); use backend: cpu or auto");
+#endif
   throw InputError("unknown backend '" + name + "' (valid: cpu, cuda, auto)");
 }
 

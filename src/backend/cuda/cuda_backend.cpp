@@ -1,0 +1,125 @@
+#include "backend/cuda/cuda_backend.h"
+
+#include <string>
+
+#include "backend/cuda/adamw.cuh"
+#include "backend/cuda/attention.cuh"
+#include "backend/cuda/cast.cuh"
+#include "backend/cuda/classifier.cuh"
+#include "backend/cuda/cuda_context.h"
+#include "backend/cuda/embedding.cuh"
+#include "backend/cuda/fill.cuh"
+#include "backend/cuda/gelu.cuh"
+#include "backend/cuda/layernorm.cuh"
+#include "backend/cuda/matmul.cuh"
+#include "backend/cuda/norm.cuh"
+#include "backend/cuda/residual.cuh"
+
+namespace mpt {
+
+CudaBackend::CudaBackend(int device) {
+  std::string why;
+  if (!cuda::device_available(&why))
+    throw InputError("backend 'cuda' is not available: no usable GPU (" + why +
+                     "); use backend: cpu or auto");
+  int n = 0;
+  MPT_CUDA_CHECK(cudaGetDeviceCount(&n));
+  if (device < 0 || device >= n)
+    throw InputError("backend 'cuda': device " + std::to_string(device) + " does not exist (" +
+                     std::to_string(n) + " device(s))");
+  ctx_ = std::make_unique<cuda::Context>(device);
+}
+
+CudaBackend::~CudaBackend() = default;
+
+std::string CudaBackend::device_description() const {
+  const cudaDeviceProp& p = ctx_->props();
+  return std::string(p.name) + " (compute capability " + std::to_string(p.major) + "." +
+         std::to_string(p.minor) + ", " + std::to_string(p.multiProcessorCount) + " SMs, " +
+         std::to_string(p.totalGlobalMem >> 20) + " MiB)";
+}
+
+Buffer CudaBackend::allocate(size_t bytes) {
+  void* p = nullptr;
+  MPT_CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1));  // cudaMalloc aligns to >= 256 bytes
+  // backend.h promises zeroed memory
+  MPT_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes ? bytes : 1, ctx_->stream()));
+  ctx_->sync("zeroing a new allocation");
+  // The release waits for queued work that may still use the memory (cudaFree synchronises
+  // with the device); it must not throw from a destructor.
+  return Buffer(p, bytes, [](void* q) { cudaFree(q); });
+}
+
+void CudaBackend::copy_from_host(Tensor dst, const void* src) {
+  MPT_CUDA_CHECK(cudaMemcpyAsync(dst.data, src, dst.bytes(), cudaMemcpyHostToDevice, ctx_->stream()));
+  ctx_->sync("copying to the device");  // src may be freed or reused by the caller right after
+}
+
+void CudaBackend::copy_to_host(void* dst, Tensor src) {
+  MPT_CUDA_CHECK(cudaMemcpyAsync(dst, src.data, src.bytes(), cudaMemcpyDeviceToHost, ctx_->stream()));
+  ctx_->sync("copying to the host");
+}
+
+void CudaBackend::synchronize() { ctx_->sync("synchronize()"); }
+
+size_t CudaBackend::workspace_bytes() const {
+  return ctx_->scratch_bytes() + ctx_->lt_workspace_bytes();
+}
+
+void CudaBackend::fill(Tensor t, float value) { cuda::fill(*ctx_, t, value); }
+void CudaBackend::cast(Tensor dst, Tensor src, TensorClass cls) { cuda::cast(*ctx_, dst, src, cls); }
+float CudaBackend::amax(Tensor t) { return cuda::amax(*ctx_, t); }
+int64_t CudaBackend::count_nonfinite(Tensor t) { return cuda::count_nonfinite(*ctx_, t); }
+
+CastCounts CudaBackend::cast_counts(TensorClass cls) const {
+  return ctx_->read_cast_counters()[static_cast<int>(cls)];
+}
+void CudaBackend::reset_cast_counts() { ctx_->zero_cast_counters(); }
+
+void CudaBackend::embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
+  cuda::embedding_forward(*ctx_, out, tokens, wte, wpe);
+}
+void CudaBackend::embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) {
+  cuda::embedding_backward(*ctx_, dwte, dwpe, dout, tokens);
+}
+void CudaBackend::layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp,
+                                    Tensor weight, Tensor bias) {
+  cuda::layernorm_forward(*ctx_, out, mean, rstd, inp, weight, bias);
+}
+void CudaBackend::layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+                                     Tensor inp, Tensor weight, Tensor mean, Tensor rstd) {
+  cuda::layernorm_backward(*ctx_, dinp, dweight, dbias, dout, inp, weight, mean, rstd);
+}
+void CudaBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
+                                 const MatmulSpec& spec) {
+  cuda::matmul_forward(*ctx_, out, inp, weight, bias, spec);
+}
+void CudaBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+                                  Tensor inp, Tensor weight, const MatmulSpec& spec) {
+  cuda::matmul_backward(*ctx_, dinp, dweight, dbias, dout, inp, weight, spec);
+}
+void CudaBackend::attention_forward(Tensor out, Tensor att, Tensor qkv, int n_head) {
+  cuda::attention_forward(*ctx_, out, att, qkv, n_head);
+}
+void CudaBackend::attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att,
+                                     int n_head) {
+  cuda::attention_backward(*ctx_, dqkv, dout, qkv, att, n_head);
+}
+void CudaBackend::gelu_forward(Tensor out, Tensor inp) { cuda::gelu_forward(*ctx_, out, inp); }
+void CudaBackend::gelu_backward(Tensor dinp, Tensor inp, Tensor dout) {
+  cuda::gelu_backward(*ctx_, dinp, inp, dout);
+}
+void CudaBackend::residual_forward(Tensor out, Tensor a, Tensor b) {
+  cuda::residual_forward(*ctx_, out, a, b);
+}
+void CudaBackend::crossentropy_forward_backward(Tensor losses, Tensor logits, Tensor targets,
+                                                int vocab_size, float dloss) {
+  cuda::crossentropy_forward_backward(*ctx_, losses, logits, targets, vocab_size, dloss);
+}
+double CudaBackend::sum_squares(Tensor t) { return cuda::sum_squares(*ctx_, t); }
+void CudaBackend::adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m, Tensor v,
+                               const AdamWParams& p, AdamWStats* stats) {
+  cuda::adamw_update(*ctx_, param, master, grad, m, v, p, stats);
+}
+
+}  // namespace mpt

@@ -1,0 +1,183 @@
+#include "backend/cuda/cuda_context.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <utility>
+
+namespace mpt::cuda {
+
+void throw_cuda_error(const char* call, const char* file, int line, const char* error_name,
+                      const char* error_text) {
+  throw RuntimeError(std::string("CUDA call failed: ") + call + " -> " + error_name + " (" +
+                     error_text + ") at " + file + ":" + std::to_string(line));
+}
+
+const char* cublas_status_name(cublasStatus_t s) {
+  switch (s) {
+    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_MAPPING_ERROR: return "CUBLAS_STATUS_MAPPING_ERROR";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    case CUBLAS_STATUS_LICENSE_ERROR: return "CUBLAS_STATUS_LICENSE_ERROR";
+    default: return "CUBLAS_STATUS_(unknown)";
+  }
+}
+
+const char* cublas_status_meaning(cublasStatus_t s) {
+  switch (s) {
+    case CUBLAS_STATUS_INVALID_VALUE:
+      return "an unsupported value or parameter: check shapes, alignment, attribute sizes, and "
+             "that the workspace is at least the algorithm's (CUBLASLT_LOG_LEVEL=5 traces calls)";
+    case CUBLAS_STATUS_NOT_SUPPORTED:
+      return "no algorithm supports this combination of types, layouts and epilogue";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "the operation needs a newer GPU architecture";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "out of memory inside cuBLASLt";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "the GPU kernel failed to launch or run";
+    default: return "see the cuBLAS documentation's cublasStatus_t";
+  }
+}
+
+bool device_available(std::string* why) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error the failed query leaves
+    if (why) {
+      switch (e) {
+        case cudaErrorNoDevice: *why = "no CUDA device"; break;
+        case cudaErrorInsufficientDriver: *why = "no NVIDIA driver, or one too old for this CUDA runtime"; break;
+        case cudaErrorStubLibrary: *why = "only the CUDA driver's stub library is installed"; break;
+        default: *why = std::string("cudaGetDeviceCount failed: ") + cudaGetErrorName(e); break;
+      }
+    }
+    return false;
+  }
+  if (n == 0) {
+    if (why) *why = "no CUDA device";
+    return false;
+  }
+  return true;
+}
+
+// ---- DeviceBuffer
+
+DeviceBuffer::DeviceBuffer(size_t bytes) : bytes_(bytes) {
+  if (bytes) MPT_CUDA_CHECK(cudaMalloc(&ptr_, bytes));
+}
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& o) noexcept
+    : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(std::exchange(o.bytes_, 0)) {}
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+  if (this != &o) {
+    DeviceBuffer tmp(std::move(o));
+    std::swap(ptr_, tmp.ptr_);
+    std::swap(bytes_, tmp.bytes_);
+  }
+  return *this;
+}
+DeviceBuffer::~DeviceBuffer() {
+  if (ptr_) cudaFree(ptr_);  // no throw from a destructor; a failure here is not actionable
+}
+
+// ---- Context
+
+size_t lt_workspace_size(int cc_major) { return cc_major >= 9 ? size_t{32} << 20 : size_t{4} << 20; }
+
+Context::Context(int device) : device_(device) {
+  MPT_CUDA_CHECK(cudaSetDevice(device));
+  MPT_CUDA_CHECK(cudaGetDeviceProperties(&props_, device));
+  MPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  MPT_CUDA_CHECK(cublasLtCreate(&lt_));
+  lt_workspace_ = DeviceBuffer(lt_workspace_size(props_.major));
+  counters_ = DeviceBuffer(sizeof(unsigned long long) * 2 * kTensorClasses);
+  MPT_CUDA_CHECK(cudaMemset(counters_.data(), 0, counters_.bytes()));
+  const char* s = std::getenv("MPT_CUDA_SYNC");
+  debug_sync_ = s && std::strcmp(s, "0") != 0 && *s;
+}
+
+Context::~Context() {
+  // Destruction order matters: the handle before the stream; errors are not thrown here.
+  if (stream_) cudaStreamSynchronize(stream_);
+  if (lt_) cublasLtDestroy(lt_);
+  if (stream_) cudaStreamDestroy(stream_);
+  if (pinned_) cudaFreeHost(pinned_);
+}
+
+void* Context::scratch(Scratch role, size_t bytes) {
+  DeviceBuffer& b = scratch_[static_cast<int>(role)];
+  if (b.bytes() < bytes) {
+    // The old buffer may still be read by queued kernels: wait before freeing it.
+    sync("growing scratch");
+    b = DeviceBuffer(bytes);
+  }
+  return b.data();
+}
+
+size_t Context::scratch_bytes() const {
+  size_t n = 0;
+  for (const auto& b : scratch_) n += b.bytes();
+  return n;
+}
+
+unsigned long long* Context::cast_counters(TensorClass cls) const {
+  return counters_.as<unsigned long long>() + 2 * static_cast<int>(cls);
+}
+
+std::array<CastCounts, kTensorClasses> Context::read_cast_counters() const {
+  unsigned long long h[2 * kTensorClasses];
+  MPT_CUDA_CHECK(cudaMemcpyAsync(h, counters_.data(), sizeof h, cudaMemcpyDeviceToHost, stream_));
+  sync("reading cast counters");
+  std::array<CastCounts, kTensorClasses> out{};
+  for (int c = 0; c < kTensorClasses; ++c) {
+    out[c].overflow = static_cast<int64_t>(h[2 * c]);
+    out[c].underflow = static_cast<int64_t>(h[2 * c + 1]);
+    out[c].values = values_[c];
+  }
+  return out;
+}
+
+void Context::zero_cast_counters() {
+  MPT_CUDA_CHECK(cudaMemsetAsync(counters_.data(), 0, counters_.bytes(), stream_));
+  values_ = {};
+}
+
+void* Context::pinned(size_t bytes) {
+  if (pinned_bytes_ < bytes) {
+    sync("growing the pinned buffer");
+    if (pinned_) MPT_CUDA_CHECK(cudaFreeHost(pinned_));
+    pinned_ = nullptr;
+    pinned_bytes_ = 0;
+    MPT_CUDA_CHECK(cudaMallocHost(&pinned_, bytes));
+    pinned_bytes_ = bytes;
+  }
+  return pinned_;
+}
+
+void Context::check_launch(const char* op, const char* file, int line) const {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess)
+    throw RuntimeError(std::string("CUDA kernel launch failed in op '") + op + "': " +
+                       cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ") at " + file + ":" +
+                       std::to_string(line));
+  if (debug_sync_) {
+    const cudaError_t s = cudaStreamSynchronize(stream_);
+    if (s != cudaSuccess)
+      throw RuntimeError(std::string("CUDA op '") + op + "' failed: " + cudaGetErrorName(s) +
+                         " (" + cudaGetErrorString(s) + ") at " + file + ":" + std::to_string(line) +
+                         " (MPT_CUDA_SYNC=1)");
+  }
+}
+
+void Context::sync(const char* what) const {
+  const cudaError_t e = cudaStreamSynchronize(stream_);
+  if (e != cudaSuccess)
+    throw RuntimeError(std::string("CUDA error while ") + what + ": " + cudaGetErrorName(e) +
+                       " (" + cudaGetErrorString(e) + ")");
+}
+
+}  // namespace mpt::cuda

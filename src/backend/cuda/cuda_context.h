@@ -1,0 +1,114 @@
+// The CUDA backend's handles and scratch, held in one object that ops receive (no globals): the
+// device, one stream every op runs on, the cuBLASLt handle and its workspace, grow-only scratch
+// buffers, the cast-statistics counters, and a small pinned buffer for results the host reads.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "backend/backend.h"
+#include "backend/cuda/cuda_check.h"
+
+namespace mpt::cuda {
+
+// Whether a CUDA device can be used; when not, *why (if given) says why in one line ("no CUDA
+// device", "no NVIDIA driver", ...). cudaGetDeviceCount's "no device", "insufficient driver" and
+// "stub library" results mean no device; the sticky error they leave is cleared.
+bool device_available(std::string* why = nullptr);
+
+// Device memory owned by one object: cudaFree on destruction, move-only.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t bytes);
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept;
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept;
+  ~DeviceBuffer();
+
+  void* data() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
+  template <class T>
+  T* as() const { return static_cast<T*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Scratch roles: each op argument position that needs temporary device memory has its own, so
+// no two temporaries of one op share memory. Grow-only; their sizes count in workspace_bytes().
+enum class Scratch : int {
+  kReduce,     // per-block partial results of reductions (amax, sums, counts)
+  kOperandA,   // fp8 (or transposed) copy of a matmul's first operand
+  kOperandB,   // ... of its second operand
+  kAttention,  // attention backward's d(scores) (B,NH,T,T) fp32
+  kAttention2, // attention's staged q/k/v or d(q/k/v) in head-major layout
+  kAttention3,
+  kCount
+};
+
+class Context {
+ public:
+  // Makes `device` current and creates the stream, the cuBLASLt handle and its workspace.
+  explicit Context(int device);
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+  ~Context();
+
+  int device() const { return device_; }
+  const cudaDeviceProp& props() const { return props_; }
+  cudaStream_t stream() const { return stream_; }
+  cublasLtHandle_t lt() const { return lt_; }
+  void* lt_workspace() const { return lt_workspace_.data(); }
+  size_t lt_workspace_bytes() const { return lt_workspace_.bytes(); }
+
+  // Scratch of at least `bytes` for `role` (grows, never shrinks; contents undefined).
+  void* scratch(Scratch role, size_t bytes);
+  size_t scratch_bytes() const;
+
+  // Device counters of narrowing casts per tensor class: {overflow, underflow} as unsigned long
+  // long, added to by kernels (the number of values cast is counted on the host).
+  unsigned long long* cast_counters(TensorClass cls) const;
+  // Ops that store n values into a narrower dtype under `cls` call this (the values count is
+  // known on the host; only overflows and underflows are counted on the device).
+  void add_cast_values(TensorClass cls, int64_t n) { values_[static_cast<int>(cls)] += n; }
+  // The counts since zero_cast_counters() (synchronises to read the device counters).
+  std::array<CastCounts, kTensorClasses> read_cast_counters() const;
+  void zero_cast_counters();
+
+  // Pinned host memory for small results copied back from the device (reductions).
+  void* pinned(size_t bytes);
+
+  // After every kernel launch: the launch's own error (a bad configuration) is thrown naming
+  // `op`; with MPT_CUDA_SYNC=1 in the environment the stream is also synchronised, so an error
+  // in the kernel itself is reported at the op that caused it.
+  void check_launch(const char* op, const char* file, int line) const;
+  // Waits for the stream and checks its errors, naming `what`.
+  void sync(const char* what) const;
+  bool debug_sync() const { return debug_sync_; }
+
+ private:
+  int device_ = 0;
+  cudaDeviceProp props_{};
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  DeviceBuffer lt_workspace_;
+  std::array<DeviceBuffer, static_cast<int>(Scratch::kCount)> scratch_;
+  DeviceBuffer counters_;  // [kTensorClasses][2] unsigned long long
+  std::array<int64_t, kTensorClasses> values_{};
+  void* pinned_ = nullptr;
+  size_t pinned_bytes_ = 0;
+  bool debug_sync_ = false;
+};
+
+// cuBLASLt's recommended workspace: 32 MiB on Hopper (compute capability 9.x), 4 MiB elsewhere
+// (cuda-crib.md §1, from the cuBLAS documentation's cublasSetWorkspace notes).
+size_t lt_workspace_size(int cc_major);
+
+}  // namespace mpt::cuda
+
+#define MPT_LAUNCH_CHECK(ctx, op) (ctx).check_launch((op), __FILE__, __LINE__)

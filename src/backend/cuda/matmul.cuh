@@ -1,0 +1,16 @@
+// Matmuls through cuBLASLt (fp32, tf32, fp16, bf16, fp8 with per-tensor scales).
+// Host entry points (plain C++, no device code): each checks dtypes and shapes as backend.h
+// describes the op, then launches on ctx's stream. Kernels live in matmul.cu.
+#pragma once
+
+#include "backend/backend.h"
+#include "backend/cuda/cuda_context.h"
+
+namespace mpt::cuda {
+
+void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor bias,
+                    const MatmulSpec& spec);
+void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+                     Tensor inp, Tensor weight, const MatmulSpec& spec);
+
+}  // namespace mpt::cuda
