@@ -3,6 +3,7 @@
 // and test_cuda_matmul.cpp.
 #include <gtest/gtest.h>
 
+#include "backend/gpu_peaks.h"
 #include "cuda_test_util.h"
 
 namespace mpt {
@@ -63,6 +64,25 @@ TEST(CudaHost, AFailedCallThrowsNamingTheCallAndTheError) {
   }
 }
 #endif
+
+}  // namespace
+}  // namespace mpt
+
+namespace mpt {
+namespace {
+
+TEST(GpuPeaks, PolicyFormatsAndDatasheetFigures) {
+  EXPECT_EQ(matmul_peak_format(MatmulPrecision::native, DType::f32), "fp32");
+  EXPECT_EQ(matmul_peak_format(MatmulPrecision::tf32, DType::f32), "tf32");
+  EXPECT_EQ(matmul_peak_format(MatmulPrecision::native, DType::bf16), "bf16");
+  EXPECT_EQ(matmul_peak_format(MatmulPrecision::native, DType::f16), "fp16");
+  EXPECT_EQ(matmul_peak_format(MatmulPrecision::fp8, DType::bf16), "fp8");
+  EXPECT_DOUBLE_EQ(peak_flops("NVIDIA H200", "bf16"), 989.4e12);
+  EXPECT_DOUBLE_EQ(peak_flops("NVIDIA H100 80GB HBM3", "fp8"), 1978.9e12);
+  EXPECT_DOUBLE_EQ(peak_flops("NVIDIA H100 PCIe", "bf16"), 756e12);
+  EXPECT_DOUBLE_EQ(peak_flops("NVIDIA A100-SXM4-80GB", "fp8"), 0.0) << "A100 has no fp8";
+  EXPECT_DOUBLE_EQ(peak_flops("NVIDIA GeForce RTX 4090", "bf16"), 0.0) << "not in the table";
+}
 
 }  // namespace
 }  // namespace mpt

@@ -1,0 +1,156 @@
+// GPU training throughput of GPT-2 124M (12 layers, width 768, 12 heads, vocabulary 50257
+// padded to 50304, sequence 1024) under fp32, tf32, fp16, bf16 and fp8, in one run on one GPU:
+// tokens/s, MFU (FLOPs per token as llm.c counts them, 6N + 6*L*C*T, over the dense peak of the
+// policy's matmul format on this GPU: backend/gpu_peaks.h), step time, device memory in use
+// (measured and as the memory ledger predicts it), and each as a ratio to fp32 and to bf16.
+// A step is forward, backward, gradient norm and AdamW, on random tokens. The median of the
+// timed steps, after warm-up steps.
+//
+//   build/bench/bench_gpu_train [--batch B] [--seq T] [--steps N] [--warmup N]
+//                               [--policies fp32,bf16,...] [--json PATH]
+//
+// Without a GPU (or a CUDA build) it says so and exits 0: scripts/device-check runs it on one.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/gpu_peaks.h"
+#include "core/rng.h"
+#include "model/gpt.h"
+#include "optim/adamw.h"
+#include "precision/policy.h"
+#if MPT_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#include "backend/cuda/cuda_context.h"
+#endif
+
+using namespace mpt;
+
+int main(int argc, char** argv) {
+  int B = 32, T = 1024, steps = 10, warmup = 3;
+  std::string policies = "fp32,tf32,fp16,bf16,fp8", json_path;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string k = argv[i], v = argv[i + 1];
+    if (k == "--batch") B = std::atoi(v.c_str());
+    else if (k == "--seq") T = std::atoi(v.c_str());
+    else if (k == "--steps") steps = std::atoi(v.c_str());
+    else if (k == "--warmup") warmup = std::atoi(v.c_str());
+    else if (k == "--policies") policies = v;
+    else if (k == "--json") json_path = v;
+    else {
+      std::fprintf(stderr, "unknown option %s\n", k.c_str());
+      return 2;
+    }
+  }
+#if !MPT_HAVE_CUDA
+  std::printf("bench_gpu_train: skipped: this build has no CUDA backend\n");
+  return 0;
+#else
+  std::string why;
+  if (!cuda::device_available(&why)) {
+    std::printf("bench_gpu_train: skipped: %s\n", why.c_str());
+    return 0;
+  }
+  ModelConfig m;
+  m.n_layer = 12;
+  m.n_head = 12;
+  m.n_embd = 768;
+  m.vocab_size = 50257;
+  m.vocab_pad_multiple = 128;  // 50304, as llm.c pads it (Tensor Core friendly)
+  m.max_seq_len = T;
+
+  Rng rng(1234);
+  std::vector<int32_t> in(static_cast<size_t>(B) * T), tg(in.size());
+  for (size_t i = 0; i < in.size(); ++i) {
+    in[i] = static_cast<int32_t>(rng.below(m.vocab_size));
+    tg[i] = static_cast<int32_t>(rng.below(m.vocab_size));
+  }
+
+  nlohmann::json results = nlohmann::json::array();
+  std::string device;
+  std::stringstream names(policies);
+  for (std::string name; std::getline(names, name, ',');) {
+    const PrecisionPolicy policy = PrecisionPolicy::preset(name);
+    CudaBackend be(0);  // a fresh backend per policy: its scratch starts empty
+    device = be.device_description();
+    size_t free0 = 0, total = 0;
+    MPT_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
+    Gpt model(m, be, policy);
+    model.init_weights(1, 0.02);
+    OptimizerConfig oc;
+    AdamW opt(oc, model, be);
+    auto one_step = [&] {
+      model.zero_grad();
+      model.forward(in.data(), tg.data(), B, T, 1.0f / (B * T));
+      model.backward();
+      opt.step(3e-4, opt.clip_scale(opt.grad_norm()));
+    };
+    for (int i = 0; i < warmup; ++i) one_step();
+    be.synchronize();
+    std::vector<double> ms;
+    for (int i = 0; i < steps; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      one_step();
+      be.synchronize();
+      ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(ms.begin(), ms.end());
+    const double step_ms = ms[ms.size() / 2];
+    size_t free1 = 0;
+    MPT_CUDA_CHECK(cudaMemGetInfo(&free1, &total));
+    const double tokens_per_s = double(B) * T / (step_ms / 1e3);
+    const std::string fmt = matmul_peak_format(policy.matmul, policy.activation);
+    const double peak = peak_flops(be.context().props().name, fmt);
+    const double flops = model.flops_per_token(T) * tokens_per_s;
+    const MemoryLedger ledger = Gpt::plan_memory(m, B, T, policy);
+    results.push_back({{"policy", name},
+                       {"tokens_per_s", tokens_per_s},
+                       {"step_ms", step_ms},
+                       {"step_ms_min", ms.front()},
+                       {"step_ms_max", ms.back()},
+                       {"mfu", peak > 0 ? flops / peak : 0.0},
+                       {"peak_format", fmt},
+                       {"peak_tflops", peak / 1e12},
+                       {"peak_mem_gib", double(free0 - free1) / (1 << 30)},
+                       {"activation_gib", double(model.activation_bytes()) / (1 << 30)},
+                       {"ledger_gib", ledger.total() / (1 << 30)}});
+    std::fprintf(stderr, "%s: %.0f tokens/s, %.1f ms/step\n", name.c_str(), tokens_per_s, step_ms);
+  }
+  auto find = [&](const char* p) -> const nlohmann::json* {
+    for (const auto& r : results)
+      if (r["policy"] == p) return &r;
+    return nullptr;
+  };
+  const nlohmann::json *f32 = find("fp32"), *b16 = find("bf16");
+  for (auto& r : results) {
+    const double t = r["tokens_per_s"];
+    r["vs_fp32"] = f32 ? t / double((*f32)["tokens_per_s"]) : 0.0;
+    r["vs_bf16"] = b16 ? t / double((*b16)["tokens_per_s"]) : 0.0;
+    if (b16 && f32)
+      r["activation_vs_fp32"] = double(r["activation_gib"]) / double((*f32)["activation_gib"]);
+  }
+  std::printf("device: %s\nGPT-2 124M, batch %d x seq %d, median of %d steps after %d warm-up\n",
+              device.c_str(), B, T, steps, warmup);
+  std::printf("%-9s %11s %6s %9s %9s %9s %8s %8s\n", "policy", "tokens/s", "mfu", "step ms",
+              "mem GiB", "act GiB", "vs fp32", "vs bf16");
+  for (const auto& r : results)
+    std::printf("%-9s %11.0f %5.1f%% %9.1f %9.2f %9.2f %7.2fx %7.2fx\n",
+                r["policy"].get<std::string>().c_str(), double(r["tokens_per_s"]),
+                100 * double(r["mfu"]), double(r["step_ms"]), double(r["peak_mem_gib"]),
+                double(r["activation_gib"]), double(r["vs_fp32"]), double(r["vs_bf16"]));
+  if (!json_path.empty()) {
+    nlohmann::json doc = {{"device", device}, {"batch", B}, {"seq", T}, {"steps", steps},
+                          {"warmup", warmup}, {"policies", results}};
+    std::ofstream(json_path) << doc.dump(1) << "\n";
+  }
+  return 0;
+#endif
+}

@@ -1,0 +1,40 @@
+#include "backend/gpu_peaks.h"
+
+namespace mpt {
+
+std::string matmul_peak_format(MatmulPrecision matmul, DType activation) {
+  if (matmul == MatmulPrecision::fp8) return "fp8";
+  if (activation == DType::f16) return "fp16";
+  if (activation == DType::bf16) return "bf16";
+  return matmul == MatmulPrecision::tf32 ? "tf32" : "fp32";
+}
+
+namespace {
+struct Peaks {
+  const char* name_part;  // matched as a substring of cudaDeviceProp::name
+  double fp32, tf32, fp16, bf16, fp8;  // TFLOP/s, dense
+};
+// Order matters: the more specific names first ("H100 PCIe" before "H100").
+constexpr Peaks kPeaks[] = {
+    {"H200", 67.0, 494.7, 989.4, 989.4, 1978.9},
+    {"H100 PCIe", 51.0, 378.0, 756.0, 756.0, 1513.0},
+    {"H100", 67.0, 494.7, 989.4, 989.4, 1978.9},
+    {"A100", 19.5, 156.0, 312.0, 312.0, 0.0},
+};
+}  // namespace
+
+double peak_flops(const std::string& device_name, const std::string& format) {
+  for (const Peaks& p : kPeaks) {
+    if (device_name.find(p.name_part) == std::string::npos) continue;
+    double t = 0;
+    if (format == "fp32") t = p.fp32;
+    else if (format == "tf32") t = p.tf32;
+    else if (format == "fp16") t = p.fp16;
+    else if (format == "bf16") t = p.bf16;
+    else if (format == "fp8") t = p.fp8;
+    return t * 1e12;
+  }
+  return 0.0;
+}
+
+}  // namespace mpt

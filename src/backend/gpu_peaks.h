@@ -1,0 +1,23 @@
+// Dense peak matmul throughput of known NVIDIA GPUs by format, for MFU (model FLOPs
+// utilisation). Plain C++: the trainer and the benchmarks use it, and it is tested without a GPU.
+#pragma once
+
+#include <string>
+
+#include "backend/backend.h"
+
+namespace mpt {
+
+// The format whose peak bounds a precision policy's matmuls: "fp32" (CUDA cores: cuBLAS runs fp32
+// GEMMs without Tensor Cores), "tf32", "fp16", "bf16" or "fp8" (Tensor Cores).
+// `matmul` and `activation` are the policy's (the dtype the matmul operands are stored in).
+std::string matmul_peak_format(MatmulPrecision matmul, DType activation);
+
+// Dense (no structured sparsity) peak FLOP/s of `format` on the GPU named `device_name` (as
+// cudaDeviceProp::name reports it), 0 when the GPU or the format is not in the table. Figures from
+// NVIDIA's datasheets: H100 SXM5 and H200 SXM (the same compute): fp32 67 TFLOP/s, tf32 494.7,
+// fp16/bf16 989.4, fp8 1978.9; H100 PCIe: 51, 378, 756, 1513; A100 (SXM4/PCIe): 19.5, 156, 312, -
+// (the datasheets give the Tensor Core figures "with sparsity" as twice these).
+double peak_flops(const std::string& device_name, const std::string& format);
+
+}  // namespace mpt
