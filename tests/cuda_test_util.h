@@ -34,5 +34,5 @@ inline std::string gpu_unavailable_reason() {
 #define MPT_REQUIRE_GPU()                                                    \
   do {                                                                       \
     const std::string mpt_why_ = ::mpt::test::gpu_unavailable_reason();     \
-    if (!mpt_why_.empty()) GTEST_SKIP() << "no GPU test: " << mpt_why_;      \
+    if (!mpt_why_.empty()) GTEST_SKIP() << "GPU test skipped: " << mpt_why_;      \
   } while (0)
