@@ -20,6 +20,7 @@
 #include "core/text.h"
 #include "data/dataset.h"
 #include "data/loader.h"
+#include "dist/launch.h"
 #include "io/checkpoint.h"
 #include "io/files.h"
 #include "io/metrics.h"
@@ -257,6 +258,14 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   const PrecisionPolicy policy = PrecisionPolicy::from_config(cfg, &policy_warnings);
 
   // ---- validate and build everything before anything is written
+  // Several processes started by a launcher would each train the whole model into the same run
+  // directory: refused until data-parallel training exists.
+  const dist::Placement placement = dist::detect_placement();
+  if (placement.world_size > 1)
+    throw InputError("launched as rank " + std::to_string(placement.rank) + " of " +
+                     std::to_string(placement.world_size) + " (" + placement.launcher +
+                     "), but this version of mpt trains in one process only: run it without "
+                     "mpirun/srun, or with one process");
   // Stop signals count from here: one that arrives while the run is set up stops it after its
   // first step, with a checkpoint.
   StopSignals signals;
