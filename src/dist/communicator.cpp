@@ -1,0 +1,152 @@
+#include "dist/communicator.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <vector>
+
+#include "core/error.h"
+
+#if MPT_HAVE_MPI
+#include <mpi.h>
+#endif
+
+namespace mpt::dist {
+
+void Communicator::all_reduce_mean(float* data, size_t n) {
+  all_reduce_sum(data, n);
+  const float inv = 1.0f / static_cast<float>(world_size());
+  for (size_t i = 0; i < n; ++i) data[i] *= inv;
+}
+
+namespace {
+
+class SingleProcess final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int world_size() const override { return 1; }
+  std::string name() const override { return "single"; }
+  void all_reduce_sum(float*, size_t) override {}
+  void all_reduce_sum(double*, size_t) override {}
+  void all_reduce_max(float*, size_t) override {}
+  void broadcast(void*, size_t, int) override {}
+  void barrier() override {}
+  [[noreturn]] void abort(int code) override { std::_Exit(code); }
+};
+
+#if MPT_HAVE_MPI
+void mpi_check(int rc, const char* call) {
+  if (rc != MPI_SUCCESS) {
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(rc, msg, &len);
+    throw RuntimeError(std::string("MPI call failed: ") + call + ": " + std::string(msg, len));
+  }
+}
+#define MPT_MPI_CHECK(call) mpi_check((call), #call)
+
+// NaN-propagating max over floats (MPI_MAX on MPI_FLOAT leaves NaN handling to the
+// implementation). Commutative and associative on the values, so every rank gets the same result.
+void nan_max(void* in, void* inout, int* len, MPI_Datatype*) {
+  const float* a = static_cast<const float*>(in);
+  float* b = static_cast<float*>(inout);
+  for (int i = 0; i < *len; ++i)
+    b[i] = (std::isnan(a[i]) || std::isnan(b[i])) ? NAN : (a[i] > b[i] ? a[i] : b[i]);
+}
+
+class Mpi final : public Communicator {
+ public:
+  Mpi() {
+    int inited = 0;
+    MPT_MPI_CHECK(MPI_Initialized(&inited));
+    if (!inited) MPT_MPI_CHECK(MPI_Init(nullptr, nullptr));
+    // Errors come back as return codes (checked above) instead of aborting inside MPI.
+    MPT_MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
+    MPT_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
+    MPT_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
+    MPT_MPI_CHECK(MPI_Op_create(&nan_max, /*commute=*/1, &nan_max_));
+  }
+  ~Mpi() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) {
+      MPI_Op_free(&nan_max_);
+      MPI_Finalize();
+    }
+  }
+  int rank() const override { return rank_; }
+  int world_size() const override { return size_; }
+  std::string name() const override { return "mpi"; }
+
+  // Sums are reduced in a fixed order, the same on every rank: each rank's vector is gathered to
+  // all ranks (MPI_Allreduce's order may depend on the rank and the algorithm), then added rank
+  // 0 first. For gradients this costs world_size times the memory of one vector; fine for the
+  // CPU backend's model sizes, and the NCCL path will use the library's reduction.
+  void all_reduce_sum(float* data, size_t n) override { ordered_sum(data, n, MPI_FLOAT); }
+  void all_reduce_sum(double* data, size_t n) override { ordered_sum(data, n, MPI_DOUBLE); }
+  void all_reduce_max(float* data, size_t n) override {
+    for (size_t off = 0; off < n; off += kChunk) {
+      const int len = static_cast<int>(std::min(kChunk, n - off));
+      MPT_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data + off, len, MPI_FLOAT, nan_max_, MPI_COMM_WORLD));
+    }
+  }
+  void broadcast(void* data, size_t bytes, int root) override {
+    char* p = static_cast<char*>(data);
+    for (size_t off = 0; off < bytes; off += kChunk) {
+      const int len = static_cast<int>(std::min(kChunk, bytes - off));
+      MPT_MPI_CHECK(MPI_Bcast(p + off, len, MPI_BYTE, root, MPI_COMM_WORLD));
+    }
+  }
+  void barrier() override { MPT_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD)); }
+  [[noreturn]] void abort(int code) override {
+    MPI_Abort(MPI_COMM_WORLD, code);
+    std::_Exit(code);
+  }
+
+ private:
+  static constexpr size_t kChunk = size_t{1} << 26;  // MPI counts are ints: chunk big vectors
+
+  template <class T>
+  void ordered_sum(T* data, size_t n, MPI_Datatype type) {
+    if (size_ == 1) return;
+    for (size_t off = 0; off < n; off += kChunk) {
+      const size_t len = std::min(kChunk, n - off);
+      gather_.resize(len * size_ * sizeof(T));
+      T* all = reinterpret_cast<T*>(gather_.data());
+      MPT_MPI_CHECK(MPI_Allgather(data + off, static_cast<int>(len), type, all,
+                                  static_cast<int>(len), type, MPI_COMM_WORLD));
+      for (size_t i = 0; i < len; ++i) {
+        T s = all[i];
+        for (int r = 1; r < size_; ++r) s += all[r * len + i];
+        data[off + i] = s;
+      }
+    }
+  }
+
+  int rank_ = 0, size_ = 1;
+  MPI_Op nan_max_ = MPI_OP_NULL;
+  std::vector<char> gather_;
+};
+#endif
+
+}  // namespace
+
+bool have_mpi() { return MPT_HAVE_MPI != 0; }
+
+std::unique_ptr<Communicator> make_communicator(const Placement& placement) {
+  if (placement.world_size == 1) return std::make_unique<SingleProcess>();
+#if MPT_HAVE_MPI
+  auto c = std::make_unique<Mpi>();
+  if (c->rank() != placement.rank || c->world_size() != placement.world_size)
+    throw RuntimeError("MPI reports rank " + std::to_string(c->rank()) + " of " +
+                       std::to_string(c->world_size()) + " but the launcher (" + placement.launcher +
+                       ") said rank " + std::to_string(placement.rank) + " of " +
+                       std::to_string(placement.world_size));
+  return c;
+#else
+  throw InputError("launched as rank " + std::to_string(placement.rank) + " of " +
+                   std::to_string(placement.world_size) +
+                   ", but this mpt was built without MPI (install libopenmpi-dev and rebuild)");
+#endif
+}
+
+}  // namespace mpt::dist

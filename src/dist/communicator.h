@@ -1,0 +1,44 @@
+// How the processes of a data-parallel job talk: a Communicator reduces gradients, losses and
+// flags across ranks. One interface, three implementations: a single process (no MPI needed),
+// MPI on host buffers (the CPU backend), and NCCL on device buffers (the CUDA backend; to come).
+// Every rank must make the same calls in the same order (they are collective).
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "dist/launch.h"
+
+namespace mpt::dist {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  virtual std::string name() const = 0;  // "single", "mpi"
+
+  // In place over n host floats: the sum over ranks, then (mean) divided by world_size. Every
+  // rank gets the same bits (the reduction's order does not depend on the rank).
+  virtual void all_reduce_sum(float* data, size_t n) = 0;
+  void all_reduce_mean(float* data, size_t n);
+  virtual void all_reduce_sum(double* data, size_t n) = 0;
+  // Elementwise max over ranks; NaN wins (a NaN amax on one rank is a NaN amax for all).
+  virtual void all_reduce_max(float* data, size_t n) = 0;
+  virtual void broadcast(void* data, size_t bytes, int root) = 0;
+  virtual void barrier() = 0;
+  // Ends the whole job with `code` (MPI_Abort under MPI): for a rank that fails alone, so that
+  // the others do not wait forever in a collective.
+  [[noreturn]] virtual void abort(int code) = 0;
+};
+
+// The communicator for `placement`: a single process for a world of one (no MPI runtime needed),
+// else MPI when this build has it. A multi-process placement without MPI in the build is an
+// InputError.
+std::unique_ptr<Communicator> make_communicator(const Placement& placement);
+
+// Whether this build has MPI.
+bool have_mpi();
+
+}  // namespace mpt::dist

@@ -1,0 +1,72 @@
+// The communicator's collectives, run by ctest under `mpirun -np 2` (and directly as a world of
+// one). Each rank's data is drawn from a seed derived from its rank, so every rank can compute
+// what the reduction must give, bit for bit.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+#include "core/rng.h"
+#include "dist/communicator.h"
+
+namespace mpt::dist {
+namespace {
+
+Communicator& comm() {
+  static std::unique_ptr<Communicator> c = make_communicator(detect_placement());
+  return *c;
+}
+
+std::vector<float> rank_data(int rank, size_t n) {
+  Rng rng(1000 + rank);
+  std::vector<float> v(n);
+  for (auto& x : v) x = static_cast<float>(rng.normal());
+  return v;
+}
+
+TEST(Communicator, SumAndMeanAreTheSameBitsOnEveryRank) {
+  Communicator& c = comm();
+  const size_t n = 1000003;  // not a multiple of anything
+  std::vector<float> got = rank_data(c.rank(), n), mean = got;
+  c.all_reduce_sum(got.data(), n);
+  c.all_reduce_mean(mean.data(), n);
+  // The expected sum: every rank's data, added rank 0 first.
+  std::vector<float> want = rank_data(0, n);
+  for (int r = 1; r < c.world_size(); ++r) {
+    const auto d = rank_data(r, n);
+    for (size_t i = 0; i < n; ++i) want[i] += d[i];
+  }
+  const float inv = 1.0f / c.world_size();
+  for (size_t i = 0; i < n; ++i) {
+    ASSERT_EQ(got[i], want[i]) << i;
+    ASSERT_EQ(mean[i], want[i] * inv) << i;
+  }
+  std::printf("rank %d of %d (%s): sums agree\n", c.rank(), c.world_size(), c.name().c_str());
+}
+
+TEST(Communicator, DoubleSumsAndNanPropagatingMax) {
+  Communicator& c = comm();
+  double d[2] = {1.0 + c.rank(), 0.5};
+  c.all_reduce_sum(d, 2);
+  const int w = c.world_size();
+  EXPECT_EQ(d[0], w * (w + 1) / 2.0);
+  EXPECT_EQ(d[1], 0.5 * w);
+  // amaxes: rank r offers r + 1; the last rank also a NaN in slot 1 and an infinity in slot 2.
+  const bool last = c.rank() == w - 1;
+  float m[3] = {float(c.rank() + 1), last ? NAN : 1.0f, last ? INFINITY : 2.0f};
+  c.all_reduce_max(m, 3);
+  EXPECT_EQ(m[0], float(w));
+  EXPECT_TRUE(std::isnan(m[1])) << "a NaN on one rank is a NaN on all";
+  EXPECT_EQ(m[2], w > 1 ? INFINITY : INFINITY);
+}
+
+TEST(Communicator, BroadcastFromRankZero) {
+  Communicator& c = comm();
+  std::vector<char> buf(300, c.rank() == 0 ? 'x' : 'y');
+  c.broadcast(buf.data(), buf.size(), 0);
+  for (char ch : buf) ASSERT_EQ(ch, 'x');
+  c.barrier();
+}
+
+}  // namespace
+}  // namespace mpt::dist
