@@ -178,15 +178,14 @@ class CudaOps : public ::testing::TestWithParam<DType> {
     return randn_as(*cpu_, s, d(), rng_, scale, mean);
   }
 
+  void layernorm_case(DType wd);
+
   std::unique_ptr<Backend> gpu_, cpu_;
   Rng rng_;
 };
 
-// Every test body starts with the guard too (SetUp's skip ends SetUp only).
-#define GPU_TEST_BODY() MPT_REQUIRE_GPU()
-
 TEST_P(CudaOps, Fill) {
-  GPU_TEST_BODY();
+  MPT_REQUIRE_GPU();
   Owned h = make(*cpu_, {37, 67}, d());
   GpuTensor g = to_gpu(*gpu_, h.t, true);
   reset_counts();
@@ -199,9 +198,10 @@ TEST_P(CudaOps, Fill) {
 }
 
 TEST_P(CudaOps, Residual) {
-  GPU_TEST_BODY();
+  MPT_REQUIRE_GPU();
   const Shape s{3, 37, 67};
-  Owned a = rand(s), b = rand(s), out = make(*cpu_, s, d());
+  // b in fp32 (a residual stream of another dtype than the branch it adds): mixed inputs.
+  Owned a = rand(s), b = randn_as(*cpu_, s, DType::f32, rng_), out = make(*cpu_, s, d());
   GpuTensor ga = to_gpu(*gpu_, a.t), gb = to_gpu(*gpu_, b.t), go = to_gpu(*gpu_, out.t, true);
   reset_counts();
   cpu_->residual_forward(out.t, a.t, b.t);
@@ -212,7 +212,7 @@ TEST_P(CudaOps, Residual) {
 }
 
 TEST_P(CudaOps, GeluForwardAndBackward) {
-  GPU_TEST_BODY();
+  MPT_REQUIRE_GPU();
   const Shape s{37, 3 * 67};
   Owned x = rand(s, 2.0), dout = rand(s);
   Owned out = make(*cpu_, s, d()), dinp = make(*cpu_, s, d());
@@ -232,7 +232,7 @@ TEST_P(CudaOps, GeluForwardAndBackward) {
 }
 
 TEST_P(CudaOps, EmbeddingForwardAndBackward) {
-  GPU_TEST_BODY();
+  MPT_REQUIRE_GPU();
   const int64_t B = 3, T = 37, C = 67, Vp = 101, maxT = 41;
   Owned tok = random_ids(*cpu_, {B, T}, 13, rng_);  // few distinct ids: many repeats
   tok.i()[5] = static_cast<int32_t>(Vp - 1);        // the last row too
@@ -265,7 +265,7 @@ TEST_P(CudaOps, EmbeddingForwardAndBackward) {
 }
 
 TEST_P(CudaOps, EmbeddingRejectsBadTokenIds) {
-  GPU_TEST_BODY();
+  MPT_REQUIRE_GPU();
   Owned tok = random_ids(*cpu_, {2, 5}, 7, rng_);
   tok.i()[3] = 7;
   Owned wte = rand({7, 33}), wpe = rand({5, 33}), out = make(*cpu_, {2, 5, 33}, d());
@@ -274,10 +274,12 @@ TEST_P(CudaOps, EmbeddingRejectsBadTokenIds) {
   EXPECT_THROW(gpu_->embedding_forward(gout.t, gtok.t, gwte.t, gwpe.t), RuntimeError);
 }
 
-TEST_P(CudaOps, LayerNormForwardAndBackward) {
-  GPU_TEST_BODY();
+// wd: the dtype of the weight, bias and their gradients (the activations' d(), or fp32 as the
+// mixed policies keep them).
+void CudaOps::layernorm_case(DType wd) {
   const int64_t B = 2, T = 37, C = 67, N = B * T;
-  Owned x = rand({B, T, C}, 1.5, 0.3), w = rand({C}, 0.5, 1.0), b = rand({C}, 0.2);
+  Owned x = rand({B, T, C}, 1.5, 0.3);
+  Owned w = randn_as(*cpu_, {C}, wd, rng_, 0.5, 1.0), b = randn_as(*cpu_, {C}, wd, rng_, 0.2);
   Owned out = make(*cpu_, {B, T, C}, d());
   Owned mean = make(*cpu_, {B, T}), rstd = make(*cpu_, {B, T});
   GpuTensor gx = to_gpu(*gpu_, x.t), gw = to_gpu(*gpu_, w.t), gb = to_gpu(*gpu_, b.t);
@@ -293,7 +295,8 @@ TEST_P(CudaOps, LayerNormForwardAndBackward) {
 
   // The backward reads the CPU's statistics on both sides (the same inputs).
   GpuTensor gmean2 = to_gpu(*gpu_, mean.t), grstd2 = to_gpu(*gpu_, rstd.t);
-  Owned dout = rand({B, T, C}), dinp = rand({B, T, C}), dw = rand({C}), db = rand({C});
+  Owned dout = rand({B, T, C}), dinp = rand({B, T, C});
+  Owned dw = randn_as(*cpu_, {C}, wd, rng_), db = randn_as(*cpu_, {C}, wd, rng_);
   GpuTensor gdout = to_gpu(*gpu_, dout.t), gdinp = to_gpu(*gpu_, dinp.t),
             gdw = to_gpu(*gpu_, dw.t), gdb = to_gpu(*gpu_, db.t);
   reset_counts();
@@ -302,13 +305,24 @@ TEST_P(CudaOps, LayerNormForwardAndBackward) {
   // Sums over C (dinp) and over N rows (dweight, dbias) in another order than the CPU's.
   const double rel = 1e-5 * std::sqrt(static_cast<double>(std::max(N, C)));
   expect_close("layernorm dinp", fetch(*gpu_, gdinp, "ln dinp"), widened(dinp.t), d(), rel);
-  expect_close("layernorm dweight", fetch(*gpu_, gdw, "ln dweight"), widened(dw.t), d(), rel);
-  expect_close("layernorm dbias", fetch(*gpu_, gdb, "ln dbias"), widened(db.t), d(), rel);
+  expect_close("layernorm dweight", fetch(*gpu_, gdw, "ln dweight"), widened(dw.t), wd, rel);
+  expect_close("layernorm dbias", fetch(*gpu_, gdb, "ln dbias"), widened(db.t), wd, rel);
   expect_same_counts(*gpu_, *cpu_, "layernorm_backward");
 }
 
+TEST_P(CudaOps, LayerNormForwardAndBackward) {
+  MPT_REQUIRE_GPU();
+  layernorm_case(d());
+}
+
+TEST_P(CudaOps, LayerNormWithFp32WeightsAndNarrowActivations) {
+  MPT_REQUIRE_GPU();
+  if (d() == DType::f32) GTEST_SKIP() << "covered by LayerNormForwardAndBackward";
+  layernorm_case(DType::f32);
+}
+
 TEST_P(CudaOps, CrossEntropy) {
-  GPU_TEST_BODY();
+  MPT_REQUIRE_GPU();
   const int64_t N = 37, V = 101, Vp = 107;
   Owned targets = random_ids(*cpu_, {N}, V, rng_);
   targets.i()[0] = static_cast<int32_t>(V - 1);
@@ -334,7 +348,7 @@ TEST_P(CudaOps, CrossEntropy) {
 }
 
 TEST_P(CudaOps, AmaxCountNonfiniteSumSquares) {
-  GPU_TEST_BODY();
+  MPT_REQUIRE_GPU();
   // More than one of sum_squares' 2^14-element chunks and of the reductions' blocks.
   const int64_t n = 3 * (int64_t{1} << 14) + 37;
   Owned x = rand({n}, 4.0);
@@ -361,7 +375,7 @@ TEST_P(CudaOps, AmaxCountNonfiniteSumSquares) {
 // AdamW: without a master (param in d, rounded to nearest), with a master (param in d != fp32),
 // and (bf16) with stochastic rounding: bit-identical to the CPU, lost updates equal.
 TEST_P(CudaOps, AdamW) {
-  GPU_TEST_BODY();
+  MPT_REQUIRE_GPU();
   const Shape s{37, 67};
   struct Case { bool master, sr; };
   for (Case c : {Case{false, false}, Case{true, false}, Case{false, true}}) {
