@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "backend/backend.h"
 #include "backend/cuda/cuda_context.h"
@@ -84,6 +85,73 @@ __device__ __forceinline__ void store_counted(T* p, int64_t i, float x, CastTall
   const T y = store<T>(x);
   p[i] = y;
   if (kNarrow<T>) tally.add(x, load<T>(y), max_finite<T>());
+}
+
+// Element i of a float tensor (fp32, fp16 or bf16) whose dtype is only known at run time,
+// widened to fp32: lets a kernel template on its output type alone (the switch is uniform
+// across the grid).
+__device__ __forceinline__ float load_any(const void* p, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::f16: return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::bf16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// ---- block reductions (deterministic: a fixed shuffle tree, then the warps' results in order)
+// Every thread of the block must call them; blockDim.x a multiple of 32, at most 1024. `shared`
+// holds at least 32 floats; the result is returned to every thread.
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, off));
+  return v;
+}
+__device__ __forceinline__ float block_sum(float v, float* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // `shared` may still be read from a previous call
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float s = 0.0f;
+  for (int w = 0; w < nwarps; ++w) s += shared[w];  // the same order in every thread
+  return s;
+}
+__device__ __forceinline__ float block_max(float v, float* shared) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = warp_max(v);
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  float m = shared[0];
+  for (int w = 1; w < nwarps; ++w) m = fmaxf(m, shared[w]);
+  return m;
+}
+
+// ---- host-side argument checks (the CPU backend's wording)
+
+// A float tensor argument of an op: defined, of `shape`, stored as fp32, fp16 or bf16.
+inline void expect_float(const char* op, const char* arg, const Tensor& t, Shape shape) {
+  const bool ok_dtype = t.dtype == DType::f32 || t.dtype == DType::f16 || t.dtype == DType::bf16;
+  if (!t.defined() || !ok_dtype || t.shape != shape)
+    throw RuntimeError(std::string(op) + ": argument '" + arg + "' expected a float tensor " +
+                       "(fp32, fp16 or bf16) of shape " + shape.str() + ", got " +
+                       (t.defined() ? dtype_name(t.dtype) : "undefined") + t.shape.str());
+}
+// An argument of one exact dtype and shape.
+inline void expect_tensor(const char* op, const char* arg, const Tensor& t, DType dtype,
+                          Shape shape) {
+  if (!t.defined() || t.dtype != dtype || t.shape != shape)
+    throw RuntimeError(std::string(op) + ": argument '" + arg + "' expected " + dtype_name(dtype) +
+                       shape.str() + ", got " + (t.defined() ? dtype_name(t.dtype) : "undefined") +
+                       t.shape.str());
+}
+// t seen as a tensor of `shape` when it holds as many elements (else t itself, which then fails
+// the shape check with its own shape in the message).
+inline Tensor as_shape(const Tensor& t, Shape shape) {
+  return t.defined() && t.numel() == shape.numel() ? Tensor(t.data, t.dtype, shape) : t;
 }
 
 // ---- launch shapes

@@ -1,18 +1,206 @@
-// NOT IMPLEMENTED YET: placeholder so the backend links while the kernels are written.
+// LayerNorm with fp32 statistics: one warp per row (two passes over the row for the mean and
+// the variance, as the CPU backend computes them), explicit round-to-nearest arithmetic in the
+// CPU's expression order. The backward's dweight/dbias are sums over rows: each block sums a
+// fixed chunk of rows per column into fp32 scratch, then one thread per column adds the chunks
+// in order to the old value and rounds once (deterministic, no atomics).
 #include "backend/cuda/layernorm.cuh"
+
+#include <algorithm>
 
 #include "backend/cuda/cuda_common.cuh"
 
 namespace mpt::cuda {
+namespace {
+
+constexpr float kLayerNormEps = 1e-5f;
+constexpr int kRowsPerBlock = kBlock / 32;  // one warp per row
+constexpr int64_t kRowChunk = 32;           // rows per partial sum of dweight/dbias (at least)
+
+template <class T>
+__global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const void* inp,
+                                         DType di, const void* weight, DType dw, const void* bias,
+                                         DType db, int64_t N, int64_t C,
+                                         unsigned long long* counters) {
+  CastTally tally;
+  const int lane = threadIdx.x & 31;
+  const int64_t n = blockIdx.x * int64_t{kRowsPerBlock} + (threadIdx.x >> 5);
+  if (n < N) {  // uniform across the warp
+    const int64_t row = n * C;
+    float sum = 0.0f;
+    for (int64_t c = lane; c < C; c += 32) sum = __fadd_rn(sum, load_any(inp, di, row + c));
+    const float m = __fdiv_rn(warp_sum(sum), static_cast<float>(C));
+    float var = 0.0f;
+    for (int64_t c = lane; c < C; c += 32) {
+      const float dx = __fsub_rn(load_any(inp, di, row + c), m);
+      var = __fadd_rn(var, __fmul_rn(dx, dx));
+    }
+    var = __fdiv_rn(warp_sum(var), static_cast<float>(C));
+    const float s = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, kLayerNormEps)));
+    for (int64_t c = lane; c < C; c += 32) {
+      const float norm = __fmul_rn(__fsub_rn(load_any(inp, di, row + c), m), s);
+      const float y = __fadd_rn(__fmul_rn(norm, load_any(weight, dw, c)), load_any(bias, db, c));
+      store_counted(out, row + c, y, tally);
+    }
+    if (lane == 0) {
+      mean[n] = m;
+      rstd[n] = s;
+    }
+  }
+  if (kNarrow<T>) tally.flush(counters);
+}
+
+// dinp += (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd, dnorm = weight * dout.
+template <class T>
+__global__ void layernorm_dinp_kernel(T* dinp, const void* dout, DType dd, const void* inp,
+                                      DType di, const void* weight, DType dw, const float* mean,
+                                      const float* rstd, int64_t N, int64_t C,
+                                      unsigned long long* counters) {
+  CastTally tally;
+  const int lane = threadIdx.x & 31;
+  const int64_t n = blockIdx.x * int64_t{kRowsPerBlock} + (threadIdx.x >> 5);
+  if (n < N) {
+    const int64_t row = n * C;
+    const float m = mean[n], s = rstd[n];
+    float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+    for (int64_t c = lane; c < C; c += 32) {
+      const float norm = __fmul_rn(__fsub_rn(load_any(inp, di, row + c), m), s);
+      const float dnorm = __fmul_rn(load_any(weight, dw, c), load_any(dout, dd, row + c));
+      dnorm_mean = __fadd_rn(dnorm_mean, dnorm);
+      dnorm_norm_mean = __fadd_rn(dnorm_norm_mean, __fmul_rn(dnorm, norm));
+    }
+    dnorm_mean = __fdiv_rn(warp_sum(dnorm_mean), static_cast<float>(C));
+    dnorm_norm_mean = __fdiv_rn(warp_sum(dnorm_norm_mean), static_cast<float>(C));
+    for (int64_t c = lane; c < C; c += 32) {
+      const float norm = __fmul_rn(__fsub_rn(load_any(inp, di, row + c), m), s);
+      const float dnorm = __fmul_rn(load_any(weight, dw, c), load_any(dout, dd, row + c));
+      const float g = __fmul_rn(
+          __fsub_rn(__fsub_rn(dnorm, dnorm_mean), __fmul_rn(norm, dnorm_norm_mean)), s);
+      store_counted(dinp, row + c, __fadd_rn(load<T>(dinp[row + c]), g), tally);
+    }
+  }
+  if (kNarrow<T>) tally.flush(counters);
+}
+
+// Partial sums over the rows of chunk blockIdx.y, per column:
+//   pw[chunk, c] = sum (x - mean) * rstd * dout,  pb[chunk, c] = sum dout.
+__global__ void layernorm_partials_kernel(float* pw, float* pb, const void* dout, DType dd,
+                                          const void* inp, DType di, const float* mean,
+                                          const float* rstd, int64_t N, int64_t C,
+                                          int64_t row_chunk) {
+  const int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (c >= C) return;
+  const int64_t r0 = blockIdx.y * row_chunk, r1 = min(N, r0 + row_chunk);
+  float sw = 0.0f, sb = 0.0f;
+  for (int64_t n = r0; n < r1; ++n) {
+    const float d = load_any(dout, dd, n * C + c);
+    const float norm = __fmul_rn(__fsub_rn(load_any(inp, di, n * C + c), mean[n]), rstd[n]);
+    sw = __fadd_rn(sw, __fmul_rn(norm, d));
+    sb = __fadd_rn(sb, d);
+  }
+  pw[blockIdx.y * C + c] = sw;
+  pb[blockIdx.y * C + c] = sb;
+}
+
+// out[c] += sum over chunks (in order) of partial[chunk, c]; one rounding.
+template <class T>
+__global__ void column_sum_kernel(T* out, const float* partial, int64_t chunks, int64_t C,
+                                  unsigned long long* counters) {
+  CastTally tally;
+  for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < C;
+       c += int64_t{gridDim.x} * blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t r = 0; r < chunks; ++r) acc = __fadd_rn(acc, partial[r * C + c]);
+    store_counted(out, c, __fadd_rn(load<T>(out[c]), acc), tally);
+  }
+  if (kNarrow<T>) tally.flush(counters);
+}
+
+void expect_stats(const char* op, const char* arg, const Tensor& t, int64_t N) {
+  expect_tensor(op, arg, as_shape(t, {N}), DType::f32, {N});
+}
+
+// C and N of an (..., C) input.
+void rows_of(const char* op, const Tensor& inp, int64_t* N, int64_t* C) {
+  if (!inp.defined() || inp.shape.ndim < 1 || inp.dim(-1) <= 0)
+    throw RuntimeError(std::string(op) + ": argument 'inp' expected a float tensor (..., C), got " +
+                       inp.shape.str());
+  *C = inp.dim(-1);
+  *N = inp.numel() / *C;
+}
+
+}  // namespace
 
 void layernorm_forward(Context& ctx, Tensor out, Tensor mean, Tensor rstd, Tensor inp,
                        Tensor weight, Tensor bias) {
-  throw RuntimeError("CUDA backend: op 'layernorm_forward' is not implemented yet");
+  const char* op = "layernorm_forward";
+  int64_t N, C;
+  rows_of(op, inp, &N, &C);
+  expect_float(op, "inp", as_shape(inp, {N, C}), {N, C});
+  expect_float(op, "out", as_shape(out, {N, C}), {N, C});
+  expect_stats(op, "mean", mean, N);
+  expect_stats(op, "rstd", rstd, N);
+  expect_float(op, "weight", weight, {C});
+  expect_float(op, "bias", bias, {C});
+  if (N == 0) return;
+  unsigned long long* counters = ctx.cast_counters(TensorClass::activation);
+  const unsigned blocks = static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock);
+  MPT_DISPATCH_FLOAT(out.dtype, "layernorm_forward: out", [&] {
+    layernorm_forward_kernel<T><<<blocks, kBlock, 0, ctx.stream()>>>(
+        static_cast<T*>(out.data), static_cast<float*>(mean.data), static_cast<float*>(rstd.data),
+        inp.data, inp.dtype, weight.data, weight.dtype, bias.data, bias.dtype, N, C, counters);
+  });
+  MPT_LAUNCH_CHECK(ctx, op);
+  if (out.dtype != DType::f32) ctx.add_cast_values(TensorClass::activation, N * C);
 }
 
 void layernorm_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                         Tensor inp, Tensor weight, Tensor mean, Tensor rstd) {
-  throw RuntimeError("CUDA backend: op 'layernorm_backward' is not implemented yet");
+  const char* op = "layernorm_backward";
+  int64_t N, C;
+  rows_of(op, inp, &N, &C);
+  expect_float(op, "inp", as_shape(inp, {N, C}), {N, C});
+  expect_float(op, "dinp", as_shape(dinp, {N, C}), {N, C});
+  expect_float(op, "dout", as_shape(dout, {N, C}), {N, C});
+  expect_float(op, "weight", weight, {C});
+  expect_float(op, "dweight", dweight, {C});
+  expect_float(op, "dbias", dbias, {C});
+  expect_stats(op, "mean", mean, N);
+  expect_stats(op, "rstd", rstd, N);
+  if (N == 0) return;
+  unsigned long long* counters = ctx.cast_counters(TensorClass::gradient);
+  const float* mu = static_cast<const float*>(mean.data);
+  const float* rs = static_cast<const float*>(rstd.data);
+
+  const unsigned row_blocks = static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock);
+  MPT_DISPATCH_FLOAT(dinp.dtype, "layernorm_backward: dinp", [&] {
+    layernorm_dinp_kernel<T><<<row_blocks, kBlock, 0, ctx.stream()>>>(
+        static_cast<T*>(dinp.data), dout.data, dout.dtype, inp.data, inp.dtype, weight.data,
+        weight.dtype, mu, rs, N, C, counters);
+  });
+  MPT_LAUNCH_CHECK(ctx, op);
+
+  // Chunks of kRowChunk rows, longer when there would be more than 65535 (the grid's y limit).
+  const int64_t row_chunk = std::max(kRowChunk, (N + 65534) / 65535);
+  const int64_t chunks = (N + row_chunk - 1) / row_chunk;
+  float* pw = static_cast<float*>(
+      ctx.scratch(Scratch::kReduce, static_cast<size_t>(2 * chunks * C) * sizeof(float)));
+  float* pb = pw + chunks * C;
+  layernorm_partials_kernel<<<dim3(blocks_for(C), static_cast<unsigned>(chunks)), kBlock, 0,
+                              ctx.stream()>>>(pw, pb, dout.data, dout.dtype, inp.data, inp.dtype,
+                                              mu, rs, N, C, row_chunk);
+  MPT_LAUNCH_CHECK(ctx, op);
+  MPT_DISPATCH_FLOAT(dweight.dtype, "layernorm_backward: dweight", [&] {
+    column_sum_kernel<T><<<grid_stride_blocks(C), kBlock, 0, ctx.stream()>>>(
+        static_cast<T*>(dweight.data), pw, chunks, C, counters);
+  });
+  MPT_LAUNCH_CHECK(ctx, op);
+  MPT_DISPATCH_FLOAT(dbias.dtype, "layernorm_backward: dbias", [&] {
+    column_sum_kernel<T><<<grid_stride_blocks(C), kBlock, 0, ctx.stream()>>>(
+        static_cast<T*>(dbias.data), pb, chunks, C, counters);
+  });
+  MPT_LAUNCH_CHECK(ctx, op);
+  for (const Tensor* t : {&dinp, &dweight, &dbias})
+    if (t->dtype != DType::f32) ctx.add_cast_values(TensorClass::gradient, t->numel());
 }
 
 }  // namespace mpt::cuda

@@ -1,0 +1,500 @@
+// The CUDA backend's elementwise, normalisation, embedding, classifier, reduction and optimizer
+// ops against the CPU backend (the oracle), op by op and dtype by dtype, in the spirit of ggml's
+// test-backend-ops:
+//  - fresh random inputs (the project's Rng, a fresh seed per run: MPT_TEST_SEED reproduces),
+//    rounded to their dtypes, of awkward shapes (not multiples of 32);
+//  - the op runs on both backends; outputs are compared within a tolerance scaled by the output
+//    dtype's unit roundoff plus fp32 arithmetic error (bit for bit where the CUDA kernel sums in
+//    the CPU's order: casts, fills, embedding backward, AdamW, amax, count_nonfinite,
+//    sum_squares). NaN never passes a comparison, so an element left unwritten fails;
+//  - every GPU output lives inside guard elements (a byte pattern before and after it) that must
+//    be unchanged afterwards (out-of-bounds writes), and outputs that an op writes start filled
+//    with NaN bytes (elements it forgets to write);
+//  - the cast statistics each op adds equal the CPU's, per tensor class.
+// Every test starts with MPT_REQUIRE_GPU(): without a GPU (or a CUDA build) they skip.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cuda_test_util.h"
+#include "test_util.h"
+
+using namespace mpt;
+using namespace mpt::test;
+
+namespace {
+
+constexpr int64_t kGuard = 37;              // guard elements on each side of a GPU tensor
+constexpr uint8_t kGuardByte = 0xA5;        // their bytes
+constexpr uint8_t kUnwrittenByte = 0xFF;    // a write-only output's bytes before the op: NaN
+
+// A GPU tensor t inside guards: [kGuard elements | t | kGuard elements].
+struct GpuTensor {
+  Buffer buf;
+  Tensor t;      // the tensor ops see
+  Tensor whole;  // every byte, guards included (as a 1-byte dtype)
+  size_t guard_bytes = 0;
+};
+
+// Uploads host tensor h (CPU backend memory) into guards; `write_only`: the interior starts as
+// NaN bytes instead of h's values (for outputs the op overwrites).
+GpuTensor to_gpu(Backend& gpu, const Tensor& h, bool write_only = false) {
+  GpuTensor g;
+  const size_t nb = h.bytes();
+  g.guard_bytes = static_cast<size_t>(kGuard) * dtype_size(h.dtype);
+  const size_t total = nb + 2 * g.guard_bytes;
+  g.buf = gpu.allocate(total);
+  g.whole = g.buf.view(0, DType::e4m3, {static_cast<int64_t>(total)});
+  g.t = g.buf.view(g.guard_bytes, h.dtype, h.shape);
+  std::vector<uint8_t> bytes(total, kGuardByte);
+  if (write_only)
+    std::memset(bytes.data() + g.guard_bytes, kUnwrittenByte, nb);
+  else if (nb)
+    std::memcpy(bytes.data() + g.guard_bytes, h.data, nb);
+  gpu.copy_from_host(g.whole, bytes.data());
+  return g;
+}
+
+// The interior's bytes, after checking that the guards are intact.
+std::vector<uint8_t> fetch_bytes(Backend& gpu, const GpuTensor& g, const std::string& what) {
+  std::vector<uint8_t> all(g.whole.bytes());
+  gpu.copy_to_host(all.data(), g.whole);
+  int64_t bad = 0;
+  const size_t nb = g.t.bytes();
+  for (size_t i = 0; i < g.guard_bytes; ++i) {
+    bad += all[i] != kGuardByte;
+    bad += all[g.guard_bytes + nb + i] != kGuardByte;
+  }
+  EXPECT_EQ(bad, 0) << what << ": bytes of the guards around the output were overwritten";
+  return {all.begin() + static_cast<int64_t>(g.guard_bytes),
+          all.begin() + static_cast<int64_t>(g.guard_bytes + nb)};
+}
+
+std::vector<float> fetch(Backend& gpu, const GpuTensor& g, const std::string& what) {
+  std::vector<uint8_t> b = fetch_bytes(gpu, g, what);
+  return widened(Tensor(b.data(), g.t.dtype, g.t.shape));
+}
+
+std::vector<uint32_t> bits_of(const Tensor& t) {
+  std::vector<uint32_t> v(static_cast<size_t>(t.numel()));
+  for (int64_t i = 0; i < t.numel(); ++i) v[i] = raw_bits(t, i);
+  return v;
+}
+
+std::vector<uint32_t> fetch_bits(Backend& gpu, const GpuTensor& g, const std::string& what) {
+  std::vector<uint8_t> b = fetch_bytes(gpu, g, what);
+  return bits_of(Tensor(b.data(), g.t.dtype, g.t.shape));
+}
+
+// got ~ want elementwise: |got - want| <= rtol |want| + atol with rtol = 4 u_d + rel32 (a
+// one-ulp difference in the output dtype, whose unit roundoff is u_d, plus fp32 arithmetic
+// error), atol = rel32 * max|want| + the smallest subnormal of d (cancellation in sums). A
+// non-finite want must be matched in kind (NaN by NaN, inf by the same inf); a NaN got where
+// want is finite fails.
+void expect_close(const std::string& what, const std::vector<float>& got,
+                  const std::vector<float>& want, DType d, double rel32 = 2e-5) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  double maxabs = 0.0;
+  for (float w : want)
+    if (std::isfinite(w)) maxabs = std::max(maxabs, std::fabs(static_cast<double>(w)));
+  const double u = d == DType::f32 ? 0.0 : dtype_epsilon(d) / 2;
+  const double rtol = 4 * u + rel32;
+  const double atol = rel32 * maxabs + (d == DType::f32 ? 0.0 : dtype_traits(d).min_subnormal);
+  int64_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double g = got[i], w = want[i];
+    bool ok;
+    if (std::isnan(w)) ok = std::isnan(g);
+    else if (std::isinf(w)) ok = g == w;
+    else ok = std::isfinite(g) && std::fabs(g - w) <= atol + rtol * std::fabs(w);
+    if (!ok && ++bad <= 5)
+      ADD_FAILURE() << what << " [" << i << "]: got " << g << ", want " << w << " (dtype "
+                    << dtype_name(d) << ", tolerance " << atol + rtol * std::fabs(w) << ")";
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " elements differ";
+}
+
+void expect_same_bits(const std::string& what, const std::vector<uint32_t>& got,
+                      const std::vector<uint32_t>& want) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  int64_t bad = 0;
+  for (size_t i = 0; i < got.size(); ++i)
+    if (got[i] != want[i] && ++bad <= 5)
+      ADD_FAILURE() << what << " [" << i << "]: bits 0x" << std::hex << got[i] << ", want 0x"
+                    << want[i] << std::dec;
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << got.size() << " elements differ";
+}
+
+void expect_same_counts(const Backend& gpu, const Backend& cpu, const std::string& what) {
+  for (int k = 0; k < kTensorClasses; ++k) {
+    const TensorClass c = static_cast<TensorClass>(k);
+    const CastCounts g = gpu.cast_counts(c), w = cpu.cast_counts(c);
+    EXPECT_EQ(g.values, w.values) << what << ": cast values, " << tensor_class_name(c);
+    EXPECT_EQ(g.overflow, w.overflow) << what << ": overflows, " << tensor_class_name(c);
+    EXPECT_EQ(g.underflow, w.underflow) << what << ": underflows, " << tensor_class_name(c);
+  }
+}
+
+// Token ids in [0, limit), with repeats.
+Owned random_ids(Backend& cpu, Shape s, int64_t limit, Rng& rng) {
+  Owned o = make(cpu, s, DType::i32);
+  for (int64_t i = 0; i < o.n(); ++i) o.i()[i] = static_cast<int32_t>(rng.below(limit));
+  return o;
+}
+
+const char* short_name(DType d) {
+  switch (d) {
+    case DType::f32: return "f32";
+    case DType::f16: return "f16";
+    case DType::bf16: return "bf16";
+    case DType::e4m3: return "e4m3";
+    case DType::e5m2: return "e5m2";
+    case DType::i32: return "i32";
+  }
+  return "?";
+}
+
+// ---- the suite: one parameter, the dtype of the op's float tensors (statistics stay fp32)
+
+class CudaOps : public ::testing::TestWithParam<DType> {
+ protected:
+  void SetUp() override {
+    MPT_REQUIRE_GPU();
+    gpu_ = make_backend("cuda", 1);
+    cpu_ = std::make_unique<CpuBackend>(2);
+    rng_.reseed(fresh_seed());
+  }
+  void reset_counts() {
+    gpu_->reset_cast_counts();
+    cpu_->reset_cast_counts();
+  }
+  DType d() const { return GetParam(); }
+  Owned rand(Shape s, double scale = 1.0, double mean = 0.0) {
+    return randn_as(*cpu_, s, d(), rng_, scale, mean);
+  }
+
+  void layernorm_case(DType wd);
+
+  std::unique_ptr<Backend> gpu_, cpu_;
+  Rng rng_;
+};
+
+TEST_P(CudaOps, Fill) {
+  MPT_REQUIRE_GPU();
+  Owned h = make(*cpu_, {37, 67}, d());
+  GpuTensor g = to_gpu(*gpu_, h.t, true);
+  reset_counts();
+  for (float value : {0.1f, -3.0e38f, 1e-30f}) {
+    cpu_->fill(h.t, value);
+    gpu_->fill(g.t, value);
+    expect_same_bits("fill", fetch_bits(*gpu_, g, "fill"), bits_of(h.t));
+  }
+  expect_same_counts(*gpu_, *cpu_, "fill (not counted)");
+}
+
+TEST_P(CudaOps, Residual) {
+  MPT_REQUIRE_GPU();
+  const Shape s{3, 37, 67};
+  // b in fp32 (a residual stream of another dtype than the branch it adds): mixed inputs.
+  Owned a = rand(s), b = randn_as(*cpu_, s, DType::f32, rng_), out = make(*cpu_, s, d());
+  GpuTensor ga = to_gpu(*gpu_, a.t), gb = to_gpu(*gpu_, b.t), go = to_gpu(*gpu_, out.t, true);
+  reset_counts();
+  cpu_->residual_forward(out.t, a.t, b.t);
+  gpu_->residual_forward(go.t, ga.t, gb.t);
+  // One rounding of an exact-ish fp32 sum: the same bits.
+  expect_same_bits("residual out", fetch_bits(*gpu_, go, "residual out"), bits_of(out.t));
+  expect_same_counts(*gpu_, *cpu_, "residual");
+}
+
+TEST_P(CudaOps, GeluForwardAndBackward) {
+  MPT_REQUIRE_GPU();
+  const Shape s{37, 3 * 67};
+  Owned x = rand(s, 2.0), dout = rand(s);
+  Owned out = make(*cpu_, s, d()), dinp = make(*cpu_, s, d());
+  GpuTensor gx = to_gpu(*gpu_, x.t), gd = to_gpu(*gpu_, dout.t);
+  GpuTensor go = to_gpu(*gpu_, out.t, true), gdi = to_gpu(*gpu_, dinp.t, true);
+  reset_counts();
+  cpu_->gelu_forward(out.t, x.t);
+  gpu_->gelu_forward(go.t, gx.t);
+  // expf differs from glibc's by an ulp or two, amplified near GELU's zero crossing.
+  expect_close("gelu out", fetch(*gpu_, go, "gelu out"), widened(out.t), d(), 1e-5);
+  expect_same_counts(*gpu_, *cpu_, "gelu_forward");
+  reset_counts();
+  cpu_->gelu_backward(dinp.t, x.t, dout.t);
+  gpu_->gelu_backward(gdi.t, gx.t, gd.t);
+  expect_close("gelu dinp", fetch(*gpu_, gdi, "gelu dinp"), widened(dinp.t), d(), 1e-5);
+  expect_same_counts(*gpu_, *cpu_, "gelu_backward");
+}
+
+TEST_P(CudaOps, EmbeddingForwardAndBackward) {
+  MPT_REQUIRE_GPU();
+  const int64_t B = 3, T = 37, C = 67, Vp = 101, maxT = 41;
+  Owned tok = random_ids(*cpu_, {B, T}, 13, rng_);  // few distinct ids: many repeats
+  tok.i()[5] = static_cast<int32_t>(Vp - 1);        // the last row too
+  Owned wte = rand({Vp, C}), wpe = rand({maxT, C});
+  Owned out = make(*cpu_, {B, T, C}, d());
+  GpuTensor gtok = to_gpu(*gpu_, tok.t), gwte = to_gpu(*gpu_, wte.t), gwpe = to_gpu(*gpu_, wpe.t);
+  GpuTensor gout = to_gpu(*gpu_, out.t, true);
+  reset_counts();
+  cpu_->embedding_forward(out.t, tok.t, wte.t, wpe.t);
+  gpu_->embedding_forward(gout.t, gtok.t, gwte.t, gwpe.t);
+  expect_same_bits("embedding out", fetch_bits(*gpu_, gout, "embedding out"), bits_of(out.t));
+  expect_same_counts(*gpu_, *cpu_, "embedding_forward");
+
+  // Accumulating outputs start from random values; the CUDA kernels add in the CPU's order.
+  Owned dout = rand({B, T, C}), dwte = rand({Vp, C}), dwpe = rand({maxT, C});
+  GpuTensor gdout = to_gpu(*gpu_, dout.t), gdwte = to_gpu(*gpu_, dwte.t),
+            gdwpe = to_gpu(*gpu_, dwpe.t);
+  reset_counts();
+  cpu_->embedding_backward(dwte.t, dwpe.t, dout.t, tok.t);
+  gpu_->embedding_backward(gdwte.t, gdwpe.t, gdout.t, gtok.t);
+  expect_same_bits("embedding dwte", fetch_bits(*gpu_, gdwte, "dwte"), bits_of(dwte.t));
+  expect_same_bits("embedding dwpe", fetch_bits(*gpu_, gdwpe, "dwpe"), bits_of(dwpe.t));
+  expect_same_counts(*gpu_, *cpu_, "embedding_backward");
+  // Twice more: deterministic.
+  for (int rep = 0; rep < 2; ++rep) {
+    cpu_->embedding_backward(dwte.t, dwpe.t, dout.t, tok.t);
+    gpu_->embedding_backward(gdwte.t, gdwpe.t, gdout.t, gtok.t);
+  }
+  expect_same_bits("embedding dwte x3", fetch_bits(*gpu_, gdwte, "dwte"), bits_of(dwte.t));
+}
+
+TEST_P(CudaOps, EmbeddingRejectsBadTokenIds) {
+  MPT_REQUIRE_GPU();
+  Owned tok = random_ids(*cpu_, {2, 5}, 7, rng_);
+  tok.i()[3] = 7;
+  Owned wte = rand({7, 33}), wpe = rand({5, 33}), out = make(*cpu_, {2, 5, 33}, d());
+  GpuTensor gtok = to_gpu(*gpu_, tok.t), gwte = to_gpu(*gpu_, wte.t), gwpe = to_gpu(*gpu_, wpe.t);
+  GpuTensor gout = to_gpu(*gpu_, out.t, true);
+  EXPECT_THROW(gpu_->embedding_forward(gout.t, gtok.t, gwte.t, gwpe.t), RuntimeError);
+}
+
+// wd: the dtype of the weight, bias and their gradients (the activations' d(), or fp32 as the
+// mixed policies keep them).
+void CudaOps::layernorm_case(DType wd) {
+  const int64_t B = 2, T = 37, C = 67, N = B * T;
+  Owned x = rand({B, T, C}, 1.5, 0.3);
+  Owned w = randn_as(*cpu_, {C}, wd, rng_, 0.5, 1.0), b = randn_as(*cpu_, {C}, wd, rng_, 0.2);
+  Owned out = make(*cpu_, {B, T, C}, d());
+  Owned mean = make(*cpu_, {B, T}), rstd = make(*cpu_, {B, T});
+  GpuTensor gx = to_gpu(*gpu_, x.t), gw = to_gpu(*gpu_, w.t), gb = to_gpu(*gpu_, b.t);
+  GpuTensor gout = to_gpu(*gpu_, out.t, true), gmean = to_gpu(*gpu_, mean.t, true),
+            grstd = to_gpu(*gpu_, rstd.t, true);
+  reset_counts();
+  cpu_->layernorm_forward(out.t, mean.t, rstd.t, x.t, w.t, b.t);
+  gpu_->layernorm_forward(gout.t, gmean.t, grstd.t, gx.t, gw.t, gb.t);
+  expect_close("layernorm out", fetch(*gpu_, gout, "ln out"), widened(out.t), d());
+  expect_close("layernorm mean", fetch(*gpu_, gmean, "ln mean"), widened(mean.t), DType::f32);
+  expect_close("layernorm rstd", fetch(*gpu_, grstd, "ln rstd"), widened(rstd.t), DType::f32);
+  expect_same_counts(*gpu_, *cpu_, "layernorm_forward");
+
+  // The backward reads the CPU's statistics on both sides (the same inputs).
+  GpuTensor gmean2 = to_gpu(*gpu_, mean.t), grstd2 = to_gpu(*gpu_, rstd.t);
+  Owned dout = rand({B, T, C}), dinp = rand({B, T, C});
+  Owned dw = randn_as(*cpu_, {C}, wd, rng_), db = randn_as(*cpu_, {C}, wd, rng_);
+  GpuTensor gdout = to_gpu(*gpu_, dout.t), gdinp = to_gpu(*gpu_, dinp.t),
+            gdw = to_gpu(*gpu_, dw.t), gdb = to_gpu(*gpu_, db.t);
+  reset_counts();
+  cpu_->layernorm_backward(dinp.t, dw.t, db.t, dout.t, x.t, w.t, mean.t, rstd.t);
+  gpu_->layernorm_backward(gdinp.t, gdw.t, gdb.t, gdout.t, gx.t, gw.t, gmean2.t, grstd2.t);
+  // Sums over C (dinp) and over N rows (dweight, dbias) in another order than the CPU's.
+  const double rel = 1e-5 * std::sqrt(static_cast<double>(std::max(N, C)));
+  expect_close("layernorm dinp", fetch(*gpu_, gdinp, "ln dinp"), widened(dinp.t), d(), rel);
+  expect_close("layernorm dweight", fetch(*gpu_, gdw, "ln dweight"), widened(dw.t), wd, rel);
+  expect_close("layernorm dbias", fetch(*gpu_, gdb, "ln dbias"), widened(db.t), wd, rel);
+  expect_same_counts(*gpu_, *cpu_, "layernorm_backward");
+}
+
+TEST_P(CudaOps, LayerNormForwardAndBackward) {
+  MPT_REQUIRE_GPU();
+  layernorm_case(d());
+}
+
+TEST_P(CudaOps, LayerNormWithFp32WeightsAndNarrowActivations) {
+  MPT_REQUIRE_GPU();
+  if (d() == DType::f32) GTEST_SKIP() << "covered by LayerNormForwardAndBackward";
+  layernorm_case(DType::f32);
+}
+
+TEST_P(CudaOps, CrossEntropy) {
+  MPT_REQUIRE_GPU();
+  const int64_t N = 37, V = 101, Vp = 107;
+  Owned targets = random_ids(*cpu_, {N}, V, rng_);
+  targets.i()[0] = static_cast<int32_t>(V - 1);
+  for (float dloss : {0.0f, 1.0f / static_cast<float>(N)}) {
+    Owned logits = rand({N, Vp}, 3.0), losses = make(*cpu_, {N});
+    GpuTensor glogits = to_gpu(*gpu_, logits.t), glosses = to_gpu(*gpu_, losses.t, true);
+    GpuTensor gtargets = to_gpu(*gpu_, targets.t);
+    const std::vector<uint32_t> before = bits_of(logits.t);
+    reset_counts();
+    cpu_->crossentropy_forward_backward(losses.t, logits.t, targets.t, static_cast<int>(V), dloss);
+    gpu_->crossentropy_forward_backward(glosses.t, glogits.t, gtargets.t, static_cast<int>(V),
+                                        dloss);
+    const std::string what = dloss == 0.0f ? "crossentropy (no grad)" : "crossentropy";
+    expect_close(what + " losses", fetch(*gpu_, glosses, what + " losses"), widened(losses.t),
+                 DType::f32, 1e-5);
+    if (dloss == 0.0f)
+      expect_same_bits(what + " logits unchanged", fetch_bits(*gpu_, glogits, what), before);
+    else
+      expect_close(what + " dlogits", fetch(*gpu_, glogits, what + " dlogits"), widened(logits.t),
+                   d(), 1e-5);
+    expect_same_counts(*gpu_, *cpu_, what);
+  }
+}
+
+TEST_P(CudaOps, AmaxCountNonfiniteSumSquares) {
+  MPT_REQUIRE_GPU();
+  // More than one of sum_squares' 2^14-element chunks and of the reductions' blocks.
+  const int64_t n = 3 * (int64_t{1} << 14) + 37;
+  Owned x = rand({n}, 4.0);
+  for (int pass = 0; pass < 3; ++pass) {
+    if (pass == 1) store_rounded(x.t, n - 2, INFINITY);
+    if (pass == 2) store_rounded(x.t, 12345, NAN);
+    GpuTensor g = to_gpu(*gpu_, x.t);
+    const std::string what = std::string("pass ") + std::to_string(pass);
+    const float ag = gpu_->amax(g.t), ac = cpu_->amax(x.t);
+    if (std::isnan(ac))
+      EXPECT_TRUE(std::isnan(ag)) << what << ": amax " << ag;
+    else
+      EXPECT_EQ(ag, ac) << what << ": amax";
+    EXPECT_EQ(gpu_->count_nonfinite(g.t), cpu_->count_nonfinite(x.t)) << what;
+    const double sg = gpu_->sum_squares(g.t), sc = cpu_->sum_squares(x.t);
+    if (std::isfinite(sc))
+      EXPECT_EQ(sg, sc) << what << ": sum_squares (the CPU's order, bit for bit)";
+    else
+      EXPECT_EQ(std::isnan(sg), std::isnan(sc)) << what << ": sum_squares " << sg;
+    fetch_bytes(*gpu_, g, what + ": reductions must not write");
+  }
+}
+
+// AdamW: without a master (param in d, rounded to nearest), with a master (param in d != fp32),
+// and (bf16) with stochastic rounding: bit-identical to the CPU, lost updates equal.
+TEST_P(CudaOps, AdamW) {
+  MPT_REQUIRE_GPU();
+  const Shape s{37, 67};
+  struct Case { bool master, sr; };
+  for (Case c : {Case{false, false}, Case{true, false}, Case{false, true}}) {
+    if (c.master && d() == DType::f32) continue;
+    if (c.sr && d() != DType::bf16) continue;
+    const std::string what = std::string("adamw") + (c.master ? " master" : "") +
+                             (c.sr ? " stochastic rounding" : "");
+    Owned param = rand(s, 0.05), grad = rand(s, 1e-2);
+    Owned m = randn_as(*cpu_, s, DType::f32, rng_, 1e-3), v = make(*cpu_, s);
+    for (int64_t i = 0; i < v.n(); ++i) v.f()[i] = static_cast<float>(1e-6 * (1 + rng_.uniform()));
+    Owned master = f32_copy(*cpu_, param.t);
+    if (c.master)  // a master that the parameter is a rounding of
+      for (int64_t i = 0; i < master.n(); ++i) master.f()[i] += static_cast<float>(1e-5 * rng_.normal());
+    GpuTensor gp = to_gpu(*gpu_, param.t), gg = to_gpu(*gpu_, grad.t), gm = to_gpu(*gpu_, m.t),
+              gv = to_gpu(*gpu_, v.t), gmaster = to_gpu(*gpu_, master.t);
+    AdamWParams p{};
+    p.lr = 3e-4f;
+    p.beta1 = 0.9f;
+    p.beta2 = 0.95f;
+    p.eps = 1e-8f;
+    p.weight_decay = 0.1f;
+    p.grad_scale = 0.5f;
+    p.stochastic_rounding = c.sr;
+    p.sr_seed = rng_.next_u64();
+    for (int64_t step = 1; step <= 3; ++step) {
+      p.step = step;
+      AdamWStats sg, sc;
+      reset_counts();
+      cpu_->adamw_update(param.t, c.master ? master.t : Tensor(), grad.t, m.t, v.t, p, &sc);
+      gpu_->adamw_update(gp.t, c.master ? gmaster.t : Tensor(), gg.t, gm.t, gv.t, p, &sg);
+      const std::string w = what + " step " + std::to_string(step);
+      expect_same_bits(w + " param", fetch_bits(*gpu_, gp, w + " param"), bits_of(param.t));
+      expect_same_bits(w + " m", fetch_bits(*gpu_, gm, w + " m"), bits_of(m.t));
+      expect_same_bits(w + " v", fetch_bits(*gpu_, gv, w + " v"), bits_of(v.t));
+      if (c.master)
+        expect_same_bits(w + " master", fetch_bits(*gpu_, gmaster, w + " master"),
+                         bits_of(master.t));
+      EXPECT_EQ(sg.values, sc.values) << w;
+      EXPECT_EQ(sg.lost_updates, sc.lost_updates) << w;
+      expect_same_counts(*gpu_, *cpu_, w);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, CudaOps,
+                         ::testing::Values(DType::f32, DType::f16, DType::bf16),
+                         [](const ::testing::TestParamInfo<DType>& i) {
+                           return std::string(short_name(i.param));
+                         });
+
+// ---- cast: every pair of float dtypes, fp8 included, with values that overflow, underflow and
+// are not finite; bit-identical (both backends convert through core/formats.h) and counted alike.
+
+struct CastPair {
+  DType src, dst;
+};
+
+class CudaCast : public ::testing::TestWithParam<CastPair> {};
+
+TEST_P(CudaCast, MatchesCpuBitForBitWithCounts) {
+  MPT_REQUIRE_GPU();
+  auto gpu = make_backend("cuda", 1);
+  CpuBackend cpu(2);
+  Rng rng(fresh_seed());
+  const CastPair pr = GetParam();
+  const int64_t n = 4099;
+  Owned src = make(cpu, {n}, pr.src);
+  const float specials[] = {1e6f, -7e4f, 6e4f, 1e-30f, -1e-8f, 3e-5f, 0.0f, -0.0f,
+                            INFINITY, -INFINITY, NAN, 448.0f, 500.0f, 65520.0f};
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = i < 14 ? specials[i] : static_cast<float>(rng.normal() * std::exp(4 * rng.normal()));
+    store_rounded(src.t, i, v);
+  }
+  Owned dst = make(cpu, {n}, pr.dst);
+  GpuTensor gs = to_gpu(*gpu, src.t), gd = to_gpu(*gpu, dst.t, true);
+  gpu->reset_cast_counts();
+  cpu.reset_cast_counts();
+  cpu.cast(dst.t, src.t, TensorClass::gradient);
+  gpu->cast(gd.t, gs.t, TensorClass::gradient);
+  expect_same_bits("cast", fetch_bits(*gpu, gd, "cast dst"), bits_of(dst.t));
+  expect_same_counts(*gpu, cpu, "cast");
+  fetch_bytes(*gpu, gs, "cast src must not change");
+}
+
+std::vector<CastPair> all_cast_pairs() {
+  const DType ds[] = {DType::f32, DType::f16, DType::bf16, DType::e4m3, DType::e5m2};
+  std::vector<CastPair> v;
+  for (DType s : ds)
+    for (DType d : ds) v.push_back({s, d});
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(AllPairs, CudaCast, ::testing::ValuesIn(all_cast_pairs()),
+                         [](const ::testing::TestParamInfo<CastPair>& i) {
+                           return std::string(short_name(i.param.src)) + "_to_" +
+                                  short_name(i.param.dst);
+                         });
+
+// ---- argument checks
+
+TEST(CudaOpsChecks, WrongDtypesAndShapesThrowNamingTheArgument) {
+  MPT_REQUIRE_GPU();
+  auto gpu = make_backend("cuda", 1);
+  Buffer buf = gpu->allocate(4096);
+  const Tensor f = buf.view(0, DType::f32, {4, 8}), i32 = buf.view(0, DType::i32, {4, 8});
+  const Tensor small = buf.view(0, DType::f32, {3, 8});
+  auto message = [](auto&& f) -> std::string {
+    try {
+      f();
+    } catch (const RuntimeError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_NE(message([&] { gpu->residual_forward(i32, f, f); }).find("'out'"), std::string::npos);
+  EXPECT_NE(message([&] { gpu->residual_forward(f, f, small); }).find("'b'"), std::string::npos);
+  EXPECT_NE(message([&] { gpu->gelu_forward(f, i32); }).find("'inp'"), std::string::npos);
+  EXPECT_NE(message([&] { gpu->cast(small, f, TensorClass::activation); }).find("cast"),
+            std::string::npos);
+}
+
+}  // namespace
