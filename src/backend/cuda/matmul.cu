@@ -24,6 +24,7 @@
 // stored (never quantised).
 #include <cublasLt.h>
 
+#include <cmath>
 #include <cstring>
 #include <string>
 
@@ -249,8 +250,11 @@ struct GemmArgs {
   const float* scale_b = nullptr;
 };
 
-// D = op(A) op(B) (times the fp8 inverse scales) + beta D (+ bias), as the plan says.
-void run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* what) {
+// D = op(A) op(B) (times the fp8 inverse scales) + beta D (+ bias), as the plan says. When
+// cuBLASLt has no algorithm: throws naming the GEMM, or with `may_fail` returns false (nothing
+// ran; remembered per key).
+bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* what,
+              bool may_fail = false) {
   const GemmEpilogue epi = g.bias ? GemmEpilogue::bias : GemmEpilogue::none;
   const GemmKey key =
       gemm_key(p, epi, pointer_alignment(reinterpret_cast<uintptr_t>(g.a)),
@@ -300,7 +304,14 @@ void run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* wh
     int count = 0;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.lt(), ds.op, ds.a, ds.b, ds.d,
                                                              ds.d, ds.pref, 1, &res, &count);
-    if (st != CUBLAS_STATUS_SUCCESS || count < 1 || res.state != CUBLAS_STATUS_SUCCESS)
+    const bool found = st == CUBLAS_STATUS_SUCCESS && count >= 1 && res.state == CUBLAS_STATUS_SUCCESS;
+    if (!found && may_fail) {
+      CachedAlgo none;
+      none.supported = false;
+      cache.emplace(key, none);
+      return false;
+    }
+    if (!found)
       throw RuntimeError(std::string("matmul (") + what + "): cuBLASLt has no algorithm for " +
                          key.str() + " (heuristic: " + cublas_status_name(st) + ", " +
                          std::to_string(count) + " result(s), state " +
@@ -314,6 +325,11 @@ void run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* wh
     c.workspace = res.workspaceSize;
     it = cache.emplace(key, c).first;
   }
+  if (!it->second.supported) {
+    if (may_fail) return false;
+    throw RuntimeError(std::string("matmul (") + what + "): cuBLASLt has no algorithm for " +
+                       key.str());
+  }
   cublasLtMatmulAlgo_t algo;
   std::memcpy(&algo, it->second.algo.data(), sizeof algo);
   const float alpha = 1.0f, beta = p.beta;
@@ -321,6 +337,7 @@ void run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* wh
                                 g.d, ds.d, &algo, ctx.lt_workspace(), ctx.lt_workspace_bytes(),
                                 ctx.stream()));
   MPT_LAUNCH_CHECK(ctx, what);
+  return true;
 }
 
 // Copies the amax words back (synchronising) into the requested host floats.
@@ -376,13 +393,20 @@ void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor 
   g.d = direct ? static_cast<float*>(out.data)
                : static_cast<float*>(ctx.scratch(Scratch::kMatmulOut,
                                                  operand_copy_bytes(N * OC, GemmType::f32)));
-  const BiasPath bp = bias_path(bias.defined(), direct, p.fp8, bias.dtype,
-                                reinterpret_cast<uintptr_t>(bias.data));
+  BiasPath bp = bias_path(bias.defined(), direct, p.fp8, bias.dtype,
+                          reinterpret_cast<uintptr_t>(bias.data));
+  bool done = false;
   if (bp == BiasPath::epilogue) {
     g.bias = bias.data;
     g.bias_dtype = bias.dtype;
+    // Should cuBLASLt take no BIAS epilogue for these types, the store kernel adds the bias.
+    done = run_gemm(ctx, p, g, "matmul_forward", /*may_fail=*/true);
+    if (!done) {
+      bp = BiasPath::store_kernel;
+      g.bias = nullptr;
+    }
   }
-  run_gemm(ctx, p, g, "matmul_forward");
+  if (!done) run_gemm(ctx, p, g, "matmul_forward");
   if (!direct || bp == BiasPath::store_kernel)
     store_output(ctx, g.d, out, bp == BiasPath::store_kernel ? bias : Tensor(), N, OC,
                  TensorClass::activation);

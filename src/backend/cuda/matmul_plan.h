@@ -112,9 +112,12 @@ GemmKey gemm_key(const GemmPlan& p, GemmEpilogue epi, uint32_t align_a, uint32_t
                  uint32_t align_d);
 
 // A chosen algorithm: cuBLASLt's cublasLtMatmulAlgo_t (64 opaque bytes) and its workspace.
+// `supported` false records that the heuristic found nothing (asked once per key: the forward
+// then adds its bias outside the GEMM instead of through the epilogue).
 struct CachedAlgo {
   std::array<uint64_t, 8> algo{};
   size_t workspace = 0;
+  bool supported = true;
 };
 using GemmAlgoCache = std::unordered_map<GemmKey, CachedAlgo, GemmKeyHash>;
 
