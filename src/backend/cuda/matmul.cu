@@ -19,11 +19,11 @@
 // backward needs (a 32x32 shared-memory tile: quantise and transpose in one pass). The A/B scale
 // pointers hold the inverse scales (device floats); the bias is added after the scaled product.
 //
-// dbias: a deterministic kernel, one thread per column summing the rows in order into the
-// existing value (the CPU's order, so fp32 dbias is bit-identical to the CPU's), reading dout as
-// stored (never quantised).
+// dbias: deterministic column sums of dout as stored (never quantised), in two passes: fixed
+// chunks of rows, then the chunks in order added to the existing value (fp32 sums, no atomics).
 #include <cublasLt.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -131,15 +131,29 @@ __global__ void store_kernel(const float* d, Tout* out, const Tbias* __restrict_
   if (kNarrow<Tout>) tally.flush(counters);
 }
 
-// dbias[o] += sum over rows of dout[n][o], in row order, in fp32; stored rounded and counted.
-template <class Td, class Tb>
-__global__ void dbias_kernel(const Td* __restrict__ dout, Tb* dbias, int64_t N, int64_t OC,
-                             unsigned long long* counters) {
+// dbias, deterministically in two passes (no atomics): partial column sums over fixed chunks of
+// kDbiasRows rows, then per column the existing value plus the partials in chunk order.
+constexpr int64_t kDbiasRows = 256;
+
+template <class Td>
+__global__ void dbias_partial_kernel(const Td* __restrict__ dout, float* __restrict__ part,
+                                     int64_t N, int64_t OC) {
+  const int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (o >= OC) return;
+  const int64_t n0 = blockIdx.y * kDbiasRows, n1 = min(N, n0 + kDbiasRows);
+  float s = 0.0f;
+  for (int64_t n = n0; n < n1; ++n) s = __fadd_rn(s, load<Td>(dout[n * OC + o]));
+  part[blockIdx.y * OC + o] = s;
+}
+
+template <class Tb>
+__global__ void dbias_final_kernel(const float* __restrict__ part, int64_t chunks, Tb* dbias,
+                                   int64_t OC, unsigned long long* counters) {
   CastTally tally;
   const int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (o < OC) {
     float s = load<Tb>(dbias[o]);
-    for (int64_t n = 0; n < N; ++n) s = __fadd_rn(s, load<Td>(dout[n * OC + o]));
+    for (int64_t c = 0; c < chunks; ++c) s = __fadd_rn(s, part[c * OC + o]);
     store_counted(dbias, o, s, tally);
   }
   if (kNarrow<Tb>) tally.flush(counters);
@@ -437,13 +451,19 @@ void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Te
   // The bias gradient sums dout as stored, before any quantisation.
   if (dbias.defined()) {
     expect_float("matmul_backward", "dbias", dbias, {OC});
+    const int64_t chunks = (N + kDbiasRows - 1) / kDbiasRows;
+    if (chunks > 65535) throw RuntimeError("matmul_backward: too many rows for the dbias grid");
+    float* part = static_cast<float*>(
+        ctx.scratch(Scratch::kReduce, std::max<size_t>(256, chunks * OC * sizeof(float))));
+    const dim3 grid(blocks_for(OC), static_cast<unsigned>(chunks < 1 ? 1 : chunks));
     MPT_DISPATCH_FLOAT(dout.dtype, "matmul_backward dout", [&] {
-      using Td = T;
-      MPT_DISPATCH_FLOAT(dbias.dtype, "matmul_backward dbias", [&] {
-        dbias_kernel<Td, T><<<blocks_for(OC), kBlock, 0, ctx.stream()>>>(
-            static_cast<const Td*>(dout.data), static_cast<T*>(dbias.data), N, OC,
-            ctx.cast_counters(TensorClass::gradient));
-      });
+      dbias_partial_kernel<T><<<grid, kBlock, 0, ctx.stream()>>>(static_cast<const T*>(dout.data),
+                                                                 part, N, OC);
+    });
+    MPT_LAUNCH_CHECK(ctx, "matmul_backward: dbias partial sums");
+    MPT_DISPATCH_FLOAT(dbias.dtype, "matmul_backward dbias", [&] {
+      dbias_final_kernel<T><<<blocks_for(OC), kBlock, 0, ctx.stream()>>>(
+          part, chunks, static_cast<T*>(dbias.data), OC, ctx.cast_counters(TensorClass::gradient));
     });
     MPT_LAUNCH_CHECK(ctx, "matmul_backward: dbias");
     if (dbias.dtype != DType::f32) ctx.add_cast_values(TensorClass::gradient, OC);
