@@ -525,6 +525,45 @@ TEST(CudaMatmul, Fp8E5m2TimesE5m2Throws) {
   EXPECT_THROW(gpu->matmul_backward(go.t, go.t, Tensor(), go.t, gx.t, gw.t, s), RuntimeError);
 }
 
+// amax is max |x| before quantisation: NaN when x holds a NaN, inf with an infinity, as on the
+// CPU; the casts of non-finite values are not counted as overflows or underflows.
+TEST(CudaMatmul, Fp8AmaxSeesNaNAndInfinity) {
+  MPT_REQUIRE_GPU();
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  CpuBackend cpu(1);
+  for (float bad : {INFINITY, NAN}) {
+    for (DType dt : {F32, BF}) {
+      Rng rng(7);
+      Owned x = test::randn_as(cpu, {32, 16}, dt, rng), w = test::randn_as(cpu, {16, 16}, dt, rng),
+            o = test::make(cpu, {32, 16}, F32);
+      test::store_rounded(x.t, 37, bad);
+      Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), go = to_gpu(*gpu, o.t);
+      float ac[2] = {-1, -1}, ag[2] = {-1, -1};
+      MatmulSpec sc(FP8), sg(FP8);
+      sc.inp = {DType::e4m3, 1.0f, &ac[0]};
+      sc.weight = {DType::e4m3, 1.0f, &ac[1]};
+      sg.inp = {DType::e4m3, 1.0f, &ag[0]};
+      sg.weight = {DType::e4m3, 1.0f, &ag[1]};
+      cpu.reset_cast_counts();
+      gpu->reset_cast_counts();
+      cpu.matmul_forward(o.t, x.t, w.t, Tensor(), sc);
+      gpu->matmul_forward(go.t, gx.t, gw.t, Tensor(), sg);
+      if (std::isnan(bad)) {
+        EXPECT_TRUE(std::isnan(ag[0])) << ag[0];
+      } else {
+        EXPECT_EQ(ag[0], INFINITY);
+      }
+      EXPECT_EQ(std::isnan(ag[0]), std::isnan(ac[0]));
+      if (!std::isnan(ac[0])) {
+        EXPECT_EQ(ag[0], ac[0]);
+      }
+      EXPECT_EQ(ag[1], ac[1]);
+      expect_same_counts(*gpu, cpu, "fp8 forward with a non-finite input");
+      from_gpu(*gpu, go, "out");  // guards only: the output holds the non-finite value's effects
+    }
+  }
+}
+
 // ---- attention
 
 struct AttCase {
