@@ -493,6 +493,8 @@ TEST(CudaMatmul, Bf16) {
   run_matmul_case({"all bf16", NAT, BF, BF, BF, BF, BF, BF, BF, BF, 37, 48, 80});
   run_matmul_case({"bf16 acts, fp32 weights", NAT, BF, F32, F32, BF, BF, BF, F32, F32, 37, 48, 80});
   run_matmul_case({"bf16, fp32 out", NAT, BF, BF, F32, F32, BF, F32, F32, F32, 5, 20, 12});
+  // fp32 output with a bf16 bias: no epilogue takes it; the store kernel adds it in place.
+  run_matmul_case({"bf16, fp32 out, bf16 bias", NAT, BF, BF, BF, F32, BF, F32, F32, BF, 37, 48, 80});
 }
 
 TEST(CudaMatmul, Fp8Hybrid) {
