@@ -10,6 +10,7 @@
 
 #include "backend/backend.h"
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/matmul_plan.h"
 
 namespace mpt::cuda {
 
@@ -48,6 +49,8 @@ enum class Scratch : int {
   kAttention,  // attention backward's d(scores) (B,NH,T,T) fp32
   kAttention2, // attention's staged q/k/v or d(q/k/v) in head-major layout
   kAttention3,
+  kOperandC,   // matmul backward: the fp8 transposed copy of dout
+  kMatmulOut,  // matmul: fp32 result staged before a counted store into fp16/bf16 outputs
   kCount
 };
 
@@ -80,6 +83,9 @@ class Context {
   std::array<CastCounts, kTensorClasses> read_cast_counters() const;
   void zero_cast_counters();
 
+  // cuBLASLt algorithms chosen per GEMM shape (matmul.cu): the heuristic runs once per key.
+  GemmAlgoCache& gemm_algos() { return gemm_algos_; }
+
   // Pinned host memory for small results copied back from the device (reductions).
   void* pinned(size_t bytes);
 
@@ -100,6 +106,7 @@ class Context {
   std::array<DeviceBuffer, static_cast<int>(Scratch::kCount)> scratch_;
   DeviceBuffer counters_;  // [kTensorClasses][2] unsigned long long
   std::array<int64_t, kTensorClasses> values_{};
+  GemmAlgoCache gemm_algos_;
   void* pinned_ = nullptr;
   size_t pinned_bytes_ = 0;
   bool debug_sync_ = false;

@@ -1,18 +1,543 @@
-// NOT IMPLEMENTED YET: placeholder so the backend links while the kernels are written.
-#include "backend/cuda/matmul.cuh"
+// Matmuls through cuBLASLt, fp32 accumulation (CUBLAS_COMPUTE_32F, fp32 scale type).
+//
+// How each product maps to a cuBLASLt GEMM (layouts, transposes, types, which operands need an
+// fp8 or transposed copy) is decided by the pure functions of matmul_plan.h; this file prepares
+// the operands, runs the GEMM and stores the results.
+//
+// Cast statistics (backend.h): outputs stored in fp16/bf16 count as activations (forward) or
+// gradients (backward), with overflows and underflows judged on the fp32 value before rounding,
+// as the CPU's commit() does. cuBLASLt rounds inside the GEMM where nothing can count, so the
+// GEMM always writes fp32: into the output itself when it is fp32, else into an fp32 staging
+// buffer (Scratch::kMatmulOut) that a counting store kernel rounds into the output (adding the
+// bias when the GEMM's epilogue did not). This costs an fp32 buffer of the output's size and a
+// pass over it; correct counts first, fused epilogues later.
+//
+// fp8: each operand is quantised with its per-tensor scale by one kernel that also reduces the
+// operand's amax and counts the casts (inp: activations, weight: weights, dout: gradients; the
+// backward's re-quantisations of inp and weight are neither counted nor report an amax, as on the
+// CPU). Hopper's fp8 GEMMs are TN only, so the same kernel writes the transposed copies the
+// backward needs (a 32x32 shared-memory tile: quantise and transpose in one pass). The A/B scale
+// pointers hold the inverse scales (device floats); the bias is added after the scaled product.
+//
+// dbias: deterministic column sums of dout as stored (never quantised), in two passes: fixed
+// chunks of rows, then the chunks in order added to the existing value (fp32 sums, no atomics).
+#include <cublasLt.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
 
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/matmul.cuh"
+#include "backend/cuda/matmul_plan.h"
 
 namespace mpt::cuda {
+namespace {
+
+static_assert(sizeof(cublasLtMatmulAlgo_t) == sizeof(CachedAlgo::algo),
+              "CachedAlgo must hold a cublasLtMatmulAlgo_t");
+
+cudaDataType_t cuda_type(GemmType t) {
+  switch (t) {
+    case GemmType::f32: return CUDA_R_32F;
+    case GemmType::f16: return CUDA_R_16F;
+    case GemmType::bf16: return CUDA_R_16BF;
+    case GemmType::e4m3: return CUDA_R_8F_E4M3;
+    case GemmType::e5m2: return CUDA_R_8F_E5M2;
+  }
+  return CUDA_R_32F;
+}
+
+void expect_float(const char* op, const char* arg, const Tensor& t, Shape shape) {
+  const bool ok = t.defined() &&
+                  (t.dtype == DType::f32 || t.dtype == DType::f16 || t.dtype == DType::bf16) &&
+                  t.numel() == shape.numel() && t.dim(-1) == shape[shape.ndim - 1];
+  if (!ok)
+    throw RuntimeError(std::string(op) + ": argument '" + arg + "' expected a float tensor " +
+                       "(fp32, fp16 or bf16) of shape " + shape.str() + ", got " +
+                       (t.defined() ? dtype_name(t.dtype) : "undefined") + t.shape.str());
+}
+
+// ---- kernels
+
+constexpr int kTile = 32;
+constexpr int kTileRows = 8;  // blockDim (32, 8): each thread handles 4 elements of a tile
+
+// q = saturate(RNE(x * scale)) in fp8 for a row-major (rows, cols) operand, written row-major to
+// y and/or transposed (cols, rows) to yt (either may be null). With counters: the casts'
+// overflows (finite |x * scale| above the format's largest value) and underflows (non-zero
+// values that became zero), as the CPU counts them. With amax_bits: max |x| (before scaling) as
+// magnitude bits, an integer atomicMax (order-independent; NaN's bits exceed infinity's).
+template <class Tin, bool kE4M3>
+__global__ void quantise_kernel(const Tin* __restrict__ x, int64_t rows, int64_t cols, float scale,
+                                uint8_t* __restrict__ y, uint8_t* __restrict__ yt,
+                                unsigned long long* counters, unsigned* amax_bits) {
+  __shared__ uint8_t tile[kTile][kTile + 1];
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const float maxf = kE4M3 ? 448.0f : 57344.0f;
+  CastTally tally;
+  unsigned am = 0;
+  for (int j = ty; j < kTile; j += kTileRows) {
+    const int64_t r = r0 + j, c = c0 + tx;
+    if (r < rows && c < cols) {
+      const float v = load<Tin>(x[r * cols + c]);
+      const unsigned mag = __float_as_uint(v) & 0x7FFFFFFFu;
+      am = mag > am ? mag : am;
+      const float s = __fmul_rn(v, scale);
+      const uint8_t q = static_cast<uint8_t>(
+          __nv_cvt_float_to_fp8(s, __NV_SATFINITE, kE4M3 ? __NV_E4M3 : __NV_E5M2));
+      if (y) y[r * cols + c] = q;
+      tile[j][tx] = q;
+      // stored == 0 exactly when the magnitude bits are zero (a NaN stays NaN: not counted).
+      tally.add(s, (q & 0x7Fu) ? 1.0f : 0.0f, maxf);
+    }
+  }
+  if (yt) {
+    __syncthreads();
+    for (int j = ty; j < kTile; j += kTileRows) {
+      const int64_t c = c0 + j, r = r0 + tx;  // yt[c][r] = tile[r - r0][c - c0]
+      if (r < rows && c < cols) yt[c * rows + r] = tile[tx][j];
+    }
+  }
+  if (counters) tally.flush(counters);
+  if (amax_bits) {
+    am = __reduce_max_sync(0xFFFFFFFFu, am);
+    if (tx == 0 && am) atomicMax(amax_bits, am);
+  }
+}
+
+template <class T>
+__global__ void widen_kernel(const T* __restrict__ x, float* __restrict__ y, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = load<T>(x[i]);
+}
+
+// out (rows, cols) = d (+ bias[col]), rounded to Tout and counted. d may alias out (fp32).
+template <class Tout, class Tbias>
+__global__ void store_kernel(const float* d, Tout* out, const Tbias* __restrict__ bias,
+                             int64_t rows, int64_t cols, unsigned long long* counters) {
+  CastTally tally;
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float v = d[i];
+    if (bias) v = __fadd_rn(v, load<Tbias>(bias[i % cols]));
+    store_counted(out, i, v, tally);
+  }
+  if (kNarrow<Tout>) tally.flush(counters);
+}
+
+// dbias, deterministically in two passes (no atomics): partial column sums over fixed chunks of
+// kDbiasRows rows, then per column the existing value plus the partials in chunk order.
+constexpr int64_t kDbiasRows = 256;
+
+template <class Td>
+__global__ void dbias_partial_kernel(const Td* __restrict__ dout, float* __restrict__ part,
+                                     int64_t N, int64_t OC) {
+  const int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (o >= OC) return;
+  const int64_t n0 = blockIdx.y * kDbiasRows, n1 = min(N, n0 + kDbiasRows);
+  float s = 0.0f;
+  for (int64_t n = n0; n < n1; ++n) s = __fadd_rn(s, load<Td>(dout[n * OC + o]));
+  part[blockIdx.y * OC + o] = s;
+}
+
+template <class Tb>
+__global__ void dbias_final_kernel(const float* __restrict__ part, int64_t chunks, Tb* dbias,
+                                   int64_t OC, unsigned long long* counters) {
+  CastTally tally;
+  const int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (o < OC) {
+    float s = load<Tb>(dbias[o]);
+    for (int64_t c = 0; c < chunks; ++c) s = __fadd_rn(s, part[c * OC + o]);
+    store_counted(dbias, o, s, tally);
+  }
+  if (kNarrow<Tb>) tally.flush(counters);
+}
+
+__global__ void set_floats_kernel(float* p, float a, float b, float c) {
+  p[0] = a;
+  p[1] = b;
+  p[2] = c;
+}
+
+// ---- host helpers
+
+// Device words of one matmul call (in Scratch::kReduce): amax bits per operand, inverse scales.
+struct Fp8Words {
+  unsigned* amax;  // [3]: inp, weight, dout
+  float* scale_inv;  // [3]
+};
+constexpr int kInp = 0, kWeight = 1, kDout = 2;
+
+Fp8Words fp8_words(Context& ctx) {
+  char* p = static_cast<char*>(ctx.scratch(Scratch::kReduce, 256));
+  Fp8Words w{reinterpret_cast<unsigned*>(p), reinterpret_cast<float*>(p + 64)};
+  MPT_CUDA_CHECK(cudaMemsetAsync(w.amax, 0, 3 * sizeof(unsigned), ctx.stream()));
+  return w;
+}
+
+// Quantises t (row-major rows x cols) with q's scale into y and/or yt.
+void quantise(Context& ctx, Tensor t, int64_t rows, int64_t cols, const Fp8Operand& q, void* y,
+              void* yt, bool count, TensorClass cls, unsigned* amax_bits) {
+  if (!(q.scale > 0.0f) || !std::isfinite(q.scale))
+    throw RuntimeError("fp8 matmul: scale must be finite and > 0");
+  const dim3 block(kTile, kTileRows);
+  const int64_t gy = (rows + kTile - 1) / kTile;
+  if (gy > 65535) throw RuntimeError("fp8 matmul: too many rows for the quantise kernel's grid");
+  const dim3 grid(static_cast<unsigned>((cols + kTile - 1) / kTile), static_cast<unsigned>(gy));
+  unsigned long long* counters = count ? ctx.cast_counters(cls) : nullptr;
+  auto* yb = static_cast<uint8_t*>(y);
+  auto* ytb = static_cast<uint8_t*>(yt);
+  MPT_DISPATCH_FLOAT(t.dtype, "fp8 matmul operand", [&] {
+    const T* x = static_cast<const T*>(t.data);
+    if (q.format == DType::e4m3)
+      quantise_kernel<T, true><<<grid, block, 0, ctx.stream()>>>(x, rows, cols, q.scale, yb, ytb,
+                                                                 counters, amax_bits);
+    else
+      quantise_kernel<T, false><<<grid, block, 0, ctx.stream()>>>(x, rows, cols, q.scale, yb, ytb,
+                                                                  counters, amax_bits);
+  });
+  MPT_LAUNCH_CHECK(ctx, "matmul: fp8 quantise");
+  if (count) ctx.add_cast_values(cls, rows * cols);
+}
+
+// The pointer a native GEMM slot reads: the tensor, or its fp32 widening in `role` scratch.
+const void* native_operand(Context& ctx, const GemmOperand& s, Tensor t, Scratch role) {
+  if (!s.copy) return t.data;
+  float* y = static_cast<float*>(ctx.scratch(role, operand_copy_bytes(t.numel(), GemmType::f32)));
+  MPT_DISPATCH_FLOAT(t.dtype, "matmul operand", [&] {
+    widen_kernel<T><<<grid_stride_blocks(t.numel()), kBlock, 0, ctx.stream()>>>(
+        static_cast<const T*>(t.data), y, t.numel());
+  });
+  MPT_LAUNCH_CHECK(ctx, "matmul: widen operand");
+  return y;
+}
+
+// out (rows, cols) = d (+ bias), counted under cls when out is narrow.
+void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t rows,
+                  int64_t cols, TensorClass cls) {
+  unsigned long long* counters = ctx.cast_counters(cls);
+  const unsigned grid = grid_stride_blocks(rows * cols);
+  MPT_DISPATCH_FLOAT(out.dtype, "matmul output", [&] {
+    using Tout = T;
+    Tout* o = static_cast<Tout*>(out.data);
+    if (!bias.defined()) {
+      store_kernel<Tout, float><<<grid, kBlock, 0, ctx.stream()>>>(d, o, nullptr, rows, cols,
+                                                                   counters);
+    } else {
+      MPT_DISPATCH_FLOAT(bias.dtype, "matmul bias", [&] {
+        store_kernel<Tout, T><<<grid, kBlock, 0, ctx.stream()>>>(
+            d, o, static_cast<const T*>(bias.data), rows, cols, counters);
+      });
+    }
+  });
+  MPT_LAUNCH_CHECK(ctx, "matmul: store output");
+  if (out.dtype != DType::f32) ctx.add_cast_values(cls, rows * cols);
+}
+
+// RAII for cuBLASLt descriptors (destroyed on every path, errors included).
+struct LtDescs {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  ~LtDescs() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+struct GemmArgs {
+  const void* a = nullptr;
+  const void* b = nullptr;
+  float* d = nullptr;  // fp32, also C (beta)
+  const void* bias = nullptr;  // with the BIAS epilogue
+  DType bias_dtype = DType::f32;
+  const float* scale_a = nullptr;  // fp8: device inverse scales
+  const float* scale_b = nullptr;
+};
+
+// D = op(A) op(B) (times the fp8 inverse scales) + beta D (+ bias), as the plan says. When
+// cuBLASLt has no algorithm: throws naming the GEMM, or with `may_fail` returns false (nothing
+// ran; remembered per key).
+bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* what,
+              bool may_fail = false) {
+  const GemmEpilogue epi = g.bias ? GemmEpilogue::bias : GemmEpilogue::none;
+  const GemmKey key =
+      gemm_key(p, epi, pointer_alignment(reinterpret_cast<uintptr_t>(g.a)),
+               pointer_alignment(reinterpret_cast<uintptr_t>(g.b)),
+               pointer_alignment(reinterpret_cast<uintptr_t>(g.d)));
+  LtDescs ds;
+  const cublasComputeType_t compute =
+      p.compute == GemmCompute::f32_fast_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  MPT_CUDA_CHECK(cublasLtMatmulDescCreate(&ds.op, compute, CUDA_R_32F));
+  const int32_t ta = p.a.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const int32_t tb = p.b.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
+  MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+  MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+  if (epi == GemmEpilogue::bias) {
+    const uint32_t e = CUBLASLT_EPILOGUE_BIAS;
+    MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof e));
+    MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
+                                                  sizeof g.bias));
+    const int32_t bt = cuda_type(gemm_type_of(g.bias_dtype));
+    MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt,
+                                                  sizeof bt));
+  }
+  if (p.fp8) {
+    MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                                                  &g.scale_a, sizeof g.scale_a));
+    MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                                                  &g.scale_b, sizeof g.scale_b));
+  }
+  MPT_CUDA_CHECK(cublasLtMatrixLayoutCreate(&ds.a, cuda_type(p.a.type), p.a.rows, p.a.cols, p.a.ld));
+  MPT_CUDA_CHECK(cublasLtMatrixLayoutCreate(&ds.b, cuda_type(p.b.type), p.b.rows, p.b.cols, p.b.ld));
+  MPT_CUDA_CHECK(cublasLtMatrixLayoutCreate(&ds.d, cuda_type(p.d_type), p.m, p.n, p.ldd));
+
+  GemmAlgoCache& cache = ctx.gemm_algos();
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    MPT_CUDA_CHECK(cublasLtMatmulPreferenceCreate(&ds.pref));
+    const uint64_t ws = ctx.lt_workspace_bytes();
+    MPT_CUDA_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        ds.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    const uint32_t al[4] = {key.align_a, key.align_b, key.align_d, key.align_d};
+    const cublasLtMatmulPreferenceAttributes_t which[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4; ++i)
+      MPT_CUDA_CHECK(cublasLtMatmulPreferenceSetAttribute(ds.pref, which[i], &al[i], sizeof al[i]));
+    cublasLtMatmulHeuristicResult_t res{};
+    int count = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.lt(), ds.op, ds.a, ds.b, ds.d,
+                                                             ds.d, ds.pref, 1, &res, &count);
+    const bool found = st == CUBLAS_STATUS_SUCCESS && count >= 1 && res.state == CUBLAS_STATUS_SUCCESS;
+    if (!found && may_fail) {
+      CachedAlgo none;
+      none.supported = false;
+      cache.emplace(key, none);
+      return false;
+    }
+    if (!found)
+      throw RuntimeError(std::string("matmul (") + what + "): cuBLASLt has no algorithm for " +
+                         key.str() + " (heuristic: " + cublas_status_name(st) + ", " +
+                         std::to_string(count) + " result(s), state " +
+                         cublas_status_name(res.state) + ")" +
+                         (p.fp8 ? "; fp8 GEMMs need m, n, k multiples of 16" : ""));
+    if (res.workspaceSize > ctx.lt_workspace_bytes())
+      throw RuntimeError(std::string("matmul (") + what + "): the algorithm for " + key.str() +
+                         " wants more workspace than the context holds");
+    CachedAlgo c;
+    std::memcpy(c.algo.data(), &res.algo, sizeof res.algo);
+    c.workspace = res.workspaceSize;
+    it = cache.emplace(key, c).first;
+  }
+  if (!it->second.supported) {
+    if (may_fail) return false;
+    throw RuntimeError(std::string("matmul (") + what + "): cuBLASLt has no algorithm for " +
+                       key.str());
+  }
+  cublasLtMatmulAlgo_t algo;
+  std::memcpy(&algo, it->second.algo.data(), sizeof algo);
+  const float alpha = 1.0f, beta = p.beta;
+  MPT_CUDA_CHECK(cublasLtMatmul(ctx.lt(), ds.op, &alpha, g.a, ds.a, g.b, ds.b, &beta, g.d, ds.d,
+                                g.d, ds.d, &algo, ctx.lt_workspace(), ctx.lt_workspace_bytes(),
+                                ctx.stream()));
+  MPT_LAUNCH_CHECK(ctx, what);
+  return true;
+}
+
+// Copies the amax words back (synchronising) into the requested host floats.
+void report_amax(Context& ctx, const Fp8Words& w, float* const dst[3]) {
+  if (!dst[0] && !dst[1] && !dst[2]) return;
+  unsigned* h = static_cast<unsigned*>(ctx.pinned(3 * sizeof(unsigned)));
+  MPT_CUDA_CHECK(cudaMemcpyAsync(h, w.amax, 3 * sizeof(unsigned), cudaMemcpyDeviceToHost,
+                                 ctx.stream()));
+  ctx.sync("matmul: reading fp8 amax");
+  for (int i = 0; i < 3; ++i)
+    if (dst[i]) {
+      float f;
+      std::memcpy(&f, &h[i], sizeof f);
+      *dst[i] = f;
+    }
+}
+
+}  // namespace
 
 void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor bias,
                     const MatmulSpec& spec) {
-  throw RuntimeError("CUDA backend: op 'matmul_forward' is not implemented yet");
+  if (!inp.defined() || !weight.defined() || weight.shape.ndim != 2)
+    throw RuntimeError("matmul_forward: inp and a 2-d weight are required");
+  const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
+  expect_float("matmul_forward", "inp", inp, {N, C});
+  expect_float("matmul_forward", "weight", weight, {OC, C});
+  expect_float("matmul_forward", "out", out, {N, OC});
+  if (weight.dim(1) != C) throw RuntimeError("matmul_forward: weight must be (OC, C)");
+  if (bias.defined()) expect_float("matmul_forward", "bias", bias, {OC});
+  const GemmPlan p =
+      plan_matmul(MatmulOp::forward, N, C, OC, inp.dtype, weight.dtype, inp.dtype, spec);
+
+  GemmArgs g;
+  Fp8Words w{};
+  if (p.fp8) {
+    w = fp8_words(ctx);
+    void* qa = ctx.scratch(Scratch::kOperandA, operand_copy_bytes(OC * C, p.a.type));
+    void* qb = ctx.scratch(Scratch::kOperandB, operand_copy_bytes(N * C, p.b.type));
+    quantise(ctx, weight, OC, C, spec.weight, qa, nullptr, true, TensorClass::weight,
+             spec.weight.amax ? w.amax + kWeight : nullptr);
+    quantise(ctx, inp, N, C, spec.inp, qb, nullptr, true, TensorClass::activation,
+             spec.inp.amax ? w.amax + kInp : nullptr);
+    set_floats_kernel<<<1, 1, 0, ctx.stream()>>>(w.scale_inv, 1.0f / spec.inp.scale,
+                                                 1.0f / spec.weight.scale, 1.0f);
+    MPT_LAUNCH_CHECK(ctx, "matmul_forward: scales");
+    g.a = qa, g.b = qb;
+    g.scale_a = w.scale_inv + kWeight, g.scale_b = w.scale_inv + kInp;
+  } else {
+    g.a = native_operand(ctx, p.a, weight, Scratch::kOperandA);
+    g.b = native_operand(ctx, p.b, inp, Scratch::kOperandB);
+  }
+  const bool direct = out.dtype == DType::f32;
+  g.d = direct ? static_cast<float*>(out.data)
+               : static_cast<float*>(ctx.scratch(Scratch::kMatmulOut,
+                                                 operand_copy_bytes(N * OC, GemmType::f32)));
+  BiasPath bp = bias_path(bias.defined(), direct, p.fp8, bias.dtype,
+                          reinterpret_cast<uintptr_t>(bias.data));
+  bool done = false;
+  if (bp == BiasPath::epilogue) {
+    g.bias = bias.data;
+    g.bias_dtype = bias.dtype;
+    // Should cuBLASLt take no BIAS epilogue for these types, the store kernel adds the bias.
+    done = run_gemm(ctx, p, g, "matmul_forward", /*may_fail=*/true);
+    if (!done) {
+      bp = BiasPath::store_kernel;
+      g.bias = nullptr;
+    }
+  }
+  if (!done) run_gemm(ctx, p, g, "matmul_forward");
+  if (!direct || bp == BiasPath::store_kernel)
+    store_output(ctx, g.d, out, bp == BiasPath::store_kernel ? bias : Tensor(), N, OC,
+                 TensorClass::activation);
+  if (p.fp8) {
+    float* const dst[3] = {spec.inp.amax, spec.weight.amax, nullptr};
+    report_amax(ctx, w, dst);
+  }
 }
 
 void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                      Tensor inp, Tensor weight, const MatmulSpec& spec) {
-  throw RuntimeError("CUDA backend: op 'matmul_backward' is not implemented yet");
+  if (!inp.defined() || !weight.defined() || weight.shape.ndim != 2)
+    throw RuntimeError("matmul_backward: inp and a 2-d weight are required");
+  const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
+  expect_float("matmul_backward", "inp", inp, {N, C});
+  expect_float("matmul_backward", "weight", weight, {OC, C});
+  expect_float("matmul_backward", "dout", dout, {N, OC});
+  expect_float("matmul_backward", "dweight", dweight, {OC, C});
+  if (weight.dim(1) != C) throw RuntimeError("matmul_backward: weight must be (OC, C)");
+  if (dinp.defined()) expect_float("matmul_backward", "dinp", dinp, {N, C});
+  // Plans first: an unsupported spec throws before anything runs.
+  const GemmPlan pw =
+      plan_matmul(MatmulOp::wgrad, N, C, OC, inp.dtype, weight.dtype, dout.dtype, spec);
+  GemmPlan pd;
+  if (dinp.defined())
+    pd = plan_matmul(MatmulOp::dgrad, N, C, OC, inp.dtype, weight.dtype, dout.dtype, spec);
+
+  // The bias gradient sums dout as stored, before any quantisation.
+  if (dbias.defined()) {
+    expect_float("matmul_backward", "dbias", dbias, {OC});
+    const int64_t chunks = (N + kDbiasRows - 1) / kDbiasRows;
+    if (chunks > 65535) throw RuntimeError("matmul_backward: too many rows for the dbias grid");
+    float* part = static_cast<float*>(
+        ctx.scratch(Scratch::kReduce, std::max<size_t>(256, chunks * OC * sizeof(float))));
+    const dim3 grid(blocks_for(OC), static_cast<unsigned>(chunks < 1 ? 1 : chunks));
+    MPT_DISPATCH_FLOAT(dout.dtype, "matmul_backward dout", [&] {
+      dbias_partial_kernel<T><<<grid, kBlock, 0, ctx.stream()>>>(static_cast<const T*>(dout.data),
+                                                                 part, N, OC);
+    });
+    MPT_LAUNCH_CHECK(ctx, "matmul_backward: dbias partial sums");
+    MPT_DISPATCH_FLOAT(dbias.dtype, "matmul_backward dbias", [&] {
+      dbias_final_kernel<T><<<blocks_for(OC), kBlock, 0, ctx.stream()>>>(
+          part, chunks, static_cast<T*>(dbias.data), OC, ctx.cast_counters(TensorClass::gradient));
+    });
+    MPT_LAUNCH_CHECK(ctx, "matmul_backward: dbias");
+    if (dbias.dtype != DType::f32) ctx.add_cast_values(TensorClass::gradient, OC);
+  }
+
+  Fp8Words w{};
+  void* dq = nullptr;   // fp8 dout (N, OC), for dgrad's B
+  void* dqt = nullptr;  // fp8 dout^T (OC, N), for wgrad's B
+  if (pw.fp8) {
+    w = fp8_words(ctx);
+    set_floats_kernel<<<1, 1, 0, ctx.stream()>>>(w.scale_inv, 1.0f / spec.inp.scale,
+                                                 1.0f / spec.weight.scale, 1.0f / spec.dout.scale);
+    MPT_LAUNCH_CHECK(ctx, "matmul_backward: scales");
+    if (dinp.defined())
+      dq = ctx.scratch(Scratch::kOperandB, operand_copy_bytes(N * OC, pw.b.type));
+    dqt = ctx.scratch(Scratch::kOperandC, operand_copy_bytes(N * OC, pw.b.type));
+    // One pass: the only new cast of the backward (counted, reports dout's amax).
+    quantise(ctx, dout, N, OC, spec.dout, dq, dqt, true, TensorClass::gradient,
+             spec.dout.amax ? w.amax + kDout : nullptr);
+  }
+
+  // dinp (N, C) = dout . weight
+  if (dinp.defined()) {
+    GemmArgs g;
+    if (pd.fp8) {
+      void* wt = ctx.scratch(Scratch::kOperandA, operand_copy_bytes(OC * C, pd.a.type));
+      quantise(ctx, weight, OC, C, spec.weight, nullptr, wt, false, TensorClass::weight, nullptr);
+      g.a = wt, g.b = dq;
+      g.scale_a = w.scale_inv + kWeight, g.scale_b = w.scale_inv + kDout;
+    } else {
+      g.a = native_operand(ctx, pd.a, weight, Scratch::kOperandA);
+      g.b = native_operand(ctx, pd.b, dout, Scratch::kOperandB);
+    }
+    const bool direct = dinp.dtype == DType::f32;
+    g.d = direct ? static_cast<float*>(dinp.data)
+                 : static_cast<float*>(ctx.scratch(Scratch::kMatmulOut,
+                                                   operand_copy_bytes(N * C, GemmType::f32)));
+    run_gemm(ctx, pd, g, "matmul_backward dgrad");
+    if (!direct) store_output(ctx, g.d, dinp, Tensor(), N, C, TensorClass::gradient);
+  }
+
+  // dweight (OC, C) += dout^T . inp
+  {
+    GemmArgs g;
+    if (pw.fp8) {
+      void* xt = ctx.scratch(Scratch::kOperandA, operand_copy_bytes(N * C, pw.a.type));
+      quantise(ctx, inp, N, C, spec.inp, nullptr, xt, false, TensorClass::activation, nullptr);
+      g.a = xt, g.b = dqt;
+      g.scale_a = w.scale_inv + kInp, g.scale_b = w.scale_inv + kDout;
+    } else {
+      g.a = native_operand(ctx, pw.a, inp, Scratch::kOperandA);
+      g.b = native_operand(ctx, pw.b, dout, Scratch::kOperandB);
+    }
+    const bool direct = dweight.dtype == DType::f32;
+    if (direct) {
+      g.d = static_cast<float*>(dweight.data);
+    } else {
+      // Accumulate in fp32: the existing gradient widened, the product added, rounded once.
+      g.d = static_cast<float*>(
+          ctx.scratch(Scratch::kMatmulOut, operand_copy_bytes(OC * C, GemmType::f32)));
+      MPT_DISPATCH_FLOAT(dweight.dtype, "matmul_backward dweight", [&] {
+        widen_kernel<T><<<grid_stride_blocks(OC * C), kBlock, 0, ctx.stream()>>>(
+            static_cast<const T*>(dweight.data), g.d, OC * C);
+      });
+      MPT_LAUNCH_CHECK(ctx, "matmul_backward: widen dweight");
+    }
+    run_gemm(ctx, pw, g, "matmul_backward wgrad");
+    if (!direct) store_output(ctx, g.d, dweight, Tensor(), OC, C, TensorClass::gradient);
+  }
+
+  if (pw.fp8) {
+    float* const dst[3] = {nullptr, nullptr, spec.dout.amax};
+    report_amax(ctx, w, dst);
+  }
 }
 
 }  // namespace mpt::cuda

@@ -1,0 +1,234 @@
+#include "backend/cuda/matmul_plan.h"
+
+#include <functional>
+
+#include "core/error.h"
+
+namespace mpt::cuda {
+
+const char* gemm_type_name(GemmType t) {
+  switch (t) {
+    case GemmType::f32: return "fp32";
+    case GemmType::f16: return "fp16";
+    case GemmType::bf16: return "bf16";
+    case GemmType::e4m3: return "fp8_e4m3";
+    case GemmType::e5m2: return "fp8_e5m2";
+  }
+  return "?";
+}
+
+GemmType gemm_type_of(DType d) {
+  switch (d) {
+    case DType::f32: return GemmType::f32;
+    case DType::f16: return GemmType::f16;
+    case DType::bf16: return GemmType::bf16;
+    case DType::e4m3: return GemmType::e4m3;
+    case DType::e5m2: return GemmType::e5m2;
+    case DType::i32: break;
+  }
+  throw RuntimeError(std::string("matmul: not a float dtype: ") + dtype_name(d));
+}
+
+size_t gemm_type_size(GemmType t) {
+  switch (t) {
+    case GemmType::f32: return 4;
+    case GemmType::f16:
+    case GemmType::bf16: return 2;
+    case GemmType::e4m3:
+    case GemmType::e5m2: return 1;
+  }
+  return 0;
+}
+
+GemmType native_pair_type(DType a, DType b) {
+  const GemmType ta = gemm_type_of(a), tb = gemm_type_of(b);
+  if (ta == GemmType::e4m3 || ta == GemmType::e5m2 || tb == GemmType::e4m3 || tb == GemmType::e5m2)
+    throw RuntimeError("matmul: fp8 tensors are read only under MatmulPrecision::fp8");
+  return ta == tb ? ta : GemmType::f32;
+}
+
+GemmCompute compute_type(MatmulPrecision prec, GemmType operand_type) {
+  return prec == MatmulPrecision::tf32 && operand_type == GemmType::f32 ? GemmCompute::f32_fast_tf32
+                                                                        : GemmCompute::f32;
+}
+
+namespace {
+
+GemmType fp8_type(const char* what, DType f) {
+  if (f != DType::e4m3 && f != DType::e5m2)
+    throw RuntimeError(std::string("fp8 matmul: ") + what + " format must be e4m3 or e5m2, got " +
+                       dtype_name(f));
+  return gemm_type_of(f);
+}
+
+void check_fp8_pair(const char* gemm, GemmType a, GemmType b) {
+  if (a == GemmType::e5m2 && b == GemmType::e5m2)
+    throw RuntimeError(std::string("fp8 matmul (") + gemm +
+                       "): e5m2 x e5m2 is not a cuBLASLt fp8 GEMM (Hopper takes e4m3 x e4m3, "
+                       "e4m3 x e5m2, e5m2 x e4m3); use e4m3 for the forward operands");
+}
+
+// A slot reading an operand as stored, or a widened copy when its dtype differs from `t`.
+GemmOperand native_slot(MatmulOperand src, DType stored, GemmType t, bool trans, int64_t rows,
+                        int64_t cols) {
+  GemmOperand o;
+  o.source = src;
+  o.type = t;
+  o.copy = gemm_type_of(stored) != t;
+  o.trans = trans;
+  o.rows = rows;
+  o.cols = cols;
+  o.ld = rows;
+  return o;
+}
+
+GemmOperand fp8_slot(MatmulOperand src, GemmType t, bool transposed_copy, bool trans,
+                     int64_t rows, int64_t cols) {
+  GemmOperand o;
+  o.source = src;
+  o.type = t;
+  o.copy = true;
+  o.transposed_copy = transposed_copy;
+  o.trans = trans;
+  o.rows = rows;
+  o.cols = cols;
+  o.ld = rows;
+  return o;
+}
+
+}  // namespace
+
+GemmPlan plan_matmul(MatmulOp op, int64_t N, int64_t C, int64_t OC, DType inp, DType weight,
+                     DType dout, const MatmulSpec& spec) {
+  GemmPlan p;
+  p.op = op;
+  p.d_type = GemmType::f32;
+  const bool fp8 = spec.prec == MatmulPrecision::fp8;
+  p.fp8 = fp8;
+  GemmType ti = GemmType::f32, tw = GemmType::f32, td = GemmType::f32;
+  if (fp8) {
+    for (DType d : {inp, weight, dout})
+      if (d != DType::f32 && d != DType::f16 && d != DType::bf16)
+        throw RuntimeError(std::string("fp8 matmul: operands must be fp32, fp16 or bf16, got ") +
+                           dtype_name(d));
+    ti = fp8_type("inp", spec.inp.format);
+    tw = fp8_type("weight", spec.weight.format);
+    // The forward does not read dout: its format is checked by the backward only.
+    if (op != MatmulOp::forward) td = fp8_type("dout", spec.dout.format);
+    // Every call of a layer uses one spec: the forward multiplies inp by weight, so a spec whose
+    // inp and weight are both e5m2 is rejected by the backward too.
+    check_fp8_pair("inp x weight", tw, ti);
+  }
+  switch (op) {
+    case MatmulOp::forward:
+      p.m = OC, p.n = N, p.k = C, p.ldd = OC;
+      if (fp8) {
+        p.a = fp8_slot(MatmulOperand::weight, tw, false, true, C, OC);
+        p.b = fp8_slot(MatmulOperand::inp, ti, false, false, C, N);
+      } else {
+        const GemmType t = native_pair_type(weight, inp);
+        p.a = native_slot(MatmulOperand::weight, weight, t, true, C, OC);
+        p.b = native_slot(MatmulOperand::inp, inp, t, false, C, N);
+      }
+      break;
+    case MatmulOp::dgrad:
+      p.m = C, p.n = N, p.k = OC, p.ldd = C;
+      if (fp8) {
+        check_fp8_pair("dgrad: weight x dout", tw, td);
+        // W^T (C, OC) row-major = column-major OC x C, read with op T (TN).
+        p.a = fp8_slot(MatmulOperand::weight, tw, true, true, OC, C);
+        p.b = fp8_slot(MatmulOperand::dout, td, false, false, OC, N);
+      } else {
+        const GemmType t = native_pair_type(weight, dout);
+        p.a = native_slot(MatmulOperand::weight, weight, t, false, C, OC);
+        p.b = native_slot(MatmulOperand::dout, dout, t, false, OC, N);
+      }
+      break;
+    case MatmulOp::wgrad:
+      p.m = C, p.n = OC, p.k = N, p.ldd = C;
+      p.beta = 1.0f;
+      if (fp8) {
+        check_fp8_pair("wgrad: inp x dout", ti, td);
+        // x^T (C, N) = column-major N x C, op T; dy^T (OC, N) = column-major N x OC, op N.
+        p.a = fp8_slot(MatmulOperand::inp, ti, true, true, N, C);
+        p.b = fp8_slot(MatmulOperand::dout, td, true, false, N, OC);
+      } else {
+        const GemmType t = native_pair_type(inp, dout);
+        p.a = native_slot(MatmulOperand::inp, inp, t, false, C, N);
+        p.b = native_slot(MatmulOperand::dout, dout, t, true, OC, N);
+      }
+      break;
+  }
+  p.compute = fp8 ? GemmCompute::f32 : compute_type(spec.prec, p.a.type);
+  return p;
+}
+
+BiasPath bias_path(bool has_bias, bool out_direct, bool fp8, DType bias, uintptr_t bias_ptr) {
+  if (!has_bias) return BiasPath::none;
+  if (!out_direct || pointer_alignment(bias_ptr) < 16) return BiasPath::store_kernel;
+  // D is fp32 here. cuBLASLt's bias type for fp32 D: fp32 with fp32/fp16/bf16 operands; bf16
+  // with fp8 operands (cuda-crib.md §2).
+  const DType want = fp8 ? DType::bf16 : DType::f32;
+  return bias == want ? BiasPath::epilogue : BiasPath::store_kernel;
+}
+
+uint32_t pointer_alignment(uintptr_t p) {
+  uint32_t a = 256;
+  while (a > 1 && (p % a) != 0) a >>= 1;
+  return a;
+}
+
+bool GemmKey::operator==(const GemmKey& o) const {
+  return m == o.m && n == o.n && k == o.k && lda == o.lda && ldb == o.ldb && ldd == o.ldd &&
+         batch == o.batch && stride_a == o.stride_a && stride_b == o.stride_b &&
+         stride_d == o.stride_d && a_type == o.a_type && b_type == o.b_type &&
+         d_type == o.d_type && compute == o.compute && trans_a == o.trans_a &&
+         trans_b == o.trans_b && fp8 == o.fp8 && epilogue == o.epilogue && align_a == o.align_a &&
+         align_b == o.align_b && align_d == o.align_d;
+}
+
+std::string GemmKey::str() const {
+  auto s = [](int64_t v) { return std::to_string(v); };
+  return "m=" + s(m) + " n=" + s(n) + " k=" + s(k) + " op(A)=" + (trans_a ? "T" : "N") +
+         " op(B)=" + (trans_b ? "T" : "N") + " lda=" + s(lda) + " ldb=" + s(ldb) +
+         " ldd=" + s(ldd) + " A=" + gemm_type_name(a_type) + " B=" + gemm_type_name(b_type) +
+         " D=" + gemm_type_name(d_type) +
+         " compute=" + (compute == GemmCompute::f32 ? "32F" : "32F_FAST_TF32") +
+         (fp8 ? " fp8-scales" : "") + (epilogue == GemmEpilogue::bias ? " epilogue=BIAS" : "") +
+         " batch=" + s(batch) + " align(A,B,D)=" + s(align_a) + "," + s(align_b) + "," +
+         s(align_d);
+}
+
+size_t GemmKeyHash::operator()(const GemmKey& k) const {
+  size_t h = 1469598103934665603ull;
+  auto mix = [&](uint64_t v) { h = (h ^ std::hash<uint64_t>{}(v)) * 1099511628211ull; };
+  mix(uint64_t(k.m)), mix(uint64_t(k.n)), mix(uint64_t(k.k));
+  mix(uint64_t(k.lda)), mix(uint64_t(k.ldb)), mix(uint64_t(k.ldd));
+  mix(uint64_t(k.batch)), mix(uint64_t(k.stride_a)), mix(uint64_t(k.stride_b)),
+      mix(uint64_t(k.stride_d));
+  mix((uint64_t(k.a_type) << 0) | (uint64_t(k.b_type) << 8) | (uint64_t(k.d_type) << 16) |
+      (uint64_t(k.compute) << 24) | (uint64_t(k.trans_a) << 32) | (uint64_t(k.trans_b) << 33) |
+      (uint64_t(k.fp8) << 34) | (uint64_t(k.epilogue) << 40));
+  mix((uint64_t(k.align_a) << 0) | (uint64_t(k.align_b) << 16) | (uint64_t(k.align_d) << 32));
+  return h;
+}
+
+GemmKey gemm_key(const GemmPlan& p, GemmEpilogue epi, uint32_t align_a, uint32_t align_b,
+                 uint32_t align_d) {
+  GemmKey k;
+  k.m = p.m, k.n = p.n, k.k = p.k;
+  k.lda = p.a.ld, k.ldb = p.b.ld, k.ldd = p.ldd;
+  k.a_type = p.a.type, k.b_type = p.b.type, k.d_type = p.d_type;
+  k.compute = p.compute;
+  k.trans_a = p.a.trans, k.trans_b = p.b.trans, k.fp8 = p.fp8;
+  k.epilogue = epi;
+  k.align_a = align_a, k.align_b = align_b, k.align_d = align_d;
+  return k;
+}
+
+size_t operand_copy_bytes(int64_t elements, GemmType t) {
+  const size_t b = static_cast<size_t>(elements) * gemm_type_size(t);
+  return (b + 255) / 256 * 256;
+}
+
+}  // namespace mpt::cuda

@@ -1,0 +1,128 @@
+// The host-side decisions of the CUDA matmuls, as pure functions (plain C++, no CUDA headers), so
+// that tests check them without a GPU: which cuBLASLt GEMM (column-major m, n, k, transposes,
+// leading dimensions, operand types, compute type) each of matmul_forward's and
+// matmul_backward's products maps to under each precision, which operands need an fp8 or
+// transposed copy, where the bias goes, the algorithm cache's key, and pointer alignments.
+//
+// Row-major to column-major (cuda-crib.md §1): a row-major (R, C) buffer is the column-major
+// C x R matrix with leading dimension C. With W (OC, C), x (N, C), dy (N, OC):
+//   forward  y(N,OC)  = x . W^T     -> D (OC x N):  A = W  (op T), B = x  (op N)   "TN"
+//   dgrad    dx(N,C)  = dy . W      -> D (C x N):   A = W  (op N), B = dy (op N)   "NN"
+//   wgrad    dW(OC,C) += dy^T . x   -> D (C x OC):  A = x  (op N), B = dy (op T)   "NT"
+// Hopper's fp8 GEMMs take only TN (both operands contiguous along k, cuda-crib.md §3), so under
+// fp8 dgrad reads a transposed copy W^T (C, OC) and wgrad transposed copies x^T (C, N) and
+// dy^T (OC, N); the gradient (e5m2 in the hybrid recipe) is always in the B slot.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+
+#include "backend/backend.h"
+
+namespace mpt::cuda {
+
+// Element types of GEMM operands (mapped to cudaDataType_t in matmul.cu).
+enum class GemmType : uint8_t { f32, f16, bf16, e4m3, e5m2 };
+// CUBLAS_COMPUTE_32F or CUBLAS_COMPUTE_32F_FAST_TF32.
+enum class GemmCompute : uint8_t { f32, f32_fast_tf32 };
+// CUBLASLT_EPILOGUE_DEFAULT or CUBLASLT_EPILOGUE_BIAS.
+enum class GemmEpilogue : uint8_t { none, bias };
+
+enum class MatmulOp : uint8_t { forward, dgrad, wgrad };
+// The op-level operands a GEMM slot reads.
+enum class MatmulOperand : uint8_t { inp, weight, dout };
+
+const char* gemm_type_name(GemmType t);
+GemmType gemm_type_of(DType d);  // f32, f16, bf16, e4m3, e5m2; throws for i32
+size_t gemm_type_size(GemmType t);
+
+// One operand slot (A or B) of a GEMM.
+struct GemmOperand {
+  MatmulOperand source = MatmulOperand::inp;
+  GemmType type = GemmType::f32;
+  // The buffer the slot reads: the tensor itself (neither flag), a copy of it in `type` (an fp8
+  // quantisation, or an fp32 widening when the two operands' dtypes differ), or a transposed
+  // copy (fp8 only; implies `copy`).
+  bool copy = false;
+  bool transposed_copy = false;
+  bool trans = false;  // op T in the cuBLASLt descriptor
+  int64_t rows = 0, cols = 0, ld = 0;  // the layout as stored (column-major)
+};
+
+// One cuBLASLt GEMM: D (m x n, ld ldd) = alpha op(A) op(B) + beta C, with C = D.
+struct GemmPlan {
+  MatmulOp op = MatmulOp::forward;
+  int64_t m = 0, n = 0, k = 0;
+  GemmOperand a, b;
+  GemmType d_type = GemmType::f32;  // always fp32 here: see matmul.cu (counted stores)
+  int64_t ldd = 0;
+  GemmCompute compute = GemmCompute::f32;
+  bool fp8 = false;     // A and B scale pointers (scale_inv) are set
+  float beta = 0.0f;    // wgrad accumulates (1), the others write (0)
+};
+
+// The GEMM for `op` (N rows, C input channels, OC output channels) with operand dtypes
+// `inp`, `weight`, `dout` (the ones the op reads) under `spec`'s precision and fp8 formats.
+// Throws RuntimeError for combinations no GEMM computes: e5m2 x e5m2, an fp8 format other than
+// e4m3/e5m2, non-float dtypes.
+GemmPlan plan_matmul(MatmulOp op, int64_t N, int64_t C, int64_t OC, DType inp, DType weight,
+                     DType dout, const MatmulSpec& spec);
+
+// The types of an operand pair read natively (not fp8): the stored type when both are the same
+// fp16/bf16 (products exact on Tensor Cores), else fp32 (a narrow one widened into a copy:
+// exact, and fp32 products of fp16/bf16 values are exact too).
+GemmType native_pair_type(DType a, DType b);
+// tf32 rounding only applies to fp32 tensors (cuBLASLt's FAST_TF32 is valid only with fp32 A,
+// B and C); fp16/bf16 values are already tf32 values.
+GemmCompute compute_type(MatmulPrecision prec, GemmType operand_type);
+
+// Where the forward's bias is added: by the GEMM's BIAS epilogue (when D is written directly in
+// fp32 and the bias dtype is one cuBLASLt takes for these operand types, and its pointer is
+// 16-byte aligned: no preference covers it and a misaligned bias faults), or by the kernel that
+// stores the output. out_direct: the GEMM writes `out` itself (out is fp32).
+enum class BiasPath : uint8_t { none, epilogue, store_kernel };
+BiasPath bias_path(bool has_bias, bool out_direct, bool fp8, DType bias, uintptr_t bias_ptr);
+
+// The largest power of two (at most 256) dividing the address: cuBLASLt's
+// MIN_ALIGNMENT_*_BYTES preferences default to 256 and must not exceed the real alignment.
+uint32_t pointer_alignment(uintptr_t p);
+
+// The algorithm cache's key: everything the heuristic's choice depends on.
+struct GemmKey {
+  int64_t m = 0, n = 0, k = 0;
+  int64_t lda = 0, ldb = 0, ldd = 0;
+  int32_t batch = 1;
+  int64_t stride_a = 0, stride_b = 0, stride_d = 0;
+  GemmType a_type = GemmType::f32, b_type = GemmType::f32, d_type = GemmType::f32;
+  GemmCompute compute = GemmCompute::f32;
+  bool trans_a = false, trans_b = false, fp8 = false;
+  GemmEpilogue epilogue = GemmEpilogue::none;
+  uint32_t align_a = 0, align_b = 0, align_d = 0;
+  bool operator==(const GemmKey& o) const;
+  bool operator!=(const GemmKey& o) const { return !(*this == o); }
+  std::string str() const;  // for error messages
+};
+struct GemmKeyHash {
+  size_t operator()(const GemmKey& k) const;
+};
+GemmKey gemm_key(const GemmPlan& p, GemmEpilogue epi, uint32_t align_a, uint32_t align_b,
+                 uint32_t align_d);
+
+// A chosen algorithm: cuBLASLt's cublasLtMatmulAlgo_t (64 opaque bytes) and its workspace.
+// `supported` false records that the heuristic found nothing (asked once per key: the forward
+// then adds its bias outside the GEMM instead of through the epilogue).
+struct CachedAlgo {
+  std::array<uint64_t, 8> algo{};
+  size_t workspace = 0;
+  bool supported = true;
+};
+using GemmAlgoCache = std::unordered_map<GemmKey, CachedAlgo, GemmKeyHash>;
+
+// Bytes of an fp8 (or widened) operand copy: elements times the type's size, rounded up to 256
+// so that several copies packed in one scratch buffer stay aligned.
+size_t operand_copy_bytes(int64_t elements, GemmType t);
+
+}  // namespace mpt::cuda

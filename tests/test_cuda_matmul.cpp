@@ -1,0 +1,691 @@
+// The CUDA matmuls and attention.
+//
+// (a) Host-side: the pure planning functions of backend/cuda/matmul_plan.h (how each product
+//     maps to a cuBLASLt GEMM, fp8's TN rule and its transposed copies, e5m2 in the B slot, the
+//     rejection of e5m2 x e5m2, tf32 only for fp32 operands, the bias path, the algorithm
+//     cache's key). No GPU needed.
+// (b) GPU parity against CpuBackend (each test skips without a GPU): fresh random inputs,
+//     awkward shapes (N = 37 rows), every precision; outputs surrounded by guard bytes that must
+//     stay unchanged; no NaN/Inf; amax values and cast counts equal to the CPU's.
+//
+// Tolerances. CPU and GPU sum the same products in different orders (cuBLASLt's blocking vs
+// OpenBLAS's), so per output element with S = sum of |products| (computed in fp64 on the host):
+//   |gpu - cpu| <= rel * S * (1 + eps_d) + eps_d |cpu| + min_subnormal_d
+// where eps_d is the output format's epsilon (both sides round their own fp32 value: at most an
+// ulp apart after rounding; 0 for fp32) and rel is
+//   fp32, fp16, bf16 native: 2 gamma_{K+2} (two fp32 sums of K terms, each within gamma of the
+//                            exact sum; fp16/bf16 products are exact in fp32)
+//   tf32: 2^-8 + 2 gamma   (operands rounded to 10 mantissa bits; should the GPU truncate where
+//                           the CPU rounds to nearest, each operand differs by up to 1.5 tf32
+//                           ulps (2^-10), a product by 3 ulps < 2^-8)
+//   fp8:  2^-7 + 2 gamma   (the quantised operands are identical, products exact; Hopper's fp8
+//                           Tensor Cores keep ~14 accumulator bits between fp32 promotions
+//                           (cuda-crib.md §3): up to ~32 additions of 2^-13 relative error, 2^-8,
+//                           doubled. A wrong layout or scale errs by O(S), far above this.)
+// fp8 shapes keep M, N, K multiples of 16 (cuBLASLt's fp8 TN kernels need 16-byte-aligned
+// leading dimensions of 1-byte elements).
+// Attention: scores use the same operation order on both sides (unfused fp32 multiply-adds), the
+// softmax differs by exp (CUDA's expf: 2 ulp) and a warp-reduced sum; the bound per element is
+// c u M with M the sum of the magnitudes of the terms (fp64 on the host) and c = 4 (T + HS) + 32.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/cpu/cpu_backend.h"
+#include "cuda_test_util.h"
+#include "test_util.h"
+#if MPT_HAVE_CUDA
+#include "backend/cuda/cuda_context.h"
+#include "backend/cuda/matmul_plan.h"
+#endif
+
+namespace mpt {
+namespace {
+
+using test::Owned;
+
+#if MPT_HAVE_CUDA
+using namespace mpt::cuda;
+
+// ---- (a) host-side planning
+
+MatmulSpec fp8_spec(DType inp, DType weight, DType dout) {
+  MatmulSpec s(MatmulPrecision::fp8);
+  s.inp.format = inp;
+  s.weight.format = weight;
+  s.dout.format = dout;
+  return s;
+}
+
+TEST(MatmulPlan, ForwardIsTNWithOutputChannelsAsRows) {
+  const GemmPlan p = plan_matmul(MatmulOp::forward, 37, 48, 80, DType::bf16, DType::bf16,
+                                 DType::bf16, MatmulPrecision::native);
+  EXPECT_EQ(p.m, 80);
+  EXPECT_EQ(p.n, 37);
+  EXPECT_EQ(p.k, 48);
+  EXPECT_TRUE(p.a.trans);
+  EXPECT_FALSE(p.b.trans);
+  EXPECT_EQ(p.a.source, MatmulOperand::weight);
+  EXPECT_EQ(p.b.source, MatmulOperand::inp);
+  EXPECT_EQ(p.a.rows, 48);
+  EXPECT_EQ(p.a.cols, 80);
+  EXPECT_EQ(p.a.ld, 48);
+  EXPECT_EQ(p.b.rows, 48);
+  EXPECT_EQ(p.b.cols, 37);
+  EXPECT_EQ(p.b.ld, 48);
+  EXPECT_EQ(p.ldd, 80);
+  EXPECT_EQ(p.a.type, GemmType::bf16);
+  EXPECT_EQ(p.b.type, GemmType::bf16);
+  EXPECT_EQ(p.d_type, GemmType::f32);
+  EXPECT_EQ(p.compute, GemmCompute::f32);
+  EXPECT_FALSE(p.a.copy || p.b.copy || p.fp8);
+  EXPECT_EQ(p.beta, 0.0f);
+}
+
+TEST(MatmulPlan, DgradIsNNAndWgradIsNTAccumulating) {
+  const GemmPlan d = plan_matmul(MatmulOp::dgrad, 37, 48, 80, DType::f16, DType::f16, DType::f16,
+                                 MatmulPrecision::native);
+  EXPECT_EQ(d.m, 48);
+  EXPECT_EQ(d.n, 37);
+  EXPECT_EQ(d.k, 80);
+  EXPECT_FALSE(d.a.trans);
+  EXPECT_FALSE(d.b.trans);
+  EXPECT_EQ(d.a.source, MatmulOperand::weight);
+  EXPECT_EQ(d.b.source, MatmulOperand::dout);
+  EXPECT_EQ(d.a.ld, 48);
+  EXPECT_EQ(d.b.rows, 80);
+  EXPECT_EQ(d.b.ld, 80);
+  EXPECT_EQ(d.ldd, 48);
+  EXPECT_EQ(d.beta, 0.0f);
+  const GemmPlan w = plan_matmul(MatmulOp::wgrad, 37, 48, 80, DType::f16, DType::f16, DType::f16,
+                                 MatmulPrecision::native);
+  EXPECT_EQ(w.m, 48);
+  EXPECT_EQ(w.n, 80);
+  EXPECT_EQ(w.k, 37);
+  EXPECT_FALSE(w.a.trans);
+  EXPECT_TRUE(w.b.trans);
+  EXPECT_EQ(w.a.source, MatmulOperand::inp);
+  EXPECT_EQ(w.b.source, MatmulOperand::dout);
+  EXPECT_EQ(w.a.rows, 48);
+  EXPECT_EQ(w.a.cols, 37);
+  EXPECT_EQ(w.b.rows, 80);
+  EXPECT_EQ(w.b.cols, 37);
+  EXPECT_EQ(w.ldd, 48);
+  EXPECT_EQ(w.beta, 1.0f);
+}
+
+// Every layout's stored shape must hold op(X): rows = (trans ? k : m or n).
+void expect_consistent(const GemmPlan& p) {
+  EXPECT_EQ(p.a.rows, p.a.trans ? p.k : p.m);
+  EXPECT_EQ(p.a.cols, p.a.trans ? p.m : p.k);
+  EXPECT_EQ(p.b.rows, p.b.trans ? p.n : p.k);
+  EXPECT_EQ(p.b.cols, p.b.trans ? p.k : p.n);
+  EXPECT_GE(p.a.ld, p.a.rows);
+  EXPECT_GE(p.b.ld, p.b.rows);
+  EXPECT_GE(p.ldd, p.m);
+}
+
+TEST(MatmulPlan, LayoutsAreConsistentForEveryOpAndPrecision) {
+  for (MatmulOp op : {MatmulOp::forward, MatmulOp::dgrad, MatmulOp::wgrad}) {
+    for (MatmulPrecision prec : {MatmulPrecision::native, MatmulPrecision::tf32}) {
+      expect_consistent(plan_matmul(op, 37, 48, 80, DType::f32, DType::f32, DType::f32, prec));
+    }
+    expect_consistent(plan_matmul(op, 48, 64, 96, DType::bf16, DType::f32, DType::bf16,
+                                  fp8_spec(DType::e4m3, DType::e4m3, DType::e5m2)));
+  }
+}
+
+TEST(MatmulPlan, Fp8IsAlwaysTNWithTransposedCopiesAndTheGradientInB) {
+  const MatmulSpec s = fp8_spec(DType::e4m3, DType::e4m3, DType::e5m2);
+  const GemmPlan f = plan_matmul(MatmulOp::forward, 48, 64, 96, DType::bf16, DType::bf16,
+                                 DType::bf16, s);
+  const GemmPlan d = plan_matmul(MatmulOp::dgrad, 48, 64, 96, DType::bf16, DType::bf16,
+                                 DType::bf16, s);
+  const GemmPlan w = plan_matmul(MatmulOp::wgrad, 48, 64, 96, DType::bf16, DType::bf16,
+                                 DType::bf16, s);
+  for (const GemmPlan* p : {&f, &d, &w}) {
+    EXPECT_TRUE(p->fp8);
+    EXPECT_TRUE(p->a.trans) << "fp8 needs TN";
+    EXPECT_FALSE(p->b.trans) << "fp8 needs TN";
+    EXPECT_TRUE(p->a.copy && p->b.copy);
+    EXPECT_EQ(p->compute, GemmCompute::f32);
+    EXPECT_EQ(p->d_type, GemmType::f32);
+  }
+  EXPECT_EQ(f.a.type, GemmType::e4m3);
+  EXPECT_EQ(f.b.type, GemmType::e4m3);
+  EXPECT_FALSE(f.a.transposed_copy || f.b.transposed_copy);
+  // dgrad: A = W^T (C, OC) row-major = column-major OC x C; B = dout as stored.
+  EXPECT_TRUE(d.a.transposed_copy);
+  EXPECT_EQ(d.a.source, MatmulOperand::weight);
+  EXPECT_EQ(d.a.rows, 96);
+  EXPECT_EQ(d.a.cols, 64);
+  EXPECT_EQ(d.a.ld, 96);
+  EXPECT_FALSE(d.b.transposed_copy);
+  EXPECT_EQ(d.b.source, MatmulOperand::dout);
+  EXPECT_EQ(d.b.type, GemmType::e5m2);
+  EXPECT_EQ(d.a.type, GemmType::e4m3);
+  // wgrad: A = x^T (C, N), B = dout^T (OC, N), both K (= N) major.
+  EXPECT_TRUE(w.a.transposed_copy && w.b.transposed_copy);
+  EXPECT_EQ(w.a.source, MatmulOperand::inp);
+  EXPECT_EQ(w.b.source, MatmulOperand::dout);
+  EXPECT_EQ(w.a.ld, 48);
+  EXPECT_EQ(w.b.ld, 48);
+  EXPECT_EQ(w.b.type, GemmType::e5m2);
+  EXPECT_EQ(w.beta, 1.0f);
+}
+
+TEST(MatmulPlan, E5m2TimesE5m2IsRejected) {
+  const MatmulSpec both = fp8_spec(DType::e5m2, DType::e5m2, DType::e5m2);
+  for (MatmulOp op : {MatmulOp::forward, MatmulOp::dgrad, MatmulOp::wgrad})
+    EXPECT_THROW(plan_matmul(op, 48, 64, 96, DType::bf16, DType::bf16, DType::bf16, both),
+                 RuntimeError);
+  // e5m2 inp and weight is rejected even with an e4m3 dout (the forward could not run).
+  EXPECT_THROW(plan_matmul(MatmulOp::wgrad, 48, 64, 96, DType::bf16, DType::bf16, DType::bf16,
+                           fp8_spec(DType::e5m2, DType::e5m2, DType::e4m3)),
+               RuntimeError);
+  // An e5m2 weight with an e5m2 gradient: dgrad is e5m2 x e5m2.
+  EXPECT_THROW(plan_matmul(MatmulOp::dgrad, 48, 64, 96, DType::bf16, DType::bf16, DType::bf16,
+                           fp8_spec(DType::e4m3, DType::e5m2, DType::e5m2)),
+               RuntimeError);
+  // e4m3-only and the hybrid recipe are accepted.
+  EXPECT_NO_THROW(plan_matmul(MatmulOp::dgrad, 48, 64, 96, DType::bf16, DType::bf16, DType::bf16,
+                              fp8_spec(DType::e4m3, DType::e4m3, DType::e4m3)));
+  // The forward ignores dout's format (it does not read dout).
+  EXPECT_NO_THROW(plan_matmul(MatmulOp::forward, 48, 64, 96, DType::bf16, DType::bf16,
+                              DType::bf16, fp8_spec(DType::e4m3, DType::e4m3, DType::bf16)));
+  EXPECT_THROW(plan_matmul(MatmulOp::dgrad, 48, 64, 96, DType::bf16, DType::bf16, DType::bf16,
+                           fp8_spec(DType::e4m3, DType::e4m3, DType::bf16)),
+               RuntimeError);
+  // fp8 operands are quantised from fp32/fp16/bf16 tensors only.
+  EXPECT_THROW(plan_matmul(MatmulOp::forward, 48, 64, 96, DType::e4m3, DType::bf16, DType::bf16,
+                           fp8_spec(DType::e4m3, DType::e4m3, DType::e5m2)),
+               RuntimeError);
+}
+
+TEST(MatmulPlan, Tf32OnlyForFp32OperandsAndMixedDtypesAreWidened) {
+  const GemmPlan f32 = plan_matmul(MatmulOp::forward, 37, 48, 80, DType::f32, DType::f32,
+                                   DType::f32, MatmulPrecision::tf32);
+  EXPECT_EQ(f32.compute, GemmCompute::f32_fast_tf32);
+  const GemmPlan n32 = plan_matmul(MatmulOp::forward, 37, 48, 80, DType::f32, DType::f32,
+                                   DType::f32, MatmulPrecision::native);
+  EXPECT_EQ(n32.compute, GemmCompute::f32);
+  const GemmPlan b16 = plan_matmul(MatmulOp::forward, 37, 48, 80, DType::bf16, DType::bf16,
+                                   DType::bf16, MatmulPrecision::tf32);
+  EXPECT_EQ(b16.compute, GemmCompute::f32) << "FAST_TF32 is valid only with fp32 A, B, C";
+  EXPECT_EQ(b16.a.type, GemmType::bf16);
+  // bf16 activations with fp32 weights: the bf16 operand is widened (exact) into an fp32 copy.
+  const GemmPlan mix = plan_matmul(MatmulOp::forward, 37, 48, 80, DType::bf16, DType::f32,
+                                   DType::bf16, MatmulPrecision::tf32);
+  EXPECT_EQ(mix.a.type, GemmType::f32);
+  EXPECT_EQ(mix.b.type, GemmType::f32);
+  EXPECT_FALSE(mix.a.copy);
+  EXPECT_TRUE(mix.b.copy);
+  EXPECT_EQ(mix.compute, GemmCompute::f32_fast_tf32);
+  EXPECT_EQ(native_pair_type(DType::f16, DType::bf16), GemmType::f32);
+  EXPECT_EQ(native_pair_type(DType::f16, DType::f16), GemmType::f16);
+  EXPECT_THROW(native_pair_type(DType::e4m3, DType::e4m3), RuntimeError);
+}
+
+TEST(MatmulPlan, BiasGoesToTheEpilogueOnlyWhereCublasLtTakesIt) {
+  const uintptr_t aligned = 0x10000, odd = 0x10002;
+  EXPECT_EQ(bias_path(false, true, false, DType::f32, aligned), BiasPath::none);
+  EXPECT_EQ(bias_path(true, true, false, DType::f32, aligned), BiasPath::epilogue);
+  EXPECT_EQ(bias_path(true, true, false, DType::bf16, aligned), BiasPath::store_kernel);
+  EXPECT_EQ(bias_path(true, true, true, DType::bf16, aligned), BiasPath::epilogue);
+  EXPECT_EQ(bias_path(true, true, true, DType::f32, aligned), BiasPath::store_kernel);
+  EXPECT_EQ(bias_path(true, true, false, DType::f32, odd), BiasPath::store_kernel)
+      << "a misaligned bias faults in the epilogue";
+  EXPECT_EQ(bias_path(true, false, false, DType::f32, aligned), BiasPath::store_kernel)
+      << "a staged (counted) output adds the bias in its store";
+}
+
+TEST(MatmulPlan, PointerAlignmentIsTheLargestPowerOfTwoUpTo256) {
+  EXPECT_EQ(pointer_alignment(0x1000), 256u);
+  EXPECT_EQ(pointer_alignment(0x1080), 128u);
+  EXPECT_EQ(pointer_alignment(0x1010), 16u);
+  EXPECT_EQ(pointer_alignment(0x1002), 2u);
+  EXPECT_EQ(pointer_alignment(0x1001), 1u);
+}
+
+TEST(MatmulPlan, CacheKeysAreEqualExactlyWhenTheGemmIsTheSame) {
+  const GemmPlan p = plan_matmul(MatmulOp::forward, 37, 48, 80, DType::bf16, DType::bf16,
+                                 DType::bf16, MatmulPrecision::native);
+  const GemmKey k = gemm_key(p, GemmEpilogue::none, 256, 256, 256);
+  EXPECT_EQ(k, gemm_key(p, GemmEpilogue::none, 256, 256, 256));
+  EXPECT_EQ(GemmKeyHash{}(k), GemmKeyHash{}(gemm_key(p, GemmEpilogue::none, 256, 256, 256)));
+  EXPECT_NE(k, gemm_key(p, GemmEpilogue::bias, 256, 256, 256));
+  EXPECT_NE(k, gemm_key(p, GemmEpilogue::none, 16, 256, 256));
+  EXPECT_NE(k, gemm_key(p, GemmEpilogue::none, 256, 256, 2));
+  const GemmPlan q = plan_matmul(MatmulOp::forward, 38, 48, 80, DType::bf16, DType::bf16,
+                                 DType::bf16, MatmulPrecision::native);
+  EXPECT_NE(k, gemm_key(q, GemmEpilogue::none, 256, 256, 256));
+  const GemmPlan t = plan_matmul(MatmulOp::forward, 37, 48, 80, DType::f32, DType::f32,
+                                 DType::f32, MatmulPrecision::tf32);
+  const GemmPlan n = plan_matmul(MatmulOp::forward, 37, 48, 80, DType::f32, DType::f32,
+                                 DType::f32, MatmulPrecision::native);
+  EXPECT_NE(gemm_key(t, GemmEpilogue::none, 256, 256, 256),
+            gemm_key(n, GemmEpilogue::none, 256, 256, 256));
+  GemmKey b = k;
+  b.batch = 2;
+  EXPECT_NE(k, b);
+  GemmAlgoCache cache;
+  cache[k].workspace = 7;
+  cache[gemm_key(p, GemmEpilogue::bias, 256, 256, 256)].workspace = 9;
+  EXPECT_EQ(cache.size(), 2u);
+  EXPECT_EQ(cache.at(gemm_key(p, GemmEpilogue::none, 256, 256, 256)).workspace, 7u);
+  EXPECT_NE(k.str().find("m=80 n=37 k=48"), std::string::npos) << k.str();
+}
+
+TEST(MatmulPlan, WorkspaceAndCopySizes) {
+  EXPECT_EQ(lt_workspace_size(9), size_t{32} << 20);
+  EXPECT_EQ(operand_copy_bytes(1, GemmType::e4m3), 256u);
+  EXPECT_EQ(operand_copy_bytes(256, GemmType::e4m3), 256u);
+  EXPECT_EQ(operand_copy_bytes(65, GemmType::f32), 512u);
+  EXPECT_EQ(operand_copy_bytes(0, GemmType::f32), 0u);
+}
+
+// ---- (b) GPU parity against the CPU backend
+
+constexpr uint8_t kSentinel = 0x7B;
+constexpr int64_t kGuard = 128;  // elements before and after every GPU tensor
+constexpr double kU = 0x1p-24;
+double gamma32(double n) { return n * kU / (1.0 - n * kU); }
+
+// A GPU tensor with guard bytes around it.
+struct Dev {
+  Buffer buf;
+  Tensor t;
+  size_t pre = 0, total = 0;
+};
+
+Dev to_gpu(Backend& gpu, const Tensor& h) {
+  Dev d;
+  const size_t es = dtype_size(h.dtype);
+  d.pre = kGuard * es;
+  d.total = (2 * d.pre + h.bytes() + 3) / 4 * 4;
+  d.buf = gpu.allocate(d.total);
+  std::vector<uint8_t> fill(d.total, kSentinel);
+  gpu.copy_from_host(Tensor(d.buf.data(), DType::e4m3, {static_cast<int64_t>(d.total)}), fill.data());
+  d.t = d.buf.view(d.pre, h.dtype, h.shape);
+  gpu.copy_from_host(d.t, h.data);
+  return d;
+}
+
+// The tensor's values widened; the guard bytes checked.
+std::vector<float> from_gpu(Backend& gpu, const Dev& d, const std::string& what) {
+  std::vector<uint8_t> all(d.total);
+  gpu.copy_to_host(all.data(), Tensor(d.buf.data(), DType::e4m3, {static_cast<int64_t>(d.total)}));
+  int64_t bad = 0;
+  for (size_t i = 0; i < d.total; ++i)
+    if ((i < d.pre || i >= d.pre + d.t.bytes()) && all[i] != kSentinel) ++bad;
+  EXPECT_EQ(bad, 0) << what << ": bytes outside the tensor were written";
+  return test::widened(Tensor(all.data() + d.pre, d.t.dtype, d.t.shape));
+}
+
+// |gpu - cpu| <= tol[i] + eps_d |cpu| + min_subnormal_d, no NaN/Inf.
+void expect_close(const std::string& what, const std::vector<float>& gpu,
+                  const std::vector<float>& cpu, const std::vector<double>& tol, DType d) {
+  ASSERT_EQ(gpu.size(), cpu.size());
+  const DTypeTraits tr = dtype_traits(d);
+  const double eps = d == DType::f32 ? 0.0 : tr.epsilon, sub = d == DType::f32 ? 0.0 : tr.min_subnormal;
+  int64_t bad = 0, nonfinite = 0;
+  for (size_t i = 0; i < gpu.size(); ++i) {
+    if (!std::isfinite(gpu[i])) {
+      ++nonfinite;
+      continue;
+    }
+    const double err = std::fabs(double(gpu[i]) - double(cpu[i]));
+    const double bound = tol[i] * (1.0 + eps) + eps * std::fabs(double(cpu[i])) + sub;
+    if (err > bound && bad++ < 5)
+      ADD_FAILURE() << what << "[" << i << "]: gpu " << gpu[i] << " cpu " << cpu[i] << " err "
+                    << err << " > " << bound;
+  }
+  EXPECT_EQ(nonfinite, 0) << what << ": NaN or Inf in the GPU result";
+  EXPECT_EQ(bad, 0) << what << ": elements outside tolerance";
+}
+
+void expect_same_counts(Backend& gpu, Backend& cpu, const std::string& what) {
+  for (int k = 0; k < kTensorClasses; ++k) {
+    const TensorClass c = static_cast<TensorClass>(k);
+    const CastCounts g = gpu.cast_counts(c), h = cpu.cast_counts(c);
+    EXPECT_EQ(g.values, h.values) << what << " " << tensor_class_name(c);
+    EXPECT_EQ(g.overflow, h.overflow) << what << " " << tensor_class_name(c);
+    EXPECT_EQ(g.underflow, h.underflow) << what << " " << tensor_class_name(c);
+  }
+}
+
+struct MatmulCase {
+  const char* name;
+  MatmulPrecision prec;
+  DType inp, weight, bias, out, dout, dinp, dweight, dbias;
+  int64_t N, C, OC;
+  DType fi = DType::e4m3, fw = DType::e4m3, fd = DType::e5m2;  // fp8 formats
+};
+
+float amax_host(const Tensor& t) {
+  float m = 0;
+  for (float v : test::widened(t)) m = std::max(m, std::fabs(v));
+  return m;
+}
+
+void run_matmul_case(const MatmulCase& c) {
+  SCOPED_TRACE(c.name);
+  const uint64_t seed = test::fresh_seed();
+  Rng rng(seed);
+  CpuBackend cpu(2);
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  const int64_t N = c.N, C = c.C, OC = c.OC;
+  Owned x = test::randn_as(cpu, {N, C}, c.inp, rng);
+  Owned w = test::randn_as(cpu, {OC, C}, c.weight, rng, 0.5);
+  Owned b = test::randn_as(cpu, {OC}, c.bias, rng);
+  Owned out = test::make(cpu, {N, OC}, c.out);
+  Owned dout = test::randn_as(cpu, {N, OC}, c.dout, rng);
+  Owned dx = test::make(cpu, {N, C}, c.dinp);
+  Owned dw = test::randn_as(cpu, {OC, C}, c.dweight, rng, 0.1);  // accumulated into
+  Owned db = test::randn_as(cpu, {OC}, c.dbias, rng, 0.1);
+  Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t),
+      gout = to_gpu(*gpu, out.t), gdout = to_gpu(*gpu, dout.t), gdx = to_gpu(*gpu, dx.t),
+      gdw = to_gpu(*gpu, dw.t), gdb = to_gpu(*gpu, db.t);
+  const std::vector<float> xv = test::widened(x.t), wv = test::widened(w.t),
+                           bv = test::widened(b.t), dv = test::widened(dout.t),
+                           dw0 = test::widened(dw.t), db0 = test::widened(db.t);
+
+  MatmulSpec spec(c.prec);
+  float amax_cpu[3] = {-1, -1, -1}, amax_gpu[3] = {-1, -1, -1};
+  if (c.prec == MatmulPrecision::fp8) {
+    auto maxf = [](DType f) { return static_cast<float>(dtype_traits(f).max_finite); };
+    spec.inp = {c.fi, 1.2f * maxf(c.fi) / amax_host(x.t), nullptr};
+    spec.weight = {c.fw, 0.7f * maxf(c.fw) / amax_host(w.t), nullptr};
+    spec.dout = {c.fd, 1.1f * maxf(c.fd) / amax_host(dout.t), nullptr};
+  }
+  double rel = 2.0 * gamma32(double(std::max({N, C, OC})) + 2.0);
+  double inflate = 1.0;
+  if (c.prec == MatmulPrecision::tf32) rel += 0x1p-8;
+  if (c.prec == MatmulPrecision::fp8) rel += 0x1p-7, inflate = 1.25;
+
+  // forward
+  MatmulSpec sc = spec, sg = spec;
+  sc.inp.amax = &amax_cpu[0], sc.weight.amax = &amax_cpu[1], sc.dout.amax = &amax_cpu[2];
+  sg.inp.amax = &amax_gpu[0], sg.weight.amax = &amax_gpu[1], sg.dout.amax = &amax_gpu[2];
+  cpu.reset_cast_counts();
+  gpu->reset_cast_counts();
+  cpu.matmul_forward(out.t, x.t, w.t, b.t, sc);
+  gpu->matmul_forward(gout.t, gx.t, gw.t, gb.t, sg);
+  {
+    std::vector<double> tol(N * OC);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t o = 0; o < OC; ++o) {
+        double s = 0;
+        for (int64_t i = 0; i < C; ++i) s += std::fabs(double(xv[n * C + i]) * wv[o * C + i]);
+        tol[n * OC + o] = rel * (inflate * s + std::fabs(bv[o]));
+      }
+    expect_close("out", from_gpu(*gpu, gout, "out"), test::widened(out.t), tol, c.out);
+    expect_same_counts(*gpu, cpu, "forward");
+    for (int i = 0; i < 3; ++i) EXPECT_EQ(amax_gpu[i], amax_cpu[i]) << "forward amax " << i;
+  }
+
+  // backward
+  amax_cpu[0] = amax_cpu[1] = amax_cpu[2] = amax_gpu[0] = amax_gpu[1] = amax_gpu[2] = -1;
+  cpu.reset_cast_counts();
+  gpu->reset_cast_counts();
+  cpu.matmul_backward(dx.t, dw.t, db.t, dout.t, x.t, w.t, sc);
+  gpu->matmul_backward(gdx.t, gdw.t, gdb.t, gdout.t, gx.t, gw.t, sg);
+  {
+    std::vector<double> tx(N * C), tw(OC * C), tb(OC);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t i = 0; i < C; ++i) {
+        double s = 0;
+        for (int64_t o = 0; o < OC; ++o) s += std::fabs(double(dv[n * OC + o]) * wv[o * C + i]);
+        tx[n * C + i] = rel * inflate * s;
+      }
+    for (int64_t o = 0; o < OC; ++o) {
+      double sb = std::fabs(db0[o]);
+      for (int64_t n = 0; n < N; ++n) sb += std::fabs(dv[n * OC + o]);
+      tb[o] = 2 * gamma32(double(N) + 2) * sb;
+      for (int64_t i = 0; i < C; ++i) {
+        double s = 0;
+        for (int64_t n = 0; n < N; ++n) s += std::fabs(double(dv[n * OC + o]) * xv[n * C + i]);
+        tw[o * C + i] = rel * (inflate * s + std::fabs(dw0[o * C + i]));
+      }
+    }
+    expect_close("dinp", from_gpu(*gpu, gdx, "dinp"), test::widened(dx.t), tx, c.dinp);
+    expect_close("dweight", from_gpu(*gpu, gdw, "dweight"), test::widened(dw.t), tw, c.dweight);
+    expect_close("dbias", from_gpu(*gpu, gdb, "dbias"), test::widened(db.t), tb, c.dbias);
+    expect_same_counts(*gpu, cpu, "backward");
+    for (int i = 0; i < 3; ++i) EXPECT_EQ(amax_gpu[i], amax_cpu[i]) << "backward amax " << i;
+  }
+  // Inputs are left alone.
+  EXPECT_EQ(from_gpu(*gpu, gx, "inp"), xv);
+  EXPECT_EQ(from_gpu(*gpu, gw, "weight"), wv);
+  EXPECT_EQ(from_gpu(*gpu, gdout, "dout"), dv);
+}
+
+constexpr DType F32 = DType::f32, F16 = DType::f16, BF = DType::bf16;
+constexpr MatmulPrecision NAT = MatmulPrecision::native, TF = MatmulPrecision::tf32,
+                          FP8 = MatmulPrecision::fp8;
+
+TEST(CudaMatmul, Fp32Native) {
+  MPT_REQUIRE_GPU();
+  run_matmul_case({"fp32", NAT, F32, F32, F32, F32, F32, F32, F32, F32, 37, 48, 80});
+  run_matmul_case({"fp32 small odd", NAT, F32, F32, F32, F32, F32, F32, F32, F32, 5, 20, 12});
+  // More rows than one dbias chunk (256).
+  run_matmul_case({"fp32 tall", NAT, F32, F32, F32, F32, F32, F32, F32, F32, 601, 24, 40});
+}
+
+TEST(CudaMatmul, Tf32) {
+  MPT_REQUIRE_GPU();
+  run_matmul_case({"tf32", TF, F32, F32, F32, F32, F32, F32, F32, F32, 37, 48, 80});
+  run_matmul_case({"tf32 bf16 acts fp32 weights", TF, BF, F32, F32, BF, BF, BF, F32, F32, 37, 48, 80});
+}
+
+TEST(CudaMatmul, Fp16) {
+  MPT_REQUIRE_GPU();
+  run_matmul_case({"all fp16", NAT, F16, F16, F16, F16, F16, F16, F16, F16, 37, 48, 80});
+  run_matmul_case({"fp16, fp32 weight grads", NAT, F16, F16, F16, F16, F16, F16, F32, F32, 37, 40, 72});
+}
+
+TEST(CudaMatmul, Bf16) {
+  MPT_REQUIRE_GPU();
+  run_matmul_case({"all bf16", NAT, BF, BF, BF, BF, BF, BF, BF, BF, 37, 48, 80});
+  run_matmul_case({"bf16 acts, fp32 weights", NAT, BF, F32, F32, BF, BF, BF, F32, F32, 37, 48, 80});
+  run_matmul_case({"bf16, fp32 out", NAT, BF, BF, F32, F32, BF, F32, F32, F32, 5, 20, 12});
+  // fp32 output with a bf16 bias: no epilogue takes it; the store kernel adds it in place.
+  run_matmul_case({"bf16, fp32 out, bf16 bias", NAT, BF, BF, BF, F32, BF, F32, F32, BF, 37, 48, 80});
+}
+
+TEST(CudaMatmul, Fp8Hybrid) {
+  MPT_REQUIRE_GPU();
+  // bf16 bias with an fp32 output: the epilogue path; bf16 output: the store kernel's bias.
+  run_matmul_case({"fp8 hybrid, fp32 out", FP8, BF, F32, BF, F32, BF, BF, F32, F32, 48, 64, 96});
+  run_matmul_case({"fp8 hybrid, bf16", FP8, BF, BF, BF, BF, BF, BF, BF, BF, 48, 64, 96});
+  run_matmul_case({"fp8 hybrid, fp16", FP8, F16, F16, F16, F16, F16, F16, F32, F32, 32, 48, 16});
+  run_matmul_case({"fp8 hybrid, tall", FP8, BF, BF, BF, BF, BF, BF, F32, F32, 528, 32, 48});
+}
+
+TEST(CudaMatmul, Fp8E4m3Only) {
+  MPT_REQUIRE_GPU();
+  MatmulCase c{"fp8 e4m3", FP8, BF, F32, F32, F32, BF, BF, F32, F32, 48, 64, 96};
+  c.fd = DType::e4m3;
+  run_matmul_case(c);
+}
+
+TEST(CudaMatmul, Fp8E5m2TimesE5m2Throws) {
+  MPT_REQUIRE_GPU();
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  CpuBackend cpu(1);
+  Rng rng(1);
+  Owned x = test::randn_as(cpu, {16, 16}, BF, rng), w = test::randn_as(cpu, {16, 16}, BF, rng),
+        o = test::make(cpu, {16, 16}, BF);
+  Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), go = to_gpu(*gpu, o.t);
+  MatmulSpec s(FP8);
+  s.inp.format = s.weight.format = DType::e5m2;
+  EXPECT_THROW(gpu->matmul_forward(go.t, gx.t, gw.t, Tensor(), s), RuntimeError);
+  EXPECT_THROW(gpu->matmul_backward(go.t, go.t, Tensor(), go.t, gx.t, gw.t, s), RuntimeError);
+}
+
+// amax is max |x| before quantisation: NaN when x holds a NaN, inf with an infinity, as on the
+// CPU; the casts of non-finite values are not counted as overflows or underflows.
+TEST(CudaMatmul, Fp8AmaxSeesNaNAndInfinity) {
+  MPT_REQUIRE_GPU();
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  CpuBackend cpu(1);
+  for (float bad : {INFINITY, NAN}) {
+    for (DType dt : {F32, BF}) {
+      Rng rng(7);
+      Owned x = test::randn_as(cpu, {32, 16}, dt, rng), w = test::randn_as(cpu, {16, 16}, dt, rng),
+            o = test::make(cpu, {32, 16}, F32);
+      test::store_rounded(x.t, 37, bad);
+      Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), go = to_gpu(*gpu, o.t);
+      float ac[2] = {-1, -1}, ag[2] = {-1, -1};
+      MatmulSpec sc(FP8), sg(FP8);
+      sc.inp = {DType::e4m3, 1.0f, &ac[0]};
+      sc.weight = {DType::e4m3, 1.0f, &ac[1]};
+      sg.inp = {DType::e4m3, 1.0f, &ag[0]};
+      sg.weight = {DType::e4m3, 1.0f, &ag[1]};
+      cpu.reset_cast_counts();
+      gpu->reset_cast_counts();
+      cpu.matmul_forward(o.t, x.t, w.t, Tensor(), sc);
+      gpu->matmul_forward(go.t, gx.t, gw.t, Tensor(), sg);
+      if (std::isnan(bad)) {
+        EXPECT_TRUE(std::isnan(ag[0])) << ag[0];
+      } else {
+        EXPECT_EQ(ag[0], INFINITY);
+      }
+      EXPECT_EQ(std::isnan(ag[0]), std::isnan(ac[0]));
+      if (!std::isnan(ac[0])) {
+        EXPECT_EQ(ag[0], ac[0]);
+      }
+      EXPECT_EQ(ag[1], ac[1]);
+      expect_same_counts(*gpu, cpu, "fp8 forward with a non-finite input");
+      from_gpu(*gpu, go, "out");  // guards only: the output holds the non-finite value's effects
+    }
+  }
+}
+
+// ---- attention
+
+struct AttCase {
+  const char* name;
+  DType qkv, out, dout, dqkv;
+  int64_t B, T, NH, HS;
+};
+
+void run_attention_case(const AttCase& c) {
+  SCOPED_TRACE(c.name);
+  Rng rng(test::fresh_seed());
+  CpuBackend cpu(2);
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  const int64_t B = c.B, T = c.T, NH = c.NH, HS = c.HS, C = NH * HS;
+  Owned qkv = test::randn_as(cpu, {B, T, 3 * C}, c.qkv, rng);
+  Owned out = test::make(cpu, {B, T, C}, c.out);
+  Owned att = test::make(cpu, {B, NH, T, T}, F32);
+  Owned dout = test::randn_as(cpu, {B, T, C}, c.dout, rng);
+  Owned dqkv = test::make(cpu, {B, T, 3 * C}, c.dqkv);
+  Dev gq = to_gpu(*gpu, qkv.t), gout = to_gpu(*gpu, out.t), gatt = to_gpu(*gpu, att.t),
+      gd = to_gpu(*gpu, dout.t), gdq = to_gpu(*gpu, dqkv.t);
+  const std::vector<float> x = test::widened(qkv.t), g = test::widened(dout.t);
+  const double cc = (4.0 * double(T + HS) + 32.0) * kU;
+  const double scale = 1.0 / std::sqrt(double(HS));
+
+  cpu.reset_cast_counts();
+  gpu->reset_cast_counts();
+  cpu.attention_forward(out.t, att.t, qkv.t, static_cast<int>(NH));
+  gpu->attention_forward(gout.t, gatt.t, gq.t, static_cast<int>(NH));
+  const std::vector<float> a = test::widened(att.t);
+  auto A = [&](int64_t b, int64_t h, int64_t t, int64_t t2) { return double(a[((b * NH + h) * T + t) * T + t2]); };
+  auto X = [&](int64_t b, int64_t t, int64_t j) { return double(x[(b * T + t) * 3 * C + j]); };
+  auto G = [&](int64_t b, int64_t t, int64_t j) { return double(g[(b * T + t) * C + j]); };
+  {
+    std::vector<double> ta(a.size());
+    for (size_t i = 0; i < a.size(); ++i) ta[i] = (4.0 * T + 16.0) * kU * std::fabs(a[i]) + 1e-38;
+    const std::vector<float> ga = from_gpu(*gpu, gatt, "att");
+    expect_close("att", ga, a, ta, F32);
+    int64_t upper = 0;
+    for (int64_t bh = 0; bh < B * NH; ++bh)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t t2 = t + 1; t2 < T; ++t2) upper += ga[(bh * T + t) * T + t2] != 0.0f;
+    EXPECT_EQ(upper, 0) << "att above the diagonal must be 0";
+    std::vector<double> to(B * T * C);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < NH; ++h)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t i = 0; i < HS; ++i) {
+            double m = 0;
+            for (int64_t t2 = 0; t2 <= t; ++t2) m += A(b, h, t, t2) * std::fabs(X(b, t2, 2 * C + h * HS + i));
+            to[(b * T + t) * C + h * HS + i] = cc * m;
+          }
+    expect_close("attention out", from_gpu(*gpu, gout, "attention out"), test::widened(out.t), to, c.out);
+    expect_same_counts(*gpu, cpu, "attention forward");
+  }
+
+  cpu.reset_cast_counts();
+  gpu->reset_cast_counts();
+  cpu.attention_backward(dqkv.t, dout.t, qkv.t, att.t, static_cast<int>(NH));
+  // The GPU's backward reads the CPU's probabilities: its own differ by the softmax's rounding.
+  gpu->copy_from_host(gatt.t, att.t.data);
+  gpu->attention_backward(gdq.t, gd.t, gq.t, gatt.t, static_cast<int>(NH));
+  {
+    std::vector<double> tol(B * T * 3 * C, 0.0);
+    std::vector<double> P(T * T);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < NH; ++h) {
+        for (int64_t t = 0; t < T; ++t) {
+          std::vector<double> datt(t + 1);
+          double D = 0;
+          for (int64_t t2 = 0; t2 <= t; ++t2) {
+            double s = 0;
+            for (int64_t i = 0; i < HS; ++i) s += G(b, t, h * HS + i) * X(b, t2, 2 * C + h * HS + i);
+            datt[t2] = s;
+            D += A(b, h, t, t2) * std::fabs(s);
+          }
+          for (int64_t t2 = 0; t2 <= t; ++t2) P[t * T + t2] = scale * A(b, h, t, t2) * (std::fabs(datt[t2]) + D);
+        }
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t i = 0; i < HS; ++i) {
+            double mq = 0, mk = 0, mv = 0;
+            for (int64_t t2 = 0; t2 <= t; ++t2) mq += P[t * T + t2] * std::fabs(X(b, t2, C + h * HS + i));
+            for (int64_t u = t; u < T; ++u) {
+              mk += P[u * T + t] * std::fabs(X(b, u, h * HS + i));
+              mv += A(b, h, u, t) * std::fabs(G(b, u, h * HS + i));
+            }
+            const int64_t base = (b * T + t) * 3 * C + h * HS + i;
+            tol[base] = cc * mq;
+            tol[base + C] = cc * mk;
+            tol[base + 2 * C] = cc * mv;
+          }
+      }
+    expect_close("dqkv", from_gpu(*gpu, gdq, "dqkv"), test::widened(dqkv.t), tol, c.dqkv);
+    expect_same_counts(*gpu, cpu, "attention backward");
+  }
+  EXPECT_EQ(from_gpu(*gpu, gq, "qkv"), x);
+}
+
+TEST(CudaAttention, MatchesCpu) {
+  MPT_REQUIRE_GPU();
+  run_attention_case({"fp32", F32, F32, F32, F32, 2, 37, 3, 16});
+  run_attention_case({"bf16", BF, BF, BF, BF, 2, 37, 3, 16});
+  run_attention_case({"fp16", F16, F16, F16, F16, 1, 45, 2, 40});
+  run_attention_case({"bf16 qkv, fp32 out", BF, F32, F32, BF, 2, 33, 4, 8});
+  run_attention_case({"fp32 head size 64", F32, F32, F32, F32, 1, 70, 2, 64});
+}
+
+TEST(CudaAttention, RejectsANonFp32Att) {
+  MPT_REQUIRE_GPU();
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  CpuBackend cpu(1);
+  Owned q = test::make(cpu, {1, 4, 12}, F32), o = test::make(cpu, {1, 4, 4}, F32),
+        a = test::make(cpu, {1, 2, 4, 4}, BF);
+  Dev gq = to_gpu(*gpu, q.t), go = to_gpu(*gpu, o.t), ga = to_gpu(*gpu, a.t);
+  EXPECT_THROW(gpu->attention_forward(go.t, ga.t, gq.t, 2), RuntimeError);
+}
+
+#else
+TEST(CudaMatmul, SkippedWithoutCuda) { GTEST_SKIP() << test::gpu_unavailable_reason(); }
+#endif
+
+}  // namespace
+}  // namespace mpt
