@@ -49,7 +49,9 @@ cudaDataType_t cuda_type(GemmType t) {
   return CUDA_R_32F;
 }
 
-void expect_float(const char* op, const char* arg, const Tensor& t, Shape shape) {
+// A float argument holding `shape`'s elements with its last dimension (leading dimensions may
+// be split: inp may be (B,T,C) for (N,C)).
+void expect_matrix(const char* op, const char* arg, const Tensor& t, Shape shape) {
   const bool ok = t.defined() &&
                   (t.dtype == DType::f32 || t.dtype == DType::f16 || t.dtype == DType::bf16) &&
                   t.numel() == shape.numel() && t.dim(-1) == shape[shape.ndim - 1];
@@ -376,11 +378,11 @@ void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor 
   if (!inp.defined() || !weight.defined() || weight.shape.ndim != 2)
     throw RuntimeError("matmul_forward: inp and a 2-d weight are required");
   const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
-  expect_float("matmul_forward", "inp", inp, {N, C});
-  expect_float("matmul_forward", "weight", weight, {OC, C});
-  expect_float("matmul_forward", "out", out, {N, OC});
+  expect_matrix("matmul_forward", "inp", inp, {N, C});
+  expect_matrix("matmul_forward", "weight", weight, {OC, C});
+  expect_matrix("matmul_forward", "out", out, {N, OC});
   if (weight.dim(1) != C) throw RuntimeError("matmul_forward: weight must be (OC, C)");
-  if (bias.defined()) expect_float("matmul_forward", "bias", bias, {OC});
+  if (bias.defined()) expect_matrix("matmul_forward", "bias", bias, {OC});
   const GemmPlan p =
       plan_matmul(MatmulOp::forward, N, C, OC, inp.dtype, weight.dtype, inp.dtype, spec);
 
@@ -435,12 +437,12 @@ void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Te
   if (!inp.defined() || !weight.defined() || weight.shape.ndim != 2)
     throw RuntimeError("matmul_backward: inp and a 2-d weight are required");
   const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
-  expect_float("matmul_backward", "inp", inp, {N, C});
-  expect_float("matmul_backward", "weight", weight, {OC, C});
-  expect_float("matmul_backward", "dout", dout, {N, OC});
-  expect_float("matmul_backward", "dweight", dweight, {OC, C});
+  expect_matrix("matmul_backward", "inp", inp, {N, C});
+  expect_matrix("matmul_backward", "weight", weight, {OC, C});
+  expect_matrix("matmul_backward", "dout", dout, {N, OC});
+  expect_matrix("matmul_backward", "dweight", dweight, {OC, C});
   if (weight.dim(1) != C) throw RuntimeError("matmul_backward: weight must be (OC, C)");
-  if (dinp.defined()) expect_float("matmul_backward", "dinp", dinp, {N, C});
+  if (dinp.defined()) expect_matrix("matmul_backward", "dinp", dinp, {N, C});
   // Plans first: an unsupported spec throws before anything runs.
   const GemmPlan pw =
       plan_matmul(MatmulOp::wgrad, N, C, OC, inp.dtype, weight.dtype, dout.dtype, spec);
@@ -450,7 +452,7 @@ void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Te
 
   // The bias gradient sums dout as stored, before any quantisation.
   if (dbias.defined()) {
-    expect_float("matmul_backward", "dbias", dbias, {OC});
+    expect_matrix("matmul_backward", "dbias", dbias, {OC});
     const int64_t chunks = (N + kDbiasRows - 1) / kDbiasRows;
     if (chunks > 65535) throw RuntimeError("matmul_backward: too many rows for the dbias grid");
     float* part = static_cast<float*>(
