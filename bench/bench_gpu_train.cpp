@@ -123,6 +123,10 @@ int main(int argc, char** argv) {
                        {"activation_gib", double(model.activation_bytes()) / (1 << 30)},
                        {"ledger_gib", ledger.total() / (1 << 30)}});
     std::fprintf(stderr, "%s: %.0f tokens/s, %.1f ms/step\n", name.c_str(), tokens_per_s, step_ms);
+    // What is measured so far survives a timeout (the ratios are added at the end).
+    if (!json_path.empty())
+      std::ofstream(json_path) << nlohmann::json{{"device", device}, {"partial", true},
+                                                 {"policies", results}}.dump(1) << "\n";
   }
   auto find = [&](const char* p) -> const nlohmann::json* {
     for (const auto& r : results)

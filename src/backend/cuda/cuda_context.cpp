@@ -95,7 +95,10 @@ Context::Context(int device) : device_(device) {
   MPT_CUDA_CHECK(cublasLtCreate(&lt_));
   lt_workspace_ = DeviceBuffer(lt_workspace_size(props_.major));
   counters_ = DeviceBuffer(sizeof(unsigned long long) * 2 * kTensorClasses);
-  MPT_CUDA_CHECK(cudaMemset(counters_.data(), 0, counters_.bytes()));
+  // On our stream: a plain cudaMemset goes to the legacy stream, which a non-blocking stream
+  // does not wait for, so the first counting kernel could race it.
+  MPT_CUDA_CHECK(cudaMemsetAsync(counters_.data(), 0, counters_.bytes(), stream_));
+  sync("zeroing the cast counters");
   const char* s = std::getenv("MPT_CUDA_SYNC");
   debug_sync_ = s && std::strcmp(s, "0") != 0 && *s;
 }
