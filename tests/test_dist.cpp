@@ -41,11 +41,19 @@ TEST(Launch, HydraPmiAndSlurm) {
   EXPECT_EQ(p.launcher, "pmi");
   EXPECT_EQ(p.rank, 3);
   EXPECT_EQ(p.local_rank, 3);
-  p = from({{"SLURM_PROCID", "9"}, {"SLURM_NTASKS", "16"}, {"SLURM_LOCALID", "1"}});
+  p = from({{"SLURM_PROCID", "9"}, {"SLURM_NTASKS", "16"}, {"SLURM_STEP_NUM_TASKS", "16"},
+            {"SLURM_LOCALID", "1"}});
   EXPECT_EQ(p.launcher, "slurm");
   EXPECT_EQ(p.rank, 9);
   EXPECT_EQ(p.world_size, 16);
   EXPECT_EQ(p.local_rank, 1);
+}
+
+TEST(Launch, ASlurmBatchScriptIsOneProcess) {
+  // sbatch --ntasks=4 runs the script once, with the allocation's variables but no job step.
+  const Placement p = from({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "4"}, {"SLURM_JOB_ID", "7"}});
+  EXPECT_EQ(p.launcher, "none");
+  EXPECT_EQ(p.world_size, 1);
 }
 
 TEST(Launch, OpenMpiWinsOverTheSlurmAllocationItRunsIn) {
@@ -71,7 +79,8 @@ TEST(Launch, BadValuesNameTheVariable) {
   EXPECT_NE(message({{"PMI_RANK", "x"}, {"PMI_SIZE", "2"}}).find("PMI_RANK='x'"), std::string::npos);
   EXPECT_NE(message({{"PMI_RANK", "2"}, {"PMI_SIZE", "2"}}).find("not below PMI_SIZE=2"),
             std::string::npos);
-  EXPECT_NE(message({{"SLURM_PROCID", "0"}}).find("SLURM_NTASKS is not"), std::string::npos);
+  EXPECT_NE(message({{"SLURM_STEP_NUM_TASKS", "2"}}).find("SLURM_PROCID is not"),
+            std::string::npos);
   EXPECT_NE(message({{"OMPI_COMM_WORLD_RANK", "0"}, {"OMPI_COMM_WORLD_SIZE", "0"}})
                 .find("OMPI_COMM_WORLD_SIZE='0'"),
             std::string::npos);

@@ -10,15 +10,20 @@ namespace {
 
 struct LauncherVars {
   const char* launcher;
+  const char* marker;  // set only in processes this launcher started
   const char* rank;
   const char* size;
   const char* local_rank;  // optional: 0 when unset
 };
 
+// SLURM's batch script also has SLURM_PROCID=0 and SLURM_NTASKS = the allocation's task count,
+// though it is one process: only a job step started by srun has SLURM_STEP_NUM_TASKS, and its
+// size is the step's.
 constexpr LauncherVars kLaunchers[] = {
-    {"openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"},
-    {"pmi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"},
-    {"slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"},
+    {"openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+     "OMPI_COMM_WORLD_LOCAL_RANK"},
+    {"pmi", "PMI_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"},
+    {"slurm", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"},
 };
 
 int parse_int(const char* name, const char* value, int min) {
@@ -35,12 +40,12 @@ int parse_int(const char* name, const char* value, int min) {
 
 Placement detect_placement(const std::function<const char*(const char*)>& env) {
   for (const LauncherVars& l : kLaunchers) {
+    if (!env(l.marker)) continue;
     const char* rank = env(l.rank);
-    if (!rank) continue;
     const char* size = env(l.size);
-    if (!size)
-      throw InputError(std::string("launcher environment: ") + l.rank + " is set but " + l.size +
-                       " is not");
+    if (!rank || !size)
+      throw InputError(std::string("launcher environment: ") + l.marker + " is set but " +
+                       (!rank ? l.rank : l.size) + " is not");
     Placement p;
     p.launcher = l.launcher;
     p.rank = parse_int(l.rank, rank, 0);
