@@ -230,17 +230,6 @@ TEST_F(Cli, BadConfigsExitTwoWithoutRunDirectory) {
   }
 }
 
-// Under a launcher with more than one process: refused (exit 2, no run directory) until data
-// parallel training exists, instead of N processes each training into one directory.
-TEST_F(Cli, SeveralLaunchedProcessesAreRefused) {
-  const std::string run_dir = path("run");
-  auto r = run("OMPI_COMM_WORLD_RANK=1 OMPI_COMM_WORLD_SIZE=2 " + mpt_bin() + " train " +
-               MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny + " --run-dir " + run_dir);
-  EXPECT_EQ(r.code, 2) << r.out;
-  EXPECT_NE(r.out.find("rank 1 of 2 (openmpi)"), std::string::npos) << r.out;
-  EXPECT_FALSE(fs::exists(run_dir));
-}
-
 // Bad shards: exit 2, the message names the file, no run directory.
 TEST_F(Cli, BadShardsExitTwoWithoutRunDirectory) {
   auto header = [](int32_t magic, int32_t version, int32_t count) {

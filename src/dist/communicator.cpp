@@ -18,6 +18,11 @@ void Communicator::all_reduce_mean(float* data, size_t n) {
   for (size_t i = 0; i < n; ++i) data[i] *= inv;
 }
 
+void Communicator::all_reduce_mean(double* data, size_t n) {
+  all_reduce_sum(data, n);
+  for (size_t i = 0; i < n; ++i) data[i] /= world_size();
+}
+
 namespace {
 
 class SingleProcess final : public Communicator {

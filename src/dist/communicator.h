@@ -23,6 +23,7 @@ class Communicator {
   // rank gets the same bits (the reduction's order does not depend on the rank).
   virtual void all_reduce_sum(float* data, size_t n) = 0;
   void all_reduce_mean(float* data, size_t n);
+  void all_reduce_mean(double* data, size_t n);
   virtual void all_reduce_sum(double* data, size_t n) = 0;
   // Elementwise max over ranks; NaN wins (a NaN amax on one rank is a NaN amax for all).
   virtual void all_reduce_max(float* data, size_t n) = 0;

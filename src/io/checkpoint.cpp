@@ -242,7 +242,7 @@ std::string CheckpointManager::save(const CheckpointState& state,
                         {"schedule_step", state.step},
                         {"data", {{"epoch", state.data_epoch}, {"sample", state.data_sample}}},
                         {"precision", state.config.value("precision", "fp32")},
-                        {"world_size", 1},
+                        {"world_size", state.world_size},
                         {"config", state.config},
                         {"train_data", state.train_data},
                         {"numerics", state.numerics}};

@@ -42,6 +42,7 @@ struct CheckpointState {
   nlohmann::json config;       // the resolved config of the run that wrote it
   nlohmann::json train_data;   // the training data's sources and sizes
   nlohmann::json numerics;     // loss scaler and fp8 scaling state (null when none)
+  int world_size = 1;          // processes of the data-parallel job that wrote it
 };
 
 // A checkpoint read back and verified.

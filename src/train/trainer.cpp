@@ -20,6 +20,7 @@
 #include "core/text.h"
 #include "data/dataset.h"
 #include "data/loader.h"
+#include "dist/communicator.h"
 #include "dist/launch.h"
 #include "io/checkpoint.h"
 #include "io/files.h"
@@ -248,24 +249,65 @@ std::string save_checkpoint(CheckpointManager& ckpts, Backend& be, Gpt& model,
 
 }  // namespace
 
-TrainResult train(const Config& cfg, const TrainOptions& opt) {
+// Compares this rank's resolved config and training data with rank 0's (broadcast), and throws
+// on every rank when any rank differs: on a differing rank naming the keys, elsewhere pointing
+// at the rank that differs.
+static void check_same_config_on_every_rank(dist::Communicator& comm, const Config& cfg,
+                                     const nlohmann::json& data) {
+  const nlohmann::json mine_json = {{"config", config_to_json(cfg)}, {"train_data", data}};
+  const std::string mine = mine_json.dump();
+  uint64_t len = mine.size();
+  comm.broadcast(&len, sizeof len, 0);
+  std::string root(len, '\0');
+  if (comm.rank() == 0) root = mine;
+  comm.broadcast(root.data(), len, 0);
+  std::vector<float> differs(comm.world_size(), 0.0f);
+  differs[comm.rank()] = root == mine ? 0.0f : 1.0f;
+  comm.all_reduce_max(differs.data(), differs.size());
+  std::string which;
+  for (int r = 0; r < comm.world_size(); ++r)
+    if (differs[r] != 0.0f) which += (which.empty() ? "" : ", ") + std::to_string(r);
+  if (which.empty()) return;
+  if (root == mine)
+    throw InputError("the ranks do not train the same thing: rank(s) " + which +
+                     " resolved a different config or training data than rank 0");
+  const nlohmann::json theirs = nlohmann::json::parse(root);
+  std::string keys;
+  const auto a = flatten_config(theirs["config"]), b = flatten_config(mine_json["config"]);
+  for (const auto& [k, v] : a)
+    if (!b.count(k) || b.at(k) != v) keys += (keys.empty() ? "" : ", ") + k;
+  if (theirs["train_data"] != data) keys += std::string(keys.empty() ? "" : ", ") + "the training data";
+  throw InputError("rank " + std::to_string(comm.rank()) + " differs from rank 0 in: " + keys);
+}
+
+// train() within a job of comm.world_size() processes (one without a launcher).
+static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt, dist::Communicator& comm) {
   const int B = cfg.training.micro_batch, T = cfg.training.seq_len;
   const int accum = cfg.training.grad_accum;
   const int64_t steps = cfg.training.steps;
-  const int64_t tokens_per_step = static_cast<int64_t>(B) * T * accum;
   const FaultPlan faults = FaultPlan::from_env();
   std::vector<std::string> policy_warnings;
   const PrecisionPolicy policy = PrecisionPolicy::from_config(cfg, &policy_warnings);
 
   // ---- validate and build everything before anything is written
-  // Several processes started by a launcher would each train the whole model into the same run
-  // directory: refused until data-parallel training exists.
-  const dist::Placement placement = dist::detect_placement();
-  if (placement.world_size > 1)
-    throw InputError("launched as rank " + std::to_string(placement.rank) + " of " +
-                     std::to_string(placement.world_size) + " (" + placement.launcher +
-                     "), but this version of mpt trains in one process only: run it without "
-                     "mpirun/srun, or with one process");
+  // Data parallel: under a launcher every rank trains the same model on its rows of each global
+  // micro-batch (B x world_size windows); gradients are summed across ranks, so every rank holds
+  // the same gradients, takes the same decisions (skip, clip) and the same optimizer step. Rank 0
+  // alone writes the run directory, metrics and checkpoints.
+  const int world = comm.world_size(), rank = comm.rank();
+  const bool writer = rank == 0;
+  if (world > 1) {
+    if (policy.grad != DType::f32 || policy.matmul == MatmulPrecision::fp8)
+      throw InputError("precision '" + policy.name + "' under " + std::to_string(world) +
+                       " processes: data-parallel training supports policies with fp32 gradients "
+                       "and no fp8 matmuls so far (fp32, tf32, fp16, bf16)");
+    if (opt.resume)
+      throw InputError("--resume under " + std::to_string(world) +
+                       " processes is not supported yet: resume with one process");
+  }
+  const int64_t tokens_per_step = static_cast<int64_t>(B) * T * accum * world;
+  // Every rank logs; the others' lines say which rank they come from.
+  if (world > 1) spdlog::set_pattern("[%Y-%m-%d %H:%M:%S.%e] [rank " + std::to_string(rank) + "] [%l] %v");
   // Stop signals count from here: one that arrives while the run is set up stops it after its
   // first step, with a checkpoint.
   StopSignals signals;
@@ -289,7 +331,8 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
       data::TokenDataset::open(cfg.data.train, data::Split::train, cfg.model.vocab_size, min_tokens);
   data::TokenDataset val_data =
       data::TokenDataset::open(cfg.data.val, data::Split::val, cfg.model.vocab_size, min_tokens);
-  data::BatchLoader train_loader(train_data, B, T, cfg.training.seed, /*shuffle=*/true);
+  // The loader draws the global micro-batch; this rank takes rows [rank*B, (rank+1)*B).
+  data::BatchLoader train_loader(train_data, B * world, T, cfg.training.seed, /*shuffle=*/true);
   data::BatchLoader val_loader(val_data, B, T, cfg.training.seed, /*shuffle=*/false);
   LrSchedule schedule(cfg.schedule, cfg.optimizer.lr, steps);
   if (resume && resume->ckpt.state_json.contains("train_data") &&
@@ -302,6 +345,10 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   const MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T, policy);
   check_memory(memory);
   std::unique_ptr<Backend> backend = make_backend(cfg.backend, cfg.threads);
+  if (world > 1 && !backend->host_accessible())
+    throw InputError("backend '" + backend->name() + "' under " + std::to_string(world) +
+                     " processes: data-parallel training runs on the CPU backend so far (NCCL "
+                     "for GPUs is to come)");
   TrainResult result;
   result.run_dir = plan.path;
   if (opt.dry_run) {
@@ -328,17 +375,31 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     resume.reset();  // the checkpoint's bytes are in the model now; free the host copy
   }
 
+  // ---- every rank agrees on what it trains (this also waits until every rank has validated
+  // its inputs: a rank that failed above has ended the job before anything is written)
+  if (world > 1) check_same_config_on_every_rank(comm, cfg, data_identity(train_data));
+
   // ---- the run directory, then the start record
-  const std::string run_dir = continue_in_place ? plan.path : create_run_dir(plan, cfg);
+  // Only rank 0 touches the run directory.
+  const std::string run_dir =
+      continue_in_place || !writer ? plan.path : create_run_dir(plan, cfg);
   result.run_dir = run_dir;
-  const RunLock lock(run_dir);
-  if (continue_in_place)  // the resolved config may differ in the keys resuming may change
-    write_file_atomic((fs::path(run_dir) / "config.yaml").string(), config_to_yaml(cfg));
-  CheckpointManager checkpoints(run_dir, cfg.checkpoint, faults);
-  // Continuing from an older checkpoint of this run abandons the newer ones: `latest` moves
-  // back to it first, so that it never names a checkpoint the replay is about to replace.
-  if (continue_in_place) checkpoints.restart_from(resumed_from);
-  MetricsSink metrics((fs::path(run_dir) / "metrics.jsonl").string(), /*append=*/true);
+  std::optional<RunLock> lock;
+  std::optional<CheckpointManager> checkpoints;
+  std::optional<MetricsSink> metrics_file;
+  if (writer) {
+    lock.emplace(run_dir);
+    if (continue_in_place)  // the resolved config may differ in the keys resuming may change
+      write_file_atomic((fs::path(run_dir) / "config.yaml").string(), config_to_yaml(cfg));
+    checkpoints.emplace(run_dir, cfg.checkpoint, faults);
+    // Continuing from an older checkpoint of this run abandons the newer ones: `latest` moves
+    // back to it first, so that it never names a checkpoint the replay is about to replace.
+    if (continue_in_place) checkpoints->restart_from(resumed_from);
+    metrics_file.emplace((fs::path(run_dir) / "metrics.jsonl").string(), /*append=*/true);
+  }
+  auto emit = [&](const nlohmann::json& record) {
+    if (metrics_file) metrics_file->write(record);
+  };
   nlohmann::json start = {{"event", "start"},
                           {"time", utc_timestamp()},
                           {"version", MPT_VERSION},
@@ -352,6 +413,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
                           {"padded_vocab", model.padded_vocab()},
                           {"flops_per_token", model.flops_per_token(T)},
                           {"tokens_per_step", tokens_per_step},
+                          {"world_size", world},
                           {"memory", memory.to_json()},
                           {"train_data", train_data.describe()},
                           {"val_data", val_data.describe()},
@@ -360,8 +422,8 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     start["resumed_from"] = resumed_from;
     start["resume_step"] = start_step;
   }
-  metrics.write(start);
-  spdlog::info("run directory {}", run_dir);
+  emit(start);
+  if (writer) spdlog::info("run directory {}", run_dir);
   if (!resumed_from.empty()) spdlog::info("resumed from {} at step {}", resumed_from, start_step);
   spdlog::info("model: {} layers, {} heads, width {}, {} parameters; backend {} ({})",
                cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, model.num_params(),
@@ -376,7 +438,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     numerics.collect();
     const double val = evaluate(model, val_loader, eval_batches, B, T);
     numerics.discard();
-    metrics.write({{"event", "eval"}, {"step", step}, {"val_loss", val}});
+    emit({{"event", "eval"}, {"step", step}, {"val_loss", val}});
     spdlog::info("eval  step {:>6} | val_loss {:.4f}", step, val);
     return val;
   };
@@ -391,11 +453,13 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
     st.config = config_to_json(cfg);
     st.train_data = data_identity(train_data);
     st.numerics = {{"loss_scaler", scaler.state()}, {"fp8", model.fp8_state()}};
-    const std::string dir = save_checkpoint(checkpoints, *backend, model, optimizer, st);
+    st.world_size = world;
+    if (!writer) return std::string();  // every rank holds the same state: rank 0 saves it
+    const std::string dir = save_checkpoint(*checkpoints, *backend, model, optimizer, st);
     spdlog::info("checkpoint {}", dir);
     // Relative to the run directory, so the records stay true when the run is moved.
     const std::string rel = fs::path(dir).lexically_relative(run_dir).string();
-    metrics.write({{"event", "checkpoint"}, {"step", step}, {"path", rel}});
+    emit({{"event", "checkpoint"}, {"step", step}, {"path", rel}});
     return rel;
   };
 
@@ -404,6 +468,10 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   // The step's micro-batches, kept for a replay when the step turns out non-finite.
   std::vector<std::vector<int32_t>> inputs(accum, std::vector<int32_t>(static_cast<size_t>(B) * T));
   std::vector<std::vector<int32_t>> targets = inputs;
+  // Under several processes: the global micro-batch the loader draws, of which this rank's rows
+  // are copied into inputs/targets.
+  std::vector<int32_t> global_inputs(world > 1 ? static_cast<size_t>(B) * T * world : 0);
+  std::vector<int32_t> global_targets = global_inputs;
   // The loss of a step is the mean over its B*T*accum tokens; each token's gradient carries the
   // loss scale.
   const double tokens_per_step_f = static_cast<double>(tokens_per_step);
@@ -427,11 +495,24 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
       model.zero_grad();
       double loss = 0.0;
       for (int micro = 0; micro < accum; ++micro) {
-        train_loader.next(inputs[micro].data(), targets[micro].data());
+        if (world == 1) {
+          train_loader.next(inputs[micro].data(), targets[micro].data());
+        } else {
+          train_loader.next(global_inputs.data(), global_targets.data());
+          const size_t row0 = static_cast<size_t>(rank) * B * T, n = static_cast<size_t>(B) * T;
+          std::copy_n(global_inputs.begin() + row0, n, inputs[micro].begin());
+          std::copy_n(global_targets.begin() + row0, n, targets[micro].begin());
+        }
         loss += model.forward(inputs[micro].data(), targets[micro].data(), B, T, dloss);
         model.backward();
       }
       loss /= accum;
+      if (world > 1) {
+        // dloss divides by the global token count, so the sum over ranks is the mean gradient.
+        const Tensor g = model.all_grads();
+        comm.all_reduce_sum(static_cast<float*>(g.data), static_cast<size_t>(g.numel()));
+        comm.all_reduce_mean(&loss, 1);
+      }
       // One pass over the (scaled) gradients gives both the norm and the overflow check: the
       // norm is finite exactly when every gradient is.
       const double scaled_norm = optimizer.grad_norm();
@@ -454,7 +535,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
         } else {
           ev["op"] = nullptr;  // every op's output was finite: the sum of the gradients overflowed
         }
-        metrics.write(ev);
+        emit(ev);
         spdlog::warn("step {}: non-finite {} (loss scale {}){}; step skipped", step,
                      site ? site->tensor : std::string("gradient norm"), scale,
                      site ? fmt::format(" first in {} of layer {}", site->op, site->layer) : "");
@@ -488,7 +569,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
                               {"tokens_per_s", tok_s},
                               {"elapsed_s", seconds_since(t_start)}};
         rec.update(numerics.take_record());
-        metrics.write(rec);
+        emit(rec);
         if (policy.uses_loss_scaling())
           spdlog::info("step {:>6}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f} | scale {:g} | "
                        "skipped {} | {:.0f} tok/s | ETA {}",
@@ -503,14 +584,19 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
       const bool eval_due = cfg.training.eval_every > 0 && step % cfg.training.eval_every == 0;
       if (eval_due || step == steps) result.final_val_loss = run_eval(step);
 
-      const int sig = faults.preempt_at_step == step ? SIGTERM : signals.requested();
+      int sig = faults.preempt_at_step == step ? SIGTERM : signals.requested();
+      if (world > 1) {  // a signal to any rank stops every rank after this same step
+        float s = static_cast<float>(sig);
+        comm.all_reduce_max(&s, 1);
+        sig = static_cast<int>(s);
+      }
       const bool save_due =
           (cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0) || step == steps;
       // A signal during the last step changes nothing: the run is complete and saved.
       const bool stop = sig != 0 && step < steps;
       if (save_due || stop) last_checkpoint = checkpoint(step);
       if (stop) {
-        metrics.write({{"event", "end"},
+        emit({{"event", "end"},
                        {"time", utc_timestamp()},
                        {"status", "stopped"},
                        {"signal", sig},
@@ -525,7 +611,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
       }
     }
   } catch (const std::exception& e) {
-    metrics.write({{"event", "end"},
+    emit({{"event", "end"},
                    {"time", utc_timestamp()},
                    {"status", "failed"},
                    {"step", current_step},
@@ -536,7 +622,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
 
   result.steps = steps;
   result.final_loss = last_loss;
-  metrics.write({{"event", "end"},
+  emit({{"event", "end"},
                  {"time", utc_timestamp()},
                  {"status", "completed"},
                  {"step", steps},
@@ -548,6 +634,23 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   spdlog::info("done: {} steps, final loss {:.4f}, val_loss {:.4f}, {:.1f} s", steps, last_loss,
                result.final_val_loss, seconds_since(t_start));
   return result;
+}
+
+TrainResult train(const Config& cfg, const TrainOptions& opt) {
+  const std::unique_ptr<dist::Communicator> comm = dist::make_communicator(dist::detect_placement());
+  if (comm->world_size() == 1) return train_in_job(cfg, opt, *comm);
+  try {
+    return train_in_job(cfg, opt, *comm);
+  } catch (const std::exception& e) {
+    // The other ranks may be waiting in a collective this rank will never join: end the whole
+    // job now (MPI_Abort), naming the rank, instead of leaving them to hang.
+    const auto* err = dynamic_cast<const Error*>(&e);
+    const int code = static_cast<int>(err ? err->code() : ExitCode::runtime_failure);
+    std::fprintf(stderr, "mpt: error: rank %d of %d failed: %s\n", comm->rank(),
+                 comm->world_size(), e.what());
+    comm->abort(code);
+    throw;  // not reached: abort() ends the process
+  }
 }
 
 }  // namespace mpt
