@@ -85,7 +85,8 @@ inline std::vector<json> read_jsonl(const std::string& p) {
 // directory.
 inline std::vector<json> without_timing(std::vector<json> recs) {
   for (auto& r : recs)
-    for (const char* k : {"time", "step_ms", "tokens_per_s", "elapsed_s", "run_dir"}) r.erase(k);
+    for (const char* k : {"time", "step_ms", "comm_ms", "tokens_per_s", "elapsed_s", "run_dir"})
+      r.erase(k);
   return recs;
 }
 

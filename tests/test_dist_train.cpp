@@ -54,6 +54,10 @@ TEST_F(DistTrain, TwoRanksMatchOneRankWithTwiceTheBatch) {
     for (size_t i = 0; i < sa.size(); ++i) {
       const double la = sa[i]["loss"], lb = sb[i]["loss"];
       EXPECT_NEAR(lb, la, rel * la) << "step " << i + 1;
+      EXPECT_FALSE(sa[i].contains("comm_ms"));
+      ASSERT_TRUE(sb[i].contains("comm_ms")) << "the all-reduce's share of the step";
+      EXPECT_GE(sb[i]["comm_ms"].get<double>(), 0.0);
+      EXPECT_LE(sb[i]["comm_ms"].get<double>(), sb[i]["step_ms"].get<double>());
     }
     const double first = sa.front()["loss"], last = sa.back()["loss"];
     EXPECT_LT(last, first) << "the runs learn";

@@ -91,7 +91,8 @@ class Mpi final : public Communicator {
   void all_reduce_max(float* data, size_t n) override {
     for (size_t off = 0; off < n; off += kChunk) {
       const int len = static_cast<int>(std::min(kChunk, n - off));
-      MPT_MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, data + off, len, MPI_FLOAT, nan_max_, MPI_COMM_WORLD));
+      MPT_MPI_CHECK(
+          MPI_Allreduce(MPI_IN_PLACE, data + off, len, MPI_FLOAT, nan_max_, MPI_COMM_WORLD));
     }
   }
   void broadcast(void* data, size_t bytes, int root) override {
@@ -143,7 +144,8 @@ std::unique_ptr<Communicator> make_communicator(const Placement& placement) {
   auto c = std::make_unique<Mpi>();
   if (c->rank() != placement.rank || c->world_size() != placement.world_size)
     throw RuntimeError("MPI reports rank " + std::to_string(c->rank()) + " of " +
-                       std::to_string(c->world_size()) + " but the launcher (" + placement.launcher +
+                       std::to_string(c->world_size()) + " but the launcher (" +
+                       placement.launcher +
                        ") said rank " + std::to_string(placement.rank) + " of " +
                        std::to_string(placement.world_size));
   return c;

@@ -18,8 +18,9 @@ struct Placement {
 // Reads the variables of the first launcher found, in this order: Open MPI (OMPI_COMM_WORLD_RANK,
 // _SIZE, _LOCAL_RANK), PMI (PMI_RANK, PMI_SIZE, MPI_LOCALRANKID), SLURM's srun (SLURM_PROCID,
 // SLURM_STEP_NUM_TASKS, SLURM_LOCALID; a batch script outside srun is one process). A launcher is
-// found by its rank variable (srun's by SLURM_STEP_NUM_TASKS); the others must then be set too. Values that are not integers, or a rank outside [0, size), are an InputError
-// naming the variable and its value. `env` looks a variable up (nullptr when unset).
+// found by its rank variable (srun's by SLURM_STEP_NUM_TASKS); the others must then be set too.
+// Values that are not integers, or a rank outside [0, size), are an InputError naming the
+// variable and its value. `env` looks a variable up (nullptr when unset).
 Placement detect_placement(const std::function<const char*(const char*)>& env);
 Placement detect_placement();  // from the process environment
 

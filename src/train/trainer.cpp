@@ -253,7 +253,7 @@ std::string save_checkpoint(CheckpointManager& ckpts, Backend& be, Gpt& model,
 // on every rank when any rank differs: on a differing rank naming the keys, elsewhere pointing
 // at the rank that differs.
 static void check_same_config_on_every_rank(dist::Communicator& comm, const Config& cfg,
-                                     const nlohmann::json& data) {
+                                            const nlohmann::json& data) {
   const nlohmann::json mine_json = {{"config", config_to_json(cfg)}, {"train_data", data}};
   const std::string mine = mine_json.dump();
   uint64_t len = mine.size();
@@ -276,12 +276,14 @@ static void check_same_config_on_every_rank(dist::Communicator& comm, const Conf
   const auto a = flatten_config(theirs["config"]), b = flatten_config(mine_json["config"]);
   for (const auto& [k, v] : a)
     if (!b.count(k) || b.at(k) != v) keys += (keys.empty() ? "" : ", ") + k;
-  if (theirs["train_data"] != data) keys += std::string(keys.empty() ? "" : ", ") + "the training data";
+  if (theirs["train_data"] != data)
+    keys += std::string(keys.empty() ? "" : ", ") + "the training data";
   throw InputError("rank " + std::to_string(comm.rank()) + " differs from rank 0 in: " + keys);
 }
 
 // train() within a job of comm.world_size() processes (one without a launcher).
-static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt, dist::Communicator& comm) {
+static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
+                                dist::Communicator& comm) {
   const int B = cfg.training.micro_batch, T = cfg.training.seq_len;
   const int accum = cfg.training.grad_accum;
   const int64_t steps = cfg.training.steps;
@@ -307,7 +309,8 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt, dist
   }
   const int64_t tokens_per_step = static_cast<int64_t>(B) * T * accum * world;
   // Every rank logs; the others' lines say which rank they come from.
-  if (world > 1) spdlog::set_pattern("[%Y-%m-%d %H:%M:%S.%e] [rank " + std::to_string(rank) + "] [%l] %v");
+  if (world > 1)
+    spdlog::set_pattern("[%Y-%m-%d %H:%M:%S.%e] [rank " + std::to_string(rank) + "] [%l] %v");
   // Stop signals count from here: one that arrives while the run is set up stops it after its
   // first step, with a checkpoint.
   StopSignals signals;
@@ -478,6 +481,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt, dist
   const auto t_start = Clock::now();
   // Step timings exclude evaluation, logging and checkpoints: they measure training alone.
   double interval_s = 0.0;
+  double interval_comm_s = 0.0;  // of which in collectives (several processes)
   int64_t interval_steps = 0;
   double last_loss = 0.0;
   std::string last_checkpoint =
@@ -509,9 +513,11 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt, dist
       loss /= accum;
       if (world > 1) {
         // dloss divides by the global token count, so the sum over ranks is the mean gradient.
+        const auto t_comm = Clock::now();
         const Tensor g = model.all_grads();
         comm.all_reduce_sum(static_cast<float*>(g.data), static_cast<size_t>(g.numel()));
         comm.all_reduce_mean(&loss, 1);
+        interval_comm_s += seconds_since(t_comm);
       }
       // One pass over the (scaled) gradients gives both the norm and the overflow check: the
       // norm is finite exactly when every gradient is.
@@ -568,6 +574,8 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt, dist
                               {"step_ms", step_ms},
                               {"tokens_per_s", tok_s},
                               {"elapsed_s", seconds_since(t_start)}};
+        // Time in the gradient all-reduce, waiting for the slowest rank included.
+        if (world > 1) rec["comm_ms"] = 1000.0 * interval_comm_s / interval_steps;
         rec.update(numerics.take_record());
         emit(rec);
         if (policy.uses_loss_scaling())
@@ -579,6 +587,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt, dist
           spdlog::info("step {:>6}/{} | loss {:.4f} | lr {:.2e} | norm {:.3f} | {:.0f} tok/s | ETA {}",
                        step, steps, loss, lr, norm, tok_s, format_duration(eta));
         interval_s = 0.0;
+        interval_comm_s = 0.0;
         interval_steps = 0;
       }
       const bool eval_due = cfg.training.eval_every > 0 && step % cfg.training.eval_every == 0;
@@ -637,7 +646,8 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt, dist
 }
 
 TrainResult train(const Config& cfg, const TrainOptions& opt) {
-  const std::unique_ptr<dist::Communicator> comm = dist::make_communicator(dist::detect_placement());
+  const std::unique_ptr<dist::Communicator> comm =
+      dist::make_communicator(dist::detect_placement());
   if (comm->world_size() == 1) return train_in_job(cfg, opt, *comm);
   try {
     return train_in_job(cfg, opt, *comm);

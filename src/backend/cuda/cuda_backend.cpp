@@ -51,12 +51,14 @@ Buffer CudaBackend::allocate(size_t bytes) {
 }
 
 void CudaBackend::copy_from_host(Tensor dst, const void* src) {
-  MPT_CUDA_CHECK(cudaMemcpyAsync(dst.data, src, dst.bytes(), cudaMemcpyHostToDevice, ctx_->stream()));
+  MPT_CUDA_CHECK(
+      cudaMemcpyAsync(dst.data, src, dst.bytes(), cudaMemcpyHostToDevice, ctx_->stream()));
   ctx_->sync("copying to the device");  // src may be freed or reused by the caller right after
 }
 
 void CudaBackend::copy_to_host(void* dst, Tensor src) {
-  MPT_CUDA_CHECK(cudaMemcpyAsync(dst, src.data, src.bytes(), cudaMemcpyDeviceToHost, ctx_->stream()));
+  MPT_CUDA_CHECK(
+      cudaMemcpyAsync(dst, src.data, src.bytes(), cudaMemcpyDeviceToHost, ctx_->stream()));
   ctx_->sync("copying to the host");
 }
 
