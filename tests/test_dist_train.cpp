@@ -70,6 +70,54 @@ TEST_F(DistTrain, TwoRanksMatchOneRankWithTwiceTheBatch) {
   }
 }
 
+// Stopped after step 6 and resumed, under 2 ranks: the same step records and the same final
+// weights as 12 straight steps. Resuming that checkpoint with another number of processes is
+// refused: the global batch, and so the data order, depend on it.
+TEST_F(DistTrain, ResumeUnderTwoRanksContinuesExactly) {
+  const std::string straight = path("straight"), split = path("split");
+  const std::string args = train_args("fp32", 2);
+  auto r = run(mpirun(2) + mpt_bin() + args + " --run-dir " + straight);
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = run("MPT_FAULT=preempt_at_step=6 " + mpirun(2) + mpt_bin() + args + " --run-dir " + split);
+  ASSERT_NE(r.code, 0) << "stopped: " << r.out;
+  ASSERT_TRUE(fs::exists(split + "/checkpoints/step_00000006/state.json")) << r.out;
+  auto refused = run(mpt_bin() + args + " --run-dir " + split + " --resume");
+  EXPECT_EQ(refused.code, 2) << refused.out;
+  EXPECT_NE(refused.out.find("written by a job of 2"), std::string::npos) << refused.out;
+  r = run(mpirun(2) + mpt_bin() + args + " --run-dir " + split + " --resume");
+  ASSERT_EQ(r.code, 0) << r.out;
+  const auto a = events(without_timing(read_jsonl(straight + "/metrics.jsonl")), "");
+  const auto b = events(without_timing(read_jsonl(split + "/metrics.jsonl")), "");
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(slurp(straight + "/checkpoints/step_00000012/model.safetensors"),
+            slurp(split + "/checkpoints/step_00000012/model.safetensors"));
+}
+
+// An overflow in rank 1's gradients only (fault injection) makes both ranks skip that step: the
+// losses follow one process with the same overflow, step for step, skip included.
+TEST_F(DistTrain, AnOverflowOnOneRankMakesEveryRankSkip) {
+  const std::string one = path("one"), two = path("two");
+  auto r = run("MPT_FAULT=nonfinite_at_step=3 " + mpt_bin() + train_args("fp16", 4) +
+               " --run-dir " + one);
+  ASSERT_EQ(r.code, 0) << r.out;
+  const std::string args = train_args("fp16", 2) + " --run-dir " + two;
+  r = run(std::string(MPT_MPIEXEC) + " --oversubscribe --allow-run-as-root -np 1 " + mpt_bin() +
+          args + " : -np 1 env MPT_FAULT=nonfinite_at_step=3 " + mpt_bin() + args);
+  ASSERT_EQ(r.code, 0) << r.out;
+  const auto a = events(read_jsonl(one + "/metrics.jsonl"), "");
+  const auto b = events(read_jsonl(two + "/metrics.jsonl"), "");
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(b[i]["skipped"], i == 2) << "step " << i + 1;
+    EXPECT_EQ(a[i]["skipped"], b[i]["skipped"]) << "step " << i + 1;
+    EXPECT_EQ(a[i]["loss_scale"], b[i]["loss_scale"]) << "step " << i + 1;
+    if (i != 2) {
+      const double la = a[i]["loss"], lb = b[i]["loss"];
+      EXPECT_NEAR(lb, la, 1e-2 * la) << "step " << i + 1;
+    }
+  }
+}
+
 // Not yet supported under several processes: refused before anything is written.
 TEST_F(DistTrain, UnsupportedCombinationsAreRefusedBeforeWriting) {
   const std::string run_dir = path("fp8");

@@ -110,10 +110,13 @@ FaultPlan FaultPlan::from_env() {
                (f.crash_step = std::strtoll(value.c_str(), &end, 10), *end == '\0')) {
     } else if (key == "preempt_at_step" && !value.empty() &&
                (f.preempt_at_step = std::strtoll(value.c_str(), &end, 10), *end == '\0')) {
+    } else if (key == "nonfinite_at_step" && !value.empty() &&
+               (f.nonfinite_at_step = std::strtoll(value.c_str(), &end, 10), *end == '\0')) {
     } else {
       throw InputError("MPT_FAULT: cannot use '" + item +
                        "' (expected crash=in_file|before_rename|in_latest|in_delete, "
-                       "crash_step=N, enospc_after=BYTES, preempt_at_step=N)");
+                       "crash_step=N, enospc_after=BYTES, preempt_at_step=N, "
+                       "nonfinite_at_step=N)");
     }
   }
   return f;

@@ -26,6 +26,9 @@ struct FaultPlan {
   int64_t crash_step = -1;
   int64_t enospc_after = -1;
   int64_t preempt_at_step = 0;
+  // Makes one gradient of this process infinite after the backward of that step (an overflow on
+  // one rank of a data-parallel job).
+  int64_t nonfinite_at_step = 0;
 
   static FaultPlan from_env();  // InputError naming MPT_FAULT for anything it does not know
   // Ends the process when `point` is the planned crash point and `step` the planned step.

@@ -303,9 +303,6 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
       throw InputError("precision '" + policy.name + "' under " + std::to_string(world) +
                        " processes: data-parallel training supports policies with fp32 gradients "
                        "and no fp8 matmuls so far (fp32, tf32, fp16, bf16)");
-    if (opt.resume)
-      throw InputError("--resume under " + std::to_string(world) +
-                       " processes is not supported yet: resume with one process");
   }
   const int64_t tokens_per_step = static_cast<int64_t>(B) * T * accum * world;
   // Every rank logs; the others' lines say which rank they come from.
@@ -319,6 +316,13 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   if (opt.resume) {
     resume = locate_resume(cfg, opt);
     check_resume_compatible(resume->ckpt.state.config, config_to_json(cfg), resume->ckpt.dir);
+    // The global micro-batch (B x processes) and so the data order depend on the job's size.
+    const int saved_world = resume->ckpt.state_json.value("world_size", 1);
+    if (saved_world != world)
+      throw InputError("cannot resume from " + resume->ckpt.dir + " with " +
+                       std::to_string(world) + " process(es): it was written by a job of " +
+                       std::to_string(saved_world) + " (the global batch and the data order " +
+                       "depend on it); resume with " + std::to_string(saved_world));
     if (resume->ckpt.state.step >= steps)
       throw InputError("nothing to resume: " + resume->ckpt.dir + " is at step " +
                        std::to_string(resume->ckpt.state.step) + " and training.steps is " +
@@ -511,6 +515,10 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         model.backward();
       }
       loss /= accum;
+      if (faults.nonfinite_at_step == step) {  // fault injection: an overflow in this process
+        const Tensor g = model.all_grads();
+        backend->fill(Tensor(g.data, g.dtype, {1}), INFINITY);
+      }
       if (world > 1) {
         // dloss divides by the global token count, so the sum over ranks is the mean gradient.
         const auto t_comm = Clock::now();
