@@ -371,6 +371,22 @@ void Gpt::end_step() {
   }
 }
 
+std::vector<float> Gpt::fp8_step_amaxes() const {
+  std::vector<float> a;
+  a.reserve(3 * fp8_.size());
+  for (const Fp8Gemm& g : fp8_) a.insert(a.end(), {g.amax_inp, g.amax_weight, g.amax_dout});
+  return a;
+}
+
+void Gpt::set_fp8_step_amaxes(const std::vector<float>& a) {
+  MPT_CHECK(a.size() == 3 * fp8_.size(), "set_fp8_step_amaxes: wrong size");
+  for (size_t i = 0; i < fp8_.size(); ++i) {
+    fp8_[i].amax_inp = a[3 * i];
+    fp8_[i].amax_weight = a[3 * i + 1];
+    fp8_[i].amax_dout = a[3 * i + 2];
+  }
+}
+
 nlohmann::json Gpt::fp8_state() const {
   nlohmann::json out = nlohmann::json::array();
   for (const Fp8Gemm& g : fp8_)

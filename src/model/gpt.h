@@ -131,6 +131,11 @@ class Gpt {
 
   // fp8 GEMMs (empty unless the policy's matmul is fp8), their scaling state for checkpoints.
   const std::vector<Fp8Gemm>& fp8_gemms() const { return fp8_; }
+  // This step's amaxes of every fp8 GEMM as one flat array (input, weight, output gradient per
+  // GEMM), and back: data-parallel ranks max-reduce them before end_step(), so that every rank
+  // records the amax of the global batch and keeps the same scales.
+  std::vector<float> fp8_step_amaxes() const;
+  void set_fp8_step_amaxes(const std::vector<float>& amaxes);
   nlohmann::json fp8_state() const;
   void load_fp8_state(const nlohmann::json& j);  // InputError when it does not fit this model
 

@@ -299,10 +299,10 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   const int world = comm.world_size(), rank = comm.rank();
   const bool writer = rank == 0;
   if (world > 1) {
-    if (policy.grad != DType::f32 || policy.matmul == MatmulPrecision::fp8)
+    if (policy.grad != DType::f32)
       throw InputError("precision '" + policy.name + "' under " + std::to_string(world) +
                        " processes: data-parallel training supports policies with fp32 gradients "
-                       "and no fp8 matmuls so far (fp32, tf32, fp16, bf16)");
+                       "so far (fp32, tf32, fp16, bf16, fp8)");
   }
   const int64_t tokens_per_step = static_cast<int64_t>(B) * T * accum * world;
   // Every rank logs; the others' lines say which rank they come from.
@@ -559,6 +559,12 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         skip = scaler.update(nonfinite);
       } catch (const RuntimeError& e) {
         throw RuntimeError("training diverged at step " + std::to_string(step) + ": " + e.what());
+      }
+      if (world > 1 && !model.fp8_gemms().empty()) {
+        // Every rank records the amax of the whole global batch: the same scales everywhere.
+        std::vector<float> amaxes = model.fp8_step_amaxes();
+        comm.all_reduce_max(amaxes.data(), amaxes.size());
+        model.set_fp8_step_amaxes(amaxes);
       }
       model.end_step();
       if (!skip) optimizer.step(lr, static_cast<float>(1.0 / scale) * optimizer.clip_scale(norm));
