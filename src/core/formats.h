@@ -252,6 +252,26 @@ MPT_HOST_DEVICE inline bf16 bf16_from_float_stochastic(float x, uint32_t random_
   return bf16::from_bits(static_cast<uint16_t>(((u >> 16) & 0x8000u) | mag));
 }
 
+// Counter-based random bits for stochastic rounding: SplitMix64's finaliser (Steele, Lea and
+// Flood, "Fast Splittable Pseudorandom Number Generators", OOPSLA 2014) over a key built from
+// the seed, the step and the element index. Independent of threads and resumable; the CPU and
+// CUDA backends both draw from this one function, so they round the same elements the same way.
+MPT_HOST_DEVICE inline uint32_t stochastic_rounding_bits(uint64_t seed, int64_t step, int64_t i) {
+  uint64_t z = seed ^ (static_cast<uint64_t>(step) * 0x9E3779B97F4A7C15ull) ^
+               (static_cast<uint64_t>(i) * 0xD1B54A32D192ED03ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return static_cast<uint32_t>((z ^ (z >> 31)) >> 32);
+}
+
+// Half the ulp of a bf16 value whose biased exponent field is `e` (its ulp above |w|): the
+// smallest update round-to-nearest can still apply to that bf16 weight. ulp = 2^(e - 127 - 7)
+// for a normal (e >= 1), 2^-133 for subnormals and zero (e = 0); half of it is 2^(e - 135): an
+// fp32 normal when e > 8, else an fp32 subnormal.
+MPT_HOST_DEVICE inline float bf16_half_ulp_of_exponent(uint32_t e) {
+  return detail::bits_to_float(e > 8 ? (e - 8) << 23 : 1u << ((e ? e : 1) + 14));
+}
+
 // ---- float -> float: round to a format and widen back ----------------------------------------
 // What the CPU reference backend uses to emulate storage in a format while computing in fp32.
 

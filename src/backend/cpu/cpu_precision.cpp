@@ -268,17 +268,6 @@ float amax_of(const float* x, int64_t n, int threads) {
   return amax_value(m);
 }
 
-// Counter-based random bits for stochastic rounding: SplitMix64's finaliser (Steele, Lea and
-// Flood, "Fast Splittable Pseudorandom Number Generators", OOPSLA 2014) over a key built from
-// the seed, the step and the element index. Independent of threads and resumable.
-inline uint32_t sr_bits(uint64_t seed, int64_t step, int64_t i) {
-  uint64_t z = seed ^ (static_cast<uint64_t>(step) * 0x9E3779B97F4A7C15ull) ^
-               (static_cast<uint64_t>(i) * 0xD1B54A32D192ED03ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return static_cast<uint32_t>((z ^ (z >> 31)) >> 32);
-}
-
 // The buffer's data, grown to at least n elements: to exactly n (reserve, then resize within
 // it), so that the memory ledger can predict the capacity; in steady state it never reallocates.
 float* grow(std::vector<float>& buf, int64_t n) {
@@ -650,7 +639,7 @@ void CpuBackend::adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m
     if (count_lost) lost += std::fabs(upd) < fast::bf16_half_ulp(old);
     if (sr) {
       // A narrowing cast of the weights like any other: counted as narrow_loop counts.
-      const bf16 b = bf16_from_float_stochastic(now, sr_bits(p.sr_seed, p.step, i));
+      const bf16 b = bf16_from_float_stochastic(now, stochastic_rounding_bits(p.sr_seed, p.step, i));
       pb[i] = b;
       const float a = std::fabs(now);
       over += (a > bf16_max) & (a <= FLT_MAX);

@@ -15,20 +15,9 @@
 namespace mpt::cuda {
 namespace {
 
-// The CPU backend's sr_bits (cpu_precision.cpp): SplitMix64's finaliser over (seed, step, i).
-__device__ __forceinline__ uint32_t sr_bits(uint64_t seed, int64_t step, int64_t i) {
-  uint64_t z = seed ^ (static_cast<uint64_t>(step) * 0x9E3779B97F4A7C15ull) ^
-               (static_cast<uint64_t>(i) * 0xD1B54A32D192ED03ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return static_cast<uint32_t>((z ^ (z >> 31)) >> 32);
-}
-
-// Half the ulp above |bf16(w)| (fast_formats.h's bf16_half_ulp).
+// Half the ulp above |bf16(w)|, as the CPU's fast::bf16_half_ulp.
 __device__ __forceinline__ float bf16_half_ulp(float w) {
-  const uint32_t e = (bf16_from_float(w).bits >> 7) & 0xFFu;
-  const uint32_t bits = e > 8 ? (e - 8) << 23 : 1u << ((e ? e : 1) + 14);
-  return __uint_as_float(bits);
+  return bf16_half_ulp_of_exponent((bf16_from_float(w).bits >> 7) & 0xFFu);
 }
 
 struct AdamWArgs {
@@ -61,7 +50,7 @@ __global__ void adamw_kernel(T* param, float* master, const void* grad, DType dg
     const float now = __fsub_rn(old, upd);
     if (count_lost) lost += fabsf(upd) < bf16_half_ulp(old);
     if constexpr (kSr) {
-      const bf16 b = bf16_from_float_stochastic(now, sr_bits(a.seed, a.step, i));
+      const bf16 b = bf16_from_float_stochastic(now, stochastic_rounding_bits(a.seed, a.step, i));
       param[i] = __nv_bfloat16_raw{b.bits};
       const float x = fabsf(now);
       tally.over += (x > 3.38953139e38f) & (x <= 3.40282347e38f);
