@@ -361,5 +361,5 @@ TEST_F(Cli, OverridesAndConfigInAnyOrder) {
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("config OK: " + std::string(MPT_SOURCE_DIR) + "/configs/default.yaml"),
             std::string::npos) << r.out;
-  EXPECT_NE(r.out.find("x 2 accumulation = 1024 tokens/step, 7 steps"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("x 2 accumulation x 1 process(es) = 1024 tokens/step, 7 steps"), std::string::npos) << r.out;
 }

@@ -203,6 +203,14 @@ const std::vector<BadCase> kBadCases = {
      {"{F}:2:12: training.seq_len: 128 exceeds model.max_seq_len (64)"}},
     {"min_lr_above_lr", "schedule:\n  min_lr: 0.01\n",
      {"schedule.min_lr: 0.01 is greater than optimizer.lr (0.001)"}},
+    {"global_batch_not_whole_micro_batches", "training:\n  global_batch_tokens: 1000\n",
+     {"{F}:2:24: training.global_batch_tokens: 1000 is not a multiple of training.micro_batch x "
+      "training.seq_len (512 tokens per micro-batch)"}},
+    {"global_batch_with_grad_accum", "training:\n  grad_accum: 2\n  global_batch_tokens: 1024\n",
+     {"training.global_batch_tokens: 1024 is set, so training.grad_accum is derived from it and "
+      "must be left at 1 (it is 2)"}},
+    {"zero_stage_two", "distributed:\n  zero_stage: 2\n",
+     {"{F}:2:15: distributed.zero_stage: must be in [0, 1], got 2"}},
     // Enumerations list their choices; known but unimplemented precisions say so.
     {"unknown_decay", "schedule:\n  decay: cosin\n",
      {"{F}:2:10: schedule.decay: unknown value 'cosin' (did you mean 'cosine'? choices: cosine, "
@@ -650,7 +658,7 @@ TEST(Config, SchemaListsEveryKeyOnce) {
       "model.n_layer", "model.n_head", "model.n_embd", "model.vocab_size",
       "model.vocab_pad_multiple", "model.max_seq_len", "model.init_seed", "model.init_std",
       "data.train", "data.val", "training.micro_batch", "training.seq_len", "training.grad_accum",
-      "training.steps", "training.eval_every", "training.eval_batches", "training.log_every",
+      "training.global_batch_tokens", "training.steps", "training.eval_every", "training.eval_batches", "training.log_every",
       "training.seed", "optimizer.lr", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
       "optimizer.weight_decay", "optimizer.grad_clip", "schedule.decay", "schedule.warmup_steps",
       "schedule.min_lr", "checkpoint.every", "checkpoint.keep_last", "checkpoint.keep_every",
@@ -660,7 +668,7 @@ TEST(Config, SchemaListsEveryKeyOnce) {
       "loss_scale.consecutive_hysteresis", "loss_scale.min_scale", "loss_scale.max_scale",
       "loss_scale.max_consecutive_min_scale_skips", "fp8.format", "fp8.recipe",
       "fp8.amax_history_len", "fp8.amax_compute", "fp8.margin", "fp8.lm_head",
-      "fp8.first_last_blocks", "backend", "threads", "output.dir", "output.name"};
+      "fp8.first_last_blocks", "distributed.zero_stage", "backend", "threads", "output.dir", "output.name"};
   std::vector<std::string> paths;
   for (const auto& k : mpt::config_schema()) {
     paths.push_back(k.path);

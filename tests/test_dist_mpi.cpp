@@ -68,5 +68,28 @@ TEST(Communicator, BroadcastFromRankZero) {
   c.barrier();
 }
 
+// Blocks of uneven sizes (rank 1's empty, the last one odd-sized): every rank ends with every
+// rank's bytes in place, and nothing outside the blocks is touched.
+TEST(Communicator, AllGatherOfUnevenBlocks) {
+  Communicator& c = comm();
+  const int w = c.world_size();
+  std::vector<size_t> sizes(w);
+  for (int r = 0; r < w; ++r) sizes[r] = r == 1 ? 0 : 1000 + 37 * r;
+  size_t total = 0, mine = 0;
+  for (int r = 0; r < w; ++r) {
+    if (r == c.rank()) mine = total;
+    total += sizes[r];
+  }
+  std::vector<unsigned char> buf(total + 1, 0xEE);  // one guard byte past the end
+  for (size_t i = 0; i < sizes[c.rank()]; ++i)
+    buf[mine + i] = static_cast<unsigned char>(c.rank() * 31 + i * 7);
+  c.all_gather(buf.data(), sizes);
+  size_t at = 0;
+  for (int r = 0; r < w; ++r)
+    for (size_t i = 0; i < sizes[r]; ++i, ++at)
+      ASSERT_EQ(buf[at], static_cast<unsigned char>(r * 31 + i * 7)) << "rank " << r << " byte " << i;
+  EXPECT_EQ(buf[total], 0xEE);
+}
+
 }  // namespace
 }  // namespace mpt::dist

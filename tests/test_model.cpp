@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <memory>
 
 #include "backend/cpu/cpu_backend.h"
 #include "model/gpt.h"
@@ -292,6 +294,14 @@ TEST(LrSchedule, WarmupLongerThanTheRunAndOneStepDecay) {
 // The ledger predicts, before anything is allocated, exactly what the model, the optimizer and
 // the CPU backend's scratch end up holding, for every policy: bytes per role follow the
 // policy's dtypes (a bf16 policy halves the weights and adds an fp32 master).
+// A policy's name as a test name ("bf16-pure" -> "bf16_pure").
+std::string policy_test_name(const ::testing::TestParamInfo<std::string>& info) {
+  std::string n = info.param;
+  for (char& c : n)
+    if (c == '-') c = '_';
+  return n;
+}
+
 class MemoryLedgerPerPolicy : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(MemoryLedgerPerPolicy, MatchesAllocations) {
@@ -328,12 +338,7 @@ TEST_P(MemoryLedgerPerPolicy, MatchesAllocations) {
 
 INSTANTIATE_TEST_SUITE_P(Presets, MemoryLedgerPerPolicy,
                          ::testing::ValuesIn(PrecisionPolicy::preset_names()),
-                         [](const auto& info) {
-                           std::string n = info.param;
-                           for (char& c : n)
-                             if (c == '-') c = '_';
-                           return n;
-                         });
+                         policy_test_name);
 
 TEST(AdamW, ClipScaleAndDecayOnlyOn2D) {
   CpuBackend be(1);
@@ -354,3 +359,110 @@ TEST(AdamW, ClipScaleAndDecayOnlyOn2D) {
   EXPECT_FLOAT_EQ(g.param("transformer.h.0.attn.c_attn.weight").as<float>()[3], w0 * (1 - 0.05f));
   EXPECT_EQ(g.param("transformer.h.0.ln_1.weight").as<float>()[3], 1.0f);
 }
+
+TEST(ZeroRanges, TileTheSlabInAlignedRanges) {
+  for (size_t elems : {size_t{0}, size_t{1}, size_t{63}, size_t{130}, size_t{1000}, size_t{123457}})
+    for (int world : {1, 2, 3, 8}) {
+      SCOPED_TRACE(std::to_string(elems) + " elements over " + std::to_string(world));
+      const auto r = zero_ranges(elems, world);
+      ASSERT_EQ(r.size(), size_t(world));
+      size_t at = 0;
+      for (int k = 0; k < world; ++k) {
+        EXPECT_EQ(r[k].begin, at);
+        EXPECT_LE(r[k].begin, r[k].end);
+        if (k < world - 1) {
+          EXPECT_TRUE(r[k].end % 64 == 0 || r[k].end == elems);
+        }
+        EXPECT_LE(r[k].size(), r[0].size()) << "the first range is the largest (the ledger's)";
+        at = r[k].end;
+      }
+      EXPECT_EQ(at, elems);
+      if (world > 1 && elems >= 64 * size_t(world)) {
+        EXPECT_LE(r[0].size(), elems / world + 64) << "balanced";
+      }
+    }
+}
+
+// ZeRO-1 in one process: four models, each with an optimizer over a quarter of the slab (the
+// cuts fall inside parameters), their updated ranges exchanged after every step as the
+// processes' gather does. Every step gives the bits of one unsharded optimizer: the weights, the
+// fp32 master each range keeps (the models' own are freed), the moments, and for bf16-pure the
+// stochastic rounding (a part of a parameter draws the bits the whole would).
+class ZeroShards : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ZeroShards, ShardedStepsGiveTheBitsOfTheWholeStep) {
+  const PrecisionPolicy policy = PrecisionPolicy::preset(GetParam());
+  CpuBackend be(1);
+  ModelConfig m = tiny_model();
+  const uint64_t seed = fresh_seed();
+  OptimizerConfig oc;
+  oc.lr = 1e-2;
+  const int W = 4, B = 2, T = 8;
+  Gpt ref(m, be, policy);
+  ref.init_weights(seed, 0.02);
+  AdamW ref_opt(oc, ref, be);
+  ref_opt.set_rounding_seed(seed + 1);
+  const size_t slab = static_cast<size_t>(ref.all_grads().numel());
+  const std::vector<SlabRange> ranges = zero_ranges(slab, W);
+  std::vector<std::unique_ptr<Gpt>> models;
+  std::vector<std::unique_ptr<AdamW>> opts;
+  for (int r = 0; r < W; ++r) {
+    models.push_back(std::make_unique<Gpt>(m, be, policy));
+    models[r]->init_weights(seed, 0.02);
+    opts.push_back(std::make_unique<AdamW>(oc, *models[r], be, ranges[r]));
+    opts[r]->set_rounding_seed(seed + 1);
+    opts[r]->take_master_shard();
+    EXPECT_TRUE(opts[r]->sharded());
+    EXPECT_EQ(models[r]->master_bytes(), 0u) << "the model's master is freed";
+    EXPECT_EQ(opts[r]->range_master().defined(), policy.master_weights);
+  }
+  // Some parameter is cut between two ranges.
+  bool cut = false;
+  for (const auto& o : opts)
+    for (const auto& p : o->pieces()) cut |= p.count != ref.params()[p.param].shape.numel();
+  EXPECT_TRUE(cut);
+  Rng rng(seed);
+  const size_t esz = dtype_size(policy.param);
+  for (int step = 0; step < 3; ++step) {
+    const auto in = random_tokens(rng, B * T, m.vocab_size), tg = random_tokens(rng, B * T, m.vocab_size);
+    auto train = [&](Gpt& g, AdamW& o) {
+      g.zero_grad();
+      g.forward(in.data(), tg.data(), B, T, 1.0f / (B * T));
+      g.backward();
+      o.step(oc.lr, o.clip_scale(o.grad_norm()));
+    };
+    train(ref, ref_opt);
+    for (int r = 0; r < W; ++r) train(*models[r], *opts[r]);
+    // The gather: every model gets each range from the model that updated it.
+    for (int r = 0; r < W; ++r)
+      for (int o = 0; o < W; ++o)
+        if (o != r)
+          std::memcpy(static_cast<char*>(models[r]->all_params().data) + ranges[o].begin * esz,
+                      static_cast<char*>(models[o]->all_params().data) + ranges[o].begin * esz,
+                      ranges[o].size() * esz);
+    for (int r = 0; r < W; ++r) {
+      SCOPED_TRACE("step " + std::to_string(step + 1) + ", range " + std::to_string(r));
+      ASSERT_EQ(std::memcmp(models[r]->all_params().data, ref.all_params().data, slab * esz), 0);
+      const SlabRange& rg = ranges[r];
+      auto same = [&](Tensor part, Tensor whole) {
+        return std::memcmp(part.data, whole.as<float>() + rg.begin, rg.size() * 4) == 0;
+      };
+      // The reference's moments as one slab: parameter 0's view starts the buffer.
+      const Tensor m_all(ref_opt.exp_avg(0).data, DType::f32, {int64_t(slab)});
+      const Tensor v_all(ref_opt.exp_avg_sq(0).data, DType::f32, {int64_t(slab)});
+      EXPECT_TRUE(same(opts[r]->range_exp_avg(), m_all));
+      EXPECT_TRUE(same(opts[r]->range_exp_avg_sq(), v_all));
+      if (policy.master_weights) {
+        EXPECT_TRUE(same(opts[r]->range_master(), ref.all_master()));
+      }
+    }
+  }
+  // The ledger of a process under ZeRO-1 over W: the largest range's master and moments.
+  const MemoryLedger plan = Gpt::plan_memory(m, B, T, policy, W);
+  EXPECT_EQ(plan.optimizer_state, 2.0 * ranges[0].size() * 4);
+  EXPECT_EQ(plan.master_weights, policy.master_weights ? ranges[0].size() * 4.0 : 0.0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, ZeroShards,
+                         ::testing::Values("fp32", "bf16", "fp16", "bf16-pure"),
+                         policy_test_name);

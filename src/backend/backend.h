@@ -88,6 +88,10 @@ struct AdamWParams {
   // the result does not depend on threads and a resumed run draws the same bits.
   bool stochastic_rounding = false;
   uint64_t sr_seed = 0;
+  // The index, within its parameter, of the tensors' first element: the element index the hash
+  // reads is this plus the index within the tensors. Non-zero when the tensors are part of a
+  // parameter (a ZeRO-1 shard), so that a shard draws the bits the whole parameter would.
+  int64_t sr_first_index = 0;
 };
 
 // Per-call statistics of adamw_update.

@@ -340,6 +340,13 @@ const std::vector<KeyDef>& key_table() {
                     .with_note("<= model.max_seq_len"));
     t.push_back(integer("training.grad_accum", MPT_FIELD(training.grad_accum), at_least(1),
                         "micro-batches accumulated into each optimizer step"));
+    t.push_back(integer("training.global_batch_tokens", MPT_FIELD(training.global_batch_tokens),
+                        at_least(0),
+                        "tokens per optimizer step over all processes; 0 = micro_batch x "
+                        "seq_len x grad_accum x processes; when set, grad_accum is derived from "
+                        "it")
+                    .with_note("a multiple of micro_batch x seq_len (x processes, checked at "
+                               "start-up); grad_accum left at 1 when set"));
     t.push_back(integer("training.steps", MPT_FIELD(training.steps), at_least(1),
                         "optimizer steps to run"));
     t.push_back(integer("training.eval_every", MPT_FIELD(training.eval_every), at_least(0),
@@ -469,6 +476,10 @@ const std::vector<KeyDef>& key_table() {
                                  "the first and last blocks' GEMMs: fp8 like the others, or bf16 "
                                  "(not fp8) for stability")
                     .with_note(fp8_note));
+    t.push_back(integer("distributed.zero_stage", MPT_FIELD(distributed.zero_stage), closed(0, 1),
+                        "0 = every process keeps the whole optimizer state; 1 = ZeRO-1: each of "
+                        "N processes keeps and updates 1/N of the master weights and AdamW "
+                        "moments, then gathers the updated weights"));
     t.push_back(choice("backend", MPT_FIELD(backend), {"cpu", "cuda", "auto"}, {},
                        "compute backend; auto picks cuda when a usable GPU is present, else cpu"));
     t.push_back(integer("threads", MPT_FIELD(threads), closed(0, 1024),
@@ -507,6 +518,19 @@ const std::vector<CrossCheck>& cross_checks() {
          if (c.training.seq_len <= c.model.max_seq_len) return "";
          return std::to_string(c.training.seq_len) + " exceeds model.max_seq_len (" +
                 std::to_string(c.model.max_seq_len) + ")";
+       }},
+      {"training.global_batch_tokens", "training.micro_batch",
+       [](const Config& c) -> std::string {
+         const int64_t g = c.training.global_batch_tokens;
+         if (g == 0) return "";
+         const int64_t per = static_cast<int64_t>(c.training.micro_batch) * c.training.seq_len;
+         if (g % per != 0)
+           return std::to_string(g) + " is not a multiple of training.micro_batch x "
+                  "training.seq_len (" + std::to_string(per) + " tokens per micro-batch)";
+         if (c.training.grad_accum != 1)
+           return std::to_string(g) + " is set, so training.grad_accum is derived from it and "
+                  "must be left at 1 (it is " + std::to_string(c.training.grad_accum) + ")";
+         return "";
        }},
       {"schedule.min_lr", "optimizer.lr",
        [](const Config& c) -> std::string {

@@ -41,6 +41,10 @@ struct TrainingConfig {
   int micro_batch = 8;    // sequences per micro-batch (B)
   int seq_len = 64;       // tokens per sequence (T), at most model.max_seq_len
   int grad_accum = 1;     // micro-batches per optimizer step
+  // Tokens per optimizer step over all processes; 0 = micro_batch * seq_len * grad_accum *
+  // processes. When set, grad_accum is derived from it (and the number of processes), so the same
+  // config means the same training on any number of processes.
+  int64_t global_batch_tokens = 0;
   int64_t steps = 300;    // optimizer steps
   int64_t eval_every = 50;  // steps between validation passes; 0 = only at start and end
   int eval_batches = 8;     // micro-batches per validation pass
@@ -67,6 +71,15 @@ struct CheckpointConfig {
   int64_t every = 100;     // steps between checkpoints; 0 = only at the end (and on a signal)
   int keep_last = 3;       // newest checkpoints kept
   int64_t keep_every = 0;  // also keep every checkpoint whose step is a multiple of this; 0 = none
+};
+
+// Data-parallel training (several processes under mpirun or srun; docs/distributed.md).
+struct DistributedConfig {
+  // 0: every process keeps the whole optimizer state. 1: ZeRO stage 1 (Rajbhandari et al.,
+  // "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models", SC 2020): each
+  // process keeps and updates 1/N of the master weights and AdamW moments, then the updated
+  // weights are gathered.
+  int zero_stage = 0;
 };
 
 struct OutputConfig {
@@ -112,6 +125,7 @@ struct Config {
   Fp8Config fp8;
   std::string backend = "auto";  // cpu | cuda | auto
   int threads = 0;               // CPU threads; 0 = all available cores
+  DistributedConfig distributed;
   OutputConfig output;
 
   std::string source_path;  // the YAML file this came from ("" for the built-in default)

@@ -69,6 +69,14 @@ struct Tensor {
     MPT_CHECK(s.numel() == numel(), "reshape " + shape.str() + " -> " + s.str());
     return Tensor(data, dtype, s);
   }
+  // Elements [first, first + count) as a flat tensor.
+  Tensor slice(int64_t first, int64_t count) const {
+    MPT_CHECK(first >= 0 && count >= 0 && first + count <= numel(),
+              "slice [" + std::to_string(first) + ", " + std::to_string(first + count) +
+                  ") of " + shape.str());
+    return Tensor(static_cast<char*>(data) + static_cast<size_t>(first) * dtype_size(dtype), dtype,
+                  Shape{count});
+  }
 };
 
 // Owning allocation made by a backend; the backend supplies the matching release function.

@@ -1,7 +1,9 @@
 #include "dist/communicator.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <vector>
 
 #include "core/error.h"
@@ -34,6 +36,7 @@ class SingleProcess final : public Communicator {
   void all_reduce_sum(double*, size_t) override {}
   void all_reduce_max(float*, size_t) override {}
   void broadcast(void*, size_t, int) override {}
+  void all_gather(void*, const std::vector<size_t>&) override {}
   void barrier() override {}
   [[noreturn]] void abort(int code) override { std::_Exit(code); }
 };
@@ -100,6 +103,46 @@ class Mpi final : public Communicator {
     for (size_t off = 0; off < bytes; off += kChunk) {
       const int len = static_cast<int>(std::min(kChunk, bytes - off));
       MPT_MPI_CHECK(MPI_Bcast(p + off, len, MPI_BYTE, root, MPI_COMM_WORLD));
+    }
+  }
+  void all_gather(void* data, const std::vector<size_t>& bytes_per_rank) override {
+    if (static_cast<int>(bytes_per_rank.size()) != size_)
+      throw RuntimeError("all_gather: " + std::to_string(bytes_per_rank.size()) +
+                         " block sizes for " + std::to_string(size_) + " ranks");
+    char* base = static_cast<char*>(data);
+    std::vector<size_t> start(size_, 0);
+    for (int r = 1; r < size_; ++r) start[r] = start[r - 1] + bytes_per_rank[r - 1];
+    const size_t total = start.back() + bytes_per_rank.back();
+    std::vector<int> counts(size_), displs(size_);
+    if (total <= static_cast<size_t>(std::numeric_limits<int>::max())) {
+      for (int r = 0; r < size_; ++r) {
+        counts[r] = static_cast<int>(bytes_per_rank[r]);
+        displs[r] = static_cast<int>(start[r]);
+      }
+      MPT_MPI_CHECK(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, base, counts.data(),
+                                   displs.data(), MPI_BYTE, MPI_COMM_WORLD));
+      return;
+    }
+    // MPI's counts and displacements are ints: over 2 GiB in all, the blocks go in rounds of at
+    // most `chunk` bytes from each rank, gathered into a staging buffer and copied into place.
+    const size_t chunk = std::min(kChunk, static_cast<size_t>(std::numeric_limits<int>::max()) /
+                                              static_cast<size_t>(size_));
+    std::vector<char> stage;
+    for (size_t done = 0;; done += chunk) {
+      int at = 0;
+      for (int r = 0; r < size_; ++r) {
+        const size_t left = bytes_per_rank[r] > done ? bytes_per_rank[r] - done : 0;
+        counts[r] = static_cast<int>(std::min(chunk, left));
+        displs[r] = at;
+        at += counts[r];
+      }
+      if (at == 0) break;
+      stage.resize(static_cast<size_t>(at));
+      std::copy_n(base + start[rank_] + done, counts[rank_], stage.data() + displs[rank_]);
+      MPT_MPI_CHECK(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, stage.data(),
+                                   counts.data(), displs.data(), MPI_BYTE, MPI_COMM_WORLD));
+      for (int r = 0; r < size_; ++r)
+        std::copy_n(stage.data() + displs[r], counts[r], base + start[r] + done);
     }
   }
   void barrier() override { MPT_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD)); }

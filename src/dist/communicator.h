@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "dist/launch.h"
 
@@ -28,6 +29,10 @@ class Communicator {
   // Elementwise max over ranks; NaN wins (a NaN amax on one rank is a NaN amax for all).
   virtual void all_reduce_max(float* data, size_t n) = 0;
   virtual void broadcast(void* data, size_t bytes, int root) = 0;
+  // In place over a buffer that holds every rank's block, in rank order: rank r's block is
+  // bytes_per_rank[r] bytes at the sum of the earlier ranks' sizes. Each rank fills its own block;
+  // afterwards every rank holds every block. (ZeRO-1 gathers the weights each rank updated.)
+  virtual void all_gather(void* data, const std::vector<size_t>& bytes_per_rank) = 0;
   virtual void barrier() = 0;
   // Ends the whole job with `code` (MPI_Abort under MPI): for a rank that fails alone, so that
   // the others do not wait forever in a collective.

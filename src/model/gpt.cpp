@@ -96,7 +96,18 @@ Tensor Gpt::slab_view(const Buffer& buf, DType dtype, size_t i) const {
   return buf.view(params_[i].offset * dtype_size(dtype), dtype, params_[i].shape);
 }
 Tensor Gpt::param(size_t i) const { return slab_view(param_buf_, policy_.param, i); }
-Tensor Gpt::master(size_t i) const { return slab_view(master_buf_, DType::f32, i); }
+Tensor Gpt::master(size_t i) const {
+  MPT_CHECK(!master_released_, "the model's master copy was moved to the optimizer");
+  return slab_view(master_buf_, DType::f32, i);
+}
+Tensor Gpt::weights(size_t i) const {
+  MPT_CHECK(!master_released_, "the model's master copy was moved to the optimizer");
+  return master_buf_.data() ? master(i) : param(i);
+}
+void Gpt::release_master() {
+  master_buf_ = Buffer();
+  master_released_ = true;
+}
 Tensor Gpt::grad(size_t i) const { return slab_view(grad_buf_, policy_.grad, i); }
 Tensor Gpt::param(const std::string& name) const {
   for (size_t i = 0; i < params_.size(); ++i)
@@ -107,6 +118,7 @@ Tensor Gpt::all_params() const {
   return param_buf_.view(0, policy_.param, {static_cast<int64_t>(slab_elems_)});
 }
 Tensor Gpt::all_master() const {
+  MPT_CHECK(!master_released_, "the model's master copy was moved to the optimizer");
   if (!master_buf_.data()) return Tensor();
   return master_buf_.view(0, DType::f32, {static_cast<int64_t>(slab_elems_)});
 }
@@ -115,6 +127,7 @@ Tensor Gpt::all_grads() const {
 }
 
 void Gpt::sync_params_from_master() {
+  MPT_CHECK(!master_released_, "the model's master copy was moved to the optimizer");
   if (master_buf_.data()) be_.cast(all_params(), all_master(), TensorClass::weight);
 }
 
@@ -184,7 +197,7 @@ void Gpt::activation_layout(const ModelConfig& cfg, DType act, int B, int T, Gpt
 }
 
 MemoryLedger Gpt::plan_memory(const ModelConfig& cfg, int B, int T,
-                              const PrecisionPolicy& policy) {
+                              const PrecisionPolicy& policy, int zero_shards) {
   // In double: absurd configs must give a large number, not an overflowed one.
   const double C = cfg.n_embd, Vp = cfg.padded_vocab(), maxT = cfg.max_seq_len;
   // The slab as laid out by add_param: each tensor rounded up to kAlignElems elements.
@@ -199,9 +212,12 @@ MemoryLedger Gpt::plan_memory(const ModelConfig& cfg, int B, int T,
   add(C);
   MemoryLedger m;
   m.parameters = slab * dtype_size(policy.param);
-  m.master_weights = policy.master_weights ? slab * 4.0 : 0.0;
+  // ZeRO-1: a process keeps one range of the slab (64-element multiples, as zero_ranges splits).
+  const double kept =
+      zero_shards > 1 ? std::min(slab, std::ceil(std::ceil(slab / zero_shards) / 64) * 64) : slab;
+  m.master_weights = policy.master_weights ? kept * 4.0 : 0.0;
   m.gradients = slab * dtype_size(policy.grad);
-  m.optimizer_state = 2 * slab * dtype_size(policy.optimizer_state);
+  m.optimizer_state = 2 * kept * dtype_size(policy.optimizer_state);
   activation_layout(cfg, policy.activation, B, T, nullptr, [&](Tensor*, DType d, Shape s) {
     double n = 1;
     for (int i = 0; i < s.ndim; ++i) n *= static_cast<double>(s.dims[i]);

@@ -91,14 +91,18 @@ class Gpt {
   Tensor param(const std::string& name) const;
   // The fp32 master copy; undefined when the policy keeps none.
   Tensor master(size_t i) const;
-  // What the optimizer updates and checkpoints hold: the master when there is one.
-  Tensor weights(size_t i) const { return master_buf_.data() ? master(i) : param(i); }
+  // What the optimizer updates and checkpoints hold: the master when there is one. Not after
+  // release_master() (the optimizer holds the master then).
+  Tensor weights(size_t i) const;
   Tensor grad(size_t i) const;  // the policy's grad dtype
   Tensor all_params() const;  // the whole slab as one flat tensor (padding included)
   Tensor all_master() const;  // undefined without a master
   Tensor all_grads() const;
   // Rewrites the parameters from the master (after the master was loaded from a checkpoint).
   void sync_params_from_master();
+  // Frees the master copy, for an optimizer that keeps (its part of) it from now on: ZeRO-1
+  // (AdamW::take_master_shard). Afterwards master(), all_master() and weights() refuse.
+  void release_master();
 
   // Trainable parameters, counting the real vocabulary rows of the embedding only.
   int64_t num_params() const;
@@ -111,8 +115,10 @@ class Gpt {
 
   // The backend memory a training run of this model needs, by role, predicted before anything
   // is allocated (micro-batches of (B, T)). The workspace is the CPU backend's.
+  // Under ZeRO-1 over `zero_shards` processes, the master weights and optimizer state are
+  // those of the largest range (zero_ranges in optim/adamw.h).
   static MemoryLedger plan_memory(const ModelConfig& cfg, int B, int T,
-                                  const PrecisionPolicy& policy = {});
+                                  const PrecisionPolicy& policy = {}, int zero_shards = 1);
 
   size_t activation_bytes() const { return act_buf_.bytes(); }  // 0 before the first forward
   size_t parameter_bytes() const { return param_buf_.bytes(); }
@@ -171,6 +177,7 @@ class Gpt {
   size_t wte_, wpe_, lnfw_, lnfb_;
   std::vector<Layer> layers_;
   Buffer param_buf_, master_buf_, grad_buf_;
+  bool master_released_ = false;
 
   // fp8: per layer, the indices into fp8_ of its four GEMMs (-1: that GEMM is not fp8), and the
   // LM head's.

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <limits>
 #include <map>
+#include <vector>
 
 namespace mpt {
 
@@ -23,6 +24,29 @@ void NumericsMonitor::after_step(const AdamWStats* taken) {
     updates_.values += taken->values;
     updates_.lost_updates += taken->lost_updates;
   }
+}
+
+void NumericsMonitor::combine_processes(dist::Communicator& comm, bool weights_split) {
+  std::vector<double> v;
+  for (int c = 0; c < kTensorClasses; ++c) {
+    const bool sum = weights_split || static_cast<TensorClass>(c) != TensorClass::weight;
+    const bool mine = sum || comm.rank() == 0;  // else counted as rank 0 counted it
+    const CastCounts& n = counts_[c];
+    for (int64_t x : {n.values, n.overflow, n.underflow})
+      v.push_back(mine ? static_cast<double>(x) : 0.0);
+  }
+  const bool mine = weights_split || comm.rank() == 0;
+  v.push_back(mine ? static_cast<double>(updates_.values) : 0.0);
+  v.push_back(mine ? static_cast<double>(updates_.lost_updates) : 0.0);
+  comm.all_reduce_sum(v.data(), v.size());  // counts below 2^53 add exactly in double
+  size_t k = 0;
+  for (int c = 0; c < kTensorClasses; ++c) {
+    counts_[c].values = static_cast<int64_t>(v[k++]);
+    counts_[c].overflow = static_cast<int64_t>(v[k++]);
+    counts_[c].underflow = static_cast<int64_t>(v[k++]);
+  }
+  updates_.values = static_cast<int64_t>(v[k++]);
+  updates_.lost_updates = static_cast<int64_t>(v[k++]);
 }
 
 namespace {

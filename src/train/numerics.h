@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
+#include "dist/communicator.h"
 #include "model/gpt.h"
 #include "precision/policy.h"
 
@@ -29,6 +30,13 @@ class NumericsMonitor {
   void discard();
   // After a step: collects, and adds the optimizer's statistics when the step was taken.
   void after_step(const AdamWStats* taken);
+
+  // Under several processes, before take_record() (a collective: every process calls it):
+  // makes this interval's counts the whole job's. The activations and gradients each process
+  // casts are its own rows of the batch: summed. Every process casts the same weights and takes
+  // the same optimizer step, so those are rank 0's, unless `weights_split` (ZeRO-1: each
+  // process updates and casts its own range of them): then summed too.
+  void combine_processes(dist::Communicator& comm, bool weights_split);
 
   // The numerics fields of a step record, over the steps since the previous call; resets.
   // Empty for a policy that casts nothing (fp32, tf32).

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cmath>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <optional>
 #include <set>
@@ -32,6 +33,7 @@
 #include "precision/loss_scaler.h"
 #include "precision/policy.h"
 #include "train/checkpoint_tensors.h"
+#include "train/data_parallel.h"
 #include "train/numerics.h"
 #include "train/signals.h"
 
@@ -85,6 +87,24 @@ void check_memory(const MemoryLedger& plan) {
   }
 }
 
+// Micro-batches each process accumulates per optimizer step: training.grad_accum, or what
+// training.global_batch_tokens asks of `world` processes (InputError when it does not divide).
+int micro_batches_per_step(const TrainingConfig& t, int world) {
+  if (t.global_batch_tokens == 0) return t.grad_accum;
+  const int64_t per = static_cast<int64_t>(t.micro_batch) * t.seq_len * world;
+  if (t.global_batch_tokens % per != 0)
+    throw InputError("training.global_batch_tokens: " + std::to_string(t.global_batch_tokens) +
+                     " is not a multiple of micro_batch x seq_len x processes (" +
+                     std::to_string(t.micro_batch) + " x " + std::to_string(t.seq_len) + " x " +
+                     std::to_string(world) + " = " + std::to_string(per) +
+                     " tokens per micro-batch over all processes)");
+  const int64_t accum = t.global_batch_tokens / per;
+  if (accum > std::numeric_limits<int>::max())
+    throw InputError("training.global_batch_tokens: " + std::to_string(t.global_batch_tokens) +
+                     " needs more than 2^31 micro-batches per step; raise training.micro_batch");
+  return static_cast<int>(accum);
+}
+
 // One line: what each role is stored in, for the log and --dry-run.
 std::string describe_policy(const PrecisionPolicy& p) {
   std::string s = std::string("weights ") + dtype_name(p.param) +
@@ -101,7 +121,8 @@ std::string describe_policy(const PrecisionPolicy& p) {
 // The stream of stochastic rounding's random bits, derived from the data seed.
 constexpr uint64_t kStochasticRoundingStream = 0x5352;  // "SR"
 
-void print_dry_run(const Config& cfg, const std::string& run_dir, const Backend& backend,
+void print_dry_run(const Config& cfg, int accum, int world, const std::string& run_dir,
+                   const Backend& backend,
                    const data::TokenDataset& train, const data::TokenDataset& val,
                    const MemoryLedger& plan,
                    const PrecisionPolicy& policy, const std::vector<std::string>& warnings) {
@@ -113,9 +134,10 @@ void print_dry_run(const Config& cfg, const std::string& run_dir, const Backend&
               m.n_layer, m.n_head, m.n_embd, m.vocab_size, m.padded_vocab(), m.max_seq_len);
   std::printf("parameters      %.0f; %.3g training FLOPs/token\n", Gpt::param_count(m),
               Gpt::flops_per_token(m, T));
-  std::printf("batch           %d x %d tokens x %d accumulation = %lld tokens/step, %lld steps\n",
-              cfg.training.micro_batch, T, cfg.training.grad_accum,
-              static_cast<long long>(int64_t(cfg.training.micro_batch) * T * cfg.training.grad_accum),
+  std::printf("batch           %d x %d tokens x %d accumulation x %d process(es) = %lld "
+              "tokens/step, %lld steps\n",
+              cfg.training.micro_batch, T, accum, world,
+              static_cast<long long>(int64_t(cfg.training.micro_batch) * T * accum * world),
               static_cast<long long>(cfg.training.steps));
   std::printf("train data      %s\n", train.describe().c_str());
   std::printf("val data        %s\n", val.describe().c_str());
@@ -134,7 +156,7 @@ const std::set<std::string>& resume_safe_keys() {
       "training.steps",   "training.log_every",    "training.eval_every",
       "training.eval_batches", "checkpoint.every", "checkpoint.keep_last",
       "checkpoint.keep_every", "output.dir",       "output.name",
-      "threads",          "backend"};
+      "threads",          "backend",               "distributed.zero_stage"};
   return keys;
 }
 
@@ -241,12 +263,6 @@ std::optional<NonFiniteSite> locate_nonfinite(Gpt& model,
   return site;
 }
 
-std::string save_checkpoint(CheckpointManager& ckpts, Backend& be, Gpt& model,
-                            const AdamW& optimizer, const CheckpointState& state) {
-  const CheckpointTensors t = checkpoint_tensors(be, model, optimizer);
-  return ckpts.save(state, t.weights, t.moments);
-}
-
 }  // namespace
 
 // Compares this rank's resolved config and training data with rank 0's (broadcast), and throws
@@ -285,7 +301,6 @@ static void check_same_config_on_every_rank(dist::Communicator& comm, const Conf
 static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                                 dist::Communicator& comm) {
   const int B = cfg.training.micro_batch, T = cfg.training.seq_len;
-  const int accum = cfg.training.grad_accum;
   const int64_t steps = cfg.training.steps;
   const FaultPlan faults = FaultPlan::from_env();
   std::vector<std::string> policy_warnings;
@@ -298,12 +313,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   // alone writes the run directory, metrics and checkpoints.
   const int world = comm.world_size(), rank = comm.rank();
   const bool writer = rank == 0;
-  if (world > 1) {
-    if (policy.grad != DType::f32)
-      throw InputError("precision '" + policy.name + "' under " + std::to_string(world) +
-                       " processes: data-parallel training supports policies with fp32 gradients "
-                       "so far (fp32, tf32, fp16, bf16, fp8)");
-  }
+  const int accum = micro_batches_per_step(cfg.training, world);
   const int64_t tokens_per_step = static_cast<int64_t>(B) * T * accum * world;
   // Every rank logs; the others' lines say which rank they come from.
   if (world > 1)
@@ -349,7 +359,9 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                      resume->ckpt.state_json["train_data"].dump() + ", data.train now gives " +
                      data_identity(train_data).dump() +
                      "); the batch order would not continue");
-  const MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T, policy);
+  // ZeRO-1 shards the optimizer state over the processes (with one process it changes nothing).
+  const bool zero = cfg.distributed.zero_stage == 1 && world > 1;
+  const MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T, policy, zero ? world : 1);
   check_memory(memory);
   std::unique_ptr<Backend> backend = make_backend(cfg.backend, cfg.threads);
   if (world > 1 && !backend->host_accessible())
@@ -359,13 +371,16 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   TrainResult result;
   result.run_dir = plan.path;
   if (opt.dry_run) {
-    print_dry_run(cfg, plan.path, *backend, train_data, val_data, memory, policy,
+    print_dry_run(cfg, accum, world, plan.path, *backend, train_data, val_data, memory, policy,
                   policy_warnings);
     return result;
   }
   Gpt model(cfg.model, *backend, policy);
   model.init_weights(cfg.model.init_seed, cfg.model.init_std);
-  AdamW optimizer(cfg.optimizer, model, *backend);
+  const size_t slab = static_cast<size_t>(model.all_grads().numel());
+  const std::vector<SlabRange> zero_shards =
+      zero ? zero_ranges(slab, world) : std::vector<SlabRange>{{0, slab}};
+  AdamW optimizer(cfg.optimizer, model, *backend, zero_shards[zero ? rank : 0]);
   optimizer.set_rounding_seed(derive_seed(cfg.training.seed, kStochasticRoundingStream));
   LossScaler scaler(policy.loss_scale);
   NumericsMonitor numerics(model.policy(), *backend, model);
@@ -381,6 +396,10 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     continue_in_place = resume->same_run;
     resume.reset();  // the checkpoint's bytes are in the model now; free the host copy
   }
+  // ZeRO-1: from here on this process keeps its range of the master weights (restored or
+  // initial), and the model none.
+  optimizer.take_master_shard();
+  backend->reset_cast_counts();  // moving the master is not training
 
   // ---- every rank agrees on what it trains (this also waits until every rank has validated
   // its inputs: a rank that failed above has ended the job before anything is written)
@@ -437,6 +456,13 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                backend->name(), backend->device_description());
   spdlog::info("train data: {}; validation: {}", train_data.describe(), val_data.describe());
   spdlog::info("precision {}: {}", policy.name, describe_policy(policy));
+  if (world > 1)
+    spdlog::info("data parallel: {} processes x {} sequences x {} micro-batches per step; {}",
+                 world, B, accum,
+                 zero ? fmt::format("ZeRO-1: this process keeps and updates elements [{}, {}) of "
+                                    "the {} of the optimizer state",
+                                    optimizer.range().begin, optimizer.range().end, slab)
+                      : std::string("every process keeps the whole optimizer state"));
   for (const auto& w : policy_warnings) spdlog::warn("precision: {}", w);
 
   const int eval_batches = cfg.training.eval_batches;
@@ -461,8 +487,13 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     st.train_data = data_identity(train_data);
     st.numerics = {{"loss_scaler", scaler.state()}, {"fp8", model.fp8_state()}};
     st.world_size = world;
-    if (!writer) return std::string();  // every rank holds the same state: rank 0 saves it
-    const std::string dir = save_checkpoint(*checkpoints, *backend, model, optimizer, st);
+    // Every rank holds the same state (ZeRO-1: once gathered, which takes every rank): rank 0
+    // saves it.
+    std::optional<CheckpointTensors> tensors;
+    if (optimizer.sharded()) tensors = checkpoint_tensors(*backend, model, optimizer, &comm);
+    if (!writer) return std::string();
+    if (!tensors) tensors = checkpoint_tensors(*backend, model, optimizer);
+    const std::string dir = checkpoints->save(st, tensors->weights, tensors->moments);
     spdlog::info("checkpoint {}", dir);
     // Relative to the run directory, so the records stay true when the run is moved.
     const std::string rel = fs::path(dir).lexically_relative(run_dir).string();
@@ -479,6 +510,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   // are copied into inputs/targets.
   std::vector<int32_t> global_inputs(world > 1 ? static_cast<size_t>(B) * T * world : 0);
   std::vector<int32_t> global_targets = global_inputs;
+  std::vector<float> grad_scratch;  // 16-bit gradients are all-reduced in fp32
   // The loss of a step is the mean over its B*T*accum tokens; each token's gradient carries the
   // loss scale.
   const double tokens_per_step_f = static_cast<double>(tokens_per_step);
@@ -522,8 +554,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
       if (world > 1) {
         // dloss divides by the global token count, so the sum over ranks is the mean gradient.
         const auto t_comm = Clock::now();
-        const Tensor g = model.all_grads();
-        comm.all_reduce_sum(static_cast<float*>(g.data), static_cast<size_t>(g.numel()));
+        all_reduce_gradients(comm, model.all_grads(), grad_scratch);
         comm.all_reduce_mean(&loss, 1);
         interval_comm_s += seconds_since(t_comm);
       }
@@ -567,7 +598,14 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         model.set_fp8_step_amaxes(amaxes);
       }
       model.end_step();
-      if (!skip) optimizer.step(lr, static_cast<float>(1.0 / scale) * optimizer.clip_scale(norm));
+      if (!skip) {
+        optimizer.step(lr, static_cast<float>(1.0 / scale) * optimizer.clip_scale(norm));
+        if (zero) {  // each rank updated its range of the weights
+          const auto t_comm = Clock::now();
+          gather_parameters(comm, model.all_params(), zero_shards);
+          interval_comm_s += seconds_since(t_comm);
+        }
+      }
       numerics.after_step(skip ? nullptr : &optimizer.last_stats());
       if (!skip) last_loss = loss;
       interval_s += seconds_since(t_step);
@@ -588,8 +626,12 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                               {"step_ms", step_ms},
                               {"tokens_per_s", tok_s},
                               {"elapsed_s", seconds_since(t_start)}};
-        // Time in the gradient all-reduce, waiting for the slowest rank included.
-        if (world > 1) rec["comm_ms"] = 1000.0 * interval_comm_s / interval_steps;
+        if (world > 1) {
+          // Time in the gradient all-reduce (and ZeRO-1's weight gather), waiting for the
+          // slowest rank included.
+          rec["comm_ms"] = 1000.0 * interval_comm_s / interval_steps;
+          numerics.combine_processes(comm, zero);
+        }
         rec.update(numerics.take_record());
         emit(rec);
         if (policy.uses_loss_scaling())

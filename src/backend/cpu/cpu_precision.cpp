@@ -639,7 +639,8 @@ void CpuBackend::adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m
     if (count_lost) lost += std::fabs(upd) < fast::bf16_half_ulp(old);
     if (sr) {
       // A narrowing cast of the weights like any other: counted as narrow_loop counts.
-      const bf16 b = bf16_from_float_stochastic(now, stochastic_rounding_bits(p.sr_seed, p.step, i));
+      const bf16 b = bf16_from_float_stochastic(
+          now, stochastic_rounding_bits(p.sr_seed, p.step, p.sr_first_index + i));
       pb[i] = b;
       const float a = std::fabs(now);
       over += (a > bf16_max) & (a <= FLT_MAX);

@@ -25,6 +25,7 @@ struct AdamWArgs {
   float c1, c2;  // bias corrections
   int64_t step;
   uint64_t seed;
+  int64_t first_index;  // of element 0 within its parameter (AdamWParams::sr_first_index)
 };
 
 // T: the parameter's storage type. kSr: stochastic rounding into bf16 (no master).
@@ -50,7 +51,8 @@ __global__ void adamw_kernel(T* param, float* master, const void* grad, DType dg
     const float now = __fsub_rn(old, upd);
     if (count_lost) lost += fabsf(upd) < bf16_half_ulp(old);
     if constexpr (kSr) {
-      const bf16 b = bf16_from_float_stochastic(now, stochastic_rounding_bits(a.seed, a.step, i));
+      const bf16 b =
+          bf16_from_float_stochastic(now, stochastic_rounding_bits(a.seed, a.step, a.first_index + i));
       param[i] = __nv_bfloat16_raw{b.bits};
       const float x = fabsf(now);
       tally.over += (x > 3.38953139e38f) & (x <= 3.40282347e38f);
@@ -99,6 +101,7 @@ void adamw_update(Context& ctx, Tensor param, Tensor master, Tensor grad, Tensor
   a.c2 = static_cast<float>(1.0 / (1.0 - std::pow(double(p.beta2), double(p.step))));
   a.step = p.step;
   a.seed = p.sr_seed;
+  a.first_index = p.sr_first_index;
   const bool count_lost = param.dtype == DType::bf16;
   const bool sr = p.stochastic_rounding && !master.defined() && param.dtype == DType::bf16;
   const bool want_lost = count_lost && stats != nullptr;
