@@ -393,6 +393,9 @@ cuda::DeviceBuffer upload_words(const std::vector<uint32_t>& host) {
   all.insert(all.end(), kGuardWords, kGuardWord);
   cuda::DeviceBuffer d(all.size() * sizeof(uint32_t));
   MPT_CUDA_CHECK(cudaMemcpy(d.data(), all.data(), all.size() * 4, cudaMemcpyHostToDevice));
+  // A pageable upload may still be in flight when cudaMemcpy returns, and the collectives run on
+  // a non-blocking stream that does not wait for the legacy default stream.
+  MPT_CUDA_CHECK(cudaDeviceSynchronize());
   return d;
 }
 
@@ -503,6 +506,7 @@ TEST(Nccl, ManyCollectivesLeaveTheWatchdogQuiet) {
   auto c = single_rank();
   cuda::DeviceBuffer d(4096 * sizeof(float));
   MPT_CUDA_CHECK(cudaMemset(d.data(), 0, d.bytes()));
+  MPT_CUDA_CHECK(cudaDeviceSynchronize());
   Stream stream;
   for (int i = 0; i < 50; ++i) {
     c->all_reduce_sum_device(d.as<float>(), 4096, stream.s);
