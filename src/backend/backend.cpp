@@ -17,12 +17,20 @@ const char* tensor_class_name(TensorClass c) {
   return "?";
 }
 
-std::unique_ptr<Backend> make_backend(const std::string& name, int threads) {
+bool backend_is_cuda(const std::string& name) {
+#if MPT_HAVE_CUDA
+  return name == "cuda" || (name == "auto" && cuda::device_available());
+#else
+  return name == "cuda";
+#endif
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& name, int threads, int device) {
   if (name == "cpu") return std::make_unique<CpuBackend>(threads);
 #if MPT_HAVE_CUDA
-  if (name == "cuda") return std::make_unique<CudaBackend>(0);
+  if (name == "cuda") return std::make_unique<CudaBackend>(device);
   if (name == "auto") {
-    if (cuda::device_available()) return std::make_unique<CudaBackend>(0);
+    if (cuda::device_available()) return std::make_unique<CudaBackend>(device);
     return std::make_unique<CpuBackend>(threads);
   }
 #else

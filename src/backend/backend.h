@@ -123,6 +123,9 @@ class Backend {
   // Every element = value rounded to t's dtype (any float dtype).
   virtual void fill(Tensor t, float value) = 0;
   virtual void synchronize() = 0;
+  // The CUDA stream the ops run on, as a cudaStream_t (nullptr for a host backend): for a
+  // communicator that reduces device buffers in the ops' order.
+  virtual void* stream() const { return nullptr; }
   // Bytes of backend-owned scratch in use (operand copies, staging buffers): for the memory
   // ledger's check against its prediction.
   virtual size_t workspace_bytes() const = 0;
@@ -196,6 +199,9 @@ class Backend {
 // Creates the backend named in the config: "cpu", "cuda" or "auto" (CUDA when this build has it
 // and a device is present, else CPU). `threads` = 0 means all available cores. Throws
 // InputError when the named backend is not available in this build or on this machine.
-std::unique_ptr<Backend> make_backend(const std::string& name, int threads);
+// `device`: the GPU a CUDA backend uses (a data-parallel rank's local rank).
+std::unique_ptr<Backend> make_backend(const std::string& name, int threads, int device = 0);
+// Whether make_backend(name, ...) gives the CUDA backend here (auto: when a GPU is usable).
+bool backend_is_cuda(const std::string& name);
 
 }  // namespace mpt

@@ -25,6 +25,10 @@ void Communicator::all_reduce_mean(double* data, size_t n) {
   for (size_t i = 0; i < n; ++i) data[i] /= world_size();
 }
 
+void Communicator::all_reduce_sum_device(float*, size_t, void*) {
+  throw RuntimeError("the " + name() + " communicator reduces host memory only, not a GPU's");
+}
+
 namespace {
 
 class SingleProcess final : public Communicator {

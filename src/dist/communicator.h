@@ -34,6 +34,15 @@ class Communicator {
   // afterwards every rank holds every block. (ZeRO-1 gathers the weights each rank updated.)
   virtual void all_gather(void* data, const std::vector<size_t>& bytes_per_rank) = 0;
   virtual void barrier() = 0;
+
+  // ---- device buffers (the NCCL communicator; others throw RuntimeError)
+  // Whether this communicator reduces device memory: the CUDA backend's gradients.
+  virtual bool reduces_device_memory() const { return false; }
+  // The GPU this rank uses (the NCCL communicator's: its local rank's); 0 elsewhere.
+  virtual int device() const { return 0; }
+  // In place over n floats of device memory, enqueued on `stream` (a cudaStream_t): the sum
+  // over ranks, the same bits on every rank.
+  virtual void all_reduce_sum_device(float* data, size_t n, void* stream);
   // Ends the whole job with `code` (MPI_Abort under MPI): for a rank that fails alone, so that
   // the others do not wait forever in a collective.
   [[noreturn]] virtual void abort(int code) = 0;

@@ -1,6 +1,6 @@
 // The NCCL communicator: data-parallel collectives on device buffers for the CUDA backend (one
-// GPU per local rank). Compiled only when the build has NCCL (MPT_HAVE_NCCL: the CUDA backend,
-// NCCL and MPI all found).
+// GPU per local rank). Compiled only when the build has NCCL (MPT_HAVE_NCCL: the CUDA backend
+// and NCCL found; several ranks also need MPI at run time).
 //
 // It wraps a host communicator (make_communicator: MPI, or a single process for a world of one),
 // which carries NCCL's unique id at start-up and keeps every host-side collective: losses, flags,
@@ -25,6 +25,7 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/formats.h"
 #include "dist/communicator.h"
@@ -46,7 +47,11 @@ class NcclCommunicator final : public Communicator {
   int rank() const override { return host_->rank(); }
   int world_size() const override { return host_->world_size(); }
   std::string name() const override { return "nccl"; }
-  int device() const { return device_; }
+  int device() const override { return device_; }
+  bool reduces_device_memory() const override { return true; }
+  void all_reduce_sum_device(float* data, size_t n, void* stream) override {
+    all_reduce_sum_device(data, n, static_cast<cudaStream_t>(stream));
+  }
   int local_rank() const { return local_rank_; }
 
   // Host buffers: the host communicator's collectives.
@@ -55,6 +60,9 @@ class NcclCommunicator final : public Communicator {
   void all_reduce_max(float* data, size_t n) override { host_->all_reduce_max(data, n); }
   void broadcast(void* data, size_t bytes, int root) override {
     host_->broadcast(data, bytes, root);
+  }
+  void all_gather(void* data, const std::vector<size_t>& bytes_per_rank) override {
+    host_->all_gather(data, bytes_per_rank);
   }
   void barrier() override { host_->barrier(); }
   // Aborts NCCL (so no kernel keeps waiting on a peer), then the job.

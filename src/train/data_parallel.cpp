@@ -1,34 +1,27 @@
 #include "train/data_parallel.h"
 
 #include "core/error.h"
-#include "core/formats.h"
 
 namespace mpt {
 
-namespace {
-
-// 16-bit gradients: widened, summed in fp32, rounded to nearest once.
-template <class H>
-void reduce_widened(dist::Communicator& comm, H* g, size_t n, std::vector<float>& scratch,
-                    H (*narrow)(float)) {
-  scratch.resize(n);
-  for (size_t i = 0; i < n; ++i) scratch[i] = to_float(g[i]);
-  comm.all_reduce_sum(scratch.data(), n);
-  for (size_t i = 0; i < n; ++i) g[i] = narrow(scratch[i]);
+GradientReducer::GradientReducer(dist::Communicator& comm, Backend& backend, Tensor grads)
+    : comm_(comm), be_(backend), grads_(grads) {
+  if (!be_.host_accessible() && !comm_.reduces_device_memory())
+    throw InputError("backend '" + be_.name() + "' under " + std::to_string(comm_.world_size()) +
+                     " processes needs a communicator for device memory (NCCL), and this one "
+                     "is '" + comm_.name() + "'");
+  if (grads_.dtype != DType::f32) wide_ = be_.allocate(static_cast<size_t>(grads_.numel()) * 4);
 }
 
-}  // namespace
-
-void all_reduce_gradients(dist::Communicator& comm, Tensor grads, std::vector<float>& scratch) {
-  const size_t n = static_cast<size_t>(grads.numel());
-  switch (grads.dtype) {
-    case DType::f32: return comm.all_reduce_sum(grads.as<float>(), n);
-    case DType::bf16: return reduce_widened(comm, grads.as<bf16>(), n, scratch, &bf16_from_float);
-    case DType::f16: return reduce_widened(comm, grads.as<f16>(), n, scratch, &f16_from_float);
-    default:
-      throw RuntimeError(std::string("all_reduce_gradients: gradients in ") +
-                         dtype_name(grads.dtype));
-  }
+void GradientReducer::all_reduce() {
+  const size_t n = static_cast<size_t>(grads_.numel());
+  const Tensor sum = wide_.data() ? wide_.view(0, DType::f32, grads_.shape) : grads_;
+  if (wide_.data()) be_.cast(sum, grads_, TensorClass::gradient);  // widening: exact
+  if (be_.host_accessible())
+    comm_.all_reduce_sum(sum.as<float>(), n);
+  else
+    comm_.all_reduce_sum_device(sum.as<float>(), n, be_.stream());
+  if (wide_.data()) be_.cast(grads_, sum, TensorClass::gradient);
 }
 
 void gather_parameters(dist::Communicator& comm, Tensor params,

@@ -1,20 +1,34 @@
-// The trainer's data-parallel steps over the CPU backend's host memory: the gradient all-reduce
-// and ZeRO-1's gathering of the weights each process updated (docs/architecture.md, "Data
-// parallel").
+// The trainer's data-parallel steps: the gradient all-reduce (host memory through MPI, a GPU's
+// through NCCL) and ZeRO-1's gathering of the weights each process updated (host memory).
+// docs/architecture.md, "Data parallel".
 #pragma once
 
 #include <vector>
 
+#include "backend/backend.h"
 #include "core/tensor.h"
 #include "dist/communicator.h"
 #include "optim/adamw.h"
 
 namespace mpt {
 
-// Sums the gradient slab `grads` (host memory) over the processes, in place. fp32 gradients are
-// summed as they are; 16-bit ones are widened to fp32 (into `scratch`), summed in fp32 and
-// rounded to nearest once, so that the reduction adds no rounding per process.
-void all_reduce_gradients(dist::Communicator& comm, Tensor grads, std::vector<float>& scratch);
+// Sums a gradient slab over the processes, in place, in fp32: fp32 gradients as they are; 16-bit
+// ones are widened into an fp32 buffer of the backend's, summed and rounded to nearest once (a
+// narrowing cast counted under gradients, like any other), so the reduction adds no rounding
+// per process. Host memory goes through the communicator's host sum, a GPU's through its device
+// sum on the backend's stream.
+class GradientReducer {
+ public:
+  // InputError when the gradients live where `comm` cannot reduce them (a GPU's without NCCL).
+  GradientReducer(dist::Communicator& comm, Backend& backend, Tensor grads);
+  void all_reduce();
+
+ private:
+  dist::Communicator& comm_;
+  Backend& be_;
+  Tensor grads_;
+  Buffer wide_;  // fp32 copy of 16-bit gradients
+};
 
 // ZeRO-1: every process updated the parameter elements of its range (`ranges[rank]`) of the
 // parameter slab `params` (host memory); afterwards every process holds all of them.

@@ -23,6 +23,9 @@
 #include "data/loader.h"
 #include "dist/communicator.h"
 #include "dist/launch.h"
+#if MPT_HAVE_NCCL
+#include "dist/nccl_communicator.h"
+#endif
 #include "io/checkpoint.h"
 #include "io/files.h"
 #include "io/metrics.h"
@@ -363,11 +366,12 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   const bool zero = cfg.distributed.zero_stage == 1 && world > 1;
   const MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T, policy, zero ? world : 1);
   check_memory(memory);
-  std::unique_ptr<Backend> backend = make_backend(cfg.backend, cfg.threads);
-  if (world > 1 && !backend->host_accessible())
-    throw InputError("backend '" + backend->name() + "' under " + std::to_string(world) +
-                     " processes: data-parallel training runs on the CPU backend so far (NCCL "
-                     "for GPUs is to come)");
+  // One GPU per rank: the NCCL communicator's (its local rank's).
+  std::unique_ptr<Backend> backend = make_backend(cfg.backend, cfg.threads, comm.device());
+  if (zero && !backend->host_accessible())
+    throw InputError("distributed.zero_stage: 1 on backend '" + backend->name() +
+                     "' is not supported yet (ZeRO-1 gathers the weights in host memory); use "
+                     "zero_stage: 0 or backend: cpu");
   TrainResult result;
   result.run_dir = plan.path;
   if (opt.dry_run) {
@@ -381,6 +385,8 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   const std::vector<SlabRange> zero_shards =
       zero ? zero_ranges(slab, world) : std::vector<SlabRange>{{0, slab}};
   AdamW optimizer(cfg.optimizer, model, *backend, zero_shards[zero ? rank : 0]);
+  std::optional<GradientReducer> gradient_reducer;
+  if (world > 1) gradient_reducer.emplace(comm, *backend, model.all_grads());
   optimizer.set_rounding_seed(derive_seed(cfg.training.seed, kStochasticRoundingStream));
   LossScaler scaler(policy.loss_scale);
   NumericsMonitor numerics(model.policy(), *backend, model);
@@ -510,7 +516,6 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   // are copied into inputs/targets.
   std::vector<int32_t> global_inputs(world > 1 ? static_cast<size_t>(B) * T * world : 0);
   std::vector<int32_t> global_targets = global_inputs;
-  std::vector<float> grad_scratch;  // 16-bit gradients are all-reduced in fp32
   // The loss of a step is the mean over its B*T*accum tokens; each token's gradient carries the
   // loss scale.
   const double tokens_per_step_f = static_cast<double>(tokens_per_step);
@@ -554,7 +559,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
       if (world > 1) {
         // dloss divides by the global token count, so the sum over ranks is the mean gradient.
         const auto t_comm = Clock::now();
-        all_reduce_gradients(comm, model.all_grads(), grad_scratch);
+        gradient_reducer->all_reduce();
         comm.all_reduce_mean(&loss, 1);
         interval_comm_s += seconds_since(t_comm);
       }
@@ -701,9 +706,24 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   return result;
 }
 
+// The job's communicator: MPI (or none, for one process) for host memory; NCCL when several
+// processes train on GPUs.
+static std::unique_ptr<dist::Communicator> make_job_communicator(const Config& cfg) {
+  const dist::Placement placement = dist::detect_placement();
+  if (placement.world_size == 1 || !backend_is_cuda(cfg.backend))
+    return dist::make_communicator(placement);
+#if MPT_HAVE_NCCL
+  return dist::make_nccl_communicator(placement);
+#else
+  throw InputError("backend '" + cfg.backend + "' (a GPU) under " +
+                   std::to_string(placement.world_size) +
+                   " processes needs NCCL, and this mpt was built without it (CMake found no "
+                   "nccl.h and libnccl; see MPT_NCCL)");
+#endif
+}
+
 TrainResult train(const Config& cfg, const TrainOptions& opt) {
-  const std::unique_ptr<dist::Communicator> comm =
-      dist::make_communicator(dist::detect_placement());
+  const std::unique_ptr<dist::Communicator> comm = make_job_communicator(cfg);
   if (comm->world_size() == 1) return train_in_job(cfg, opt, *comm);
   try {
     return train_in_job(cfg, opt, *comm);

@@ -64,6 +64,8 @@ void CudaBackend::copy_to_host(void* dst, Tensor src) {
 
 void CudaBackend::synchronize() { ctx_->sync("synchronize()"); }
 
+void* CudaBackend::stream() const { return ctx_->stream(); }
+
 size_t CudaBackend::workspace_bytes() const {
   return ctx_->scratch_bytes() + ctx_->lt_workspace_bytes();
 }

@@ -33,6 +33,7 @@ class CudaBackend : public Backend {
   void fill(Tensor t, float value) override;
   void synchronize() override;
   size_t workspace_bytes() const override;
+  void* stream() const override;
 
   void cast(Tensor dst, Tensor src, TensorClass cls) override;
   float amax(Tensor t) override;
