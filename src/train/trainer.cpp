@@ -26,12 +26,14 @@
 #include "io/files.h"
 #include "io/metrics.h"
 #include "io/run_dir.h"
+#include "model/cuda_workspace.h"
 #include "model/gpt.h"
 #include "optim/adamw.h"
 #include "optim/schedule.h"
 #include "precision/loss_scaler.h"
 #include "precision/policy.h"
 #include "train/checkpoint_tensors.h"
+#include "train/device_metrics.h"
 #include "train/numerics.h"
 #include "train/signals.h"
 
@@ -349,9 +351,11 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                      resume->ckpt.state_json["train_data"].dump() + ", data.train now gives " +
                      data_identity(train_data).dump() +
                      "); the batch order would not continue");
-  const MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T, policy);
+  MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T, policy);
   check_memory(memory);
   std::unique_ptr<Backend> backend = make_backend(cfg.backend, cfg.threads);
+  if (const int cc = backend->gpu_info().cc_major)  // the workspace is the CUDA backend's
+    memory.workspace = cuda_workspace_bytes(cfg.model, B, T, policy, memory, cc);
   if (world > 1 && !backend->host_accessible())
     throw InputError("backend '" + backend->name() + "' under " + std::to_string(world) +
                      " processes: data-parallel training runs on the CPU backend so far (NCCL "
@@ -369,6 +373,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   optimizer.set_rounding_seed(derive_seed(cfg.training.seed, kStochasticRoundingStream));
   LossScaler scaler(policy.loss_scale);
   NumericsMonitor numerics(model.policy(), *backend, model);
+  DeviceMetrics device_metrics(*backend, policy, model.flops_per_token(T), memory, world);
   int64_t start_step = 0;
   std::string resumed_from;
   bool continue_in_place = false;
@@ -425,6 +430,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                           {"train_data", train_data.describe()},
                           {"val_data", val_data.describe()},
                           {"config", config_to_json(cfg)}};
+  start.update(device_metrics.start_fields());
   if (!resumed_from.empty()) {
     start["resumed_from"] = resumed_from;
     start["resume_step"] = start_step;
@@ -590,6 +596,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                               {"elapsed_s", seconds_since(t_start)}};
         // Time in the gradient all-reduce, waiting for the slowest rank included.
         if (world > 1) rec["comm_ms"] = 1000.0 * interval_comm_s / interval_steps;
+        rec.update(device_metrics.step_fields(tok_s));
         rec.update(numerics.take_record());
         emit(rec);
         if (policy.uses_loss_scaling())
@@ -604,6 +611,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         interval_comm_s = 0.0;
         interval_steps = 0;
       }
+      if (auto ev = device_metrics.memory_check(step)) emit(*ev);
       const bool eval_due = cfg.training.eval_every > 0 && step % cfg.training.eval_every == 0;
       if (eval_due || step == steps) result.final_val_loss = run_eval(step);
 
