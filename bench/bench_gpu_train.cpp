@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -24,6 +25,7 @@
 
 #include "backend/gpu_peaks.h"
 #include "core/rng.h"
+#include "model/cuda_workspace.h"
 #include "model/gpt.h"
 #include "optim/adamw.h"
 #include "precision/policy.h"
@@ -107,21 +109,25 @@ int main(int argc, char** argv) {
     size_t free1 = 0;
     MPT_CUDA_CHECK(cudaMemGetInfo(&free1, &total));
     const double tokens_per_s = double(B) * T / (step_ms / 1e3);
-    const std::string fmt = matmul_peak_format(policy.matmul, policy.activation);
-    const double peak = peak_flops(be.context().props().name, fmt);
-    const double flops = model.flops_per_token(T) * tokens_per_s;
-    const MemoryLedger ledger = Gpt::plan_memory(m, B, T, policy);
+    const PolicyPeak peak = policy_peak(be.gpu_info().gpu_name, policy.matmul, policy.activation);
+    const std::optional<double> mfu =
+        model_flops_utilization(model.flops_per_token(T), tokens_per_s, peak.flops);
+    MemoryLedger ledger = Gpt::plan_memory(m, B, T, policy);
+    ledger.workspace = cuda_workspace_bytes(m, B, T, policy, ledger, be.gpu_info().cc_major);
+    const MemoryUsage mem = be.memory_usage();
     results.push_back({{"policy", name},
                        {"tokens_per_s", tokens_per_s},
                        {"step_ms", step_ms},
                        {"step_ms_min", ms.front()},
                        {"step_ms_max", ms.back()},
-                       {"mfu", peak > 0 ? flops / peak : 0.0},
-                       {"peak_format", fmt},
-                       {"peak_tflops", peak / 1e12},
+                       {"mfu", mfu.value_or(0.0)},  // 0: this GPU is not in gpu_peaks' table
+                       {"peak_format", peak.format},
+                       {"peak_tflops", peak.flops / 1e12},
                        {"peak_mem_gib", double(free0 - free1) / (1 << 30)},
+                       {"counted_peak_gib", double(mem.peak_bytes) / (1 << 30)},
                        {"activation_gib", double(model.activation_bytes()) / (1 << 30)},
-                       {"ledger_gib", ledger.total() / (1 << 30)}});
+                       {"ledger_gib", ledger.total() / (1 << 30)},
+                       {"counted_vs_ledger", double(mem.peak_bytes) / ledger.total()}});
     std::fprintf(stderr, "%s: %.0f tokens/s, %.1f ms/step\n", name.c_str(), tokens_per_s, step_ms);
     // What is measured so far survives a timeout (the ratios are added at the end).
     if (!json_path.empty())

@@ -81,11 +81,12 @@ inline std::vector<json> read_jsonl(const std::string& p) {
   return v;
 }
 
-// The records without the fields that depend on the clock, the machine's speed and the run's
-// directory.
+// The records without the fields that depend on the clock, the machine's speed, what else runs
+// on the GPU, and the run's directory.
 inline std::vector<json> without_timing(std::vector<json> recs) {
   for (auto& r : recs)
-    for (const char* k : {"time", "step_ms", "comm_ms", "tokens_per_s", "elapsed_s", "run_dir"})
+    for (const char* k : {"time", "step_ms", "comm_ms", "tokens_per_s", "elapsed_s", "run_dir",
+                          "mfu", "device_memory_bytes", "device_total_bytes"})
       r.erase(k);
   return recs;
 }

@@ -11,6 +11,7 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/cpu_backend.h"
+#include "config/config.h"
 #if MPT_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_context.h"
@@ -27,6 +28,29 @@ inline std::string gpu_unavailable_reason() {
   return "this build has no CUDA backend (nvcc was not found at configure time)";
 #endif
 }
+
+// The tiny GPT the GPU tests train: multiples of 16 in every matmul dimension (cuBLASLt's fp8
+// requirement), otherwise small. Micro-batches of (kTinyB, kTinyT).
+inline ModelConfig tiny_gpu_model() {
+  ModelConfig m;
+  m.n_layer = 2;
+  m.n_head = 4;
+  m.n_embd = 64;
+  m.vocab_size = 256;
+  m.max_seq_len = 32;
+  return m;
+}
+constexpr int kTinyB = 4, kTinyT = 32;
+
+// Names the tests of a policy parameter ("bf16-pure" -> "bf16_pure").
+struct PolicyTestName {
+  template <class P>
+  std::string operator()(const ::testing::TestParamInfo<P>& info) const {
+    std::string s = info.param;
+    for (char& c : s) c = c == '-' ? '_' : c;
+    return s;
+  }
+};
 
 }  // namespace mpt::test
 

@@ -69,6 +69,10 @@ TEST_F(Cli, ReadmeTrainingCommandWritesConfigAndMetrics) {
                            "activations", "workspace", "total"})
     EXPECT_TRUE(start["memory"].contains(role)) << role;
   EXPECT_GT(start["memory"]["total"].get<double>(), 0.0);
+  // The CPU has no peak FLOP/s to measure MFU against: null, never a made-up figure.
+  ASSERT_TRUE(start.contains("peak_flops"));
+  EXPECT_TRUE(start["peak_flops"].is_null()) << start["peak_flops"];
+  EXPECT_EQ(start["peak_flops_format"], "fp32");
   EXPECT_EQ(start["config"]["training"]["steps"], 12);
   EXPECT_EQ(recs.back()["event"], "end");
   EXPECT_EQ(recs.back()["status"], "completed");
@@ -81,8 +85,21 @@ TEST_F(Cli, ReadmeTrainingCommandWritesConfigAndMetrics) {
     EXPECT_TRUE(std::isfinite(s["loss"].get<double>()));
     EXPECT_GT(s["tokens_per_s"].get<double>(), 0.0);
     EXPECT_EQ(s["tokens"].get<int64_t>(), s["step"].get<int64_t>() * 8 * 64);
+    ASSERT_TRUE(s.contains("mfu"));
+    EXPECT_TRUE(s["mfu"].is_null()) << s.dump();
+    // The CPU backend's count is exact and its ledger too: the memory the start record predicts.
+    EXPECT_EQ(s["memory_bytes"].get<double>(), start["memory"]["total"].get<double>());
+    EXPECT_EQ(s["peak_memory_bytes"].get<double>(), start["memory"]["total"].get<double>());
+    EXPECT_FALSE(s.contains("device_memory_bytes")) << "only on a GPU";
     logged.push_back(s["step"]);
   }
+  // Once, after the first step: the measured peak against the prediction.
+  const auto mem = events(recs, "memory");
+  ASSERT_EQ(mem.size(), 1u);
+  EXPECT_EQ(mem[0]["step"], 1);
+  EXPECT_EQ(mem[0]["predicted_bytes"].get<double>(), start["memory"]["total"].get<double>());
+  EXPECT_EQ(mem[0]["memory_vs_plan"].get<double>(), 1.0);
+  EXPECT_EQ(r.out.find("exceeds the predicted"), std::string::npos) << r.out;
   EXPECT_EQ(logged, (std::vector<int64_t>{1, 5, 10, 12}));
   std::vector<int64_t> evals;
   for (const auto& e : events(recs, "eval")) evals.push_back(e["step"]);

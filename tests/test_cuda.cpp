@@ -3,8 +3,13 @@
 // and test_cuda_matmul.cpp.
 #include <gtest/gtest.h>
 
+#include <optional>
+
+#include "backend/cuda/workspace_plan.h"
 #include "backend/gpu_peaks.h"
 #include "cuda_test_util.h"
+#include "model/cuda_workspace.h"
+#include "model/gpt.h"
 
 namespace mpt {
 namespace {
@@ -42,12 +47,6 @@ TEST(CudaHost, DeviceAvailableExplainsItself) {
   EXPECT_EQ(cuda::device_available(), ok);
 }
 
-TEST(CudaHost, CublasLtWorkspaceIs32MiBOnHopperAnd4MiBElsewhere) {
-  EXPECT_EQ(cuda::lt_workspace_size(9), size_t{32} << 20);
-  EXPECT_EQ(cuda::lt_workspace_size(10), size_t{32} << 20);
-  EXPECT_EQ(cuda::lt_workspace_size(8), size_t{4} << 20);
-}
-
 TEST(CudaHost, CublasStatusesHaveNames) {
   EXPECT_STREQ(cuda::cublas_status_name(CUBLAS_STATUS_NOT_SUPPORTED), "CUBLAS_STATUS_NOT_SUPPORTED");
   EXPECT_STREQ(cuda::cublas_status_name(CUBLAS_STATUS_INVALID_VALUE), "CUBLAS_STATUS_INVALID_VALUE");
@@ -82,6 +81,64 @@ TEST(GpuPeaks, PolicyFormatsAndDatasheetFigures) {
   EXPECT_DOUBLE_EQ(peak_flops("NVIDIA H100 PCIe", "bf16"), 756e12);
   EXPECT_DOUBLE_EQ(peak_flops("NVIDIA A100-SXM4-80GB", "fp8"), 0.0) << "A100 has no fp8";
   EXPECT_DOUBLE_EQ(peak_flops("NVIDIA GeForce RTX 4090", "bf16"), 0.0) << "not in the table";
+}
+
+// MFU (bench_gpu_train and the trainer's step records): achieved FLOP/s over the devices' peak;
+// no figure at all when the peak is unknown (the CPU backend has no GPU name).
+TEST(GpuPeaks, MfuIsAchievedOverPeakAndAbsentWithoutAPeak) {
+  const PolicyPeak h200 = policy_peak("NVIDIA H200", MatmulPrecision::native, DType::bf16);
+  EXPECT_EQ(h200.format, "bf16");
+  EXPECT_DOUBLE_EQ(h200.flops, 989.4e12);
+  const std::optional<double> mfu = model_flops_utilization(1e9, 4e5, h200.flops);
+  ASSERT_TRUE(mfu.has_value());
+  EXPECT_DOUBLE_EQ(*mfu, 1e9 * 4e5 / 989.4e12);
+  EXPECT_DOUBLE_EQ(*model_flops_utilization(1e9, 4e5, h200.flops, 2), *mfu / 2) << "per device";
+  const PolicyPeak cpu = policy_peak("", MatmulPrecision::native, DType::f32);
+  EXPECT_EQ(cpu.format, "fp32");
+  EXPECT_EQ(cpu.flops, 0.0);
+  EXPECT_FALSE(model_flops_utilization(1e9, 4e5, cpu.flops).has_value());
+  EXPECT_FALSE(model_flops_utilization(1e9, 4e5, peak_flops("NVIDIA GeForce RTX 4090", "bf16")));
+}
+
+TEST(CudaWorkspacePlan, CublasLtWorkspaceIs32MiBOnHopperAnd4MiBElsewhere) {
+  EXPECT_EQ(cuda::lt_workspace_size(9), size_t{32} << 20);
+  EXPECT_EQ(cuda::lt_workspace_size(10), size_t{32} << 20);
+  EXPECT_EQ(cuda::lt_workspace_size(8), size_t{4} << 20);
+}
+
+// The memory ledger's CUDA workspace, worked out by hand for a tiny model (B=4, T=32: N=128
+// rows, C=64, 4 heads, Vp=256): the cuBLASLt workspace plus the largest request of each scratch
+// role. test_cuda_train.cpp checks the same figures against a GPU's workspace_bytes().
+TEST(CudaWorkspacePlan, LedgerTermIsTheCublasLtWorkspacePlusEachScratchRole) {
+  const ModelConfig m = test::tiny_gpu_model();
+  ASSERT_EQ(m.padded_vocab(), 256);
+  const int B = test::kTinyB, T = test::kTinyT;
+  ASSERT_EQ(B * T, 128);
+  auto ws = [&](const char* preset, int cc) {
+    const PrecisionPolicy p = PrecisionPolicy::preset(preset);
+    return cuda_workspace_bytes(m, B, T, p, Gpt::plan_memory(m, B, T, p), cc);
+  };
+  const double lt = double(size_t{32} << 20);
+  // kAttention: d(scores) (B,NH,T,T) fp32.
+  const double attention = 4.0 * 4 * 32 * 32 * 4;
+  // kReduce: the largest reduction is layernorm_backward's partials, 2 x ceil(N/32) chunks x C
+  // fp32 (dbias: ceil(N/256) x 4C fp32 = 1024; embedding buckets <= (2*128+1+128) int32 = 1540).
+  const double reduce = 2.0 * 4 * 64 * 4;
+  EXPECT_EQ(ws("fp32", 9), lt + attention + reduce);
+  EXPECT_EQ(ws("fp32", 8), double(size_t{4} << 20) + attention + reduce);
+  // bf16 outputs are staged in fp32 (kMatmulOut): the logits (N x Vp) and the MLP's input
+  // gradient (N x 4C), both 128 x 256 x 4 bytes; weight gradients are fp32, written in place.
+  const double matmul_out = 128.0 * 256 * 4;
+  EXPECT_EQ(ws("bf16", 9), lt + attention + reduce + matmul_out);
+  EXPECT_EQ(ws("fp16", 9), lt + attention + reduce + matmul_out);
+  // fp8 (the LM head stays bf16): one-byte operand copies. kOperandA: the largest of the
+  // weights (4C x C) and the transposed inputs of wgrad (N x 4C); kOperandB: the inputs
+  // (N x 4C) and dout (N x 4C); kOperandC: dout transposed (N x 4C).
+  const double operands = 3 * 128.0 * 256;
+  EXPECT_EQ(ws("fp8", 9), lt + attention + reduce + matmul_out + operands);
+  // bf16-pure: bf16 gradients, so the weight gradients are accumulated in fp32 scratch too;
+  // the largest is the tied embedding's (Vp x C), smaller than the logits.
+  EXPECT_EQ(ws("bf16-pure", 9), lt + attention + reduce + matmul_out);
 }
 
 }  // namespace

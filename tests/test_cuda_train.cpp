@@ -4,30 +4,30 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <string>
 #include <vector>
+
+#include <nlohmann/json.hpp>
 
 #include "cuda_test_util.h"
 #include "core/rng.h"
 #include "data/corpus.h"
+#include "backend/gpu_peaks.h"
+#include "config/config.h"
+#include "model/cuda_workspace.h"
 #include "model/gpt.h"
 #include "optim/adamw.h"
 #include "precision/policy.h"
+#include "train/device_metrics.h"
+#include "train/trainer.h"
 
 namespace mpt {
 namespace {
 
-// Multiples of 16 in every matmul dimension (cuBLASLt's fp8 requirement), otherwise small.
-ModelConfig tiny() {
-  ModelConfig m;
-  m.n_layer = 2;
-  m.n_head = 4;
-  m.n_embd = 64;
-  m.vocab_size = 256;
-  m.max_seq_len = 32;
-  return m;
-}
-
-constexpr int kB = 4, kT = 32;
+ModelConfig tiny() { return test::tiny_gpu_model(); }
+constexpr int kB = test::kTinyB, kT = test::kTinyT;
 
 struct Batches {
   std::vector<std::vector<int32_t>> in, tg;
@@ -129,11 +129,91 @@ TEST_P(CudaTrainPolicy, FiftyStepsTrackTheCpu) {
 
 INSTANTIATE_TEST_SUITE_P(Policies, CudaTrainPolicy,
                          ::testing::Values("fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8"),
-                         [](const auto& info) {
-                           std::string s = info.param;
-                           for (char& c : s) c = c == '-' ? '_' : c;
-                           return s;
-                         });
+                         test::PolicyTestName());
+
+// The memory ledger's CUDA terms against the GPU's own count, per policy: after training steps
+// and an evaluation pass, the workspace is what cuda_workspace_bytes predicts (the host-side
+// figures of test_cuda.cpp), and the counted peak is the ledger's total.
+class CudaMemoryLedger : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaMemoryLedger, CountedPeakAndWorkspaceAreThePrediction) {
+  MPT_REQUIRE_GPU();
+  const PrecisionPolicy policy = PrecisionPolicy::preset(GetParam());
+  const std::unique_ptr<Backend> gpu = make_backend("cuda", 1);
+  Backend& be = *gpu;
+  const Batches b = corpus_batches(3);
+  {
+    Gpt model(tiny(), be, policy);
+    model.init_weights(3, 0.02);
+    OptimizerConfig oc;
+    AdamW opt(oc, model, be);
+    for (int s = 0; s < 3; ++s) {
+      model.zero_grad();
+      model.forward(b.in[s].data(), b.tg[s].data(), kB, kT, 1.0f / (kB * kT));
+      model.backward();
+      opt.step(1e-3, opt.clip_scale(opt.grad_norm()));
+      model.end_step();
+    }
+    model.forward(b.in[0].data(), b.tg[0].data(), kB, kT, 0.0f);
+    be.synchronize();
+    MemoryLedger plan = Gpt::plan_memory(tiny(), kB, kT, policy);
+    plan.workspace = cuda_workspace_bytes(tiny(), kB, kT, policy, plan, be.gpu_info().cc_major);
+    EXPECT_EQ(double(be.workspace_bytes()), plan.workspace);
+    const MemoryUsage used = be.memory_usage();
+    EXPECT_EQ(double(used.peak_bytes), plan.total());
+    EXPECT_GE(used.device_used_bytes, used.bytes) << "the driver sees at least what we count";
+    EXPECT_GT(used.device_total_bytes, used.device_used_bytes);
+  }
+  EXPECT_EQ(be.memory_usage().bytes, be.workspace_bytes()) << "released Buffers leave the count";
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, CudaMemoryLedger,
+                         ::testing::Values("fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8"),
+                         test::PolicyTestName());
+
+// mpt train on the GPU: the start record holds the GPU's bf16 peak, every step record an MFU in
+// (0, 1], and the memory event the counted peak against the ledger (within the margin).
+TEST(CudaTrain, TrainerRecordsMfuAndMemoryAgainstThePlan) {
+  MPT_REQUIRE_GPU();
+  const std::string dir = ::testing::TempDir() + "mpt_cuda_metrics_run";
+  std::filesystem::remove_all(dir);
+  const Config cfg = load_config(std::string(MPT_SOURCE_DIR) + "/configs/default.yaml",
+                                 {"backend=cuda", "precision=bf16", "training.steps=6",
+                                  "training.log_every=2", "training.eval_every=0",
+                                  "training.eval_batches=1", "checkpoint.every=0"});
+  TrainOptions opt;
+  opt.run_dir = dir;
+  train(cfg, opt);
+  std::ifstream f(dir + "/metrics.jsonl");
+  std::vector<nlohmann::json> recs;
+  for (std::string line; std::getline(f, line);) recs.push_back(nlohmann::json::parse(line));
+  ASSERT_FALSE(recs.empty());
+  const nlohmann::json& start = recs.front();
+  const std::string gpu = make_backend("cuda", 1)->gpu_info().gpu_name;
+  const double peak = peak_flops(gpu, "bf16");
+  EXPECT_EQ(start["peak_flops_format"], "bf16");
+  if (peak > 0) EXPECT_EQ(start["peak_flops"].get<double>(), peak);
+  else EXPECT_TRUE(start["peak_flops"].is_null()) << gpu << " is not in gpu_peaks' table";
+  int steps = 0, memory_events = 0;
+  for (const auto& r : recs) {
+    if (!r.contains("event")) {
+      ++steps;
+      if (peak > 0) {
+        ASSERT_TRUE(r["mfu"].is_number()) << r.dump();
+        EXPECT_GT(r["mfu"].get<double>(), 0.0);
+        EXPECT_LE(r["mfu"].get<double>(), 1.0);
+      }
+      EXPECT_GT(r["peak_memory_bytes"].get<double>(), 0.0);
+      EXPECT_GE(r["device_memory_bytes"].get<double>(), r["memory_bytes"].get<double>());
+    } else if (r["event"] == "memory") {
+      ++memory_events;
+      EXPECT_LE(r["memory_vs_plan"].get<double>(), 1.0 + kMemoryPlanMargin) << r.dump();
+      EXPECT_GT(r["memory_vs_plan"].get<double>(), 0.9) << r.dump();
+    }
+  }
+  EXPECT_EQ(steps, 4);  // steps 1, 2, 4, 6
+  EXPECT_EQ(memory_events, 1);
+}
 
 }  // namespace
 }  // namespace mpt

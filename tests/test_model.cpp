@@ -336,6 +336,46 @@ TEST_P(MemoryLedgerPerPolicy, MatchesAllocations) {
   EXPECT_EQ(plan.master_weights, policy.master_weights ? per_param * 4 : 0.0);
 }
 
+// The backend's own count (Backend::memory_usage: every Buffer it handed out and its staging and
+// operand scratch) after a few training steps and an evaluation pass, against the ledger. The
+// band is zero: on the CPU the prediction is exact, at the peak as in the steady state (scratch
+// that grows releases its old buffer first, and the one transient allocation, bf16-pure's fp32
+// staging of the initial weights, is smaller than the optimizer state allocated after it).
+TEST_P(MemoryLedgerPerPolicy, MeasuredPeakIsThePrediction) {
+  const PrecisionPolicy policy = PrecisionPolicy::preset(GetParam());
+  CpuBackend be(1);
+  ModelConfig m = tiny_model();
+  const int B = 2, T = 8;
+  EXPECT_EQ(be.memory_usage().bytes, 0u);
+  {
+    Gpt g(m, be, policy);
+    g.init_weights(1, 0.02);
+    OptimizerConfig oc;
+    AdamW opt(oc, g, be);
+    Rng rng(5);
+    for (int step = 0; step < 3; ++step) {
+      const std::vector<int32_t> in = random_tokens(rng, B * T, m.vocab_size);
+      const std::vector<int32_t> tg = random_tokens(rng, B * T, m.vocab_size);
+      g.zero_grad();
+      g.forward(in.data(), tg.data(), B, T, 1.0f / (B * T));
+      g.backward();
+      opt.step(1e-3, opt.clip_scale(opt.grad_norm()));
+      g.end_step();
+    }
+    const std::vector<int32_t> in = random_tokens(rng, B * T, m.vocab_size);
+    g.forward(in.data(), in.data(), B, T, 0.0f);
+    const MemoryLedger plan = Gpt::plan_memory(m, B, T, policy);
+    const MemoryUsage used = be.memory_usage();
+    EXPECT_EQ(double(used.peak_bytes), plan.total());
+    EXPECT_EQ(double(used.bytes), plan.total());
+    EXPECT_EQ(used.device_used_bytes, 0u) << "no device on the CPU";
+  }
+  // Released Buffers leave the count (the backend's scratch stays until it goes).
+  EXPECT_EQ(be.memory_usage().bytes, be.workspace_bytes());
+  be.reset_peak_memory();
+  EXPECT_EQ(be.memory_usage().peak_bytes, be.workspace_bytes());
+}
+
 INSTANTIATE_TEST_SUITE_P(Presets, MemoryLedgerPerPolicy,
                          ::testing::ValuesIn(PrecisionPolicy::preset_names()),
                          policy_test_name);

@@ -104,6 +104,25 @@ struct AdamWStats {
   int64_t lost_updates = 0;
 };
 
+// Memory a backend holds, in bytes: `bytes` now and `peak_bytes` (the most held at any moment
+// since the backend was made or reset_peak_memory()) count the Buffers allocate() returned and
+// not yet released (their requested sizes) plus the backend's workspace. `device_used_bytes`:
+// on a GPU, the device memory in use by every process and the CUDA context as the driver reports
+// it (cudaMemGetInfo: total - free), and `device_total_bytes`; 0 where not known (the CPU).
+struct MemoryUsage {
+  size_t bytes = 0;
+  size_t peak_bytes = 0;
+  size_t device_used_bytes = 0;
+  size_t device_total_bytes = 0;
+};
+
+// The GPU a backend runs on: its name as cudaDeviceProp::name gives it (what gpu_peaks.h looks
+// up) and compute capability. Empty name: not a GPU.
+struct GpuInfo {
+  std::string gpu_name;
+  int cc_major = 0, cc_minor = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -129,6 +148,13 @@ class Backend {
   // Bytes of backend-owned scratch in use (operand copies, staging buffers): for the memory
   // ledger's check against its prediction.
   virtual size_t workspace_bytes() const = 0;
+  // Memory held through this backend (MemoryUsage), counted exactly: every allocate() until its
+  // Buffer is released, plus workspace_bytes(), with its high-water mark.
+  virtual MemoryUsage memory_usage() const = 0;
+  // Restarts the high-water mark from the memory in use now.
+  virtual void reset_peak_memory() = 0;
+  // The GPU the ops run on; empty (gpu_name "") for the CPU backend.
+  virtual GpuInfo gpu_info() const { return {}; }
 
   // ---- dtype support
   // dst writes = src converted to dst's dtype (same element count; any float dtypes): widening

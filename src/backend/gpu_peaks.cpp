@@ -37,4 +37,17 @@ double peak_flops(const std::string& device_name, const std::string& format) {
   return 0.0;
 }
 
+PolicyPeak policy_peak(const std::string& device_name, MatmulPrecision matmul, DType activation) {
+  PolicyPeak p;
+  p.format = matmul_peak_format(matmul, activation);
+  p.flops = device_name.empty() ? 0.0 : peak_flops(device_name, p.format);
+  return p;
+}
+
+std::optional<double> model_flops_utilization(double flops_per_token, double tokens_per_s,
+                                              double peak_flops, int devices) {
+  if (!(peak_flops > 0) || devices < 1) return std::nullopt;
+  return flops_per_token * tokens_per_s / (peak_flops * devices);
+}
+
 }  // namespace mpt

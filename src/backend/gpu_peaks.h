@@ -2,6 +2,7 @@
 // utilisation). Plain C++: the trainer and the benchmarks use it, and it is tested without a GPU.
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include "backend/backend.h"
@@ -19,5 +20,19 @@ std::string matmul_peak_format(MatmulPrecision matmul, DType activation);
 // fp16/bf16 989.4, fp8 1978.9; H100 PCIe: 51, 378, 756, 1513; A100 (SXM4/PCIe): 19.5, 156, 312, -
 // (the datasheets give the Tensor Core figures "with sparsity" as twice these).
 double peak_flops(const std::string& device_name, const std::string& format);
+
+// The dense peak that bounds a policy's matmuls on a GPU: its format (matmul_peak_format) and
+// FLOP/s (peak_flops; 0 when the GPU or the format is not in the table, or device_name is "").
+struct PolicyPeak {
+  std::string format;
+  double flops = 0;
+};
+PolicyPeak policy_peak(const std::string& device_name, MatmulPrecision matmul, DType activation);
+
+// Model FLOPs utilisation of `devices` GPUs together processing `tokens_per_s` tokens/s at
+// `flops_per_token` (Gpt::flops_per_token): the achieved FLOP/s over devices x peak. Empty when
+// the peak is unknown (0), so that no record carries a made-up figure.
+std::optional<double> model_flops_utilization(double flops_per_token, double tokens_per_s,
+                                              double peak_flops, int devices = 1);
 
 }  // namespace mpt

@@ -34,8 +34,8 @@ struct MemoryLedger {
   double optimizer_state = 0;  // AdamW's two moments
   double activations = 0;      // the activation arena for one micro-batch, backward scratch included
   double workspace = 0;        // backend scratch: the CPU's fp32 staging of low-precision
-                               // tensors and its tf32/fp8 operand copies; later the GEMM
-                               // workspace on GPUs
+                               // tensors and its tf32/fp8 operand copies, or on a GPU the
+                               // CUDA context's (cuda_workspace_bytes, model/cuda_workspace.h)
 
   double total() const {
     return parameters + master_weights + gradients + optimizer_state + activations + workspace;
@@ -114,7 +114,8 @@ class Gpt {
   double flops_per_token(int T) const { return flops_per_token(cfg_, T); }
 
   // The backend memory a training run of this model needs, by role, predicted before anything
-  // is allocated (micro-batches of (B, T)). The workspace is the CPU backend's.
+  // is allocated (micro-batches of (B, T)). The workspace is the CPU backend's; the trainer
+  // replaces it with cuda_workspace_bytes() on a GPU.
   // Under ZeRO-1 over `zero_shards` processes, the master weights and optimizer state are
   // those of the largest range (zero_ranges in optim/adamw.h).
   static MemoryLedger plan_memory(const ModelConfig& cfg, int B, int T,

@@ -30,6 +30,7 @@
 #include "io/files.h"
 #include "io/metrics.h"
 #include "io/run_dir.h"
+#include "model/cuda_workspace.h"
 #include "model/gpt.h"
 #include "optim/adamw.h"
 #include "optim/schedule.h"
@@ -37,6 +38,7 @@
 #include "precision/policy.h"
 #include "train/checkpoint_tensors.h"
 #include "train/data_parallel.h"
+#include "train/device_metrics.h"
 #include "train/numerics.h"
 #include "train/signals.h"
 
@@ -364,10 +366,12 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                      "); the batch order would not continue");
   // ZeRO-1 shards the optimizer state over the processes (with one process it changes nothing).
   const bool zero = cfg.distributed.zero_stage == 1 && world > 1;
-  const MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T, policy, zero ? world : 1);
+  MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T, policy, zero ? world : 1);
   check_memory(memory);
   // One GPU per rank: the NCCL communicator's (its local rank's).
   std::unique_ptr<Backend> backend = make_backend(cfg.backend, cfg.threads, comm.device());
+  if (const int cc = backend->gpu_info().cc_major)  // the workspace is the CUDA backend's
+    memory.workspace = cuda_workspace_bytes(cfg.model, B, T, policy, memory, cc);
   if (zero && !backend->host_accessible())
     throw InputError("distributed.zero_stage: 1 on backend '" + backend->name() +
                      "' is not supported yet (ZeRO-1 gathers the weights in host memory); use "
@@ -390,6 +394,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   optimizer.set_rounding_seed(derive_seed(cfg.training.seed, kStochasticRoundingStream));
   LossScaler scaler(policy.loss_scale);
   NumericsMonitor numerics(model.policy(), *backend, model);
+  DeviceMetrics device_metrics(*backend, policy, model.flops_per_token(T), memory, world);
   int64_t start_step = 0;
   std::string resumed_from;
   bool continue_in_place = false;
@@ -450,6 +455,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                           {"train_data", train_data.describe()},
                           {"val_data", val_data.describe()},
                           {"config", config_to_json(cfg)}};
+  start.update(device_metrics.start_fields());
   if (!resumed_from.empty()) {
     start["resumed_from"] = resumed_from;
     start["resume_step"] = start_step;
@@ -637,6 +643,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
           rec["comm_ms"] = 1000.0 * interval_comm_s / interval_steps;
           numerics.combine_processes(comm, zero);
         }
+        rec.update(device_metrics.step_fields(tok_s));
         rec.update(numerics.take_record());
         emit(rec);
         if (policy.uses_loss_scaling())
@@ -651,6 +658,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         interval_comm_s = 0.0;
         interval_steps = 0;
       }
+      if (auto ev = device_metrics.memory_check(step)) emit(*ev);
       const bool eval_due = cfg.training.eval_every > 0 && step % cfg.training.eval_every == 0;
       if (eval_due || step == steps) result.final_val_loss = run_eval(step);
 

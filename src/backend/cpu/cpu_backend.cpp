@@ -56,7 +56,18 @@ Buffer CpuBackend::allocate(size_t bytes) {
   void* p = std::aligned_alloc(kAlign, rounded ? rounded : kAlign);
   if (!p) throw std::bad_alloc();
   std::memset(p, 0, rounded);
-  return Buffer(p, bytes, [](void* q) { std::free(q); });
+  mem_->add(bytes);
+  return Buffer(p, bytes, [mem = mem_, bytes](void* q) {
+    std::free(q);
+    mem->sub(bytes);
+  });
+}
+
+MemoryUsage CpuBackend::memory_usage() const {
+  MemoryUsage u;
+  u.bytes = mem_->bytes();
+  u.peak_bytes = mem_->peak();
+  return u;
 }
 
 void CpuBackend::copy_from_host(Tensor dst, const void* src) {

@@ -9,9 +9,11 @@
 #pragma once
 
 #include <array>
+#include <memory>
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/memory_counter.h"
 
 namespace mpt {
 
@@ -31,6 +33,9 @@ class CpuBackend : public Backend {
   void fill(Tensor t, float value) override;
   void synchronize() override {}
   size_t workspace_bytes() const override;
+  // Exact: the Buffers of allocate() and the staging and operand scratch (workspace_bytes()).
+  MemoryUsage memory_usage() const override;
+  void reset_peak_memory() override { mem_->reset_peak(); }
 
   void cast(Tensor dst, Tensor src, TensorClass cls) override;
   float amax(Tensor t) override;
@@ -114,6 +119,7 @@ class CpuBackend : public Backend {
   std::array<std::vector<float>, 3> operand_scratch_;  // tf32/fp8 copies of fp32 operands
   std::array<CastCounts, kTensorClasses> counts_{};
   bool counting_ = true;
+  std::shared_ptr<MemoryCounter> mem_ = std::make_shared<MemoryCounter>();
 };
 
 }  // namespace mpt

@@ -270,10 +270,16 @@ float amax_of(const float* x, int64_t n, int threads) {
 
 // The buffer's data, grown to at least n elements: to exactly n (reserve, then resize within
 // it), so that the memory ledger can predict the capacity; in steady state it never reallocates.
-float* grow(std::vector<float>& buf, int64_t n) {
+// Its contents do not survive growing (every caller writes the buffer before reading it), so the
+// old buffer is released before the new one is made: the backend never holds both, which the
+// ledger (the steady state) would not predict. `mem` counts the capacity.
+float* grow(std::vector<float>& buf, int64_t n, MemoryCounter& mem) {
   if (static_cast<int64_t>(buf.size()) < n) {
+    mem.sub(buf.capacity() * sizeof(float));
+    std::vector<float>().swap(buf);
     buf.reserve(static_cast<size_t>(n));
     buf.resize(static_cast<size_t>(n));
+    mem.add(buf.capacity() * sizeof(float));
   }
   return buf.data();
 }
@@ -283,7 +289,7 @@ float* grow(std::vector<float>& buf, int64_t n) {
 // ---- staging
 
 float* CpuBackend::staging(Slot slot, int64_t n) {
-  return grow(staging_[slot], n);
+  return grow(staging_[slot], n, *mem_);
 }
 
 Tensor CpuBackend::widen(Tensor t, Slot slot) {
@@ -444,7 +450,7 @@ const float* CpuBackend::matmul_operand(Tensor t, Slot slot, const MatmulSpec& s
     if (spec.prec == MatmulPrecision::native) return x;
     const int64_t n = w.numel();
     // tf32: a staged copy is rounded in place; the caller's own fp32 memory must not change.
-    float* y = w.data != t.data ? const_cast<float*>(x) : grow(operand_scratch_[scratch], n);
+    float* y = w.data != t.data ? const_cast<float*>(x) : grow(operand_scratch_[scratch], n, *mem_);
 #pragma omp parallel for schedule(static) num_threads(threads_)
     for (int64_t i = 0; i < n; ++i) y[i] = round_tf32(x[i]);
     return y;
@@ -459,7 +465,7 @@ const float* CpuBackend::matmul_operand(Tensor t, Slot slot, const MatmulSpec& s
   const int64_t n = t.numel();
   // fp16/bf16 operands are widened and quantised in one pass into their staging slot; an fp32
   // operand (the caller's memory, which must not change) is quantised into scratch.
-  float* y = t.dtype == DType::f32 ? grow(operand_scratch_[scratch], n) : staging(slot, n);
+  float* y = t.dtype == DType::f32 ? grow(operand_scratch_[scratch], n, *mem_) : staging(slot, n);
   // The amax of the unquantised operand (what delayed scaling records for the next steps) is
   // reduced in the same pass as the quantisation.
   const float maxf = static_cast<float>(dtype_traits(q.format).max_finite);

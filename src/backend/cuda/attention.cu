@@ -238,7 +238,7 @@ void attention_backward(Context& ctx, Tensor dqkv, Tensor dout, Tensor qkv, Tens
   const unsigned grid = row_blocks(d);
   const float* a = static_cast<const float*>(att.data);
   float* dpre = static_cast<float*>(
-      ctx.scratch(Scratch::kAttention, static_cast<size_t>(d.rows() * d.T) * sizeof(float)));
+      ctx.scratch(Scratch::kAttention, attention_backward_scratch_bytes(d.B, d.NH, d.T)));
   unsigned long long* counters = ctx.cast_counters(TensorClass::gradient);
   MPT_DISPATCH_FLOAT(qkv.dtype, "attention_backward qkv", [&] {
     using Tq = T;

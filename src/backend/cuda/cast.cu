@@ -66,8 +66,8 @@ void expect_any_float(const char* op, const char* arg, const Tensor& t) {
                        (t.defined() ? dtype_name(t.dtype) : "undefined") + t.shape.str());
 }
 
-// Per-block reductions: blocks of kBlock threads, at most kMaxBlocks of them.
-constexpr unsigned kMaxBlocks = 1024;
+// Per-block reductions: blocks of kBlock threads, at most kMaxReduceBlocks of them
+// (reduce_blocks(), workspace_plan.h).
 
 // max over the block of unsigned values; every thread calls it; thread 0 gets the result.
 __device__ __forceinline__ unsigned block_max_u32(unsigned v, unsigned* shared) {
@@ -115,7 +115,6 @@ __global__ void nonfinite_kernel(const S* x, int64_t n, unsigned long long* part
   if (threadIdx.x == 0) partial[blockIdx.x] = c;
 }
 
-unsigned reduce_blocks(int64_t n) { return std::min(blocks_for(n), kMaxBlocks); }
 
 // Copies `blocks` partial results of type P from scratch to pinned host memory and waits.
 template <class P>

@@ -42,12 +42,35 @@ std::string CudaBackend::device_description() const {
 Buffer CudaBackend::allocate(size_t bytes) {
   void* p = nullptr;
   MPT_CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1));  // cudaMalloc aligns to >= 256 bytes
-  // backend.h promises zeroed memory
+  Buffer buf(p, bytes, [mem = ctx_->memory(), bytes](void* q) {
+    // The release waits for queued work that may still use the memory (cudaFree synchronises
+    // with the device); it must not throw from a destructor.
+    cudaFree(q);
+    mem->sub(bytes);
+  });
+  ctx_->memory()->add(bytes);
+  // backend.h promises zeroed memory (a failure here frees the allocation through buf)
   MPT_CUDA_CHECK(cudaMemsetAsync(p, 0, bytes ? bytes : 1, ctx_->stream()));
   ctx_->sync("zeroing a new allocation");
-  // The release waits for queued work that may still use the memory (cudaFree synchronises
-  // with the device); it must not throw from a destructor.
-  return Buffer(p, bytes, [](void* q) { cudaFree(q); });
+  return buf;
+}
+
+MemoryUsage CudaBackend::memory_usage() const {
+  MemoryUsage u;
+  u.bytes = ctx_->memory()->bytes();
+  u.peak_bytes = ctx_->memory()->peak();
+  size_t free = 0, total = 0;
+  MPT_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  u.device_used_bytes = total - free;
+  u.device_total_bytes = total;
+  return u;
+}
+
+void CudaBackend::reset_peak_memory() { ctx_->memory()->reset_peak(); }
+
+GpuInfo CudaBackend::gpu_info() const {
+  const cudaDeviceProp& p = ctx_->props();
+  return {p.name, p.major, p.minor};
 }
 
 void CudaBackend::copy_from_host(Tensor dst, const void* src) {

@@ -34,6 +34,10 @@ class CudaBackend : public Backend {
   void synchronize() override;
   size_t workspace_bytes() const override;
   void* stream() const override;
+  // bytes/peak_bytes: counted (Buffers, the cuBLASLt workspace, scratch); device_*: cudaMemGetInfo.
+  MemoryUsage memory_usage() const override;
+  void reset_peak_memory() override;
+  GpuInfo gpu_info() const override;
 
   void cast(Tensor dst, Tensor src, TensorClass cls) override;
   float amax(Tensor t) override;

@@ -156,7 +156,7 @@ inline Tensor as_shape(const Tensor& t, Shape shape) {
 
 // ---- launch shapes
 
-constexpr int kBlock = 256;
+// kBlock: workspace_plan.h (the workspace plan sizes reductions by it).
 inline unsigned blocks_for(int64_t n, int per_block = kBlock) {
   const int64_t b = (n + per_block - 1) / per_block;
   return static_cast<unsigned>(b < 1 ? 1 : b);

@@ -86,14 +86,13 @@ DeviceBuffer::~DeviceBuffer() {
 
 // ---- Context
 
-size_t lt_workspace_size(int cc_major) { return cc_major >= 9 ? size_t{32} << 20 : size_t{4} << 20; }
-
 Context::Context(int device) : device_(device) {
   MPT_CUDA_CHECK(cudaSetDevice(device));
   MPT_CUDA_CHECK(cudaGetDeviceProperties(&props_, device));
   MPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   MPT_CUDA_CHECK(cublasLtCreate(&lt_));
   lt_workspace_ = DeviceBuffer(lt_workspace_size(props_.major));
+  mem_->add(lt_workspace_.bytes());
   counters_ = DeviceBuffer(sizeof(unsigned long long) * 2 * kTensorClasses);
   // On our stream: a plain cudaMemset goes to the legacy stream, which a non-blocking stream
   // does not wait for, so the first counting kernel could race it.
@@ -114,9 +113,13 @@ Context::~Context() {
 void* Context::scratch(Scratch role, size_t bytes) {
   DeviceBuffer& b = scratch_[static_cast<int>(role)];
   if (b.bytes() < bytes) {
-    // The old buffer may still be read by queued kernels: wait before freeing it.
+    // The old buffer may still be read by queued kernels: wait before freeing it. Its contents
+    // need not survive, so it goes first: never both at once (the memory ledger's prediction).
     sync("growing scratch");
+    mem_->sub(b.bytes());
+    b = DeviceBuffer();
     b = DeviceBuffer(bytes);
+    mem_->add(b.bytes());
   }
   return b.data();
 }

@@ -6,11 +6,14 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "backend/backend.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/matmul_plan.h"
+#include "backend/cuda/workspace_plan.h"
+#include "backend/memory_counter.h"
 
 namespace mpt::cuda {
 
@@ -40,19 +43,7 @@ class DeviceBuffer {
   size_t bytes_ = 0;
 };
 
-// Scratch roles: each op argument position that needs temporary device memory has its own, so
-// no two temporaries of one op share memory. Grow-only; their sizes count in workspace_bytes().
-enum class Scratch : int {
-  kReduce,     // per-block partial results of reductions (amax, sums, counts)
-  kOperandA,   // fp8 (or transposed) copy of a matmul's first operand
-  kOperandB,   // ... of its second operand
-  kAttention,  // attention backward's d(scores) (B,NH,T,T) fp32
-  kAttention2, // attention's staged q/k/v or d(q/k/v) in head-major layout
-  kAttention3,
-  kOperandC,   // matmul backward: the fp8 transposed copy of dout
-  kMatmulOut,  // matmul: fp32 result staged before a counted store into fp16/bf16 outputs
-  kCount
-};
+// Scratch roles (enum Scratch): workspace_plan.h, where the workspace is also predicted.
 
 class Context {
  public:
@@ -72,6 +63,9 @@ class Context {
   // Scratch of at least `bytes` for `role` (grows, never shrinks; contents undefined).
   void* scratch(Scratch role, size_t bytes);
   size_t scratch_bytes() const;
+  // Counts the backend's Buffers (CudaBackend::allocate), the cuBLASLt workspace and the
+  // scratch: Backend::memory_usage().
+  const std::shared_ptr<MemoryCounter>& memory() const { return mem_; }
 
   // Device counters of narrowing casts per tensor class: {overflow, underflow} as unsigned long
   // long, added to by kernels (the number of values cast is counted on the host).
@@ -110,11 +104,8 @@ class Context {
   void* pinned_ = nullptr;
   size_t pinned_bytes_ = 0;
   bool debug_sync_ = false;
+  std::shared_ptr<MemoryCounter> mem_ = std::make_shared<MemoryCounter>();
 };
-
-// cuBLASLt's recommended workspace: 32 MiB on Hopper (compute capability 9.x), 4 MiB elsewhere
-// (cuda-crib.md §1, from the cuBLAS documentation's cublasSetWorkspace notes).
-size_t lt_workspace_size(int cc_major);
 
 }  // namespace mpt::cuda
 

@@ -14,7 +14,7 @@ namespace {
 
 constexpr float kLayerNormEps = 1e-5f;
 constexpr int kRowsPerBlock = kBlock / 32;  // one warp per row
-constexpr int64_t kRowChunk = 32;           // rows per partial sum of dweight/dbias (at least)
+// Rows per partial sum of dweight/dbias: layernorm_row_chunk() (workspace_plan.h).
 
 template <class T>
 __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const void* inp,
@@ -179,11 +179,12 @@ void layernorm_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias,
   });
   MPT_LAUNCH_CHECK(ctx, op);
 
-  // Chunks of kRowChunk rows, longer when there would be more than 65535 (the grid's y limit).
-  const int64_t row_chunk = std::max(kRowChunk, (N + 65534) / 65535);
+  // Chunks of kLayerNormRowChunk rows, longer when there would be more than 65535 (the grid's
+  // y limit).
+  const int64_t row_chunk = layernorm_row_chunk(N);
   const int64_t chunks = (N + row_chunk - 1) / row_chunk;
   float* pw = static_cast<float*>(
-      ctx.scratch(Scratch::kReduce, static_cast<size_t>(2 * chunks * C) * sizeof(float)));
+      ctx.scratch(Scratch::kReduce, layernorm_backward_scratch_bytes(N, C)));
   float* pb = pw + chunks * C;
   layernorm_partials_kernel<<<dim3(blocks_for(C), static_cast<unsigned>(chunks)), kBlock, 0,
                               ctx.stream()>>>(pw, pb, dout.data, dout.dtype, inp.data, inp.dtype,

@@ -135,7 +135,7 @@ __global__ void store_kernel(const float* d, Tout* out, const Tbias* __restrict_
 
 // dbias, deterministically in two passes (no atomics): partial column sums over fixed chunks of
 // kDbiasRows rows, then per column the existing value plus the partials in chunk order.
-constexpr int64_t kDbiasRows = 256;
+// kDbiasRows: workspace_plan.h.
 
 template <class Td>
 __global__ void dbias_partial_kernel(const Td* __restrict__ dout, float* __restrict__ part,

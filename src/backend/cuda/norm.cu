@@ -9,7 +9,7 @@
 namespace mpt::cuda {
 namespace {
 
-constexpr int64_t kChunk = int64_t{1} << 14;  // as CpuBackend::sum_squares
+constexpr int64_t kChunk = kNormChunk;  // as CpuBackend::sum_squares (workspace_plan.h)
 constexpr int kNormBlock = 128;
 
 template <class S>
@@ -45,8 +45,7 @@ double sum_squares(Context& ctx, Tensor t) {
   const int64_t n = t.numel();
   if (n == 0) return 0.0;
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
-  auto* partial = static_cast<double*>(
-      ctx.scratch(Scratch::kReduce, static_cast<size_t>(nchunks) * sizeof(double)));
+  auto* partial = static_cast<double*>(ctx.scratch(Scratch::kReduce, sum_squares_scratch_bytes(n)));
   switch (t.dtype) {
     case DType::f32: launch<float>(ctx, t, n, nchunks, partial); break;
     case DType::f16: launch<f16>(ctx, t, n, nchunks, partial); break;

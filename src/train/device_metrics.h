@@ -1,0 +1,51 @@
+// The trainer's device metrics (docs/metrics.md): the dense peak FLOP/s behind MFU in the start
+// record; MFU and the backend's memory (counted exactly, Backend::memory_usage) in step records;
+// and once per process, after its first step, a `memory` event comparing the measured peak with
+// the memory ledger's prediction (a warning in the log when it exceeds it by more than
+// kMemoryPlanMargin).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/backend.h"
+#include "backend/gpu_peaks.h"
+#include "model/gpt.h"
+#include "precision/policy.h"
+
+namespace mpt {
+
+// How far the measured peak may exceed the ledger's total before the log warns. The ledger is
+// exact on the CPU backend (tests/test_model.cpp); on CUDA it predicts the same counted bytes,
+// and the margin covers what the prediction cannot see from the host (a cuBLASLt algorithm
+// needing other scratch), not allocator rounding, which is not counted.
+constexpr double kMemoryPlanMargin = 0.02;
+
+class DeviceMetrics {
+ public:
+  // `world`: processes of the job (each on its own device) that together reach the step
+  // records' tokens_per_s. `plan`: the ledger the start record holds.
+  DeviceMetrics(const Backend& backend, const PrecisionPolicy& policy, double flops_per_token,
+                const MemoryLedger& plan, int world);
+
+  // peak_flops (null when unknown) and peak_flops_format.
+  nlohmann::json start_fields() const;
+  // mfu (null when the peak is unknown), memory_bytes, peak_memory_bytes, and on a GPU
+  // device_memory_bytes.
+  nlohmann::json step_fields(double tokens_per_s) const;
+  // The `memory` event, the first time it is called (after the process's first step); then
+  // nothing.
+  std::optional<nlohmann::json> memory_check(int64_t step);
+
+ private:
+  const Backend& backend_;
+  PolicyPeak peak_;
+  double flops_per_token_;
+  double predicted_;
+  int world_;
+  bool checked_ = false;
+};
+
+}  // namespace mpt
