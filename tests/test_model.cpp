@@ -498,9 +498,12 @@ TEST_P(ZeroShards, ShardedStepsGiveTheBitsOfTheWholeStep) {
     }
   }
   // The ledger of a process under ZeRO-1 over W: the largest range's master and moments.
-  const MemoryLedger plan = Gpt::plan_memory(m, B, T, policy, W);
+  const MemoryLedger plan = Gpt::plan_memory(m, B, T, policy, W, /*zero=*/true);
   EXPECT_EQ(plan.optimizer_state, 2.0 * ranges[0].size() * 4);
   EXPECT_EQ(plan.master_weights, policy.master_weights ? ranges[0].size() * 4.0 : 0.0);
+  // 16-bit gradients are summed over the processes in an fp32 copy.
+  EXPECT_EQ(plan.gradients,
+            slab * (dtype_size(policy.grad) + (policy.grad != DType::f32 ? 4.0 : 0.0)));
 }
 
 INSTANTIATE_TEST_SUITE_P(Policies, ZeroShards,

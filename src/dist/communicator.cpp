@@ -29,6 +29,10 @@ void Communicator::all_reduce_sum_device(float*, size_t, void*) {
   throw RuntimeError("the " + name() + " communicator reduces host memory only, not a GPU's");
 }
 
+void Communicator::all_gather_device(void*, const std::vector<size_t>&, void*) {
+  throw RuntimeError("the " + name() + " communicator gathers host memory only, not a GPU's");
+}
+
 namespace {
 
 class SingleProcess final : public Communicator {

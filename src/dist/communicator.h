@@ -43,6 +43,9 @@ class Communicator {
   // In place over n floats of device memory, enqueued on `stream` (a cudaStream_t): the sum
   // over ranks, the same bits on every rank.
   virtual void all_reduce_sum_device(float* data, size_t n, void* stream);
+  // all_gather over device memory, enqueued on `stream`.
+  virtual void all_gather_device(void* data, const std::vector<size_t>& bytes_per_rank,
+                                 void* stream);
   // Ends the whole job with `code` (MPI_Abort under MPI): for a rank that fails alone, so that
   // the others do not wait forever in a collective.
   [[noreturn]] virtual void abort(int code) = 0;

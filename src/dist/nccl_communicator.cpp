@@ -209,6 +209,29 @@ void NcclCommunicator::all_reduce_max_device(float* data, size_t n, cudaStream_t
   order_keys_to_floats(data, n, stream);
 }
 
+void NcclCommunicator::all_gather_device(void* data, const std::vector<size_t>& bytes_per_rank,
+                                         void* stream_ptr) {
+  if (static_cast<int>(bytes_per_rank.size()) != world_size())
+    throw RuntimeError(who() + ": all_gather_device with " +
+                       std::to_string(bytes_per_rank.size()) + " block sizes");
+  const auto stream = static_cast<cudaStream_t>(stream_ptr);
+  size_t total = 0;
+  for (size_t b : bytes_per_rank) total += b;
+  if (total == 0) return;
+  char* base = static_cast<char*>(data);
+  enqueue("all-gather (grouped ncclBroadcast) of " + std::to_string(total) + " bytes", stream, [&] {
+    MPT_NCCL_CHECK(ncclGroupStart());
+    size_t at = 0;
+    for (int r = 0; r < world_size(); ++r) {
+      if (bytes_per_rank[r] > 0)
+        MPT_NCCL_CHECK(ncclBroadcast(base + at, base + at, bytes_per_rank[r], ncclChar, r, comm(),
+                                     stream));
+      at += bytes_per_rank[r];
+    }
+    MPT_NCCL_CHECK(ncclGroupEnd());
+  });
+}
+
 std::unique_ptr<NcclCommunicator> make_nccl_communicator(const Placement& placement) {
   return std::make_unique<NcclCommunicator>(make_communicator(placement), placement);
 }

@@ -52,6 +52,10 @@ class NcclCommunicator final : public Communicator {
   void all_reduce_sum_device(float* data, size_t n, void* stream) override {
     all_reduce_sum_device(data, n, static_cast<cudaStream_t>(stream));
   }
+  // Rank r's block broadcast from rank r, the W broadcasts in one NCCL group (blocks may differ
+  // in size, which ncclAllGather does not allow).
+  void all_gather_device(void* data, const std::vector<size_t>& bytes_per_rank,
+                         void* stream) override;
   int local_rank() const { return local_rank_; }
 
   // Host buffers: the host communicator's collectives.

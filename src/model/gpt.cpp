@@ -197,7 +197,7 @@ void Gpt::activation_layout(const ModelConfig& cfg, DType act, int B, int T, Gpt
 }
 
 MemoryLedger Gpt::plan_memory(const ModelConfig& cfg, int B, int T,
-                              const PrecisionPolicy& policy, int zero_shards) {
+                              const PrecisionPolicy& policy, int processes, bool zero) {
   // In double: absurd configs must give a large number, not an overflowed one.
   const double C = cfg.n_embd, Vp = cfg.padded_vocab(), maxT = cfg.max_seq_len;
   // The slab as laid out by add_param: each tensor rounded up to kAlignElems elements.
@@ -214,9 +214,11 @@ MemoryLedger Gpt::plan_memory(const ModelConfig& cfg, int B, int T,
   m.parameters = slab * dtype_size(policy.param);
   // ZeRO-1: a process keeps one range of the slab (64-element multiples, as zero_ranges splits).
   const double kept =
-      zero_shards > 1 ? std::min(slab, std::ceil(std::ceil(slab / zero_shards) / 64) * 64) : slab;
+      zero && processes > 1 ? std::min(slab, std::ceil(std::ceil(slab / processes) / 64) * 64)
+                            : slab;
   m.master_weights = policy.master_weights ? kept * 4.0 : 0.0;
   m.gradients = slab * dtype_size(policy.grad);
+  if (processes > 1 && policy.grad != DType::f32) m.gradients += slab * 4.0;  // the fp32 sum
   m.optimizer_state = 2 * kept * dtype_size(policy.optimizer_state);
   activation_layout(cfg, policy.activation, B, T, nullptr, [&](Tensor*, DType d, Shape s) {
     double n = 1;

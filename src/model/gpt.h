@@ -116,10 +116,12 @@ class Gpt {
   // The backend memory a training run of this model needs, by role, predicted before anything
   // is allocated (micro-batches of (B, T)). The workspace is the CPU backend's; the trainer
   // replaces it with cuda_workspace_bytes() on a GPU.
-  // Under ZeRO-1 over `zero_shards` processes, the master weights and optimizer state are
-  // those of the largest range (zero_ranges in optim/adamw.h).
+  // One process of `processes` training together: 16-bit gradients then need an fp32 copy for
+  // the all-reduce (GradientReducer); under ZeRO-1 (`zero`) the master weights and optimizer
+  // state are those of the largest range (zero_ranges in optim/adamw.h).
   static MemoryLedger plan_memory(const ModelConfig& cfg, int B, int T,
-                                  const PrecisionPolicy& policy = {}, int zero_shards = 1);
+                                  const PrecisionPolicy& policy = {}, int processes = 1,
+                                  bool zero = false);
 
   size_t activation_bytes() const { return act_buf_.bytes(); }  // 0 before the first forward
   size_t parameter_bytes() const { return param_buf_.bytes(); }

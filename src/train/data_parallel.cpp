@@ -24,11 +24,14 @@ void GradientReducer::all_reduce() {
   if (wide_.data()) be_.cast(grads_, sum, TensorClass::gradient);
 }
 
-void gather_parameters(dist::Communicator& comm, Tensor params,
+void gather_parameters(dist::Communicator& comm, Backend& backend, Tensor params,
                        const std::vector<SlabRange>& ranges) {
   std::vector<size_t> bytes(ranges.size());
   for (size_t r = 0; r < ranges.size(); ++r) bytes[r] = ranges[r].size() * dtype_size(params.dtype);
-  comm.all_gather(params.data, bytes);
+  if (backend.host_accessible())
+    comm.all_gather(params.data, bytes);
+  else
+    comm.all_gather_device(params.data, bytes, backend.stream());
 }
 
 }  // namespace mpt

@@ -31,8 +31,9 @@ class GradientReducer {
 };
 
 // ZeRO-1: every process updated the parameter elements of its range (`ranges[rank]`) of the
-// parameter slab `params` (host memory); afterwards every process holds all of them.
-void gather_parameters(dist::Communicator& comm, Tensor params,
+// parameter slab `params` (the backend's memory: host, or a GPU's through NCCL on the backend's
+// stream); afterwards every process holds all of them.
+void gather_parameters(dist::Communicator& comm, Backend& backend, Tensor params,
                        const std::vector<SlabRange>& ranges);
 
 }  // namespace mpt

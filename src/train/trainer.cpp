@@ -366,16 +366,12 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                      "); the batch order would not continue");
   // ZeRO-1 shards the optimizer state over the processes (with one process it changes nothing).
   const bool zero = cfg.distributed.zero_stage == 1 && world > 1;
-  MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T, policy, zero ? world : 1);
+  MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T, policy, world, zero);
   check_memory(memory);
   // One GPU per rank: the NCCL communicator's (its local rank's).
   std::unique_ptr<Backend> backend = make_backend(cfg.backend, cfg.threads, comm.device());
   if (const int cc = backend->gpu_info().cc_major)  // the workspace is the CUDA backend's
     memory.workspace = cuda_workspace_bytes(cfg.model, B, T, policy, memory, cc);
-  if (zero && !backend->host_accessible())
-    throw InputError("distributed.zero_stage: 1 on backend '" + backend->name() +
-                     "' is not supported yet (ZeRO-1 gathers the weights in host memory); use "
-                     "zero_stage: 0 or backend: cpu");
   TrainResult result;
   result.run_dir = plan.path;
   if (opt.dry_run) {
@@ -411,6 +407,9 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   // initial), and the model none.
   optimizer.take_master_shard();
   backend->reset_cast_counts();  // moving the master is not training
+  // The memory ledger predicts training's footprint: under ZeRO-1 the whole master the model
+  // held until now (initialised or restored) is not part of it.
+  if (optimizer.sharded()) backend->reset_peak_memory();
 
   // ---- every rank agrees on what it trains (this also waits until every rank has validated
   // its inputs: a rank that failed above has ended the job before anything is written)
@@ -613,7 +612,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         optimizer.step(lr, static_cast<float>(1.0 / scale) * optimizer.clip_scale(norm));
         if (zero) {  // each rank updated its range of the weights
           const auto t_comm = Clock::now();
-          gather_parameters(comm, model.all_params(), zero_shards);
+          gather_parameters(comm, *backend, model.all_params(), zero_shards);
           interval_comm_s += seconds_since(t_comm);
         }
       }

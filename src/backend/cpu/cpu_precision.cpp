@@ -341,6 +341,11 @@ void CpuBackend::fill(Tensor t, float value) {
 void CpuBackend::cast(Tensor dst, Tensor src, TensorClass cls) {
   MPT_CHECK(dst.numel() == src.numel(), "cast: element counts differ");
   MPT_CHECK(dtype_is_float(dst.dtype) && dtype_is_float(src.dtype), "cast: float tensors only");
+  if (dst.dtype == DType::f32) {  // widening (or a copy): exact, uncounted, and no staging
+    if (dst.data != src.data)
+      widen_into(src.data, src.dtype, dst.as<float>(), dst.numel(), threads_);
+    return;
+  }
   const Tensor s = widen(src, kIn0);
   counts_of(cls) +=
       narrow_into(s.as<float>(), dst.data, dst.dtype, dst.numel(), threads_, counting_);
