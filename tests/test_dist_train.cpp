@@ -310,5 +310,39 @@ TEST_F(DistTrain, KillingOneRankEndsTheJobWithinSeconds) {
   EXPECT_LT(ms, 10000);
 }
 
+// A rank that hangs without dying (here stopped with SIGSTOP after the first step): the other
+// rank's collective does not finish within MPT_COMM_TIMEOUT_S, it says what it waited for and
+// exits, and mpirun ends the job, non-zero, within seconds of the timeout.
+TEST_F(DistTrain, AHangingRankEndsTheJobAfterTheCollectiveTimeout) {
+  const std::string run_dir = path("run"), log = path("log");
+  write("hang.sh",
+        "#!/bin/bash\n"
+        "MPT_COMM_TIMEOUT_S=2 " + mpirun(2) + mpt_bin() + train_args("fp32", 2) +
+            " --set training.steps=1000000 --run-dir " + run_dir + " > " + log +
+            " 2>&1 &\n"
+            "mp=$!\n"
+            "for i in $(seq 300); do grep -q '\"step\": *1,' " + run_dir +
+            "/metrics.jsonl 2>/dev/null && break; sleep 0.1; done\n"
+            "for p in $(pgrep -P $mp); do\n"
+            "  tr '\\0' '\\n' < /proc/$p/environ | grep -qx 'OMPI_COMM_WORLD_RANK=1' && rank=$p\n"
+            "done\n"
+            "[ -n \"$rank\" ] || { echo no-rank-1; kill $mp; exit 3; }\n"
+            // Whatever happens, nothing outlives the test.
+            "( sleep 60; kill -9 $rank $mp ) > /dev/null 2>&1 & guard=$!\n"
+            "t0=$(date +%s%N); kill -STOP $rank; wait $mp; rc=$?; t1=$(date +%s%N)\n"
+            "kill -9 $rank 2>/dev/null; kill $guard 2>/dev/null\n"
+            "echo \"rc=$rc ms=$(( (t1 - t0) / 1000000 ))\"\n");
+  auto r = run("bash " + path("hang.sh"));
+  ASSERT_NE(r.out.find("rc="), std::string::npos) << r.out << slurp(log);
+  int rc = -1, ms = -1;
+  ASSERT_EQ(std::sscanf(r.out.substr(r.out.find("rc=")).c_str(), "rc=%d ms=%d", &rc, &ms), 2);
+  const std::string out = slurp(log);
+  EXPECT_NE(rc, 0) << out;
+  EXPECT_LT(ms, 15000) << out;
+  std::printf("the job ended %d ms after rank 1 stopped (timeout 2 s)\n", ms);
+  EXPECT_NE(out.find("rank 0 of 2: MPI_"), std::string::npos) << out;
+  EXPECT_NE(out.find("did not finish within the timeout of 2"), std::string::npos) << out;
+}
+
 }  // namespace
 }  // namespace mpt::test

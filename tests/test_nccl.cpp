@@ -150,7 +150,7 @@ TEST_F(WatchdogCoreTest, EachOperationHasItsOwnDeadline) {
 // ---- MPT_NCCL_TIMEOUT_S
 
 WatchdogOptions options_from(const std::map<std::string, std::string>& vars) {
-  return watchdog_options_from_env([&](const char* name) -> const char* {
+  return watchdog_options_from_env("MPT_NCCL_TIMEOUT_S", [&](const char* name) -> const char* {
     auto it = vars.find(name);
     return it == vars.end() ? nullptr : it->second.c_str();
   });

@@ -2,11 +2,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "core/error.h"
+#include "dist/watchdog.h"
 
 #if MPT_HAVE_MPI
 #include <mpi.h>
@@ -69,9 +72,15 @@ void nan_max(void* in, void* inout, int* len, MPI_Datatype*) {
     b[i] = (std::isnan(a[i]) || std::isnan(b[i])) ? NAN : (a[i] > b[i] ? a[i] : b[i]);
 }
 
+// Every collective runs under a watchdog: a rank that hangs without dying (stopped, deadlocked,
+// its node unreachable) would leave the others blocked in MPI forever. When a collective has not
+// finished within MPT_COMM_TIMEOUT_S seconds (default 600; rank 0 may write a checkpoint while
+// the others wait), the waiting rank prints what it waited for and exits; mpirun then ends the
+// job, as for a rank that died. (Exiting, not MPI_Abort: MPI is initialised for one thread, and
+// the main thread is inside an MPI call.)
 class Mpi final : public Communicator {
  public:
-  Mpi() {
+  Mpi() : watchdog_options_(watchdog_options_from_env("MPT_COMM_TIMEOUT_S")) {
     int inited = 0;
     MPT_MPI_CHECK(MPI_Initialized(&inited));
     if (!inited) MPT_MPI_CHECK(MPI_Init(nullptr, nullptr));
@@ -80,8 +89,19 @@ class Mpi final : public Communicator {
     MPT_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
     MPT_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
     MPT_MPI_CHECK(MPI_Op_create(&nan_max, /*commute=*/1, &nan_max_));
+    watchdog_ = std::make_unique<Watchdog>(
+        watchdog_options_, [] { return Progress::done(); },
+        [this](const WatchdogVerdict& v) {
+          std::fprintf(stderr,
+                       "mpt: error: rank %d of %d: %s (another rank hangs or died; "
+                       "MPT_COMM_TIMEOUT_S sets the timeout); ending the job\n",
+                       rank_, size_, v.reason.c_str());
+          std::fflush(stderr);
+          std::_Exit(static_cast<int>(ExitCode::runtime_failure));
+        });
   }
   ~Mpi() override {
+    watchdog_.reset();  // nothing is outstanding between collectives
     int finalized = 0;
     MPI_Finalized(&finalized);
     if (!finalized) {
@@ -100,6 +120,7 @@ class Mpi final : public Communicator {
   void all_reduce_sum(float* data, size_t n) override { ordered_sum(data, n, MPI_FLOAT); }
   void all_reduce_sum(double* data, size_t n) override { ordered_sum(data, n, MPI_DOUBLE); }
   void all_reduce_max(float* data, size_t n) override {
+    Watchdog::Scope guard(*watchdog_, "MPI_Allreduce (max) of " + std::to_string(n) + " floats");
     for (size_t off = 0; off < n; off += kChunk) {
       const int len = static_cast<int>(std::min(kChunk, n - off));
       MPT_MPI_CHECK(
@@ -107,6 +128,7 @@ class Mpi final : public Communicator {
     }
   }
   void broadcast(void* data, size_t bytes, int root) override {
+    Watchdog::Scope guard(*watchdog_, "MPI_Bcast of " + std::to_string(bytes) + " bytes");
     char* p = static_cast<char*>(data);
     for (size_t off = 0; off < bytes; off += kChunk) {
       const int len = static_cast<int>(std::min(kChunk, bytes - off));
@@ -117,6 +139,7 @@ class Mpi final : public Communicator {
     if (static_cast<int>(bytes_per_rank.size()) != size_)
       throw RuntimeError("all_gather: " + std::to_string(bytes_per_rank.size()) +
                          " block sizes for " + std::to_string(size_) + " ranks");
+    Watchdog::Scope guard(*watchdog_, "MPI_Allgatherv");
     char* base = static_cast<char*>(data);
     std::vector<size_t> start(size_, 0);
     for (int r = 1; r < size_; ++r) start[r] = start[r - 1] + bytes_per_rank[r - 1];
@@ -153,7 +176,10 @@ class Mpi final : public Communicator {
         std::copy_n(stage.data() + displs[r], counts[r], base + start[r] + done);
     }
   }
-  void barrier() override { MPT_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD)); }
+  void barrier() override {
+    Watchdog::Scope guard(*watchdog_, "MPI_Barrier");
+    MPT_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));
+  }
   [[noreturn]] void abort(int code) override {
     MPI_Abort(MPI_COMM_WORLD, code);
     std::_Exit(code);
@@ -165,6 +191,7 @@ class Mpi final : public Communicator {
   template <class T>
   void ordered_sum(T* data, size_t n, MPI_Datatype type) {
     if (size_ == 1) return;
+    Watchdog::Scope guard(*watchdog_, "MPI_Allgather (a sum) of " + std::to_string(n) + " values");
     for (size_t off = 0; off < n; off += kChunk) {
       const size_t len = std::min(kChunk, n - off);
       gather_.resize(len * size_ * sizeof(T));
@@ -181,6 +208,8 @@ class Mpi final : public Communicator {
 
   int rank_ = 0, size_ = 1;
   MPI_Op nan_max_ = MPI_OP_NULL;
+  WatchdogOptions watchdog_options_;
+  std::unique_ptr<Watchdog> watchdog_;
   std::vector<char> gather_;
 };
 #endif

@@ -38,7 +38,7 @@ namespace mpt::dist {
 class NcclCommunicator final : public Communicator {
  public:
   NcclCommunicator(std::unique_ptr<Communicator> host, const Placement& placement,
-                   WatchdogOptions watchdog = watchdog_options_from_env());
+                   WatchdogOptions watchdog = watchdog_options_from_env("MPT_NCCL_TIMEOUT_S"));
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
   // Finalises NCCL (waiting for outstanding collectives, under the watchdog), then destroys it.

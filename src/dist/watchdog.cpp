@@ -58,23 +58,23 @@ WatchdogVerdict WatchdogCore::poll() {
 
 // ---- options
 
-WatchdogOptions watchdog_options_from_env(const std::function<const char*(const char*)>& env) {
+WatchdogOptions watchdog_options_from_env(const char* name,
+                                          const std::function<const char*(const char*)>& env) {
   WatchdogOptions o;
-  const char* name = "MPT_NCCL_TIMEOUT_S";
   if (const char* v = env(name)) {
     char* end = nullptr;
     const double s = std::strtod(v, &end);
     if (end == v || *end != '\0' || !std::isfinite(s) || s <= 0 || s > 1e9)
       throw InputError(std::string(name) + "='" + v +
-                       "': expected a positive number of seconds (the NCCL watchdog's timeout)");
+                       "': expected a positive number of seconds (a collective's timeout)");
     o.timeout = std::chrono::duration_cast<std::chrono::nanoseconds>(
         std::chrono::duration<double>(s));
   }
   return o;
 }
 
-WatchdogOptions watchdog_options_from_env() {
-  return watchdog_options_from_env([](const char* n) { return std::getenv(n); });
+WatchdogOptions watchdog_options_from_env(const char* variable) {
+  return watchdog_options_from_env(variable, [](const char* n) { return std::getenv(n); });
 }
 
 // ---- Watchdog

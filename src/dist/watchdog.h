@@ -86,11 +86,14 @@ struct WatchdogOptions {
   std::chrono::nanoseconds poll_interval = std::chrono::milliseconds(100);
 };
 
-// The timeout from MPT_NCCL_TIMEOUT_S (seconds, a positive number; default 600). A value that is
-// not a positive finite number is an InputError naming the variable and its value. `env` looks a
-// variable up (nullptr when unset).
-WatchdogOptions watchdog_options_from_env(const std::function<const char*(const char*)>& env);
-WatchdogOptions watchdog_options_from_env();  // from the process environment
+// The timeout from the environment variable `variable` (seconds, a positive number; default
+// 600): MPT_NCCL_TIMEOUT_S for NCCL's collectives, MPT_COMM_TIMEOUT_S for MPI's on the host. A
+// value that is not a positive finite number is an InputError naming the variable and its value.
+// `env` looks a variable up (nullptr when unset).
+WatchdogOptions watchdog_options_from_env(const char* variable,
+                                          const std::function<const char*(const char*)>& env);
+// From the process environment.
+WatchdogOptions watchdog_options_from_env(const char* variable);
 
 // WatchdogCore polled by a thread of its own. The thread sleeps while nothing is outstanding,
 // polls every poll interval while something is, and on the first abort verdict calls on_fire
