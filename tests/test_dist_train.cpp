@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <sstream>
 
+#include "backend/backend.h"
 #include "cli_util.h"
 
 namespace mpt::test {
@@ -254,6 +255,24 @@ TEST_F(DistTrain, ASignalToOneRankStopsEveryRankAtTheSameStep) {
           std::to_string(step + 2) + " --run-dir " + run_dir + " --resume");
   EXPECT_EQ(r.code, 0) << r.out;
   EXPECT_EQ(read_jsonl(run_dir + "/metrics.jsonl").back()["status"], "completed");
+}
+
+// The CUDA backend under several processes goes through NCCL, one GPU per local rank. Without a
+// usable GPU (here, and in CI) every rank fails to start NCCL, the job ends naming a rank and
+// why, and nothing is written; a build without NCCL says so instead.
+TEST_F(DistTrain, GpuTrainingWithoutUsableGpusIsRefusedBeforeWriting) {
+  if (backend_is_cuda("auto")) GTEST_SKIP() << "this machine has a usable GPU";
+  const std::string run_dir = path("run");
+  auto r = run(mpirun(2) + mpt_bin() + train_args("bf16", 2) + " --set backend=cuda --run-dir " +
+               run_dir);
+  EXPECT_NE(r.code, 0) << r.out;
+#if MPT_HAVE_NCCL
+  EXPECT_NE(r.out.find("could not start NCCL: rank "), std::string::npos) << r.out;
+#else
+  EXPECT_NE(r.out.find("needs NCCL, and this mpt was built without it"), std::string::npos)
+      << r.out;
+#endif
+  EXPECT_FALSE(fs::exists(run_dir));
 }
 
 // Ranks that would train different things (here rank 1's learning rate) stop at start-up, all
