@@ -91,11 +91,13 @@ Tensor AdamW::range_master() const {
 
 Tensor AdamW::exp_avg(size_t i) const {
   MPT_CHECK(!sharded_, "exp_avg(i) of a sharded optimizer: use its pieces");
+  MPT_CHECK(pieces_[i].param == i, "a parameter without elements");
   return piece_exp_avg(i);  // not sharded: piece i is parameter i, whole
 }
 
 Tensor AdamW::exp_avg_sq(size_t i) const {
   MPT_CHECK(!sharded_, "exp_avg_sq(i) of a sharded optimizer: use its pieces");
+  MPT_CHECK(pieces_[i].param == i, "a parameter without elements");
   return piece_exp_avg_sq(i);
 }
 
