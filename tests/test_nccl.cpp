@@ -365,7 +365,7 @@ TEST(FloatOrder, MaxOfKeysIsTheNanPropagatingMax) {
 std::string nccl_unavailable_reason() { return test::gpu_unavailable_reason(); }
 #else
 std::string nccl_unavailable_reason() {
-  return "NCCL not in this build (it needs the CUDA backend, NCCL and MPI at configure time)";
+  return "NCCL not in this build (it needs the CUDA backend and NCCL at configure time)";
 }
 #endif
 

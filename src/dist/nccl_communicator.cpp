@@ -161,14 +161,17 @@ void NcclCommunicator::fire(const WatchdogVerdict& v) {
                v.action == WatchdogVerdict::kAbortOnTimeout ? " (MPT_NCCL_TIMEOUT_S sets it)"
                                                             : "");
   std::fflush(stderr);
-  // A last resort should ncclCommAbort or MPI_Abort themselves block: this process exits, and
-  // the launcher ends the job when a rank exits without finalising.
+  // NCCL is aborted (no kernel keeps waiting on a peer), then this process exits: MPI is
+  // initialised for one thread, and the main thread may be inside an MPI call, so MPI_Abort is
+  // not called from here; the launcher ends the job when a rank exits without finalising. A last
+  // resort should ncclCommAbort itself block: the process exits after 30 s regardless.
   const int code = static_cast<int>(ExitCode::runtime_failure);
   std::thread([code] {
     std::this_thread::sleep_for(std::chrono::seconds(30));
     std::_Exit(code);
   }).detach();
-  abort(code);
+  if (ncclComm_t c = comm_.exchange(nullptr)) ncclCommAbort(c);
+  std::_Exit(code);
 }
 
 template <class F>

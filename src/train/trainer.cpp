@@ -564,8 +564,16 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
       if (world > 1) {
         // dloss divides by the global token count, so the sum over ranks is the mean gradient.
         const auto t_comm = Clock::now();
+        // The reduced gradients are the same on every rank, and so is rounding them back into
+        // 16 bits: counted once, by rank 0 (the other ranks drop the counts of that cast).
+        const bool narrows = model.all_grads().dtype != DType::f32;
+        if (narrows) numerics.collect();
         gradient_reducer->all_reduce();
+        if (narrows && rank != 0) numerics.discard();
         comm.all_reduce_mean(&loss, 1);
+        // On a GPU the collectives were only enqueued: wait for them, so that comm_ms is their
+        // time (the gradient norm below would wait for them anyway).
+        if (!backend->host_accessible()) backend->synchronize();
         interval_comm_s += seconds_since(t_comm);
       }
       // One pass over the (scaled) gradients gives both the norm and the overflow check: the
@@ -613,6 +621,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         if (zero) {  // each rank updated its range of the weights
           const auto t_comm = Clock::now();
           gather_parameters(comm, *backend, model.all_params(), zero_shards);
+          if (!backend->host_accessible()) backend->synchronize();  // as above: time the gather
           interval_comm_s += seconds_since(t_comm);
         }
       }
@@ -717,10 +726,19 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
 // processes train on GPUs.
 static std::unique_ptr<dist::Communicator> make_job_communicator(const Config& cfg) {
   const dist::Placement placement = dist::detect_placement();
-  if (placement.world_size == 1 || !backend_is_cuda(cfg.backend))
-    return dist::make_communicator(placement);
+  std::unique_ptr<dist::Communicator> host = dist::make_communicator(placement);
+  if (placement.world_size == 1) return host;
+  // Every rank must choose the same: `backend: auto` decides per machine, and a job whose nodes
+  // differ would have some ranks start NCCL while the others do not.
+  const float gpu = backend_is_cuda(cfg.backend) ? 1.0f : 0.0f;
+  float seen[2] = {gpu, -gpu};  // max and -min over the ranks
+  host->all_reduce_max(seen, 2);
+  if (seen[0] != -seen[1])
+    throw InputError("backend '" + cfg.backend + "' resolves to the GPU on some ranks and to the "
+                     "CPU on others (some nodes have no usable GPU); set backend: cpu or cuda");
+  if (gpu == 0.0f) return host;
 #if MPT_HAVE_NCCL
-  return dist::make_nccl_communicator(placement);
+  return std::make_unique<dist::NcclCommunicator>(std::move(host), placement);
 #else
   throw InputError("backend '" + cfg.backend + "' (a GPU) under " +
                    std::to_string(placement.world_size) +
