@@ -81,6 +81,7 @@ TEST(GpuPeaks, PolicyFormatsAndDatasheetFigures) {
   EXPECT_DOUBLE_EQ(peak_flops("NVIDIA H100 PCIe", "bf16"), 756e12);
   EXPECT_DOUBLE_EQ(peak_flops("NVIDIA A100-SXM4-80GB", "fp8"), 0.0) << "A100 has no fp8";
   EXPECT_DOUBLE_EQ(peak_flops("NVIDIA GeForce RTX 4090", "bf16"), 0.0) << "not in the table";
+  EXPECT_DOUBLE_EQ(peak_flops("NVIDIA H200 NVL", "bf16"), 0.0) << "not the SXM figure";
 }
 
 // MFU (bench_gpu_train and the trainer's step records): achieved FLOP/s over the devices' peak;

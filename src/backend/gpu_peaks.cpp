@@ -16,6 +16,10 @@ struct Peaks {
 };
 // Order matters: the more specific names first ("H100 PCIe" before "H100").
 constexpr Peaks kPeaks[] = {
+    // NVL boards ("H100 NVL", "H200 NVL") have lower clocks and power than the SXM parts whose
+    // names they contain, and the sources we checked disagree on their dense peaks: unknown (no
+    // MFU) rather than the SXM figures.
+    {"NVL", 0.0, 0.0, 0.0, 0.0, 0.0},
     {"H200", 67.0, 494.7, 989.4, 989.4, 1978.9},
     {"H100 PCIe", 51.0, 378.0, 756.0, 756.0, 1513.0},
     {"H100", 67.0, 494.7, 989.4, 989.4, 1978.9},
