@@ -26,6 +26,21 @@ class DistTrain : public CliTest {
     return std::string(MPT_MPIEXEC) + " --oversubscribe --allow-run-as-root -np " +
            std::to_string(n) + " ";
   }
+  // The start of a bash script: a 2-rank fp32 run of (almost) endless steps in the background
+  // (`env` before the command), logging to `log`; once the first step record is written, $mp is
+  // mpirun's pid and $rank that of rank 1 (the child of mpirun whose environment says so).
+  static std::string launch_and_find_rank_1(const std::string& env, const std::string& run_dir,
+                                            const std::string& log) {
+    return "#!/bin/bash\n" + env + mpirun(2) + mpt_bin() + train_args("fp32", 2) +
+           " --set training.steps=1000000 --run-dir " + run_dir + " > " + log + " 2>&1 &\n"
+           "mp=$!\n"
+           "for i in $(seq 300); do grep -q '\"step\": *1,' " + run_dir +
+           "/metrics.jsonl 2>/dev/null && break; sleep 0.1; done\n"
+           "for p in $(pgrep -P $mp); do\n"
+           "  tr '\\0' '\\n' < /proc/$p/environ | grep -qx 'OMPI_COMM_WORLD_RANK=1' && rank=$p\n"
+           "done\n"
+           "[ -n \"$rank\" ] || { echo no-rank-1; kill $mp; exit 3; }\n";
+  }
   static std::string train_args(const std::string& precision, int micro_batch) {
     return " train " + std::string(MPT_SOURCE_DIR) + "/configs/default.yaml" + kTiny +
            " --set threads=1 --set training.steps=12 --set training.log_every=1"
@@ -217,19 +232,8 @@ TEST_F(DistTrain, ZeroOneGivesTheBitsOfTheWholeOptimizer) {
 // resumes.
 TEST_F(DistTrain, ASignalToOneRankStopsEveryRankAtTheSameStep) {
   const std::string run_dir = path("run"), log = path("log");
-  write("term.sh",
-        "#!/bin/bash\n" + mpirun(2) + mpt_bin() + train_args("fp32", 2) +
-            " --set training.steps=1000000 --run-dir " + run_dir + " > " + log +
-            " 2>&1 &\n"
-            "mp=$!\n"
-            "for i in $(seq 300); do grep -q '\"step\": *1,' " + run_dir +
-            "/metrics.jsonl 2>/dev/null && break; sleep 0.1; done\n"
-            // Rank 1: the child of mpirun whose environment says so.
-            "for p in $(pgrep -P $mp); do\n"
-            "  tr '\\0' '\\n' < /proc/$p/environ | grep -qx 'OMPI_COMM_WORLD_RANK=1' && rank=$p\n"
-            "done\n"
-            "[ -n \"$rank\" ] || { echo no-rank-1; kill $mp; exit 3; }\n"
-            "kill -TERM $rank; wait $mp; echo \"rc=$?\"\n");
+  write("term.sh", launch_and_find_rank_1("", run_dir, log) +
+                       "kill -TERM $rank; wait $mp; echo \"rc=$?\"\n");
   auto r = run("bash " + path("term.sh"));
   ASSERT_NE(r.out.find("rc="), std::string::npos) << r.out << slurp(log);
   EXPECT_EQ(r.out.find("rc=0"), std::string::npos) << r.out;
@@ -335,17 +339,7 @@ TEST_F(DistTrain, KillingOneRankEndsTheJobWithinSeconds) {
 TEST_F(DistTrain, AHangingRankEndsTheJobAfterTheCollectiveTimeout) {
   const std::string run_dir = path("run"), log = path("log");
   write("hang.sh",
-        "#!/bin/bash\n"
-        "MPT_COMM_TIMEOUT_S=2 " + mpirun(2) + mpt_bin() + train_args("fp32", 2) +
-            " --set training.steps=1000000 --run-dir " + run_dir + " > " + log +
-            " 2>&1 &\n"
-            "mp=$!\n"
-            "for i in $(seq 300); do grep -q '\"step\": *1,' " + run_dir +
-            "/metrics.jsonl 2>/dev/null && break; sleep 0.1; done\n"
-            "for p in $(pgrep -P $mp); do\n"
-            "  tr '\\0' '\\n' < /proc/$p/environ | grep -qx 'OMPI_COMM_WORLD_RANK=1' && rank=$p\n"
-            "done\n"
-            "[ -n \"$rank\" ] || { echo no-rank-1; kill $mp; exit 3; }\n"
+        launch_and_find_rank_1("MPT_COMM_TIMEOUT_S=2 ", run_dir, log) +
             // Whatever happens, nothing outlives the test.
             "( sleep 60; kill -9 $rank $mp ) > /dev/null 2>&1 & guard=$!\n"
             "t0=$(date +%s%N); kill -STOP $rank; wait $mp; rc=$?; t1=$(date +%s%N)\n"
