@@ -113,10 +113,11 @@ class Mpi final : public Communicator {
   int world_size() const override { return size_; }
   std::string name() const override { return "mpi"; }
 
-  // Sums are reduced in a fixed order, the same on every rank: each rank's vector is gathered to
-  // all ranks (MPI_Allreduce's order may depend on the rank and the algorithm), then added rank
-  // 0 first. For gradients this costs world_size times the memory of one vector; fine for the
-  // CPU backend's model sizes, and the NCCL path will use the library's reduction.
+  // Sums are reduced in a fixed order, the same on every rank (MPI_Allreduce's order may depend
+  // on the rank and the algorithm): a reduce-scatter by hand, then an allgather. Rank r receives
+  // every rank's values of its own 1/N of the vector (MPI_Alltoallv), adds them rank 0 first, and
+  // the sums are gathered to all ranks: each rank receives about twice the vector's size, whatever
+  // the number of ranks.
   void all_reduce_sum(float* data, size_t n) override { ordered_sum(data, n, MPI_FLOAT); }
   void all_reduce_sum(double* data, size_t n) override { ordered_sum(data, n, MPI_DOUBLE); }
   void all_reduce_max(float* data, size_t n) override {
@@ -191,18 +192,36 @@ class Mpi final : public Communicator {
   template <class T>
   void ordered_sum(T* data, size_t n, MPI_Datatype type) {
     if (size_ == 1) return;
-    Watchdog::Scope guard(*watchdog_, "MPI_Allgather (a sum) of " + std::to_string(n) + " values");
+    Watchdog::Scope guard(*watchdog_, "MPI_Alltoallv + MPI_Allgatherv (an ordered sum) of " +
+                                          std::to_string(n) + " values");
+    std::vector<int> counts(size_), displs(size_), from_each(size_), from_displs(size_);
     for (size_t off = 0; off < n; off += kChunk) {
       const size_t len = std::min(kChunk, n - off);
-      gather_.resize(len * size_ * sizeof(T));
-      T* all = reinterpret_cast<T*>(gather_.data());
-      MPT_MPI_CHECK(MPI_Allgather(data + off, static_cast<int>(len), type, all,
-                                  static_cast<int>(len), type, MPI_COMM_WORLD));
-      for (size_t i = 0; i < len; ++i) {
-        T s = all[i];
-        for (int r = 1; r < size_; ++r) s += all[r * len + i];
-        data[off + i] = s;
+      // Rank r owns elements [displs[r], displs[r] + counts[r]) of this chunk.
+      const size_t per = (len + size_ - 1) / size_;
+      for (int r = 0; r < size_; ++r) {
+        const size_t begin = std::min(len, r * per), end = std::min(len, (r + 1) * per);
+        displs[r] = static_cast<int>(begin);
+        counts[r] = static_cast<int>(end - begin);
       }
+      const int mine = counts[rank_];
+      for (int r = 0; r < size_; ++r) {
+        from_each[r] = mine;
+        from_displs[r] = r * mine;
+      }
+      gather_.resize(static_cast<size_t>(mine) * size_ * sizeof(T));
+      T* all = reinterpret_cast<T*>(gather_.data());
+      T* chunk = data + off;
+      MPT_MPI_CHECK(MPI_Alltoallv(chunk, counts.data(), displs.data(), type, all,
+                                  from_each.data(), from_displs.data(), type, MPI_COMM_WORLD));
+      T* own = chunk + displs[rank_];
+      for (int i = 0; i < mine; ++i) {
+        T sum = all[i];
+        for (int r = 1; r < size_; ++r) sum += all[static_cast<size_t>(r) * mine + i];
+        own[i] = sum;
+      }
+      MPT_MPI_CHECK(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, chunk, counts.data(),
+                                   displs.data(), type, MPI_COMM_WORLD));
     }
   }
 
