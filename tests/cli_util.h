@@ -6,6 +6,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -89,6 +90,13 @@ inline std::vector<json> without_timing(std::vector<json> recs) {
                           "mfu", "device_memory_bytes", "device_total_bytes"})
       r.erase(k);
   return recs;
+}
+
+// The directory of the checkpoint of `step` in the run directory `run_dir`.
+inline std::string checkpoint_dir(const std::string& run_dir, int64_t step) {
+  char name[32];
+  std::snprintf(name, sizeof name, "step_%08lld", static_cast<long long>(step));
+  return run_dir + "/checkpoints/" + name;
 }
 
 // Records of one kind: "" = step records (no "event" field), else that event.

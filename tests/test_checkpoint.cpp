@@ -32,9 +32,7 @@ class Checkpoints : public CliTest {
            " --run-dir " + run_dir + " " + extra;
   }
   std::string ckpt(const std::string& run, int step) const {
-    char name[32];
-    std::snprintf(name, sizeof name, "step_%08d", step);
-    return path(run + "/checkpoints/" + name);
+    return checkpoint_dir(path(run), step);
   }
   // The reference: 16 straight steps.
   void straight() {

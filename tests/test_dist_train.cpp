@@ -191,10 +191,9 @@ TEST_F(DistTrain, ZeroOneGivesTheBitsOfTheWholeOptimizer) {
     EXPECT_NE(r.out.find("ZeRO-1: this process keeps and updates elements"), std::string::npos)
         << r.out;
     auto same_files = [&](const std::string& a, const std::string& b, int step) {
-      char dir[32];
-      std::snprintf(dir, sizeof dir, "/checkpoints/step_%08d/", step);
-      for (const char* f : {"model.safetensors", "optimizer.safetensors"})
-        EXPECT_EQ(slurp(a + dir + f), slurp(b + dir + f)) << f << " at step " << step;
+      for (const char* f : {"/model.safetensors", "/optimizer.safetensors"})
+        EXPECT_EQ(slurp(checkpoint_dir(a, step) + f), slurp(checkpoint_dir(b, step) + f))
+            << f << " at step " << step;
     };
     same_files(whole, zero, 6);
     r = run(mpirun(2) + mpt_bin() + zero_args + " --run-dir " + zero + " --resume");
@@ -219,8 +218,8 @@ TEST_F(DistTrain, ZeroOneGivesTheBitsOfTheWholeOptimizer) {
     if (precision == "bf16") {
       // The ZeRO-1 checkpoint of step 6, continued by ranks that keep the whole state.
       const std::string fork = path("fork");
-      r = run(mpirun(2) + mpt_bin() + args + " --resume " + zero +
-              "/checkpoints/step_00000006 --run-dir " + fork);
+      r = run(mpirun(2) + mpt_bin() + args + " --resume " + checkpoint_dir(zero, 6) +
+              " --run-dir " + fork);
       ASSERT_EQ(r.code, 0) << r.out;
       same_files(whole, fork, 12);
     }

@@ -566,10 +566,10 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         const auto t_comm = Clock::now();
         // The reduced gradients are the same on every rank, and so is rounding them back into
         // 16 bits: counted once, by rank 0 (the other ranks drop the counts of that cast).
-        const bool narrows = model.all_grads().dtype != DType::f32;
-        if (narrows) numerics.collect();
+        const bool drop_narrowing = rank != 0 && model.all_grads().dtype != DType::f32;
+        if (drop_narrowing) numerics.collect();
         gradient_reducer->all_reduce();
-        if (narrows && rank != 0) numerics.discard();
+        if (drop_narrowing) numerics.discard();
         comm.all_reduce_mean(&loss, 1);
         // On a GPU the collectives were only enqueued: wait for them, so that comm_ms is their
         // time (the gradient norm below would wait for them anyway).
