@@ -212,10 +212,11 @@ TEST_F(CpuOps, Matmul) {
 
 TEST_F(CpuOps, Attention) {
   const int64_t B = 2, T = 7, NH = 3, HS = 5, C = NH * HS;
+  const MatmulPrecision native = MatmulPrecision::native;
   Owned qkv = randn(be, {B, T, 3 * C}, rng);
-  Owned out = make(be, {B, T, C}), att = make(be, {B, NH, T, T});
-  be.attention_forward(out.t, att.t, qkv.t, NH);
-  // fp64 reference: softmax(q k^T / sqrt(HS)) over t2 <= t, times v
+  Owned out = make(be, {B, T, C}), lse = make(be, {B, NH, T});
+  be.attention_forward(out.t, lse.t, qkv.t, NH, native);
+  // fp64 reference: softmax(q k^T / sqrt(HS)) over t2 <= t, times v; lse = log sum exp(scores)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < NH; ++h)
       for (int64_t t = 0; t < T; ++t) {
@@ -230,9 +231,8 @@ TEST_F(CpuOps, Attention) {
           mx = std::max(mx, p[t2]);
         }
         for (auto& v : p) sum += (v = std::exp(v - mx));
-        const float* arow = att.f() + ((b * NH + h) * T + t) * T;
-        for (int64_t t2 = 0; t2 < T; ++t2)
-          ASSERT_NEAR(arow[t2], t2 <= t ? p[t2] / sum : 0.0, 1e-6);
+        const double l = mx + std::log(sum);
+        ASSERT_NEAR(lse.f()[(b * NH + h) * T + t], l, 1e-5 * (1 + std::fabs(l)));
         for (int64_t i = 0; i < HS; ++i) {
           double o = 0;
           for (int64_t t2 = 0; t2 <= t; ++t2)
@@ -242,19 +242,75 @@ TEST_F(CpuOps, Attention) {
       }
   Owned w = randn(be, {B, T, C}, rng);
   Owned dqkv = randn(be, {B, T, 3 * C}, rng);  // written: stale contents must not survive
-  be.attention_backward(dqkv.t, w.t, qkv.t, att.t, NH);
+  be.attention_backward(dqkv.t, w.t, qkv.t, lse.t, NH, native);
   auto loss = [&] {
-    be.attention_forward(out.t, att.t, qkv.t, NH);
+    be.attention_forward(out.t, lse.t, qkv.t, NH, native);
     return weighted_sum(out, w);
   };
   check_fd("dqkv", qkv, as_double(dqkv), loss, rng, 48);
   // causality: the key and value of the last position influence nothing but itself
-  be.attention_forward(out.t, att.t, qkv.t, NH);
+  be.attention_forward(out.t, lse.t, qkv.t, NH, native);
   const auto before = copy_of(out);
+  const auto lse_before = copy_of(lse);
   for (int64_t i = C; i < 3 * C; ++i) qkv.f()[(0 * T + T - 1) * 3 * C + i] += 1.0f;
-  be.attention_forward(out.t, att.t, qkv.t, NH);
+  be.attention_forward(out.t, lse.t, qkv.t, NH, native);
   for (int64_t t = 0; t < T - 1; ++t)
     for (int64_t c = 0; c < C; ++c) EXPECT_EQ(out.f()[t * C + c], before[t * C + c]);
+  for (int64_t h = 0; h < NH; ++h)
+    for (int64_t t = 0; t < T - 1; ++t) EXPECT_EQ(lse.f()[h * T + t], lse_before[h * T + t]);
+}
+
+// Under tf32 the products read q, k, v and the probabilities rounded to tf32 (10-bit
+// mantissas): the result moves off fp32's by about that much, no more.
+TEST_F(CpuOps, AttentionTf32) {
+  const int64_t B = 1, T = 9, NH = 2, HS = 16, C = NH * HS;
+  Owned qkv = randn(be, {B, T, 3 * C}, rng);
+  Owned o32 = make(be, {B, T, C}), otf = make(be, {B, T, C}), lse = make(be, {B, NH, T});
+  be.attention_forward(o32.t, lse.t, qkv.t, NH, MatmulPrecision::native);
+  be.attention_forward(otf.t, lse.t, qkv.t, NH, MatmulPrecision::tf32);
+  // First order, u = 2^-11: each score moves by at most 2u scale sum|q k| (plus fp32 noise), so
+  // each probability by 2 x that relative (its own and the log-sum-exp's); out = sum p~ v~ adds
+  // 2u relative per term.
+  const double u = 0x1p-11, scale = 1 / std::sqrt(double(HS));
+  const float* x = qkv.f();
+  int64_t differ = 0;
+  for (int64_t h = 0; h < NH; ++h)
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<double> p(t + 1);
+      double mx = -1e300, sum = 0, dmax = 0;
+      for (int64_t t2 = 0; t2 <= t; ++t2) {
+        double s = 0, mag = 0;
+        for (int64_t i = 0; i < HS; ++i) {
+          const double a = x[t * 3 * C + h * HS + i], b = x[t2 * 3 * C + C + h * HS + i];
+          s += a * b, mag += std::fabs(a * b);
+        }
+        p[t2] = s * scale, mx = std::max(mx, p[t2]), dmax = std::max(dmax, 2 * u * mag * scale);
+      }
+      for (auto& v : p) sum += (v = std::exp(v - mx));
+      for (int64_t i = 0; i < HS; ++i) {
+        double bound = 0;
+        for (int64_t t2 = 0; t2 <= t; ++t2)
+          bound += p[t2] / sum * std::fabs(x[t2 * 3 * C + 2 * C + h * HS + i]) * (2.2 * dmax + 2.2 * u);
+        const int64_t io = t * C + h * HS + i;
+        ASSERT_NEAR(otf.f()[io], o32.f()[io], bound + 1e-6) << "out[" << io << "]";
+        differ += otf.f()[io] != o32.f()[io];
+      }
+    }
+  EXPECT_GT(differ, 0) << "tf32 attention computed exactly fp32's result";
+}
+
+// fp8 is not a precision for attention's products, and the operand format follows the dtypes.
+TEST_F(CpuOps, AttentionOperandFormat) {
+  using P = MatmulPrecision;
+  EXPECT_EQ(attention_operand_format(DType::bf16, DType::bf16, P::native), OperandFormat::bf16);
+  EXPECT_EQ(attention_operand_format(DType::f16, DType::f16, P::tf32), OperandFormat::f16);
+  EXPECT_EQ(attention_operand_format(DType::bf16, DType::f32, P::native), OperandFormat::f32);
+  EXPECT_EQ(attention_operand_format(DType::f16, DType::bf16, P::tf32), OperandFormat::tf32);
+  EXPECT_EQ(attention_operand_format(DType::f32, DType::f32, P::tf32), OperandFormat::tf32);
+  EXPECT_THROW(attention_operand_format(DType::bf16, DType::bf16, P::fp8), RuntimeError);
+  EXPECT_THROW(attention_operand_format(DType::i32, DType::f32, P::native), RuntimeError);
+  Owned qkv = randn(be, {1, 3, 6}, rng), out = make(be, {1, 3, 2}), lse = make(be, {1, 1, 3});
+  EXPECT_THROW(be.attention_forward(out.t, lse.t, qkv.t, 1, P::fp8), RuntimeError);
 }
 
 TEST_F(CpuOps, Gelu) {
@@ -358,13 +414,15 @@ TEST_F(CpuOps, LoopOpsAreIndependentOfThreadCount) {
   CpuBackend one(1);
   const int64_t B = 2, T = 9, NH = 2, HS = 20, C = NH * HS, Vp = 13;
   Owned qkv = randn(be, {B, T, 3 * C}, rng), dout = randn(be, {B, T, C}, rng);
-  Owned att = make(be, {B, NH, T, T}), out1 = make(be, {B, T, C}), out2 = make(be, {B, T, C});
+  Owned lse1 = make(be, {B, NH, T}), lse2 = make(be, {B, NH, T}), out1 = make(be, {B, T, C}),
+        out2 = make(be, {B, T, C});
   Owned d1 = make(be, {B, T, 3 * C}), d2 = make(be, {B, T, 3 * C});
-  be.attention_forward(out1.t, att.t, qkv.t, NH);
-  be.attention_backward(d1.t, dout.t, qkv.t, att.t, NH);
-  one.attention_forward(out2.t, att.t, qkv.t, NH);
-  one.attention_backward(d2.t, dout.t, qkv.t, att.t, NH);
+  be.attention_forward(out1.t, lse1.t, qkv.t, NH, MatmulPrecision::native);
+  be.attention_backward(d1.t, dout.t, qkv.t, lse1.t, NH, MatmulPrecision::native);
+  one.attention_forward(out2.t, lse2.t, qkv.t, NH, MatmulPrecision::native);
+  one.attention_backward(d2.t, dout.t, qkv.t, lse2.t, NH, MatmulPrecision::native);
   EXPECT_EQ(copy_of(out1), copy_of(out2));
+  EXPECT_EQ(copy_of(lse1), copy_of(lse2));
   EXPECT_EQ(copy_of(d1), copy_of(d2));
   Owned tok = make(be, {B, T}, DType::i32);
   for (int64_t i = 0; i < tok.n(); ++i) tok.i()[i] = static_cast<int32_t>(rng.below(3));

@@ -120,8 +120,16 @@ TEST(CudaWorkspacePlan, LedgerTermIsTheCublasLtWorkspacePlusEachScratchRole) {
     return cuda_workspace_bytes(m, B, T, p, Gpt::plan_memory(m, B, T, p), cc);
   };
   const double lt = double(size_t{32} << 20);
-  // kAttention: d(scores) (B,NH,T,T) fp32.
-  const double attention = 4.0 * 4 * 32 * 32 * 4;
+  // Attention (attention_plan.h), one pass over the 4 batch elements; per (b, h) a (32, 32)
+  // square (T = 32 needs no padding) and a (32, 16) head. fp32: scores and their gradients
+  // (fp32 squares), q, k, v, dout head-major in fp32, dq, dk, dv in fp32.
+  const double squares = 4.0 * 4 * 32 * 32, head = 4.0 * 4 * 32 * 16;
+  const double attention = 2 * squares * 4 + 4 * head * 4 + 3 * head * 4;
+  // fp16/bf16 operands: the same two fp32 squares, the rounded probabilities and score
+  // gradients (two 16-bit squares), q, k, v, dout in 16 bits, dq, dk, dv in fp32 - the same
+  // total here, by coincidence of these sizes.
+  const double attention16 = 2 * squares * 4 + 2 * squares * 2 + 4 * head * 2 + 3 * head * 4;
+  ASSERT_EQ(attention16, attention);
   // kReduce: the largest reduction is layernorm_backward's partials, 2 x ceil(N/32) chunks x C
   // fp32 (dbias: ceil(N/256) x 4C fp32 = 1024; embedding buckets <= (2*128+1+128) int32 = 1540).
   const double reduce = 2.0 * 4 * 64 * 4;

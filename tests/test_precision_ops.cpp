@@ -5,8 +5,10 @@
 //  - the emulation contract of backend.h, bit for bit: the op on low-precision tensors writes
 //    exactly what the same op on fp32 tensors holding the widened inputs writes, rounded to
 //    nearest even into the output's dtype (an accumulating output: widened, added in fp32,
-//    rounded once). fp32-only outputs (LayerNorm statistics, attention probabilities, losses)
-//    are bit-identical to the fp32 run's.
+//    rounded once). fp32-only outputs (LayerNorm statistics, attention's log-sum-exp, losses)
+//    are bit-identical to the fp32 run's. Attention is the exception: its products round the
+//    probabilities to the storage format (backend.h), so its outputs are checked against the
+//    fp64 reference only, with that rounding in the tolerance.
 //  - accuracy against an fp64 reference computed from the same (already rounded) inputs:
 //      |got - ref| <= u_d |ref| + min_subnormal_d / 2 + (1 + u_d) tol32
 //    where u_d = epsilon_d / 2 is the unit roundoff of the output's dtype (the store's rounding;
@@ -137,8 +139,13 @@ class PrecisionOps : public ::testing::Test {
   // `got` (an op output in its dtype) against `twin` (the fp32 run) bit for bit, and against
   // the fp64 reference with the tolerance of the file comment; the fp32 run itself against the
   // reference within tol32 (the fp32 part of the tolerance on its own). NaN fails all three.
+  // `operand_tol` (optional): an op whose arithmetic rounds internal operands to the storage
+  // format (attention's probabilities and score gradients in fp16/bf16, backend.h) is not its
+  // fp32 twin rounded: the bit-for-bit check is skipped and `got` may be off the reference by
+  // (1 + u_d) operand_tol more.
   void check_output(const std::string& what, const Owned& got, const Owned& twin_out,
-                    const std::vector<double>& ref, const std::vector<double>& tol32) {
+                    const std::vector<double>& ref, const std::vector<double>& tol32,
+                    const std::vector<double>* operand_tol = nullptr) {
     ASSERT_EQ(twin_out.t.dtype, DType::f32);
     ASSERT_EQ(got.n(), twin_out.n());
     ASSERT_EQ(static_cast<int64_t>(ref.size()), got.n());
@@ -157,14 +164,15 @@ class PrecisionOps : public ::testing::Test {
       } else if (err32 > 0) {
         worst32_ = std::max(worst32_, err32 / tol32[i]);
       }
-      if (std::isnan(y) || raw_bits(got.t, i) != narrow_bits(d, y)) {
+      if (std::isnan(y) || (!operand_tol && raw_bits(got.t, i) != narrow_bits(d, y))) {
         if (bad_bits++ < 3)
           ADD_FAILURE() << what << "[" << i << "]: stored bits " << std::hex << raw_bits(got.t, i)
                         << ", fp32 result " << std::dec << y << " rounds to " << std::hex
                         << narrow_bits(d, y);
       }
       const double g = widened_at(got.t, i);
-      const double tol = ud * std::fabs(ref[i]) + (1 + ud) * tol32[i] + sub;
+      const double tol = ud * std::fabs(ref[i]) +
+                         (1 + ud) * (tol32[i] + (operand_tol ? (*operand_tol)[i] : 0.0)) + sub;
       const double err = std::fabs(g - ref[i]);
       if (!(err <= tol)) {
         if (bad_ref++ < 3)
@@ -461,27 +469,37 @@ TEST_F(PrecisionOps, MatmulWeightGradientAccumulatesInFp32AcrossMicroBatches) {
 TEST_F(PrecisionOps, Attention) {
   const int64_t B = 2, T = 7, NH = 3, HS = 5, C = NH * HS, C3 = 3 * C;
   const double scale = 1 / std::sqrt(static_cast<double>(HS));
+  const MatmulPrecision native = MatmulPrecision::native;
   for (const Policy& pol : kPolicies) {
     SCOPED_TRACE(pol.name);
+    // The products' operand format is the activations' (both qkv and dout have that dtype):
+    // the probabilities and score gradients are rounded to it (u_f relative, and in fp16 up to
+    // half a subnormal absolute), which the fp32 twin does not do.
+    const double uf = dtype_epsilon(pol.act) / 2, subf = dtype_traits(pol.act).min_subnormal / 2;
     Owned qkv = randn_as(be, {B, T, C3}, pol.act, rng);
-    Owned out = make(be, {B, T, C}, pol.act), att = make(be, {B, NH, T, T});
-    Owned qkv32 = f32_copy(be, qkv.t), out32 = make(be, {B, T, C}), att32 = make(be, {B, NH, T, T});
+    Owned out = make(be, {B, T, C}, pol.act), lse = make(be, {B, NH, T});
+    Owned qkv32 = f32_copy(be, qkv.t), out32 = make(be, {B, T, C}), lse32 = make(be, {B, NH, T});
     be.reset_cast_counts();
-    be.attention_forward(out.t, att.t, qkv.t, NH);
-    twin.attention_forward(out32.t, att32.t, qkv32.t, NH);
+    be.attention_forward(out.t, lse.t, qkv.t, NH, native);
+    twin.attention_forward(out32.t, lse32.t, qkv32.t, NH, native);
     expect_op_counts(be, TensorClass::activation, {{out, out32}});
+    // The scores of fp16/bf16 values are exact products summed in fp32, as the twin's: the
+    // log-sum-exp (fp32, before any operand rounding) is the twin's, bit for bit.
+    EXPECT_EQ(copy_of(lse), copy_of(lse32));
     // fp32 error, first order: a score s_j = scale q.k_j is off by ds_j <= gamma_{HS+3} scale
-    // sum|q k_j| (HS products and adds, the product with scale, scale's own two roundings);
-    // e_j = exp(s_j - max) by e_j = ds_j + max ds + u|s_j - max| + 2u relative (expf within an
-    // ulp); p_j = e_j / sum e by e_j + max e + gamma_{t+2}; out = sum_j p_j v_j by
-    // sum_j p_j |v_j| (e_pj + gamma_{t+2}).
+    // sum|q k_j| (HS products and adds, the product with scale, scale's own two roundings).
+    // lse = m + log(sum_j exp(s_j - m)): each term off by ds_j + u|s_j - m| + 2u relative, the
+    // sum by their largest plus gamma_{t+1}, so lse by that, plus u|log sum| (the log within
+    // an ulp) and u|lse| (the add). p_j = exp(s_j - lse) is then off by ep_j = ds_j + dlse +
+    // u|s_j - lse| + 2u relative, and out = sum_j p_j v_j by sum_j p_j |v_j| (ep_j + gamma_{t+2}).
     const float* x = qkv32.f();
-    std::vector<double> ro(out.n()), to(out.n()), ra(att.n(), 0.0), ta(att.n(), 0.0);
+    std::vector<double> P(B * NH * T * T, 0.0), EP(B * NH * T * T, 0.0);  // p and ep by row
+    std::vector<double> ro(out.n()), to(out.n()), po(out.n()), rl(lse.n()), tl(lse.n());
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < NH; ++h)
         for (int64_t t = 0; t < T; ++t) {
-          std::vector<double> s(t + 1), ds(t + 1), p(t + 1), ep(t + 1);
-          double mx = -INFINITY, dmax = 0, sum = 0, emax = 0;
+          std::vector<double> s(t + 1), ds(t + 1);
+          double mx = -INFINITY, dmax = 0, sum = 0, esum = 0;
           for (int64_t t2 = 0; t2 <= t; ++t2) {
             double dot = 0, mag = 0;
             for (int64_t i = 0; i < HS; ++i) {
@@ -491,72 +509,86 @@ TEST_F(PrecisionOps, Attention) {
             s[t2] = dot * scale, ds[t2] = gamma32(HS + 3) * mag * scale;
             mx = std::max(mx, s[t2]), dmax = std::max(dmax, ds[t2]);
           }
-          for (int64_t t2 = 0; t2 <= t; ++t2) sum += (p[t2] = std::exp(s[t2] - mx));
           for (int64_t t2 = 0; t2 <= t; ++t2) {
-            ep[t2] = ds[t2] + dmax + kU * std::fabs(s[t2] - mx) + 2 * kU;
-            emax = std::max(emax, ep[t2]);
+            sum += std::exp(s[t2] - mx);
+            esum = std::max(esum, ds[t2] + dmax + kU * std::fabs(s[t2] - mx) + 2 * kU);
           }
+          const double l = mx + std::log(sum);
+          const double dlse = dmax + esum + gamma32(t + 1) + kU * std::log(sum) + kU * std::fabs(l) + kU;
+          const int64_t row = (b * NH + h) * T + t;
+          rl[row] = l, tl[row] = dlse;
           for (int64_t t2 = 0; t2 <= t; ++t2) {
-            p[t2] /= sum;
-            ep[t2] += emax + gamma32(t + 2);
-            const int64_t a = ((b * NH + h) * T + t) * T + t2;
-            ra[a] = p[t2], ta[a] = p[t2] * ep[t2];
+            P[row * T + t2] = std::exp(s[t2] - l);
+            EP[row * T + t2] = ds[t2] + dlse + kU * std::fabs(s[t2] - l) + 2 * kU;
           }
           for (int64_t i = 0; i < HS; ++i) {
-            double o = 0, tol = 0;
+            double o = 0, tol = 0, ptol = 0;
             for (int64_t t2 = 0; t2 <= t; ++t2) {
-              const double v = x[(b * T + t2) * C3 + 2 * C + h * HS + i];
-              o += p[t2] * v, tol += p[t2] * std::fabs(v) * (ep[t2] + gamma32(t + 2));
+              const double v = std::fabs(x[(b * T + t2) * C3 + 2 * C + h * HS + i]);
+              const double p = P[row * T + t2], ep = EP[row * T + t2];
+              o += p * x[(b * T + t2) * C3 + 2 * C + h * HS + i];
+              tol += p * v * (ep + gamma32(t + 2));
+              ptol += (uf * p * (1 + ep) + subf) * v;
             }
-            ro[(b * T + t) * C + h * HS + i] = o, to[(b * T + t) * C + h * HS + i] = tol;
+            const int64_t io = (b * T + t) * C + h * HS + i;
+            ro[io] = o, to[io] = tol, po[io] = ptol;
           }
         }
-    check_output("attention out", out, out32, ro, to);
-    check_output("attention att", att, att32, ra, ta);
+    check_output("attention out", out, out32, ro, to, &po);
+    for (int64_t i = 0; i < lse.n(); ++i)
+      ASSERT_NEAR(lse32.f()[i], rl[i], tl[i]) << "lse[" << i << "]";
 
-    // backward, with the forward's probabilities as given: a polynomial in dout, qkv and att,
-    // so its fp32 error is at most gamma_n times the same computation on magnitudes (no
-    // cancellation), n the longest chain of roundings: dout.v (HS), sum_j p_j datt_j (T + 1),
-    // dpre = p (datt - dot) scale (5, scale's included), dq/dk/dv sums (T + 1).
+    // backward: the probabilities recomputed from lse (off by ep_j relative, as above), then a
+    // polynomial in dout, qkv and p: its fp32 error is at most gamma_n times the same
+    // computation on magnitudes (no cancellation), n the longest chain of roundings: dout.v
+    // (HS), sum_j p_j dp_j (T + 1), ds = p (dp - D) scale (5, scale's included), dq/dk/dv sums
+    // (T + 1); plus, first order, what the errors of p carry: dp_j |dp_j - D| scale through ds_j
+    // and p_j scale sum_k dp_k |dp_k| through D, and dp_j |dout| into dv.
     Owned dout = randn_as(be, {B, T, C}, pol.act, rng), dqkv = randn_as(be, {B, T, C3}, pol.act, rng);
     Owned dout32 = f32_copy(be, dout.t), dqkv32 = make(be, {B, T, C3});
     const float* d = dout32.f();
-    const float* pa = att32.f();
-    std::vector<double> rg(dqkv.n(), 0.0), mg(dqkv.n(), 0.0);
+    std::vector<double> rg(dqkv.n(), 0.0), mg(dqkv.n(), 0.0), eg(dqkv.n(), 0.0), og(dqkv.n(), 0.0);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t h = 0; h < NH; ++h)
         for (int64_t t = 0; t < T; ++t) {
-          std::vector<double> datt(t + 1), dabs(t + 1);
-          double dot = 0, dotabs = 0;
-          const float* arow = pa + ((b * NH + h) * T + t) * T;
+          const int64_t row = (b * NH + h) * T + t;
+          std::vector<double> dp(t + 1), dabs(t + 1);
+          double D = 0, Dabs = 0, Derr = 0;
           for (int64_t t2 = 0; t2 <= t; ++t2) {
+            const double p = P[row * T + t2], pe = p * EP[row * T + t2];
             double s = 0, sa = 0;
             for (int64_t i = 0; i < HS; ++i) {
               const double dv = d[(b * T + t) * C + h * HS + i];
               const double v = x[(b * T + t2) * C3 + 2 * C + h * HS + i];
               s += dv * v, sa += std::fabs(dv * v);
               const int64_t iv = (b * T + t2) * C3 + 2 * C + h * HS + i;
-              rg[iv] += arow[t2] * dv, mg[iv] += std::fabs(arow[t2] * dv);
+              rg[iv] += p * dv, mg[iv] += std::fabs(p * dv), eg[iv] += pe * std::fabs(dv);
+              og[iv] += (uf * (p + pe) + subf) * std::fabs(dv);
             }
-            datt[t2] = s, dabs[t2] = sa;
-            dot += arow[t2] * s, dotabs += arow[t2] * sa;
+            dp[t2] = s, dabs[t2] = sa;
+            D += p * s, Dabs += p * sa, Derr += pe * sa;
           }
           for (int64_t t2 = 0; t2 <= t; ++t2) {
-            const double g = arow[t2] * (datt[t2] - dot) * scale;
-            const double ga = arow[t2] * (dabs[t2] + dotabs) * scale;
+            const double p = P[row * T + t2], pe = p * EP[row * T + t2];
+            const double g = p * (dp[t2] - D) * scale;
+            const double ga = p * (dabs[t2] + Dabs) * scale;
+            const double ge = (pe * (dabs[t2] + Dabs) + p * Derr) * scale;
+            const double gr = uf * (ga + ge) + subf;  // ds rounded to the operand format
             for (int64_t i = 0; i < HS; ++i) {
               const int64_t iq = (b * T + t) * C3 + h * HS + i, ik = (b * T + t2) * C3 + C + h * HS + i;
-              rg[iq] += g * x[ik], mg[iq] += ga * std::fabs(x[ik]);
-              rg[ik] += g * x[iq], mg[ik] += ga * std::fabs(x[iq]);
+              rg[iq] += g * x[ik], mg[iq] += ga * std::fabs(x[ik]), eg[iq] += ge * std::fabs(x[ik]);
+              rg[ik] += g * x[iq], mg[ik] += ga * std::fabs(x[iq]), eg[ik] += ge * std::fabs(x[iq]);
+              og[iq] += gr * std::fabs(x[ik]);
+              og[ik] += gr * std::fabs(x[iq]);
             }
           }
         }
-    for (double& m : mg) m *= gamma32(HS + 2 * T + 10);
+    for (size_t i = 0; i < mg.size(); ++i) mg[i] = gamma32(HS + 2 * T + 10) * mg[i] + eg[i];
     be.reset_cast_counts();
-    be.attention_backward(dqkv.t, dout.t, qkv.t, att.t, NH);
-    twin.attention_backward(dqkv32.t, dout32.t, qkv32.t, att32.t, NH);
+    be.attention_backward(dqkv.t, dout.t, qkv.t, lse.t, NH, native);
+    twin.attention_backward(dqkv32.t, dout32.t, qkv32.t, lse32.t, NH, native);
     expect_op_counts(be, TensorClass::gradient, {{dqkv, dqkv32}});
-    check_output("attention dqkv", dqkv, dqkv32, rg, mg);
+    check_output("attention dqkv", dqkv, dqkv32, rg, mg, &og);
   }
 }
 

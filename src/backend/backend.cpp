@@ -1,6 +1,7 @@
 #include "backend/backend.h"
 
 #include "backend/cpu/cpu_backend.h"
+#include "core/formats.h"
 #if MPT_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_context.h"
@@ -15,6 +16,38 @@ const char* tensor_class_name(TensorClass c) {
     case TensorClass::gradient: return "gradients";
   }
   return "?";
+}
+
+OperandFormat attention_operand_format(DType a, DType b, MatmulPrecision prec) {
+  auto is_float = [](DType d) { return d == DType::f32 || d == DType::f16 || d == DType::bf16; };
+  if (!is_float(a) || !is_float(b))
+    throw RuntimeError(std::string("attention: operands must be fp32, fp16 or bf16, got ") +
+                       dtype_name(a) + " and " + dtype_name(b));
+  if (prec == MatmulPrecision::fp8)
+    throw RuntimeError("attention: its products take native or tf32 precision, not fp8");
+  if (a == b && a == DType::f16) return OperandFormat::f16;
+  if (a == b && a == DType::bf16) return OperandFormat::bf16;
+  return prec == MatmulPrecision::tf32 ? OperandFormat::tf32 : OperandFormat::f32;
+}
+
+const char* operand_format_name(OperandFormat f) {
+  switch (f) {
+    case OperandFormat::f32: return "fp32";
+    case OperandFormat::tf32: return "tf32";
+    case OperandFormat::f16: return "fp16";
+    case OperandFormat::bf16: return "bf16";
+  }
+  return "?";
+}
+
+float round_operand(float x, OperandFormat f) {
+  switch (f) {
+    case OperandFormat::f32: return x;
+    case OperandFormat::tf32: return round_tf32(x);
+    case OperandFormat::f16: return round_to_f16(x);
+    case OperandFormat::bf16: return round_to_bf16(x);
+  }
+  return x;
 }
 
 bool backend_is_cuda(const std::string& name) {

@@ -12,7 +12,7 @@
 //  - Float tensors may be stored as fp32, fp16 or bf16 (see each op for the exceptions). An op
 //    reads each element widened to fp32 (exact), computes in fp32, and stores each output
 //    rounded to the output's dtype (round to nearest even); an op that accumulates reads the
-//    output, adds in fp32 and rounds once. LayerNorm statistics, attention probabilities and
+//    output, adds in fp32 and rounds once. LayerNorm statistics, attention's log-sum-exp and
 //    losses are always fp32.
 #pragma once
 
@@ -53,6 +53,16 @@ struct MatmulSpec {
   MatmulSpec() = default;
   MatmulSpec(MatmulPrecision p) : prec(p) {}  // NOLINT: implicit, most calls name a precision
 };
+
+// The format in which attention's products read their operands (backend.h, attention_forward):
+// fp16/bf16 when both tensors read have that dtype (exact products on Tensor Cores), else fp32,
+// rounded to tf32 under MatmulPrecision::tf32 (as matmul_forward's native_pair/tf32 rule).
+// Throws RuntimeError for MatmulPrecision::fp8 or non-float dtypes.
+enum class OperandFormat { f32, tf32, f16, bf16 };
+OperandFormat attention_operand_format(DType a, DType b, MatmulPrecision prec);
+const char* operand_format_name(OperandFormat f);
+// x rounded to f (round to nearest even; identity for f32).
+float round_operand(float x, OperandFormat f);
 
 // What a tensor is, for the statistics of narrowing casts (numerics health, docs/metrics.md).
 enum class TensorClass { activation, weight, gradient };
@@ -192,10 +202,27 @@ class Backend {
                                Tensor weight, const MatmulSpec& spec) = 0;
 
   // Causal multi-head self-attention. qkv (B,T,3C) holds q|k|v, heads of size C/n_head.
-  // out(B,T,C) writes; att (B,NH,T,T) writes the softmax probabilities (fp32), saved for backward.
-  virtual void attention_forward(Tensor out, Tensor att, Tensor qkv, int n_head) = 0;
-  // dqkv(B,T,3C) writes.
-  virtual void attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att, int n_head) = 0;
+  // out(B,T,C) writes; lse (B,NH,T) fp32 writes each row's log-sum-exp of its scores: all the
+  // backward keeps, since it recomputes the probabilities from q, k and lse (as FlashAttention
+  // does: Dao et al., 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention with
+  // IO-Awareness"), so no (T,T) tensor outlives the op. For row t of head h, in fp32:
+  //   s[t2] = (sum_i q~[t,i] k~[t2,i]) * scale      for t2 <= t, scale = 1/sqrt(head size)
+  //   lse[t] = m + log(sum_t2 exp(s[t2] - m)),      m = max_t2 s[t2]
+  //   p[t2] = exp(s[t2] - lse[t])
+  //   out[t,i] = sum_t2 p~[t2] v~[t2,i]
+  // where x~ is x rounded to the products' operand format (attention_operand_format): the two
+  // products are matmuls, computed as matmul_forward computes `native` or `tf32` (fp8 is not
+  // accepted), so under fp16/bf16 the probabilities enter P.V rounded to that format. These
+  // operand roundings are internal and not counted in the cast statistics; out's store is.
+  virtual void attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head,
+                                 MatmulPrecision prec) = 0;
+  // dqkv(B,T,3C) writes, with s and p recomputed as in the forward (the same operand format if
+  // dout has qkv's dtype) and, per row,
+  //   dp[t2] = sum_i dout~[t,i] v~[t2,i];  D = sum_t2 p[t2] dp[t2]  (p, dp unrounded fp32)
+  //   ds[t2] = p[t2] (dp[t2] - D) * scale
+  //   dq[t] = sum_t2 ds~[t2] k~[t2];  dk[t2] = sum_t ds~[t2] q~[t];  dv[t2] = sum_t p~[t2] dout~[t]
+  virtual void attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor lse, int n_head,
+                                  MatmulPrecision prec) = 0;
 
   // GPT-2's tanh-approximated GELU. out writes; dinp writes = dout * gelu'(inp).
   virtual void gelu_forward(Tensor out, Tensor inp) = 0;

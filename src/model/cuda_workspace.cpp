@@ -45,7 +45,13 @@ double cuda_workspace_bytes(const ModelConfig& cfg, int B, int T, const Precisio
     linear(C, 4 * C, block_fp8, true);  // mlp.c_fc
     linear(4 * C, C, block_fp8, true);  // mlp.c_proj
   }
-  if (L > 0) plan_attention_backward(s, B, NH, T);
+  if (L > 0) {
+    // Gpt::attention_precision: the policy's matmul precision, native under fp8.
+    const OperandFormat f =
+        attention_operand_format(act, act, fp8 ? MatmulPrecision::native : policy.matmul);
+    plan_attention(s, false, B, NH, T, C / NH, f);
+    plan_attention(s, true, B, NH, T, C / NH, f);
+  }
   linear(C, Vp, head_fp8, false);  // the tied LM head
   plan_layernorm_backward(s, N, C);
   plan_embedding_backward(s, N, cfg.vocab_size);

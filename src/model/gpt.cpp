@@ -171,7 +171,7 @@ void Gpt::activation_layout(const ModelConfig& cfg, DType act, int B, int T, Gpt
     want(in(&LayerActs::ln1_rstd), DType::f32, Shape{b, t});
     want(in(&LayerActs::qkv), act, Shape{b, t, 3 * C});
     want(in(&LayerActs::atty), act, Shape{b, t, C});
-    want(in(&LayerActs::att), DType::f32, Shape{b, NH, t, t});  // softmax probabilities: fp32
+    want(in(&LayerActs::att_lse), DType::f32, Shape{b, NH, t});  // softmax log-sum-exp: fp32
     want(in(&LayerActs::attproj), act, Shape{b, t, C});
     want(in(&LayerActs::residual2), act, Shape{b, t, C});
     want(in(&LayerActs::ln2), act, Shape{b, t, C});
@@ -476,7 +476,7 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
     be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, residual, param(w.ln1w), param(w.ln1b));
     check(l, "layernorm_forward", "ln_1", a.ln1, false);
     linear(l, gm[0], "attn.c_attn", a.qkv, a.ln1, w.qkvw, param(w.qkvb));  // (B,T,3C)
-    be_.attention_forward(a.atty, a.att, a.qkv, NH_);  // (B,T,C)
+    be_.attention_forward(a.atty, a.att_lse, a.qkv, NH_, attention_precision());  // (B,T,C)
     check(l, "attention_forward", "attn", a.atty, false);
     linear(l, gm[1], "attn.c_proj", a.attproj, a.atty, w.attprojw, param(w.attprojb));
     be_.residual_forward(a.residual2, residual, a.attproj);
@@ -542,7 +542,7 @@ void Gpt::backward() {
     check(l, "layernorm_backward", "dresidual", dresidual_, true);
     linear_back(l, gm[1], "attn.c_proj", datty_, w.attprojw, grad(w.attprojb), dresidual_,
                 a.atty);
-    be_.attention_backward(dqkv_, datty_, a.qkv, a.att, NH_);
+    be_.attention_backward(dqkv_, datty_, a.qkv, a.att_lse, NH_, attention_precision());
     check(l, "attention_backward", "dqkv", dqkv_, true);
     linear_back(l, gm[0], "attn.c_attn", dln_, w.qkvw, grad(w.qkvb), dqkv_, a.ln1);
     be_.layernorm_backward(dresidual_, grad(w.ln1w), grad(w.ln1b), dln_, residual, param(w.ln1w),

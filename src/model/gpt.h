@@ -153,7 +153,7 @@ class Gpt {
     size_t ln1w, ln1b, qkvw, qkvb, attprojw, attprojb, ln2w, ln2b, fcw, fcb, fcprojw, fcprojb;
   };
   struct LayerActs {
-    Tensor ln1, ln1_mean, ln1_rstd, qkv, atty, att, attproj, residual2, ln2, ln2_mean, ln2_rstd,
+    Tensor ln1, ln1_mean, ln1_rstd, qkv, atty, att_lse, attproj, residual2, ln2, ln2_mean, ln2_rstd,
         fch, fch_gelu, fcproj, residual3;
   };
   // The activation arena of (B, T): calls want(target, dtype, shape) for each tensor in order.
@@ -169,6 +169,11 @@ class Gpt {
   // GEMM reported into the step's.
   MatmulSpec gemm_spec(int gemm, Tensor inp, Tensor weight, Tensor dout);
   void note_amaxes(int gemm, Tensor inp, Tensor weight, Tensor dout);
+  // Attention's two products follow the policy's matmuls, but never in fp8 (bf16 under fp8, as
+  // Transformer Engine's fp8 recipes keep attention in bf16).
+  MatmulPrecision attention_precision() const {
+    return policy_.matmul == MatmulPrecision::fp8 ? MatmulPrecision::native : policy_.matmul;
+  }
   void check(int layer, const char* op, const char* name, Tensor t, bool backward);
 
   ModelConfig cfg_;

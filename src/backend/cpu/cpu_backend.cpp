@@ -205,108 +205,162 @@ void CpuBackend::layernorm_backward_f32(Tensor dinp, Tensor dweight, Tensor dbia
   });
 }
 
-void CpuBackend::attention_forward_f32(Tensor out, Tensor att, Tensor qkv, int n_head) {
-  const int64_t B = qkv.dim(0), T = qkv.dim(1), C3 = qkv.dim(2), C = C3 / 3;
-  const int64_t NH = n_head, HS = C / NH;
-  MPT_CHECK(C3 == 3 * C && HS * NH == C, "qkv width must be 3 * n_head * head_size");
-  expect("attention_forward", "out", out, DType::f32, {B, T, C});
-  expect("attention_forward", "att", att, DType::f32, {B, NH, T, T});
-  const float* x = qkv.as<float>();
-  float* o = out.as<float>();
-  float* a = att.as<float>();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads_)
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < NH; ++h) {
-      for (int64_t t = 0; t < T; ++t) {
-        const float* q = x + (b * T + t) * C3 + h * HS;  // (HS)
-        float* arow = a + ((b * NH + h) * T + t) * T;     // (T)
-        // scores over the causal window t2 <= t, softmax in fp32 with the max subtracted
-        float maxv = -INFINITY;
+namespace {
+
+// x rounded to attention's operand format F (backend.h): fp16/bf16 operands arrive widened and
+// exact, so only tf32 rounds them; the probabilities and score gradients round to any narrow F.
+template <OperandFormat F>
+inline float rnd(float x) {
+  if constexpr (F == OperandFormat::f32) return x;
+  else if constexpr (F == OperandFormat::tf32) return round_tf32(x);
+  else if constexpr (F == OperandFormat::f16) return round_to_f16(x);
+  else return round_to_bf16(x);
+}
+
+struct AttDims {
+  int64_t B, T, C, NH, HS;
+  float scale;
+};
+
+// s[t2] = (sum_i q~[i] k~[t2,i]) * scale for t2 <= t; returns lse over them.
+template <OperandFormat F>
+float attention_scores(const float* x, const AttDims& d, int64_t b, int64_t h, int64_t t,
+                       float* s) {
+  const int64_t C3 = 3 * d.C;
+  const float* q = x + (b * d.T + t) * C3 + h * d.HS;
+  float maxv = -INFINITY;
+  for (int64_t t2 = 0; t2 <= t; ++t2) {
+    const float* k = x + (b * d.T + t2) * C3 + d.C + h * d.HS;
+    float dot = 0.0f;
+    for (int64_t i = 0; i < d.HS; ++i) dot += rnd<F>(q[i]) * rnd<F>(k[i]);
+    s[t2] = dot * d.scale;
+    maxv = std::max(maxv, s[t2]);
+  }
+  float sum = 0.0f;
+  for (int64_t t2 = 0; t2 <= t; ++t2) sum += std::exp(s[t2] - maxv);
+  return maxv + std::log(sum);
+}
+
+template <OperandFormat F>
+void attention_forward_rows(float* o, float* lse, const float* x, const AttDims& d,
+                            std::vector<float>& scratch, int threads) {
+  const int64_t C3 = 3 * d.C;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < d.B; ++b) {
+    for (int64_t h = 0; h < d.NH; ++h) {
+      float* p = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * d.T;  // (T)
+      for (int64_t t = 0; t < d.T; ++t) {
+        const float l = attention_scores<F>(x, d, b, h, t, p);
+        lse[(b * d.NH + h) * d.T + t] = l;
+        for (int64_t t2 = 0; t2 <= t; ++t2) p[t2] = rnd<F>(std::exp(p[t2] - l));
+        float* orow = o + (b * d.T + t) * d.C + h * d.HS;  // (HS)
+        for (int64_t i = 0; i < d.HS; ++i) orow[i] = 0.0f;
         for (int64_t t2 = 0; t2 <= t; ++t2) {
-          const float* k = x + (b * T + t2) * C3 + C + h * HS;
-          float s = 0.0f;
-          for (int64_t i = 0; i < HS; ++i) s += q[i] * k[i];
-          s *= scale;
-          arow[t2] = s;
-          maxv = std::max(maxv, s);
-        }
-        float sum = 0.0f;
-        for (int64_t t2 = 0; t2 <= t; ++t2) {
-          const float e = std::exp(arow[t2] - maxv);
-          arow[t2] = e;
-          sum += e;
-        }
-        const float inv = 1.0f / sum;
-        for (int64_t t2 = 0; t2 <= t; ++t2) arow[t2] *= inv;
-        for (int64_t t2 = t + 1; t2 < T; ++t2) arow[t2] = 0.0f;
-        float* orow = o + (b * T + t) * C + h * HS;  // (HS)
-        for (int64_t i = 0; i < HS; ++i) orow[i] = 0.0f;
-        for (int64_t t2 = 0; t2 <= t; ++t2) {
-          const float* v = x + (b * T + t2) * C3 + 2 * C + h * HS;
-          const float p = arow[t2];
-          for (int64_t i = 0; i < HS; ++i) orow[i] += p * v[i];
+          const float* v = x + (b * d.T + t2) * C3 + 2 * d.C + h * d.HS;
+          for (int64_t i = 0; i < d.HS; ++i) orow[i] += p[t2] * rnd<F>(v[i]);
         }
       }
     }
   }
 }
 
-void CpuBackend::attention_backward_f32(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att, int n_head) {
-  const int64_t B = qkv.dim(0), T = qkv.dim(1), C3 = qkv.dim(2), C = C3 / 3;
-  const int64_t NH = n_head, HS = C / NH;
-  expect("attention_backward", "dqkv", dqkv, DType::f32, {B, T, C3});
-  expect("attention_backward", "dout", dout, DType::f32, {B, T, C});
-  expect("attention_backward", "att", att, DType::f32, {B, NH, T, T});
-  const float* x = qkv.as<float>();
-  const float* a = att.as<float>();
-  const float* d = dout.as<float>();
-  float* dx = dqkv.as<float>();
-  const float scale = 1.0f / std::sqrt(static_cast<float>(HS));
-  // Scratch rows per thread, allocated here: nothing may throw inside the parallel region.
-  std::vector<float> scratch(static_cast<size_t>(threads_) * 2 * T);
+template <OperandFormat F>
+void attention_backward_rows(float* dx, const float* g, const float* x, const float* lse,
+                             const AttDims& d, std::vector<float>& scratch, int threads) {
+  const int64_t C3 = 3 * d.C;
   // Each (b, h) owns its slice of dqkv, so the tasks never write the same element.
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads_)
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t h = 0; h < NH; ++h) {
-      for (int64_t t = 0; t < T; ++t)
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < d.B; ++b) {
+    for (int64_t h = 0; h < d.NH; ++h) {
+      for (int64_t t = 0; t < d.T; ++t)
         for (int64_t j = 0; j < 3; ++j)
-          std::memset(dx + (b * T + t) * C3 + j * C + h * HS, 0, HS * sizeof(float));
-      float* datt = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * T;  // (T)
-      float* dpre = datt + T;                                                         // (T)
-      for (int64_t t = 0; t < T; ++t) {
-        const float* arow = a + ((b * NH + h) * T + t) * T;  // (T)
-        const float* drow = d + (b * T + t) * C + h * HS;    // (HS)
-        const float* q = x + (b * T + t) * C3 + h * HS;
-        float* dq = dx + (b * T + t) * C3 + h * HS;
-        // out[t] = sum_t2 att[t,t2] v[t2]  ->  datt[t2] = dout[t].v[t2], dv[t2] += att[t,t2] dout[t]
+          std::memset(dx + (b * d.T + t) * C3 + j * d.C + h * d.HS, 0, d.HS * sizeof(float));
+      float* p = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * d.T;  // (T)
+      float* dp = p + d.T;                                                           // (T)
+      for (int64_t t = 0; t < d.T; ++t) {
+        // the forward's probabilities again, from its lse (the scores' sum is not needed)
+        attention_scores<F>(x, d, b, h, t, p);
+        const float l = lse[(b * d.NH + h) * d.T + t];
+        for (int64_t t2 = 0; t2 <= t; ++t2) p[t2] = std::exp(p[t2] - l);
+        const float* drow = g + (b * d.T + t) * d.C + h * d.HS;  // (HS)
+        const float* q = x + (b * d.T + t) * C3 + h * d.HS;
+        float* dq = dx + (b * d.T + t) * C3 + h * d.HS;
+        // out[t] = sum_t2 p~[t2] v~[t2]  ->  dp[t2] = dout~[t].v~[t2], dv[t2] += p~[t2] dout~[t]
+        float D = 0.0f;
         for (int64_t t2 = 0; t2 <= t; ++t2) {
-          const float* v = x + (b * T + t2) * C3 + 2 * C + h * HS;
-          float* dv = dx + (b * T + t2) * C3 + 2 * C + h * HS;
-          const float p = arow[t2];
-          float s = 0.0f;
-          for (int64_t i = 0; i < HS; ++i) {
-            s += drow[i] * v[i];
-            dv[i] += p * drow[i];
+          const float* v = x + (b * d.T + t2) * C3 + 2 * d.C + h * d.HS;
+          float* dv = dx + (b * d.T + t2) * C3 + 2 * d.C + h * d.HS;
+          const float pr = rnd<F>(p[t2]);
+          float sdot = 0.0f;
+          for (int64_t i = 0; i < d.HS; ++i) {
+            sdot += rnd<F>(drow[i]) * rnd<F>(v[i]);
+            dv[i] += pr * rnd<F>(drow[i]);
           }
-          datt[t2] = s;
+          dp[t2] = sdot;
+          D += p[t2] * sdot;
         }
-        // softmax backward: dpre = att * (datt - sum(att * datt))
-        float dot = 0.0f;
-        for (int64_t t2 = 0; t2 <= t; ++t2) dot += arow[t2] * datt[t2];
-        for (int64_t t2 = 0; t2 <= t; ++t2) dpre[t2] = arow[t2] * (datt[t2] - dot) * scale;
-        // pre[t,t2] = scale * q[t].k[t2]
+        // softmax backward: ds = p (dp - D) scale, then s = scale q~.k~
         for (int64_t t2 = 0; t2 <= t; ++t2) {
-          const float* k = x + (b * T + t2) * C3 + C + h * HS;
-          float* dk = dx + (b * T + t2) * C3 + C + h * HS;
-          const float g = dpre[t2];
-          for (int64_t i = 0; i < HS; ++i) {
-            dq[i] += g * k[i];
-            dk[i] += g * q[i];
+          const float* k = x + (b * d.T + t2) * C3 + d.C + h * d.HS;
+          float* dk = dx + (b * d.T + t2) * C3 + d.C + h * d.HS;
+          const float ds = rnd<F>(p[t2] * (dp[t2] - D) * d.scale);
+          for (int64_t i = 0; i < d.HS; ++i) {
+            dq[i] += ds * rnd<F>(k[i]);
+            dk[i] += ds * rnd<F>(q[i]);
           }
         }
       }
     }
+  }
+}
+
+AttDims attention_dims(const char* op, const Tensor& qkv, int n_head) {
+  MPT_CHECK(qkv.shape.ndim == 3 && n_head > 0, std::string(op) + ": qkv must be (B, T, 3C)");
+  AttDims d;
+  d.B = qkv.dim(0), d.T = qkv.dim(1), d.C = qkv.dim(2) / 3, d.NH = n_head;
+  d.HS = d.C / n_head;
+  MPT_CHECK(qkv.dim(2) == 3 * d.C && d.HS * d.NH == d.C,
+            std::string(op) + ": qkv width must be 3 * n_head * head_size");
+  d.scale = 1.0f / std::sqrt(static_cast<float>(d.HS));
+  return d;
+}
+
+}  // namespace
+
+void CpuBackend::attention_forward_f32(Tensor out, Tensor lse, Tensor qkv, int n_head,
+                                       OperandFormat f) {
+  const AttDims d = attention_dims("attention_forward", qkv, n_head);
+  expect("attention_forward", "out", out, DType::f32, {d.B, d.T, d.C});
+  expect("attention_forward", "lse", lse, DType::f32, {d.B, d.NH, d.T});
+  // Rows of scratch per thread, allocated here: nothing may throw inside the parallel region.
+  std::vector<float> scratch(static_cast<size_t>(threads_) * d.T);
+  float* o = out.as<float>();
+  float* l = lse.as<float>();
+  const float* x = qkv.as<float>();
+  switch (f) {
+    case OperandFormat::f32: attention_forward_rows<OperandFormat::f32>(o, l, x, d, scratch, threads_); break;
+    case OperandFormat::tf32: attention_forward_rows<OperandFormat::tf32>(o, l, x, d, scratch, threads_); break;
+    case OperandFormat::f16: attention_forward_rows<OperandFormat::f16>(o, l, x, d, scratch, threads_); break;
+    case OperandFormat::bf16: attention_forward_rows<OperandFormat::bf16>(o, l, x, d, scratch, threads_); break;
+  }
+}
+
+void CpuBackend::attention_backward_f32(Tensor dqkv, Tensor dout, Tensor qkv, Tensor lse,
+                                        int n_head, OperandFormat f) {
+  const AttDims d = attention_dims("attention_backward", qkv, n_head);
+  expect("attention_backward", "dqkv", dqkv, DType::f32, {d.B, d.T, 3 * d.C});
+  expect("attention_backward", "dout", dout, DType::f32, {d.B, d.T, d.C});
+  expect("attention_backward", "lse", lse, DType::f32, {d.B, d.NH, d.T});
+  std::vector<float> scratch(static_cast<size_t>(threads_) * 2 * d.T);
+  float* dx = dqkv.as<float>();
+  const float* g = dout.as<float>();
+  const float* x = qkv.as<float>();
+  const float* l = lse.as<float>();
+  switch (f) {
+    case OperandFormat::f32: attention_backward_rows<OperandFormat::f32>(dx, g, x, l, d, scratch, threads_); break;
+    case OperandFormat::tf32: attention_backward_rows<OperandFormat::tf32>(dx, g, x, l, d, scratch, threads_); break;
+    case OperandFormat::f16: attention_backward_rows<OperandFormat::f16>(dx, g, x, l, d, scratch, threads_); break;
+    case OperandFormat::bf16: attention_backward_rows<OperandFormat::bf16>(dx, g, x, l, d, scratch, threads_); break;
   }
 }
 

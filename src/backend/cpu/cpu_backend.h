@@ -56,8 +56,10 @@ class CpuBackend : public Backend {
                       const MatmulSpec& spec) override;
   void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
                        Tensor weight, const MatmulSpec& spec) override;
-  void attention_forward(Tensor out, Tensor att, Tensor qkv, int n_head) override;
-  void attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att, int n_head) override;
+  void attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head,
+                         MatmulPrecision prec) override;
+  void attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor lse, int n_head,
+                          MatmulPrecision prec) override;
   void gelu_forward(Tensor out, Tensor inp) override;
   void gelu_backward(Tensor dinp, Tensor inp, Tensor dout) override;
   void residual_forward(Tensor out, Tensor a, Tensor b) override;
@@ -89,8 +91,9 @@ class CpuBackend : public Backend {
                              Tensor bias);
   void layernorm_backward_f32(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
                               Tensor weight, Tensor mean, Tensor rstd);
-  void attention_forward_f32(Tensor out, Tensor att, Tensor qkv, int n_head);
-  void attention_backward_f32(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att, int n_head);
+  void attention_forward_f32(Tensor out, Tensor lse, Tensor qkv, int n_head, OperandFormat f);
+  void attention_backward_f32(Tensor dqkv, Tensor dout, Tensor qkv, Tensor lse, int n_head,
+                              OperandFormat f);
   void gelu_forward_f32(Tensor out, Tensor inp);
   void gelu_backward_f32(Tensor dinp, Tensor inp, Tensor dout);
   void residual_forward_f32(Tensor out, Tensor a, Tensor b);

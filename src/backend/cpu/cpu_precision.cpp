@@ -404,16 +404,19 @@ void CpuBackend::layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, T
   commit(dbias, db, TensorClass::gradient);
 }
 
-void CpuBackend::attention_forward(Tensor out, Tensor att, Tensor qkv, int n_head) {
+void CpuBackend::attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head,
+                                   MatmulPrecision prec) {
+  const OperandFormat f = attention_operand_format(qkv.dtype, qkv.dtype, prec);
   const Tensor o = output(out, kOut, false);
-  attention_forward_f32(o, att, widen(qkv, kIn0), n_head);
+  attention_forward_f32(o, lse, widen(qkv, kIn0), n_head, f);
   commit(out, o, TensorClass::activation);
 }
 
-void CpuBackend::attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att,
-                                    int n_head) {
+void CpuBackend::attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor lse, int n_head,
+                                    MatmulPrecision prec) {
+  const OperandFormat f = attention_operand_format(qkv.dtype, dout.dtype, prec);
   const Tensor dx = output(dqkv, kOut, false);
-  attention_backward_f32(dx, widen(dout, kIn1), widen(qkv, kIn0), att, n_head);
+  attention_backward_f32(dx, widen(dout, kIn1), widen(qkv, kIn0), lse, n_head, f);
   commit(dqkv, dx, TensorClass::gradient);
 }
 

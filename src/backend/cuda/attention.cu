@@ -1,188 +1,124 @@
-// Causal multi-head attention with materialised scores and an fp32 softmax.
+// Causal multi-head attention: strided-batched cuBLASLt GEMMs for the six products, warp-per-row
+// kernels for the fp32 softmax and its gradient, and gather/scatter kernels between the (B, T,
+// 3C) layout and head-major operands. How each product maps to a GEMM, the chunking of the batch
+// and the scratch are decided in attention_plan.h (tested without a GPU).
 //
-// Straightforward kernels rather than cuBLASLt batched GEMMs (correctness first): one warp per
-// row of the (B, NH, T, T) score matrix, reading q, k, v straight from the (B, T, 3C) layout
-// (no permute pass), each output element summed by one thread in the CPU reference's order with
-// fp32 multiplies and adds that are never fused (__fmul_rn/__fadd_rn), so out, dq, dk and dv
-// follow the CPU's arithmetic except where the softmax's exp and its warp-reduced sums differ.
-// Deterministic: no atomics; every element of out and dqkv is written by exactly one thread.
+// Per chunk of the batch (forward):
+//   gather q, k, v head-major in the operand type -> S = scale Q.K^T (fp32) -> softmax: lse and
+//   P (fp32 in place, or rounded into fp16/bf16) -> O = P.V (fp32) -> counted store into out.
+// Backward: the same gather (and dout), S again, dP = dO.V^T, then one kernel recomputes
+// p = exp(s - lse), D = sum p dp and ds = p (dp - D) scale, writing P and dS in the operand type
+// (zeros above the diagonal); dQ = dS.K, dK = dS^T.Q, dV = P^T.dO; counted stores into dqkv.
 //
-// att is written whole, as the CPU writes it: the probabilities for t2 <= t, zeros above the
-// diagonal. Stores into fp16/bf16 outputs are counted (out: activations, dqkv: gradients).
-// Backward: d(scores) lives in Scratch::kAttention (B, NH, T, T) fp32, lower triangle only.
+// Deterministic: the GEMMs' algorithms are fixed per shape (cached), and every other element is
+// written by one thread with fixed-order warp reductions, no atomics but the cast counters.
+// Against the CPU reference the results differ only in summation order (GEMM tiling, warp trees)
+// and expf/logf's last bits; in fp16/bf16 a probability whose fp32 value moved by that much can
+// round to the neighbouring value (the parity test allows for it).
+#include <algorithm>
 #include <cmath>
 #include <string>
 
 #include "backend/cuda/attention.cuh"
+#include "backend/cuda/attention_plan.h"
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/gemm.h"
 
 namespace mpt::cuda {
 namespace {
 
-constexpr int kWarps = 8;  // rows per block (one warp each)
+constexpr int kWarps = 8;  // rows per block of the softmax kernels (one warp each)
 
 struct Dims {
   int64_t B, T, C, NH, HS;
-  __host__ __device__ int64_t rows() const { return B * NH * T; }
 };
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, off));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, off);
-  return v;
-}
-
-template <class T>
-__device__ __forceinline__ float dot_rn(const T* a, const T* b, int64_t n) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s = __fadd_rn(s, __fmul_rn(load<T>(a[i]), load<T>(b[i])));
-  return s;
-}
-template <class Ta, class Tb>
-__device__ __forceinline__ float dot_rn2(const Ta* a, const Tb* b, int64_t n) {
-  float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s = __fadd_rn(s, __fmul_rn(load<Ta>(a[i]), load<Tb>(b[i])));
-  return s;
-}
-
-// att[b,h,t,:] = softmax over t2 <= t of scale * q[t].k[t2], zeros for t2 > t.
-template <class T>
-__global__ void softmax_kernel(float* att, const T* qkv, Dims d, float scale) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
-  if (row >= d.rows()) return;  // uniform per warp
-  const int64_t t = row % d.T, bh = row / d.T, h = bh % d.NH, b = bh / d.NH;
-  const int64_t C3 = 3 * d.C;
-  const T* q = qkv + (b * d.T + t) * C3 + h * d.HS;
-  float* arow = att + row * d.T;
-  float maxv = -INFINITY;
-  for (int64_t t2 = lane; t2 <= t; t2 += 32) {
-    const T* k = qkv + (b * d.T + t2) * C3 + d.C + h * d.HS;
-    const float s = __fmul_rn(dot_rn(q, k, d.HS), scale);
-    arow[t2] = s;
-    maxv = fmaxf(maxv, s);
+// dst (heads, T, HS) = the heads' columns [off + h HS, off + (h + 1) HS) of src (chunk, T, W),
+// converted to the operand type (exact: the operand type is the source's or fp32).
+template <class Tin, class Tout>
+__global__ void gather_heads_kernel(const Tin* __restrict__ src, Tout* __restrict__ dst, int64_t n,
+                                    int64_t T, int64_t NH, int64_t HS, int64_t W, int64_t off) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = i % HS, t = (i / HS) % T, bh = i / (HS * T);
+    const int64_t h = bh % NH, b = bh / NH;
+    dst[i] = store<Tout>(load<Tin>(src[(b * T + t) * W + off + h * HS + e]));
   }
-  maxv = warp_max(maxv);
-  float sum = 0.0f;
-  for (int64_t t2 = lane; t2 <= t; t2 += 32) {
-    const float e = expf(arow[t2] - maxv);
-    arow[t2] = e;
-    sum += e;
-  }
-  sum = warp_sum(sum);
-  const float inv = 1.0f / sum;
-  for (int64_t t2 = lane; t2 < d.T; t2 += 32) arow[t2] = t2 <= t ? __fmul_rn(arow[t2], inv) : 0.0f;
 }
 
-// out[b,t,h*HS+i] = sum over t2 <= t of att[t,t2] v[t2,i] (in t2 order).
-template <class T, class To>
-__global__ void att_out_kernel(To* out, const float* att, const T* qkv, Dims d,
-                               unsigned long long* counters) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
-  if (row >= d.rows()) return;  // uniform per warp
-  const int64_t t = row % d.T, bh = row / d.T, h = bh % d.NH, b = bh / d.NH;
-  const int64_t C3 = 3 * d.C;
-  const float* arow = att + row * d.T;
+// The inverse: dst's columns [off + h HS, ...) of (chunk, T, W) = src (heads, T, HS) fp32,
+// rounded to To and counted.
+template <class To>
+__global__ void scatter_heads_kernel(const float* __restrict__ src, To* dst, int64_t n, int64_t T,
+                                     int64_t NH, int64_t HS, int64_t W, int64_t off,
+                                     unsigned long long* counters) {
   CastTally tally;
-  for (int64_t i = lane; i < d.HS; i += 32) {
-    float acc = 0.0f;
-    const T* v = qkv + b * d.T * C3 + 2 * d.C + h * d.HS + i;
-    for (int64_t t2 = 0; t2 <= t; ++t2) acc = __fadd_rn(acc, __fmul_rn(arow[t2], load<T>(v[t2 * C3])));
-    store_counted(out, (b * d.T + t) * d.C + h * d.HS + i, acc, tally);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = i % HS, t = (i / HS) % T, bh = i / (HS * T);
+    const int64_t h = bh % NH, b = bh / NH;
+    store_counted(dst, (b * T + t) * W + off + h * HS + e, src[i], tally);
   }
   if (kNarrow<To>) tally.flush(counters);
 }
 
-// dpre[t,t2] = att[t,t2] (datt[t,t2] - sum_t2 att[t,t2] datt[t,t2]) scale, datt = dout[t].v[t2].
-template <class T, class Td>
-__global__ void dscores_kernel(float* dpre, const float* att, const T* qkv, const Td* dout,
-                               Dims d, float scale) {
+// Row r = (bh, t) of the scores S (row stride Tp): lse[r] = m + log(sum_{t2 <= t} exp(s - m)),
+// P[r, t2] = exp(s - lse) for t2 <= t, 0 above. P may be S itself (fp32: each element read
+// and then written by the same lane).
+template <class TP>
+__global__ void softmax_forward_kernel(const float* S, TP* P, float* __restrict__ lse,
+                                       int64_t rows, int64_t T, int64_t Tp) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
-  if (row >= d.rows()) return;
-  const int64_t t = row % d.T, bh = row / d.T, h = bh % d.NH, b = bh / d.NH;
-  const int64_t C3 = 3 * d.C;
-  const Td* drow = dout + (b * d.T + t) * d.C + h * d.HS;
-  const float* arow = att + row * d.T;
-  float* prow = dpre + row * d.T;
-  float dot = 0.0f;
-  for (int64_t t2 = lane; t2 <= t; t2 += 32) {
-    const T* v = qkv + (b * d.T + t2) * C3 + 2 * d.C + h * d.HS;
-    const float s = dot_rn2(drow, v, d.HS);
-    prow[t2] = s;
-    dot += arow[t2] * s;
-  }
-  dot = warp_sum(dot);
-  for (int64_t t2 = lane; t2 <= t; t2 += 32)
-    prow[t2] = __fmul_rn(__fmul_rn(arow[t2], __fsub_rn(prow[t2], dot)), scale);
+  if (row >= rows) return;  // uniform per warp
+  const int64_t t = row % T;
+  const float* s = S + row * Tp;
+  float m = -INFINITY;
+  for (int64_t t2 = lane; t2 <= t; t2 += 32) m = fmaxf(m, s[t2]);
+  m = warp_max(m);
+  float sum = 0.0f;
+  for (int64_t t2 = lane; t2 <= t; t2 += 32) sum += expf(s[t2] - m);
+  sum = warp_sum(sum);
+  const float l = m + logf(sum);
+  if (lane == 0) lse[row] = l;
+  TP* p = P + row * Tp;
+  for (int64_t t2 = lane; t2 < T; t2 += 32)
+    p[t2] = store<TP>(t2 <= t ? expf(s[t2] - l) : 0.0f);
 }
 
-// dq[t,i] = sum over t2 <= t of dpre[t,t2] k[t2,i].
-template <class T, class Tg>
-__global__ void dq_kernel(Tg* dqkv, const float* dpre, const T* qkv, Dims d,
-                          unsigned long long* counters) {
+// Row r = (bh, t): p = exp(s - lse), D = sum_t2 p dp, then P = p and dS = p (dp - D) scale in
+// the operand type (0 above the diagonal). P may alias S and dS may alias dP (fp32).
+template <class TP>
+__global__ void softmax_backward_kernel(const float* S, const float* dP, TP* P, TP* dS,
+                                        const float* __restrict__ lse, int64_t rows, int64_t T,
+                                        int64_t Tp, float scale) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
-  if (row >= d.rows()) return;
-  const int64_t t = row % d.T, bh = row / d.T, h = bh % d.NH, b = bh / d.NH;
-  const int64_t C3 = 3 * d.C;
-  const float* prow = dpre + row * d.T;
-  CastTally tally;
-  for (int64_t i = lane; i < d.HS; i += 32) {
-    const T* k = qkv + b * d.T * C3 + d.C + h * d.HS + i;
-    float acc = 0.0f;
-    for (int64_t t2 = 0; t2 <= t; ++t2) acc = __fadd_rn(acc, __fmul_rn(prow[t2], load<T>(k[t2 * C3])));
-    store_counted(dqkv, (b * d.T + t) * C3 + h * d.HS + i, acc, tally);
-  }
-  if (kNarrow<Tg>) tally.flush(counters);
-}
-
-// For key/value position t2 (the warp's row): dk[t2,i] = sum over t >= t2 of dpre[t,t2] q[t,i],
-// dv[t2,i] = sum over t >= t2 of att[t,t2] dout[t,i] (in t order, as the CPU accumulates).
-template <class T, class Td, class Tg>
-__global__ void dkv_kernel(Tg* dqkv, const float* dpre, const float* att, const T* qkv,
-                           const Td* dout, Dims d, unsigned long long* counters) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
-  if (row >= d.rows()) return;
-  const int64_t t2 = row % d.T, bh = row / d.T, h = bh % d.NH, b = bh / d.NH;
-  const int64_t C3 = 3 * d.C;
-  const float* pcol = dpre + bh * d.T * d.T + t2;  // dpre[t][t2] at pcol[t * T]
-  const float* acol = att + bh * d.T * d.T + t2;
-  CastTally tally;
-  for (int64_t i = lane; i < d.HS; i += 32) {
-    const T* q = qkv + b * d.T * C3 + h * d.HS + i;
-    const Td* g = dout + b * d.T * d.C + h * d.HS + i;
-    float ak = 0.0f, av = 0.0f;
-    for (int64_t t = t2; t < d.T; ++t) {
-      ak = __fadd_rn(ak, __fmul_rn(pcol[t * d.T], load<T>(q[t * C3])));
-      av = __fadd_rn(av, __fmul_rn(acol[t * d.T], load<Td>(g[t * d.C])));
+  if (row >= rows) return;  // uniform per warp
+  const int64_t t = row % T;
+  const float* s = S + row * Tp;
+  const float* dp = dP + row * Tp;
+  const float l = lse[row];
+  float D = 0.0f;
+  for (int64_t t2 = lane; t2 <= t; t2 += 32) D += expf(s[t2] - l) * dp[t2];
+  D = warp_sum(D);
+  TP* p = P + row * Tp;
+  TP* ds = dS + row * Tp;
+  for (int64_t t2 = lane; t2 < T; t2 += 32) {
+    float pv = 0.0f, g = 0.0f;
+    if (t2 <= t) {
+      pv = expf(s[t2] - l);
+      g = __fmul_rn(__fmul_rn(pv, __fsub_rn(dp[t2], D)), scale);
     }
-    const int64_t base = (b * d.T + t2) * C3 + h * d.HS + i;
-    store_counted(dqkv, base + d.C, ak, tally);
-    store_counted(dqkv, base + 2 * d.C, av, tally);
+    p[t2] = store<TP>(pv);
+    ds[t2] = store<TP>(g);
   }
-  if (kNarrow<Tg>) tally.flush(counters);
-}
-
-bool is_float(const Tensor& t) {
-  return t.defined() && (t.dtype == DType::f32 || t.dtype == DType::f16 || t.dtype == DType::bf16);
-}
-
-void expect_shape(const char* op, const char* arg, const Tensor& t, Shape s, bool fp32_only) {
-  if (!is_float(t) || t.shape != s || (fp32_only && t.dtype != DType::f32))
-    throw RuntimeError(std::string(op) + ": argument '" + arg + "' expected " +
-                       (fp32_only ? "an fp32" : "a float (fp32, fp16 or bf16)") + " tensor of shape " +
-                       s.str() + ", got " + (t.defined() ? dtype_name(t.dtype) : "undefined") +
-                       t.shape.str());
 }
 
 Dims dims_of(const char* op, const Tensor& qkv, int n_head) {
-  if (!is_float(qkv) || qkv.shape.ndim != 3)
+  const bool is_float =
+      qkv.dtype == DType::f32 || qkv.dtype == DType::f16 || qkv.dtype == DType::bf16;
+  if (!qkv.defined() || !is_float || qkv.shape.ndim != 3)
     throw RuntimeError(std::string(op) + ": qkv must be a float (B, T, 3C) tensor, got " +
                        qkv.shape.str());
   Dims d;
@@ -196,67 +132,154 @@ Dims dims_of(const char* op, const Tensor& qkv, int n_head) {
   return d;
 }
 
-unsigned row_blocks(const Dims& d) {
-  const int64_t b = (d.rows() + kWarps - 1) / kWarps;
+unsigned row_blocks(int64_t rows) {
+  const int64_t b = (rows + kWarps - 1) / kWarps;
   if (b > 0x7FFFFFFF) throw RuntimeError("attention: too many rows");
   return static_cast<unsigned>(b < 1 ? 1 : b);
 }
 
+// Calls fn with a value of the operand type's storage type (float, __half, __nv_bfloat16).
+template <class F>
+void dispatch_operand(GemmType t, F&& fn) {
+  switch (t) {
+    case GemmType::f16: fn(__half{}); return;
+    case GemmType::bf16: fn(__nv_bfloat16{}); return;
+    default: fn(float{}); return;
+  }
+}
+
+// The head-major copy of columns [off, off + C) of src (B, T, W) for batch elements
+// [b0, b0 + bc), in the operand type TO.
+template <class TO>
+void gather(Context& ctx, const Tensor& src, int64_t W, int64_t off, int64_t b0, int64_t bc,
+            const Dims& d, TO* dst, const char* what) {
+  const int64_t n = bc * d.NH * d.T * d.HS;
+  MPT_DISPATCH_FLOAT(src.dtype, what, [&] {
+    const T* x = static_cast<const T*>(src.data) + b0 * d.T * W;
+    gather_heads_kernel<T, TO><<<grid_stride_blocks(n), kBlock, 0, ctx.stream()>>>(
+        x, dst, n, d.T, d.NH, d.HS, W, off);
+  });
+  MPT_LAUNCH_CHECK(ctx, what);
+}
+
+// Columns [off, off + C) of dst (B, T, W) for batch elements [b0, b0 + bc) = src (head-major
+// fp32), stored in dst's dtype and counted under cls.
+void scatter(Context& ctx, const float* src, Tensor dst, int64_t W, int64_t off, int64_t b0,
+             int64_t bc, const Dims& d, TensorClass cls, const char* what) {
+  const int64_t n = bc * d.NH * d.T * d.HS;
+  unsigned long long* counters = ctx.cast_counters(cls);
+  MPT_DISPATCH_FLOAT(dst.dtype, what, [&] {
+    T* y = static_cast<T*>(dst.data) + b0 * d.T * W;
+    scatter_heads_kernel<T><<<grid_stride_blocks(n), kBlock, 0, ctx.stream()>>>(
+        src, y, n, d.T, d.NH, d.HS, W, off, counters);
+  });
+  MPT_LAUNCH_CHECK(ctx, what);
+}
+
+void gemm(Context& ctx, AttentionGemm which, int64_t heads, const Dims& d, OperandFormat f,
+          float scale, const void* a, const void* b, float* out) {
+  const GemmPlan p = plan_attention_gemm(which, heads, d.T, d.HS, f, scale);
+  GemmArgs g;
+  g.a = a, g.b = b, g.d = out;
+  run_gemm(ctx, p, g, attention_gemm_name(which));
+}
+
 }  // namespace
 
-void attention_forward(Context& ctx, Tensor out, Tensor att, Tensor qkv, int n_head) {
+void attention_forward(Context& ctx, Tensor out, Tensor lse, Tensor qkv, int n_head,
+                       MatmulPrecision prec) {
   const Dims d = dims_of("attention_forward", qkv, n_head);
-  expect_shape("attention_forward", "out", out, {d.B, d.T, d.C}, false);
-  expect_shape("attention_forward", "att", att, {d.B, d.NH, d.T, d.T}, true);
-  if (d.rows() == 0) return;
+  expect_float("attention_forward", "out", out, {d.B, d.T, d.C});
+  expect_tensor("attention_forward", "lse", lse, DType::f32, {d.B, d.NH, d.T});
+  const OperandFormat f = attention_operand_format(qkv.dtype, qkv.dtype, prec);
+  if (d.B * d.T == 0) return;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.HS));
-  const unsigned grid = row_blocks(d);
-  float* a = static_cast<float*>(att.data);
-  unsigned long long* counters = ctx.cast_counters(TensorClass::activation);
-  MPT_DISPATCH_FLOAT(qkv.dtype, "attention_forward qkv", [&] {
-    using Tq = T;
-    const Tq* x = static_cast<const Tq*>(qkv.data);
-    softmax_kernel<Tq><<<grid, kWarps * 32, 0, ctx.stream()>>>(a, x, d, scale);
-    MPT_LAUNCH_CHECK(ctx, "attention_forward: softmax");
-    MPT_DISPATCH_FLOAT(out.dtype, "attention_forward out", [&] {
-      att_out_kernel<Tq, T><<<grid, kWarps * 32, 0, ctx.stream()>>>(static_cast<T*>(out.data), a,
-                                                                    x, d, counters);
-    });
-    MPT_LAUNCH_CHECK(ctx, "attention_forward: att . v");
+  const int64_t chunk = attention_batch_chunk(d.B, d.NH, d.T), Tp = attention_ld(d.T);
+  const AttentionScratch sz = attention_scratch(false, chunk, d.NH, d.T, d.HS, f);
+  const GemmType ot = attention_gemm_type(f);
+  const size_t head_bytes = sz.heads / 3;  // each of q, k, v, 256-byte aligned
+  float* S = static_cast<float*>(ctx.scratch(Scratch::kAttScores, sz.scores));
+  char* heads = static_cast<char*>(ctx.scratch(Scratch::kAttHeads, sz.heads));
+  float* O = static_cast<float*>(ctx.scratch(Scratch::kAttResult, sz.result));
+  void* narrow = sz.operands ? ctx.scratch(Scratch::kAttOperands, sz.operands) : nullptr;
+  dispatch_operand(ot, [&](auto tag) {
+    using TO = decltype(tag);
+    TO* q = reinterpret_cast<TO*>(heads);
+    TO* k = reinterpret_cast<TO*>(heads + head_bytes);
+    TO* v = reinterpret_cast<TO*>(heads + 2 * head_bytes);
+    // fp32 probabilities overwrite the scores; fp16/bf16 ones go to their own buffer.
+    TO* P = narrow ? static_cast<TO*>(narrow) : reinterpret_cast<TO*>(S);
+    for (int64_t b0 = 0; b0 < d.B; b0 += chunk) {
+      const int64_t bc = std::min(chunk, d.B - b0), heads_n = bc * d.NH, rows = heads_n * d.T;
+      gather(ctx, qkv, 3 * d.C, 0, b0, bc, d, q, "attention_forward: gather q");
+      gather(ctx, qkv, 3 * d.C, d.C, b0, bc, d, k, "attention_forward: gather k");
+      gather(ctx, qkv, 3 * d.C, 2 * d.C, b0, bc, d, v, "attention_forward: gather v");
+      gemm(ctx, AttentionGemm::scores, heads_n, d, f, scale, k, q, S);
+      softmax_forward_kernel<TO><<<row_blocks(rows), kWarps * 32, 0, ctx.stream()>>>(
+          S, P, static_cast<float*>(lse.data) + b0 * d.NH * d.T, rows, d.T, Tp);
+      MPT_LAUNCH_CHECK(ctx, "attention_forward: softmax");
+      gemm(ctx, AttentionGemm::out, heads_n, d, f, scale, v, P, O);
+      scatter(ctx, O, out, d.C, 0, b0, bc, d, TensorClass::activation,
+              "attention_forward: store out");
+    }
   });
   if (out.dtype != DType::f32) ctx.add_cast_values(TensorClass::activation, out.numel());
 }
 
-void attention_backward(Context& ctx, Tensor dqkv, Tensor dout, Tensor qkv, Tensor att,
-                        int n_head) {
+void attention_backward(Context& ctx, Tensor dqkv, Tensor dout, Tensor qkv, Tensor lse,
+                        int n_head, MatmulPrecision prec) {
   const Dims d = dims_of("attention_backward", qkv, n_head);
-  expect_shape("attention_backward", "dqkv", dqkv, {d.B, d.T, 3 * d.C}, false);
-  expect_shape("attention_backward", "dout", dout, {d.B, d.T, d.C}, false);
-  expect_shape("attention_backward", "att", att, {d.B, d.NH, d.T, d.T}, true);
-  if (d.rows() == 0) return;
+  expect_float("attention_backward", "dqkv", dqkv, {d.B, d.T, 3 * d.C});
+  expect_float("attention_backward", "dout", dout, {d.B, d.T, d.C});
+  expect_tensor("attention_backward", "lse", lse, DType::f32, {d.B, d.NH, d.T});
+  const OperandFormat f = attention_operand_format(qkv.dtype, dout.dtype, prec);
+  if (d.B * d.T == 0) return;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.HS));
-  const unsigned grid = row_blocks(d);
-  const float* a = static_cast<const float*>(att.data);
-  float* dpre = static_cast<float*>(
-      ctx.scratch(Scratch::kAttention, attention_backward_scratch_bytes(d.B, d.NH, d.T)));
-  unsigned long long* counters = ctx.cast_counters(TensorClass::gradient);
-  MPT_DISPATCH_FLOAT(qkv.dtype, "attention_backward qkv", [&] {
-    using Tq = T;
-    const Tq* x = static_cast<const Tq*>(qkv.data);
-    MPT_DISPATCH_FLOAT(dout.dtype, "attention_backward dout", [&] {
-      using Td = T;
-      const Td* g = static_cast<const Td*>(dout.data);
-      dscores_kernel<Tq, Td><<<grid, kWarps * 32, 0, ctx.stream()>>>(dpre, a, x, g, d, scale);
-      MPT_LAUNCH_CHECK(ctx, "attention_backward: d(scores)");
-      MPT_DISPATCH_FLOAT(dqkv.dtype, "attention_backward dqkv", [&] {
-        T* dx = static_cast<T*>(dqkv.data);
-        dq_kernel<Tq, T><<<grid, kWarps * 32, 0, ctx.stream()>>>(dx, dpre, x, d, counters);
-        MPT_LAUNCH_CHECK(ctx, "attention_backward: dq");
-        dkv_kernel<Tq, Td, T><<<grid, kWarps * 32, 0, ctx.stream()>>>(dx, dpre, a, x, g, d,
-                                                                       counters);
-        MPT_LAUNCH_CHECK(ctx, "attention_backward: dk, dv");
-      });
-    });
+  const int64_t chunk = attention_batch_chunk(d.B, d.NH, d.T), Tp = attention_ld(d.T);
+  const AttentionScratch sz = attention_scratch(true, chunk, d.NH, d.T, d.HS, f);
+  const GemmType ot = attention_gemm_type(f);
+  const size_t head_bytes = sz.heads / 4;      // q, k, v, dout
+  const size_t result_bytes = sz.result / 3;   // dq, dk, dv
+  float* S = static_cast<float*>(ctx.scratch(Scratch::kAttScores, sz.scores));
+  float* dP = static_cast<float*>(ctx.scratch(Scratch::kAttGrads, sz.grads));
+  char* heads = static_cast<char*>(ctx.scratch(Scratch::kAttHeads, sz.heads));
+  char* result = static_cast<char*>(ctx.scratch(Scratch::kAttResult, sz.result));
+  char* narrow =
+      sz.operands ? static_cast<char*>(ctx.scratch(Scratch::kAttOperands, sz.operands)) : nullptr;
+  float* dq = reinterpret_cast<float*>(result);
+  float* dk = reinterpret_cast<float*>(result + result_bytes);
+  float* dv = reinterpret_cast<float*>(result + 2 * result_bytes);
+  dispatch_operand(ot, [&](auto tag) {
+    using TO = decltype(tag);
+    TO* q = reinterpret_cast<TO*>(heads);
+    TO* k = reinterpret_cast<TO*>(heads + head_bytes);
+    TO* v = reinterpret_cast<TO*>(heads + 2 * head_bytes);
+    TO* g = reinterpret_cast<TO*>(heads + 3 * head_bytes);
+    // fp32: P over S and dS over dP, in place; fp16/bf16: both in the operands buffer.
+    TO* P = narrow ? reinterpret_cast<TO*>(narrow) : reinterpret_cast<TO*>(S);
+    TO* dS = narrow ? reinterpret_cast<TO*>(narrow + sz.operands / 2) : reinterpret_cast<TO*>(dP);
+    for (int64_t b0 = 0; b0 < d.B; b0 += chunk) {
+      const int64_t bc = std::min(chunk, d.B - b0), heads_n = bc * d.NH, rows = heads_n * d.T;
+      gather(ctx, qkv, 3 * d.C, 0, b0, bc, d, q, "attention_backward: gather q");
+      gather(ctx, qkv, 3 * d.C, d.C, b0, bc, d, k, "attention_backward: gather k");
+      gather(ctx, qkv, 3 * d.C, 2 * d.C, b0, bc, d, v, "attention_backward: gather v");
+      gather(ctx, dout, d.C, 0, b0, bc, d, g, "attention_backward: gather dout");
+      gemm(ctx, AttentionGemm::scores, heads_n, d, f, scale, k, q, S);
+      gemm(ctx, AttentionGemm::dprobs, heads_n, d, f, scale, v, g, dP);
+      softmax_backward_kernel<TO><<<row_blocks(rows), kWarps * 32, 0, ctx.stream()>>>(
+          S, dP, P, dS, static_cast<const float*>(lse.data) + b0 * d.NH * d.T, rows, d.T, Tp,
+          scale);
+      MPT_LAUNCH_CHECK(ctx, "attention_backward: softmax backward");
+      gemm(ctx, AttentionGemm::dq, heads_n, d, f, scale, k, dS, dq);
+      gemm(ctx, AttentionGemm::dk, heads_n, d, f, scale, q, dS, dk);
+      gemm(ctx, AttentionGemm::dv, heads_n, d, f, scale, g, P, dv);
+      scatter(ctx, dq, dqkv, 3 * d.C, 0, b0, bc, d, TensorClass::gradient,
+              "attention_backward: store dq");
+      scatter(ctx, dk, dqkv, 3 * d.C, d.C, b0, bc, d, TensorClass::gradient,
+              "attention_backward: store dk");
+      scatter(ctx, dv, dqkv, 3 * d.C, 2 * d.C, b0, bc, d, TensorClass::gradient,
+              "attention_backward: store dv");
+    }
   });
   if (dqkv.dtype != DType::f32) ctx.add_cast_values(TensorClass::gradient, dqkv.numel());
 }

@@ -125,12 +125,13 @@ void CudaBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Ten
                                   Tensor inp, Tensor weight, const MatmulSpec& spec) {
   cuda::matmul_backward(*ctx_, dinp, dweight, dbias, dout, inp, weight, spec);
 }
-void CudaBackend::attention_forward(Tensor out, Tensor att, Tensor qkv, int n_head) {
-  cuda::attention_forward(*ctx_, out, att, qkv, n_head);
+void CudaBackend::attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head,
+                                    MatmulPrecision prec) {
+  cuda::attention_forward(*ctx_, out, lse, qkv, n_head, prec);
 }
-void CudaBackend::attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att,
-                                     int n_head) {
-  cuda::attention_backward(*ctx_, dqkv, dout, qkv, att, n_head);
+void CudaBackend::attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor lse,
+                                     int n_head, MatmulPrecision prec) {
+  cuda::attention_backward(*ctx_, dqkv, dout, qkv, lse, n_head, prec);
 }
 void CudaBackend::gelu_forward(Tensor out, Tensor inp) { cuda::gelu_forward(*ctx_, out, inp); }
 void CudaBackend::gelu_backward(Tensor dinp, Tensor inp, Tensor dout) {

@@ -55,8 +55,10 @@ class CudaBackend : public Backend {
                       const MatmulSpec& spec) override;
   void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
                        Tensor weight, const MatmulSpec& spec) override;
-  void attention_forward(Tensor out, Tensor att, Tensor qkv, int n_head) override;
-  void attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor att, int n_head) override;
+  void attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head,
+                         MatmulPrecision prec) override;
+  void attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor lse, int n_head,
+                          MatmulPrecision prec) override;
   void gelu_forward(Tensor out, Tensor inp) override;
   void gelu_backward(Tensor dinp, Tensor inp, Tensor dout) override;
   void residual_forward(Tensor out, Tensor a, Tensor b) override;

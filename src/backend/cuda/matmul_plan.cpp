@@ -218,6 +218,8 @@ GemmKey gemm_key(const GemmPlan& p, GemmEpilogue epi, uint32_t align_a, uint32_t
   GemmKey k;
   k.m = p.m, k.n = p.n, k.k = p.k;
   k.lda = p.a.ld, k.ldb = p.b.ld, k.ldd = p.ldd;
+  k.batch = p.batch;
+  k.stride_a = p.stride_a, k.stride_b = p.stride_b, k.stride_d = p.stride_d;
   k.a_type = p.a.type, k.b_type = p.b.type, k.d_type = p.d_type;
   k.compute = p.compute;
   k.trans_a = p.a.trans, k.trans_b = p.b.trans, k.fp8 = p.fp8;

@@ -52,7 +52,9 @@ struct GemmOperand {
   int64_t rows = 0, cols = 0, ld = 0;  // the layout as stored (column-major)
 };
 
-// One cuBLASLt GEMM: D (m x n, ld ldd) = alpha op(A) op(B) + beta C, with C = D.
+// One cuBLASLt GEMM: D (m x n, ld ldd) = alpha op(A) op(B) + beta C, with C = D; `batch` > 1:
+// that many GEMMs, the i-th reading A + i stride_a, B + i stride_b and writing D + i stride_d
+// (elements; cuBLASLt's strided batch layout attributes).
 struct GemmPlan {
   MatmulOp op = MatmulOp::forward;
   int64_t m = 0, n = 0, k = 0;
@@ -62,6 +64,9 @@ struct GemmPlan {
   GemmCompute compute = GemmCompute::f32;
   bool fp8 = false;     // A and B scale pointers (scale_inv) are set
   float beta = 0.0f;    // wgrad accumulates (1), the others write (0)
+  float alpha = 1.0f;   // attention's scores fold their scale in here
+  int32_t batch = 1;
+  int64_t stride_a = 0, stride_b = 0, stride_d = 0;
 };
 
 // The GEMM for `op` (N rows, C input channels, OC output channels) with operand dtypes

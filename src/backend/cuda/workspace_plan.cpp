@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "backend/cuda/attention_plan.h"
 #include "backend/cuda/matmul_plan.h"
 
 namespace mpt::cuda {
@@ -78,11 +79,15 @@ void plan_matmul_backward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DTyp
   if (dweight != DType::f32) s.need(Scratch::kMatmulOut, f32_copy(OC * C));
 }
 
-size_t attention_backward_scratch_bytes(int64_t B, int64_t NH, int64_t T) {
-  return static_cast<size_t>(B * NH * T * T) * sizeof(float);
-}
-void plan_attention_backward(ScratchPlan& s, int64_t B, int64_t NH, int64_t T) {
-  s.need(Scratch::kAttention, attention_backward_scratch_bytes(B, NH, T));
+void plan_attention(ScratchPlan& s, bool backward, int64_t B, int64_t NH, int64_t T, int64_t HS,
+                    OperandFormat f) {
+  const AttentionScratch a =
+      attention_scratch(backward, attention_batch_chunk(B, NH, T), NH, T, HS, f);
+  s.need(Scratch::kAttScores, a.scores);
+  if (a.grads) s.need(Scratch::kAttGrads, a.grads);
+  if (a.operands) s.need(Scratch::kAttOperands, a.operands);
+  s.need(Scratch::kAttHeads, a.heads);
+  s.need(Scratch::kAttResult, a.result);
 }
 
 size_t layernorm_backward_scratch_bytes(int64_t N, int64_t C) {

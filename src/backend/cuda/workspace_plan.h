@@ -19,9 +19,11 @@ enum class Scratch : int {
   kReduce,     // per-block partial results of reductions (amax, sums, counts)
   kOperandA,   // fp8 (or transposed) copy of a matmul's first operand
   kOperandB,   // ... of its second operand
-  kAttention,  // attention backward's d(scores) (B,NH,T,T) fp32
-  kAttention2, // attention's staged q/k/v or d(q/k/v) in head-major layout
-  kAttention3,
+  kAttScores,    // attention: a chunk's scores, then probabilities (fp32, T x T per head)
+  kAttGrads,     // attention backward: d(probabilities), then d(scores) (fp32, the same shape)
+  kAttOperands,  // attention in fp16/bf16: the rounded probabilities and score gradients
+  kAttHeads,     // attention: q, k, v (and dout) gathered head-major in the operand type
+  kAttResult,    // attention: out, or dq, dk, dv, head-major fp32 before the counted stores
   kOperandC,   // matmul backward: the fp8 transposed copy of dout
   kMatmulOut,  // matmul: fp32 result staged before a counted store into fp16/bf16 outputs
   kCount
@@ -66,8 +68,10 @@ void plan_matmul_forward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType
 void plan_matmul_backward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType inp,
                           DType weight, DType dout, bool dinp, DType dinp_dtype, DType dweight,
                           bool dbias, const MatmulSpec& spec);
-size_t attention_backward_scratch_bytes(int64_t B, int64_t NH, int64_t T);
-void plan_attention_backward(ScratchPlan& s, int64_t B, int64_t NH, int64_t T);
+// Attention in operand format f (attention_plan.h): one pass over attention_batch_chunk(B, NH,
+// T) batch elements at a time, its scratch by role (attention_scratch).
+void plan_attention(ScratchPlan& s, bool backward, int64_t B, int64_t NH, int64_t T, int64_t HS,
+                    OperandFormat f);
 size_t layernorm_backward_scratch_bytes(int64_t N, int64_t C);
 void plan_layernorm_backward(ScratchPlan& s, int64_t N, int64_t C);
 size_t sum_squares_scratch_bytes(int64_t n);

@@ -1,0 +1,142 @@
+// cuBLASLt GEMMs from GemmPlans (gemm.h).
+#include "backend/cuda/gemm.h"
+
+#include <cublasLt.h>
+
+#include <cstring>
+#include <string>
+
+#include "backend/cuda/cuda_check.h"
+
+namespace mpt::cuda {
+namespace {
+
+static_assert(sizeof(cublasLtMatmulAlgo_t) == sizeof(CachedAlgo::algo),
+              "CachedAlgo must hold a cublasLtMatmulAlgo_t");
+
+cudaDataType_t cuda_type(GemmType t) {
+  switch (t) {
+    case GemmType::f32: return CUDA_R_32F;
+    case GemmType::f16: return CUDA_R_16F;
+    case GemmType::bf16: return CUDA_R_16BF;
+    case GemmType::e4m3: return CUDA_R_8F_E4M3;
+    case GemmType::e5m2: return CUDA_R_8F_E5M2;
+  }
+  return CUDA_R_32F;
+}
+
+// RAII for cuBLASLt descriptors (destroyed on every path, errors included).
+struct LtDescs {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  ~LtDescs() {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (d) cublasLtMatrixLayoutDestroy(d);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+
+}  // namespace
+
+bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* what,
+              bool may_fail) {
+  const GemmEpilogue epi = g.bias ? GemmEpilogue::bias : GemmEpilogue::none;
+  const GemmKey key =
+      gemm_key(p, epi, pointer_alignment(reinterpret_cast<uintptr_t>(g.a)),
+               pointer_alignment(reinterpret_cast<uintptr_t>(g.b)),
+               pointer_alignment(reinterpret_cast<uintptr_t>(g.d)));
+  LtDescs ds;
+  const cublasComputeType_t compute =
+      p.compute == GemmCompute::f32_fast_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  MPT_CUDA_CHECK(cublasLtMatmulDescCreate(&ds.op, compute, CUDA_R_32F));
+  const int32_t ta = p.a.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const int32_t tb = p.b.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
+  MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+  MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+  if (epi == GemmEpilogue::bias) {
+    const uint32_t e = CUBLASLT_EPILOGUE_BIAS;
+    MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof e));
+    MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
+                                                  sizeof g.bias));
+    const int32_t bt = cuda_type(gemm_type_of(g.bias_dtype));
+    MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt,
+                                                  sizeof bt));
+  }
+  if (p.fp8) {
+    MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                                                  &g.scale_a, sizeof g.scale_a));
+    MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                                                  &g.scale_b, sizeof g.scale_b));
+  }
+  MPT_CUDA_CHECK(cublasLtMatrixLayoutCreate(&ds.a, cuda_type(p.a.type), p.a.rows, p.a.cols, p.a.ld));
+  MPT_CUDA_CHECK(cublasLtMatrixLayoutCreate(&ds.b, cuda_type(p.b.type), p.b.rows, p.b.cols, p.b.ld));
+  MPT_CUDA_CHECK(cublasLtMatrixLayoutCreate(&ds.d, cuda_type(p.d_type), p.m, p.n, p.ldd));
+  if (p.batch > 1) {
+    const int32_t count = p.batch;
+    const int64_t strides[3] = {p.stride_a, p.stride_b, p.stride_d};
+    cublasLtMatrixLayout_t layouts[3] = {ds.a, ds.b, ds.d};
+    for (int i = 0; i < 3; ++i) {
+      MPT_CUDA_CHECK(cublasLtMatrixLayoutSetAttribute(
+          layouts[i], CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof count));
+      MPT_CUDA_CHECK(cublasLtMatrixLayoutSetAttribute(
+          layouts[i], CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &strides[i], sizeof strides[i]));
+    }
+  }
+
+  GemmAlgoCache& cache = ctx.gemm_algos();
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    MPT_CUDA_CHECK(cublasLtMatmulPreferenceCreate(&ds.pref));
+    const uint64_t ws = ctx.lt_workspace_bytes();
+    MPT_CUDA_CHECK(cublasLtMatmulPreferenceSetAttribute(
+        ds.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    const uint32_t al[4] = {key.align_a, key.align_b, key.align_d, key.align_d};
+    const cublasLtMatmulPreferenceAttributes_t which[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4; ++i)
+      MPT_CUDA_CHECK(cublasLtMatmulPreferenceSetAttribute(ds.pref, which[i], &al[i], sizeof al[i]));
+    cublasLtMatmulHeuristicResult_t res{};
+    int count = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.lt(), ds.op, ds.a, ds.b, ds.d,
+                                                             ds.d, ds.pref, 1, &res, &count);
+    const bool found = st == CUBLAS_STATUS_SUCCESS && count >= 1 && res.state == CUBLAS_STATUS_SUCCESS;
+    if (!found && may_fail) {
+      CachedAlgo none;
+      none.supported = false;
+      cache.emplace(key, none);
+      return false;
+    }
+    if (!found)
+      throw RuntimeError(std::string("matmul (") + what + "): cuBLASLt has no algorithm for " +
+                         key.str() + " (heuristic: " + cublas_status_name(st) + ", " +
+                         std::to_string(count) + " result(s), state " +
+                         cublas_status_name(res.state) + ")" +
+                         (p.fp8 ? "; fp8 GEMMs need m, n, k multiples of 16" : ""));
+    if (res.workspaceSize > ctx.lt_workspace_bytes())
+      throw RuntimeError(std::string("matmul (") + what + "): the algorithm for " + key.str() +
+                         " wants more workspace than the context holds");
+    CachedAlgo c;
+    std::memcpy(c.algo.data(), &res.algo, sizeof res.algo);
+    c.workspace = res.workspaceSize;
+    it = cache.emplace(key, c).first;
+  }
+  if (!it->second.supported) {
+    if (may_fail) return false;
+    throw RuntimeError(std::string("matmul (") + what + "): cuBLASLt has no algorithm for " +
+                       key.str());
+  }
+  cublasLtMatmulAlgo_t algo;
+  std::memcpy(&algo, it->second.algo.data(), sizeof algo);
+  const float alpha = p.alpha, beta = p.beta;
+  MPT_CUDA_CHECK(cublasLtMatmul(ctx.lt(), ds.op, &alpha, g.a, ds.a, g.b, ds.b, &beta, g.d, ds.d,
+                                g.d, ds.d, &algo, ctx.lt_workspace(), ctx.lt_workspace_bytes(),
+                                ctx.stream()));
+  MPT_LAUNCH_CHECK(ctx, what);
+  return true;
+}
+
+}  // namespace mpt::cuda
