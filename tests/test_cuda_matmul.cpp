@@ -398,6 +398,8 @@ TEST(AttentionPlan, EachGemmComputesItsProductFromTheHeadMajorAndSquareLayouts) 
   }
   EXPECT_THROW(plan_attention_gemm(AttentionGemm::scores, 0, T, HS, OperandFormat::f32, 1),
                RuntimeError);
+  EXPECT_THROW(plan_attention_gemm(AttentionGemm::scores, 65536, T, HS, OperandFormat::f32, 1),
+               RuntimeError) << "many cuBLASLt kernels take at most 65535 batched GEMMs";
 }
 
 TEST(AttentionPlan, ChunksKeepOneScoreBufferWithinTheCapAndBatchesWithin65535) {
@@ -895,12 +897,16 @@ TEST(CudaAttention, MatchesCpu) {
   run_attention_case({"bf16 head size 64, T = 1", BF, BF, BF, BF, 3, 1, 2, 64});
 }
 
-// Several passes over the batch (attention_batch_chunk) give what one pass gives: a batch
-// larger than one chunk at T = 1024 (13 x 4 heads of 4 MiB exceed 512 MiB's 128 per pass).
+// Several passes over the batch (attention_batch_chunk) give what one pass per element gives:
+// at T = 1024 with 4 heads a batch element's fp32 scores take 16 MiB, so 512 MiB holds 32 of
+// them and a batch of 33 runs as a pass of 32 (a batch of 128 GEMMs) and a pass of 1. Elements
+// of both passes (the first, the last of the first pass, the one of the second) are compared
+// with the element run alone. The GEMM algorithm may differ with the batch count, so within
+// fp32 noise rather than bit for bit (bf16 probabilities can round to the next value: 2^-8).
 TEST(CudaAttention, ChunkedBatchMatchesOnePassPerElement) {
   MPT_REQUIRE_GPU();
   const int64_t B = 33, T = 1024, NH = 4, HS = 8, C = NH * HS;
-  ASSERT_GT(B, attention_batch_chunk(B, NH, T));
+  ASSERT_EQ(attention_batch_chunk(B, NH, T), 32);
   Rng rng(test::fresh_seed());
   CpuBackend cpu(1);
   std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
@@ -914,33 +920,34 @@ TEST(CudaAttention, ChunkedBatchMatchesOnePassPerElement) {
   gpu->attention_backward(gdq.t, gd.t, gq.t, gl.t, static_cast<int>(NH), MatmulPrecision::native);
   const std::vector<float> all_o = from_gpu(*gpu, go, "out"), all_l = from_gpu(*gpu, gl, "lse"),
                            all_dq = from_gpu(*gpu, gdq, "dqkv");
-  // The last batch element alone (one pass): bit-identical (the same GEMM algorithm per shape
-  // is not guaranteed across batch counts, so compare within fp32 noise instead of bits).
-  const int64_t b = B - 1;
-  Owned q1 = test::make(cpu, {1, T, 3 * C}, BF), d1 = test::make(cpu, {1, T, C}, BF);
-  std::memcpy(q1.t.data, static_cast<const char*>(qkv.t.data) + b * T * 3 * C * 2, T * 3 * C * 2);
-  std::memcpy(d1.t.data, static_cast<const char*>(dout.t.data) + b * T * C * 2, T * C * 2);
-  Owned o1 = test::make(cpu, {1, T, C}, BF), l1 = test::make(cpu, {1, NH, T}, F32),
-        dq1 = test::make(cpu, {1, T, 3 * C}, BF);
-  Dev gq1 = to_gpu(*gpu, q1.t), gd1 = to_gpu(*gpu, d1.t), go1 = to_gpu(*gpu, o1.t),
-      gl1 = to_gpu(*gpu, l1.t), gdq1 = to_gpu(*gpu, dq1.t);
-  gpu->attention_forward(go1.t, gl1.t, gq1.t, static_cast<int>(NH), MatmulPrecision::native);
-  gpu->attention_backward(gdq1.t, gd1.t, gq1.t, gl1.t, static_cast<int>(NH), MatmulPrecision::native);
-  const std::vector<float> one_o = from_gpu(*gpu, go1, "out"), one_l = from_gpu(*gpu, gl1, "lse"),
-                           one_dq = from_gpu(*gpu, gdq1, "dqkv");
-  auto expect_near = [&](const char* what, const std::vector<float>& all, int64_t per,
-                         const std::vector<float>& one, double rel) {
-    int64_t bad = 0;
-    for (int64_t i = 0; i < per; ++i) {
-      const double a = all[b * per + i], o1v = one[i];
-      if (!(std::fabs(a - o1v) <= rel * (1 + std::fabs(o1v))) && bad++ < 3)
-        ADD_FAILURE() << what << "[" << i << "]: batched " << a << ", alone " << o1v;
-    }
-    EXPECT_EQ(bad, 0) << what;
-  };
-  expect_near("lse", all_l, NH * T, one_l, 1e-5);
-  expect_near("out", all_o, T * C, one_o, 2e-2);  // bf16: a rounding flip of p is 2^-8
-  expect_near("dqkv", all_dq, T * 3 * C, one_dq, 5e-2);
+  for (int64_t b : {int64_t{0}, int64_t{31}, B - 1}) {
+    SCOPED_TRACE("batch element " + std::to_string(b));
+    Owned q1 = test::make(cpu, {1, T, 3 * C}, BF), d1 = test::make(cpu, {1, T, C}, BF);
+    std::memcpy(q1.t.data, static_cast<const char*>(qkv.t.data) + b * T * 3 * C * 2, T * 3 * C * 2);
+    std::memcpy(d1.t.data, static_cast<const char*>(dout.t.data) + b * T * C * 2, T * C * 2);
+    Owned o1 = test::make(cpu, {1, T, C}, BF), l1 = test::make(cpu, {1, NH, T}, F32),
+          dq1 = test::make(cpu, {1, T, 3 * C}, BF);
+    Dev gq1 = to_gpu(*gpu, q1.t), gd1 = to_gpu(*gpu, d1.t), go1 = to_gpu(*gpu, o1.t),
+        gl1 = to_gpu(*gpu, l1.t), gdq1 = to_gpu(*gpu, dq1.t);
+    gpu->attention_forward(go1.t, gl1.t, gq1.t, static_cast<int>(NH), MatmulPrecision::native);
+    gpu->attention_backward(gdq1.t, gd1.t, gq1.t, gl1.t, static_cast<int>(NH),
+                            MatmulPrecision::native);
+    const std::vector<float> one_o = from_gpu(*gpu, go1, "out"), one_l = from_gpu(*gpu, gl1, "lse"),
+                             one_dq = from_gpu(*gpu, gdq1, "dqkv");
+    auto expect_near = [&](const char* what, const std::vector<float>& all, int64_t per,
+                           const std::vector<float>& one, double rel) {
+      int64_t bad = 0;
+      for (int64_t i = 0; i < per; ++i) {
+        const double a = all[b * per + i], o1v = one[i];
+        if (!(std::fabs(a - o1v) <= rel * (1 + std::fabs(o1v))) && bad++ < 3)
+          ADD_FAILURE() << what << "[" << i << "]: batched " << a << ", alone " << o1v;
+      }
+      EXPECT_EQ(bad, 0) << what;
+    };
+    expect_near("lse", all_l, NH * T, one_l, 1e-5);
+    expect_near("out", all_o, T * C, one_o, 2e-2);
+    expect_near("dqkv", all_dq, T * 3 * C, one_dq, 5e-2);
+  }
 }
 
 TEST(CudaAttention, RejectsANonFp32LseAndFp8) {

@@ -207,8 +207,8 @@ void CpuBackend::layernorm_backward_f32(Tensor dinp, Tensor dweight, Tensor dbia
 
 namespace {
 
-// x rounded to attention's operand format F (backend.h): fp16/bf16 operands arrive widened and
-// exact, so only tf32 rounds them; the probabilities and score gradients round to any narrow F.
+// x rounded to attention's operand format F (backend.h): the probabilities and score gradients,
+// computed in fp32.
 template <OperandFormat F>
 inline float rnd(float x) {
   if constexpr (F == OperandFormat::f32) return x;
@@ -216,23 +216,38 @@ inline float rnd(float x) {
   else if constexpr (F == OperandFormat::f16) return round_to_f16(x);
   else return round_to_bf16(x);
 }
+// An input (q, k, v, dout) as the products read it: fp16/bf16 values arrive widened and exact
+// (rounding them again would change nothing but cost a conversion per product); fp32 ones are
+// rounded under tf32.
+template <OperandFormat F>
+inline float rnd_in(float x) {
+  if constexpr (F == OperandFormat::tf32) return round_tf32(x);
+  else return x;
+}
 
 struct AttDims {
   int64_t B, T, C, NH, HS;
   float scale;
 };
 
-// s[t2] = (sum_i q~[i] k~[t2,i]) * scale for t2 <= t; returns lse over them.
+// Column block [off + h HS, off + (h + 1) HS) of every row of one batch element's (T, W) slice,
+// as the products read it (rnd_in), into a contiguous (T, HS) buffer: each head's q, k, v and
+// dout are then read with unit stride, and tf32's rounding happens once per element.
 template <OperandFormat F>
-float attention_scores(const float* x, const AttDims& d, int64_t b, int64_t h, int64_t t,
-                       float* s) {
-  const int64_t C3 = 3 * d.C;
-  const float* q = x + (b * d.T + t) * C3 + h * d.HS;
+void gather_head(const float* x, int64_t T, int64_t W, int64_t off, int64_t HS, float* out) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < HS; ++i) out[t * HS + i] = rnd_in<F>(x[t * W + off + i]);
+}
+
+// s[t2] = (sum_i q~[t,i] k~[t2,i]) * scale for t2 <= t, from the head's gathered q and k;
+// returns lse over them.
+float attention_scores(const float* qh, const float* kh, const AttDims& d, int64_t t, float* s) {
+  const float* q = qh + t * d.HS;
   float maxv = -INFINITY;
   for (int64_t t2 = 0; t2 <= t; ++t2) {
-    const float* k = x + (b * d.T + t2) * C3 + d.C + h * d.HS;
+    const float* k = kh + t2 * d.HS;
     float dot = 0.0f;
-    for (int64_t i = 0; i < d.HS; ++i) dot += rnd<F>(q[i]) * rnd<F>(k[i]);
+    for (int64_t i = 0; i < d.HS; ++i) dot += q[i] * k[i];
     s[t2] = dot * d.scale;
     maxv = std::max(maxv, s[t2]);
   }
@@ -241,23 +256,41 @@ float attention_scores(const float* x, const AttDims& d, int64_t b, int64_t h, i
   return maxv + std::log(sum);
 }
 
+// Per-thread scratch of the attention loops: `rows` (T) rows plus `heads` (T, HS) gathers.
+struct AttScratch {
+  std::vector<float> buf;
+  int64_t per_thread;
+  AttScratch(int threads, const AttDims& d, int rows, int heads)
+      : per_thread(rows * d.T + heads * d.T * d.HS) {
+    buf.resize(static_cast<size_t>(threads) * per_thread);
+  }
+  float* mine() { return buf.data() + static_cast<size_t>(omp_get_thread_num()) * per_thread; }
+};
+
 template <OperandFormat F>
 void attention_forward_rows(float* o, float* lse, const float* x, const AttDims& d,
-                            std::vector<float>& scratch, int threads) {
-  const int64_t C3 = 3 * d.C;
+                            AttScratch& scratch, int threads) {
+  const int64_t C3 = 3 * d.C, T = d.T, HS = d.HS;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
   for (int64_t b = 0; b < d.B; ++b) {
     for (int64_t h = 0; h < d.NH; ++h) {
-      float* p = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * d.T;  // (T)
-      for (int64_t t = 0; t < d.T; ++t) {
-        const float l = attention_scores<F>(x, d, b, h, t, p);
-        lse[(b * d.NH + h) * d.T + t] = l;
+      float* p = scratch.mine();  // (T)
+      float* qh = p + T;          // (T, HS) each
+      float* kh = qh + T * HS;
+      float* vh = kh + T * HS;
+      const float* xb = x + b * T * C3;
+      gather_head<F>(xb, T, C3, h * HS, HS, qh);
+      gather_head<F>(xb, T, C3, d.C + h * HS, HS, kh);
+      gather_head<F>(xb, T, C3, 2 * d.C + h * HS, HS, vh);
+      for (int64_t t = 0; t < T; ++t) {
+        const float l = attention_scores(qh, kh, d, t, p);
+        lse[(b * d.NH + h) * T + t] = l;
         for (int64_t t2 = 0; t2 <= t; ++t2) p[t2] = rnd<F>(std::exp(p[t2] - l));
-        float* orow = o + (b * d.T + t) * d.C + h * d.HS;  // (HS)
-        for (int64_t i = 0; i < d.HS; ++i) orow[i] = 0.0f;
+        float* orow = o + (b * T + t) * d.C + h * HS;  // (HS)
+        for (int64_t i = 0; i < HS; ++i) orow[i] = 0.0f;
         for (int64_t t2 = 0; t2 <= t; ++t2) {
-          const float* v = x + (b * d.T + t2) * C3 + 2 * d.C + h * d.HS;
-          for (int64_t i = 0; i < d.HS; ++i) orow[i] += p[t2] * rnd<F>(v[i]);
+          const float* v = vh + t2 * HS;
+          for (int64_t i = 0; i < HS; ++i) orow[i] += p[t2] * v[i];
         }
       }
     }
@@ -266,47 +299,56 @@ void attention_forward_rows(float* o, float* lse, const float* x, const AttDims&
 
 template <OperandFormat F>
 void attention_backward_rows(float* dx, const float* g, const float* x, const float* lse,
-                             const AttDims& d, std::vector<float>& scratch, int threads) {
-  const int64_t C3 = 3 * d.C;
+                             const AttDims& d, AttScratch& scratch, int threads) {
+  const int64_t C3 = 3 * d.C, T = d.T, HS = d.HS;
   // Each (b, h) owns its slice of dqkv, so the tasks never write the same element.
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
   for (int64_t b = 0; b < d.B; ++b) {
     for (int64_t h = 0; h < d.NH; ++h) {
-      for (int64_t t = 0; t < d.T; ++t)
+      for (int64_t t = 0; t < T; ++t)
         for (int64_t j = 0; j < 3; ++j)
-          std::memset(dx + (b * d.T + t) * C3 + j * d.C + h * d.HS, 0, d.HS * sizeof(float));
-      float* p = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * 2 * d.T;  // (T)
-      float* dp = p + d.T;                                                           // (T)
-      for (int64_t t = 0; t < d.T; ++t) {
+          std::memset(dx + (b * T + t) * C3 + j * d.C + h * HS, 0, HS * sizeof(float));
+      float* p = scratch.mine();  // (T)
+      float* dp = p + T;          // (T)
+      float* qh = dp + T;         // (T, HS) each
+      float* kh = qh + T * HS;
+      float* vh = kh + T * HS;
+      float* gh = vh + T * HS;
+      const float* xb = x + b * T * C3;
+      gather_head<F>(xb, T, C3, h * HS, HS, qh);
+      gather_head<F>(xb, T, C3, d.C + h * HS, HS, kh);
+      gather_head<F>(xb, T, C3, 2 * d.C + h * HS, HS, vh);
+      gather_head<F>(g + b * T * d.C, T, d.C, h * HS, HS, gh);
+      for (int64_t t = 0; t < T; ++t) {
         // the forward's probabilities again, from its lse (the scores' sum is not needed)
-        attention_scores<F>(x, d, b, h, t, p);
-        const float l = lse[(b * d.NH + h) * d.T + t];
+        attention_scores(qh, kh, d, t, p);
+        const float l = lse[(b * d.NH + h) * T + t];
         for (int64_t t2 = 0; t2 <= t; ++t2) p[t2] = std::exp(p[t2] - l);
-        const float* drow = g + (b * d.T + t) * d.C + h * d.HS;  // (HS)
-        const float* q = x + (b * d.T + t) * C3 + h * d.HS;
-        float* dq = dx + (b * d.T + t) * C3 + h * d.HS;
+        const float* drow = gh + t * HS;  // (HS)
+        const float* q = qh + t * HS;
+        float* dq = dx + (b * T + t) * C3 + h * HS;
         // out[t] = sum_t2 p~[t2] v~[t2]  ->  dp[t2] = dout~[t].v~[t2], dv[t2] += p~[t2] dout~[t]
         float D = 0.0f;
         for (int64_t t2 = 0; t2 <= t; ++t2) {
-          const float* v = x + (b * d.T + t2) * C3 + 2 * d.C + h * d.HS;
-          float* dv = dx + (b * d.T + t2) * C3 + 2 * d.C + h * d.HS;
+          const float* v = vh + t2 * HS;
+          float* dv = dx + (b * T + t2) * C3 + 2 * d.C + h * HS;
           const float pr = rnd<F>(p[t2]);
           float sdot = 0.0f;
-          for (int64_t i = 0; i < d.HS; ++i) {
-            sdot += rnd<F>(drow[i]) * rnd<F>(v[i]);
-            dv[i] += pr * rnd<F>(drow[i]);
+          for (int64_t i = 0; i < HS; ++i) {
+            sdot += drow[i] * v[i];
+            dv[i] += pr * drow[i];
           }
           dp[t2] = sdot;
           D += p[t2] * sdot;
         }
         // softmax backward: ds = p (dp - D) scale, then s = scale q~.k~
         for (int64_t t2 = 0; t2 <= t; ++t2) {
-          const float* k = x + (b * d.T + t2) * C3 + d.C + h * d.HS;
-          float* dk = dx + (b * d.T + t2) * C3 + d.C + h * d.HS;
+          const float* k = kh + t2 * HS;
+          float* dk = dx + (b * T + t2) * C3 + d.C + h * HS;
           const float ds = rnd<F>(p[t2] * (dp[t2] - D) * d.scale);
-          for (int64_t i = 0; i < d.HS; ++i) {
-            dq[i] += ds * rnd<F>(k[i]);
-            dk[i] += ds * rnd<F>(q[i]);
+          for (int64_t i = 0; i < HS; ++i) {
+            dq[i] += ds * k[i];
+            dk[i] += ds * q[i];
           }
         }
       }
@@ -319,8 +361,8 @@ AttDims attention_dims(const char* op, const Tensor& qkv, int n_head) {
   AttDims d;
   d.B = qkv.dim(0), d.T = qkv.dim(1), d.C = qkv.dim(2) / 3, d.NH = n_head;
   d.HS = d.C / n_head;
-  MPT_CHECK(qkv.dim(2) == 3 * d.C && d.HS * d.NH == d.C,
-            std::string(op) + ": qkv width must be 3 * n_head * head_size");
+  MPT_CHECK(qkv.dim(2) == 3 * d.C && d.HS * d.NH == d.C && d.HS >= 1,
+            std::string(op) + ": qkv width must be 3 * n_head * head_size, head_size >= 1");
   d.scale = 1.0f / std::sqrt(static_cast<float>(d.HS));
   return d;
 }
@@ -332,8 +374,8 @@ void CpuBackend::attention_forward_f32(Tensor out, Tensor lse, Tensor qkv, int n
   const AttDims d = attention_dims("attention_forward", qkv, n_head);
   expect("attention_forward", "out", out, DType::f32, {d.B, d.T, d.C});
   expect("attention_forward", "lse", lse, DType::f32, {d.B, d.NH, d.T});
-  // Rows of scratch per thread, allocated here: nothing may throw inside the parallel region.
-  std::vector<float> scratch(static_cast<size_t>(threads_) * d.T);
+  // Per-thread scratch, allocated here: nothing may throw inside the parallel region.
+  AttScratch scratch(threads_, d, 1, 3);
   float* o = out.as<float>();
   float* l = lse.as<float>();
   const float* x = qkv.as<float>();
@@ -351,7 +393,7 @@ void CpuBackend::attention_backward_f32(Tensor dqkv, Tensor dout, Tensor qkv, Te
   expect("attention_backward", "dqkv", dqkv, DType::f32, {d.B, d.T, 3 * d.C});
   expect("attention_backward", "dout", dout, DType::f32, {d.B, d.T, d.C});
   expect("attention_backward", "lse", lse, DType::f32, {d.B, d.NH, d.T});
-  std::vector<float> scratch(static_cast<size_t>(threads_) * 2 * d.T);
+  AttScratch scratch(threads_, d, 2, 4);
   float* dx = dqkv.as<float>();
   const float* g = dout.as<float>();
   const float* x = qkv.as<float>();

@@ -10,6 +10,11 @@
 // p = exp(s - lse), D = sum p dp and ds = p (dp - D) scale, writing P and dS in the operand type
 // (zeros above the diagonal); dQ = dS.K, dK = dS^T.Q, dV = P^T.dO; counted stores into dqkv.
 //
+// The GEMMs compute the whole (T, T) square and the masked probabilities are zeros, so a
+// non-finite k or v at position t2 also makes rows t < t2 NaN (0 x inf), where the CPU, summing
+// over the causal window only, keeps them finite. Only a step that is skipped anyway (its
+// activations are non-finite) sees the difference, in where the replay first finds a NaN.
+//
 // Deterministic: the GEMMs' algorithms are fixed per shape (cached), and every other element is
 // written by one thread with fixed-order warp reductions, no atomics but the cast counters.
 // Against the CPU reference the results differ only in summation order (GEMM tiling, warp trees)
@@ -126,8 +131,8 @@ Dims dims_of(const char* op, const Tensor& qkv, int n_head) {
   const int64_t C3 = qkv.dim(2);
   d.C = C3 / 3;
   d.NH = n_head;
-  if (n_head <= 0 || C3 != 3 * d.C || d.C % n_head != 0)
-    throw RuntimeError(std::string(op) + ": qkv width must be 3 * n_head * head_size");
+  if (n_head <= 0 || d.C == 0 || C3 != 3 * d.C || d.C % n_head != 0)
+    throw RuntimeError(std::string(op) + ": qkv width must be 3 * n_head * head_size, head_size >= 1");
   d.HS = d.C / n_head;
   return d;
 }

@@ -67,7 +67,7 @@ GemmOperand square_slot(GemmType t, bool trans, int64_t T) {
 
 GemmPlan plan_attention_gemm(AttentionGemm g, int64_t heads, int64_t T, int64_t HS,
                              OperandFormat f, float scale) {
-  if (heads < 1 || heads > 0x7FFFFFFF || T < 1 || HS < 1)
+  if (heads < 1 || heads > 65535 || T < 1 || HS < 1)
     throw RuntimeError("attention: no GEMM for " + std::to_string(heads) + " heads of T=" +
                        std::to_string(T) + ", head size " + std::to_string(HS));
   const GemmType t = attention_gemm_type(f);
