@@ -239,6 +239,14 @@ void gather_head(const float* x, int64_t T, int64_t W, int64_t off, int64_t HS, 
     for (int64_t i = 0; i < HS; ++i) out[t * HS + i] = rnd_in<F>(x[t * W + off + i]);
 }
 
+// Head h's q, k and v of one batch element's (T, 3C) slice xb, gathered into three consecutive
+// (T, HS) buffers starting at qkvh.
+template <OperandFormat F>
+void gather_qkv(const float* xb, const AttDims& d, int64_t h, float* qkvh) {
+  for (int64_t j = 0; j < 3; ++j)
+    gather_head<F>(xb, d.T, 3 * d.C, j * d.C + h * d.HS, d.HS, qkvh + j * d.T * d.HS);
+}
+
 // s[t2] = (sum_i q~[t,i] k~[t2,i]) * scale for t2 <= t, from the head's gathered q and k;
 // returns lse over them.
 float attention_scores(const float* qh, const float* kh, const AttDims& d, int64_t t, float* s) {
@@ -275,13 +283,10 @@ void attention_forward_rows(float* o, float* lse, const float* x, const AttDims&
   for (int64_t b = 0; b < d.B; ++b) {
     for (int64_t h = 0; h < d.NH; ++h) {
       float* p = scratch.mine();  // (T)
-      float* qh = p + T;          // (T, HS) each
+      float* qh = p + T;          // (T, HS) each: q, k, v
       float* kh = qh + T * HS;
       float* vh = kh + T * HS;
-      const float* xb = x + b * T * C3;
-      gather_head<F>(xb, T, C3, h * HS, HS, qh);
-      gather_head<F>(xb, T, C3, d.C + h * HS, HS, kh);
-      gather_head<F>(xb, T, C3, 2 * d.C + h * HS, HS, vh);
+      gather_qkv<F>(x + b * T * C3, d, h, qh);
       for (int64_t t = 0; t < T; ++t) {
         const float l = attention_scores(qh, kh, d, t, p);
         lse[(b * d.NH + h) * T + t] = l;
@@ -310,14 +315,11 @@ void attention_backward_rows(float* dx, const float* g, const float* x, const fl
           std::memset(dx + (b * T + t) * C3 + j * d.C + h * HS, 0, HS * sizeof(float));
       float* p = scratch.mine();  // (T)
       float* dp = p + T;          // (T)
-      float* qh = dp + T;         // (T, HS) each
+      float* qh = dp + T;         // (T, HS) each: q, k, v, dout
       float* kh = qh + T * HS;
       float* vh = kh + T * HS;
       float* gh = vh + T * HS;
-      const float* xb = x + b * T * C3;
-      gather_head<F>(xb, T, C3, h * HS, HS, qh);
-      gather_head<F>(xb, T, C3, d.C + h * HS, HS, kh);
-      gather_head<F>(xb, T, C3, 2 * d.C + h * HS, HS, vh);
+      gather_qkv<F>(x + b * T * C3, d, h, qh);
       gather_head<F>(g + b * T * d.C, T, d.C, h * HS, HS, gh);
       for (int64_t t = 0; t < T; ++t) {
         // the forward's probabilities again, from its lse (the scores' sum is not needed)
