@@ -104,7 +104,7 @@ struct AdamWParams {
   int64_t sr_first_index = 0;
 };
 
-// Per-call statistics of adamw_update.
+// Statistics of adamw_update calls (summed over the calls given the same AdamWStats).
 struct AdamWStats {
   int64_t values = 0;
   // Updates smaller in magnitude than half a bf16 ulp of the weight (the ulp above |w|): a
@@ -244,9 +244,14 @@ class Backend {
   // AdamW on one parameter tensor. grad is read (times p.grad_scale); m, v (fp32) write.
   // With a master (fp32, optional): the master is updated and `param` (the copy the ops read)
   // writes the master rounded to its dtype. Without: `param` is updated in place, rounded to its
-  // dtype (stochastically when p.stochastic_rounding). `stats` (optional) accumulates.
+  // dtype (stochastically when p.stochastic_rounding). `stats` (optional) accumulates; its
+  // lost_updates may be counted on the device and added only by collect_stats().
   virtual void adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m, Tensor v,
                             const AdamWParams& p, AdamWStats* stats) = 0;
+  // Adds into their `stats` what adamw_update calls counted on the device: a GPU backend then
+  // synchronises once for an optimizer step's parameters instead of once per parameter. A no-op
+  // where the counts are taken on the host (the CPU backend).
+  virtual void collect_stats() {}
 };
 
 // Creates the backend named in the config: "cpu", "cuda" or "auto" (CUDA when this build has it

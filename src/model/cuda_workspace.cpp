@@ -57,7 +57,6 @@ double cuda_workspace_bytes(const ModelConfig& cfg, int B, int T, const Precisio
   plan_embedding_backward(s, N, cfg.vocab_size);
   // The slab's element count, from the weights (the gradients may add an all-reduce copy).
   plan_sum_squares(s, static_cast<int64_t>(ledger.parameters / dtype_size(param)));
-  if (param == DType::bf16) plan_adamw(s);  // counts lost updates
   plan_count_nonfinite(s, N * std::max(Vp, 4 * C));  // the largest output a replay checks
   return static_cast<double>(lt_workspace_size(cc_major) + s.scratch_bytes());
 }

@@ -125,6 +125,7 @@ void AdamW::step(double lr, float grad_scale) {
     be_.adamw_update(param, piece_master(k), grad, piece_exp_avg(k), piece_exp_avg_sq(k), p,
                      &stats_);
   }
+  be_.collect_stats();
 }
 
 }  // namespace mpt

@@ -105,12 +105,8 @@ void adamw_update(Context& ctx, Tensor param, Tensor master, Tensor grad, Tensor
   const bool count_lost = param.dtype == DType::bf16;
   const bool sr = p.stochastic_rounding && !master.defined() && param.dtype == DType::bf16;
   const bool want_lost = count_lost && stats != nullptr;
-  unsigned long long* lost_dev = nullptr;
-  if (want_lost) {
-    lost_dev = static_cast<unsigned long long*>(
-        ctx.scratch(Scratch::kReduce, sizeof(unsigned long long)));
-    MPT_CUDA_CHECK(cudaMemsetAsync(lost_dev, 0, sizeof(unsigned long long), ctx.stream()));
-  }
+  // Summed on the device over the optimizer step's calls; collect_stats() reads it once.
+  unsigned long long* lost_dev = want_lost ? ctx.lost_update_counter(stats) : nullptr;
   unsigned long long* counters = ctx.cast_counters(TensorClass::weight);
   float* mp = static_cast<float*>(master.data);
   float* mm = static_cast<float*>(m.data);
@@ -129,16 +125,7 @@ void adamw_update(Context& ctx, Tensor param, Tensor master, Tensor grad, Tensor
   }
   MPT_LAUNCH_CHECK(ctx, op);
   if (param.dtype != DType::f32) ctx.add_cast_values(TensorClass::weight, n);
-  if (stats) {
-    stats->values += n;
-    if (want_lost) {
-      auto* host = static_cast<unsigned long long*>(ctx.pinned(sizeof(unsigned long long)));
-      MPT_CUDA_CHECK(cudaMemcpyAsync(host, lost_dev, sizeof(unsigned long long),
-                                     cudaMemcpyDeviceToHost, ctx.stream()));
-      ctx.sync(op);
-      stats->lost_updates += static_cast<int64_t>(*host);
-    }
-  }
+  if (stats) stats->values += n;
 }
 
 }  // namespace mpt::cuda

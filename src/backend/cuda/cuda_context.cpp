@@ -94,6 +94,7 @@ Context::Context(int device) : device_(device) {
   lt_workspace_ = DeviceBuffer(lt_workspace_size(props_.major));
   mem_->add(lt_workspace_.bytes());
   counters_ = DeviceBuffer(sizeof(unsigned long long) * 2 * kTensorClasses);
+  lost_ = DeviceBuffer(sizeof(unsigned long long));
   // On our stream: a plain cudaMemset goes to the legacy stream, which a non-blocking stream
   // does not wait for, so the first counting kernel could race it.
   MPT_CUDA_CHECK(cudaMemsetAsync(counters_.data(), 0, counters_.bytes(), stream_));
@@ -145,6 +146,26 @@ std::array<CastCounts, kTensorClasses> Context::read_cast_counters() const {
     out[c].values = values_[c];
   }
   return out;
+}
+
+unsigned long long* Context::lost_update_counter(AdamWStats* stats) {
+  if (lost_stats_ && lost_stats_ != stats) collect_lost_updates();
+  if (!lost_stats_) {
+    MPT_CUDA_CHECK(cudaMemsetAsync(lost_.data(), 0, lost_.bytes(), stream_));
+    lost_stats_ = stats;
+  }
+  return lost_.as<unsigned long long>();
+}
+
+void Context::collect_lost_updates() {
+  if (!lost_stats_) return;
+  AdamWStats* stats = lost_stats_;
+  lost_stats_ = nullptr;  // first: a failed copy must not leave a count pending
+  auto* h = static_cast<unsigned long long*>(pinned(sizeof(unsigned long long)));
+  MPT_CUDA_CHECK(cudaMemcpyAsync(h, lost_.data(), sizeof(unsigned long long),
+                                 cudaMemcpyDeviceToHost, stream_));
+  sync("reading adamw_update's lost-update count");
+  stats->lost_updates += static_cast<int64_t>(*h);
 }
 
 void Context::zero_cast_counters() {

@@ -77,6 +77,12 @@ class Context {
   std::array<CastCounts, kTensorClasses> read_cast_counters() const;
   void zero_cast_counters();
 
+  // adamw_update's lost-update count, summed on the device over the calls that share `stats`
+  // until collect_lost_updates() adds it there (one synchronisation per optimizer step, not one
+  // per parameter). A call with another `stats` first collects the pending count.
+  unsigned long long* lost_update_counter(AdamWStats* stats);
+  void collect_lost_updates();
+
   // cuBLASLt algorithms chosen per GEMM shape (matmul.cu): the heuristic runs once per key.
   GemmAlgoCache& gemm_algos() { return gemm_algos_; }
 
@@ -99,6 +105,8 @@ class Context {
   DeviceBuffer lt_workspace_;
   std::array<DeviceBuffer, static_cast<int>(Scratch::kCount)> scratch_;
   DeviceBuffer counters_;  // [kTensorClasses][2] unsigned long long
+  DeviceBuffer lost_;      // one unsigned long long (like counters_, a few bytes not counted)
+  AdamWStats* lost_stats_ = nullptr;
   std::array<int64_t, kTensorClasses> values_{};
   GemmAlgoCache gemm_algos_;
   void* pinned_ = nullptr;

@@ -119,6 +119,5 @@ void plan_count_nonfinite(ScratchPlan& s, int64_t n) {
   s.need(Scratch::kReduce, reduce_blocks(n) * sizeof(unsigned long long));
 }
 
-void plan_adamw(ScratchPlan& s) { s.need(Scratch::kReduce, sizeof(unsigned long long)); }
 
 }  // namespace mpt::cuda

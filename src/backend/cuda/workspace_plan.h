@@ -82,7 +82,5 @@ void plan_embedding_backward(ScratchPlan& s, int64_t N, int64_t vocab_size);
 void plan_amax(ScratchPlan& s, int64_t n);
 // count_nonfinite (the replay of a non-finite step): one 64-bit partial per block.
 void plan_count_nonfinite(ScratchPlan& s, int64_t n);
-// adamw_update's lost-update counter.
-void plan_adamw(ScratchPlan& s);
 
 }  // namespace mpt::cuda
