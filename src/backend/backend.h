@@ -41,7 +41,8 @@ struct Fp8Operand {
   float scale = 1.0f;
   // When not null, receives max |x| over the operand before quantisation (NaN when it holds a
   // NaN; inf when it holds an infinity) - the amax that delayed scaling records. Host memory,
-  // valid after the op returns.
+  // written by the op or, on a GPU backend, by the next Backend::collect_stats() (so that no
+  // GEMM waits for the host): it must stay valid until then.
   float* amax = nullptr;
 };
 
@@ -248,9 +249,10 @@ class Backend {
   // lost_updates may be counted on the device and added only by collect_stats().
   virtual void adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m, Tensor v,
                             const AdamWParams& p, AdamWStats* stats) = 0;
-  // Adds into their `stats` what adamw_update calls counted on the device: a GPU backend then
-  // synchronises once for an optimizer step's parameters instead of once per parameter. A no-op
-  // where the counts are taken on the host (the CPU backend).
+  // Writes the statistics ops left pending on the device to the host memory they were given:
+  // adamw_update's lost_updates (added into its `stats`) and the fp8 matmuls' amaxes
+  // (Fp8Operand::amax). A GPU backend then synchronises once per optimizer step, or per batch
+  // of reports, instead of once per op. A no-op where ops write them at once (the CPU backend).
   virtual void collect_stats() {}
 };
 

@@ -353,34 +353,53 @@ MatmulSpec Gpt::gemm_spec(int gemm, Tensor inp, Tensor weight, Tensor dout) {
   spec.weight.scale = g.used_scale_weight;
   spec.dout.scale = g.dout.scale();
   const bool current = policy_.fp8.scaling.recipe == "current";
-  auto choose = [&](Tensor t, Fp8TensorScaler& scaler, Fp8Operand& op, float& pending) {
+  auto choose = [&](Tensor t, Fp8TensorScaler& scaler, Fp8Operand& op, int operand) {
     if (!t.defined()) return;
     if (current) {
       // From the tensor's own amax: one more reduction before the GEMM, no staleness.
-      pending = be_.amax(t);
-      op.scale = scaler.scale_for_current(pending);
+      const float a = be_.amax(t);
+      op.scale = scaler.scale_for_current(a);
+      if (recording_) fold_amax(gemm, operand, a);
     } else {
       op.scale = scaler.scale();
-      if (recording_) op.amax = &pending;  // the GEMM reports it as it quantises
+      if (recording_) {  // the GEMM reports it as it quantises
+        amax_reports_.push_back({gemm, operand, 0.0f});
+        op.amax = &amax_reports_.back().value;
+      }
     }
   };
-  choose(inp, g.inp, spec.inp, pending_amax_[0]);
-  choose(weight, g.weight, spec.weight, pending_amax_[1]);
-  choose(dout, g.dout, spec.dout, pending_amax_[2]);
+  choose(inp, g.inp, spec.inp, 0);
+  choose(weight, g.weight, spec.weight, 1);
+  choose(dout, g.dout, spec.dout, 2);
   if (inp.defined()) g.used_scale_inp = spec.inp.scale;
   if (weight.defined()) g.used_scale_weight = spec.weight.scale;
   return spec;
 }
 
-void Gpt::note_amaxes(int gemm, Tensor inp, Tensor weight, Tensor dout) {
-  if (gemm < 0 || !recording_) return;
+Gpt::~Gpt() {
+  if (amax_reports_.empty()) return;
+  try {
+    be_.collect_stats();
+  } catch (...) {
+    // A failing device: nothing more can be done here, and a destructor must not throw.
+  }
+}
+
+void Gpt::fold_amax(int gemm, int operand, float amax) {
   Fp8Gemm& g = fp8_[gemm];
-  if (inp.defined()) g.amax_inp = amax_max(g.amax_inp, pending_amax_[0]);
-  if (weight.defined()) g.amax_weight = amax_max(g.amax_weight, pending_amax_[1]);
-  if (dout.defined()) g.amax_dout = amax_max(g.amax_dout, pending_amax_[2]);
+  float& step = operand == 0 ? g.amax_inp : operand == 1 ? g.amax_weight : g.amax_dout;
+  step = amax_max(step, amax);
+}
+
+void Gpt::fold_amax_reports() {
+  if (amax_reports_.empty()) return;
+  be_.collect_stats();  // a GPU backend writes the reported values now
+  for (const AmaxReport& r : amax_reports_) fold_amax(r.gemm, r.operand, r.value);
+  amax_reports_.clear();
 }
 
 void Gpt::end_step() {
+  fold_amax_reports();
   for (Fp8Gemm& g : fp8_) {
     g.inp.record(g.amax_inp);
     g.weight.record(g.amax_weight);
@@ -389,7 +408,8 @@ void Gpt::end_step() {
   }
 }
 
-std::vector<float> Gpt::fp8_step_amaxes() const {
+std::vector<float> Gpt::fp8_step_amaxes() {
+  fold_amax_reports();
   std::vector<float> a;
   a.reserve(3 * fp8_.size());
   for (const Fp8Gemm& g : fp8_) a.insert(a.end(), {g.amax_inp, g.amax_weight, g.amax_dout});
@@ -398,6 +418,7 @@ std::vector<float> Gpt::fp8_step_amaxes() const {
 
 void Gpt::set_fp8_step_amaxes(const std::vector<float>& a) {
   MPT_CHECK(a.size() == 3 * fp8_.size(), "set_fp8_step_amaxes: wrong size");
+  fold_amax_reports();  // nothing reported before this call may be added after it
   for (size_t i = 0; i < fp8_.size(); ++i) {
     fp8_[i].amax_inp = a[3 * i];
     fp8_[i].amax_weight = a[3 * i + 1];
@@ -462,7 +483,6 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
                     Tensor bias) {
     const MatmulSpec spec = gemm_spec(gemm, inp, param(w), Tensor());
     be_.matmul_forward(out, inp, param(w), bias, spec);
-    note_amaxes(gemm, inp, param(w), Tensor());
     check(layer, "matmul_forward", name, out, false);
   };
 
@@ -514,7 +534,6 @@ void Gpt::backward() {
                          Tensor dbias, Tensor dout, Tensor inp) {
     const MatmulSpec spec = gemm_spec(gemm, Tensor(), Tensor(), dout);
     be_.matmul_backward(dinp, grad(w), dbias, dout, inp, param(w), spec);
-    note_amaxes(gemm, Tensor(), Tensor(), dout);
     if (dinp.defined()) check(layer, "matmul_backward", name, dinp, true);
     check(layer, "matmul_backward", (std::string(name) + ".weight.grad").c_str(), grad(w), true);
   };

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <array>
+#include <deque>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -66,6 +67,9 @@ struct Fp8Gemm {
 class Gpt {
  public:
   Gpt(const ModelConfig& cfg, Backend& backend, const PrecisionPolicy& policy = {});
+  // Collects amax reports still pending: the backend holds pointers into this model.
+  ~Gpt();
+  Gpt(Gpt&&) = default;
 
   // GPT-2 initialisation: N(0, std) for weights and embeddings, std / sqrt(2 * n_layer) for the
   // projections into the residual stream, zero biases, unit LayerNorm gains; the rows of the
@@ -143,7 +147,8 @@ class Gpt {
   // This step's amaxes of every fp8 GEMM as one flat array (input, weight, output gradient per
   // GEMM), and back: data-parallel ranks max-reduce them before end_step(), so that every rank
   // records the amax of the global batch and keeps the same scales.
-  std::vector<float> fp8_step_amaxes() const;
+  // Reading them first collects what the GEMMs reported (Backend::collect_stats()).
+  std::vector<float> fp8_step_amaxes();
   void set_fp8_step_amaxes(const std::vector<float>& amaxes);
   nlohmann::json fp8_state() const;
   void load_fp8_state(const nlohmann::json& j);  // InputError when it does not fit this model
@@ -165,10 +170,10 @@ class Gpt {
   void ensure_activations(int B, int T);
   Tensor slab_view(const Buffer& buf, DType dtype, size_t i) const;
   // The GEMM settings of a linear layer (`gemm` indexes fp8_; -1 for a GEMM not in fp8): the
-  // forward passes inp and weight, the backward dout. note_amaxes() then folds the amaxes the
-  // GEMM reported into the step's.
+  // forward passes inp and weight, the backward dout. When training, the amaxes of those
+  // operands are recorded: reported by the GEMM (delayed scaling, amax_reports_) or computed
+  // before it (current scaling).
   MatmulSpec gemm_spec(int gemm, Tensor inp, Tensor weight, Tensor dout);
-  void note_amaxes(int gemm, Tensor inp, Tensor weight, Tensor dout);
   // Attention's two products follow the policy's matmuls, but never in fp8 (bf16 under fp8, as
   // Transformer Engine's fp8 recipes keep attention in bf16).
   MatmulPrecision attention_precision() const {
@@ -193,7 +198,17 @@ class Gpt {
   int head_gemm_ = -1;
   std::vector<Fp8Gemm> fp8_;
   bool recording_ = false;  // this forward/backward belongs to a training step
-  float pending_amax_[3] = {0, 0, 0};  // inp, weight, dout of the GEMM in flight
+  // The amaxes fp8 GEMMs report under delayed scaling: one entry per operand and call, written
+  // by the backend (a GPU backend only at collect_stats(), so that no GEMM waits for its amax),
+  // then folded into fp8_'s step amaxes by fold_amax_reports(). A deque: the backend holds
+  // pointers to the values until it writes them.
+  struct AmaxReport {
+    int gemm, operand;  // operand: 0 inp, 1 weight, 2 dout
+    float value;
+  };
+  std::deque<AmaxReport> amax_reports_;
+  void fold_amax(int gemm, int operand, float amax);
+  void fold_amax_reports();
 
   // Activations, sized once for the largest (B, T) seen.
   int act_B_ = 0, act_T_ = 0;

@@ -125,7 +125,7 @@ void CudaBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Ten
                                   Tensor inp, Tensor weight, const MatmulSpec& spec) {
   cuda::matmul_backward(*ctx_, dinp, dweight, dbias, dout, inp, weight, spec);
 }
-void CudaBackend::collect_stats() { ctx_->collect_lost_updates(); }
+void CudaBackend::collect_stats() { ctx_->collect_reports(); }
 void CudaBackend::attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head,
                                     MatmulPrecision prec) {
   cuda::attention_forward(*ctx_, out, lse, qkv, n_head, prec);

@@ -95,6 +95,8 @@ Context::Context(int device) : device_(device) {
   mem_->add(lt_workspace_.bytes());
   counters_ = DeviceBuffer(sizeof(unsigned long long) * 2 * kTensorClasses);
   lost_ = DeviceBuffer(sizeof(unsigned long long));
+  amax_words_ = DeviceBuffer(kAmaxReports * sizeof(unsigned));
+  MPT_CUDA_CHECK(cudaMemsetAsync(amax_words_.data(), 0, amax_words_.bytes(), stream_));
   // On our stream: a plain cudaMemset goes to the legacy stream, which a non-blocking stream
   // does not wait for, so the first counting kernel could race it.
   MPT_CUDA_CHECK(cudaMemsetAsync(counters_.data(), 0, counters_.bytes(), stream_));
@@ -155,6 +157,25 @@ unsigned long long* Context::lost_update_counter(AdamWStats* stats) {
     lost_stats_ = stats;
   }
   return lost_.as<unsigned long long>();
+}
+
+unsigned* Context::amax_report(float* host) {
+  if (amax_hosts_.size() == kAmaxReports) collect_reports();
+  amax_hosts_.push_back(host);
+  return amax_words_.as<unsigned>() + (amax_hosts_.size() - 1);
+}
+
+void Context::collect_reports() {
+  collect_lost_updates();
+  if (amax_hosts_.empty()) return;
+  std::vector<float*> hosts;
+  hosts.swap(amax_hosts_);  // first: a failed copy must not leave reports pending
+  const size_t bytes = hosts.size() * sizeof(unsigned);
+  auto* h = static_cast<unsigned*>(pinned(bytes));
+  MPT_CUDA_CHECK(cudaMemcpyAsync(h, amax_words_.data(), bytes, cudaMemcpyDeviceToHost, stream_));
+  sync("reading the fp8 amax reports");
+  for (size_t i = 0; i < hosts.size(); ++i) std::memcpy(hosts[i], &h[i], sizeof(float));
+  MPT_CUDA_CHECK(cudaMemsetAsync(amax_words_.data(), 0, bytes, stream_));
 }
 
 void Context::collect_lost_updates() {

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "backend/backend.h"
 #include "backend/cuda/cuda_check.h"
@@ -81,7 +82,12 @@ class Context {
   // until collect_lost_updates() adds it there (one synchronisation per optimizer step, not one
   // per parameter). A call with another `stats` first collects the pending count.
   unsigned long long* lost_update_counter(AdamWStats* stats);
-  void collect_lost_updates();
+  // fp8 amax reports (Fp8Operand::amax): a zeroed device word per requested amax, which the
+  // quantise kernel raises to the operand's magnitude bits (atomicMax), copied to `host` by
+  // collect_reports(). When all kAmaxReports words are pending, they are collected first.
+  unsigned* amax_report(float* host);
+  // Writes every pending report: the lost-update count and the amaxes (one synchronisation).
+  void collect_reports();
 
   // cuBLASLt algorithms chosen per GEMM shape (matmul.cu): the heuristic runs once per key.
   GemmAlgoCache& gemm_algos() { return gemm_algos_; }
@@ -105,8 +111,12 @@ class Context {
   DeviceBuffer lt_workspace_;
   std::array<DeviceBuffer, static_cast<int>(Scratch::kCount)> scratch_;
   DeviceBuffer counters_;  // [kTensorClasses][2] unsigned long long
+  void collect_lost_updates();
   DeviceBuffer lost_;      // one unsigned long long (like counters_, a few bytes not counted)
   AdamWStats* lost_stats_ = nullptr;
+  static constexpr size_t kAmaxReports = 4096;
+  DeviceBuffer amax_words_;  // kAmaxReports unsigned, zero where not pending (16 KiB, not counted)
+  std::vector<float*> amax_hosts_;  // where each pending word goes
   std::array<int64_t, kTensorClasses> values_{};
   GemmAlgoCache gemm_algos_;
   void* pinned_ = nullptr;

@@ -156,18 +156,20 @@ __global__ void set_floats_kernel(float* p, float a, float b, float c) {
 
 // ---- host helpers
 
-// Device words of one matmul call (in Scratch::kReduce): amax bits per operand, inverse scales.
+// Device words of one matmul call (in Scratch::kReduce): the inverse scales. (The amaxes go to
+// the Context's report words, read at collect_stats(): no GEMM waits for the host.)
 struct Fp8Words {
-  unsigned* amax;  // [3]: inp, weight, dout
-  float* scale_inv;  // [3]
+  float* scale_inv;  // [3]: inp, weight, dout
 };
 constexpr int kInp = 0, kWeight = 1, kDout = 2;
 
 Fp8Words fp8_words(Context& ctx) {
-  char* p = static_cast<char*>(ctx.scratch(Scratch::kReduce, 256));
-  Fp8Words w{reinterpret_cast<unsigned*>(p), reinterpret_cast<float*>(p + 64)};
-  MPT_CUDA_CHECK(cudaMemsetAsync(w.amax, 0, 3 * sizeof(unsigned), ctx.stream()));
-  return w;
+  return Fp8Words{static_cast<float*>(ctx.scratch(Scratch::kReduce, kFp8WordsBytes))};
+}
+
+// Where the quantise kernel reduces an operand's amax: a report word for q.amax, or none.
+unsigned* amax_word(Context& ctx, const Fp8Operand& q) {
+  return q.amax ? ctx.amax_report(q.amax) : nullptr;
 }
 
 // Quantises t (row-major rows x cols) with q's scale into y and/or yt.
@@ -229,21 +231,6 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
   if (out.dtype != DType::f32) ctx.add_cast_values(cls, rows * cols);
 }
 
-// Copies the amax words back (synchronising) into the requested host floats.
-void report_amax(Context& ctx, const Fp8Words& w, float* const dst[3]) {
-  if (!dst[0] && !dst[1] && !dst[2]) return;
-  unsigned* h = static_cast<unsigned*>(ctx.pinned(3 * sizeof(unsigned)));
-  MPT_CUDA_CHECK(cudaMemcpyAsync(h, w.amax, 3 * sizeof(unsigned), cudaMemcpyDeviceToHost,
-                                 ctx.stream()));
-  ctx.sync("matmul: reading fp8 amax");
-  for (int i = 0; i < 3; ++i)
-    if (dst[i]) {
-      float f;
-      std::memcpy(&f, &h[i], sizeof f);
-      *dst[i] = f;
-    }
-}
-
 }  // namespace
 
 void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor bias,
@@ -266,9 +253,9 @@ void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor 
     void* qa = ctx.scratch(Scratch::kOperandA, operand_copy_bytes(OC * C, p.a.type));
     void* qb = ctx.scratch(Scratch::kOperandB, operand_copy_bytes(N * C, p.b.type));
     quantise(ctx, weight, OC, C, spec.weight, qa, nullptr, true, TensorClass::weight,
-             spec.weight.amax ? w.amax + kWeight : nullptr);
+             amax_word(ctx, spec.weight));
     quantise(ctx, inp, N, C, spec.inp, qb, nullptr, true, TensorClass::activation,
-             spec.inp.amax ? w.amax + kInp : nullptr);
+             amax_word(ctx, spec.inp));
     set_floats_kernel<<<1, 1, 0, ctx.stream()>>>(w.scale_inv, 1.0f / spec.inp.scale,
                                                  1.0f / spec.weight.scale, 1.0f);
     MPT_LAUNCH_CHECK(ctx, "matmul_forward: scales");
@@ -299,10 +286,6 @@ void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor 
   if (!direct || bp == BiasPath::store_kernel)
     store_output(ctx, g.d, out, bp == BiasPath::store_kernel ? bias : Tensor(), N, OC,
                  TensorClass::activation);
-  if (p.fp8) {
-    float* const dst[3] = {spec.inp.amax, spec.weight.amax, nullptr};
-    report_amax(ctx, w, dst);
-  }
 }
 
 void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
@@ -357,7 +340,7 @@ void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Te
     dqt = ctx.scratch(Scratch::kOperandC, operand_copy_bytes(N * OC, pw.b.type));
     // One pass: the only new cast of the backward (counted, reports dout's amax).
     quantise(ctx, dout, N, OC, spec.dout, dq, dqt, true, TensorClass::gradient,
-             spec.dout.amax ? w.amax + kDout : nullptr);
+             amax_word(ctx, spec.dout));
   }
 
   // dinp (N, C) = dout . weight
@@ -407,11 +390,6 @@ void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Te
     }
     run_gemm(ctx, pw, g, "matmul_backward wgrad");
     if (!direct) store_output(ctx, g.d, dweight, Tensor(), OC, C, TensorClass::gradient);
-  }
-
-  if (pw.fp8) {
-    float* const dst[3] = {nullptr, nullptr, spec.dout.amax};
-    report_amax(ctx, w, dst);
   }
 }
 

@@ -46,7 +46,7 @@ constexpr int64_t kDbiasRows = 256;
 constexpr int64_t kNormChunk = int64_t{1} << 14;
 // layernorm_backward: dweight/dbias partials over chunks of at least kLayerNormRowChunk rows.
 constexpr int64_t kLayerNormRowChunk = 32;
-// The words an fp8 matmul keeps in Scratch::kReduce (amaxes and inverse scales).
+// The words an fp8 matmul keeps in Scratch::kReduce (its inverse scales).
 constexpr size_t kFp8WordsBytes = 256;
 
 // Rows per layernorm_backward partial: kLayerNormRowChunk, more when there would be more chunks
