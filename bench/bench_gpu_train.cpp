@@ -93,6 +93,7 @@ int main(int argc, char** argv) {
       model.zero_grad();
       model.forward(in.data(), tg.data(), B, T, 1.0f / (B * T));
       model.backward();
+      model.end_step();  // fp8: the step's amaxes into the scalers, as the trainer does
       opt.step(3e-4, opt.clip_scale(opt.grad_norm()));
     };
     for (int i = 0; i < warmup; ++i) one_step();

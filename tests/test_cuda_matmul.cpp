@@ -727,6 +727,42 @@ TEST(CudaMatmul, Fp8AmaxSeesNaNAndInfinity) {
   }
 }
 
+// More fp8 GEMMs than the Context's 4096 amax report words before one collect_stats(): the
+// pending reports are collected when the words run out, and every amax still reaches its own
+// host float, equal to the CPU's.
+TEST(CudaMatmul, Fp8AmaxReportsOutnumberingThePoolAllArrive) {
+  MPT_REQUIRE_GPU();
+  CpuBackend cpu(1);
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  Rng rng(test::fresh_seed());
+  const int64_t N = 16, C = 16, OC = 16;
+  constexpr int kCalls = 2100;  // two reports each: 4200 > 4096
+  std::vector<Owned> xs;
+  std::vector<Dev> gxs;
+  for (int i = 0; i < 8; ++i) {  // a few different inputs, cycled
+    xs.push_back(test::randn_as(cpu, {N, C}, BF, rng, 0.5 + i));
+    gxs.push_back(to_gpu(*gpu, xs.back().t));
+  }
+  Owned w = test::randn_as(cpu, {OC, C}, BF, rng);
+  Owned o = test::make(cpu, {N, OC}, F32);
+  Dev gw = to_gpu(*gpu, w.t), go = to_gpu(*gpu, o.t);
+  std::vector<float> ag(2 * kCalls, -1.0f), ac(2 * kCalls, -1.0f);
+  for (int i = 0; i < kCalls; ++i) {
+    MatmulSpec sc(FP8), sg(FP8);
+    sc.inp = {DType::e4m3, 1.0f, &ac[2 * i]};
+    sc.weight = {DType::e4m3, 1.0f, &ac[2 * i + 1]};
+    sg.inp = {DType::e4m3, 1.0f, &ag[2 * i]};
+    sg.weight = {DType::e4m3, 1.0f, &ag[2 * i + 1]};
+    cpu.matmul_forward(o.t, xs[i % 8].t, w.t, Tensor(), sc);
+    gpu->matmul_forward(go.t, gxs[i % 8].t, gw.t, Tensor(), sg);
+  }
+  gpu->collect_stats();
+  int64_t bad = 0;
+  for (int i = 0; i < 2 * kCalls; ++i)
+    if (ag[i] != ac[i] && bad++ < 3) ADD_FAILURE() << "amax " << i << ": gpu " << ag[i] << " cpu " << ac[i];
+  EXPECT_EQ(bad, 0);
+}
+
 // ---- attention
 
 struct AttCase {

@@ -41,8 +41,8 @@ struct Fp8Operand {
   float scale = 1.0f;
   // When not null, receives max |x| over the operand before quantisation (NaN when it holds a
   // NaN; inf when it holds an infinity) - the amax that delayed scaling records. Host memory,
-  // written by the op or, on a GPU backend, by the next Backend::collect_stats() (so that no
-  // GEMM waits for the host): it must stay valid until then.
+  // written by the op or, on a GPU backend, at the latest by the next Backend::collect_stats()
+  // (so that no GEMM waits for the host): it must stay valid until then.
   float* amax = nullptr;
 };
 
@@ -246,7 +246,8 @@ class Backend {
   // With a master (fp32, optional): the master is updated and `param` (the copy the ops read)
   // writes the master rounded to its dtype. Without: `param` is updated in place, rounded to its
   // dtype (stochastically when p.stochastic_rounding). `stats` (optional) accumulates; its
-  // lost_updates may be counted on the device and added only by collect_stats().
+  // lost_updates may be counted on the device and added only by collect_stats(), so `stats`
+  // must stay valid until then.
   virtual void adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m, Tensor v,
                             const AdamWParams& p, AdamWStats* stats) = 0;
   // Writes the statistics ops left pending on the device to the host memory they were given:

@@ -104,26 +104,37 @@ Tensor AdamW::exp_avg_sq(size_t i) const {
 void AdamW::step(double lr, float grad_scale) {
   ++t_;
   stats_ = {};
-  for (size_t k = 0; k < pieces_.size(); ++k) {
-    const ParamPiece& piece = pieces_[k];
-    const ParamInfo& info = model_.params()[piece.param];
-    AdamWParams p{static_cast<float>(lr),
-                  static_cast<float>(cfg_.beta1),
-                  static_cast<float>(cfg_.beta2),
-                  static_cast<float>(cfg_.eps),
-                  info.decay ? static_cast<float>(cfg_.weight_decay) : 0.0f,
-                  t_,
-                  grad_scale,
-                  model_.policy().stochastic_rounding,
-                  derive_seed(sr_seed_, piece.param),
-                  piece.first};
-    Tensor param = model_.param(piece.param), grad = model_.grad(piece.param);
-    if (piece.count != info.shape.numel()) {
-      param = param.slice(piece.first, piece.count);
-      grad = grad.slice(piece.first, piece.count);
+  // The backend may count into stats_ on the device until collect_stats(): collect it on every
+  // path, so that no pointer to stats_ stays pending (a failed step then rethrows).
+  try {
+    for (size_t k = 0; k < pieces_.size(); ++k) {
+      const ParamPiece& piece = pieces_[k];
+      const ParamInfo& info = model_.params()[piece.param];
+      AdamWParams p{static_cast<float>(lr),
+                    static_cast<float>(cfg_.beta1),
+                    static_cast<float>(cfg_.beta2),
+                    static_cast<float>(cfg_.eps),
+                    info.decay ? static_cast<float>(cfg_.weight_decay) : 0.0f,
+                    t_,
+                    grad_scale,
+                    model_.policy().stochastic_rounding,
+                    derive_seed(sr_seed_, piece.param),
+                    piece.first};
+      Tensor param = model_.param(piece.param), grad = model_.grad(piece.param);
+      if (piece.count != info.shape.numel()) {
+        param = param.slice(piece.first, piece.count);
+        grad = grad.slice(piece.first, piece.count);
+      }
+      be_.adamw_update(param, piece_master(k), grad, piece_exp_avg(k), piece_exp_avg_sq(k), p,
+                       &stats_);
     }
-    be_.adamw_update(param, piece_master(k), grad, piece_exp_avg(k), piece_exp_avg_sq(k), p,
-                     &stats_);
+  } catch (...) {
+    try {
+      be_.collect_stats();
+    } catch (...) {
+      // The first error is the one to report.
+    }
+    throw;
   }
   be_.collect_stats();
 }

@@ -151,7 +151,7 @@ std::array<CastCounts, kTensorClasses> Context::read_cast_counters() const {
 }
 
 unsigned long long* Context::lost_update_counter(AdamWStats* stats) {
-  if (lost_stats_ && lost_stats_ != stats) collect_lost_updates();
+  if (lost_stats_ && lost_stats_ != stats) collect_reports();
   if (!lost_stats_) {
     MPT_CUDA_CHECK(cudaMemsetAsync(lost_.data(), 0, lost_.bytes(), stream_));
     lost_stats_ = stats;
@@ -161,32 +161,45 @@ unsigned long long* Context::lost_update_counter(AdamWStats* stats) {
 
 unsigned* Context::amax_report(float* host) {
   if (amax_hosts_.size() == kAmaxReports) collect_reports();
+  if (amax_words_dirty_) {
+    MPT_CUDA_CHECK(cudaMemsetAsync(amax_words_.data(), 0, amax_words_.bytes(), stream_));
+    amax_words_dirty_ = false;
+  }
   amax_hosts_.push_back(host);
   return amax_words_.as<unsigned>() + (amax_hosts_.size() - 1);
 }
 
 void Context::collect_reports() {
-  collect_lost_updates();
-  if (amax_hosts_.empty()) return;
-  std::vector<float*> hosts;
-  hosts.swap(amax_hosts_);  // first: a failed copy must not leave reports pending
-  const size_t bytes = hosts.size() * sizeof(unsigned);
-  auto* h = static_cast<unsigned*>(pinned(bytes));
-  MPT_CUDA_CHECK(cudaMemcpyAsync(h, amax_words_.data(), bytes, cudaMemcpyDeviceToHost, stream_));
-  sync("reading the fp8 amax reports");
-  for (size_t i = 0; i < hosts.size(); ++i) std::memcpy(hosts[i], &h[i], sizeof(float));
-  MPT_CUDA_CHECK(cudaMemsetAsync(amax_words_.data(), 0, bytes, stream_));
-}
-
-void Context::collect_lost_updates() {
-  if (!lost_stats_) return;
+  // Take both pending lists first: whatever happens below, no host pointer stays registered.
   AdamWStats* stats = lost_stats_;
-  lost_stats_ = nullptr;  // first: a failed copy must not leave a count pending
-  auto* h = static_cast<unsigned long long*>(pinned(sizeof(unsigned long long)));
-  MPT_CUDA_CHECK(cudaMemcpyAsync(h, lost_.data(), sizeof(unsigned long long),
-                                 cudaMemcpyDeviceToHost, stream_));
-  sync("reading adamw_update's lost-update count");
-  stats->lost_updates += static_cast<int64_t>(*h);
+  lost_stats_ = nullptr;
+  amax_collecting_.clear();
+  amax_collecting_.swap(amax_hosts_);
+  const size_t words = amax_collecting_.size();
+  if (!stats && words == 0) return;
+  if (words) amax_words_dirty_ = true;  // until the memset below is queued
+  // One pinned block: the lost count, then the amax words; both copies, then one wait.
+  char* h = static_cast<char*>(pinned(sizeof(unsigned long long) + words * sizeof(unsigned)));
+  if (stats)
+    MPT_CUDA_CHECK(cudaMemcpyAsync(h, lost_.data(), sizeof(unsigned long long),
+                                   cudaMemcpyDeviceToHost, stream_));
+  if (words) {
+    char* w = h + sizeof(unsigned long long);
+    MPT_CUDA_CHECK(cudaMemcpyAsync(w, amax_words_.data(), words * sizeof(unsigned),
+                                   cudaMemcpyDeviceToHost, stream_));
+    MPT_CUDA_CHECK(cudaMemsetAsync(amax_words_.data(), 0, words * sizeof(unsigned), stream_));
+    amax_words_dirty_ = false;
+  }
+  sync("reading the statistics left on the device (lost updates, fp8 amaxes)");
+  if (stats) {
+    unsigned long long lost;
+    std::memcpy(&lost, h, sizeof lost);
+    stats->lost_updates += static_cast<int64_t>(lost);
+  }
+  for (size_t i = 0; i < words; ++i)
+    std::memcpy(amax_collecting_[i], h + sizeof(unsigned long long) + i * sizeof(unsigned),
+                sizeof(float));
+  amax_collecting_.clear();
 }
 
 void Context::zero_cast_counters() {

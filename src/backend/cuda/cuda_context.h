@@ -79,14 +79,17 @@ class Context {
   void zero_cast_counters();
 
   // adamw_update's lost-update count, summed on the device over the calls that share `stats`
-  // until collect_lost_updates() adds it there (one synchronisation per optimizer step, not one
-  // per parameter). A call with another `stats` first collects the pending count.
+  // until collect_reports() adds it there (once per optimizer step, not once per parameter).
+  // A call with another `stats` first collects the pending count; `stats` must stay valid
+  // until it is collected.
   unsigned long long* lost_update_counter(AdamWStats* stats);
   // fp8 amax reports (Fp8Operand::amax): a zeroed device word per requested amax, which the
   // quantise kernel raises to the operand's magnitude bits (atomicMax), copied to `host` by
-  // collect_reports(). When all kAmaxReports words are pending, they are collected first.
+  // collect_reports() (`host` must stay valid until then). When all kAmaxReports words are
+  // pending, they are collected first.
   unsigned* amax_report(float* host);
-  // Writes every pending report: the lost-update count and the amaxes (one synchronisation).
+  // Writes every pending report to the host - the lost-update count and the amaxes - with one
+  // synchronisation, and re-zeroes the words. Nothing stays pending, even when it throws.
   void collect_reports();
 
   // cuBLASLt algorithms chosen per GEMM shape (matmul.cu): the heuristic runs once per key.
@@ -111,12 +114,13 @@ class Context {
   DeviceBuffer lt_workspace_;
   std::array<DeviceBuffer, static_cast<int>(Scratch::kCount)> scratch_;
   DeviceBuffer counters_;  // [kTensorClasses][2] unsigned long long
-  void collect_lost_updates();
   DeviceBuffer lost_;      // one unsigned long long (like counters_, a few bytes not counted)
   AdamWStats* lost_stats_ = nullptr;
   static constexpr size_t kAmaxReports = 4096;
   DeviceBuffer amax_words_;  // kAmaxReports unsigned, zero where not pending (16 KiB, not counted)
-  std::vector<float*> amax_hosts_;  // where each pending word goes
+  std::vector<float*> amax_hosts_;       // where each pending word goes
+  std::vector<float*> amax_collecting_;  // the list being collected (kept for its capacity)
+  bool amax_words_dirty_ = false;        // a failed collect left words un-zeroed
   std::array<int64_t, kTensorClasses> values_{};
   GemmAlgoCache gemm_algos_;
   void* pinned_ = nullptr;

@@ -172,11 +172,15 @@ unsigned* amax_word(Context& ctx, const Fp8Operand& q) {
   return q.amax ? ctx.amax_report(q.amax) : nullptr;
 }
 
+void check_scale(const Fp8Operand& q) {
+  if (!(q.scale > 0.0f) || !std::isfinite(q.scale))
+    throw RuntimeError("fp8 matmul: scale must be finite and > 0");
+}
+
 // Quantises t (row-major rows x cols) with q's scale into y and/or yt.
 void quantise(Context& ctx, Tensor t, int64_t rows, int64_t cols, const Fp8Operand& q, void* y,
               void* yt, bool count, TensorClass cls, unsigned* amax_bits) {
-  if (!(q.scale > 0.0f) || !std::isfinite(q.scale))
-    throw RuntimeError("fp8 matmul: scale must be finite and > 0");
+  check_scale(q);
   const dim3 block(kTile, kTileRows);
   const int64_t gy = (rows + kTile - 1) / kTile;
   if (gy > 65535) throw RuntimeError("fp8 matmul: too many rows for the quantise kernel's grid");
@@ -249,6 +253,9 @@ void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor 
   GemmArgs g;
   Fp8Words w{};
   if (p.fp8) {
+    // Every check before the first amax report is registered (a throw leaves none pending).
+    check_scale(spec.inp);
+    check_scale(spec.weight);
     w = fp8_words(ctx);
     void* qa = ctx.scratch(Scratch::kOperandA, operand_copy_bytes(OC * C, p.a.type));
     void* qb = ctx.scratch(Scratch::kOperandB, operand_copy_bytes(N * C, p.b.type));
@@ -331,6 +338,9 @@ void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Te
   void* dq = nullptr;   // fp8 dout (N, OC), for dgrad's B
   void* dqt = nullptr;  // fp8 dout^T (OC, N), for wgrad's B
   if (pw.fp8) {
+    check_scale(spec.inp);  // inp and weight are quantised again below
+    check_scale(spec.weight);
+    check_scale(spec.dout);
     w = fp8_words(ctx);
     set_floats_kernel<<<1, 1, 0, ctx.stream()>>>(w.scale_inv, 1.0f / spec.inp.scale,
                                                  1.0f / spec.weight.scale, 1.0f / spec.dout.scale);
