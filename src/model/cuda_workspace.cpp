@@ -46,9 +46,8 @@ double cuda_workspace_bytes(const ModelConfig& cfg, int B, int T, const Precisio
     linear(4 * C, C, block_fp8, true);  // mlp.c_proj
   }
   if (L > 0) {
-    // Gpt::attention_precision: the policy's matmul precision, native under fp8.
-    const OperandFormat f =
-        attention_operand_format(act, act, fp8 ? MatmulPrecision::native : policy.matmul);
+    // Gpt::unquantised_precision, as the GEMMs outside fp8 (`other`).
+    const OperandFormat f = attention_operand_format(act, act, other.prec);
     plan_attention(s, false, B, NH, T, C / NH, f);
     plan_attention(s, true, B, NH, T, C / NH, f);
   }
