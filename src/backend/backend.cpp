@@ -1,7 +1,6 @@
 #include "backend/backend.h"
 
 #include "backend/cpu/cpu_backend.h"
-#include "core/formats.h"
 #if MPT_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_context.h"
@@ -38,16 +37,6 @@ const char* operand_format_name(OperandFormat f) {
     case OperandFormat::bf16: return "bf16";
   }
   return "?";
-}
-
-float round_operand(float x, OperandFormat f) {
-  switch (f) {
-    case OperandFormat::f32: return x;
-    case OperandFormat::tf32: return round_tf32(x);
-    case OperandFormat::f16: return round_to_f16(x);
-    case OperandFormat::bf16: return round_to_bf16(x);
-  }
-  return x;
 }
 
 bool backend_is_cuda(const std::string& name) {

@@ -62,8 +62,6 @@ struct MatmulSpec {
 enum class OperandFormat { f32, tf32, f16, bf16 };
 OperandFormat attention_operand_format(DType a, DType b, MatmulPrecision prec);
 const char* operand_format_name(OperandFormat f);
-// x rounded to f (round to nearest even; identity for f32).
-float round_operand(float x, OperandFormat f);
 
 // What a tensor is, for the statistics of narrowing casts (numerics health, docs/metrics.md).
 enum class TensorClass { activation, weight, gradient };
