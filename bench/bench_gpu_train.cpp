@@ -2,7 +2,8 @@
 // padded to 50304, sequence 1024) under fp32, tf32, fp16, bf16 and fp8, in one run on one GPU:
 // tokens/s, MFU (FLOPs per token as llm.c counts them, 6N + 6*L*C*T, over the dense peak of the
 // policy's matmul format on this GPU: backend/gpu_peaks.h), step time, device memory in use
-// (measured and as the memory ledger predicts it), and each as a ratio to fp32 and to bf16.
+// (measured and as the memory ledger predicts it), and each as a ratio to fp32 and to bf16; and
+// the time of the step's attention alone (one layer's forward and backward, times the layers).
 // A step is forward, backward, gradient norm and AdamW, on random tokens. The median of the
 // timed steps, after warm-up steps.
 //
@@ -116,7 +117,37 @@ int main(int argc, char** argv) {
     MemoryLedger ledger = Gpt::plan_memory(m, B, T, policy);
     ledger.workspace = cuda_workspace_bytes(m, B, T, policy, ledger, be.gpu_info().cc_major);
     const MemoryUsage mem = be.memory_usage();
+    // One layer's attention alone (forward and backward, this policy's dtype and precision),
+    // times the layers: the share of the step a fused attention kernel could shrink.
+    double attention_ms = 0;
+    {
+      const int64_t C = m.n_embd, NH = m.n_head;
+      const DType act = policy.activation;
+      const size_t es = dtype_size(act);
+      Buffer qkv_b = be.allocate(size_t(B) * T * 3 * C * es), out_b = be.allocate(size_t(B) * T * C * es),
+             lse_b = be.allocate(size_t(B) * NH * T * 4), dq_b = be.allocate(size_t(B) * T * 3 * C * es);
+      const Tensor qkv = qkv_b.view(0, act, {B, T, 3 * C}), out = out_b.view(0, act, {B, T, C}),
+                   lse = lse_b.view(0, DType::f32, {B, NH, T}), dqkv = dq_b.view(0, act, {B, T, 3 * C});
+      be.fill(qkv, 0.02f);
+      auto attention = [&] {
+        be.attention_forward(out, lse, qkv, static_cast<int>(NH), policy.unquantised_matmul());
+        be.attention_backward(dqkv, out, qkv, lse, static_cast<int>(NH), policy.unquantised_matmul());
+      };
+      attention();
+      be.synchronize();
+      std::vector<double> am;
+      for (int i = 0; i < 5; ++i) {
+        const auto t0 = std::chrono::steady_clock::now();
+        attention();
+        be.synchronize();
+        am.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+      std::sort(am.begin(), am.end());
+      attention_ms = am[am.size() / 2] * m.n_layer;
+    }
     results.push_back({{"policy", name},
+                       {"attention_ms", attention_ms},
+                       {"attention_share", attention_ms / step_ms},
                        {"tokens_per_s", tokens_per_s},
                        {"step_ms", step_ms},
                        {"step_ms_min", ms.front()},
@@ -150,13 +181,14 @@ int main(int argc, char** argv) {
   }
   std::printf("device: %s\nGPT-2 124M, batch %d x seq %d, median of %d steps after %d warm-up\n",
               device.c_str(), B, T, steps, warmup);
-  std::printf("%-9s %11s %6s %9s %9s %9s %8s %8s\n", "policy", "tokens/s", "mfu", "step ms",
-              "mem GiB", "act GiB", "vs fp32", "vs bf16");
+  std::printf("%-9s %11s %6s %9s %9s %9s %8s %8s %7s\n", "policy", "tokens/s", "mfu", "step ms",
+              "mem GiB", "act GiB", "vs fp32", "vs bf16", "attn");
   for (const auto& r : results)
-    std::printf("%-9s %11.0f %5.1f%% %9.1f %9.2f %9.2f %7.2fx %7.2fx\n",
+    std::printf("%-9s %11.0f %5.1f%% %9.1f %9.2f %9.2f %7.2fx %7.2fx %6.0f%%\n",
                 r["policy"].get<std::string>().c_str(), double(r["tokens_per_s"]),
                 100 * double(r["mfu"]), double(r["step_ms"]), double(r["peak_mem_gib"]),
-                double(r["activation_gib"]), double(r["vs_fp32"]), double(r["vs_bf16"]));
+                double(r["activation_gib"]), double(r["vs_fp32"]), double(r["vs_bf16"]),
+                100 * double(r["attention_share"]));
   if (!json_path.empty()) {
     nlohmann::json doc = {{"device", device}, {"batch", B}, {"seq", T}, {"steps", steps},
                           {"warmup", warmup}, {"policies", results}};

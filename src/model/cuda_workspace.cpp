@@ -15,7 +15,7 @@ double cuda_workspace_bytes(const ModelConfig& cfg, int B, int T, const Precisio
   // The GEMM specs Gpt uses (Gpt::gemm_spec): under fp8, the blocks' linear layers (but the
   // first and last blocks when kept in bf16) and the LM head when asked for; the others native.
   const bool fp8 = policy.matmul == MatmulPrecision::fp8;
-  MatmulSpec other(fp8 ? MatmulPrecision::native : policy.matmul);
+  MatmulSpec other(policy.unquantised_matmul());
   MatmulSpec q(MatmulPrecision::fp8);
   q.inp.format = q.weight.format = policy.fp8.forward_format();
   q.dout.format = policy.fp8.grad_format();
@@ -46,8 +46,7 @@ double cuda_workspace_bytes(const ModelConfig& cfg, int B, int T, const Precisio
     linear(4 * C, C, block_fp8, true);  // mlp.c_proj
   }
   if (L > 0) {
-    // Gpt::unquantised_precision, as the GEMMs outside fp8 (`other`).
-    const OperandFormat f = attention_operand_format(act, act, other.prec);
+    const OperandFormat f = attention_operand_format(act, act, policy.unquantised_matmul());
     plan_attention(s, false, B, NH, T, C / NH, f);
     plan_attention(s, true, B, NH, T, C / NH, f);
   }

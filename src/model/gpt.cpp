@@ -339,7 +339,7 @@ float amax_max(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? NAN
 }  // namespace
 
 MatmulSpec Gpt::gemm_spec(int gemm, Tensor inp, Tensor weight, Tensor dout) {
-  if (gemm < 0) return unquantised_precision();  // not an fp8 GEMM
+  if (gemm < 0) return policy_.unquantised_matmul();  // not an fp8 GEMM
   Fp8Gemm& g = fp8_[gemm];
   MatmulSpec spec(MatmulPrecision::fp8);
   spec.inp.format = spec.weight.format = policy_.fp8.forward_format();
@@ -493,7 +493,7 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
     be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, residual, param(w.ln1w), param(w.ln1b));
     check(l, "layernorm_forward", "ln_1", a.ln1, false);
     linear(l, gm[0], "attn.c_attn", a.qkv, a.ln1, w.qkvw, param(w.qkvb));  // (B,T,3C)
-    be_.attention_forward(a.atty, a.att_lse, a.qkv, NH_, unquantised_precision());  // (B,T,C)
+    be_.attention_forward(a.atty, a.att_lse, a.qkv, NH_, policy_.unquantised_matmul());  // (B,T,C)
     check(l, "attention_forward", "attn", a.atty, false);
     linear(l, gm[1], "attn.c_proj", a.attproj, a.atty, w.attprojw, param(w.attprojb));
     be_.residual_forward(a.residual2, residual, a.attproj);
@@ -558,7 +558,7 @@ void Gpt::backward() {
     check(l, "layernorm_backward", "dresidual", dresidual_, true);
     linear_back(l, gm[1], "attn.c_proj", datty_, w.attprojw, grad(w.attprojb), dresidual_,
                 a.atty);
-    be_.attention_backward(dqkv_, datty_, a.qkv, a.att_lse, NH_, unquantised_precision());
+    be_.attention_backward(dqkv_, datty_, a.qkv, a.att_lse, NH_, policy_.unquantised_matmul());
     check(l, "attention_backward", "dqkv", dqkv_, true);
     linear_back(l, gm[0], "attn.c_attn", dln_, w.qkvw, grad(w.qkvb), dqkv_, a.ln1);
     be_.layernorm_backward(dresidual_, grad(w.ln1w), grad(w.ln1b), dln_, residual, param(w.ln1w),

@@ -174,12 +174,6 @@ class Gpt {
   // operands are recorded: reported by the GEMM (delayed scaling, amax_reports_) or computed
   // before it (current scaling).
   MatmulSpec gemm_spec(int gemm, Tensor inp, Tensor weight, Tensor dout);
-  // The precision of the products not run in fp8 - attention's, and the linear layers kept out
-  // of fp8 - the policy's, or its storage dtype's (bf16) under fp8, as Transformer Engine's fp8
-  // recipes keep attention in bf16.
-  MatmulPrecision unquantised_precision() const {
-    return policy_.matmul == MatmulPrecision::fp8 ? MatmulPrecision::native : policy_.matmul;
-  }
   void check(int layer, const char* op, const char* name, Tensor t, bool backward);
 
   ModelConfig cfg_;

@@ -39,6 +39,12 @@ struct PrecisionPolicy {
   DType activation = DType::f32;       // saved activations, tensors between ops, their gradients
   DType grad = DType::f32;             // parameter gradients and their accumulation
   MatmulPrecision matmul = MatmulPrecision::native;  // linear layers (the LM head: see fp8)
+  // The precision of the products not run in fp8 - attention's, and the linear layers kept out
+  // of fp8 - `matmul`, or its storage dtype's (bf16) under fp8, as Transformer Engine's fp8
+  // recipes keep attention in bf16.
+  MatmulPrecision unquantised_matmul() const {
+    return matmul == MatmulPrecision::fp8 ? MatmulPrecision::native : matmul;
+  }
   DType optimizer_state = DType::f32;  // AdamW moments
   // Low-precision weights without a master copy are updated with stochastic rounding.
   bool stochastic_rounding = false;
