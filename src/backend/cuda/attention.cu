@@ -167,6 +167,15 @@ void gather(Context& ctx, const Tensor& src, int64_t W, int64_t off, int64_t b0,
   MPT_LAUNCH_CHECK(ctx, what);
 }
 
+// q, k and v of batch elements [b0, b0 + bc) of qkv (B, T, 3C), head-major in TO, at q, k, v.
+template <class TO>
+void gather_qkv(Context& ctx, const Tensor& qkv, int64_t b0, int64_t bc, const Dims& d, TO* q,
+                TO* k, TO* v) {
+  gather(ctx, qkv, 3 * d.C, 0, b0, bc, d, q, "attention: gather q");
+  gather(ctx, qkv, 3 * d.C, d.C, b0, bc, d, k, "attention: gather k");
+  gather(ctx, qkv, 3 * d.C, 2 * d.C, b0, bc, d, v, "attention: gather v");
+}
+
 // Columns [off, off + C) of dst (B, T, W) for batch elements [b0, b0 + bc) = src (head-major
 // fp32), stored in dst's dtype and counted under cls.
 void scatter(Context& ctx, const float* src, Tensor dst, int64_t W, int64_t off, int64_t b0,
@@ -216,9 +225,7 @@ void attention_forward(Context& ctx, Tensor out, Tensor lse, Tensor qkv, int n_h
     TO* P = narrow ? static_cast<TO*>(narrow) : reinterpret_cast<TO*>(S);
     for (int64_t b0 = 0; b0 < d.B; b0 += chunk) {
       const int64_t bc = std::min(chunk, d.B - b0), heads_n = bc * d.NH, rows = heads_n * d.T;
-      gather(ctx, qkv, 3 * d.C, 0, b0, bc, d, q, "attention_forward: gather q");
-      gather(ctx, qkv, 3 * d.C, d.C, b0, bc, d, k, "attention_forward: gather k");
-      gather(ctx, qkv, 3 * d.C, 2 * d.C, b0, bc, d, v, "attention_forward: gather v");
+      gather_qkv(ctx, qkv, b0, bc, d, q, k, v);
       gemm(ctx, AttentionGemm::scores, heads_n, d, f, scale, k, q, S);
       softmax_forward_kernel<TO><<<row_blocks(rows), kWarps * 32, 0, ctx.stream()>>>(
           S, P, static_cast<float*>(lse.data) + b0 * d.NH * d.T, rows, d.T, Tp);
@@ -265,9 +272,7 @@ void attention_backward(Context& ctx, Tensor dqkv, Tensor dout, Tensor qkv, Tens
     TO* dS = narrow ? reinterpret_cast<TO*>(narrow + sz.operands / 2) : reinterpret_cast<TO*>(dP);
     for (int64_t b0 = 0; b0 < d.B; b0 += chunk) {
       const int64_t bc = std::min(chunk, d.B - b0), heads_n = bc * d.NH, rows = heads_n * d.T;
-      gather(ctx, qkv, 3 * d.C, 0, b0, bc, d, q, "attention_backward: gather q");
-      gather(ctx, qkv, 3 * d.C, d.C, b0, bc, d, k, "attention_backward: gather k");
-      gather(ctx, qkv, 3 * d.C, 2 * d.C, b0, bc, d, v, "attention_backward: gather v");
+      gather_qkv(ctx, qkv, b0, bc, d, q, k, v);
       gather(ctx, dout, d.C, 0, b0, bc, d, g, "attention_backward: gather dout");
       gemm(ctx, AttentionGemm::scores, heads_n, d, f, scale, k, q, S);
       gemm(ctx, AttentionGemm::dprobs, heads_n, d, f, scale, v, g, dP);
