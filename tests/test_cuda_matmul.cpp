@@ -902,7 +902,6 @@ void run_attention_case(const AttCase& c) {
         }
         for (int64_t t = 0; t < T; ++t)
           for (int64_t i = 0; i < HS; ++i) {
-            const int64_t row = (b * NH + h) * T + t;
             double tq = 0, tk = 0, tv = 0;
             for (int64_t u = 0; u <= t; ++u)  // dq[t] = sum_{u <= t} ds[t,u] k[u]
               tq += (DSE[t * T + u] + 2 * gamma32(T + 2) * DS[t * T + u]) * std::fabs(X(b, u, C + h * HS + i)) +
@@ -915,7 +914,6 @@ void run_attention_case(const AttCase& c) {
               tv += std::fabs(G(b, u, h * HS + i)) *
                     (p * (ep + 2 * uf * (1 + ep) + 2 * gamma32(T + 2) + tf32_prod) + 2 * subf);
             }
-            (void)row;
             const int64_t base = (b * T + t) * 3 * C + h * HS + i;
             tol[base] = tq, tol[base + C] = tk, tol[base + 2 * C] = tv;
           }
