@@ -3,7 +3,8 @@
 // tokens/s, MFU (FLOPs per token as llm.c counts them, 6N + 6*L*C*T, over the dense peak of the
 // policy's matmul format on this GPU: backend/gpu_peaks.h), step time, device memory in use
 // (measured and as the memory ledger predicts it), and each as a ratio to fp32 and to bf16; and
-// the time of the step's attention alone (one layer's forward and backward, times the layers).
+// the time of the step's attention alone (one layer's forward and backward, times the layers),
+// and, where the fused kernels run it, the same with the GEMM path (MPT_ATTENTION=gemm).
 // A step is forward, backward, gradient norm and AdamW, on random tokens. The median of the
 // timed steps, after warm-up steps.
 //
@@ -31,6 +32,7 @@
 #include "optim/adamw.h"
 #include "precision/policy.h"
 #if MPT_HAVE_CUDA
+#include "backend/cuda/attention_plan.h"
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_context.h"
 #endif
@@ -118,8 +120,12 @@ int main(int argc, char** argv) {
     ledger.workspace = cuda_workspace_bytes(m, B, T, policy, ledger, be.gpu_info().cc_major);
     const MemoryUsage mem = be.memory_usage();
     // One layer's attention alone (forward and backward, this policy's dtype and precision),
-    // times the layers: the share of the step a fused attention kernel could shrink.
-    double attention_ms = 0;
+    // times the layers: its share of the step. Where the fused kernels run it, the GEMM path
+    // (MPT_ATTENTION=gemm) is timed too, on the same tensors, for what the fusion wins.
+    const cuda::AttentionKernel att_kernel = cuda::attention_kernel(
+        attention_operand_format(policy.activation, policy.activation, policy.unquantised_matmul()),
+        m.n_embd / m.n_head);
+    double attention_ms = 0, attention_gemm_ms = 0;
     {
       const int64_t C = m.n_embd, NH = m.n_head;
       const DType act = policy.activation;
@@ -133,20 +139,33 @@ int main(int argc, char** argv) {
         be.attention_forward(out, lse, qkv, static_cast<int>(NH), policy.unquantised_matmul());
         be.attention_backward(dqkv, out, qkv, lse, static_cast<int>(NH), policy.unquantised_matmul());
       };
-      attention();
-      be.synchronize();
-      std::vector<double> am;
-      for (int i = 0; i < 5; ++i) {
-        const auto t0 = std::chrono::steady_clock::now();
+      auto time_attention = [&] {
         attention();
         be.synchronize();
-        am.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        std::vector<double> am;
+        for (int i = 0; i < 5; ++i) {
+          const auto t0 = std::chrono::steady_clock::now();
+          attention();
+          be.synchronize();
+          am.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        }
+        std::sort(am.begin(), am.end());
+        return am[am.size() / 2] * m.n_layer;
+      };
+      attention_ms = time_attention();
+      if (att_kernel == cuda::AttentionKernel::flash) {
+        const char* was = std::getenv("MPT_ATTENTION");
+        const std::string saved = was ? was : "";
+        setenv("MPT_ATTENTION", "gemm", 1);
+        attention_gemm_ms = time_attention();
+        if (was) setenv("MPT_ATTENTION", saved.c_str(), 1);
+        else unsetenv("MPT_ATTENTION");
       }
-      std::sort(am.begin(), am.end());
-      attention_ms = am[am.size() / 2] * m.n_layer;
     }
     results.push_back({{"policy", name},
+                       {"attention_kernel", cuda::attention_kernel_name(att_kernel)},
                        {"attention_ms", attention_ms},
+                       {"attention_gemm_ms", attention_gemm_ms},  // 0: the GEMM path ran the step
                        {"attention_share", attention_ms / step_ms},
                        {"tokens_per_s", tokens_per_s},
                        {"step_ms", step_ms},
@@ -181,14 +200,16 @@ int main(int argc, char** argv) {
   }
   std::printf("device: %s\nGPT-2 124M, batch %d x seq %d, median of %d steps after %d warm-up\n",
               device.c_str(), B, T, steps, warmup);
-  std::printf("%-9s %11s %6s %9s %9s %9s %8s %8s %7s\n", "policy", "tokens/s", "mfu", "step ms",
-              "mem GiB", "act GiB", "vs fp32", "vs bf16", "attn");
+  std::printf("%-9s %11s %6s %9s %9s %9s %8s %8s %7s %6s %9s %9s\n", "policy", "tokens/s", "mfu",
+              "step ms", "mem GiB", "act GiB", "vs fp32", "vs bf16", "attn", "kernel", "attn ms",
+              "gemm ms");
   for (const auto& r : results)
-    std::printf("%-9s %11.0f %5.1f%% %9.1f %9.2f %9.2f %7.2fx %7.2fx %6.0f%%\n",
+    std::printf("%-9s %11.0f %5.1f%% %9.1f %9.2f %9.2f %7.2fx %7.2fx %6.0f%% %6s %9.1f %9.1f\n",
                 r["policy"].get<std::string>().c_str(), double(r["tokens_per_s"]),
                 100 * double(r["mfu"]), double(r["step_ms"]), double(r["peak_mem_gib"]),
                 double(r["activation_gib"]), double(r["vs_fp32"]), double(r["vs_bf16"]),
-                100 * double(r["attention_share"]));
+                100 * double(r["attention_share"]), r["attention_kernel"].get<std::string>().c_str(),
+                double(r["attention_ms"]), double(r["attention_gemm_ms"]));
   if (!json_path.empty()) {
     nlohmann::json doc = {{"device", device}, {"batch", B}, {"seq", T}, {"steps", steps},
                           {"warmup", warmup}, {"policies", results}};

@@ -3,13 +3,19 @@
 // and test_cuda_matmul.cpp.
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <optional>
+#include <utility>
+#include <vector>
 
+#include "backend/cuda/attention_plan.h"
+#include "backend/cuda/flash_fragments.h"
 #include "backend/cuda/workspace_plan.h"
 #include "backend/gpu_peaks.h"
 #include "cuda_test_util.h"
 #include "model/cuda_workspace.h"
 #include "model/gpt.h"
+#include "test_util.h"
 
 namespace mpt {
 namespace {
@@ -125,9 +131,12 @@ TEST(CudaWorkspacePlan, LedgerTermIsTheCublasLtWorkspacePlusEachScratchRole) {
   // (fp32 squares), q, k, v, dout head-major in fp32, dq, dk, dv in fp32.
   const double squares = 4.0 * 4 * 32 * 32, head = 4.0 * 4 * 32 * 16;
   const double attention = 2 * squares * 4 + 4 * head * 4 + 3 * head * 4;
-  // fp16/bf16 operands: the same two fp32 squares, the rounded probabilities and score
-  // gradients (two 16-bit squares), q, k, v, dout in 16 bits, dq, dk, dv in fp32 - the same
-  // total here, by coincidence of these sizes.
+  // fp16/bf16 (and fp8, whose attention is bf16): the fused kernels (attention_plan.h), whose
+  // only scratch is the backward's D, fp32 per (b, h, t).
+  const double flash = 4.0 * 4 * 32 * 4;
+  // The GEMM path in fp16/bf16 (MPT_ATTENTION=gemm): the same two fp32 squares, the rounded
+  // probabilities and score gradients (two 16-bit squares), q, k, v, dout in 16 bits, dq, dk,
+  // dv in fp32 - the same total as fp32's here, by coincidence of these sizes.
   const double attention16 = 2 * squares * 4 + 2 * squares * 2 + 4 * head * 2 + 3 * head * 4;
   ASSERT_EQ(attention16, attention);
   // kReduce: the largest reduction is layernorm_backward's partials, 2 x ceil(N/32) chunks x C
@@ -138,16 +147,127 @@ TEST(CudaWorkspacePlan, LedgerTermIsTheCublasLtWorkspacePlusEachScratchRole) {
   // bf16 outputs are staged in fp32 (kMatmulOut): the logits (N x Vp) and the MLP's input
   // gradient (N x 4C), both 128 x 256 x 4 bytes; weight gradients are fp32, written in place.
   const double matmul_out = 128.0 * 256 * 4;
-  EXPECT_EQ(ws("bf16", 9), lt + attention + reduce + matmul_out);
-  EXPECT_EQ(ws("fp16", 9), lt + attention + reduce + matmul_out);
+  EXPECT_EQ(ws("bf16", 9), lt + flash + reduce + matmul_out);
+  EXPECT_EQ(ws("fp16", 9), lt + flash + reduce + matmul_out);
   // fp8 (the LM head stays bf16): one-byte operand copies. kOperandA: the largest of the
   // weights (4C x C) and the transposed inputs of wgrad (N x 4C); kOperandB: the inputs
   // (N x 4C) and dout (N x 4C); kOperandC: dout transposed (N x 4C).
   const double operands = 3 * 128.0 * 256;
-  EXPECT_EQ(ws("fp8", 9), lt + attention + reduce + matmul_out + operands);
+  EXPECT_EQ(ws("fp8", 9), lt + flash + reduce + matmul_out + operands);
   // bf16-pure: bf16 gradients, so the weight gradients are accumulated in fp32 scratch too;
   // the largest is the tied embedding's (Vp x C), smaller than the logits.
-  EXPECT_EQ(ws("bf16-pure", 9), lt + attention + reduce + matmul_out);
+  EXPECT_EQ(ws("bf16-pure", 9), lt + flash + reduce + matmul_out);
+  {
+    test::ScopedEnv gemm("MPT_ATTENTION", "gemm");
+    EXPECT_EQ(ws("bf16", 9), lt + attention16 + reduce + matmul_out);
+    EXPECT_EQ(ws("fp32", 9), lt + attention + reduce);
+  }
+}
+
+// Which attention kernel runs: the fused one in fp16/bf16 up to head size 128, the GEMM path
+// otherwise or when MPT_ATTENTION=gemm asks for it; a misspelt value is refused by name.
+TEST(AttentionKernelChoice, FusedFor16BitFormatsUpToHeadSize128) {
+  using cuda::AttentionKernel;
+  using cuda::attention_kernel_for;
+  for (OperandFormat f : {OperandFormat::f16, OperandFormat::bf16}) {
+    EXPECT_EQ(attention_kernel_for(f, 64, nullptr), AttentionKernel::flash);
+    EXPECT_EQ(attention_kernel_for(f, 1, "flash"), AttentionKernel::flash);
+    EXPECT_EQ(attention_kernel_for(f, 128, ""), AttentionKernel::flash);
+    EXPECT_EQ(attention_kernel_for(f, 129, nullptr), AttentionKernel::gemm);
+    EXPECT_EQ(attention_kernel_for(f, 64, "gemm"), AttentionKernel::gemm);
+  }
+  for (OperandFormat f : {OperandFormat::f32, OperandFormat::tf32})
+    EXPECT_EQ(attention_kernel_for(f, 64, "flash"), AttentionKernel::gemm);
+  try {
+    attention_kernel_for(OperandFormat::bf16, 64, "fast");
+    ADD_FAILURE() << "MPT_ATTENTION=fast accepted";
+  } catch (const RuntimeError& e) {
+    EXPECT_NE(std::string(e.what()).find("MPT_ATTENTION"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("'fast'"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(cuda::flash_head_tile(8), 32);
+  EXPECT_EQ(cuda::flash_head_tile(40), 64);
+  EXPECT_EQ(cuda::flash_head_tile(64), 64);
+  EXPECT_EQ(cuda::flash_head_tile(65), 128);
+  EXPECT_THROW(cuda::flash_head_tile(129), RuntimeError);
+  EXPECT_EQ(cuda::flash_tiles(1), 1);
+  EXPECT_EQ(cuda::flash_tiles(64), 1);
+  EXPECT_EQ(cuda::flash_tiles(65), 2);
+  EXPECT_EQ(cuda::flash_tiles(1024), 16);
+  EXPECT_THROW(cuda::flash_tiles(int64_t{65536} * 64 + 1), RuntimeError);
+  EXPECT_EQ(cuda::flash_backward_scratch(2, 3, 5), 256u) << "rounded up as every scratch is";
+}
+
+
+// The PTX ISA's fragment tables for mma.m16n8k16 (16-bit A and B, fp32 C and D), written out
+// here independently of flash_fragments.h: (row, column) of element `half` (0: the low 16 bits)
+// of register r of a lane's A or B fragment, and of accumulator i.
+std::pair<int, int> ptx_a(int lane, int r, int half) {
+  const int g = lane >> 2, c = lane % 4, i = 2 * r + half;  // a_i
+  const int row = (i < 2 || (i >= 4 && i < 6)) ? g : g + 8;
+  return {row, c * 2 + (i & 1) + (i >= 4 ? 8 : 0)};
+}
+std::pair<int, int> ptx_b(int lane, int r, int half) {
+  const int g = lane >> 2, c = lane % 4, i = 2 * r + half;  // b_i
+  return {c * 2 + (i & 1) + (i >= 2 ? 8 : 0), g};
+}
+std::pair<int, int> ptx_c(int lane, int i) {
+  const int g = lane >> 2, c = lane % 4;
+  return {i < 2 ? g : g + 8, c * 2 + (i & 1)};
+}
+
+// The fused attention's fragment loaders read, lane by lane, the tile elements the PTX tables
+// place in each register (a wrong index would multiply the wrong elements on the GPU), and
+// the accumulators it repacks as an A fragment are the ones at that fragment's positions.
+TEST(FlashFragments, LoadersAndRepackingFollowThePtxTables) {
+  constexpr int LD = 64 + 8;  // a head tile of 64 and its padding, as the kernels use
+  std::vector<uint16_t> tile(64 * LD);
+  for (size_t i = 0; i < tile.size(); ++i) tile[i] = static_cast<uint16_t>(i * 7 + 3);  // distinct
+  auto at = [&](int r, int col) { return tile[static_cast<size_t>(r) * LD + col]; };
+  auto half_of = [](uint32_t w, int h) { return static_cast<uint16_t>(h ? w >> 16 : w & 0xFFFFu); };
+  for (int lane = 0; lane < 32; ++lane) {
+    SCOPED_TRACE("lane " + std::to_string(lane));
+    const int g = lane >> 2, c = lane % 4;
+    for (int r0 : {0, 16, 48})
+      for (int k0 : {0, 16, 48}) {
+        uint32_t a[4];
+        cuda::flash::frag_a<uint16_t, LD>(a, tile.data(), r0, k0, g, c);
+        for (int r = 0; r < 4; ++r)
+          for (int h = 0; h < 2; ++h) {
+            const auto [row, col] = ptx_a(lane, r, h);
+            EXPECT_EQ(half_of(a[r], h), at(r0 + row, k0 + col)) << "A reg " << r << " half " << h;
+          }
+      }
+    for (int n0 : {0, 8, 56})
+      for (int k0 : {0, 16, 48}) {
+        uint32_t b[2];
+        cuda::flash::frag_b_rows<uint16_t, LD>(b[0], b[1], tile.data(), n0, k0, g, c);
+        for (int r = 0; r < 2; ++r)
+          for (int h = 0; h < 2; ++h) {
+            const auto [k, n] = ptx_b(lane, r, h);
+            EXPECT_EQ(half_of(b[r], h), at(n0 + n, k0 + k)) << "B (rows) reg " << r;
+          }
+        cuda::flash::frag_b_cols<uint16_t, LD>(b[0], b[1], tile.data(), k0, n0, g, c);
+        for (int r = 0; r < 2; ++r)
+          for (int h = 0; h < 2; ++h) {
+            const auto [k, n] = ptx_b(lane, r, h);
+            EXPECT_EQ(half_of(b[r], h), at(k0 + k, n0 + n)) << "B (cols) reg " << r;
+          }
+      }
+    for (int i = 0; i < 4; ++i) {
+      const auto [row, col] = ptx_c(lane, i);
+      EXPECT_EQ(cuda::flash::acc_row(g, i), row);
+      EXPECT_EQ(cuda::flash::acc_col(c, i), col);
+    }
+    // Register r of the repacked A fragment: accumulators acc_index(r, h) of 8-column half
+    // acc_half(r) sit at the A element positions of that register.
+    for (int r = 0; r < 4; ++r)
+      for (int h = 0; h < 2; ++h) {
+        const auto [row, col] = ptx_c(lane, cuda::flash::acc_index(r, h));
+        EXPECT_EQ(std::make_pair(row, col + 8 * cuda::flash::acc_half(r)), ptx_a(lane, r, h))
+            << "repacked reg " << r << " half " << h;
+      }
+  }
 }
 
 }  // namespace

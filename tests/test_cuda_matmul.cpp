@@ -935,14 +935,15 @@ TEST(CudaAttention, MatchesCpu) {
   run_attention_case({"bf16 head size 64, T = 1", BF, BF, BF, BF, 3, 1, 2, 64});
 }
 
-// Several passes over the batch (attention_batch_chunk) give what one pass per element gives:
-// at T = 1024 with 4 heads a batch element's fp32 scores take 16 MiB, so 512 MiB holds 32 of
-// them and a batch of 33 runs as a pass of 32 (a batch of 128 GEMMs) and a pass of 1. Elements
-// of both passes (the first, the last of the first pass, the one of the second) are compared
-// with the element run alone. The GEMM algorithm may differ with the batch count, so within
-// fp32 noise rather than bit for bit (bf16 probabilities can round to the next value: 2^-8).
-TEST(CudaAttention, ChunkedBatchMatchesOnePassPerElement) {
-  MPT_REQUIRE_GPU();
+// A batch element's attention does not depend on the rest of the batch. With `gemm`, several
+// passes over the batch (attention_batch_chunk) give what one pass per element gives: at
+// T = 1024 with 4 heads a batch element's fp32 scores take 16 MiB, so 512 MiB holds 32 of them
+// and a batch of 33 runs as a pass of 32 (a batch of 128 GEMMs) and a pass of 1. Elements of
+// both passes (the first, the last of the first pass, the one of the second) are compared with
+// the element run alone. The GEMM algorithm may differ with the batch count, so within fp32
+// noise rather than bit for bit (bf16 probabilities can round to the next value: 2^-8). The
+// fused kernels do the same work per (b, h) whatever the batch: bit for bit.
+void run_batch_against_elements_alone(AttentionKernel kernel) {
   const int64_t B = 33, T = 1024, NH = 4, HS = 8, C = NH * HS;
   ASSERT_EQ(attention_batch_chunk(B, NH, T), 32);
   Rng rng(test::fresh_seed());
@@ -975,6 +976,7 @@ TEST(CudaAttention, ChunkedBatchMatchesOnePassPerElement) {
     auto expect_near = [&](const char* what, const std::vector<float>& all, int64_t per,
                            const std::vector<float>& one, double rel) {
       int64_t bad = 0;
+      if (kernel == AttentionKernel::flash) rel = 0;
       for (int64_t i = 0; i < per; ++i) {
         const double a = all[b * per + i], o1v = one[i];
         if (!(std::fabs(a - o1v) <= rel * (1 + std::fabs(o1v))) && bad++ < 3)
@@ -986,6 +988,39 @@ TEST(CudaAttention, ChunkedBatchMatchesOnePassPerElement) {
     expect_near("out", all_o, T * C, one_o, 2e-2);
     expect_near("dqkv", all_dq, T * 3 * C, one_dq, 5e-2);
   }
+}
+
+TEST(CudaAttention, ChunkedBatchMatchesOnePassPerElement) {
+  MPT_REQUIRE_GPU();
+  test::ScopedEnv gemm("MPT_ATTENTION", "gemm");
+  run_batch_against_elements_alone(AttentionKernel::gemm);
+}
+
+TEST(CudaAttention, FusedKernelsGiveEachElementTheBitsItGetsAlone) {
+  MPT_REQUIRE_GPU();
+  run_batch_against_elements_alone(AttentionKernel::flash);
+}
+
+// The fused kernels (attention_plan.h) over several tiles: T not a multiple of the 64-row tile
+// (the last tile zero-padded), exactly one tile, head sizes padded to 32, 64 and 128, an fp32
+// output beside bf16 operands.
+TEST(CudaAttention, FusedKernelsMatchCpuAcrossTiles) {
+  MPT_REQUIRE_GPU();
+  ASSERT_EQ(attention_kernel(OperandFormat::bf16, 64), AttentionKernel::flash);
+  run_attention_case({"bf16 T = 200 (4 tiles), head 64", BF, BF, BF, BF, 2, 200, 2, 64});
+  run_attention_case({"fp16 T = 130, head 128", F16, F16, F16, F16, 1, 130, 2, 128});
+  run_attention_case({"bf16 T = 97, head 24, fp32 out and dqkv", BF, F32, BF, F32, 2, 97, 3, 24});
+  run_attention_case({"bf16 T = 64, head 32", BF, BF, BF, BF, 1, 64, 4, 32});
+}
+
+// The GEMM path in 16 bits, which MPT_ATTENTION=gemm and head sizes above 128 take.
+TEST(CudaAttention, GemmPathMatchesCpuIn16Bits) {
+  MPT_REQUIRE_GPU();
+  run_attention_case({"bf16 head 136 (above the fused kernels')", BF, BF, BF, BF, 1, 20, 1, 136});
+  test::ScopedEnv gemm("MPT_ATTENTION", "gemm");
+  run_attention_case({"bf16", BF, BF, BF, BF, 2, 37, 3, 16});
+  run_attention_case({"fp16", F16, F16, F16, F16, 1, 45, 2, 40});
+  run_attention_case({"bf16 T = 200, head 64", BF, BF, BF, BF, 1, 200, 2, 64});
 }
 
 TEST(CudaAttention, RejectsANonFp32LseAndFp8) {

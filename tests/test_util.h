@@ -4,8 +4,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <random>
+#include <string>
 #include <stdexcept>
 #include <vector>
 
@@ -16,6 +19,26 @@
 namespace mpt::test {
 
 // A fresh seed per test run (printed so a failure can be reproduced with MPT_TEST_SEED).
+// Sets an environment variable for a scope and restores what it was (tests that switch a
+// backend option read from the environment, e.g. MPT_ATTENTION).
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    ::setenv(name, value, 1);
+  }
+  ~ScopedEnv() {
+    if (old_) ::setenv(name_.c_str(), old_->c_str(), 1);
+    else ::unsetenv(name_.c_str());
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_;
+  std::optional<std::string> old_;
+};
+
 inline uint64_t fresh_seed() {
   if (const char* s = std::getenv("MPT_TEST_SEED")) return std::strtoull(s, nullptr, 10);
   const uint64_t seed = std::random_device{}();

@@ -1,6 +1,8 @@
-// Causal multi-head attention: strided-batched cuBLASLt GEMMs for the six products, warp-per-row
-// kernels for the fp32 softmax and its gradient, and gather/scatter kernels between the (B, T,
-// 3C) layout and head-major operands. How each product maps to a GEMM, the chunking of the batch
+// Causal multi-head attention. In fp16/bf16 with head sizes up to 128 the fused kernels of
+// flash_attention.cu run it (attention_kernel in attention_plan.h; MPT_ATTENTION=gemm picks the
+// path below instead); everything else takes this file's path: strided-batched cuBLASLt GEMMs
+// for the six products, warp-per-row kernels for the fp32 softmax and its gradient, and
+// gather/scatter kernels between the (B, T, 3C) layout and head-major operands. How each product maps to a GEMM, the chunking of the batch
 // and the scratch are decided in attention_plan.h (tested without a GPU).
 //
 // Per chunk of the batch (forward):
@@ -27,6 +29,7 @@
 #include "backend/cuda/attention.cuh"
 #include "backend/cuda/attention_plan.h"
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/flash_attention.cuh"
 #include "backend/cuda/gemm.h"
 
 namespace mpt::cuda {
@@ -207,6 +210,11 @@ void attention_forward(Context& ctx, Tensor out, Tensor lse, Tensor qkv, int n_h
   expect_tensor("attention_forward", "lse", lse, DType::f32, {d.B, d.NH, d.T});
   const OperandFormat f = attention_operand_format(qkv.dtype, qkv.dtype, prec);
   if (d.B * d.T == 0) return;
+  if (attention_kernel(f, d.HS) == AttentionKernel::flash) {
+    flash_attention_forward(ctx, out, lse, qkv, FlashDims{d.B, d.T, d.C, d.NH, d.HS});
+    if (out.dtype != DType::f32) ctx.add_cast_values(TensorClass::activation, out.numel());
+    return;
+  }
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.HS));
   const int64_t chunk = attention_batch_chunk(d.B, d.NH, d.T), Tp = attention_ld(d.T);
   const AttentionScratch sz = attention_scratch(false, chunk, d.NH, d.T, d.HS, f);
@@ -246,6 +254,11 @@ void attention_backward(Context& ctx, Tensor dqkv, Tensor dout, Tensor qkv, Tens
   expect_tensor("attention_backward", "lse", lse, DType::f32, {d.B, d.NH, d.T});
   const OperandFormat f = attention_operand_format(qkv.dtype, dout.dtype, prec);
   if (d.B * d.T == 0) return;
+  if (attention_kernel(f, d.HS) == AttentionKernel::flash) {
+    flash_attention_backward(ctx, dqkv, dout, qkv, lse, FlashDims{d.B, d.T, d.C, d.NH, d.HS});
+    if (dqkv.dtype != DType::f32) ctx.add_cast_values(TensorClass::gradient, dqkv.numel());
+    return;
+  }
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.HS));
   const int64_t chunk = attention_batch_chunk(d.B, d.NH, d.T), Tp = attention_ld(d.T);
   const AttentionScratch sz = attention_scratch(true, chunk, d.NH, d.T, d.HS, f);

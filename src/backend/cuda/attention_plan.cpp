@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 
 #include "core/error.h"
 
@@ -109,6 +112,41 @@ AttentionScratch attention_scratch(bool backward, int64_t chunk, int64_t NH, int
   s.heads = (backward ? 4 : 3) * operand_copy_bytes(head, t);
   s.result = (backward ? 3 : 1) * operand_copy_bytes(head, GemmType::f32);
   return s;
+}
+
+const char* attention_kernel_name(AttentionKernel k) {
+  return k == AttentionKernel::flash ? "flash" : "gemm";
+}
+
+AttentionKernel attention_kernel_for(OperandFormat f, int64_t HS, const char* env) {
+  if (env && *env && std::strcmp(env, "flash") != 0 && std::strcmp(env, "gemm") != 0)
+    throw RuntimeError(std::string("MPT_ATTENTION: expected 'flash' or 'gemm', got '") + env +
+                       "'");
+  if (env && std::strcmp(env, "gemm") == 0) return AttentionKernel::gemm;
+  const bool narrow = f == OperandFormat::f16 || f == OperandFormat::bf16;
+  return narrow && HS >= 1 && HS <= kFlashMaxHead ? AttentionKernel::flash : AttentionKernel::gemm;
+}
+
+AttentionKernel attention_kernel(OperandFormat f, int64_t HS) {
+  return attention_kernel_for(f, HS, std::getenv("MPT_ATTENTION"));
+}
+
+int flash_head_tile(int64_t HS) {
+  if (HS < 1 || HS > kFlashMaxHead)
+    throw RuntimeError("attention: no fused kernel for head size " + std::to_string(HS));
+  return HS <= 32 ? 32 : HS <= 64 ? 64 : 128;
+}
+
+int64_t flash_tiles(int64_t T) {
+  const int64_t n = (T + kFlashTile - 1) / kFlashTile;
+  if (n > 65535)
+    throw RuntimeError("attention: sequence length " + std::to_string(T) +
+                       " needs more query tiles than a grid's y dimension holds (65535)");
+  return n;
+}
+
+size_t flash_backward_scratch(int64_t B, int64_t NH, int64_t T) {
+  return operand_copy_bytes(B * NH * T, GemmType::f32);
 }
 
 }  // namespace mpt::cuda

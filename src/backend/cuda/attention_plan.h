@@ -3,13 +3,13 @@
 // the layout of its (T, T) matrices, how many batch elements one pass takes, and the scratch
 // each pass needs.
 //
-// The op (backend.h, attention_forward) on a GPU: q, k, v (and dout) are gathered head-major,
+// The GEMM path of the op (backend.h, attention_forward) on a GPU, for what the fused kernels
+// below do not take (attention_kernel): q, k, v (and dout) are gathered head-major,
 // (b, h, T, HS), in the products' operand format; one strided-batched GEMM per product runs over
 // the (b, h) pairs of a chunk of the batch, with the (T, T) scores and their gradients
 // materialised in scratch for that chunk only - nothing (T, T) outlives the op. The GEMMs
 // compute the whole (T, T) square; the softmax kernels write zeros above the diagonal, so the
-// products after them are causal. (A fused kernel that skips the upper triangle and keeps the
-// scores on chip - FlashAttention - is the next speed step.)
+// products after them are causal.
 //
 // Row-major to column-major as in matmul_plan.h: a row-major (R, C) matrix with row stride ld is
 // the column-major C x R matrix with leading dimension ld. Per (b, h), with Q, K, V, dO row-major
@@ -70,5 +70,36 @@ struct AttentionScratch {
 };
 AttentionScratch attention_scratch(bool backward, int64_t chunk, int64_t NH, int64_t T,
                                    int64_t HS, OperandFormat f);
+
+// ---- the fused kernels (flash_attention.cu)
+// In fp16/bf16 with a head size up to kFlashMaxHead, attention runs as fused kernels that keep
+// the scores on chip (FlashAttention-2, Dao 2023): per (b, h), a block of 4 warps takes
+// kFlashTile query rows (16 per warp) and walks the key tiles at or below the diagonal, with
+// mma.sync m16n8k16 Tensor Core products accumulating in fp32 and an online softmax; nothing
+// (T, T) is written. The backward is two kernels, so that every output element has one writer
+// (no atomics, deterministic): one per query tile (D = sum p dp in a first pass over the key
+// tiles, then dQ), one per key tile (dK, dV). The rounding points are the op's (backend.h): p
+// and ds enter their products rounded to the operand format, lse and D come from fp32 values.
+constexpr int kFlashTile = 64;
+constexpr int64_t kFlashMaxHead = 128;
+
+enum class AttentionKernel { gemm, flash };
+const char* attention_kernel_name(AttentionKernel k);
+// The kernel attention uses in format f at head size HS: flash where it applies (fp16/bf16,
+// HS <= kFlashMaxHead) unless `env` (the value of MPT_ATTENTION, null when unset) is "gemm";
+// "flash" or unset pick flash where it applies. Any other value throws, naming it.
+AttentionKernel attention_kernel_for(OperandFormat f, int64_t HS, const char* env);
+// The same with this process's MPT_ATTENTION (read at each call: the op and the workspace
+// prediction see the same value).
+AttentionKernel attention_kernel(OperandFormat f, int64_t HS);
+// The head size a fused kernel is compiled for: HS rounded up to 32, 64 or 128 (the operand
+// tiles are zero-padded to it, which changes no product).
+int flash_head_tile(int64_t HS);
+// Query (or key) tiles of a sequence: ceil(T / kFlashTile), the launch grid's y dimension
+// (at most 65535).
+int64_t flash_tiles(int64_t T);
+// Scratch bytes of the fused backward: D = sum_t2 p dp per row, (B, NH, T) fp32, written by the
+// query-tile kernel and read by the key-tile kernel. The forward needs none.
+size_t flash_backward_scratch(int64_t B, int64_t NH, int64_t T);
 
 }  // namespace mpt::cuda

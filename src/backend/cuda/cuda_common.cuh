@@ -98,6 +98,17 @@ __device__ __forceinline__ float load_any(const void* p, DType dt, int64_t i) {
   }
 }
 
+// Stores x into element i of a float tensor whose dtype is only known at run time, rounded to
+// it and tallied as store_counted does (the switch is uniform across the grid).
+__device__ __forceinline__ void store_any_counted(void* p, DType dt, int64_t i, float x,
+                                                  CastTally& tally) {
+  switch (dt) {
+    case DType::f16: store_counted(static_cast<__half*>(p), i, x, tally); return;
+    case DType::bf16: store_counted(static_cast<__nv_bfloat16*>(p), i, x, tally); return;
+    default: static_cast<float*>(p)[i] = x; return;
+  }
+}
+
 // ---- block reductions (deterministic: a fixed shuffle tree, then the warps' results in order)
 // Every thread of the block must call them; blockDim.x a multiple of 32, at most 1024. `shared`
 // holds at least 32 floats; the result is returned to every thread.

@@ -81,6 +81,10 @@ void plan_matmul_backward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DTyp
 
 void plan_attention(ScratchPlan& s, bool backward, int64_t B, int64_t NH, int64_t T, int64_t HS,
                     OperandFormat f) {
+  if (attention_kernel(f, HS) == AttentionKernel::flash) {
+    if (backward) s.need(Scratch::kAttDelta, flash_backward_scratch(B, NH, T));
+    return;
+  }
   const AttentionScratch a =
       attention_scratch(backward, attention_batch_chunk(B, NH, T), NH, T, HS, f);
   s.need(Scratch::kAttScores, a.scores);

@@ -26,6 +26,7 @@ enum class Scratch : int {
   kAttResult,    // attention: out, or dq, dk, dv, head-major fp32 before the counted stores
   kOperandC,   // matmul backward: the fp8 transposed copy of dout
   kMatmulOut,  // matmul: fp32 result staged before a counted store into fp16/bf16 outputs
+  kAttDelta,   // fused attention backward: D = sum p dp per row (fp32, B x NH x T)
   kCount
 };
 constexpr int kScratchRoles = static_cast<int>(Scratch::kCount);
@@ -68,8 +69,9 @@ void plan_matmul_forward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType
 void plan_matmul_backward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType inp,
                           DType weight, DType dout, bool dinp, DType dinp_dtype, DType dweight,
                           bool dbias, const MatmulSpec& spec);
-// Attention in operand format f (attention_plan.h): one pass over attention_batch_chunk(B, NH,
-// T) batch elements at a time, its scratch by role (attention_scratch).
+// Attention in operand format f (attention_plan.h), with the kernel attention_kernel(f, HS)
+// picks: the GEMM path takes one pass over attention_batch_chunk(B, NH, T) batch elements at a
+// time, its scratch by role (attention_scratch); the fused kernels need only the backward's D.
 void plan_attention(ScratchPlan& s, bool backward, int64_t B, int64_t NH, int64_t T, int64_t HS,
                     OperandFormat f);
 size_t layernorm_backward_scratch_bytes(int64_t N, int64_t C);
