@@ -2,8 +2,9 @@
 // flash_attention.cu run it (attention_kernel in attention_plan.h; MPT_ATTENTION=gemm picks the
 // path below instead); everything else takes this file's path: strided-batched cuBLASLt GEMMs
 // for the six products, warp-per-row kernels for the fp32 softmax and its gradient, and
-// gather/scatter kernels between the (B, T, 3C) layout and head-major operands. How each product maps to a GEMM, the chunking of the batch
-// and the scratch are decided in attention_plan.h (tested without a GPU).
+// gather/scatter kernels between the (B, T, 3C) layout and head-major operands. How each
+// product maps to a GEMM, the chunking of the batch and the scratch are decided in
+// attention_plan.h (tested without a GPU).
 //
 // Per chunk of the batch (forward):
 //   gather q, k, v head-major in the operand type -> S = scale Q.K^T (fp32) -> softmax: lse and
