@@ -1002,8 +1002,8 @@ TEST(CudaAttention, FusedKernelsGiveEachElementTheBitsItGetsAlone) {
 }
 
 // The fused kernels (attention_plan.h) over several tiles: T not a multiple of the 64-row tile
-// (the last tile zero-padded), exactly one tile, head sizes padded to 32, 64 and 128, an fp32
-// output beside bf16 operands.
+// (the last tile zero-padded), exactly one tile, head sizes padded to 32, 64 and 128 (loaded 8
+// elements at a time, or one by one), an fp32 output beside bf16 operands.
 TEST(CudaAttention, FusedKernelsMatchCpuAcrossTiles) {
   MPT_REQUIRE_GPU();
   ASSERT_EQ(attention_kernel(OperandFormat::bf16, 64), AttentionKernel::flash);
@@ -1011,6 +1011,8 @@ TEST(CudaAttention, FusedKernelsMatchCpuAcrossTiles) {
   run_attention_case({"fp16 T = 130, head 128", F16, F16, F16, F16, 1, 130, 2, 128});
   run_attention_case({"bf16 T = 97, head 24, fp32 out and dqkv", BF, F32, BF, F32, 2, 97, 3, 24});
   run_attention_case({"bf16 T = 64, head 32", BF, BF, BF, BF, 1, 64, 4, 32});
+  // A head size that is not a multiple of 8: the tiles load element by element.
+  run_attention_case({"fp16 T = 70, head 12", F16, F16, F16, F16, 2, 70, 2, 12});
 }
 
 // The GEMM path in 16 bits, which MPT_ATTENTION=gemm and head sizes above 128 take.

@@ -27,6 +27,8 @@
 // thread of one block (the backward's dq by the query-tile kernel, dk and dv by the key-tile
 // kernel); no atomics but the cast counters.
 #include <cmath>
+#include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <type_traits>
 
@@ -95,11 +97,24 @@ struct TileShape {
 };
 
 // tile[r][e] = src[(row0 + r) W + e] for row0 + r < T and e < HS, else 0. Every thread of the
-// block takes part.
+// block takes part. `vec` (uniform; flash_vector_loads): 16-byte loads and stores of 8
+// elements, for HS and W multiples of 8 and a 16-byte aligned src (the tile's rows, LD = HSP + 8
+// elements, and the tile itself are 16-byte aligned).
 template <class TI, int HSP>
 __device__ void load_tile(TI* tile, const TI* __restrict__ src, int64_t W, int64_t row0,
-                          int64_t T, int64_t HS) {
+                          int64_t T, int64_t HS, bool vec) {
   constexpr int LD = TileShape<HSP>::LD;
+  if (vec) {
+    constexpr int kChunks = HSP / 8;  // 8-element chunks per tile row
+    for (int i = threadIdx.x; i < kTile * kChunks; i += kThreads) {
+      const int r = i / kChunks, e = (i % kChunks) * 8;
+      const int64_t t = row0 + r;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);  // +0 in fp16 and bf16
+      if (t < T && e < HS) v = *reinterpret_cast<const uint4*>(src + t * W + e);
+      *reinterpret_cast<uint4*>(tile + r * LD + e) = v;
+    }
+    return;
+  }
   const TI zero = store<TI>(0.0f);
   for (int i = threadIdx.x; i < kTile * HSP; i += kThreads) {
     const int r = i / HSP, e = i % HSP;
@@ -171,10 +186,10 @@ template <class TI, int HSP>
 __device__ __forceinline__ void stage_two(uint32_t (&fa)[TileShape<HSP>::KS][4],
                                           uint32_t (&fb)[TileShape<HSP>::KS][4], TI* ta, TI* tb,
                                           const TI* a, int64_t wa, const TI* b, int64_t wb,
-                                          int64_t row0, int64_t T, int64_t HS, int warp, int g,
-                                          int c) {
-  load_tile<TI, HSP>(ta, a, wa, row0, T, HS);
-  load_tile<TI, HSP>(tb, b, wb, row0, T, HS);
+                                          int64_t row0, int64_t T, int64_t HS, bool vec,
+                                          int warp, int g, int c) {
+  load_tile<TI, HSP>(ta, a, wa, row0, T, HS, vec);
+  load_tile<TI, HSP>(tb, b, wb, row0, T, HS, vec);
   __syncthreads();
   rows_as_fragments<TI, HSP>(fa, ta, warp, g, c);
   rows_as_fragments<TI, HSP>(fb, tb, warp, g, c);
@@ -217,7 +232,7 @@ template <class TI, int HSP>
 __global__ void __launch_bounds__(kThreads)
     flash_forward_kernel(const TI* __restrict__ qkv, void* out, DType out_dt,
                          float* __restrict__ lse, int64_t T, int64_t NH, int64_t HS, float scale,
-                         unsigned long long* counters) {
+                         bool vec, unsigned long long* counters) {
   using S = TileShape<HSP>;
   __shared__ __align__(16) TI sK[S::kElems];
   __shared__ __align__(16) TI sV[S::kElems];
@@ -229,7 +244,7 @@ __global__ void __launch_bounds__(kThreads)
 
   // The warp's 16 query rows, staged through sK into registers.
   uint32_t qf[S::KS][4];
-  load_tile<TI, HSP>(sK, base, W, q0, T, HS);
+  load_tile<TI, HSP>(sK, base, W, q0, T, HS, vec);
   __syncthreads();
   rows_as_fragments<TI, HSP>(qf, sK, warp, g, c);
   __syncthreads();
@@ -241,8 +256,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int nb = 0; nb < S::NB; ++nb) o[nb][0] = o[nb][1] = o[nb][2] = o[nb][3] = 0.0f;
 
   for (int64_t kt = 0; kt <= qt; ++kt) {
-    load_tile<TI, HSP>(sK, base + C, W, kt * kTile, T, HS);
-    load_tile<TI, HSP>(sV, base + 2 * C, W, kt * kTile, T, HS);
+    load_tile<TI, HSP>(sK, base + C, W, kt * kTile, T, HS, vec);
+    load_tile<TI, HSP>(sV, base + 2 * C, W, kt * kTile, T, HS, vec);
     __syncthreads();
     float s[kTileBlocks][4];
     product_with_rows<TI, HSP>(s, qf, sK, g, c);
@@ -301,7 +316,7 @@ __global__ void __launch_bounds__(kThreads)
     flash_backward_dq_kernel(const TI* __restrict__ qkv, const TI* __restrict__ dout,
                              const float* __restrict__ lse, float* __restrict__ Dsum, void* dqkv,
                              DType dt, int64_t T, int64_t NH, int64_t HS, float scale,
-                             unsigned long long* counters) {
+                             bool vec, unsigned long long* counters) {
   using S = TileShape<HSP>;
   __shared__ __align__(16) TI sK[S::kElems];
   __shared__ __align__(16) TI sV[S::kElems];
@@ -313,7 +328,7 @@ __global__ void __launch_bounds__(kThreads)
   const TI* gbase = dout + b * T * C + h * HS;
 
   uint32_t qf[S::KS][4], gf[S::KS][4];  // the warp's q and dout rows
-  stage_two<TI, HSP>(qf, gf, sK, sV, base, W, gbase, C, q0, T, HS, warp, g, c);
+  stage_two<TI, HSP>(qf, gf, sK, sV, base, W, gbase, C, q0, T, HS, vec, warp, g, c);
 
   const int64_t row[2] = {q0 + warp * 16 + acc_row(g, 0), q0 + warp * 16 + acc_row(g, 2)};
   float lr[2];
@@ -327,8 +342,8 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int pass = 0; pass < 2; ++pass) {
     for (int64_t kt = 0; kt <= qt; ++kt) {
-      load_tile<TI, HSP>(sK, base + C, W, kt * kTile, T, HS);
-      load_tile<TI, HSP>(sV, base + 2 * C, W, kt * kTile, T, HS);
+      load_tile<TI, HSP>(sK, base + C, W, kt * kTile, T, HS, vec);
+      load_tile<TI, HSP>(sV, base + 2 * C, W, kt * kTile, T, HS, vec);
       __syncthreads();
       float s[kTileBlocks][4], dp[kTileBlocks][4];
       product_with_rows<TI, HSP>(s, qf, sK, g, c);   // q.k^T
@@ -376,7 +391,7 @@ __global__ void __launch_bounds__(kThreads)
     flash_backward_dkv_kernel(const TI* __restrict__ qkv, const TI* __restrict__ dout,
                               const float* __restrict__ lse, const float* __restrict__ Dsum,
                               void* dqkv, DType dt, int64_t T, int64_t NH, int64_t HS,
-                              float scale, unsigned long long* counters) {
+                              float scale, bool vec, unsigned long long* counters) {
   using S = TileShape<HSP>;
   __shared__ __align__(16) TI sQ[S::kElems];
   __shared__ __align__(16) TI sG[S::kElems];
@@ -389,7 +404,8 @@ __global__ void __launch_bounds__(kThreads)
   const TI* gbase = dout + b * T * C + h * HS;
 
   uint32_t kf[S::KS][4], vf[S::KS][4];  // the warp's k and v rows
-  stage_two<TI, HSP>(kf, vf, sQ, sG, base + C, W, base + 2 * C, W, k0, T, HS, warp, g, c);
+  stage_two<TI, HSP>(kf, vf, sQ, sG, base + C, W, base + 2 * C, W, k0, T, HS, vec, warp,
+                     g, c);
 
   const int64_t key[2] = {k0 + warp * 16 + acc_row(g, 0), k0 + warp * 16 + acc_row(g, 2)};
   float dk[S::NB][4], dv[S::NB][4];
@@ -399,8 +415,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = 0; i < 4; ++i) dk[nb][i] = dv[nb][i] = 0.0f;
 
   for (int64_t qt = kt; qt < nq; ++qt) {
-    load_tile<TI, HSP>(sQ, base, W, qt * kTile, T, HS);
-    load_tile<TI, HSP>(sG, gbase, C, qt * kTile, T, HS);
+    load_tile<TI, HSP>(sQ, base, W, qt * kTile, T, HS, vec);
+    load_tile<TI, HSP>(sG, gbase, C, qt * kTile, T, HS, vec);
     for (int i = threadIdx.x; i < kTile; i += kThreads) {
       const int64_t t = qt * kTile + i;
       sL[i] = t < T ? lse[bh * T + t] : 0.0f;
@@ -432,6 +448,16 @@ __global__ void __launch_bounds__(kThreads)
   store_rows<HSP>(dqkv, dt, dk, key, one, b, T, W, C + h * HS, HS, c, tally);
   store_rows<HSP>(dqkv, dt, dv, key, one, b, T, W, 2 * C + h * HS, HS, c, tally);
   tally.flush(counters);
+}
+
+// Whether the tile loads may move 8 elements at once: every row segment they read starts at a
+// multiple of 8 elements from a 16-byte aligned base (qkv's row stride 3C and dout's C are then
+// multiples of 8 too).
+bool flash_vector_loads(int64_t HS, std::initializer_list<const void*> bases) {
+  if (HS % 8 != 0) return false;
+  for (const void* p : bases)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
 }
 
 dim3 flash_grid(const FlashDims& d) {
@@ -467,7 +493,7 @@ void flash_attention_forward(Context& ctx, Tensor out, Tensor lse, Tensor qkv,
     using TI = decltype(tag);
     flash_forward_kernel<TI, decltype(hsp)::value><<<grid, kThreads, 0, ctx.stream()>>>(
         static_cast<const TI*>(qkv.data), out.data, out.dtype, static_cast<float*>(lse.data),
-        d.T, d.NH, d.HS, scale, counters);
+        d.T, d.NH, d.HS, scale, flash_vector_loads(d.HS, {qkv.data}), counters);
   });
   MPT_LAUNCH_CHECK(ctx, "attention_forward: fused kernel");
 }
@@ -488,11 +514,12 @@ void flash_attention_backward(Context& ctx, Tensor dqkv, Tensor dout, Tensor qkv
     const TI* x = static_cast<const TI*>(qkv.data);
     const TI* g = static_cast<const TI*>(dout.data);
     const float* l = static_cast<const float*>(lse.data);
+    const bool vec = flash_vector_loads(d.HS, {qkv.data, dout.data});
     flash_backward_dq_kernel<TI, HSP><<<grid, kThreads, 0, ctx.stream()>>>(
-        x, g, l, Dsum, dqkv.data, dqkv.dtype, d.T, d.NH, d.HS, scale, counters);
+        x, g, l, Dsum, dqkv.data, dqkv.dtype, d.T, d.NH, d.HS, scale, vec, counters);
     MPT_LAUNCH_CHECK(ctx, "attention_backward: fused dq kernel");
     flash_backward_dkv_kernel<TI, HSP><<<grid, kThreads, 0, ctx.stream()>>>(
-        x, g, l, Dsum, dqkv.data, dqkv.dtype, d.T, d.NH, d.HS, scale, counters);
+        x, g, l, Dsum, dqkv.data, dqkv.dtype, d.T, d.NH, d.HS, scale, vec, counters);
     MPT_LAUNCH_CHECK(ctx, "attention_backward: fused dk, dv kernel");
   });
 }
