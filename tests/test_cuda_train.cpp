@@ -192,6 +192,7 @@ TEST(CudaTrain, TrainerRecordsMfuAndMemoryAgainstThePlan) {
   const std::string gpu = make_backend("cuda", 1)->gpu_info().gpu_name;
   const double peak = peak_flops(gpu, "bf16");
   EXPECT_EQ(start["peak_flops_format"], "bf16");
+  EXPECT_EQ(start["attention_kernel"], "flash") << "bf16 operands, heads of at most 128";
   if (peak > 0) EXPECT_EQ(start["peak_flops"].get<double>(), peak);
   else EXPECT_TRUE(start["peak_flops"].is_null()) << gpu << " is not in gpu_peaks' table";
   int steps = 0, memory_events = 0;

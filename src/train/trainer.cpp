@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "backend/cuda/attention_plan.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/text.h"
@@ -370,8 +371,15 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   check_memory(memory);
   // One GPU per rank: the NCCL communicator's (its local rank's).
   std::unique_ptr<Backend> backend = make_backend(cfg.backend, cfg.threads, comm.device());
-  if (const int cc = backend->gpu_info().cc_major)  // the workspace is the CUDA backend's
+  // Which attention kernels run (the CUDA backend's fused ones or its GEMM path; the CPU has
+  // one): their numerics differ within the op's tolerance, so a run records it.
+  std::string attention_kernel = "reference";
+  if (const int cc = backend->gpu_info().cc_major) {  // the workspace is the CUDA backend's
     memory.workspace = cuda_workspace_bytes(cfg.model, B, T, policy, memory, cc);
+    attention_kernel = cuda::attention_kernel_name(cuda::attention_kernel(
+        attention_operand_format(policy.activation, policy.activation, policy.unquantised_matmul()),
+        cfg.model.n_embd / cfg.model.n_head));
+  }
   TrainResult result;
   result.run_dir = plan.path;
   if (opt.dry_run) {
@@ -443,6 +451,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                           {"backend", backend->name()},
                           {"device", backend->device_description()},
                           {"threads", backend->threads()},
+                          {"attention_kernel", attention_kernel},
                           {"precision", policy.to_json()},
                           {"precision_warnings", policy_warnings},
                           {"n_params", model.num_params()},
