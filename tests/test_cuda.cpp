@@ -196,6 +196,11 @@ TEST(AttentionKernelChoice, FusedFor16BitFormatsUpToHeadSize128) {
   EXPECT_EQ(cuda::flash_tiles(1024), 16);
   EXPECT_THROW(cuda::flash_tiles(int64_t{65536} * 64 + 1), RuntimeError);
   EXPECT_EQ(cuda::flash_backward_scratch(2, 3, 5), 256u) << "rounded up as every scratch is";
+  alignas(16) static const char bytes[64] = {};
+  EXPECT_TRUE(cuda::flash_vector_loads(64, {bytes, bytes + 32}));
+  EXPECT_TRUE(cuda::flash_vector_loads(8, {bytes}));
+  EXPECT_FALSE(cuda::flash_vector_loads(12, {bytes})) << "rows of 12 elements end mid-chunk";
+  EXPECT_FALSE(cuda::flash_vector_loads(64, {bytes, bytes + 8})) << "dout 8 bytes off";
 }
 
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -143,6 +144,13 @@ int64_t flash_tiles(int64_t T) {
     throw RuntimeError("attention: sequence length " + std::to_string(T) +
                        " needs more query tiles than a grid's y dimension holds (65535)");
   return n;
+}
+
+bool flash_vector_loads(int64_t HS, std::initializer_list<const void*> bases) {
+  if (HS % 8 != 0) return false;
+  for (const void* p : bases)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
 }
 
 size_t flash_backward_scratch(int64_t B, int64_t NH, int64_t T) {

@@ -26,6 +26,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 
 #include "backend/backend.h"
 #include "backend/cuda/matmul_plan.h"
@@ -98,6 +99,10 @@ int flash_head_tile(int64_t HS);
 // Query (or key) tiles of a sequence: ceil(T / kFlashTile), the launch grid's y dimension
 // (at most 65535).
 int64_t flash_tiles(int64_t T);
+// Whether the fused kernels' tile loads may move 8 elements (16 bytes) at once: HS a multiple of
+// 8 and every base (qkv, and dout in the backward) 16-byte aligned, so that each row segment
+// they read - at multiples of 8 elements, as the row strides 3C and C are then too - is.
+bool flash_vector_loads(int64_t HS, std::initializer_list<const void*> bases);
 // Scratch bytes of the fused backward: D = sum_t2 p dp per row, (B, NH, T) fp32, written by the
 // query-tile kernel and read by the key-tile kernel. The forward needs none.
 size_t flash_backward_scratch(int64_t B, int64_t NH, int64_t T);

@@ -27,8 +27,6 @@
 // thread of one block (the backward's dq by the query-tile kernel, dk and dv by the key-tile
 // kernel); no atomics but the cast counters.
 #include <cmath>
-#include <cstdint>
-#include <initializer_list>
 #include <string>
 #include <type_traits>
 
@@ -448,16 +446,6 @@ __global__ void __launch_bounds__(kThreads)
   store_rows<HSP>(dqkv, dt, dk, key, one, b, T, W, C + h * HS, HS, c, tally);
   store_rows<HSP>(dqkv, dt, dv, key, one, b, T, W, 2 * C + h * HS, HS, c, tally);
   tally.flush(counters);
-}
-
-// Whether the tile loads may move 8 elements at once: every row segment they read starts at a
-// multiple of 8 elements from a 16-byte aligned base (qkv's row stride 3C and dout's C are then
-// multiples of 8 too).
-bool flash_vector_loads(int64_t HS, std::initializer_list<const void*> bases) {
-  if (HS % 8 != 0) return false;
-  for (const void* p : bases)
-    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
-  return true;
 }
 
 dim3 flash_grid(const FlashDims& d) {
