@@ -3,6 +3,7 @@
 // and test_cuda_matmul.cpp.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <utility>
@@ -272,6 +273,63 @@ TEST(FlashFragments, LoadersAndRepackingFollowThePtxTables) {
         EXPECT_EQ(std::make_pair(row, col + 8 * cuda::flash::acc_half(r)), ptx_a(lane, r, h))
             << "repacked reg " << r << " half " << h;
       }
+  }
+}
+
+// ldmatrix.sync.aligned.m8n8.x4 as the PTX ISA describes it: lanes 8i..8i+7 point at the rows
+// of matrix i (8 consecutive elements each); register i of lane l holds elements
+// (l / 4, 2 (l % 4) + {0, 1}) of matrix i, or with .trans (2 (l % 4) + {0, 1}, l / 4).
+std::array<uint32_t, 4> emulated_ldmatrix(const std::vector<uint16_t>& tile, int ld, int lane,
+                                          bool trans, int (*row)(int, int), int row0,
+                                          int (*col)(int, int), int col0) {
+  std::array<uint32_t, 4> r{};
+  for (int i = 0; i < 4; ++i) {
+    auto m = [&](int mr, int mc) {  // element (mr, mc) of matrix i
+      const int l = 8 * i + mr;
+      return uint32_t{tile[static_cast<size_t>(row(l, row0)) * ld + col(l, col0) + mc]};
+    };
+    const int a = lane / 4, b = 2 * (lane % 4);
+    r[i] = trans ? (m(b, a) | m(b + 1, a) << 16) : (m(a, b) | m(a, b + 1) << 16);
+  }
+  return r;
+}
+
+// The fused kernels load their B fragments two blocks at a time with ldmatrix: the rows each
+// lane points at give, register by register, the fragments frag_b_rows and frag_b_cols read
+// (which the test above checks against the mma tables).
+TEST(FlashFragments, LdmatrixAddressesGiveTheSameFragments) {
+  constexpr int LD = 64 + 8;
+  std::vector<uint16_t> tile(64 * LD);
+  for (size_t i = 0; i < tile.size(); ++i) tile[i] = static_cast<uint16_t>(i * 5 + 1);
+  for (int lane = 0; lane < 32; ++lane) {
+    SCOPED_TRACE("lane " + std::to_string(lane));
+    const int g = lane >> 2, c = lane % 4;
+    for (int nb : {0, 2, 6})
+      for (int ks : {0, 1, 3}) {
+        const auto r = emulated_ldmatrix(tile, LD, lane, false, cuda::flash::ldsm_rows_row,
+                                         nb * 8, cuda::flash::ldsm_rows_col, ks * 16);
+        uint32_t b0, b1;
+        for (int half = 0; half < 2; ++half) {
+          cuda::flash::frag_b_rows<uint16_t, LD>(b0, b1, tile.data(), (nb + half) * 8, ks * 16, g, c);
+          EXPECT_EQ(r[2 * half], b0) << "rows, block " << nb + half << ", k step " << ks;
+          EXPECT_EQ(r[2 * half + 1], b1) << "rows, block " << nb + half << ", k step " << ks;
+        }
+      }
+    for (int kk : {0, 1, 3})
+      for (int nb : {0, 2, 6}) {
+        const auto r = emulated_ldmatrix(tile, LD, lane, true, cuda::flash::ldsm_cols_row,
+                                         kk * 16, cuda::flash::ldsm_cols_col, nb * 8);
+        uint32_t b0, b1;
+        for (int half = 0; half < 2; ++half) {
+          cuda::flash::frag_b_cols<uint16_t, LD>(b0, b1, tile.data(), kk * 16, (nb + half) * 8, g, c);
+          EXPECT_EQ(r[2 * half], b0) << "cols, block " << nb + half << ", k step " << kk;
+          EXPECT_EQ(r[2 * half + 1], b1) << "cols, block " << nb + half << ", k step " << kk;
+        }
+      }
+    // Every row address is 16-byte aligned (ldmatrix's rule): LD and the columns are multiples
+    // of 8 elements.
+    EXPECT_EQ((cuda::flash::ldsm_rows_row(lane, 8) * LD + cuda::flash::ldsm_rows_col(lane, 16)) % 8, 0);
+    EXPECT_EQ((cuda::flash::ldsm_cols_row(lane, 16) * LD + cuda::flash::ldsm_cols_col(lane, 8)) % 8, 0);
   }
 }
 

@@ -16,7 +16,9 @@
 // row statistics (max, sum, D) are reduced across the 4 lanes that share a row and never across
 // warps. Shared memory holds two 64-row tiles of the operands (zero-padded beyond T and beyond
 // the head size to the compiled head tile of 32, 64 or 128 columns); a warp's own 16 rows of
-// the first operand are held as Tensor Core fragments in registers for the whole kernel.
+// the first operand are held as Tensor Core fragments in registers for the whole kernel, and
+// the other operands' fragments come from the tiles by ldmatrix (.trans where the tile enters
+// untransposed), two 8-column blocks per instruction.
 //
 // Masked positions (t2 > t) of a diagonal tile enter the products with p = ds = 0, so a
 // non-finite k or v there still makes the row NaN (0 x inf), where the CPU, summing over the
@@ -53,13 +55,25 @@ constexpr int kTileBlocks = kTile / 8;      // 8-column accumulator blocks acros
 using flash::acc_col;
 using flash::acc_row;
 using flash::frag_a;
-using flash::frag_b_cols;
-using flash::frag_b_rows;
 
 // Two fp32 values rounded to TI (to nearest even) and packed as one register.
 template <class TI>
 __device__ __forceinline__ uint32_t pack_rounded(float lo, float hi) {
   return flash::pack_raw(store<TI>(lo), store<TI>(hi));
+}
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory (flash_fragments.h, ldsm_*): this
+// lane's row address p; with Trans each register holds a column pair instead of a row pair.
+template <bool Trans>
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  // "memory": ordered with the tiles' stores and the barriers.
+  if constexpr (Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a) : "memory");
 }
 
 template <class TI>
@@ -132,39 +146,46 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4],
   }
 }
 
-// s (16 x kTile) = x . tile^T, x the warp's 16 rows as fragments (16 x HSP).
+// s (16 x kTile) = x . tile^T, x the warp's 16 rows as fragments (16 x HSP). The B fragments
+// are frag_b_rows's, two blocks per ldmatrix.
 template <class TI, int HSP>
 __device__ __forceinline__ void product_with_rows(float (&s)[kTileBlocks][4],
                                                   const uint32_t (&x)[TileShape<HSP>::KS][4],
-                                                  const TI* tile, int g, int c) {
+                                                  const TI* tile, int lane) {
   constexpr int LD = TileShape<HSP>::LD;
 #pragma unroll
-  for (int nb = 0; nb < kTileBlocks; ++nb) {
-    s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+  for (int nb = 0; nb < kTileBlocks; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+#pragma unroll
+  for (int nb = 0; nb < kTileBlocks; nb += 2) {
 #pragma unroll
     for (int ks = 0; ks < TileShape<HSP>::KS; ++ks) {
-      uint32_t b0, b1;
-      frag_b_rows<TI, LD>(b0, b1, tile, nb * 8, ks * 16, g, c);
-      mma<TI>(s[nb], x[ks], b0, b1);
+      uint32_t b[4];
+      ldsm_x4<false>(b, tile + flash::ldsm_rows_row(lane, nb * 8) * LD +
+                            flash::ldsm_rows_col(lane, ks * 16));
+      mma<TI>(s[nb], x[ks], b[0], b[1]);
+      mma<TI>(s[nb + 1], x[ks], b[2], b[3]);
     }
   }
 }
 
-// acc (16 x HSP) += round(p) . tile, p the warp's 16 x kTile accumulators.
+// acc (16 x HSP) += round(p) . tile, p the warp's 16 x kTile accumulators. The B fragments are
+// frag_b_cols's, two blocks per ldmatrix.trans.
 template <class TI, int HSP>
 __device__ __forceinline__ void accumulate_with_cols(float (&acc)[TileShape<HSP>::NB][4],
                                                      const float (&p)[kTileBlocks][4],
-                                                     const TI* tile, int g, int c) {
+                                                     const TI* tile, int lane) {
   constexpr int LD = TileShape<HSP>::LD;
 #pragma unroll
   for (int kk = 0; kk < kTile / 16; ++kk) {
     uint32_t a[4];
     acc_to_a<TI>(a, p[2 * kk], p[2 * kk + 1]);
 #pragma unroll
-    for (int nb = 0; nb < TileShape<HSP>::NB; ++nb) {
-      uint32_t b0, b1;
-      frag_b_cols<TI, LD>(b0, b1, tile, kk * 16, nb * 8, g, c);
-      mma<TI>(acc[nb], a, b0, b1);
+    for (int nb = 0; nb < TileShape<HSP>::NB; nb += 2) {
+      uint32_t b[4];
+      ldsm_x4<true>(b, tile + flash::ldsm_cols_row(lane, kk * 16) * LD +
+                           flash::ldsm_cols_col(lane, nb * 8));
+      mma<TI>(acc[nb], a, b[0], b[1]);
+      mma<TI>(acc[nb + 1], a, b[2], b[3]);
     }
   }
 }
@@ -258,7 +279,7 @@ __global__ void __launch_bounds__(kThreads)
     load_tile<TI, HSP>(sV, base + 2 * C, W, kt * kTile, T, HS, vec);
     __syncthreads();
     float s[kTileBlocks][4];
-    product_with_rows<TI, HSP>(s, qf, sK, g, c);
+    product_with_rows<TI, HSP>(s, qf, sK, lane);
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nb = 0; nb < kTileBlocks; ++nb)
@@ -291,7 +312,7 @@ __global__ void __launch_bounds__(kThreads)
         s[nb][i] = p;
         l[i >> 1] += p;
       }
-    accumulate_with_cols<TI, HSP>(o, s, sV, g, c);
+    accumulate_with_cols<TI, HSP>(o, s, sV, lane);
     __syncthreads();  // before the next tiles overwrite sK and sV
   }
 
@@ -344,8 +365,8 @@ __global__ void __launch_bounds__(kThreads)
       load_tile<TI, HSP>(sV, base + 2 * C, W, kt * kTile, T, HS, vec);
       __syncthreads();
       float s[kTileBlocks][4], dp[kTileBlocks][4];
-      product_with_rows<TI, HSP>(s, qf, sK, g, c);   // q.k^T
-      product_with_rows<TI, HSP>(dp, gf, sV, g, c);  // dout.v^T
+      product_with_rows<TI, HSP>(s, qf, sK, lane);   // q.k^T
+      product_with_rows<TI, HSP>(dp, gf, sV, lane);  // dout.v^T
 #pragma unroll
       for (int nb = 0; nb < kTileBlocks; ++nb)
 #pragma unroll
@@ -361,7 +382,7 @@ __global__ void __launch_bounds__(kThreads)
                 valid ? __fmul_rn(__fmul_rn(p, __fsub_rn(dp[nb][i], D[r])), scale) : 0.0f;
           }
         }
-      if (pass == 1) accumulate_with_cols<TI, HSP>(dq, s, sK, g, c);  // dq += ds~.k~
+      if (pass == 1) accumulate_with_cols<TI, HSP>(dq, s, sK, lane);  // dq += ds~.k~
       __syncthreads();
     }
     if (pass == 0) {
@@ -422,8 +443,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     float st[kTileBlocks][4], dpt[kTileBlocks][4];
-    product_with_rows<TI, HSP>(st, kf, sQ, g, c);   // (q.k^T)^T
-    product_with_rows<TI, HSP>(dpt, vf, sG, g, c);  // (dout.v^T)^T
+    product_with_rows<TI, HSP>(st, kf, sQ, lane);   // (q.k^T)^T
+    product_with_rows<TI, HSP>(dpt, vf, sG, lane);  // (dout.v^T)^T
 #pragma unroll
     for (int nb = 0; nb < kTileBlocks; ++nb)
 #pragma unroll
@@ -436,8 +457,8 @@ __global__ void __launch_bounds__(kThreads)
             valid ? __fmul_rn(__fmul_rn(p, __fsub_rn(dpt[nb][i], sD[ql])), scale) : 0.0f;
         st[nb][i] = p;
       }
-    accumulate_with_cols<TI, HSP>(dv, st, sG, g, c);   // dv += p~^T.dout~
-    accumulate_with_cols<TI, HSP>(dk, dpt, sQ, g, c);  // dk += ds~^T.q~
+    accumulate_with_cols<TI, HSP>(dv, st, sG, lane);   // dv += p~^T.dout~
+    accumulate_with_cols<TI, HSP>(dk, dpt, sQ, lane);  // dk += ds~^T.q~
     __syncthreads();
   }
 

@@ -70,6 +70,24 @@ MPT_HD void frag_b_cols(uint32_t& b0, uint32_t& b1, const E* t, int k0, int n0, 
   b1 = pack_raw(t[(k0 + 2 * c + 8) * LD + n0 + g], t[(k0 + 2 * c + 9) * LD + n0 + g]);
 }
 
+// ---- the same B fragments, two 8-column blocks at a time, by ldmatrix.sync.aligned.m8n8.x4
+// (PTX ISA, "Warp-level matrix load instruction: ldmatrix"): lanes 8i..8i+7 give the addresses of
+// the 8 rows (8 consecutive 16-bit elements, 16-byte aligned) of matrix i, and register i of lane
+// l receives elements (l / 4, 2 (l % 4) and 2 (l % 4) + 1) of matrix i, or with .trans elements
+// (2 (l % 4) and 2 (l % 4) + 1, l / 4), i.e. of its transpose. The kernels issue one ldmatrix
+// where frag_b_rows/frag_b_cols would issue four (or eight) shared-memory loads per pair of
+// fragments; the formulas below say which tile row and column each lane points at, so that
+// registers 0, 1 are (b0, b1) of block n0 and registers 2, 3 those of block n0 + 8.
+//
+// frag_b_rows for blocks n0, n0 + 8 (no .trans): matrix i covers tile rows n0 + 8 (i / 2) ..
+// + 7 and columns k0 + 8 (i % 2) .. + 7.
+MPT_HD int ldsm_rows_row(int lane, int n0) { return n0 + (lane & 7) + 8 * (lane >> 4); }
+MPT_HD int ldsm_rows_col(int lane, int k0) { return k0 + 8 * ((lane >> 3) & 1); }
+// frag_b_cols for blocks n0, n0 + 8 (.trans): matrix i covers tile rows k0 + 8 (i % 2) .. + 7
+// and columns n0 + 8 (i / 2) .. + 7.
+MPT_HD int ldsm_cols_row(int lane, int k0) { return k0 + (lane & 15); }
+MPT_HD int ldsm_cols_col(int lane, int n0) { return n0 + 8 * (lane >> 4); }
+
 // The A fragment of a 16 x 16 block from the accumulators of its two 8-column halves, lo
 // (columns 0-7) and hi (8-15): element h of register r is accumulator acc_index(r, h) of half
 // acc_half(r). From the tables above, the C rows g, g + 8 and columns 2c, 2c + 1 of a half are
