@@ -4,7 +4,8 @@
 // policy's matmul format on this GPU: backend/gpu_peaks.h), step time, device memory in use
 // (measured and as the memory ledger predicts it), and each as a ratio to fp32 and to bf16; and
 // the time of the step's attention alone (one layer's forward and backward, times the layers),
-// and, where the fused kernels run it, the same with the GEMM path (MPT_ATTENTION=gemm).
+// and, where the fused kernels run it, the same with the GEMM path (MPT_ATTENTION=gemm); and one
+// more step profiled op by op (the 15 ops that take the most GPU time, in the JSON).
 // A step is forward, backward, gradient norm and AdamW, on random tokens. The median of the
 // timed steps, after warm-up steps.
 //
@@ -110,6 +111,16 @@ int main(int argc, char** argv) {
     }
     std::sort(ms.begin(), ms.end());
     const double step_ms = ms[ms.size() / 2];
+    // One more step, profiled op by op (cuda_context.h, start_profile): where the time goes.
+    be.context().start_profile();
+    one_step();
+    const cuda::OpProfileTable profile = be.context().stop_profile();
+    nlohmann::json top_ops = nlohmann::json::array();
+    for (const cuda::OpTime& t : profile.sorted()) {
+      if (top_ops.size() == 15) break;
+      top_ops.push_back({{"op", t.op}, {"ms", t.ms}, {"launches", t.launches},
+                         {"share", profile.total_ms() > 0 ? t.ms / profile.total_ms() : 0.0}});
+    }
     size_t free1 = 0;
     MPT_CUDA_CHECK(cudaMemGetInfo(&free1, &total));
     const double tokens_per_s = double(B) * T / (step_ms / 1e3);
@@ -171,6 +182,8 @@ int main(int argc, char** argv) {
                        {"step_ms", step_ms},
                        {"step_ms_min", ms.front()},
                        {"step_ms_max", ms.back()},
+                       {"profile_ms", profile.total_ms()},  // the profiled step, marks included
+                       {"profile_top_ops", top_ops},
                        {"mfu", mfu.value_or(0.0)},  // 0: this GPU is not in gpu_peaks' table
                        {"peak_format", peak.format},
                        {"peak_tflops", peak.flops / 1e12},

@@ -11,6 +11,7 @@
 
 #include "backend/cuda/attention_plan.h"
 #include "backend/cuda/flash_fragments.h"
+#include "backend/cuda/op_profile.h"
 #include "backend/cuda/workspace_plan.h"
 #include "backend/gpu_peaks.h"
 #include "cuda_test_util.h"
@@ -331,6 +332,26 @@ TEST(FlashFragments, LdmatrixAddressesGiveTheSameFragments) {
     EXPECT_EQ((cuda::flash::ldsm_rows_row(lane, 8) * LD + cuda::flash::ldsm_rows_col(lane, 16)) % 8, 0);
     EXPECT_EQ((cuda::flash::ldsm_cols_row(lane, 16) * LD + cuda::flash::ldsm_cols_col(lane, 8)) % 8, 0);
   }
+}
+
+// The op profile's table: per-op sums of the marks, largest first, ties in name order.
+TEST(OpProfile, SumsMarksPerOpLargestFirst) {
+  cuda::OpProfileTable t;
+  t.add("matmul forward", 2.0);
+  t.add("layernorm_forward", 0.5);
+  t.add("matmul forward", 3.0);
+  t.add("gelu_forward", 0.5);
+  t.add("attention_forward: fused kernel", 4.0);
+  const std::vector<cuda::OpTime> v = t.sorted();
+  ASSERT_EQ(v.size(), 4u);
+  EXPECT_EQ(v[0].op, "matmul forward");
+  EXPECT_DOUBLE_EQ(v[0].ms, 5.0);
+  EXPECT_EQ(v[0].launches, 2);
+  EXPECT_EQ(v[1].op, "attention_forward: fused kernel");
+  EXPECT_EQ(v[2].op, "gelu_forward");
+  EXPECT_EQ(v[3].op, "layernorm_forward");
+  EXPECT_DOUBLE_EQ(t.total_ms(), 10.0);
+  EXPECT_TRUE(cuda::OpProfileTable().sorted().empty());
 }
 
 }  // namespace

@@ -86,6 +86,29 @@ DeviceBuffer::~DeviceBuffer() {
 
 // ---- Context
 
+// Events are created once and reused by later profiles; marks[i] is the op whose launch check
+// recorded events[i + 1] (events[0] is the start).
+struct Context::Profiler {
+  std::vector<cudaEvent_t> events;
+  size_t used = 0;
+  std::vector<std::string> marks;
+  bool on = false;
+  Profiler() = default;
+  Profiler(const Profiler&) = delete;
+  Profiler& operator=(const Profiler&) = delete;
+  ~Profiler() {
+    for (cudaEvent_t e : events) cudaEventDestroy(e);  // errors are not thrown here
+  }
+  cudaEvent_t next() {
+    if (used == events.size()) {
+      cudaEvent_t e = nullptr;
+      MPT_CUDA_CHECK(cudaEventCreate(&e));
+      events.push_back(e);
+    }
+    return events[used++];
+  }
+};
+
 Context::Context(int device) : device_(device) {
   MPT_CUDA_CHECK(cudaSetDevice(device));
   MPT_CUDA_CHECK(cudaGetDeviceProperties(&props_, device));
@@ -103,6 +126,27 @@ Context::Context(int device) : device_(device) {
   sync("zeroing the cast counters");
   const char* s = std::getenv("MPT_CUDA_SYNC");
   debug_sync_ = s && std::strcmp(s, "0") != 0 && *s;
+}
+
+void Context::start_profile() {
+  if (!profiler_) profiler_ = std::make_unique<Profiler>();
+  profiler_->used = 0;
+  profiler_->marks.clear();
+  MPT_CUDA_CHECK(cudaEventRecord(profiler_->next(), stream_));
+  profiler_->on = true;
+}
+
+OpProfileTable Context::stop_profile() {
+  OpProfileTable table;
+  if (!profiler_ || !profiler_->on) return table;
+  profiler_->on = false;
+  sync("op profile");
+  for (size_t i = 0; i < profiler_->marks.size(); ++i) {
+    float ms = 0;
+    MPT_CUDA_CHECK(cudaEventElapsedTime(&ms, profiler_->events[i], profiler_->events[i + 1]));
+    table.add(profiler_->marks[i], ms);
+  }
+  return table;
 }
 
 Context::~Context() {
@@ -225,6 +269,10 @@ void Context::check_launch(const char* op, const char* file, int line) const {
     throw RuntimeError(std::string("CUDA kernel launch failed in op '") + op + "': " +
                        cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ") at " + file + ":" +
                        std::to_string(line));
+  if (profiler_ && profiler_->on) {
+    MPT_CUDA_CHECK(cudaEventRecord(profiler_->next(), stream_));
+    profiler_->marks.emplace_back(op);
+  }
   if (debug_sync_) {
     const cudaError_t s = cudaStreamSynchronize(stream_);
     if (s != cudaSuccess)

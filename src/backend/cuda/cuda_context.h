@@ -13,6 +13,7 @@
 #include "backend/backend.h"
 #include "backend/cuda/cuda_check.h"
 #include "backend/cuda/matmul_plan.h"
+#include "backend/cuda/op_profile.h"
 #include "backend/cuda/workspace_plan.h"
 #include "backend/memory_counter.h"
 
@@ -106,6 +107,12 @@ class Context {
   void sync(const char* what) const;
   bool debug_sync() const { return debug_sync_; }
 
+  // Op profiling (op_profile.h): from start_profile() on, every check_launch also records an
+  // event on the stream; stop_profile() synchronises and returns the GPU time between
+  // consecutive events per op. For benchmarks: it adds a host call per launch.
+  void start_profile();
+  OpProfileTable stop_profile();
+
  private:
   int device_ = 0;
   cudaDeviceProp props_{};
@@ -126,6 +133,8 @@ class Context {
   void* pinned_ = nullptr;
   size_t pinned_bytes_ = 0;
   bool debug_sync_ = false;
+  struct Profiler;  // the events and the ops that ended them
+  std::unique_ptr<Profiler> profiler_;
   std::shared_ptr<MemoryCounter> mem_ = std::make_shared<MemoryCounter>();
 };
 
