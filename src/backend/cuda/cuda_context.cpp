@@ -87,8 +87,10 @@ DeviceBuffer::~DeviceBuffer() {
 // ---- Context
 
 // Events are created once and reused by later profiles; marks[i] is the op whose launch check
-// recorded events[i + 1] (events[0] is the start).
+// recorded events[i + 1] (events[0] is the start). At most kMaxMarks per profile: a profile
+// left on (an exception between start and stop) stops growing there.
 struct Context::Profiler {
+  static constexpr size_t kMaxMarks = size_t{1} << 16;
   std::vector<cudaEvent_t> events;
   size_t used = 0;
   std::vector<std::string> marks;
@@ -99,13 +101,17 @@ struct Context::Profiler {
   ~Profiler() {
     for (cudaEvent_t e : events) cudaEventDestroy(e);  // errors are not thrown here
   }
-  cudaEvent_t next() {
+  // Records the next event on `stream`; `used` and the marks change only once it is recorded.
+  void record(cudaStream_t stream, const char* op) {
+    if (op && marks.size() >= kMaxMarks) return;
     if (used == events.size()) {
       cudaEvent_t e = nullptr;
       MPT_CUDA_CHECK(cudaEventCreate(&e));
       events.push_back(e);
     }
-    return events[used++];
+    MPT_CUDA_CHECK(cudaEventRecord(events[used], stream));
+    ++used;
+    if (op) marks.emplace_back(op);
   }
 };
 
@@ -132,7 +138,7 @@ void Context::start_profile() {
   if (!profiler_) profiler_ = std::make_unique<Profiler>();
   profiler_->used = 0;
   profiler_->marks.clear();
-  MPT_CUDA_CHECK(cudaEventRecord(profiler_->next(), stream_));
+  profiler_->record(stream_, nullptr);  // the start
   profiler_->on = true;
 }
 
@@ -269,10 +275,7 @@ void Context::check_launch(const char* op, const char* file, int line) const {
     throw RuntimeError(std::string("CUDA kernel launch failed in op '") + op + "': " +
                        cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ") at " + file + ":" +
                        std::to_string(line));
-  if (profiler_ && profiler_->on) {
-    MPT_CUDA_CHECK(cudaEventRecord(profiler_->next(), stream_));
-    profiler_->marks.emplace_back(op);
-  }
+  if (profiling()) profiler_->record(stream_, op);
   if (debug_sync_) {
     const cudaError_t s = cudaStreamSynchronize(stream_);
     if (s != cudaSuccess)
@@ -287,6 +290,11 @@ void Context::sync(const char* what) const {
   if (e != cudaSuccess)
     throw RuntimeError(std::string("CUDA error while ") + what + ": " + cudaGetErrorName(e) +
                        " (" + cudaGetErrorString(e) + ")");
+  // The GPU idles from here until the host queues more work: a profile charges that to the
+  // synchronisation, not to the next op.
+  if (profiling()) profiler_->record(stream_, "(idle: host synchronisation)");
 }
+
+bool Context::profiling() const { return profiler_ && profiler_->on; }
 
 }  // namespace mpt::cuda

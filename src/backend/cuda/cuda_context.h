@@ -112,6 +112,7 @@ class Context {
   // consecutive events per op. For benchmarks: it adds a host call per launch.
   void start_profile();
   OpProfileTable stop_profile();
+  bool profiling() const;
 
  private:
   int device_ = 0;

@@ -2,7 +2,9 @@
 // fragments: mma.sync.aligned.m16n8k16 with 16-bit operands and fp32 accumulators (PTX ISA,
 // "Matrix fragments for mma.m16n8k16 with floating point type"). Plain C++ usable on the host
 // too, so that tests check these index formulas against the PTX tables without a GPU
-// (tests/test_cuda.cpp, FlashFragments.*); the kernels call exactly these functions.
+// (tests/test_cuda.cpp, FlashFragments.*). The kernels call frag_a, the ldsm_* address
+// formulas and the accumulator maps; frag_b_rows/frag_b_cols are the per-element statement of
+// the B fragments the ldmatrix loads are checked against.
 //
 // For lane l of a warp let g = l / 4 and c = l % 4; a 32-bit register holds two 16-bit
 // elements, the lower index in the lower half:

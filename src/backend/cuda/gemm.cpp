@@ -135,12 +135,16 @@ bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* wh
   MPT_CUDA_CHECK(cublasLtMatmul(ctx.lt(), ds.op, &alpha, g.a, ds.a, g.b, ds.b, &beta, g.d, ds.d,
                                 g.d, ds.d, &algo, ctx.lt_workspace(), ctx.lt_workspace_bytes(),
                                 ctx.stream()));
-  // Named with its shape (m x n x k, and the batch), so that an op profile (op_profile.h) tells
-  // the GEMMs apart: the LM head's from the layers', forward from backward.
-  const std::string name = std::string(what) + " " + std::to_string(p.m) + "x" +
-                           std::to_string(p.n) + "x" + std::to_string(p.k) +
-                           (p.batch > 1 ? " (batch " + std::to_string(p.batch) + ")" : "");
-  MPT_LAUNCH_CHECK(ctx, name.c_str());
+  if (ctx.profiling()) {
+    // Named with its shape (m x n x k, and the batch), so that the op profile (op_profile.h)
+    // tells the GEMMs apart: the LM head's from the layers', forward from backward.
+    const std::string name = std::string(what) + " " + std::to_string(p.m) + "x" +
+                             std::to_string(p.n) + "x" + std::to_string(p.k) +
+                             (p.batch > 1 ? " (batch " + std::to_string(p.batch) + ")" : "");
+    MPT_LAUNCH_CHECK(ctx, name.c_str());
+  } else {
+    MPT_LAUNCH_CHECK(ctx, what);
+  }
   return true;
 }
 
