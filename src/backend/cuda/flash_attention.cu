@@ -225,6 +225,16 @@ __device__ __forceinline__ float quad_max(float v) {
   return fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, 2));
 }
 
+// The backward's recomputed probability p = exp(s scale - lse) and score gradient
+// ds = p (dp - D) scale, rounded step by step as the CPU rounds them (no FMA): both backward
+// kernels call these, so the dq and the dk/dv passes see the same p and ds.
+__device__ __forceinline__ float recomputed_prob(float s, float scale, float lse) {
+  return expf(__fsub_rn(__fmul_rn(s, scale), lse));
+}
+__device__ __forceinline__ float score_grad(float p, float dp, float D, float scale) {
+  return __fmul_rn(__fmul_rn(p, __fsub_rn(dp, D)), scale);
+}
+
 // Stores a warp's 16 x HSP fp32 accumulators (rows row[0] and row[1] of this lane) into
 // columns [off, off + HS) of rows (b T + row) of a (B, T, W) tensor, rows < T only.
 template <int HSP>
@@ -374,12 +384,11 @@ __global__ void __launch_bounds__(kThreads)
           const int r = i >> 1;
           const int64_t col = kt * kTile + nb * 8 + acc_col(c, i);
           const bool valid = col <= row[r] && col < T;
-          const float p = valid ? expf(__fsub_rn(__fmul_rn(s[nb][i], scale), lr[r])) : 0.0f;
+          const float p = valid ? recomputed_prob(s[nb][i], scale, lr[r]) : 0.0f;
           if (pass == 0) {
             D[r] = __fadd_rn(D[r], __fmul_rn(p, dp[nb][i]));  // as the CPU: no FMA
           } else {
-            s[nb][i] =
-                valid ? __fmul_rn(__fmul_rn(p, __fsub_rn(dp[nb][i], D[r])), scale) : 0.0f;
+            s[nb][i] = valid ? score_grad(p, dp[nb][i], D[r], scale) : 0.0f;
           }
         }
       if (pass == 1) accumulate_with_cols<TI, HSP>(dq, s, sK, lane);  // dq += ds~.k~
@@ -452,9 +461,8 @@ __global__ void __launch_bounds__(kThreads)
         const int r = i >> 1, ql = nb * 8 + acc_col(c, i);
         const int64_t q = qt * kTile + ql;
         const bool valid = q >= key[r] && q < T && key[r] < T;
-        const float p = valid ? expf(__fsub_rn(__fmul_rn(st[nb][i], scale), sL[ql])) : 0.0f;
-        dpt[nb][i] =
-            valid ? __fmul_rn(__fmul_rn(p, __fsub_rn(dpt[nb][i], sD[ql])), scale) : 0.0f;
+        const float p = valid ? recomputed_prob(st[nb][i], scale, sL[ql]) : 0.0f;
+        dpt[nb][i] = valid ? score_grad(p, dpt[nb][i], sD[ql], scale) : 0.0f;
         st[nb][i] = p;
       }
     accumulate_with_cols<TI, HSP>(dv, st, sG, lane);   // dv += p~^T.dout~
