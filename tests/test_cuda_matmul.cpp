@@ -29,7 +29,9 @@
 // gradients) rounded to the operand format in between; see run_attention_case for its bounds.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -244,6 +246,58 @@ TEST(MatmulPlan, BiasGoesToTheEpilogueOnlyWhereCublasLtTakesIt) {
       << "a staged (counted) output adds the bias in its store";
 }
 
+TEST(MatmulPlan, GeluGoesToTheEpilogueOnlyWhereCublasLtTakesIt) {
+  constexpr DType F = DType::f32, B = DType::bf16, H = DType::f16;
+  const uintptr_t al = 0x10000, al8 = 0x10008;  // 256- and 8-byte aligned
+  using G = GeluPath;
+  auto fwd = [](int64_t OC, MatmulPrecision prec, DType d = DType::f32) {
+    return plan_matmul(MatmulOp::forward, 37, 48, OC, d, d, d, prec);
+  };
+  auto dgrad = [](int64_t C, MatmulPrecision prec, DType d = DType::f32) {
+    return plan_matmul(MatmulOp::dgrad, 37, C, 80, d, d, d, prec);
+  };
+  const MatmulPrecision TF = MatmulPrecision::tf32, NAT = MatmulPrecision::native,
+                        FP8 = MatmulPrecision::fp8;
+  // Forward: fp32 pre and out written by a tf32 GEMM, the bias in the epilogue too.
+  EXPECT_EQ(gelu_forward_path(fwd(3072, TF), F, F, al, true, F, al), G::epilogue);
+  EXPECT_EQ(gelu_forward_path(fwd(3072, TF), F, F, al, false, F, 0), G::epilogue);
+  EXPECT_EQ(gelu_forward_path(fwd(3072, NAT), F, F, al, true, F, al), G::separate)
+      << "fp32 GEMMs keep the exact GELU kernel";
+  EXPECT_EQ(gelu_forward_path(fwd(3076, TF), F, F, al, true, F, al), G::separate)
+      << "the aux leading dimension (D's) must be divisible by 8";
+  EXPECT_EQ(gelu_forward_path(fwd(3072, TF), F, F, al8, true, F, al), G::separate)
+      << "an aux pointer below 16-byte alignment";
+  EXPECT_EQ(gelu_forward_path(fwd(3072, TF), F, F, al, true, B, al), G::separate)
+      << "a bias the epilogue does not take must still be added before the GELU";
+  EXPECT_EQ(gelu_forward_path(fwd(3072, TF), F, F, al, true, F, al8), G::separate)
+      << "a misaligned bias faults in the epilogue";
+  EXPECT_EQ(gelu_forward_path(fwd(3072, FP8, B), F, F, al, true, B, al), G::separate)
+      << "no fp32 GELU aux promised for fp8 GEMMs";
+  // 16-bit outputs are staged in fp32 and rounded by the counting store kernel, which applies
+  // the GELU too (any leading dimension, alignment or GEMM precision).
+  EXPECT_EQ(gelu_forward_path(fwd(37, NAT, B), B, B, al8 + 2, true, B, al8 + 2), G::store_kernel);
+  EXPECT_EQ(gelu_forward_path(fwd(3072, FP8, H), H, H, al, true, B, al), G::store_kernel);
+  // Mixed pre/out dtypes: the separate kernel.
+  EXPECT_EQ(gelu_forward_path(fwd(3072, TF), B, F, al, true, F, al), G::separate);
+  EXPECT_EQ(gelu_forward_path(fwd(3072, TF), F, B, al, true, F, al), G::separate);
+  EXPECT_EQ(gelu_forward_path(fwd(3072, NAT, B), B, H, al, true, B, al), G::separate);
+
+  // Backward (the dgrad GEMM's D is dinp (C x N), the aux its GELU input).
+  EXPECT_EQ(gelu_backward_path(dgrad(3072, TF), F, F, al), G::epilogue);
+  EXPECT_EQ(gelu_backward_path(dgrad(3072, NAT), F, F, al), G::separate);
+  EXPECT_EQ(gelu_backward_path(dgrad(3074, TF), F, F, al), G::separate);
+  EXPECT_EQ(gelu_backward_path(dgrad(3072, TF), F, F, al8), G::separate);
+  EXPECT_EQ(gelu_backward_path(dgrad(3072, FP8, B), F, F, al), G::separate) << "DGELU with fp8";
+  EXPECT_EQ(gelu_backward_path(dgrad(3072, TF), F, B, al), G::separate) << "the aux type is D's";
+  EXPECT_EQ(gelu_backward_path(dgrad(37, FP8, B), B, B, al8 + 2), G::store_kernel);
+  EXPECT_EQ(gelu_backward_path(dgrad(3072, NAT, H), H, F, al), G::store_kernel)
+      << "the store kernel reads a GELU input of any float dtype";
+
+  EXPECT_STREQ(gemm_epilogue_name(GemmEpilogue::gelu_aux_bias), "GELU_AUX_BIAS");
+  EXPECT_STREQ(gemm_epilogue_name(GemmEpilogue::dgelu), "DGELU");
+  EXPECT_STREQ(gemm_epilogue_name(GemmEpilogue::none), "");
+}
+
 TEST(MatmulPlan, PointerAlignmentIsTheLargestPowerOfTwoUpTo256) {
   EXPECT_EQ(pointer_alignment(0x1000), 256u);
   EXPECT_EQ(pointer_alignment(0x1080), 128u);
@@ -259,6 +313,15 @@ TEST(MatmulPlan, CacheKeysAreEqualExactlyWhenTheGemmIsTheSame) {
   EXPECT_EQ(k, gemm_key(p, GemmEpilogue::none, 256, 256, 256));
   EXPECT_EQ(GemmKeyHash{}(k), GemmKeyHash{}(gemm_key(p, GemmEpilogue::none, 256, 256, 256)));
   EXPECT_NE(k, gemm_key(p, GemmEpilogue::bias, 256, 256, 256));
+  // The GELU epilogues: each its own key, and the aux pointer's alignment is part of it.
+  const GemmKey ga = gemm_key(p, GemmEpilogue::gelu_aux_bias, 256, 256, 256, 256);
+  EXPECT_NE(ga, gemm_key(p, GemmEpilogue::gelu_aux, 256, 256, 256, 256));
+  EXPECT_NE(ga, gemm_key(p, GemmEpilogue::dgelu, 256, 256, 256, 256));
+  EXPECT_NE(ga, gemm_key(p, GemmEpilogue::gelu_aux_bias, 256, 256, 256, 16));
+  EXPECT_NE(GemmKeyHash{}(ga), GemmKeyHash{}(gemm_key(p, GemmEpilogue::gelu_aux_bias, 256, 256,
+                                                      256, 16)));
+  EXPECT_NE(ga.str().find("epilogue=GELU_AUX_BIAS"), std::string::npos) << ga.str();
+  EXPECT_NE(ga.str().find("align(aux)=256"), std::string::npos) << ga.str();
   EXPECT_NE(k, gemm_key(p, GemmEpilogue::none, 16, 256, 256));
   EXPECT_NE(k, gemm_key(p, GemmEpilogue::none, 256, 256, 2));
   const GemmPlan q = plan_matmul(MatmulOp::forward, 38, 48, 80, DType::bf16, DType::bf16,
@@ -529,6 +592,47 @@ float amax_host(const Tensor& t) {
   return m;
 }
 
+// The GEMMs' error bound relative to the sum of the products' magnitudes: fp32 sums in any
+// order (Higham's gamma), tf32's operand rounding, fp8's (the same quantised values on both
+// backends, but the scaled products summed in another order; `inflate` covers the scales).
+struct ProductTol {
+  double rel = 0, inflate = 1;
+};
+ProductTol product_tol(MatmulPrecision prec, int64_t N, int64_t C, int64_t OC) {
+  ProductTol t;
+  t.rel = 2.0 * gamma32(double(std::max({N, C, OC})) + 2.0);
+  if (prec == MatmulPrecision::tf32) t.rel += 0x1p-8;
+  if (prec == MatmulPrecision::fp8) t.rel += 0x1p-7, t.inflate = 1.25;
+  return t;
+}
+
+// Per element of x (N, C) . w (OC, C)^T + b (b may be empty).
+std::vector<double> forward_tol(const std::vector<float>& xv, const std::vector<float>& wv,
+                                const std::vector<float>& bv, int64_t N, int64_t C, int64_t OC,
+                                ProductTol pt) {
+  std::vector<double> tol(N * OC);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t o = 0; o < OC; ++o) {
+      double s = 0;
+      for (int64_t i = 0; i < C; ++i) s += std::fabs(double(xv[n * C + i]) * wv[o * C + i]);
+      tol[n * OC + o] = pt.rel * (pt.inflate * s + (bv.empty() ? 0.0 : std::fabs(bv[o])));
+    }
+  return tol;
+}
+
+// Per element of dout (N, OC) . w (OC, C).
+std::vector<double> dgrad_tol(const std::vector<float>& dv, const std::vector<float>& wv,
+                              int64_t N, int64_t C, int64_t OC, ProductTol pt) {
+  std::vector<double> tol(N * C);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t i = 0; i < C; ++i) {
+      double s = 0;
+      for (int64_t o = 0; o < OC; ++o) s += std::fabs(double(dv[n * OC + o]) * wv[o * C + i]);
+      tol[n * C + i] = pt.rel * pt.inflate * s;
+    }
+  return tol;
+}
+
 void run_matmul_case(const MatmulCase& c) {
   SCOPED_TRACE(c.name);
   const uint64_t seed = test::fresh_seed();
@@ -559,10 +663,8 @@ void run_matmul_case(const MatmulCase& c) {
     spec.weight = {c.fw, 0.7f * maxf(c.fw) / amax_host(w.t), nullptr};
     spec.dout = {c.fd, 1.1f * maxf(c.fd) / amax_host(dout.t), nullptr};
   }
-  double rel = 2.0 * gamma32(double(std::max({N, C, OC})) + 2.0);
-  double inflate = 1.0;
-  if (c.prec == MatmulPrecision::tf32) rel += 0x1p-8;
-  if (c.prec == MatmulPrecision::fp8) rel += 0x1p-7, inflate = 1.25;
+  const ProductTol pt = product_tol(c.prec, N, C, OC);
+  const double rel = pt.rel, inflate = pt.inflate;
 
   // forward
   MatmulSpec sc = spec, sg = spec;
@@ -575,13 +677,7 @@ void run_matmul_case(const MatmulCase& c) {
   EXPECT_EQ(amax_gpu[0], -1.0f) << "a GPU writes the amaxes at collect_stats(), not before";
   gpu->collect_stats();
   {
-    std::vector<double> tol(N * OC);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t o = 0; o < OC; ++o) {
-        double s = 0;
-        for (int64_t i = 0; i < C; ++i) s += std::fabs(double(xv[n * C + i]) * wv[o * C + i]);
-        tol[n * OC + o] = rel * (inflate * s + std::fabs(bv[o]));
-      }
+    const std::vector<double> tol = forward_tol(xv, wv, bv, N, C, OC, pt);
     expect_close("out", from_gpu(*gpu, gout, "out"), test::widened(out.t), tol, c.out);
     expect_same_counts(*gpu, cpu, "forward");
     for (int i = 0; i < 3; ++i) EXPECT_EQ(amax_gpu[i], amax_cpu[i]) << "forward amax " << i;
@@ -595,13 +691,8 @@ void run_matmul_case(const MatmulCase& c) {
   gpu->matmul_backward(gdx.t, gdw.t, gdb.t, gdout.t, gx.t, gw.t, sg);
   gpu->collect_stats();
   {
-    std::vector<double> tx(N * C), tw(OC * C), tb(OC);
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t i = 0; i < C; ++i) {
-        double s = 0;
-        for (int64_t o = 0; o < OC; ++o) s += std::fabs(double(dv[n * OC + o]) * wv[o * C + i]);
-        tx[n * C + i] = rel * inflate * s;
-      }
+    const std::vector<double> tx = dgrad_tol(dv, wv, N, C, OC, pt);
+    std::vector<double> tw(OC * C), tb(OC);
     for (int64_t o = 0; o < OC; ++o) {
       double sb = std::fabs(db0[o]);
       for (int64_t n = 0; n < N; ++n) sb += std::fabs(dv[n * OC + o]);
@@ -655,6 +746,154 @@ TEST(CudaMatmul, Bf16) {
   run_matmul_case({"bf16, fp32 out", NAT, BF, BF, F32, F32, BF, F32, F32, F32, 5, 20, 12});
   // fp32 output with a bf16 bias: no epilogue takes it; the store kernel adds it in place.
   run_matmul_case({"bf16, fp32 out, bf16 bias", NAT, BF, BF, BF, F32, BF, F32, F32, BF, 37, 48, 80});
+}
+
+// matmul_gelu_forward and matmul_backward_gelu (the MLP's c_fc and its GELU, c_proj's backward
+// and the GELU's): against the CPU (whose fused ops are the separate ops, PrecisionOps.
+// MatmulGeluOpsAreTheMatmulAndTheGelu), and with 16-bit outputs bit for bit against the GPU's
+// own separate ops, since the store kernel applies the GELU kernels' expressions to the same
+// rounded values; so with fp32 GEMMs, which keep the separate kernels. tf32 GEMMs with fp32
+// outputs take cuBLASLt's GELU epilogues where the leading dimensions allow (multiples of 8):
+// their accuracy is undocumented, so the tolerance assumes the hardware tanh's (relative error
+// 2^-10.987, PTX ISA tanh.approx.f32) and the test prints what it measured.
+struct GeluCase {
+  const char* name;
+  MatmulPrecision prec;
+  DType act, weight, grad;
+  int64_t N, C, OC;
+};
+
+void run_gelu_case(const GeluCase& c) {
+  SCOPED_TRACE(c.name);
+  Rng rng(test::fresh_seed());
+  CpuBackend cpu(2);
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  const int64_t N = c.N, C = c.C, OC = c.OC;
+  const bool narrow = c.act != DType::f32;
+  Owned x = test::randn_as(cpu, {N, C}, c.act, rng), w = test::randn_as(cpu, {OC, C}, c.weight, rng, 0.3);
+  Owned b = test::randn_as(cpu, {OC}, c.weight, rng);
+  Owned dout = test::randn_as(cpu, {N, OC}, c.act, rng);
+  Owned gpre = test::randn_as(cpu, {N, C}, c.act, rng, 2.0);  // the backward's GELU input
+  Owned dw0 = test::randn_as(cpu, {OC, C}, c.grad, rng, 0.1), db0 = test::randn_as(cpu, {OC}, c.grad, rng, 0.1);
+  MatmulSpec spec(c.prec);
+  if (c.prec == MatmulPrecision::fp8) {
+    spec.inp = {DType::e4m3, 1.1f * 448.0f / cpu.amax(x.t), nullptr};
+    spec.weight = {DType::e4m3, 0.8f * 448.0f / cpu.amax(w.t), nullptr};
+    spec.dout = {DType::e5m2, 0.9f * 57344.0f / cpu.amax(dout.t), nullptr};
+  }
+  const std::vector<float> xv = test::widened(x.t), wv = test::widened(w.t), bv = test::widened(b.t),
+                           dv = test::widened(dout.t), pv = test::widened(gpre.t);
+  const ProductTol pt = product_tol(c.prec, N, C, OC);
+  const double eps = narrow ? dtype_traits(c.act).epsilon : 0.0;
+  // |gelu'| <= 1.13. Our GELU kernels' fp32 error: within 1e-5 (1 + |v|) (expf's and the
+  // roundings'; PrecisionOps.Gelu derives the CPU's exactly). An epilogue's: a tanh off by d
+  // relative moves 0.5 v (1 + th) by 0.5 |v| d and the derivative
+  // 0.5 (1 + th) + 0.5 v (1 - th^2) k (1 + 3 c v^2) by 0.5 d + |v| k (1 + 3 c v^2) d.
+  constexpr double kSlope = 1.13, kOurs = 1e-5, kTanhApprox = 4.93e-4;  // 2^-10.987
+  constexpr double kK = 0.7978845608028654, kC = 0.044715;
+  auto gelu_err = [&](bool epilogue, double v) {
+    return kOurs * (1 + std::fabs(v)) + (epilogue ? 0.5 * std::fabs(v) * kTanhApprox : 0.0);
+  };
+  auto dgelu_err = [&](bool epilogue, double v) {
+    return kOurs * (1 + std::fabs(v)) +
+           (epilogue ? (0.5 + std::fabs(v) * kK * (1 + 3 * kC * v * v)) * kTanhApprox : 0.0);
+  };
+  // The largest |fused - separate| of an epilogue, relative to the epilogue part of its bound.
+  double epi_worst = 0;
+
+  // ---- forward
+  Owned pre = test::make(cpu, {N, OC}, c.act), out = test::make(cpu, {N, OC}, c.act);
+  Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t);
+  Dev gp_f = to_gpu(*gpu, pre.t), go_f = to_gpu(*gpu, out.t);  // fused
+  Dev gp_s = to_gpu(*gpu, pre.t), go_s = to_gpu(*gpu, out.t);  // separate
+  const bool epi_f =
+      gelu_forward_path(plan_matmul(MatmulOp::forward, N, C, OC, c.act, c.weight, c.act, spec),
+                        c.act, c.act, reinterpret_cast<uintptr_t>(gp_f.t.data), true, c.weight,
+                        reinterpret_cast<uintptr_t>(gb.t.data)) == GeluPath::epilogue;
+  cpu.reset_cast_counts();
+  gpu->reset_cast_counts();
+  cpu.matmul_gelu_forward(out.t, pre.t, x.t, w.t, b.t, spec);
+  gpu->matmul_gelu_forward(go_f.t, gp_f.t, gx.t, gw.t, gb.t, spec);
+  expect_same_counts(*gpu, cpu, "matmul_gelu_forward");
+  const std::vector<float> pre_c = test::widened(pre.t), out_c = test::widened(out.t);
+  const std::vector<double> tp = forward_tol(xv, wv, bv, N, C, OC, pt);
+  std::vector<double> to(N * OC);
+  for (int64_t i = 0; i < N * OC; ++i)
+    to[i] = kSlope * (tp[i] + eps * std::fabs(pre_c[i])) + gelu_err(epi_f, pre_c[i]);
+  const std::vector<float> pre_f = from_gpu(*gpu, gp_f, "pre"), out_f = from_gpu(*gpu, go_f, "out");
+  expect_close("pre", pre_f, pre_c, tp, c.act);
+  expect_close("out", out_f, out_c, to, c.act);
+  gpu->matmul_forward(gp_s.t, gx.t, gw.t, gb.t, spec);
+  gpu->gelu_forward(go_s.t, gp_s.t);
+  const std::vector<float> out_s = from_gpu(*gpu, go_s, "separate out");
+  if (!epi_f) {
+    EXPECT_EQ(pre_f, from_gpu(*gpu, gp_s, "separate pre")) << "the fused store's pre";
+    EXPECT_EQ(out_f, out_s) << "the fused store's GELU";
+  } else {
+    // The epilogue's GELU against our kernel's on the epilogue's own pre.
+    for (int64_t i = 0; i < N * OC; ++i) {
+      const double v = pre_f[i], ours = 0.5 * v * (1 + std::tanh(kK * (v + kC * v * v * v)));
+      epi_worst = std::max(epi_worst, std::fabs(out_f[i] - ours) / (0.5 * std::fabs(v) * kTanhApprox + 1e-30));
+    }
+  }
+
+  // ---- backward: dinp = gelu'(gpre) * (dout . w), dweight and dbias accumulate
+  Owned dx = test::randn_as(cpu, {N, C}, c.act, rng);  // stale: dinp writes
+  Owned dw = test::make(cpu, {OC, C}, c.grad), db = test::make(cpu, {OC}, c.grad);
+  std::memcpy(dw.t.data, dw0.t.data, dw0.t.bytes());
+  std::memcpy(db.t.data, db0.t.data, db0.t.bytes());
+  Owned g = test::make(cpu, {N, C}, c.act), dx_c = test::make(cpu, {N, C}, c.act);
+  Dev gdout = to_gpu(*gpu, dout.t), gpre_d = to_gpu(*gpu, gpre.t);
+  Dev gdx_f = to_gpu(*gpu, dx.t), gdw_f = to_gpu(*gpu, dw.t), gdb_f = to_gpu(*gpu, db.t);
+  Dev gg = to_gpu(*gpu, g.t), gdx_s = to_gpu(*gpu, dx.t), gdw_s = to_gpu(*gpu, dw.t),
+      gdb_s = to_gpu(*gpu, db.t);
+  const bool epi_b =
+      gelu_backward_path(plan_matmul(MatmulOp::dgrad, N, C, OC, c.act, c.weight, c.act, spec),
+                         c.act, c.act, reinterpret_cast<uintptr_t>(gpre_d.t.data)) ==
+      GeluPath::epilogue;
+  cpu.reset_cast_counts();
+  gpu->reset_cast_counts();
+  // The CPU as separate ops, to keep the rounded product g for the tolerance.
+  cpu.matmul_backward(g.t, dw.t, db.t, dout.t, x.t, w.t, spec);
+  cpu.gelu_backward(dx_c.t, gpre.t, g.t);
+  gpu->matmul_backward_gelu(gdx_f.t, gdw_f.t, gdb_f.t, gdout.t, gx.t, gw.t, gpre_d.t, spec);
+  expect_same_counts(*gpu, cpu, "matmul_backward_gelu");
+  const std::vector<float> gv = test::widened(g.t);
+  const std::vector<double> tg = dgrad_tol(dv, wv, N, C, OC, pt);
+  std::vector<double> tx(N * C);
+  for (int64_t i = 0; i < N * C; ++i)
+    tx[i] = kSlope * (tg[i] + eps * std::fabs(gv[i])) + std::fabs(gv[i]) * dgelu_err(epi_b, pv[i]);
+  const std::vector<float> dx_f = from_gpu(*gpu, gdx_f, "dinp");
+  expect_close("dinp", dx_f, test::widened(dx_c.t), tx, c.act);
+  // dweight, dbias: the plain matmul_backward's (CudaMatmul.* check them against the CPU);
+  // the separate GPU ops give the same bits.
+  gpu->matmul_backward(gg.t, gdw_s.t, gdb_s.t, gdout.t, gx.t, gw.t, spec);
+  gpu->gelu_backward(gdx_s.t, gpre_d.t, gg.t);
+  EXPECT_EQ(from_gpu(*gpu, gdw_f, "dweight"), from_gpu(*gpu, gdw_s, "separate dweight"));
+  EXPECT_EQ(from_gpu(*gpu, gdb_f, "dbias"), from_gpu(*gpu, gdb_s, "separate dbias"));
+  if (!epi_b) {
+    EXPECT_EQ(dx_f, from_gpu(*gpu, gdx_s, "separate dinp")) << "the fused dgrad store";
+  }
+  if (epi_f || epi_b)
+    std::printf("[ gelu epi ] %s: forward epilogue %s, backward %s; GELU error / hardware-tanh "
+                "bound: %.3g\n",
+                c.name, epi_f ? "yes" : "no", epi_b ? "yes" : "no", epi_worst);
+  // Inputs are left alone.
+  EXPECT_EQ(from_gpu(*gpu, gpre_d, "gelu_pre"), pv);
+  EXPECT_EQ(from_gpu(*gpu, gdout, "dout"), dv);
+}
+
+TEST(CudaMatmul, GeluFusionsMatchTheSeparateOpsAndTheCpu) {
+  MPT_REQUIRE_GPU();
+  run_gelu_case({"fp32", NAT, F32, F32, F32, 37, 48, 80});
+  // tf32: leading dimensions 80 (forward) and 48 (backward) take the GELU epilogues; 12 and 20
+  // do not (not multiples of 8): the separate kernels, the derivative in place.
+  run_gelu_case({"tf32 epilogues", TF, F32, F32, F32, 37, 48, 80});
+  run_gelu_case({"tf32 separate", TF, F32, F32, F32, 5, 20, 12});
+  run_gelu_case({"bf16", NAT, BF, BF, BF, 37, 48, 80});
+  run_gelu_case({"bf16, fp32 weights and grads", NAT, BF, F32, F32, 37, 44, 76});
+  run_gelu_case({"fp16", NAT, F16, F16, F32, 29, 20, 12});
+  run_gelu_case({"fp8 hybrid, bf16", FP8, BF, BF, F32, 48, 64, 96});
 }
 
 TEST(CudaMatmul, Fp8Hybrid) {

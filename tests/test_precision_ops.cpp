@@ -636,6 +636,84 @@ TEST_F(PrecisionOps, Gelu) {
   }
 }
 
+// matmul_gelu_forward and matmul_backward_gelu are the two ops they fuse (backend.h), bit for
+// bit and count for count, under every policy, fp32 and fp8 GEMMs; the backward's GELU runs in
+// place on the CPU (the rounded product never has a tensor of its own), which must change
+// nothing either.
+TEST_F(PrecisionOps, MatmulGeluOpsAreTheMatmulAndTheGelu) {
+  const int64_t N = 13, C = 37, OC = 44;
+  auto same_bits = [](const std::string& what, const Owned& a, const Owned& b) {
+    ASSERT_EQ(a.t.bytes(), b.t.bytes());
+    int64_t bad = 0;
+    for (int64_t i = 0; i < a.n(); ++i) bad += raw_bits(a.t, i) != raw_bits(b.t, i);
+    EXPECT_EQ(bad, 0) << what << ": elements that differ";
+  };
+  auto counts_now = [](const Backend& b) {
+    std::vector<CastCounts> c;
+    for (int k = 0; k < kTensorClasses; ++k) c.push_back(b.cast_counts(static_cast<TensorClass>(k)));
+    return c;
+  };
+  auto expect_same = [](const std::vector<CastCounts>& a, const std::vector<CastCounts>& b) {
+    for (int k = 0; k < kTensorClasses; ++k) {
+      const char* name = tensor_class_name(static_cast<TensorClass>(k));
+      EXPECT_EQ(a[k].values, b[k].values) << name;
+      EXPECT_EQ(a[k].overflow, b[k].overflow) << name;
+      EXPECT_EQ(a[k].underflow, b[k].underflow) << name;
+    }
+  };
+  std::vector<Policy> policies(std::begin(kPolicies), std::end(kPolicies));
+  policies.push_back({"fp32", DType::f32, DType::f32, DType::f32});
+  for (const Policy& pol : policies)
+    for (bool fp8 : {false, true}) {
+      SCOPED_TRACE(std::string(pol.name) + (fp8 ? ", fp8 GEMMs" : ""));
+      Owned x = randn_as(be, {N, C}, pol.act, rng), w = randn_as(be, {OC, C}, pol.weight, rng, 0.4);
+      Owned bias = randn_as(be, {OC}, pol.weight, rng);
+      MatmulSpec spec(fp8 ? MatmulPrecision::fp8 : MatmulPrecision::native);
+      if (fp8) {
+        spec.inp = {DType::e4m3, 1.1f * 448.0f / be.amax(x.t), nullptr};
+        spec.weight = {DType::e4m3, 0.8f * 448.0f / be.amax(w.t), nullptr};
+        spec.dout = {DType::e5m2, 1024.0f, nullptr};
+      }
+      Owned pre = make(be, {N, OC}, pol.act), out = make(be, {N, OC}, pol.act);
+      Owned pre2 = make(be, {N, OC}, pol.act), out2 = make(be, {N, OC}, pol.act);
+      be.reset_cast_counts();
+      be.matmul_gelu_forward(out.t, pre.t, x.t, w.t, bias.t, spec);
+      const auto fused = counts_now(be);
+      be.reset_cast_counts();
+      be.matmul_forward(pre2.t, x.t, w.t, bias.t, spec);
+      be.gelu_forward(out2.t, pre2.t);
+      expect_same(fused, counts_now(be));
+      same_bits("pre", pre, pre2);
+      same_bits("out", out, out2);
+      int64_t zeros = 0;
+      for (float v : test::widened(out.t)) zeros += v == 0.0f;
+      EXPECT_LT(zeros, out.n() / 4) << "GELU of random products is mostly non-zero";
+
+      // Backward: dweight, dbias accumulate onto the same starting values; dinp starts stale.
+      Owned dout = randn_as(be, {N, OC}, pol.act, rng, 0.5);
+      Owned dw = randn_as(be, {OC, C}, pol.grad, rng), db = randn_as(be, {OC}, pol.grad, rng);
+      Owned dw2 = make(be, {OC, C}, pol.grad), db2 = make(be, {OC}, pol.grad);
+      std::memcpy(dw2.t.data, dw.t.data, dw.t.bytes());
+      std::memcpy(db2.t.data, db.t.data, db.t.bytes());
+      Owned dx = randn_as(be, {N, C}, pol.act, rng), g = make(be, {N, C}, pol.act);
+      Owned dx2 = make(be, {N, C}, pol.act);
+      Owned gpre = randn_as(be, {N, C}, pol.act, rng, 2.0);  // the GELU's input
+      be.reset_cast_counts();
+      be.matmul_backward_gelu(dx.t, dw.t, db.t, dout.t, x.t, w.t, gpre.t, spec);
+      const auto fusedb = counts_now(be);
+      be.reset_cast_counts();
+      be.matmul_backward(g.t, dw2.t, db2.t, dout.t, x.t, w.t, spec);
+      be.gelu_backward(dx2.t, gpre.t, g.t);
+      expect_same(fusedb, counts_now(be));
+      same_bits("dinp", dx, dx2);
+      same_bits("dweight", dw, dw2);
+      same_bits("dbias", db, db2);
+    }
+  EXPECT_THROW(be.matmul_backward_gelu(Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+                                       Tensor(), MatmulPrecision::native),
+               RuntimeError);
+}
+
 TEST_F(PrecisionOps, Residual) {
   for (const Policy& pol : kPolicies) {
     SCOPED_TRACE(pol.name);

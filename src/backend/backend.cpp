@@ -17,6 +17,21 @@ const char* tensor_class_name(TensorClass c) {
   return "?";
 }
 
+void Backend::matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Tensor weight, Tensor bias,
+                                  const MatmulSpec& spec) {
+  matmul_forward(pre, inp, weight, bias, spec);
+  gelu_forward(out, pre);
+}
+
+void Backend::matmul_backward_gelu(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+                                   Tensor inp, Tensor weight, Tensor gelu_pre,
+                                   const MatmulSpec& spec) {
+  if (!dinp.defined())
+    throw RuntimeError("matmul_backward_gelu: dinp is required (it is the GELU's input gradient)");
+  matmul_backward(dinp, dweight, dbias, dout, inp, weight, spec);
+  gelu_backward(dinp, gelu_pre, dinp);
+}
+
 OperandFormat attention_operand_format(DType a, DType b, MatmulPrecision prec) {
   auto is_float = [](DType d) { return d == DType::f32 || d == DType::f16 || d == DType::bf16; };
   if (!is_float(a) || !is_float(b))

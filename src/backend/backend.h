@@ -200,6 +200,25 @@ class Backend {
   virtual void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
                                Tensor weight, const MatmulSpec& spec) = 0;
 
+  // The MLP's first linear layer and its GELU as one op, so that a backend can fuse them (CUDA:
+  // in the GEMM's epilogue, or in the kernel that stores the product). pre writes what
+  // matmul_forward(pre, inp, weight, bias, spec) writes; out writes gelu_forward(out, pre), the
+  // GELU of pre as stored. The default runs those two ops. A fusing backend gives the same
+  // values and cast counts, except that under MatmulPrecision::tf32 with fp32 pre and out it may
+  // take GELU from cuBLASLt's epilogue: the same tanh formula, at an accuracy cuBLASLt does not
+  // document (at worst the hardware tanh's, 2^-11 relative: tf32's own operand precision).
+  virtual void matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Tensor weight, Tensor bias,
+                                   const MatmulSpec& spec);
+  // matmul_backward whose input gradient then passes through GELU's backward: dweight and dbias
+  // as matmul_backward; dinp writes gelu_backward(dinp, gelu_pre, g) where g = dout . weight
+  // rounded to dinp's dtype (counted as matmul_backward counts it); gelu_pre is the GELU's input
+  // (dinp's shape). No tensor holds g: the default runs matmul_backward into dinp and GELU's
+  // backward in place. As matmul_gelu_forward: under tf32 with fp32 dinp and gelu_pre the
+  // derivative may come from cuBLASLt's DGELU epilogue.
+  virtual void matmul_backward_gelu(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+                                    Tensor inp, Tensor weight, Tensor gelu_pre,
+                                    const MatmulSpec& spec);
+
   // Causal multi-head self-attention. qkv (B,T,3C) holds q|k|v, heads of size C/n_head.
   // out(B,T,C) writes; lse (B,NH,T) fp32 writes each row's log-sum-exp of its scores: all the
   // backward keeps, since it recomputes the probabilities from q, k and lse (as FlashAttention
@@ -223,7 +242,8 @@ class Backend {
   virtual void attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor lse, int n_head,
                                   MatmulPrecision prec) = 0;
 
-  // GPT-2's tanh-approximated GELU. out writes; dinp writes = dout * gelu'(inp).
+  // GPT-2's tanh-approximated GELU. out writes; dinp writes = dout * gelu'(inp). Element-wise:
+  // dinp may be dout (in place).
   virtual void gelu_forward(Tensor out, Tensor inp) = 0;
   virtual void gelu_backward(Tensor dinp, Tensor inp, Tensor dout) = 0;
 

@@ -193,7 +193,6 @@ void Gpt::activation_layout(const ModelConfig& cfg, DType act, int B, int T, Gpt
   want(at(&Gpt::dqkv_), act, Shape{b, t, 3 * C});
   want(at(&Gpt::datty_), act, Shape{b, t, C});
   want(at(&Gpt::dfch_), act, Shape{b, t, 4 * C});
-  want(at(&Gpt::dfch_gelu_), act, Shape{b, t, 4 * C});
 }
 
 MemoryLedger Gpt::plan_memory(const ModelConfig& cfg, int B, int T,
@@ -475,12 +474,19 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
   be_.copy_from_host(targets_, targets);
   recording_ = dloss != 0.0f;  // evaluation passes do not feed the fp8 amax histories
 
-  // One linear layer: its GEMM spec (fp8 scales, amaxes recorded when training), the matmul.
+  // One linear layer: its GEMM spec (fp8 scales, amaxes recorded when training), the matmul;
+  // with `gelu_out`, followed by GELU as one op (matmul_gelu_forward, which a backend may fuse).
   auto linear = [&](int layer, int gemm, const char* name, Tensor out, Tensor inp, size_t w,
-                    Tensor bias) {
+                    Tensor bias, Tensor gelu_out) {
     const MatmulSpec spec = gemm_spec(gemm, inp, param(w), Tensor());
-    be_.matmul_forward(out, inp, param(w), bias, spec);
-    check(layer, "matmul_forward", name, out, false);
+    if (!gelu_out.defined()) {
+      be_.matmul_forward(out, inp, param(w), bias, spec);
+      check(layer, "matmul_forward", name, out, false);
+      return;
+    }
+    be_.matmul_gelu_forward(gelu_out, out, inp, param(w), bias, spec);
+    check(layer, "matmul_gelu_forward", name, out, false);
+    check(layer, "matmul_gelu_forward", "gelu", gelu_out, false);
   };
 
   be_.embedding_forward(encoded_, tokens_, param(wte_), param(wpe_));  // (B,T,C)
@@ -492,26 +498,24 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
     const auto& gm = layer_gemms_[l];
     be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, residual, param(w.ln1w), param(w.ln1b));
     check(l, "layernorm_forward", "ln_1", a.ln1, false);
-    linear(l, gm[0], "attn.c_attn", a.qkv, a.ln1, w.qkvw, param(w.qkvb));  // (B,T,3C)
+    linear(l, gm[0], "attn.c_attn", a.qkv, a.ln1, w.qkvw, param(w.qkvb), Tensor());  // (B,T,3C)
     be_.attention_forward(a.atty, a.att_lse, a.qkv, NH_, policy_.unquantised_matmul());  // (B,T,C)
     check(l, "attention_forward", "attn", a.atty, false);
-    linear(l, gm[1], "attn.c_proj", a.attproj, a.atty, w.attprojw, param(w.attprojb));
+    linear(l, gm[1], "attn.c_proj", a.attproj, a.atty, w.attprojw, param(w.attprojb), Tensor());
     be_.residual_forward(a.residual2, residual, a.attproj);
     check(l, "residual_forward", "residual2", a.residual2, false);
     be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, param(w.ln2w),
                           param(w.ln2b));
     check(l, "layernorm_forward", "ln_2", a.ln2, false);
-    linear(l, gm[2], "mlp.c_fc", a.fch, a.ln2, w.fcw, param(w.fcb));  // (B,T,4C)
-    be_.gelu_forward(a.fch_gelu, a.fch);
-    check(l, "gelu_forward", "gelu", a.fch_gelu, false);
-    linear(l, gm[3], "mlp.c_proj", a.fcproj, a.fch_gelu, w.fcprojw, param(w.fcprojb));
+    linear(l, gm[2], "mlp.c_fc", a.fch, a.ln2, w.fcw, param(w.fcb), a.fch_gelu);  // (B,T,4C) x2
+    linear(l, gm[3], "mlp.c_proj", a.fcproj, a.fch_gelu, w.fcprojw, param(w.fcprojb), Tensor());
     be_.residual_forward(a.residual3, a.residual2, a.fcproj);
     check(l, "residual_forward", "residual3", a.residual3, false);
     residual = a.residual3;
   }
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, residual, param(lnfw_), param(lnfb_));
   check(-1, "layernorm_forward", "ln_f", lnf_, false);
-  linear(-1, head_gemm_, "lm_head", logits_, lnf_, wte_, Tensor());  // tied LM head: (B,T,Vp)
+  linear(-1, head_gemm_, "lm_head", logits_, lnf_, wte_, Tensor(), Tensor());  // tied: (B,T,Vp)
   be_.crossentropy_forward_backward(losses_, logits_, targets_, V_, dloss);
   check(-1, "crossentropy_forward_backward", "losses", losses_, false);
   if (dloss != 0.0f) check(-1, "crossentropy_forward_backward", "dlogits", logits_, true);
@@ -526,19 +530,26 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
 void Gpt::backward() {
   MPT_CHECK(grad_ready_, "backward() needs a preceding forward() with dloss != 0");
   grad_ready_ = false;
-  // The backward of one linear layer; dinp undefined for none.
+  // The backward of one linear layer; dinp undefined for none. With `gelu_pre` (the GELU's
+  // input that fed this layer), dinp is the gradient of that input: GELU's backward follows in
+  // one op (matmul_backward_gelu, which a backend may fuse), and no buffer holds the gradient
+  // of the GELU's output.
   auto linear_back = [&](int layer, int gemm, const char* name, Tensor dinp, size_t w,
-                         Tensor dbias, Tensor dout, Tensor inp) {
+                         Tensor dbias, Tensor dout, Tensor inp, Tensor gelu_pre) {
     const MatmulSpec spec = gemm_spec(gemm, Tensor(), Tensor(), dout);
-    be_.matmul_backward(dinp, grad(w), dbias, dout, inp, param(w), spec);
-    if (dinp.defined()) check(layer, "matmul_backward", name, dinp, true);
-    check(layer, "matmul_backward", (std::string(name) + ".weight.grad").c_str(), grad(w), true);
+    const char* op = gelu_pre.defined() ? "matmul_backward_gelu" : "matmul_backward";
+    if (gelu_pre.defined())
+      be_.matmul_backward_gelu(dinp, grad(w), dbias, dout, inp, param(w), gelu_pre, spec);
+    else
+      be_.matmul_backward(dinp, grad(w), dbias, dout, inp, param(w), spec);
+    if (dinp.defined()) check(layer, op, name, dinp, true);
+    check(layer, op, (std::string(name) + ".weight.grad").c_str(), grad(w), true);
   };
 
   // logits_ now holds dlogits.
   be_.fill(dresidual_, 0.0f);
   const Tensor last = L_ > 0 ? acts_[L_ - 1].residual3 : encoded_;
-  linear_back(-1, head_gemm_, "lm_head", dln_, wte_, Tensor(), logits_, lnf_);
+  linear_back(-1, head_gemm_, "lm_head", dln_, wte_, Tensor(), logits_, lnf_, Tensor());
   be_.layernorm_backward(dresidual_, grad(lnfw_), grad(lnfb_), dln_, last, param(lnfw_),
                          lnf_mean_, lnf_rstd_);
   check(-1, "layernorm_backward", "dresidual", dresidual_, true);
@@ -548,19 +559,17 @@ void Gpt::backward() {
     LayerActs& a = acts_[l];
     const auto& gm = layer_gemms_[l];
     const Tensor residual = l == 0 ? encoded_ : acts_[l - 1].residual3;
-    linear_back(l, gm[3], "mlp.c_proj", dfch_gelu_, w.fcprojw, grad(w.fcprojb), dresidual_,
-                a.fch_gelu);
-    be_.gelu_backward(dfch_, a.fch, dfch_gelu_);
-    check(l, "gelu_backward", "dfc", dfch_, true);
-    linear_back(l, gm[2], "mlp.c_fc", dln_, w.fcw, grad(w.fcb), dfch_, a.ln2);
+    linear_back(l, gm[3], "mlp.c_proj", dfch_, w.fcprojw, grad(w.fcprojb), dresidual_,
+                a.fch_gelu, a.fch);  // dfch_: d(fch), through GELU
+    linear_back(l, gm[2], "mlp.c_fc", dln_, w.fcw, grad(w.fcb), dfch_, a.ln2, Tensor());
     be_.layernorm_backward(dresidual_, grad(w.ln2w), grad(w.ln2b), dln_, a.residual2,
                            param(w.ln2w), a.ln2_mean, a.ln2_rstd);
     check(l, "layernorm_backward", "dresidual", dresidual_, true);
     linear_back(l, gm[1], "attn.c_proj", datty_, w.attprojw, grad(w.attprojb), dresidual_,
-                a.atty);
+                a.atty, Tensor());
     be_.attention_backward(dqkv_, datty_, a.qkv, a.att_lse, NH_, policy_.unquantised_matmul());
     check(l, "attention_backward", "dqkv", dqkv_, true);
-    linear_back(l, gm[0], "attn.c_attn", dln_, w.qkvw, grad(w.qkvb), dqkv_, a.ln1);
+    linear_back(l, gm[0], "attn.c_attn", dln_, w.qkvw, grad(w.qkvb), dqkv_, a.ln1, Tensor());
     be_.layernorm_backward(dresidual_, grad(w.ln1w), grad(w.ln1b), dln_, residual, param(w.ln1w),
                            a.ln1_mean, a.ln1_rstd);
     check(l, "layernorm_backward", "dresidual", dresidual_, true);

@@ -211,7 +211,7 @@ class Gpt {
   Tensor tokens_, targets_, encoded_, lnf_, lnf_mean_, lnf_rstd_, logits_, losses_;
   std::vector<LayerActs> acts_;
   // Gradient scratch for the backward pass, reused across layers.
-  Tensor dresidual_, dln_, dqkv_, datty_, dfch_, dfch_gelu_;
+  Tensor dresidual_, dln_, dqkv_, datty_, dfch_;
   int cur_B_ = 0, cur_T_ = 0;
   bool grad_ready_ = false;
   std::vector<float> host_losses_;

@@ -125,6 +125,15 @@ void CudaBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Ten
                                   Tensor inp, Tensor weight, const MatmulSpec& spec) {
   cuda::matmul_backward(*ctx_, dinp, dweight, dbias, dout, inp, weight, spec);
 }
+void CudaBackend::matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Tensor weight,
+                                      Tensor bias, const MatmulSpec& spec) {
+  cuda::matmul_gelu_forward(*ctx_, out, pre, inp, weight, bias, spec);
+}
+void CudaBackend::matmul_backward_gelu(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+                                       Tensor inp, Tensor weight, Tensor gelu_pre,
+                                       const MatmulSpec& spec) {
+  cuda::matmul_backward_gelu(*ctx_, dinp, dweight, dbias, dout, inp, weight, gelu_pre, spec);
+}
 void CudaBackend::collect_stats() { ctx_->collect_reports(); }
 void CudaBackend::attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head,
                                     MatmulPrecision prec) {

@@ -55,6 +55,10 @@ class CudaBackend : public Backend {
                       const MatmulSpec& spec) override;
   void matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
                        Tensor weight, const MatmulSpec& spec) override;
+  void matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Tensor weight, Tensor bias,
+                           const MatmulSpec& spec) override;
+  void matmul_backward_gelu(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
+                            Tensor weight, Tensor gelu_pre, const MatmulSpec& spec) override;
   void attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head,
                          MatmulPrecision prec) override;
   void attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor lse, int n_head,

@@ -1,26 +1,12 @@
-// GPT-2's tanh-approximated GELU and its derivative, with the CPU backend's expressions in the
-// same order (explicit round-to-nearest intrinsics: nvcc would otherwise contract products and
-// sums into FMAs), and its tanh through one exp: 1 - 2 / (exp(2u) + 1). The results differ
-// from the CPU's only by expf's error (CUDA's expf is within 2 ulp).
+// The GELU kernels (the formulas: gelu_math.cuh). Element-wise, each thread reading an
+// element's inputs before writing it: dinp may be dout.
 #include "backend/cuda/gelu.cuh"
 
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/gelu_math.cuh"
 
 namespace mpt::cuda {
 namespace {
-
-constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
-constexpr float kGeluCubic = 0.044715f;
-
-__device__ __forceinline__ float tanh_via_exp(float u) {
-  return __fsub_rn(1.0f, __fdiv_rn(2.0f, __fadd_rn(expf(__fmul_rn(2.0f, u)), 1.0f)));
-}
-
-// tanh(sqrt(2/pi) * (v + 0.044715 v^3)), the products left to right as the CPU writes them.
-__device__ __forceinline__ float gelu_tanh(float v) {
-  const float cube = __fmul_rn(__fmul_rn(__fmul_rn(kGeluCubic, v), v), v);
-  return tanh_via_exp(__fmul_rn(kGeluScale, __fadd_rn(v, cube)));
-}
 
 template <class T>
 __global__ void gelu_forward_kernel(T* out, const void* inp, DType di, int64_t n,
@@ -28,10 +14,7 @@ __global__ void gelu_forward_kernel(T* out, const void* inp, DType di, int64_t n
   CastTally tally;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
-    const float v = load_any(inp, di, i);
-    // 0.5f * v * (1.0f + tanh)
-    const float y = __fmul_rn(__fmul_rn(0.5f, v), __fadd_rn(1.0f, gelu_tanh(v)));
-    store_counted(out, i, y, tally);
+    store_counted(out, i, gelu_value(load_any(inp, di, i)), tally);
   }
   if (kNarrow<T>) tally.flush(counters);
 }
@@ -42,15 +25,7 @@ __global__ void gelu_backward_kernel(T* dinp, const void* inp, DType di, const v
   CastTally tally;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
-    const float v = load_any(inp, di, i);
-    const float th = gelu_tanh(v);
-    const float sech2 = __fsub_rn(1.0f, __fmul_rn(th, th));
-    // 0.5f * (1.0f + th) + 0.5f * v * sech2 * kGeluScale * (1.0f + 3.0f * kGeluCubic * v * v)
-    const float poly =
-        __fadd_rn(1.0f, __fmul_rn(__fmul_rn(__fmul_rn(3.0f, kGeluCubic), v), v));
-    const float right =
-        __fmul_rn(__fmul_rn(__fmul_rn(__fmul_rn(0.5f, v), sech2), kGeluScale), poly);
-    const float grad = __fadd_rn(__fmul_rn(0.5f, __fadd_rn(1.0f, th)), right);
+    const float grad = gelu_derivative(load_any(inp, di, i));
     store_counted(dinp, i, __fmul_rn(grad, load_any(dout, dd, i)), tally);
   }
   if (kNarrow<T>) tally.flush(counters);

@@ -25,6 +25,17 @@ cudaDataType_t cuda_type(GemmType t) {
   return CUDA_R_32F;
 }
 
+cublasLtEpilogue_t lt_epilogue(GemmEpilogue e) {
+  switch (e) {
+    case GemmEpilogue::none: return CUBLASLT_EPILOGUE_DEFAULT;
+    case GemmEpilogue::bias: return CUBLASLT_EPILOGUE_BIAS;
+    case GemmEpilogue::gelu_aux: return CUBLASLT_EPILOGUE_GELU_AUX;
+    case GemmEpilogue::gelu_aux_bias: return CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+    case GemmEpilogue::dgelu: return CUBLASLT_EPILOGUE_DGELU;
+  }
+  return CUBLASLT_EPILOGUE_DEFAULT;
+}
+
 // RAII for cuBLASLt descriptors (destroyed on every path, errors included).
 struct LtDescs {
   cublasLtMatmulDesc_t op = nullptr;
@@ -43,11 +54,21 @@ struct LtDescs {
 
 bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* what,
               bool may_fail) {
-  const GemmEpilogue epi = g.bias ? GemmEpilogue::bias : GemmEpilogue::none;
+  const GemmEpilogue epi = g.epilogue;
+  const bool wants_bias = epi == GemmEpilogue::bias || epi == GemmEpilogue::gelu_aux_bias;
+  const bool wants_aux = epi == GemmEpilogue::gelu_aux || epi == GemmEpilogue::gelu_aux_bias ||
+                         epi == GemmEpilogue::dgelu;
+  if (wants_bias != (g.bias != nullptr) || wants_aux != (g.aux != nullptr) ||
+      (wants_aux && p.batch > 1))
+    throw RuntimeError(std::string("matmul (") + what + "): epilogue '" +
+                       gemm_epilogue_name(epi) + "' given " + (g.bias ? "a" : "no") +
+                       " bias and " + (g.aux ? "an" : "no") + " aux pointer" +
+                       (p.batch > 1 ? " in a batched GEMM" : ""));
   const GemmKey key =
       gemm_key(p, epi, pointer_alignment(reinterpret_cast<uintptr_t>(g.a)),
                pointer_alignment(reinterpret_cast<uintptr_t>(g.b)),
-               pointer_alignment(reinterpret_cast<uintptr_t>(g.d)));
+               pointer_alignment(reinterpret_cast<uintptr_t>(g.d)),
+               wants_aux ? pointer_alignment(reinterpret_cast<uintptr_t>(g.aux)) : 0);
   LtDescs ds;
   const cublasComputeType_t compute =
       p.compute == GemmCompute::f32_fast_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
@@ -56,9 +77,19 @@ bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* wh
   const int32_t tb = p.b.trans ? CUBLAS_OP_T : CUBLAS_OP_N;
   MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
   MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
-  if (epi == GemmEpilogue::bias) {
-    const uint32_t e = CUBLASLT_EPILOGUE_BIAS;
+  if (epi != GemmEpilogue::none) {
+    const uint32_t e = lt_epilogue(epi);
     MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &e, sizeof e));
+  }
+  if (wants_aux) {
+    // Before the heuristic: the aux pointer's value sets the alignment it assumes.
+    MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                                                  &g.aux, sizeof g.aux));
+    const int64_t aux_ld = p.ldd;
+    MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                                                  &aux_ld, sizeof aux_ld));
+  }
+  if (wants_bias) {
     MPT_CUDA_CHECK(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias,
                                                   sizeof g.bias));
     const int32_t bt = cuda_type(gemm_type_of(g.bias_dtype));

@@ -13,14 +13,19 @@ struct GemmArgs {
   const void* a = nullptr;
   const void* b = nullptr;
   float* d = nullptr;  // fp32, also C (beta)
-  const void* bias = nullptr;  // with the BIAS epilogue
+  GemmEpilogue epilogue = GemmEpilogue::none;
+  const void* bias = nullptr;  // with BIAS and GELU_AUX_BIAS
   DType bias_dtype = DType::f32;
+  // With GELU_AUX[_BIAS] (written: the pre-activation) and DGELU (read: the GELU's input): fp32,
+  // D's shape and leading dimension.
+  void* aux = nullptr;
   const float* scale_a = nullptr;  // fp8: device inverse scales
   const float* scale_b = nullptr;
 };
 
 // D = alpha op(A) op(B) (times the fp8 inverse scales) + beta D (+ bias), as the plan says, on
-// ctx's stream; batched when p.batch > 1. When cuBLASLt has no algorithm: throws naming the
+// ctx's stream, through g.epilogue (throws RuntimeError when its bias or aux pointer is missing
+// or is given without it); batched when p.batch > 1. When cuBLASLt has no algorithm: throws naming the
 // GEMM (`what`) and its key, or with `may_fail` returns false (nothing ran; remembered per key).
 bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* what,
               bool may_fail = false);

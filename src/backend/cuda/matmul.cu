@@ -21,14 +21,26 @@
 //
 // dbias: deterministic column sums of dout as stored (never quantised), in two passes: fixed
 // chunks of rows, then the chunks in order added to the existing value (fp32 sums, no atomics).
+//
+// GELU (matmul_gelu_forward, matmul_backward_gelu; the path: matmul_plan.h GeluPath). With
+// 16-bit outputs the store kernel that rounds the product applies GELU (or GELU's derivative) to
+// the rounded value, with the GELU kernels' own expressions (gelu_math.cuh): the same bits and
+// cast counts as the two separate ops, with one fewer pass over the output. Forward: 4 bytes
+// read and 4 written per element instead of 4 + 2 + 2 + 2; backward: 4 + 2 (the GELU's input)
+// read and 2 written instead of 4 + 2 + 2 + 2 + 2. With fp32 outputs of tf32 GEMMs cuBLASLt's
+// GELU_AUX(_BIAS) and DGELU epilogues do it inside the GEMM (no extra pass at all); fp32 GEMMs
+// keep the exact GELU kernel (matmul_plan.h says why).
 #include <cublasLt.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/gelu.cuh"
+#include "backend/cuda/gelu_math.cuh"
 #include "backend/cuda/gemm.h"
 #include "backend/cuda/matmul.cuh"
 #include "backend/cuda/matmul_plan.h"
@@ -106,9 +118,12 @@ __global__ void widen_kernel(const T* __restrict__ x, float* __restrict__ y, int
 }
 
 // out (rows, cols) = d (+ bias[col]), rounded to Tout and counted. d may alias out (fp32).
-template <class Tout, class Tbias>
-__global__ void store_kernel(const float* d, Tout* out, const Tbias* __restrict__ bias,
-                             int64_t rows, int64_t cols, unsigned long long* counters) {
+// kGelu (matmul_gelu_forward): also gelu_out = gelu(out as stored), rounded and counted, which
+// is this kernel and gelu_forward_kernel in one pass.
+template <class Tout, class Tbias, bool kGelu>
+__global__ void store_kernel(const float* d, Tout* out, Tout* gelu_out,
+                             const Tbias* __restrict__ bias, int64_t rows, int64_t cols,
+                             unsigned long long* counters) {
   CastTally tally;
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -116,8 +131,26 @@ __global__ void store_kernel(const float* d, Tout* out, const Tbias* __restrict_
     float v = d[i];
     if (bias) v = __fadd_rn(v, load<Tbias>(bias[i % cols]));
     store_counted(out, i, v, tally);
+    if (kGelu) store_counted(gelu_out, i, gelu_value(load<Tout>(out[i])), tally);
   }
   if (kNarrow<Tout>) tally.flush(counters);
+}
+
+// dinp = gelu'(pre) * (d rounded to T), rounded to T; both roundings counted: the dgrad's store
+// kernel and gelu_backward_kernel in one pass, without storing the rounded product.
+template <class T>
+__global__ void store_dgelu_kernel(const float* __restrict__ d, T* __restrict__ dinp,
+                                   const void* __restrict__ pre, DType dp, int64_t n,
+                                   unsigned long long* counters) {
+  CastTally tally;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const float g = d[i];
+    const float stored = load<T>(store<T>(g));
+    if (kNarrow<T>) tally.add(g, stored, max_finite<T>());
+    store_counted(dinp, i, __fmul_rn(gelu_derivative(load_any(pre, dp, i)), stored), tally);
+  }
+  if (kNarrow<T>) tally.flush(counters);
 }
 
 // dbias, deterministically in two passes (no atomics): partial column sums over fixed chunks of
@@ -213,40 +246,63 @@ const void* native_operand(Context& ctx, const GemmOperand& s, Tensor t, Scratch
   return y;
 }
 
-// out (rows, cols) = d (+ bias), counted under cls when out is narrow.
+// out (rows, cols) = d (+ bias), counted under cls when out is narrow; with gelu_out (out's
+// dtype), also gelu_out = gelu(out) (counted under cls).
 void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t rows,
-                  int64_t cols, TensorClass cls) {
+                  int64_t cols, TensorClass cls, Tensor gelu_out = Tensor()) {
   unsigned long long* counters = ctx.cast_counters(cls);
   const unsigned grid = grid_stride_blocks(rows * cols);
   MPT_DISPATCH_FLOAT(out.dtype, "matmul output", [&] {
     using Tout = T;
     Tout* o = static_cast<Tout*>(out.data);
+    Tout* go = static_cast<Tout*>(gelu_out.data);
+    auto launch = [&](auto* b) {
+      using Tbias = std::remove_const_t<std::remove_pointer_t<decltype(b)>>;
+      if (gelu_out.defined())
+        store_kernel<Tout, Tbias, true><<<grid, kBlock, 0, ctx.stream()>>>(d, o, go, b, rows,
+                                                                           cols, counters);
+      else
+        store_kernel<Tout, Tbias, false><<<grid, kBlock, 0, ctx.stream()>>>(d, o, nullptr, b,
+                                                                            rows, cols, counters);
+    };
     if (!bias.defined()) {
-      store_kernel<Tout, float><<<grid, kBlock, 0, ctx.stream()>>>(d, o, nullptr, rows, cols,
-                                                                   counters);
+      launch(static_cast<const float*>(nullptr));
     } else {
-      MPT_DISPATCH_FLOAT(bias.dtype, "matmul bias", [&] {
-        store_kernel<Tout, T><<<grid, kBlock, 0, ctx.stream()>>>(
-            d, o, static_cast<const T*>(bias.data), rows, cols, counters);
-      });
+      MPT_DISPATCH_FLOAT(bias.dtype, "matmul bias", [&] { launch(static_cast<const T*>(bias.data)); });
     }
   });
-  MPT_LAUNCH_CHECK(ctx, "matmul: store output");
-  if (out.dtype != DType::f32) ctx.add_cast_values(cls, rows * cols);
+  MPT_LAUNCH_CHECK(ctx, gelu_out.defined() ? "matmul: store output + gelu" : "matmul: store output");
+  const int64_t stores = (gelu_out.defined() ? 2 : 1) * rows * cols;
+  if (out.dtype != DType::f32) ctx.add_cast_values(cls, stores);
 }
 
-}  // namespace
+// dinp = gelu'(pre) * round(d), counted as gradients (two roundings per element).
+void store_dgelu_output(Context& ctx, const float* d, Tensor dinp, Tensor pre, int64_t n) {
+  unsigned long long* counters = ctx.cast_counters(TensorClass::gradient);
+  MPT_DISPATCH_FLOAT(dinp.dtype, "matmul_backward_gelu dinp", [&] {
+    store_dgelu_kernel<T><<<grid_stride_blocks(n), kBlock, 0, ctx.stream()>>>(
+        d, static_cast<T*>(dinp.data), pre.data, pre.dtype, n, counters);
+  });
+  MPT_LAUNCH_CHECK(ctx, "matmul: store dgrad + gelu backward");
+  if (dinp.dtype != DType::f32) ctx.add_cast_values(TensorClass::gradient, 2 * n);
+}
 
-void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor bias,
-                    const MatmulSpec& spec) {
+uintptr_t address(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data); }
+
+// matmul_forward into `prod`; with `gelu_out` defined, matmul_gelu_forward (prod is its `pre`).
+void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor inp, Tensor weight, Tensor bias,
+             const MatmulSpec& spec) {
+  const bool gelu = gelu_out.defined();
+  const char* op = gelu ? "matmul_gelu_forward" : "matmul_forward";
   if (!inp.defined() || !weight.defined() || weight.shape.ndim != 2)
-    throw RuntimeError("matmul_forward: inp and a 2-d weight are required");
+    throw RuntimeError(std::string(op) + ": inp and a 2-d weight are required");
   const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
-  expect_matrix("matmul_forward", "inp", inp, {N, C});
-  expect_matrix("matmul_forward", "weight", weight, {OC, C});
-  expect_matrix("matmul_forward", "out", out, {N, OC});
-  if (weight.dim(1) != C) throw RuntimeError("matmul_forward: weight must be (OC, C)");
-  if (bias.defined()) expect_matrix("matmul_forward", "bias", bias, {OC});
+  expect_matrix(op, "inp", inp, {N, C});
+  expect_matrix(op, "weight", weight, {OC, C});
+  expect_matrix(op, gelu ? "pre" : "out", prod, {N, OC});
+  if (gelu) expect_matrix(op, "out", gelu_out, {N, OC});
+  if (weight.dim(1) != C) throw RuntimeError(std::string(op) + ": weight must be (OC, C)");
+  if (bias.defined()) expect_matrix(op, "bias", bias, {OC});
   const GemmPlan p =
       plan_matmul(MatmulOp::forward, N, C, OC, inp.dtype, weight.dtype, inp.dtype, spec);
 
@@ -272,31 +328,54 @@ void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor 
     g.a = native_operand(ctx, p.a, weight, Scratch::kOperandA);
     g.b = native_operand(ctx, p.b, inp, Scratch::kOperandB);
   }
-  const bool direct = out.dtype == DType::f32;
-  g.d = direct ? static_cast<float*>(out.data)
+  GeluPath gp = GeluPath::separate;
+  if (gelu)
+    gp = gelu_forward_path(p, prod.dtype, gelu_out.dtype, address(prod), bias.defined(),
+                           bias.dtype, address(bias));
+  if (gp == GeluPath::epilogue) {
+    // out = gelu(product + bias) written by the GEMM, the pre-activation to the aux buffer.
+    GemmArgs ge = g;
+    ge.d = static_cast<float*>(gelu_out.data);
+    ge.aux = prod.data;
+    ge.epilogue = bias.defined() ? GemmEpilogue::gelu_aux_bias : GemmEpilogue::gelu_aux;
+    ge.bias = bias.defined() ? bias.data : nullptr;
+    ge.bias_dtype = bias.dtype;
+    if (run_gemm(ctx, p, ge, op, /*may_fail=*/true)) return;
+    gp = GeluPath::separate;  // no algorithm takes this epilogue here
+  }
+  const bool direct = prod.dtype == DType::f32;
+  g.d = direct ? static_cast<float*>(prod.data)
                : static_cast<float*>(ctx.scratch(Scratch::kMatmulOut,
                                                  operand_copy_bytes(N * OC, GemmType::f32)));
-  BiasPath bp = bias_path(bias.defined(), direct, p.fp8, bias.dtype,
-                          reinterpret_cast<uintptr_t>(bias.data));
+  BiasPath bp = bias_path(bias.defined(), direct, p.fp8, bias.dtype, address(bias));
   bool done = false;
   if (bp == BiasPath::epilogue) {
+    g.epilogue = GemmEpilogue::bias;
     g.bias = bias.data;
     g.bias_dtype = bias.dtype;
     // Should cuBLASLt take no BIAS epilogue for these types, the store kernel adds the bias.
-    done = run_gemm(ctx, p, g, "matmul_forward", /*may_fail=*/true);
+    done = run_gemm(ctx, p, g, op, /*may_fail=*/true);
     if (!done) {
       bp = BiasPath::store_kernel;
+      g.epilogue = GemmEpilogue::none;
       g.bias = nullptr;
     }
   }
-  if (!done) run_gemm(ctx, p, g, "matmul_forward");
+  if (!done) run_gemm(ctx, p, g, op);
+  const Tensor store_bias = bp == BiasPath::store_kernel ? bias : Tensor();
+  if (gp == GeluPath::store_kernel) {
+    store_output(ctx, g.d, prod, store_bias, N, OC, TensorClass::activation, gelu_out);
+    return;
+  }
   if (!direct || bp == BiasPath::store_kernel)
-    store_output(ctx, g.d, out, bp == BiasPath::store_kernel ? bias : Tensor(), N, OC,
-                 TensorClass::activation);
+    store_output(ctx, g.d, prod, store_bias, N, OC, TensorClass::activation);
+  if (gelu) gelu_forward(ctx, gelu_out, prod);
 }
 
-void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
-                     Tensor inp, Tensor weight, const MatmulSpec& spec) {
+
+// matmul_backward; with `gelu_pre` defined, matmul_backward_gelu.
+void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
+              Tensor weight, Tensor gelu_pre, const MatmulSpec& spec) {
   if (!inp.defined() || !weight.defined() || weight.shape.ndim != 2)
     throw RuntimeError("matmul_backward: inp and a 2-d weight are required");
   const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
@@ -306,6 +385,11 @@ void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Te
   expect_matrix("matmul_backward", "dweight", dweight, {OC, C});
   if (weight.dim(1) != C) throw RuntimeError("matmul_backward: weight must be (OC, C)");
   if (dinp.defined()) expect_matrix("matmul_backward", "dinp", dinp, {N, C});
+  if (gelu_pre.defined()) {
+    if (!dinp.defined())
+      throw RuntimeError("matmul_backward_gelu: dinp is required (it is the GELU's input gradient)");
+    expect_matrix("matmul_backward_gelu", "gelu_pre", gelu_pre, {N, C});
+  }
   // Plans first: an unsupported spec throws before anything runs.
   const GemmPlan pw =
       plan_matmul(MatmulOp::wgrad, N, C, OC, inp.dtype, weight.dtype, dout.dtype, spec);
@@ -369,8 +453,25 @@ void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Te
     g.d = direct ? static_cast<float*>(dinp.data)
                  : static_cast<float*>(ctx.scratch(Scratch::kMatmulOut,
                                                    operand_copy_bytes(N * C, GemmType::f32)));
-    run_gemm(ctx, pd, g, "matmul_backward dgrad");
-    if (!direct) store_output(ctx, g.d, dinp, Tensor(), N, C, TensorClass::gradient);
+    GeluPath gp = GeluPath::separate;
+    if (gelu_pre.defined())
+      gp = gelu_backward_path(pd, dinp.dtype, gelu_pre.dtype, address(gelu_pre));
+    bool done = false;
+    if (gp == GeluPath::epilogue) {
+      // dinp = product * gelu'(gelu_pre) written by the GEMM (DGELU reads the aux buffer).
+      GemmArgs ge = g;
+      ge.epilogue = GemmEpilogue::dgelu;
+      ge.aux = gelu_pre.data;
+      done = run_gemm(ctx, pd, ge, "matmul_backward_gelu dgrad", /*may_fail=*/true);
+      if (!done) gp = GeluPath::separate;
+    }
+    if (!done) run_gemm(ctx, pd, g, "matmul_backward dgrad");
+    if (gp == GeluPath::store_kernel)
+      store_dgelu_output(ctx, g.d, dinp, gelu_pre, N * C);
+    else if (!direct)
+      store_output(ctx, g.d, dinp, Tensor(), N, C, TensorClass::gradient);
+    if (gp == GeluPath::separate && gelu_pre.defined())
+      gelu_backward(ctx, dinp, gelu_pre, dinp);  // in place (element-wise)
   }
 
   // dweight (OC, C) += dout^T . inp
@@ -401,6 +502,31 @@ void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Te
     run_gemm(ctx, pw, g, "matmul_backward wgrad");
     if (!direct) store_output(ctx, g.d, dweight, Tensor(), OC, C, TensorClass::gradient);
   }
+}
+
+}  // namespace
+
+void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor bias,
+                    const MatmulSpec& spec) {
+  forward(ctx, out, Tensor(), inp, weight, bias, spec);
+}
+
+void matmul_gelu_forward(Context& ctx, Tensor out, Tensor pre, Tensor inp, Tensor weight,
+                         Tensor bias, const MatmulSpec& spec) {
+  if (!out.defined()) throw RuntimeError("matmul_gelu_forward: argument 'out' is required");
+  forward(ctx, pre, out, inp, weight, bias, spec);
+}
+
+void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+                     Tensor inp, Tensor weight, const MatmulSpec& spec) {
+  backward(ctx, dinp, dweight, dbias, dout, inp, weight, Tensor(), spec);
+}
+
+void matmul_backward_gelu(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+                          Tensor inp, Tensor weight, Tensor gelu_pre, const MatmulSpec& spec) {
+  if (!gelu_pre.defined())
+    throw RuntimeError("matmul_backward_gelu: argument 'gelu_pre' is required");
+  backward(ctx, dinp, dweight, dbias, dout, inp, weight, gelu_pre, spec);
 }
 
 }  // namespace mpt::cuda

@@ -12,5 +12,11 @@ void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor 
                     const MatmulSpec& spec);
 void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                      Tensor inp, Tensor weight, const MatmulSpec& spec);
+// The fused forms (backend.h): GELU in cuBLASLt's epilogue or in the store kernel
+// (matmul_plan.h, GeluPath), else the separate GELU kernel.
+void matmul_gelu_forward(Context& ctx, Tensor out, Tensor pre, Tensor inp, Tensor weight,
+                         Tensor bias, const MatmulSpec& spec);
+void matmul_backward_gelu(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+                          Tensor inp, Tensor weight, Tensor gelu_pre, const MatmulSpec& spec);
 
 }  // namespace mpt::cuda

@@ -172,6 +172,46 @@ BiasPath bias_path(bool has_bias, bool out_direct, bool fp8, DType bias, uintptr
   return bias == want ? BiasPath::epilogue : BiasPath::store_kernel;
 }
 
+const char* gemm_epilogue_name(GemmEpilogue e) {
+  switch (e) {
+    case GemmEpilogue::none: return "";
+    case GemmEpilogue::bias: return "BIAS";
+    case GemmEpilogue::gelu_aux: return "GELU_AUX";
+    case GemmEpilogue::gelu_aux_bias: return "GELU_AUX_BIAS";
+    case GemmEpilogue::dgelu: return "DGELU";
+  }
+  return "?";
+}
+
+namespace {
+
+bool is_narrow_float(DType d) { return d == DType::f16 || d == DType::bf16; }
+
+// The epilogue rules shared by both directions (matmul_plan.h, cuda-crib.md §2).
+bool epilogue_ok(const GemmPlan& p, uintptr_t aux_ptr) {
+  return !p.fp8 && p.compute == GemmCompute::f32_fast_tf32 && p.ldd % 8 == 0 &&
+         pointer_alignment(aux_ptr) >= 16;
+}
+
+}  // namespace
+
+GeluPath gelu_forward_path(const GemmPlan& p, DType pre, DType out, uintptr_t pre_ptr,
+                           bool has_bias, DType bias, uintptr_t bias_ptr) {
+  if (pre == out && is_narrow_float(out)) return GeluPath::store_kernel;
+  if (pre != DType::f32 || out != DType::f32 || !epilogue_ok(p, pre_ptr))
+    return GeluPath::separate;
+  if (has_bias && bias_path(true, true, p.fp8, bias, bias_ptr) != BiasPath::epilogue)
+    return GeluPath::separate;
+  return GeluPath::epilogue;
+}
+
+GeluPath gelu_backward_path(const GemmPlan& p, DType dinp, DType pre, uintptr_t pre_ptr) {
+  if (is_narrow_float(dinp)) return GeluPath::store_kernel;
+  if (dinp == DType::f32 && pre == DType::f32 && epilogue_ok(p, pre_ptr))
+    return GeluPath::epilogue;
+  return GeluPath::separate;
+}
+
 uint32_t pointer_alignment(uintptr_t p) {
   uint32_t a = 256;
   while (a > 1 && (p % a) != 0) a >>= 1;
@@ -184,7 +224,7 @@ bool GemmKey::operator==(const GemmKey& o) const {
          stride_d == o.stride_d && a_type == o.a_type && b_type == o.b_type &&
          d_type == o.d_type && compute == o.compute && trans_a == o.trans_a &&
          trans_b == o.trans_b && fp8 == o.fp8 && epilogue == o.epilogue && align_a == o.align_a &&
-         align_b == o.align_b && align_d == o.align_d;
+         align_b == o.align_b && align_d == o.align_d && align_aux == o.align_aux;
 }
 
 std::string GemmKey::str() const {
@@ -194,9 +234,11 @@ std::string GemmKey::str() const {
          " ldd=" + s(ldd) + " A=" + gemm_type_name(a_type) + " B=" + gemm_type_name(b_type) +
          " D=" + gemm_type_name(d_type) +
          " compute=" + (compute == GemmCompute::f32 ? "32F" : "32F_FAST_TF32") +
-         (fp8 ? " fp8-scales" : "") + (epilogue == GemmEpilogue::bias ? " epilogue=BIAS" : "") +
+         (fp8 ? " fp8-scales" : "") +
+         (epilogue != GemmEpilogue::none ? std::string(" epilogue=") + gemm_epilogue_name(epilogue)
+                                         : std::string()) +
          " batch=" + s(batch) + " align(A,B,D)=" + s(align_a) + "," + s(align_b) + "," +
-         s(align_d);
+         s(align_d) + (align_aux ? " align(aux)=" + s(align_aux) : std::string());
 }
 
 size_t GemmKeyHash::operator()(const GemmKey& k) const {
@@ -209,12 +251,13 @@ size_t GemmKeyHash::operator()(const GemmKey& k) const {
   mix((uint64_t(k.a_type) << 0) | (uint64_t(k.b_type) << 8) | (uint64_t(k.d_type) << 16) |
       (uint64_t(k.compute) << 24) | (uint64_t(k.trans_a) << 32) | (uint64_t(k.trans_b) << 33) |
       (uint64_t(k.fp8) << 34) | (uint64_t(k.epilogue) << 40));
-  mix((uint64_t(k.align_a) << 0) | (uint64_t(k.align_b) << 16) | (uint64_t(k.align_d) << 32));
+  mix((uint64_t(k.align_a) << 0) | (uint64_t(k.align_b) << 16) | (uint64_t(k.align_d) << 32) |
+      (uint64_t(k.align_aux) << 48));
   return h;
 }
 
 GemmKey gemm_key(const GemmPlan& p, GemmEpilogue epi, uint32_t align_a, uint32_t align_b,
-                 uint32_t align_d) {
+                 uint32_t align_d, uint32_t align_aux) {
   GemmKey k;
   k.m = p.m, k.n = p.n, k.k = p.k;
   k.lda = p.a.ld, k.ldb = p.b.ld, k.ldd = p.ldd;
@@ -225,6 +268,7 @@ GemmKey gemm_key(const GemmPlan& p, GemmEpilogue epi, uint32_t align_a, uint32_t
   k.trans_a = p.a.trans, k.trans_b = p.b.trans, k.fp8 = p.fp8;
   k.epilogue = epi;
   k.align_a = align_a, k.align_b = align_b, k.align_d = align_d;
+  k.align_aux = align_aux;
   return k;
 }
 

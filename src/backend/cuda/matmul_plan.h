@@ -28,8 +28,10 @@ namespace mpt::cuda {
 enum class GemmType : uint8_t { f32, f16, bf16, e4m3, e5m2 };
 // CUBLAS_COMPUTE_32F or CUBLAS_COMPUTE_32F_FAST_TF32.
 enum class GemmCompute : uint8_t { f32, f32_fast_tf32 };
-// CUBLASLT_EPILOGUE_DEFAULT or CUBLASLT_EPILOGUE_BIAS.
-enum class GemmEpilogue : uint8_t { none, bias };
+// CUBLASLT_EPILOGUE_DEFAULT, _BIAS, _GELU_AUX, _GELU_AUX_BIAS (D = gelu(product + bias), the
+// pre-activation written to an aux buffer) or _DGELU (D = product * gelu'(aux)).
+enum class GemmEpilogue : uint8_t { none, bias, gelu_aux, gelu_aux_bias, dgelu };
+const char* gemm_epilogue_name(GemmEpilogue e);  // "BIAS", "GELU_AUX", ...; "" for none
 
 enum class MatmulOp : uint8_t { forward, dgrad, wgrad };
 // The op-level operands a GEMM slot reads.
@@ -91,6 +93,28 @@ GemmCompute compute_type(MatmulPrecision prec, GemmType operand_type);
 enum class BiasPath : uint8_t { none, epilogue, store_kernel };
 BiasPath bias_path(bool has_bias, bool out_direct, bool fp8, DType bias, uintptr_t bias_ptr);
 
+// Where matmul_gelu_forward's GELU, or matmul_backward_gelu's GELU derivative, is applied:
+//  - epilogue: by cuBLASLt (GELU_AUX[_BIAS] / DGELU), when the GEMM writes the result directly:
+//    fp32, the aux tensor (the pre-activation) fp32 too (its type is D's), its leading dimension
+//    (D's) divisible by 8 and its pointer 16-byte aligned (cuda-crib.md §2), not under fp8 (an
+//    fp8 GEMM's GELU aux and DGELU are not what its tables promise), and in the forward with a
+//    bias only where bias_path would put the bias in the epilogue too (it must be added before
+//    the GELU). Only for tf32 GEMMs: cuBLASLt does not document its GELU's accuracy, and should
+//    it take the hardware tanh (tanh.approx.f32, relative error up to 2^-10.987: PTX ISA) that
+//    is tf32's own operand precision (2^-11) but well below fp32's; the fp32 policy keeps the
+//    exact GELU kernel.
+//  - store_kernel: by the counting kernel that rounds the GEMM's fp32 result into a 16-bit
+//    output (matmul.cu): the rounded value is what the GELU (derivative) is applied to, as the
+//    separate ops do. Forward: pre and out of the same 16-bit dtype.
+//  - separate: otherwise, by the separate GELU kernel after the matmul.
+// The GEMM may still have no algorithm for an epilogue (cuBLASLt's heuristic finds none): the
+// matmul then runs the separate path (remembered per key).
+enum class GeluPath : uint8_t { epilogue, store_kernel, separate };
+// `p`: the forward's (or the dgrad's) GemmPlan.
+GeluPath gelu_forward_path(const GemmPlan& p, DType pre, DType out, uintptr_t pre_ptr,
+                           bool has_bias, DType bias, uintptr_t bias_ptr);
+GeluPath gelu_backward_path(const GemmPlan& p, DType dinp, DType pre, uintptr_t pre_ptr);
+
 // The largest power of two (at most 256) dividing the address: cuBLASLt's
 // MIN_ALIGNMENT_*_BYTES preferences default to 256 and must not exceed the real alignment.
 uint32_t pointer_alignment(uintptr_t p);
@@ -106,6 +130,7 @@ struct GemmKey {
   bool trans_a = false, trans_b = false, fp8 = false;
   GemmEpilogue epilogue = GemmEpilogue::none;
   uint32_t align_a = 0, align_b = 0, align_d = 0;
+  uint32_t align_aux = 0;  // the GELU epilogues' aux pointer (it sets the expected alignment)
   bool operator==(const GemmKey& o) const;
   bool operator!=(const GemmKey& o) const { return !(*this == o); }
   std::string str() const;  // for error messages
@@ -114,7 +139,7 @@ struct GemmKeyHash {
   size_t operator()(const GemmKey& k) const;
 };
 GemmKey gemm_key(const GemmPlan& p, GemmEpilogue epi, uint32_t align_a, uint32_t align_b,
-                 uint32_t align_d);
+                 uint32_t align_d, uint32_t align_aux = 0);
 
 // A chosen algorithm: cuBLASLt's cublasLtMatmulAlgo_t (64 opaque bytes) and its workspace.
 // `supported` false records that the heuristic found nothing (asked once per key: the forward
