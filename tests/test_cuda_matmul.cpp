@@ -41,6 +41,7 @@
 #include "cuda_test_util.h"
 #include "test_util.h"
 #if MPT_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_context.h"
 #include "backend/cuda/attention_plan.h"
 #include "backend/cuda/matmul_plan.h"
@@ -298,6 +299,25 @@ TEST(MatmulPlan, GeluGoesToTheEpilogueOnlyWhereCublasLtTakesIt) {
   EXPECT_STREQ(gemm_epilogue_name(GemmEpilogue::none), "");
 }
 
+TEST(MatmulPlan, BiasGradientFromTheEpilogueOnlyWhereTheGemmReadsDoutAsStored) {
+  auto wgrad = [](MatmulPrecision prec, DType d) {
+    return plan_matmul(MatmulOp::wgrad, 37, 48, 80, d, d, d, prec);
+  };
+  EXPECT_TRUE(dbias_in_epilogue(wgrad(MatmulPrecision::native, DType::f32)));
+  EXPECT_TRUE(dbias_in_epilogue(wgrad(MatmulPrecision::native, DType::bf16)));
+  EXPECT_TRUE(dbias_in_epilogue(wgrad(MatmulPrecision::native, DType::f16)));
+  // bf16 activations under tf32 read natively (tf32 applies to fp32 operands only)
+  EXPECT_TRUE(dbias_in_epilogue(wgrad(MatmulPrecision::tf32, DType::bf16)));
+  EXPECT_FALSE(dbias_in_epilogue(wgrad(MatmulPrecision::tf32, DType::f32)))
+      << "the GEMM may reduce dout's tf32 roundings";
+  EXPECT_FALSE(dbias_in_epilogue(wgrad(MatmulPrecision::fp8, DType::bf16)))
+      << "the GEMM reads dout quantised";
+  const GemmPlan dgrad = plan_matmul(MatmulOp::dgrad, 37, 48, 80, DType::f32, DType::f32,
+                                     DType::f32, MatmulPrecision::native);
+  EXPECT_FALSE(dbias_in_epilogue(dgrad)) << "only wgrad's B is dout";
+  EXPECT_STREQ(gemm_epilogue_name(GemmEpilogue::bgradb), "BGRADB");
+}
+
 TEST(MatmulPlan, PointerAlignmentIsTheLargestPowerOfTwoUpTo256) {
   EXPECT_EQ(pointer_alignment(0x1000), 256u);
   EXPECT_EQ(pointer_alignment(0x1080), 128u);
@@ -314,14 +334,18 @@ TEST(MatmulPlan, CacheKeysAreEqualExactlyWhenTheGemmIsTheSame) {
   EXPECT_EQ(GemmKeyHash{}(k), GemmKeyHash{}(gemm_key(p, GemmEpilogue::none, 256, 256, 256)));
   EXPECT_NE(k, gemm_key(p, GemmEpilogue::bias, 256, 256, 256));
   // The GELU epilogues: each its own key, and the aux pointer's alignment is part of it.
-  const GemmKey ga = gemm_key(p, GemmEpilogue::gelu_aux_bias, 256, 256, 256, 256);
-  EXPECT_NE(ga, gemm_key(p, GemmEpilogue::gelu_aux, 256, 256, 256, 256));
-  EXPECT_NE(ga, gemm_key(p, GemmEpilogue::dgelu, 256, 256, 256, 256));
-  EXPECT_NE(ga, gemm_key(p, GemmEpilogue::gelu_aux_bias, 256, 256, 256, 16));
-  EXPECT_NE(GemmKeyHash{}(ga), GemmKeyHash{}(gemm_key(p, GemmEpilogue::gelu_aux_bias, 256, 256,
-                                                      256, 16)));
+  // The epilogues: each its own key, and the bias and aux pointers' alignments are part of it.
+  const GemmKey ga = gemm_key(p, GemmEpilogue::gelu_aux_bias, 256, 256, 256, 256, 256);
+  EXPECT_NE(ga, gemm_key(p, GemmEpilogue::gelu_aux, 256, 256, 256, 0, 256));
+  EXPECT_NE(ga, gemm_key(p, GemmEpilogue::dgelu, 256, 256, 256, 0, 256));
+  EXPECT_NE(ga, gemm_key(p, GemmEpilogue::gelu_aux_bias, 256, 256, 256, 256, 16));
+  EXPECT_NE(ga, gemm_key(p, GemmEpilogue::gelu_aux_bias, 256, 256, 256, 16, 256));
+  EXPECT_NE(gemm_key(p, GemmEpilogue::bias, 256, 256, 256, 256),
+            gemm_key(p, GemmEpilogue::bias, 256, 256, 256, 16))
+      << "an algorithm chosen for an aligned bias may fault on a less aligned one";
+  EXPECT_NE(gemm_key(p, GemmEpilogue::bgradb, 256, 256, 256, 256), k);
   EXPECT_NE(ga.str().find("epilogue=GELU_AUX_BIAS"), std::string::npos) << ga.str();
-  EXPECT_NE(ga.str().find("align(aux)=256"), std::string::npos) << ga.str();
+  EXPECT_NE(ga.str().find("align(bias)=256 align(aux)=256"), std::string::npos) << ga.str();
   EXPECT_NE(k, gemm_key(p, GemmEpilogue::none, 16, 256, 256));
   EXPECT_NE(k, gemm_key(p, GemmEpilogue::none, 256, 256, 2));
   const GemmPlan q = plan_matmul(MatmulOp::forward, 38, 48, 80, DType::bf16, DType::bf16,
@@ -761,17 +785,32 @@ struct GeluCase {
   MatmulPrecision prec;
   DType act, weight, grad;
   int64_t N, C, OC;
+  bool bias = true;
 };
+
+// The path a fused op took, from the launches the op profile saw (named as matmul.cu and gelu.cu
+// name them): the store kernel's, the separate GELU kernel's, or neither (the GEMM's epilogue).
+GeluPath path_taken(const OpProfileTable& t, const std::string& store, const std::string& gelu) {
+  bool s = false, g = false;
+  for (const OpTime& o : t.sorted()) s |= o.op == store, g |= o.op == gelu;
+  EXPECT_FALSE(s && g) << "both the fused store and the separate GELU ran";
+  return s ? GeluPath::store_kernel : g ? GeluPath::separate : GeluPath::epilogue;
+}
+
+const char* path_name(GeluPath p) {
+  return p == GeluPath::epilogue ? "epilogue" : p == GeluPath::store_kernel ? "store kernel" : "separate";
+}
 
 void run_gelu_case(const GeluCase& c) {
   SCOPED_TRACE(c.name);
   Rng rng(test::fresh_seed());
   CpuBackend cpu(2);
   std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  Context& ctx = dynamic_cast<CudaBackend&>(*gpu).context();
   const int64_t N = c.N, C = c.C, OC = c.OC;
   const bool narrow = c.act != DType::f32;
   Owned x = test::randn_as(cpu, {N, C}, c.act, rng), w = test::randn_as(cpu, {OC, C}, c.weight, rng, 0.3);
-  Owned b = test::randn_as(cpu, {OC}, c.weight, rng);
+  Owned b = c.bias ? test::randn_as(cpu, {OC}, c.weight, rng) : Owned{};
   Owned dout = test::randn_as(cpu, {N, OC}, c.act, rng);
   Owned gpre = test::randn_as(cpu, {N, C}, c.act, rng, 2.0);  // the backward's GELU input
   Owned dw0 = test::randn_as(cpu, {OC, C}, c.grad, rng, 0.1), db0 = test::randn_as(cpu, {OC}, c.grad, rng, 0.1);
@@ -781,7 +820,8 @@ void run_gelu_case(const GeluCase& c) {
     spec.weight = {DType::e4m3, 0.8f * 448.0f / cpu.amax(w.t), nullptr};
     spec.dout = {DType::e5m2, 0.9f * 57344.0f / cpu.amax(dout.t), nullptr};
   }
-  const std::vector<float> xv = test::widened(x.t), wv = test::widened(w.t), bv = test::widened(b.t),
+  const std::vector<float> xv = test::widened(x.t), wv = test::widened(w.t),
+                           bv = c.bias ? test::widened(b.t) : std::vector<float>{},
                            dv = test::widened(dout.t), pv = test::widened(gpre.t);
   const ProductTol pt = product_tol(c.prec, N, C, OC);
   const double eps = narrow ? dtype_traits(c.act).epsilon : 0.0;
@@ -799,21 +839,29 @@ void run_gelu_case(const GeluCase& c) {
            (epilogue ? (0.5 + std::fabs(v) * kK * (1 + 3 * kC * v * v)) * kTanhApprox : 0.0);
   };
   // The largest |fused - separate| of an epilogue, relative to the epilogue part of its bound.
-  double epi_worst = 0;
+  double epi_worst_f = 0, epi_worst_b = 0;
 
   // ---- forward
   Owned pre = test::make(cpu, {N, OC}, c.act), out = test::make(cpu, {N, OC}, c.act);
-  Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t);
+  Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t);
+  Dev gb = c.bias ? to_gpu(*gpu, b.t) : Dev{};
   Dev gp_f = to_gpu(*gpu, pre.t), go_f = to_gpu(*gpu, out.t);  // fused
   Dev gp_s = to_gpu(*gpu, pre.t), go_s = to_gpu(*gpu, out.t);  // separate
-  const bool epi_f =
+  const GeluPath want_f =
       gelu_forward_path(plan_matmul(MatmulOp::forward, N, C, OC, c.act, c.weight, c.act, spec),
-                        c.act, c.act, reinterpret_cast<uintptr_t>(gp_f.t.data), true, c.weight,
-                        reinterpret_cast<uintptr_t>(gb.t.data)) == GeluPath::epilogue;
+                        c.act, c.act, reinterpret_cast<uintptr_t>(gp_f.t.data), c.bias, c.weight,
+                        reinterpret_cast<uintptr_t>(gb.t.data));
   cpu.reset_cast_counts();
   gpu->reset_cast_counts();
   cpu.matmul_gelu_forward(out.t, pre.t, x.t, w.t, b.t, spec);
+  ctx.start_profile();
   gpu->matmul_gelu_forward(go_f.t, gp_f.t, gx.t, gw.t, gb.t, spec);
+  const GeluPath ran_f = path_taken(ctx.stop_profile(), "matmul: store output + gelu", "gelu_forward");
+  // An epilogue cuBLASLt has no algorithm for falls back to the separate kernel (reported below).
+  if (want_f != GeluPath::epilogue) {
+    EXPECT_EQ(path_name(ran_f), std::string(path_name(want_f)));
+  }
+  const bool epi_f = ran_f == GeluPath::epilogue;
   expect_same_counts(*gpu, cpu, "matmul_gelu_forward");
   const std::vector<float> pre_c = test::widened(pre.t), out_c = test::widened(out.t);
   const std::vector<double> tp = forward_tol(xv, wv, bv, N, C, OC, pt);
@@ -833,7 +881,7 @@ void run_gelu_case(const GeluCase& c) {
     // The epilogue's GELU against our kernel's on the epilogue's own pre.
     for (int64_t i = 0; i < N * OC; ++i) {
       const double v = pre_f[i], ours = 0.5 * v * (1 + std::tanh(kK * (v + kC * v * v * v)));
-      epi_worst = std::max(epi_worst, std::fabs(out_f[i] - ours) / (0.5 * std::fabs(v) * kTanhApprox + 1e-30));
+      epi_worst_f = std::max(epi_worst_f, std::fabs(out_f[i] - ours) / (0.5 * std::fabs(v) * kTanhApprox + 1e-30));
     }
   }
 
@@ -847,16 +895,22 @@ void run_gelu_case(const GeluCase& c) {
   Dev gdx_f = to_gpu(*gpu, dx.t), gdw_f = to_gpu(*gpu, dw.t), gdb_f = to_gpu(*gpu, db.t);
   Dev gg = to_gpu(*gpu, g.t), gdx_s = to_gpu(*gpu, dx.t), gdw_s = to_gpu(*gpu, dw.t),
       gdb_s = to_gpu(*gpu, db.t);
-  const bool epi_b =
+  const GeluPath want_b =
       gelu_backward_path(plan_matmul(MatmulOp::dgrad, N, C, OC, c.act, c.weight, c.act, spec),
-                         c.act, c.act, reinterpret_cast<uintptr_t>(gpre_d.t.data)) ==
-      GeluPath::epilogue;
+                         c.act, c.act, reinterpret_cast<uintptr_t>(gpre_d.t.data));
   cpu.reset_cast_counts();
   gpu->reset_cast_counts();
   // The CPU as separate ops, to keep the rounded product g for the tolerance.
   cpu.matmul_backward(g.t, dw.t, db.t, dout.t, x.t, w.t, spec);
   cpu.gelu_backward(dx_c.t, gpre.t, g.t);
+  ctx.start_profile();
   gpu->matmul_backward_gelu(gdx_f.t, gdw_f.t, gdb_f.t, gdout.t, gx.t, gw.t, gpre_d.t, spec);
+  const GeluPath ran_b =
+      path_taken(ctx.stop_profile(), "matmul: store dgrad + gelu backward", "gelu_backward");
+  if (want_b != GeluPath::epilogue) {
+    EXPECT_EQ(path_name(ran_b), std::string(path_name(want_b)));
+  }
+  const bool epi_b = ran_b == GeluPath::epilogue;
   expect_same_counts(*gpu, cpu, "matmul_backward_gelu");
   const std::vector<float> gv = test::widened(g.t);
   const std::vector<double> tg = dgrad_tol(dv, wv, N, C, OC, pt);
@@ -871,13 +925,23 @@ void run_gelu_case(const GeluCase& c) {
   gpu->gelu_backward(gdx_s.t, gpre_d.t, gg.t);
   EXPECT_EQ(from_gpu(*gpu, gdw_f, "dweight"), from_gpu(*gpu, gdw_s, "separate dweight"));
   EXPECT_EQ(from_gpu(*gpu, gdb_f, "dbias"), from_gpu(*gpu, gdb_s, "separate dbias"));
+  const std::vector<float> dx_s = from_gpu(*gpu, gdx_s, "separate dinp");
   if (!epi_b) {
-    EXPECT_EQ(dx_f, from_gpu(*gpu, gdx_s, "separate dinp")) << "the fused dgrad store";
+    EXPECT_EQ(dx_f, dx_s) << "the fused dgrad store";
+  } else {
+    // DGELU against our kernel on the plain dgrad GEMM's product (whose summation order may
+    // differ slightly: fp32 rounding, far below the bound).
+    for (int64_t i = 0; i < N * C; ++i) {
+      const double v = pv[i], part = (0.5 + std::fabs(v) * kK * (1 + 3 * kC * v * v)) * kTanhApprox;
+      epi_worst_b = std::max(epi_worst_b, std::fabs(dx_f[i] - dx_s[i]) / (std::fabs(gv[i]) * part + 1e-30));
+    }
   }
-  if (epi_f || epi_b)
-    std::printf("[ gelu epi ] %s: forward epilogue %s, backward %s; GELU error / hardware-tanh "
-                "bound: %.3g\n",
-                c.name, epi_f ? "yes" : "no", epi_b ? "yes" : "no", epi_worst);
+  if (want_f == GeluPath::epilogue || want_b == GeluPath::epilogue)
+    std::printf("[ gelu epi ] %s: forward %s (planned epilogue: %s), backward %s (%s); error / "
+                "hardware-tanh bound: GELU %.3g, derivative %.3g\n",
+                c.name, path_name(ran_f), want_f == GeluPath::epilogue ? "yes" : "no",
+                path_name(ran_b), want_b == GeluPath::epilogue ? "yes" : "no", epi_worst_f,
+                epi_worst_b);
   // Inputs are left alone.
   EXPECT_EQ(from_gpu(*gpu, gpre_d, "gelu_pre"), pv);
   EXPECT_EQ(from_gpu(*gpu, gdout, "dout"), dv);
@@ -889,6 +953,7 @@ TEST(CudaMatmul, GeluFusionsMatchTheSeparateOpsAndTheCpu) {
   // tf32: leading dimensions 80 (forward) and 48 (backward) take the GELU epilogues; 12 and 20
   // do not (not multiples of 8): the separate kernels, the derivative in place.
   run_gelu_case({"tf32 epilogues", TF, F32, F32, F32, 37, 48, 80});
+  run_gelu_case({"tf32 epilogues, no bias (GELU_AUX)", TF, F32, F32, F32, 24, 40, 64, false});
   run_gelu_case({"tf32 separate", TF, F32, F32, F32, 5, 20, 12});
   run_gelu_case({"bf16", NAT, BF, BF, BF, 37, 48, 80});
   run_gelu_case({"bf16, fp32 weights and grads", NAT, BF, F32, F32, 37, 44, 76});

@@ -712,6 +712,18 @@ TEST_F(PrecisionOps, MatmulGeluOpsAreTheMatmulAndTheGelu) {
   EXPECT_THROW(be.matmul_backward_gelu(Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
                                        Tensor(), MatmulPrecision::native),
                RuntimeError);
+  // Overlapping outputs (or dinp over the GELU input it still has to read) are refused.
+  Owned x = randn(be, {N, C}, rng), w = randn(be, {OC, C}, rng), y = make(be, {N, OC});
+  Owned dw = make(be, {OC, C}), half = make(be, {2 * N, OC});
+  EXPECT_THROW(be.matmul_gelu_forward(y.t, y.t, x.t, w.t, Tensor(), MatmulPrecision::native),
+               RuntimeError);
+  const Tensor lo = half.buf.view(0, DType::f32, {N, OC});
+  const Tensor mid = half.buf.view(4 * (N * OC / 2), DType::f32, {N, OC});
+  EXPECT_THROW(be.matmul_gelu_forward(lo, mid, x.t, w.t, Tensor(), MatmulPrecision::native),
+               RuntimeError);
+  EXPECT_THROW(be.matmul_backward_gelu(x.t, dw.t, Tensor(), y.t, x.t, w.t, x.t,
+                                       MatmulPrecision::native),
+               RuntimeError);
 }
 
 TEST_F(PrecisionOps, Residual) {

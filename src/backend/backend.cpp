@@ -17,8 +17,30 @@ const char* tensor_class_name(TensorClass c) {
   return "?";
 }
 
+namespace {
+
+// Whether two tensors' bytes overlap.
+bool overlap(const Tensor& a, const Tensor& b) {
+  if (!a.defined() || !b.defined()) return false;
+  const auto pa = reinterpret_cast<uintptr_t>(a.data), pb = reinterpret_cast<uintptr_t>(b.data);
+  return pa < pb + b.bytes() && pb < pa + a.bytes();
+}
+
+}  // namespace
+
+void check_gelu_fusion_args(const char* op, const char* a_name, const Tensor& a,
+                            const char* b_name, const Tensor& b) {
+  if (!a.defined() || !b.defined())
+    throw RuntimeError(std::string(op) + ": arguments '" + a_name + "' and '" + b_name +
+                       "' are required");
+  if (overlap(a, b))
+    throw RuntimeError(std::string(op) + ": '" + a_name + "' and '" + b_name +
+                       "' must not overlap");
+}
+
 void Backend::matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Tensor weight, Tensor bias,
                                   const MatmulSpec& spec) {
+  check_gelu_fusion_args("matmul_gelu_forward", "out", out, "pre", pre);
   matmul_forward(pre, inp, weight, bias, spec);
   gelu_forward(out, pre);
 }
@@ -26,8 +48,7 @@ void Backend::matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Tensor wei
 void Backend::matmul_backward_gelu(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                                    Tensor inp, Tensor weight, Tensor gelu_pre,
                                    const MatmulSpec& spec) {
-  if (!dinp.defined())
-    throw RuntimeError("matmul_backward_gelu: dinp is required (it is the GELU's input gradient)");
+  check_gelu_fusion_args("matmul_backward_gelu", "dinp", dinp, "gelu_pre", gelu_pre);
   matmul_backward(dinp, dweight, dbias, dout, inp, weight, spec);
   gelu_backward(dinp, gelu_pre, dinp);
 }

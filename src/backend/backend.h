@@ -203,18 +203,20 @@ class Backend {
   // The MLP's first linear layer and its GELU as one op, so that a backend can fuse them (CUDA:
   // in the GEMM's epilogue, or in the kernel that stores the product). pre writes what
   // matmul_forward(pre, inp, weight, bias, spec) writes; out writes gelu_forward(out, pre), the
-  // GELU of pre as stored. The default runs those two ops. A fusing backend gives the same
-  // values and cast counts, except that under MatmulPrecision::tf32 with fp32 pre and out it may
-  // take GELU from cuBLASLt's epilogue: the same tanh formula, at an accuracy cuBLASLt does not
-  // document (at worst the hardware tanh's, 2^-11 relative: tf32's own operand precision).
+  // GELU of pre as stored (out and pre must not overlap). The default runs those two ops. A
+  // fusing backend gives the same values and cast counts, except that under
+  // MatmulPrecision::tf32 with fp32 pre and out it may take GELU from cuBLASLt's epilogue: the
+  // same tanh formula, at an accuracy cuBLASLt does not document (at worst the hardware tanh's,
+  // 2^-11 relative: tf32's own operand precision), and a GEMM whose algorithm (so summation
+  // order) may differ from matmul_forward's.
   virtual void matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Tensor weight, Tensor bias,
                                    const MatmulSpec& spec);
   // matmul_backward whose input gradient then passes through GELU's backward: dweight and dbias
   // as matmul_backward; dinp writes gelu_backward(dinp, gelu_pre, g) where g = dout . weight
   // rounded to dinp's dtype (counted as matmul_backward counts it); gelu_pre is the GELU's input
-  // (dinp's shape). No tensor holds g: the default runs matmul_backward into dinp and GELU's
-  // backward in place. As matmul_gelu_forward: under tf32 with fp32 dinp and gelu_pre the
-  // derivative may come from cuBLASLt's DGELU epilogue.
+  // (dinp's shape; it must not overlap dinp). No tensor holds g: the default runs
+  // matmul_backward into dinp and GELU's backward in place. As matmul_gelu_forward: under tf32
+  // with fp32 dinp and gelu_pre the derivative may come from cuBLASLt's DGELU epilogue.
   virtual void matmul_backward_gelu(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                                     Tensor inp, Tensor weight, Tensor gelu_pre,
                                     const MatmulSpec& spec);
@@ -274,6 +276,11 @@ class Backend {
   // of reports, instead of once per op. A no-op where ops write them at once (the CPU backend).
   virtual void collect_stats() {}
 };
+
+// The checks every implementation of the two GELU-fused ops makes of its pair of outputs (out,
+// pre) or of dinp and gelu_pre: both defined, not overlapping. Throws RuntimeError naming them.
+void check_gelu_fusion_args(const char* op, const char* a_name, const Tensor& a,
+                            const char* b_name, const Tensor& b);
 
 // Creates the backend named in the config: "cpu", "cuda" or "auto" (CUDA when this build has it
 // and a device is present, else CPU). `threads` = 0 means all available cores. Throws

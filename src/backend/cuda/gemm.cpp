@@ -32,6 +32,7 @@ cublasLtEpilogue_t lt_epilogue(GemmEpilogue e) {
     case GemmEpilogue::gelu_aux: return CUBLASLT_EPILOGUE_GELU_AUX;
     case GemmEpilogue::gelu_aux_bias: return CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
     case GemmEpilogue::dgelu: return CUBLASLT_EPILOGUE_DGELU;
+    case GemmEpilogue::bgradb: return CUBLASLT_EPILOGUE_BGRADB;
   }
   return CUBLASLT_EPILOGUE_DEFAULT;
 }
@@ -55,7 +56,8 @@ struct LtDescs {
 bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* what,
               bool may_fail) {
   const GemmEpilogue epi = g.epilogue;
-  const bool wants_bias = epi == GemmEpilogue::bias || epi == GemmEpilogue::gelu_aux_bias;
+  const bool wants_bias = epi == GemmEpilogue::bias || epi == GemmEpilogue::gelu_aux_bias ||
+                          epi == GemmEpilogue::bgradb;  // BGRADB writes through the pointer
   const bool wants_aux = epi == GemmEpilogue::gelu_aux || epi == GemmEpilogue::gelu_aux_bias ||
                          epi == GemmEpilogue::dgelu;
   if (wants_bias != (g.bias != nullptr) || wants_aux != (g.aux != nullptr) ||
@@ -68,6 +70,7 @@ bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* wh
       gemm_key(p, epi, pointer_alignment(reinterpret_cast<uintptr_t>(g.a)),
                pointer_alignment(reinterpret_cast<uintptr_t>(g.b)),
                pointer_alignment(reinterpret_cast<uintptr_t>(g.d)),
+               wants_bias ? pointer_alignment(reinterpret_cast<uintptr_t>(g.bias)) : 0,
                wants_aux ? pointer_alignment(reinterpret_cast<uintptr_t>(g.aux)) : 0);
   LtDescs ds;
   const cublasComputeType_t compute =

@@ -14,7 +14,7 @@ struct GemmArgs {
   const void* b = nullptr;
   float* d = nullptr;  // fp32, also C (beta)
   GemmEpilogue epilogue = GemmEpilogue::none;
-  const void* bias = nullptr;  // with BIAS and GELU_AUX_BIAS
+  const void* bias = nullptr;  // with BIAS and GELU_AUX_BIAS; written by BGRADB
   DType bias_dtype = DType::f32;
   // With GELU_AUX[_BIAS] (written: the pre-activation) and DGELU (read: the GELU's input): fp32,
   // D's shape and leading dimension.

@@ -19,8 +19,11 @@
 // backward needs (a 32x32 shared-memory tile: quantise and transpose in one pass). The A/B scale
 // pointers hold the inverse scales (device floats); the bias is added after the scaled product.
 //
-// dbias: deterministic column sums of dout as stored (never quantised), in two passes: fixed
-// chunks of rows, then the chunks in order added to the existing value (fp32 sums, no atomics).
+// dbias: column sums of dout as stored (never quantised), in fp32, then added to the existing
+// value: by the wgrad GEMM's BGRADB epilogue where the GEMM reads dout as stored (native
+// fp32/fp16/bf16 operands), else in two passes of our own (fixed chunks of rows, then the
+// chunks in order: no atomics). Both are deterministic (cuBLASLt gives the same bits for the
+// same algorithm and device).
 //
 // GELU (matmul_gelu_forward, matmul_backward_gelu; the path: matmul_plan.h GeluPath). With
 // 16-bit outputs the store kernel that rounds the product applies GELU (or GELU's derivative) to
@@ -385,11 +388,7 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
   expect_matrix("matmul_backward", "dweight", dweight, {OC, C});
   if (weight.dim(1) != C) throw RuntimeError("matmul_backward: weight must be (OC, C)");
   if (dinp.defined()) expect_matrix("matmul_backward", "dinp", dinp, {N, C});
-  if (gelu_pre.defined()) {
-    if (!dinp.defined())
-      throw RuntimeError("matmul_backward_gelu: dinp is required (it is the GELU's input gradient)");
-    expect_matrix("matmul_backward_gelu", "gelu_pre", gelu_pre, {N, C});
-  }
+  if (gelu_pre.defined()) expect_matrix("matmul_backward_gelu", "gelu_pre", gelu_pre, {N, C});
   // Plans first: an unsupported spec throws before anything runs.
   const GemmPlan pw =
       plan_matmul(MatmulOp::wgrad, N, C, OC, inp.dtype, weight.dtype, dout.dtype, spec);
@@ -397,25 +396,39 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
   if (dinp.defined())
     pd = plan_matmul(MatmulOp::dgrad, N, C, OC, inp.dtype, weight.dtype, dout.dtype, spec);
 
-  // The bias gradient sums dout as stored, before any quantisation.
-  if (dbias.defined()) {
-    expect_matrix("matmul_backward", "dbias", dbias, {OC});
-    const int64_t chunks = (N + kDbiasRows - 1) / kDbiasRows;
-    if (chunks > 65535) throw RuntimeError("matmul_backward: too many rows for the dbias grid");
-    float* part = static_cast<float*>(
-        ctx.scratch(Scratch::kReduce, std::max<size_t>(256, chunks * OC * sizeof(float))));
+  // The bias gradient sums dout as stored, before any quantisation: by the wgrad GEMM's BGRADB
+  // epilogue where it reads dout as stored (matmul_plan.h, dbias_in_epilogue), else (or when
+  // cuBLASLt has no algorithm for it) by column-sum kernels, here before the fp8 quantisation.
+  // Either way the scratch holds the kernels' partial sums (the epilogue's single row of sums
+  // takes its start), so that the workspace is the same whichever runs.
+  float* part = nullptr;
+  int64_t chunks = 0;
+  auto add_partials_to_dbias = [&](int64_t rows_of_partials) {
+    MPT_DISPATCH_FLOAT(dbias.dtype, "matmul_backward dbias", [&] {
+      dbias_final_kernel<T><<<blocks_for(OC), kBlock, 0, ctx.stream()>>>(
+          part, rows_of_partials, static_cast<T*>(dbias.data), OC,
+          ctx.cast_counters(TensorClass::gradient));
+    });
+    MPT_LAUNCH_CHECK(ctx, "matmul_backward: dbias");
+    if (dbias.dtype != DType::f32) ctx.add_cast_values(TensorClass::gradient, OC);
+  };
+  auto dbias_by_kernels = [&] {
     const dim3 grid(blocks_for(OC), static_cast<unsigned>(chunks < 1 ? 1 : chunks));
     MPT_DISPATCH_FLOAT(dout.dtype, "matmul_backward dout", [&] {
       dbias_partial_kernel<T><<<grid, kBlock, 0, ctx.stream()>>>(static_cast<const T*>(dout.data),
                                                                  part, N, OC);
     });
     MPT_LAUNCH_CHECK(ctx, "matmul_backward: dbias partial sums");
-    MPT_DISPATCH_FLOAT(dbias.dtype, "matmul_backward dbias", [&] {
-      dbias_final_kernel<T><<<blocks_for(OC), kBlock, 0, ctx.stream()>>>(
-          part, chunks, static_cast<T*>(dbias.data), OC, ctx.cast_counters(TensorClass::gradient));
-    });
-    MPT_LAUNCH_CHECK(ctx, "matmul_backward: dbias");
-    if (dbias.dtype != DType::f32) ctx.add_cast_values(TensorClass::gradient, OC);
+    add_partials_to_dbias(chunks);
+  };
+  const bool dbias_epilogue = dbias.defined() && dbias_in_epilogue(pw);
+  if (dbias.defined()) {
+    expect_matrix("matmul_backward", "dbias", dbias, {OC});
+    chunks = (N + kDbiasRows - 1) / kDbiasRows;
+    if (chunks > 65535) throw RuntimeError("matmul_backward: too many rows for the dbias grid");
+    part = static_cast<float*>(
+        ctx.scratch(Scratch::kReduce, std::max<size_t>(256, chunks * OC * sizeof(float))));
+    if (!dbias_epilogue) dbias_by_kernels();
   }
 
   Fp8Words w{};
@@ -499,7 +512,17 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
       });
       MPT_LAUNCH_CHECK(ctx, "matmul_backward: widen dweight");
     }
-    run_gemm(ctx, pw, g, "matmul_backward wgrad");
+    bool done = false;
+    if (dbias_epilogue) {
+      GemmArgs ge = g;
+      ge.epilogue = GemmEpilogue::bgradb;
+      ge.bias = part;  // written: the column sums of dout, fp32 (D's type)
+      ge.bias_dtype = DType::f32;
+      done = run_gemm(ctx, pw, ge, "matmul_backward wgrad", /*may_fail=*/true);
+      if (done) add_partials_to_dbias(1);
+    }
+    if (!done) run_gemm(ctx, pw, g, "matmul_backward wgrad");
+    if (dbias_epilogue && !done) dbias_by_kernels();
     if (!direct) store_output(ctx, g.d, dweight, Tensor(), OC, C, TensorClass::gradient);
   }
 }
@@ -513,7 +536,7 @@ void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor 
 
 void matmul_gelu_forward(Context& ctx, Tensor out, Tensor pre, Tensor inp, Tensor weight,
                          Tensor bias, const MatmulSpec& spec) {
-  if (!out.defined()) throw RuntimeError("matmul_gelu_forward: argument 'out' is required");
+  check_gelu_fusion_args("matmul_gelu_forward", "out", out, "pre", pre);
   forward(ctx, pre, out, inp, weight, bias, spec);
 }
 
@@ -524,8 +547,7 @@ void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Te
 
 void matmul_backward_gelu(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                           Tensor inp, Tensor weight, Tensor gelu_pre, const MatmulSpec& spec) {
-  if (!gelu_pre.defined())
-    throw RuntimeError("matmul_backward_gelu: argument 'gelu_pre' is required");
+  check_gelu_fusion_args("matmul_backward_gelu", "dinp", dinp, "gelu_pre", gelu_pre);
   backward(ctx, dinp, dweight, dbias, dout, inp, weight, gelu_pre, spec);
 }
 

@@ -179,6 +179,7 @@ const char* gemm_epilogue_name(GemmEpilogue e) {
     case GemmEpilogue::gelu_aux: return "GELU_AUX";
     case GemmEpilogue::gelu_aux_bias: return "GELU_AUX_BIAS";
     case GemmEpilogue::dgelu: return "DGELU";
+    case GemmEpilogue::bgradb: return "BGRADB";
   }
   return "?";
 }
@@ -212,6 +213,11 @@ GeluPath gelu_backward_path(const GemmPlan& p, DType dinp, DType pre, uintptr_t 
   return GeluPath::separate;
 }
 
+bool dbias_in_epilogue(const GemmPlan& wgrad) {
+  return wgrad.op == MatmulOp::wgrad && !wgrad.fp8 && wgrad.compute == GemmCompute::f32 &&
+         wgrad.batch == 1;
+}
+
 uint32_t pointer_alignment(uintptr_t p) {
   uint32_t a = 256;
   while (a > 1 && (p % a) != 0) a >>= 1;
@@ -224,7 +230,8 @@ bool GemmKey::operator==(const GemmKey& o) const {
          stride_d == o.stride_d && a_type == o.a_type && b_type == o.b_type &&
          d_type == o.d_type && compute == o.compute && trans_a == o.trans_a &&
          trans_b == o.trans_b && fp8 == o.fp8 && epilogue == o.epilogue && align_a == o.align_a &&
-         align_b == o.align_b && align_d == o.align_d && align_aux == o.align_aux;
+         align_b == o.align_b && align_d == o.align_d && align_bias == o.align_bias &&
+         align_aux == o.align_aux;
 }
 
 std::string GemmKey::str() const {
@@ -238,7 +245,8 @@ std::string GemmKey::str() const {
          (epilogue != GemmEpilogue::none ? std::string(" epilogue=") + gemm_epilogue_name(epilogue)
                                          : std::string()) +
          " batch=" + s(batch) + " align(A,B,D)=" + s(align_a) + "," + s(align_b) + "," +
-         s(align_d) + (align_aux ? " align(aux)=" + s(align_aux) : std::string());
+         s(align_d) + (align_bias ? " align(bias)=" + s(align_bias) : std::string()) +
+         (align_aux ? " align(aux)=" + s(align_aux) : std::string());
 }
 
 size_t GemmKeyHash::operator()(const GemmKey& k) const {
@@ -253,11 +261,12 @@ size_t GemmKeyHash::operator()(const GemmKey& k) const {
       (uint64_t(k.fp8) << 34) | (uint64_t(k.epilogue) << 40));
   mix((uint64_t(k.align_a) << 0) | (uint64_t(k.align_b) << 16) | (uint64_t(k.align_d) << 32) |
       (uint64_t(k.align_aux) << 48));
+  mix(uint64_t(k.align_bias));
   return h;
 }
 
 GemmKey gemm_key(const GemmPlan& p, GemmEpilogue epi, uint32_t align_a, uint32_t align_b,
-                 uint32_t align_d, uint32_t align_aux) {
+                 uint32_t align_d, uint32_t align_bias, uint32_t align_aux) {
   GemmKey k;
   k.m = p.m, k.n = p.n, k.k = p.k;
   k.lda = p.a.ld, k.ldb = p.b.ld, k.ldd = p.ldd;
@@ -268,7 +277,7 @@ GemmKey gemm_key(const GemmPlan& p, GemmEpilogue epi, uint32_t align_a, uint32_t
   k.trans_a = p.a.trans, k.trans_b = p.b.trans, k.fp8 = p.fp8;
   k.epilogue = epi;
   k.align_a = align_a, k.align_b = align_b, k.align_d = align_d;
-  k.align_aux = align_aux;
+  k.align_bias = align_bias, k.align_aux = align_aux;
   return k;
 }
 

@@ -29,8 +29,9 @@ enum class GemmType : uint8_t { f32, f16, bf16, e4m3, e5m2 };
 // CUBLAS_COMPUTE_32F or CUBLAS_COMPUTE_32F_FAST_TF32.
 enum class GemmCompute : uint8_t { f32, f32_fast_tf32 };
 // CUBLASLT_EPILOGUE_DEFAULT, _BIAS, _GELU_AUX, _GELU_AUX_BIAS (D = gelu(product + bias), the
-// pre-activation written to an aux buffer) or _DGELU (D = product * gelu'(aux)).
-enum class GemmEpilogue : uint8_t { none, bias, gelu_aux, gelu_aux_bias, dgelu };
+// pre-activation written to an aux buffer), _DGELU (D = product * gelu'(aux)) or _BGRADB (the
+// column sums of op(B) over k written to the bias pointer).
+enum class GemmEpilogue : uint8_t { none, bias, gelu_aux, gelu_aux_bias, dgelu, bgradb };
 const char* gemm_epilogue_name(GemmEpilogue e);  // "BIAS", "GELU_AUX", ...; "" for none
 
 enum class MatmulOp : uint8_t { forward, dgrad, wgrad };
@@ -115,6 +116,13 @@ GeluPath gelu_forward_path(const GemmPlan& p, DType pre, DType out, uintptr_t pr
                            bool has_bias, DType bias, uintptr_t bias_ptr);
 GeluPath gelu_backward_path(const GemmPlan& p, DType dinp, DType pre, uintptr_t pre_ptr);
 
+// Whether matmul_backward's bias gradient comes from the wgrad GEMM's BGRADB epilogue (dout is
+// its B operand, reduced over k = N: the column sums), into fp32 scratch that a small kernel adds
+// to dbias. Only where the GEMM reads dout as stored: not under fp8 (B is dout quantised) nor
+// tf32 (the GEMM may reduce B's tf32 roundings), as the contract sums dout as stored. Elsewhere,
+// and where cuBLASLt has no algorithm for it, the two-pass column-sum kernels of matmul.cu.
+bool dbias_in_epilogue(const GemmPlan& wgrad);
+
 // The largest power of two (at most 256) dividing the address: cuBLASLt's
 // MIN_ALIGNMENT_*_BYTES preferences default to 256 and must not exceed the real alignment.
 uint32_t pointer_alignment(uintptr_t p);
@@ -130,7 +138,9 @@ struct GemmKey {
   bool trans_a = false, trans_b = false, fp8 = false;
   GemmEpilogue epilogue = GemmEpilogue::none;
   uint32_t align_a = 0, align_b = 0, align_d = 0;
-  uint32_t align_aux = 0;  // the GELU epilogues' aux pointer (it sets the expected alignment)
+  // The epilogues' bias and aux pointers: like A's, B's and D's, their values set the alignment
+  // the heuristic assumes (0: no such pointer).
+  uint32_t align_bias = 0, align_aux = 0;
   bool operator==(const GemmKey& o) const;
   bool operator!=(const GemmKey& o) const { return !(*this == o); }
   std::string str() const;  // for error messages
@@ -139,7 +149,7 @@ struct GemmKeyHash {
   size_t operator()(const GemmKey& k) const;
 };
 GemmKey gemm_key(const GemmPlan& p, GemmEpilogue epi, uint32_t align_a, uint32_t align_b,
-                 uint32_t align_d, uint32_t align_aux = 0);
+                 uint32_t align_d, uint32_t align_bias = 0, uint32_t align_aux = 0);
 
 // A chosen algorithm: cuBLASLt's cublasLtMatmulAlgo_t (64 opaque bytes) and its workspace.
 // `supported` false records that the heuristic found nothing (asked once per key: the forward
