@@ -712,7 +712,23 @@ void run_matmul_case(const MatmulCase& c) {
   cpu.reset_cast_counts();
   gpu->reset_cast_counts();
   cpu.matmul_backward(dx.t, dw.t, db.t, dout.t, x.t, w.t, sc);
+  Context& ctx = dynamic_cast<CudaBackend&>(*gpu).context();
+  ctx.start_profile();
   gpu->matmul_backward(gdx.t, gdw.t, gdb.t, gdout.t, gx.t, gw.t, sg);
+  {
+    // Which path gave dbias (matmul_plan.h dbias_in_epilogue): the wgrad GEMM's BGRADB epilogue
+    // unless the column-sum kernels ran (the fallback where cuBLASLt has no algorithm).
+    bool kernels = false;
+    for (const OpTime& o : ctx.stop_profile().sorted())
+      kernels |= o.op == "matmul_backward: dbias partial sums";
+    const bool planned = dbias_in_epilogue(
+        plan_matmul(MatmulOp::wgrad, N, C, OC, c.inp, c.weight, c.dout, spec));
+    if (!planned) {
+      EXPECT_TRUE(kernels) << "dbias by the column-sum kernels";
+    }
+    std::printf("[ bgradb   ] %s: dbias by %s%s\n", c.name, kernels ? "the column-sum kernels" : "BGRADB",
+                planned && kernels ? " (BGRADB planned; cuBLASLt has no algorithm for it)" : "");
+  }
   gpu->collect_stats();
   {
     const std::vector<double> tx = dgrad_tol(dv, wv, N, C, OC, pt);
@@ -933,7 +949,9 @@ void run_gelu_case(const GeluCase& c) {
     // differ slightly: fp32 rounding, far below the bound).
     for (int64_t i = 0; i < N * C; ++i) {
       const double v = pv[i], part = (0.5 + std::fabs(v) * kK * (1 + 3 * kC * v * v)) * kTanhApprox;
-      epi_worst_b = std::max(epi_worst_b, std::fabs(dx_f[i] - dx_s[i]) / (std::fabs(gv[i]) * part + 1e-30));
+      // the two GEMMs' summation orders may differ: their slack joins the denominator
+      epi_worst_b = std::max(epi_worst_b, std::fabs(dx_f[i] - dx_s[i]) /
+                                              (std::fabs(gv[i]) * part + kSlope * tg[i] + 1e-30));
     }
   }
   if (want_f == GeluPath::epilogue || want_b == GeluPath::epilogue)

@@ -60,8 +60,9 @@ bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* wh
                           epi == GemmEpilogue::bgradb;  // BGRADB writes through the pointer
   const bool wants_aux = epi == GemmEpilogue::gelu_aux || epi == GemmEpilogue::gelu_aux_bias ||
                          epi == GemmEpilogue::dgelu;
+  // Batched GEMMs take no bias or aux vector here (they would need per-batch strides).
   if (wants_bias != (g.bias != nullptr) || wants_aux != (g.aux != nullptr) ||
-      (wants_aux && p.batch > 1))
+      ((wants_aux || wants_bias) && p.batch > 1))
     throw RuntimeError(std::string("matmul (") + what + "): epilogue '" +
                        gemm_epilogue_name(epi) + "' given " + (g.bias ? "a" : "no") +
                        " bias and " + (g.aux ? "an" : "no") + " aux pointer" +

@@ -21,9 +21,9 @@
 //
 // dbias: column sums of dout as stored (never quantised), in fp32, then added to the existing
 // value: by the wgrad GEMM's BGRADB epilogue where the GEMM reads dout as stored (native
-// fp32/fp16/bf16 operands), else in two passes of our own (fixed chunks of rows, then the
-// chunks in order: no atomics). Both are deterministic (cuBLASLt gives the same bits for the
-// same algorithm and device).
+// fp32/fp16/bf16 operands, and tf32 with 16-bit ones), else in two passes of our own (fixed chunks of rows, then the
+// chunks in order: no atomics). Both are deterministic: cuBLASLt gives the same bits for the
+// same GEMM key (shape, alignments, epilogue) and device, as for dweight itself.
 //
 // GELU (matmul_gelu_forward, matmul_backward_gelu; the path: matmul_plan.h GeluPath). With
 // 16-bit outputs the store kernel that rounds the product applies GELU (or GELU's derivative) to
@@ -413,7 +413,7 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     if (dbias.dtype != DType::f32) ctx.add_cast_values(TensorClass::gradient, OC);
   };
   auto dbias_by_kernels = [&] {
-    const dim3 grid(blocks_for(OC), static_cast<unsigned>(chunks < 1 ? 1 : chunks));
+    const dim3 grid(blocks_for(OC), static_cast<unsigned>(chunks));
     MPT_DISPATCH_FLOAT(dout.dtype, "matmul_backward dout", [&] {
       dbias_partial_kernel<T><<<grid, kBlock, 0, ctx.stream()>>>(static_cast<const T*>(dout.data),
                                                                  part, N, OC);
@@ -422,9 +422,13 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     add_partials_to_dbias(chunks);
   };
   const bool dbias_epilogue = dbias.defined() && dbias_in_epilogue(pw);
+  // `part` and an fp8 GEMM's scale words (fp8_words) share the start of Scratch::kReduce: the
+  // BGRADB GEMM would write the one while reading the other.
+  if (dbias_epilogue && pw.fp8)
+    throw RuntimeError("matmul_backward: the bias-gradient epilogue cannot serve an fp8 GEMM");
   if (dbias.defined()) {
     expect_matrix("matmul_backward", "dbias", dbias, {OC});
-    chunks = (N + kDbiasRows - 1) / kDbiasRows;
+    chunks = dbias_chunks(N);
     if (chunks > 65535) throw RuntimeError("matmul_backward: too many rows for the dbias grid");
     part = static_cast<float*>(
         ctx.scratch(Scratch::kReduce, std::max<size_t>(256, chunks * OC * sizeof(float))));

@@ -52,7 +52,7 @@ void plan_matmul_backward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DTyp
                           bool dbias, const MatmulSpec& spec) {
   const GemmPlan pw = plan_matmul(MatmulOp::wgrad, N, C, OC, inp, weight, dout, spec);
   if (dbias) {
-    const int64_t chunks = (N + kDbiasRows - 1) / kDbiasRows;
+    const int64_t chunks = dbias_chunks(N);
     s.need(Scratch::kReduce, std::max<size_t>(256, chunks * OC * sizeof(float)));
   }
   if (pw.fp8) {

@@ -41,8 +41,12 @@ constexpr int kBlock = 256;
 constexpr unsigned kMaxReduceBlocks = 1024;
 unsigned reduce_blocks(int64_t n);
 
-// matmul_backward's bias gradient: partial column sums over chunks of kDbiasRows rows.
+// matmul_backward's bias gradient: partial column sums over chunks of kDbiasRows rows; at least
+// one chunk (no rows: one chunk of zeros), so that a row of partial sums always fits.
 constexpr int64_t kDbiasRows = 256;
+constexpr int64_t dbias_chunks(int64_t N) {
+  return N > kDbiasRows ? (N + kDbiasRows - 1) / kDbiasRows : 1;
+}
 // sum_squares: chunks of kNormChunk elements (as CpuBackend::sum_squares), one fp64 partial each.
 constexpr int64_t kNormChunk = int64_t{1} << 14;
 // layernorm_backward: dweight/dbias partials over chunks of at least kLayerNormRowChunk rows.
