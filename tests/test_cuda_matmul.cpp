@@ -318,6 +318,33 @@ TEST(MatmulPlan, BiasGradientFromTheEpilogueOnlyWhereTheGemmReadsDoutAsStored) {
   EXPECT_STREQ(gemm_epilogue_name(GemmEpilogue::bgradb), "BGRADB");
 }
 
+// Every element of every row is one thread's, once: the columns by blockIdx.x and threadIdx.x,
+// the rows by blockIdx.y in steps of grid_y.
+TEST(MatmulPlan, StoreLaunchCoversEachElementOnce) {
+  for (int64_t rows : {1, 5, 37, 16384, 70000})
+    for (int64_t cols : {1, 3, 12, 45, 768, 3072, 50304})
+      for (bool aligned : {true, false}) {
+        SCOPED_TRACE("rows " + std::to_string(rows) + " cols " + std::to_string(cols) +
+                     (aligned ? " aligned" : ""));
+        const StoreLaunch l = store_launch(rows, cols, aligned);
+        EXPECT_EQ(l.vec, aligned && cols % 4 == 0 ? 4 : 1);
+        EXPECT_EQ(l.threads % 32, 0u);
+        EXPECT_LE(l.threads, 256u);
+        EXPECT_GE(l.grid_y, 1u);
+        EXPECT_LE(l.grid_y, 65535u);
+        EXPECT_LE(int64_t(l.grid_y), rows);
+        // columns: thread t of block bx starts at (bx threads + t) vec
+        const int64_t covered = int64_t(l.grid_x) * l.threads * l.vec;
+        EXPECT_GE(covered, cols);
+        EXPECT_LT(covered - cols, int64_t(l.threads) * l.vec) << "a whole block past the end";
+        // rows: blockIdx.y + j grid_y for j = 0, 1, ...: all of them, each once
+        std::vector<int> seen(rows, 0);
+        for (int64_t by = 0; by < l.grid_y; ++by)
+          for (int64_t r = by; r < rows; r += l.grid_y) ++seen[r];
+        EXPECT_EQ(std::count(seen.begin(), seen.end(), 1), rows);
+      }
+}
+
 TEST(MatmulPlan, PointerAlignmentIsTheLargestPowerOfTwoUpTo256) {
   EXPECT_EQ(pointer_alignment(0x1000), 256u);
   EXPECT_EQ(pointer_alignment(0x1080), 128u);
@@ -786,6 +813,11 @@ TEST(CudaMatmul, Bf16) {
   run_matmul_case({"bf16, fp32 out", NAT, BF, BF, F32, F32, BF, F32, F32, F32, 5, 20, 12});
   // fp32 output with a bf16 bias: no epilogue takes it; the store kernel adds it in place.
   run_matmul_case({"bf16, fp32 out, bf16 bias", NAT, BF, BF, BF, F32, BF, F32, F32, BF, 37, 48, 80});
+  // Widths not multiples of 4: the store kernel's one-element path (forward 83, dgrad 45).
+  run_matmul_case({"bf16 odd widths", NAT, BF, BF, BF, BF, BF, BF, BF, BF, 37, 45, 83});
+  run_matmul_case({"bf16 odd widths, fp32 out", NAT, BF, BF, F32, F32, BF, F32, F32, F32, 37, 45, 83});
+  // More rows than a grid's y dimension (65535): the store kernel's row loop.
+  run_matmul_case({"bf16, 70001 rows", NAT, BF, BF, BF, BF, BF, BF, F32, F32, 70001, 8, 12});
 }
 
 // matmul_gelu_forward and matmul_backward_gelu (the MLP's c_fc and its GELU, c_proj's backward
@@ -975,6 +1007,7 @@ TEST(CudaMatmul, GeluFusionsMatchTheSeparateOpsAndTheCpu) {
   run_gelu_case({"tf32 separate", TF, F32, F32, F32, 5, 20, 12});
   run_gelu_case({"bf16", NAT, BF, BF, BF, 37, 48, 80});
   run_gelu_case({"bf16, fp32 weights and grads", NAT, BF, F32, F32, 37, 44, 76});
+  run_gelu_case({"bf16 odd widths", NAT, BF, BF, BF, 29, 45, 83});
   run_gelu_case({"fp16", NAT, F16, F16, F32, 29, 20, 12});
   run_gelu_case({"fp8 hybrid, bf16", FP8, BF, BF, F32, 48, 64, 96});
 }

@@ -120,21 +120,47 @@ __global__ void widen_kernel(const T* __restrict__ x, float* __restrict__ y, int
     y[i] = load<T>(x[i]);
 }
 
-// out (rows, cols) = d (+ bias[col]), rounded to Tout and counted. d may alias out (fp32).
-// kGelu (matmul_gelu_forward): also gelu_out = gelu(out as stored), rounded and counted, which
-// is this kernel and gelu_forward_kernel in one pass.
-template <class Tout, class Tbias, bool kGelu>
+// kVec elements of T, stored with one instruction (StoreLaunch::vec).
+template <class T, int kVec>
+struct alignas(kVec * sizeof(T)) Pack {
+  T v[kVec];
+};
+
+// out (rows, cols) = d (+ bias[col]), rounded to Tout and counted (as store_counted does). d may
+// alias out (fp32: each thread reads its elements before it writes them). kGelu
+// (matmul_gelu_forward): also gelu_out = gelu(out as stored), rounded and counted, which is this
+// kernel and gelu_forward_kernel in one pass. Launched as store_launch (matmul_plan.h) says.
+template <class Tout, class Tbias, bool kGelu, int kVec>
 __global__ void store_kernel(const float* d, Tout* out, Tout* gelu_out,
                              const Tbias* __restrict__ bias, int64_t rows, int64_t cols,
                              unsigned long long* counters) {
   CastTally tally;
-  const int64_t n = rows * cols;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    float v = d[i];
-    if (bias) v = __fadd_rn(v, load<Tbias>(bias[i % cols]));
-    store_counted(out, i, v, tally);
-    if (kGelu) store_counted(gelu_out, i, gelu_value(load<Tout>(out[i])), tally);
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
+  if (c0 < cols) {  // no early return: every lane reaches the flush
+    for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+      const int64_t i = r * cols + c0;
+      float v[kVec];
+      if constexpr (kVec == 4) {
+        const float4 q = *reinterpret_cast<const float4*>(d + i);
+        v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+      } else {
+        v[0] = d[i];
+      }
+      Pack<Tout, kVec> y, gy;
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        if (bias) v[k] = __fadd_rn(v[k], load<Tbias>(bias[c0 + k]));
+        y.v[k] = store<Tout>(v[k]);
+        if (kNarrow<Tout>) tally.add(v[k], load<Tout>(y.v[k]), max_finite<Tout>());
+        if (kGelu) {
+          const float g = gelu_value(load<Tout>(y.v[k]));
+          gy.v[k] = store<Tout>(g);
+          if (kNarrow<Tout>) tally.add(g, load<Tout>(gy.v[k]), max_finite<Tout>());
+        }
+      }
+      *reinterpret_cast<Pack<Tout, kVec>*>(out + i) = y;
+      if (kGelu) *reinterpret_cast<Pack<Tout, kVec>*>(gelu_out + i) = gy;
+    }
   }
   if (kNarrow<Tout>) tally.flush(counters);
 }
@@ -249,24 +275,38 @@ const void* native_operand(Context& ctx, const GemmOperand& s, Tensor t, Scratch
   return y;
 }
 
+uintptr_t address(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data); }
+
 // out (rows, cols) = d (+ bias), counted under cls when out is narrow; with gelu_out (out's
 // dtype), also gelu_out = gelu(out) (counted under cls).
 void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t rows,
                   int64_t cols, TensorClass cls, Tensor gelu_out = Tensor()) {
   unsigned long long* counters = ctx.cast_counters(cls);
-  const unsigned grid = grid_stride_blocks(rows * cols);
+  // 4 elements per thread: 16-byte loads of d, 4-element stores of out (and gelu_out).
+  const uint32_t store_bytes = 4 * static_cast<uint32_t>(dtype_size(out.dtype));
+  const bool aligned = pointer_alignment(reinterpret_cast<uintptr_t>(d)) >= 16 &&
+                       pointer_alignment(address(out)) >= store_bytes &&
+                       (!gelu_out.defined() || pointer_alignment(address(gelu_out)) >= store_bytes);
+  const StoreLaunch sl = store_launch(rows, cols, aligned);
+  const dim3 grid(sl.grid_x, sl.grid_y);
   MPT_DISPATCH_FLOAT(out.dtype, "matmul output", [&] {
     using Tout = T;
     Tout* o = static_cast<Tout*>(out.data);
     Tout* go = static_cast<Tout*>(gelu_out.data);
     auto launch = [&](auto* b) {
       using Tbias = std::remove_const_t<std::remove_pointer_t<decltype(b)>>;
-      if (gelu_out.defined())
-        store_kernel<Tout, Tbias, true><<<grid, kBlock, 0, ctx.stream()>>>(d, o, go, b, rows,
-                                                                           cols, counters);
-      else
-        store_kernel<Tout, Tbias, false><<<grid, kBlock, 0, ctx.stream()>>>(d, o, nullptr, b,
-                                                                            rows, cols, counters);
+      auto run = [&](auto gelu, auto vec) {
+        store_kernel<Tout, Tbias, decltype(gelu)::value, decltype(vec)::value>
+            <<<grid, sl.threads, 0, ctx.stream()>>>(d, o, go, b, rows, cols, counters);
+      };
+      const bool g = gelu_out.defined();
+      if (sl.vec == 4) {
+        if (g) run(std::true_type{}, std::integral_constant<int, 4>{});
+        else run(std::false_type{}, std::integral_constant<int, 4>{});
+      } else {
+        if (g) run(std::true_type{}, std::integral_constant<int, 1>{});
+        else run(std::false_type{}, std::integral_constant<int, 1>{});
+      }
     };
     if (!bias.defined()) {
       launch(static_cast<const float*>(nullptr));
@@ -289,8 +329,6 @@ void store_dgelu_output(Context& ctx, const float* d, Tensor dinp, Tensor pre, i
   MPT_LAUNCH_CHECK(ctx, "matmul: store dgrad + gelu backward");
   if (dinp.dtype != DType::f32) ctx.add_cast_values(TensorClass::gradient, 2 * n);
 }
-
-uintptr_t address(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data); }
 
 // matmul_forward into `prod`; with `gelu_out` defined, matmul_gelu_forward (prod is its `pre`).
 void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor inp, Tensor weight, Tensor bias,

@@ -1,5 +1,6 @@
 #include "backend/cuda/matmul_plan.h"
 
+#include <algorithm>
 #include <functional>
 
 #include "core/error.h"
@@ -216,6 +217,16 @@ GeluPath gelu_backward_path(const GemmPlan& p, DType dinp, DType pre, uintptr_t 
 bool dbias_in_epilogue(const GemmPlan& wgrad) {
   return wgrad.op == MatmulOp::wgrad && !wgrad.fp8 && wgrad.compute == GemmCompute::f32 &&
          wgrad.batch == 1;
+}
+
+StoreLaunch store_launch(int64_t rows, int64_t cols, bool aligned) {
+  StoreLaunch l;
+  l.vec = aligned && cols % 4 == 0 ? 4 : 1;
+  const int64_t col_threads = std::max<int64_t>(1, (cols + l.vec - 1) / l.vec);
+  l.threads = static_cast<unsigned>(std::min<int64_t>(256, (col_threads + 31) / 32 * 32));
+  l.grid_x = static_cast<unsigned>((col_threads + l.threads - 1) / l.threads);
+  l.grid_y = static_cast<unsigned>(std::clamp<int64_t>(rows, 1, 65535));
+  return l;
 }
 
 uint32_t pointer_alignment(uintptr_t p) {

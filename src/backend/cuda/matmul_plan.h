@@ -123,6 +123,18 @@ GeluPath gelu_backward_path(const GemmPlan& p, DType dinp, DType pre, uintptr_t 
 // and where cuBLASLt has no algorithm for it, the two-pass column-sum kernels of matmul.cu.
 bool dbias_in_epilogue(const GemmPlan& wgrad);
 
+// The launch of matmul.cu's store kernel over a row-major (rows, cols) output. Each thread
+// takes `vec` consecutive columns (4: one 16-byte load of the fp32 product and one 4-element
+// store, when cols is a multiple of 4 and `aligned`, i.e. the pointers allow it; else 1) of rows
+// blockIdx.y, blockIdx.y + grid_y, ...; blocks of `threads` (a multiple of 32, at most 256)
+// along x cover the columns. The column index comes without a division: the former grid-stride
+// loop's 64-bit `i % cols` per element costs more than the element's memory traffic.
+struct StoreLaunch {
+  int vec = 1;
+  unsigned threads = 32, grid_x = 1, grid_y = 1;
+};
+StoreLaunch store_launch(int64_t rows, int64_t cols, bool aligned);
+
 // The largest power of two (at most 256) dividing the address: cuBLASLt's
 // MIN_ALIGNMENT_*_BYTES preferences default to 256 and must not exceed the real alignment.
 uint32_t pointer_alignment(uintptr_t p);
