@@ -336,13 +336,29 @@ TEST(MatmulPlan, StoreLaunchCoversEachElementOnce) {
         // columns: thread t of block bx starts at (bx threads + t) vec
         const int64_t covered = int64_t(l.grid_x) * l.threads * l.vec;
         EXPECT_GE(covered, cols);
-        EXPECT_LT(covered - cols, int64_t(l.threads) * l.vec) << "a whole block past the end";
+        EXPECT_LT(covered - cols, int64_t(l.grid_x) * 32 * l.vec) << "a whole warp per block idle";
         // rows: blockIdx.y + j grid_y for j = 0, 1, ...: all of them, each once
         std::vector<int> seen(rows, 0);
         for (int64_t by = 0; by < l.grid_y; ++by)
           for (int64_t r = by; r < rows; r += l.grid_y) ++seen[r];
         EXPECT_EQ(std::count(seen.begin(), seen.end(), 1), rows);
       }
+}
+
+TEST(MatmulPlan, StoreLaunchSpreadsColumnsEvenly) {
+  const StoreLaunch a = store_launch(16384, 2304, true);  // 576 column threads
+  EXPECT_EQ(a.grid_x, 3u);
+  EXPECT_EQ(a.threads, 192u);
+  const StoreLaunch b = store_launch(16384, 768, true);
+  EXPECT_EQ(b.grid_x, 1u);
+  EXPECT_EQ(b.threads, 192u);
+  const StoreLaunch c = store_launch(16384, 50304, true);
+  EXPECT_EQ(c.grid_x, 50u);
+  EXPECT_EQ(c.threads, 256u);
+  EXPECT_EQ(c.grid_y, 16384u);
+  const StoreLaunch d = store_launch(7, 45, true);  // not a multiple of 4: one per thread
+  EXPECT_EQ(d.vec, 1);
+  EXPECT_EQ(d.threads, 64u);
 }
 
 TEST(MatmulPlan, PointerAlignmentIsTheLargestPowerOfTwoUpTo256) {
@@ -1010,6 +1026,38 @@ TEST(CudaMatmul, GeluFusionsMatchTheSeparateOpsAndTheCpu) {
   run_gelu_case({"bf16 odd widths", NAT, BF, BF, BF, 29, 45, 83});
   run_gelu_case({"fp16", NAT, F16, F16, F32, 29, 20, 12});
   run_gelu_case({"fp8 hybrid, bf16", FP8, BF, BF, F32, 48, 64, 96});
+}
+
+// Outputs that start 2 bytes past an aligned address, widths multiples of 4: the store kernel's
+// one-element path (StoreLaunch::vec 1), with the bits of aligned outputs, fused GELU included.
+TEST(CudaMatmul, MisalignedOutputsGiveTheAlignedBits) {
+  MPT_REQUIRE_GPU();
+  CpuBackend cpu(1);
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  Rng rng(test::fresh_seed());
+  const int64_t N = 24, C = 32, OC = 40;
+  Owned x = test::randn_as(cpu, {N, C}, BF, rng), w = test::randn_as(cpu, {OC, C}, BF, rng, 0.3);
+  Owned b = test::randn_as(cpu, {OC}, BF, rng);
+  Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t);
+  const size_t bytes = size_t(N * OC) * 2;
+  Buffer buf = gpu->allocate(4 * bytes + 64);
+  auto view = [&](int k, size_t skew) { return buf.view(k * (bytes + 16) + skew, BF, {N, OC}); };
+  const Tensor pre_a = view(0, 0), out_a = view(1, 0), pre_m = view(2, 2), out_m = view(3, 2);
+  auto host = [&](const Tensor& t) {
+    std::vector<uint16_t> h(t.numel());
+    gpu->copy_to_host(h.data(), t);
+    return h;
+  };
+  gpu->matmul_forward(pre_a, gx.t, gw.t, gb.t, NAT);
+  gpu->matmul_forward(pre_m, gx.t, gw.t, gb.t, NAT);
+  EXPECT_EQ(host(pre_a), host(pre_m)) << "matmul_forward";
+  gpu->matmul_gelu_forward(out_a, pre_a, gx.t, gw.t, gb.t, NAT);
+  gpu->matmul_gelu_forward(out_m, pre_m, gx.t, gw.t, gb.t, NAT);
+  EXPECT_EQ(host(pre_a), host(pre_m)) << "matmul_gelu_forward pre";
+  EXPECT_EQ(host(out_a), host(out_m)) << "matmul_gelu_forward out";
+  int64_t zeros = 0;
+  for (uint16_t v : host(out_a)) zeros += (v & 0x7FFF) == 0;
+  EXPECT_LT(zeros, N * OC / 4);
 }
 
 TEST(CudaMatmul, Fp8Hybrid) {

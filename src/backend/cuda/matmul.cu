@@ -296,8 +296,13 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
     auto launch = [&](auto* b) {
       using Tbias = std::remove_const_t<std::remove_pointer_t<decltype(b)>>;
       auto run = [&](auto gelu, auto vec) {
-        store_kernel<Tout, Tbias, decltype(gelu)::value, decltype(vec)::value>
-            <<<grid, sl.threads, 0, ctx.stream()>>>(d, o, go, b, rows, cols, counters);
+        // The fused GELU store serves 16-bit outputs only (gelu_forward_path): no fp32 variant.
+        if constexpr (decltype(gelu)::value && !kNarrow<Tout>) {
+          throw RuntimeError("matmul: the GELU store kernel takes fp16/bf16 outputs");
+        } else {
+          store_kernel<Tout, Tbias, decltype(gelu)::value, decltype(vec)::value>
+              <<<grid, sl.threads, 0, ctx.stream()>>>(d, o, go, b, rows, cols, counters);
+        }
       };
       const bool g = gelu_out.defined();
       if (sl.vec == 4) {

@@ -223,8 +223,11 @@ StoreLaunch store_launch(int64_t rows, int64_t cols, bool aligned) {
   StoreLaunch l;
   l.vec = aligned && cols % 4 == 0 ? 4 : 1;
   const int64_t col_threads = std::max<int64_t>(1, (cols + l.vec - 1) / l.vec);
-  l.threads = static_cast<unsigned>(std::min<int64_t>(256, (col_threads + 31) / 32 * 32));
-  l.grid_x = static_cast<unsigned>((col_threads + l.threads - 1) / l.threads);
+  // As few blocks along x as 256 threads allow, the columns spread evenly over them (2304
+  // columns: 3 x 192 threads, not 256 + 256 + 64).
+  const int64_t nb = (col_threads + 255) / 256;
+  l.grid_x = static_cast<unsigned>(nb);
+  l.threads = static_cast<unsigned>(((col_threads + nb - 1) / nb + 31) / 32 * 32);
   l.grid_y = static_cast<unsigned>(std::clamp<int64_t>(rows, 1, 65535));
   return l;
 }

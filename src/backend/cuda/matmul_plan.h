@@ -126,9 +126,9 @@ bool dbias_in_epilogue(const GemmPlan& wgrad);
 // The launch of matmul.cu's store kernel over a row-major (rows, cols) output. Each thread
 // takes `vec` consecutive columns (4: one 16-byte load of the fp32 product and one 4-element
 // store, when cols is a multiple of 4 and `aligned`, i.e. the pointers allow it; else 1) of rows
-// blockIdx.y, blockIdx.y + grid_y, ...; blocks of `threads` (a multiple of 32, at most 256)
-// along x cover the columns. The column index comes without a division: the former grid-stride
-// loop's 64-bit `i % cols` per element costs more than the element's memory traffic.
+// blockIdx.y, blockIdx.y + grid_y, ...; the fewest blocks of at most 256 threads (a multiple of
+// 32) along x cover the columns, evenly. The column index comes without a division (the former
+// grid-stride loop took a 64-bit `i % cols` per element to find a bias).
 struct StoreLaunch {
   int vec = 1;
   unsigned threads = 32, grid_x = 1, grid_y = 1;
