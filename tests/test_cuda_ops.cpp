@@ -372,6 +372,16 @@ TEST_P(CudaOps, AmaxCountNonfiniteSumSquares) {
   }
 }
 
+// More chunks than one warp (32) and one block of sum_squares' kernel hold, the last partial:
+// each chunk still summed in the CPU's order, bit for bit.
+TEST_P(CudaOps, SumSquaresOverManyChunksIsTheCpusBits) {
+  MPT_REQUIRE_GPU();
+  const int64_t n = 70 * (int64_t{1} << 14) + 11;
+  Owned x = rand({n}, 3.0);
+  GpuTensor g = to_gpu(*gpu_, x.t);
+  EXPECT_EQ(gpu_->sum_squares(g.t), cpu_->sum_squares(x.t));
+}
+
 // AdamW: without a master (param in d, rounded to nearest), with a master (param in d != fp32),
 // and (bf16) with stochastic rounding: bit-identical to the CPU, lost updates equal.
 TEST_P(CudaOps, AdamW) {

@@ -63,9 +63,18 @@ __global__ void adamw_kernel(T* param, float* master, const void* grad, DType dg
     }
   }
   if (kNarrow<T>) tally.flush(counters);
-  if (count_lost) {
+  if (count_lost) {  // uniform across the grid: every thread reaches the barrier
+    // One atomic per block, not per warp: late in bf16 training most warps lose updates, and
+    // same-address atomics serialise.
+    __shared__ unsigned warp_lost[kBlock / 32];
     for (int off = 16; off > 0; off >>= 1) lost += __shfl_down_sync(0xFFFFFFFFu, lost, off);
-    if ((threadIdx.x & 31) == 0 && lost) atomicAdd(lost_counter, static_cast<unsigned long long>(lost));
+    if ((threadIdx.x & 31) == 0) warp_lost[threadIdx.x >> 5] = lost;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned long long sum = 0;
+      for (unsigned w = 0; w < blockDim.x / 32; ++w) sum += warp_lost[w];
+      if (sum) atomicAdd(lost_counter, sum);
+    }
   }
 }
 

@@ -1,6 +1,11 @@
 // Sum of squares in fp64 in the CPU backend's order, so the result is bit-identical to it:
 // chunks of kChunk elements, each summed sequentially by one thread (explicit round-to-nearest
 // fp64 arithmetic: no FMA contraction), then the chunks' sums added in order on the host.
+//
+// A thread walking its own chunk would make every warp load touch 32 cache lines 64 KB apart.
+// Instead a warp owns 32 chunks (one per lane) and goes through them 32 elements at a time: for
+// each of its chunks the warp loads those 32 consecutive elements together (one coalesced
+// access) into shared memory, and then each lane adds its own chunk's 32 in order.
 #include "backend/cuda/norm.cuh"
 
 #include "backend/cuda/cuda_common.cuh"
@@ -10,29 +15,49 @@ namespace mpt::cuda {
 namespace {
 
 constexpr int64_t kChunk = kNormChunk;  // as CpuBackend::sum_squares (workspace_plan.h)
-constexpr int kNormBlock = 128;
+constexpr int kNormBlock = 64;          // 2 warps: blocks spread over the SMs
+constexpr int kNormWarps = kNormBlock / 32;
 
+// Every float dtype's values are fp32 values (exactly).
 template <class S>
-__device__ __forceinline__ double widen_f64(S x) { return to_float(x); }
+__device__ __forceinline__ float widen_f32(S x) { return to_float(x); }
 template <>
-__device__ __forceinline__ double widen_f64<float>(float x) { return x; }
+__device__ __forceinline__ float widen_f32<float>(float x) { return x; }
 
 template <class S>
-__global__ void sum_squares_kernel(const S* x, int64_t n, int64_t nchunks, double* partial) {
-  const int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (c >= nchunks) return;
-  const int64_t i0 = c * kChunk, i1 = min(n, i0 + kChunk);
+__global__ void __launch_bounds__(kNormBlock)
+    sum_squares_kernel(const S* __restrict__ x, int64_t n, int64_t nchunks,
+                       double* __restrict__ partial) {
+  __shared__ float tile[kNormWarps][32][33];  // [chunk of the warp][element]; padded: no conflicts
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t first = (int64_t{blockIdx.x} * kNormWarps + warp) * 32;  // the warp's chunk 0
+  const int64_t mine = first + lane;                                       // this lane's chunk
+  float(*t)[33] = tile[warp];
   double s = 0.0;
-  for (int64_t i = i0; i < i1; ++i) {
-    const double v = widen_f64<S>(x[i]);
-    s = __dadd_rn(s, __dmul_rn(v, v));
+  for (int64_t off = 0; off < kChunk && first * kChunk + off < n; off += 32) {  // warp-uniform
+#pragma unroll 4
+    for (int j = 0; j < 32; ++j) {
+      const int64_t c = first + j, i = c * kChunk + off + lane;
+      t[j][lane] = c < nchunks && i < n ? widen_f32<S>(x[i]) : 0.0f;
+    }
+    __syncwarp();
+    if (mine < nchunks) {
+      const int64_t left = n - (mine * kChunk + off);  // elements of this chunk from here on
+      const int m = left < 32 ? static_cast<int>(left < 0 ? 0 : left) : 32;
+      for (int k = 0; k < m; ++k) {
+        const double v = t[lane][k];
+        s = __dadd_rn(s, __dmul_rn(v, v));
+      }
+    }
+    __syncwarp();  // before the next tile overwrites t
   }
-  partial[c] = s;
+  if (mine < nchunks) partial[mine] = s;
 }
 
 template <class S>
 void launch(Context& ctx, const Tensor& t, int64_t n, int64_t nchunks, double* partial) {
-  sum_squares_kernel<S><<<blocks_for(nchunks, kNormBlock), kNormBlock, 0, ctx.stream()>>>(
+  const int64_t warps = (nchunks + 31) / 32;
+  sum_squares_kernel<S><<<blocks_for(warps, kNormWarps), kNormBlock, 0, ctx.stream()>>>(
       static_cast<const S*>(t.data), n, nchunks, partial);
 }
 
