@@ -178,7 +178,7 @@ class CudaOps : public ::testing::TestWithParam<DType> {
     return randn_as(*cpu_, s, d(), rng_, scale, mean);
   }
 
-  void layernorm_case(DType wd);
+  void layernorm_case(DType wd, int64_t B = 2, int64_t T = 37, int64_t C = 67);
 
   std::unique_ptr<Backend> gpu_, cpu_;
   Rng rng_;
@@ -276,8 +276,8 @@ TEST_P(CudaOps, EmbeddingRejectsBadTokenIds) {
 
 // wd: the dtype of the weight, bias and their gradients (the activations' d(), or fp32 as the
 // mixed policies keep them).
-void CudaOps::layernorm_case(DType wd) {
-  const int64_t B = 2, T = 37, C = 67, N = B * T;
+void CudaOps::layernorm_case(DType wd, int64_t B, int64_t T, int64_t C) {
+  const int64_t N = B * T;
   Owned x = rand({B, T, C}, 1.5, 0.3);
   Owned w = randn_as(*cpu_, {C}, wd, rng_, 0.5, 1.0), b = randn_as(*cpu_, {C}, wd, rng_, 0.2);
   Owned out = make(*cpu_, {B, T, C}, d());
@@ -313,6 +313,12 @@ void CudaOps::layernorm_case(DType wd) {
 TEST_P(CudaOps, LayerNormForwardAndBackward) {
   MPT_REQUIRE_GPU();
   layernorm_case(d());
+}
+
+// More row chunks (32 rows each) than the column sums' 16 lanes, and columns over two blocks.
+TEST_P(CudaOps, LayerNormBackwardOverManyRowChunks) {
+  MPT_REQUIRE_GPU();
+  layernorm_case(d(), 4, 301, 45);
 }
 
 TEST_P(CudaOps, LayerNormWithFp32WeightsAndNarrowActivations) {
