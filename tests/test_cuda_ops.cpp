@@ -43,10 +43,12 @@ struct GpuTensor {
 
 // Uploads host tensor h (CPU backend memory) into guards; `write_only`: the interior starts as
 // NaN bytes instead of h's values (for outputs the op overwrites).
-GpuTensor to_gpu(Backend& gpu, const Tensor& h, bool write_only = false) {
+// guard_bytes: 0 for kGuard elements (an odd count: the tensor starts misaligned for any
+// vector access), or a multiple of 16 to start it aligned.
+GpuTensor to_gpu(Backend& gpu, const Tensor& h, bool write_only = false, size_t guard_bytes = 0) {
   GpuTensor g;
   const size_t nb = h.bytes();
-  g.guard_bytes = static_cast<size_t>(kGuard) * dtype_size(h.dtype);
+  g.guard_bytes = guard_bytes ? guard_bytes : static_cast<size_t>(kGuard) * dtype_size(h.dtype);
   const size_t total = nb + 2 * g.guard_bytes;
   g.buf = gpu.allocate(total);
   g.whole = g.buf.view(0, DType::e4m3, {static_cast<int64_t>(total)});
@@ -327,21 +329,26 @@ TEST_P(CudaOps, LayerNormWithFp32WeightsAndNarrowActivations) {
   layernorm_case(DType::f32);
 }
 
+// Rows of 107 (misaligned: one element at a time) and of 112 starting on 16-byte boundaries
+// (16-byte accesses, the last one past the vocabulary's 101).
 TEST_P(CudaOps, CrossEntropy) {
   MPT_REQUIRE_GPU();
-  const int64_t N = 37, V = 101, Vp = 107;
+  const int64_t N = 37, V = 101;
   Owned targets = random_ids(*cpu_, {N}, V, rng_);
   targets.i()[0] = static_cast<int32_t>(V - 1);
+  for (int64_t Vp : {int64_t{107}, int64_t{112}})
   for (float dloss : {0.0f, 1.0f / static_cast<float>(N)}) {
     Owned logits = rand({N, Vp}, 3.0), losses = make(*cpu_, {N});
-    GpuTensor glogits = to_gpu(*gpu_, logits.t), glosses = to_gpu(*gpu_, losses.t, true);
+    GpuTensor glogits = to_gpu(*gpu_, logits.t, false, Vp % 8 == 0 ? 256 : 0);
+    GpuTensor glosses = to_gpu(*gpu_, losses.t, true);
     GpuTensor gtargets = to_gpu(*gpu_, targets.t);
     const std::vector<uint32_t> before = bits_of(logits.t);
     reset_counts();
     cpu_->crossentropy_forward_backward(losses.t, logits.t, targets.t, static_cast<int>(V), dloss);
     gpu_->crossentropy_forward_backward(glosses.t, glogits.t, gtargets.t, static_cast<int>(V),
                                         dloss);
-    const std::string what = dloss == 0.0f ? "crossentropy (no grad)" : "crossentropy";
+    const std::string what = std::string(dloss == 0.0f ? "crossentropy (no grad)" : "crossentropy") +
+                             ", Vp " + std::to_string(Vp);
     expect_close(what + " losses", fetch(*gpu_, glosses, what + " losses"), widened(losses.t),
                  DType::f32, 1e-5);
     if (dloss == 0.0f)

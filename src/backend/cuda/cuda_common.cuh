@@ -41,6 +41,13 @@ __device__ __forceinline__ __half store<__half>(float x) { return __float2half_r
 template <>
 __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// kVec elements of T moved with one load or store instruction (the address aligned to the
+// pack's size).
+template <class T, int kVec>
+struct alignas(kVec * sizeof(T)) Pack {
+  T v[kVec];
+};
+
 // Largest finite value of a storage type, as the cast statistics define overflow.
 template <class T>
 __device__ __forceinline__ float max_finite();

@@ -120,12 +120,6 @@ __global__ void widen_kernel(const T* __restrict__ x, float* __restrict__ y, int
     y[i] = load<T>(x[i]);
 }
 
-// kVec elements of T, stored with one instruction (StoreLaunch::vec).
-template <class T, int kVec>
-struct alignas(kVec * sizeof(T)) Pack {
-  T v[kVec];
-};
-
 // out (rows, cols) = d (+ bias[col]), rounded to Tout and counted (as store_counted does). d may
 // alias out (fp32: each thread reads its elements before it writes them). kGelu
 // (matmul_gelu_forward): also gelu_out = gelu(out as stored), rounded and counted, which is this
