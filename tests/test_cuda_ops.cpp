@@ -360,6 +360,43 @@ TEST_P(CudaOps, CrossEntropy) {
   }
 }
 
+// Rows longer than a block's pass (512 threads x up to 8 elements), so that the loops stride and
+// running maxima get rescaled, aligned (5008) and not (5003); and rows holding a NaN, a +inf,
+// some -inf and only -inf, whose losses and gradients must be NaN, inf or finite as the CPU's.
+TEST_P(CudaOps, CrossEntropyLongAndNonFiniteRows) {
+  MPT_REQUIRE_GPU();
+  const int64_t N = 6, V = 5001;
+  Owned targets = random_ids(*cpu_, {N}, V, rng_);
+  for (int64_t Vp : {int64_t{5003}, int64_t{5008}})
+    for (float dloss : {0.0f, 1.0f / static_cast<float>(N)}) {
+      // sigma 1: the smallest gradients (~3e-7) stay 10x above fp16's underflow, so that the
+      // two backends' few-ulp differences cannot flip a count
+      Owned logits = rand({N, Vp}, 1.0), losses = make(*cpu_, {N});
+      // row 0 and 5 finite; 1: a NaN; 2: a +inf; 3: some -inf (not the target's); 4: all -inf
+      store_rounded(logits.t, 1 * Vp + 4321, NAN);
+      store_rounded(logits.t, 2 * Vp + 17, INFINITY);
+      for (int64_t i = 0; i < V; i += 7)
+        if (i != targets.i()[3]) store_rounded(logits.t, 3 * Vp + i, -INFINITY);
+      for (int64_t i = 0; i < Vp; ++i) store_rounded(logits.t, 4 * Vp + i, -INFINITY);
+      GpuTensor glogits = to_gpu(*gpu_, logits.t, false, Vp % 8 == 0 ? 256 : 0);
+      GpuTensor glosses = to_gpu(*gpu_, losses.t, true), gtargets = to_gpu(*gpu_, targets.t);
+      reset_counts();
+      cpu_->crossentropy_forward_backward(losses.t, logits.t, targets.t, static_cast<int>(V), dloss);
+      gpu_->crossentropy_forward_backward(glosses.t, glogits.t, gtargets.t, static_cast<int>(V),
+                                          dloss);
+      const std::string what = "crossentropy, Vp " + std::to_string(Vp) + (dloss == 0 ? ", no grad" : "");
+      const std::vector<float> lc = widened(losses.t);
+      EXPECT_TRUE(std::isfinite(lc[0]) && std::isfinite(lc[3]) && std::isfinite(lc[5]));
+      EXPECT_TRUE(std::isnan(lc[1]) && std::isnan(lc[2]) && std::isnan(lc[4]));
+      // expect_close: NaN only where the CPU has NaN, inf only where it has the same inf
+      expect_close(what + " losses", fetch(*gpu_, glosses, what + " losses"), lc, DType::f32, 1e-5);
+      if (dloss != 0.0f)
+        expect_close(what + " dlogits", fetch(*gpu_, glogits, what + " dlogits"),
+                     widened(logits.t), d(), 1e-5);
+      expect_same_counts(*gpu_, *cpu_, what);
+    }
+}
+
 TEST_P(CudaOps, AmaxCountNonfiniteSumSquares) {
   MPT_REQUIRE_GPU();
   // More than one of sum_squares' 2^14-element chunks and of the reductions' blocks.
