@@ -341,6 +341,33 @@ TEST_F(CpuOps, Gelu) {
   }, rng, 48, 1e-3, 1e-3, 1e-2);
 }
 
+// A row's loss and gradients are NaN when the row holds a NaN or a +inf or is all -inf, and
+// finite when some of it is -inf (those columns get probability 0): what the CUDA classifier
+// must reproduce (CudaOps.CrossEntropyLongAndNonFiniteRows) and the trainer's skip relies on.
+TEST_F(CpuOps, CrossEntropyOfNonFiniteRows) {
+  const int64_t N = 4, V = 30, Vp = 32;
+  Owned logits = randn(be, {N, Vp}, rng), tgt = make(be, {N}, DType::i32), losses = make(be, {N});
+  for (int64_t n = 0; n < N; ++n) tgt.i()[n] = 3;
+  logits.f()[0 * Vp + 7] = NAN;
+  logits.f()[1 * Vp + 9] = INFINITY;
+  for (int64_t i = 0; i < V; i += 4) logits.f()[2 * Vp + i + 1] = -INFINITY;  // not column 3
+  for (int64_t i = 0; i < Vp; ++i) logits.f()[3 * Vp + i] = -INFINITY;
+  be.crossentropy_forward_backward(losses.t, logits.t, tgt.t, V, 0.25f);
+  EXPECT_TRUE(std::isnan(losses.f()[0]));
+  EXPECT_TRUE(std::isnan(losses.f()[1]));
+  EXPECT_TRUE(std::isfinite(losses.f()[2]));
+  EXPECT_TRUE(std::isnan(losses.f()[3]));
+  for (int64_t i = 0; i < V; ++i) {
+    const float g = logits.f()[2 * Vp + i];
+    EXPECT_TRUE(std::isfinite(g)) << i;
+    if (i % 4 == 1) {
+      EXPECT_EQ(g, 0.0f) << "a -inf logit has probability 0";
+    }
+  }
+  for (int64_t n : {0, 1, 3})
+    for (int64_t i = 0; i < V; ++i) EXPECT_TRUE(std::isnan(logits.f()[n * Vp + i])) << n << " " << i;
+}
+
 TEST_F(CpuOps, Residual) {
   Owned a = randn(be, {3, 41}, rng), b = randn(be, {3, 41}, rng), out = make(be, {3, 41});
   be.residual_forward(out.t, a.t, b.t);
