@@ -1028,6 +1028,60 @@ TEST(CudaMatmul, GeluFusionsMatchTheSeparateOpsAndTheCpu) {
   run_gelu_case({"fp8 hybrid, bf16", FP8, BF, BF, F32, 48, 64, 96});
 }
 
+// matmul_residual_forward: the residual add joins the store kernel for 16-bit outputs and
+// follows the GEMM otherwise. The same bits as matmul_forward then residual_forward on the GPU,
+// the CPU's values within the GEMM's tolerance, the CPU's counts, the residual left alone.
+void run_residual_case(const char* name, MatmulPrecision prec, DType act, DType weight,
+                       int64_t N, int64_t C, int64_t OC) {
+  SCOPED_TRACE(name);
+  Rng rng(test::fresh_seed());
+  CpuBackend cpu(2);
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  Context& ctx = dynamic_cast<CudaBackend&>(*gpu).context();
+  Owned x = test::randn_as(cpu, {N, C}, act, rng), w = test::randn_as(cpu, {OC, C}, weight, rng, 0.3);
+  Owned b = test::randn_as(cpu, {OC}, weight, rng), stream = test::randn_as(cpu, {N, OC}, act, rng, 2.0);
+  Owned sum = test::randn_as(cpu, {N, OC}, act, rng);  // stale: out writes
+  Owned y = test::make(cpu, {N, OC}, act);
+  MatmulSpec spec(prec);
+  if (prec == MatmulPrecision::fp8) {
+    spec.inp = {DType::e4m3, 1.1f * 448.0f / cpu.amax(x.t), nullptr};
+    spec.weight = {DType::e4m3, 0.8f * 448.0f / cpu.amax(w.t), nullptr};
+  }
+  Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t),
+      gstream = to_gpu(*gpu, stream.t), gsum = to_gpu(*gpu, sum.t), gy = to_gpu(*gpu, y.t),
+      gsum2 = to_gpu(*gpu, sum.t);
+  cpu.matmul_forward(y.t, x.t, w.t, b.t, spec);  // y: for the tolerance
+  cpu.reset_cast_counts();
+  gpu->reset_cast_counts();
+  cpu.matmul_residual_forward(sum.t, stream.t, x.t, w.t, b.t, spec);
+  ctx.start_profile();
+  gpu->matmul_residual_forward(gsum.t, gstream.t, gx.t, gw.t, gb.t, spec);
+  bool fused = false;
+  for (const OpTime& o : ctx.stop_profile().sorted()) fused |= o.op == "matmul: store output + residual";
+  EXPECT_EQ(fused, act != DType::f32) << "the add joins the 16-bit store";
+  expect_same_counts(*gpu, cpu, "matmul_residual_forward");
+  const std::vector<float> xv = test::widened(x.t), wv = test::widened(w.t), bv = test::widened(b.t),
+                           yv = test::widened(y.t);
+  const double eps = act == DType::f32 ? 0.0 : dtype_traits(act).epsilon;
+  std::vector<double> tol = forward_tol(xv, wv, bv, N, C, OC, product_tol(prec, N, C, OC));
+  for (int64_t i = 0; i < N * OC; ++i) tol[i] += eps * std::fabs(yv[i]);  // y's rounding
+  const std::vector<float> got = from_gpu(*gpu, gsum, "sum");
+  expect_close("sum", got, test::widened(sum.t), tol, act);
+  gpu->matmul_forward(gy.t, gx.t, gw.t, gb.t, spec);
+  gpu->residual_forward(gsum2.t, gstream.t, gy.t);
+  EXPECT_EQ(got, from_gpu(*gpu, gsum2, "separate sum"));
+  EXPECT_EQ(from_gpu(*gpu, gstream, "residual"), test::widened(stream.t));
+}
+
+TEST(CudaMatmul, ResidualFusionMatchesTheSeparateOps) {
+  MPT_REQUIRE_GPU();
+  run_residual_case("bf16", NAT, BF, BF, 37, 48, 80);
+  run_residual_case("bf16 odd widths", NAT, BF, BF, 29, 45, 83);
+  run_residual_case("fp16, fp32 weights", NAT, F16, F32, 37, 44, 76);
+  run_residual_case("fp32", NAT, F32, F32, 37, 48, 80);
+  run_residual_case("fp8 hybrid", FP8, BF, BF, 48, 64, 96);
+}
+
 // Outputs that start 2 bytes past an aligned address, widths multiples of 4: the store kernel's
 // one-element path (StoreLaunch::vec 1), with the bits of aligned outputs, fused GELU included.
 TEST(CudaMatmul, MisalignedOutputsGiveTheAlignedBits) {

@@ -636,11 +636,11 @@ TEST_F(PrecisionOps, Gelu) {
   }
 }
 
-// matmul_gelu_forward and matmul_backward_gelu are the two ops they fuse (backend.h), bit for
-// bit and count for count, under every policy, fp32 and fp8 GEMMs; the backward's GELU runs in
-// place on the CPU (the rounded product never has a tensor of its own), which must change
-// nothing either.
-TEST_F(PrecisionOps, MatmulGeluOpsAreTheMatmulAndTheGelu) {
+// matmul_gelu_forward, matmul_backward_gelu and matmul_residual_forward are the two ops each
+// fuses (backend.h), bit for bit and count for count, under every policy, fp32 and fp8 GEMMs;
+// the backward's GELU and the residual add run in place on the CPU (the rounded product never
+// has a tensor of its own), which must change nothing either.
+TEST_F(PrecisionOps, FusedMatmulOpsAreTheOpsTheyFuse) {
   const int64_t N = 13, C = 37, OC = 44;
   auto same_bits = [](const std::string& what, const Owned& a, const Owned& b) {
     ASSERT_EQ(a.t.bytes(), b.t.bytes());
@@ -689,6 +689,19 @@ TEST_F(PrecisionOps, MatmulGeluOpsAreTheMatmulAndTheGelu) {
       for (float v : test::widened(out.t)) zeros += v == 0.0f;
       EXPECT_LT(zeros, out.n() / 4) << "GELU of random products is mostly non-zero";
 
+      // The residual stream plus the layer's output.
+      Owned stream = randn_as(be, {N, OC}, pol.act, rng, 2.0);
+      Owned sum = randn_as(be, {N, OC}, pol.act, rng), y = make(be, {N, OC}, pol.act);
+      Owned sum2 = make(be, {N, OC}, pol.act);
+      be.reset_cast_counts();
+      be.matmul_residual_forward(sum.t, stream.t, x.t, w.t, bias.t, spec);
+      const auto fused_r = counts_now(be);
+      be.reset_cast_counts();
+      be.matmul_forward(y.t, x.t, w.t, bias.t, spec);
+      be.residual_forward(sum2.t, stream.t, y.t);
+      expect_same(fused_r, counts_now(be));
+      same_bits("residual sum", sum, sum2);
+
       // Backward: dweight, dbias accumulate onto the same starting values; dinp starts stale.
       Owned dout = randn_as(be, {N, OC}, pol.act, rng, 0.5);
       Owned dw = randn_as(be, {OC, C}, pol.grad, rng), db = randn_as(be, {OC}, pol.grad, rng);
@@ -724,6 +737,15 @@ TEST_F(PrecisionOps, MatmulGeluOpsAreTheMatmulAndTheGelu) {
   EXPECT_THROW(be.matmul_backward_gelu(x.t, dw.t, Tensor(), y.t, x.t, w.t, x.t,
                                        MatmulPrecision::native),
                RuntimeError);
+  Owned r = randn(be, {N, OC}, rng);
+  EXPECT_THROW(be.matmul_residual_forward(r.t, r.t, x.t, w.t, Tensor(), MatmulPrecision::native),
+               RuntimeError)
+      << "out over the residual it still has to read";
+  Owned sq = randn(be, {N, N}, rng), wsq = randn(be, {N, N}, rng), rsq = randn(be, {N, N}, rng);
+  EXPECT_THROW(be.matmul_residual_forward(sq.t, rsq.t, sq.t, wsq.t, Tensor(),
+                                          MatmulPrecision::native),
+               RuntimeError)
+      << "out over the input it still has to read";
 }
 
 TEST_F(PrecisionOps, Residual) {

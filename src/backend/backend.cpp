@@ -28,8 +28,8 @@ bool overlap(const Tensor& a, const Tensor& b) {
 
 }  // namespace
 
-void check_gelu_fusion_args(const char* op, const char* a_name, const Tensor& a,
-                            const char* b_name, const Tensor& b) {
+void check_disjoint_args(const char* op, const char* a_name, const Tensor& a,
+                         const char* b_name, const Tensor& b) {
   if (!a.defined() || !b.defined())
     throw RuntimeError(std::string(op) + ": arguments '" + a_name + "' and '" + b_name +
                        "' are required");
@@ -40,15 +40,23 @@ void check_gelu_fusion_args(const char* op, const char* a_name, const Tensor& a,
 
 void Backend::matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Tensor weight, Tensor bias,
                                   const MatmulSpec& spec) {
-  check_gelu_fusion_args("matmul_gelu_forward", "out", out, "pre", pre);
+  check_disjoint_args("matmul_gelu_forward", "out", out, "pre", pre);
   matmul_forward(pre, inp, weight, bias, spec);
   gelu_forward(out, pre);
+}
+
+void Backend::matmul_residual_forward(Tensor out, Tensor residual, Tensor inp, Tensor weight,
+                                      Tensor bias, const MatmulSpec& spec) {
+  check_disjoint_args("matmul_residual_forward", "out", out, "residual", residual);
+  check_disjoint_args("matmul_residual_forward", "out", out, "inp", inp);
+  matmul_forward(out, inp, weight, bias, spec);
+  residual_forward(out, residual, out);
 }
 
 void Backend::matmul_backward_gelu(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                                    Tensor inp, Tensor weight, Tensor gelu_pre,
                                    const MatmulSpec& spec) {
-  check_gelu_fusion_args("matmul_backward_gelu", "dinp", dinp, "gelu_pre", gelu_pre);
+  check_disjoint_args("matmul_backward_gelu", "dinp", dinp, "gelu_pre", gelu_pre);
   matmul_backward(dinp, dweight, dbias, dout, inp, weight, spec);
   gelu_backward(dinp, gelu_pre, dinp);
 }

@@ -211,6 +211,13 @@ class Backend {
   // order) may differ from matmul_forward's.
   virtual void matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Tensor weight, Tensor bias,
                                    const MatmulSpec& spec);
+  // A linear layer whose output joins the residual stream, as one op (a backend may fuse the add
+  // into the kernel that stores the product): out writes residual_forward(out, residual, y),
+  // where y is what matmul_forward(y, inp, weight, bias, spec) writes in out's dtype (counted as
+  // it counts). No tensor holds y: the default runs matmul_forward into out and the residual add
+  // in place. out must not overlap residual or inp.
+  virtual void matmul_residual_forward(Tensor out, Tensor residual, Tensor inp, Tensor weight,
+                                       Tensor bias, const MatmulSpec& spec);
   // matmul_backward whose input gradient then passes through GELU's backward: dweight and dbias
   // as matmul_backward; dinp writes gelu_backward(dinp, gelu_pre, g) where g = dout . weight
   // rounded to dinp's dtype (counted as matmul_backward counts it); gelu_pre is the GELU's input
@@ -249,7 +256,7 @@ class Backend {
   virtual void gelu_forward(Tensor out, Tensor inp) = 0;
   virtual void gelu_backward(Tensor dinp, Tensor inp, Tensor dout) = 0;
 
-  // out writes = a + b (same shapes).
+  // out writes = a + b (same shapes). Element-wise: out may be a or b (in place).
   virtual void residual_forward(Tensor out, Tensor a, Tensor b) = 0;
 
   // Fused classifier over logits (N,Vp) of which the first `vocab_size` columns are real:
@@ -277,10 +284,12 @@ class Backend {
   virtual void collect_stats() {}
 };
 
-// The checks every implementation of the two GELU-fused ops makes of its pair of outputs (out,
-// pre) or of dinp and gelu_pre: both defined, not overlapping. Throws RuntimeError naming them.
-void check_gelu_fusion_args(const char* op, const char* a_name, const Tensor& a,
-                            const char* b_name, const Tensor& b);
+// The checks every implementation of the fused ops makes of the pairs of arguments that must
+// not overlap (matmul_gelu_forward's out and pre, matmul_backward_gelu's dinp and gelu_pre,
+// matmul_residual_forward's out and residual or inp): both defined, disjoint. Throws
+// RuntimeError naming them.
+void check_disjoint_args(const char* op, const char* a_name, const Tensor& a,
+                         const char* b_name, const Tensor& b);
 
 // Creates the backend named in the config: "cpu", "cuda" or "auto" (CUDA when this build has it
 // and a device is present, else CPU). `threads` = 0 means all available cores. Throws

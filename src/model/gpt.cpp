@@ -172,14 +172,12 @@ void Gpt::activation_layout(const ModelConfig& cfg, DType act, int B, int T, Gpt
     want(in(&LayerActs::qkv), act, Shape{b, t, 3 * C});
     want(in(&LayerActs::atty), act, Shape{b, t, C});
     want(in(&LayerActs::att_lse), DType::f32, Shape{b, NH, t});  // softmax log-sum-exp: fp32
-    want(in(&LayerActs::attproj), act, Shape{b, t, C});
     want(in(&LayerActs::residual2), act, Shape{b, t, C});
     want(in(&LayerActs::ln2), act, Shape{b, t, C});
     want(in(&LayerActs::ln2_mean), DType::f32, Shape{b, t});
     want(in(&LayerActs::ln2_rstd), DType::f32, Shape{b, t});
     want(in(&LayerActs::fch), act, Shape{b, t, 4 * C});
     want(in(&LayerActs::fch_gelu), act, Shape{b, t, 4 * C});
-    want(in(&LayerActs::fcproj), act, Shape{b, t, C});
     want(in(&LayerActs::residual3), act, Shape{b, t, C});
   }
   want(at(&Gpt::lnf_), act, Shape{b, t, C});
@@ -475,18 +473,23 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
   recording_ = dloss != 0.0f;  // evaluation passes do not feed the fp8 amax histories
 
   // One linear layer: its GEMM spec (fp8 scales, amaxes recorded when training), the matmul;
-  // with `gelu_out`, followed by GELU as one op (matmul_gelu_forward, which a backend may fuse).
+  // with `gelu_out`, followed by GELU as one op (matmul_gelu_forward); with `residual`, out is
+  // residual + the layer's output, as one op (matmul_residual_forward, `name` naming the sum).
+  // A backend may fuse either.
   auto linear = [&](int layer, int gemm, const char* name, Tensor out, Tensor inp, size_t w,
-                    Tensor bias, Tensor gelu_out) {
+                    Tensor bias, Tensor gelu_out, Tensor residual) {
     const MatmulSpec spec = gemm_spec(gemm, inp, param(w), Tensor());
-    if (!gelu_out.defined()) {
+    if (gelu_out.defined()) {
+      be_.matmul_gelu_forward(gelu_out, out, inp, param(w), bias, spec);
+      check(layer, "matmul_gelu_forward", name, out, false);
+      check(layer, "matmul_gelu_forward", "gelu", gelu_out, false);
+    } else if (residual.defined()) {
+      be_.matmul_residual_forward(out, residual, inp, param(w), bias, spec);
+      check(layer, "matmul_residual_forward", name, out, false);
+    } else {
       be_.matmul_forward(out, inp, param(w), bias, spec);
       check(layer, "matmul_forward", name, out, false);
-      return;
     }
-    be_.matmul_gelu_forward(gelu_out, out, inp, param(w), bias, spec);
-    check(layer, "matmul_gelu_forward", name, out, false);
-    check(layer, "matmul_gelu_forward", "gelu", gelu_out, false);
   };
 
   be_.embedding_forward(encoded_, tokens_, param(wte_), param(wpe_));  // (B,T,C)
@@ -498,24 +501,24 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
     const auto& gm = layer_gemms_[l];
     be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, residual, param(w.ln1w), param(w.ln1b));
     check(l, "layernorm_forward", "ln_1", a.ln1, false);
-    linear(l, gm[0], "attn.c_attn", a.qkv, a.ln1, w.qkvw, param(w.qkvb), Tensor());  // (B,T,3C)
+    linear(l, gm[0], "attn.c_attn", a.qkv, a.ln1, w.qkvw, param(w.qkvb), Tensor(), Tensor());
     be_.attention_forward(a.atty, a.att_lse, a.qkv, NH_, policy_.unquantised_matmul());  // (B,T,C)
     check(l, "attention_forward", "attn", a.atty, false);
-    linear(l, gm[1], "attn.c_proj", a.attproj, a.atty, w.attprojw, param(w.attprojb), Tensor());
-    be_.residual_forward(a.residual2, residual, a.attproj);
-    check(l, "residual_forward", "residual2", a.residual2, false);
+    // attn.c_proj, added to the residual stream
+    linear(l, gm[1], "residual2", a.residual2, a.atty, w.attprojw, param(w.attprojb), Tensor(),
+           residual);
     be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, param(w.ln2w),
                           param(w.ln2b));
     check(l, "layernorm_forward", "ln_2", a.ln2, false);
-    linear(l, gm[2], "mlp.c_fc", a.fch, a.ln2, w.fcw, param(w.fcb), a.fch_gelu);  // (B,T,4C) x2
-    linear(l, gm[3], "mlp.c_proj", a.fcproj, a.fch_gelu, w.fcprojw, param(w.fcprojb), Tensor());
-    be_.residual_forward(a.residual3, a.residual2, a.fcproj);
-    check(l, "residual_forward", "residual3", a.residual3, false);
+    linear(l, gm[2], "mlp.c_fc", a.fch, a.ln2, w.fcw, param(w.fcb), a.fch_gelu, Tensor());
+    // mlp.c_proj, added to the residual stream
+    linear(l, gm[3], "residual3", a.residual3, a.fch_gelu, w.fcprojw, param(w.fcprojb), Tensor(),
+           a.residual2);
     residual = a.residual3;
   }
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, residual, param(lnfw_), param(lnfb_));
   check(-1, "layernorm_forward", "ln_f", lnf_, false);
-  linear(-1, head_gemm_, "lm_head", logits_, lnf_, wte_, Tensor(), Tensor());  // tied: (B,T,Vp)
+  linear(-1, head_gemm_, "lm_head", logits_, lnf_, wte_, Tensor(), Tensor(), Tensor());  // tied
   be_.crossentropy_forward_backward(losses_, logits_, targets_, V_, dloss);
   check(-1, "crossentropy_forward_backward", "losses", losses_, false);
   if (dloss != 0.0f) check(-1, "crossentropy_forward_backward", "dlogits", logits_, true);

@@ -157,9 +157,11 @@ class Gpt {
   struct Layer {
     size_t ln1w, ln1b, qkvw, qkvb, attprojw, attprojb, ln2w, ln2b, fcw, fcb, fcprojw, fcprojb;
   };
+  // The projections' outputs have no tensors of their own: they go straight into the residual
+  // stream (matmul_residual_forward).
   struct LayerActs {
-    Tensor ln1, ln1_mean, ln1_rstd, qkv, atty, att_lse, attproj, residual2, ln2, ln2_mean, ln2_rstd,
-        fch, fch_gelu, fcproj, residual3;
+    Tensor ln1, ln1_mean, ln1_rstd, qkv, atty, att_lse, residual2, ln2, ln2_mean, ln2_rstd, fch,
+        fch_gelu, residual3;
   };
   // The activation arena of (B, T): calls want(target, dtype, shape) for each tensor in order.
   // `self` null: only the dtypes and shapes matter (plan_memory).

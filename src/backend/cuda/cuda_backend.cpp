@@ -129,6 +129,10 @@ void CudaBackend::matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Tensor
                                       Tensor bias, const MatmulSpec& spec) {
   cuda::matmul_gelu_forward(*ctx_, out, pre, inp, weight, bias, spec);
 }
+void CudaBackend::matmul_residual_forward(Tensor out, Tensor residual, Tensor inp, Tensor weight,
+                                          Tensor bias, const MatmulSpec& spec) {
+  cuda::matmul_residual_forward(*ctx_, out, residual, inp, weight, bias, spec);
+}
 void CudaBackend::matmul_backward_gelu(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                                        Tensor inp, Tensor weight, Tensor gelu_pre,
                                        const MatmulSpec& spec) {

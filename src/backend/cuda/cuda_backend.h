@@ -59,6 +59,8 @@ class CudaBackend : public Backend {
                            const MatmulSpec& spec) override;
   void matmul_backward_gelu(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
                             Tensor weight, Tensor gelu_pre, const MatmulSpec& spec) override;
+  void matmul_residual_forward(Tensor out, Tensor residual, Tensor inp, Tensor weight,
+                               Tensor bias, const MatmulSpec& spec) override;
   void attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head,
                          MatmulPrecision prec) override;
   void attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tensor lse, int n_head,

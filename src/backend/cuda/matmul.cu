@@ -45,6 +45,7 @@
 #include "backend/cuda/gelu.cuh"
 #include "backend/cuda/gelu_math.cuh"
 #include "backend/cuda/gemm.h"
+#include "backend/cuda/residual.cuh"
 #include "backend/cuda/matmul.cuh"
 #include "backend/cuda/matmul_plan.h"
 
@@ -120,12 +121,19 @@ __global__ void widen_kernel(const T* __restrict__ x, float* __restrict__ y, int
     y[i] = load<T>(x[i]);
 }
 
-// out (rows, cols) = d (+ bias[col]), rounded to Tout and counted (as store_counted does). d may
-// alias out (fp32: each thread reads its elements before it writes them). kGelu
-// (matmul_gelu_forward): also gelu_out = gelu(out as stored), rounded and counted, which is this
-// kernel and gelu_forward_kernel in one pass. Launched as store_launch (matmul_plan.h) says.
-template <class Tout, class Tbias, bool kGelu, int kVec>
-__global__ void store_kernel(const float* d, Tout* out, Tout* gelu_out,
+// What the store kernel does besides rounding the product (each a 16-bit output's fusion of
+// the op that follows the matmul, with that op's expressions on the rounded product):
+//   kPlain     out = y
+//   kGelu      out = y, gelu_out = gelu(y)               (matmul_gelu_forward)
+//   kResidual  out = residual + y, y itself not stored    (matmul_residual_forward)
+// where y = d (+ bias) rounded to Tout; every rounding is counted.
+enum StoreMode : int { kPlain, kGelu, kResidual };
+
+// out (rows, cols) as kMode says, rounded to Tout and counted (as store_counted does). d may
+// alias out (fp32: each thread reads its elements before it writes them). Launched as
+// store_launch (matmul_plan.h) says.
+template <class Tout, class Tbias, int kMode, int kVec>
+__global__ void store_kernel(const float* d, Tout* out, Tout* gelu_out, const Tout* residual,
                              const Tbias* __restrict__ bias, int64_t rows, int64_t cols,
                              unsigned long long* counters) {
   CastTally tally;
@@ -140,20 +148,27 @@ __global__ void store_kernel(const float* d, Tout* out, Tout* gelu_out,
       } else {
         v[0] = d[i];
       }
-      Pack<Tout, kVec> y, gy;
+      Pack<Tout, kVec> y, z, res;  // z: the second result (GELU's, or the residual sum)
+      if constexpr (kMode == kResidual) res = *reinterpret_cast<const Pack<Tout, kVec>*>(residual + i);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         if (bias) v[k] = __fadd_rn(v[k], load<Tbias>(bias[c0 + k]));
         y.v[k] = store<Tout>(v[k]);
         if (kNarrow<Tout>) tally.add(v[k], load<Tout>(y.v[k]), max_finite<Tout>());
-        if (kGelu) {
-          const float g = gelu_value(load<Tout>(y.v[k]));
-          gy.v[k] = store<Tout>(g);
-          if (kNarrow<Tout>) tally.add(g, load<Tout>(gy.v[k]), max_finite<Tout>());
+        if constexpr (kMode != kPlain) {
+          // residual_kernel's a + b with a the residual stream, or gelu_forward_kernel's GELU
+          const float w = kMode == kGelu ? gelu_value(load<Tout>(y.v[k]))
+                                         : __fadd_rn(load<Tout>(res.v[k]), load<Tout>(y.v[k]));
+          z.v[k] = store<Tout>(w);
+          if (kNarrow<Tout>) tally.add(w, load<Tout>(z.v[k]), max_finite<Tout>());
         }
       }
-      *reinterpret_cast<Pack<Tout, kVec>*>(out + i) = y;
-      if (kGelu) *reinterpret_cast<Pack<Tout, kVec>*>(gelu_out + i) = gy;
+      if constexpr (kMode == kResidual) {
+        *reinterpret_cast<Pack<Tout, kVec>*>(out + i) = z;
+      } else {
+        *reinterpret_cast<Pack<Tout, kVec>*>(out + i) = y;
+        if constexpr (kMode == kGelu) *reinterpret_cast<Pack<Tout, kVec>*>(gelu_out + i) = z;
+      }
     }
   }
   if (kNarrow<Tout>) tally.flush(counters);
@@ -273,39 +288,46 @@ uintptr_t address(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data);
 
 // out (rows, cols) = d (+ bias), counted under cls when out is narrow; with gelu_out (out's
 // dtype), also gelu_out = gelu(out) (counted under cls).
+// The second tensor of a fused store: GELU's output (kGelu) or the residual stream read
+// (kResidual), of out's dtype and shape.
 void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t rows,
-                  int64_t cols, TensorClass cls, Tensor gelu_out = Tensor()) {
+                  int64_t cols, TensorClass cls, StoreMode mode = kPlain,
+                  Tensor second = Tensor()) {
   unsigned long long* counters = ctx.cast_counters(cls);
-  // 4 elements per thread: 16-byte loads of d, 4-element stores of out (and gelu_out).
-  const uint32_t store_bytes = 4 * static_cast<uint32_t>(dtype_size(out.dtype));
+  // 4 elements per thread: 16-byte loads of d, 4-element accesses of out (and the second).
+  const uint32_t pack_bytes = 4 * static_cast<uint32_t>(dtype_size(out.dtype));
   const bool aligned = pointer_alignment(reinterpret_cast<uintptr_t>(d)) >= 16 &&
-                       pointer_alignment(address(out)) >= store_bytes &&
-                       (!gelu_out.defined() || pointer_alignment(address(gelu_out)) >= store_bytes);
+                       pointer_alignment(address(out)) >= pack_bytes &&
+                       (mode == kPlain || pointer_alignment(address(second)) >= pack_bytes);
   const StoreLaunch sl = store_launch(rows, cols, aligned);
   const dim3 grid(sl.grid_x, sl.grid_y);
   MPT_DISPATCH_FLOAT(out.dtype, "matmul output", [&] {
     using Tout = T;
     Tout* o = static_cast<Tout*>(out.data);
-    Tout* go = static_cast<Tout*>(gelu_out.data);
+    Tout* go = mode == kGelu ? static_cast<Tout*>(second.data) : nullptr;
+    const Tout* res = mode == kResidual ? static_cast<const Tout*>(second.data) : nullptr;
     auto launch = [&](auto* b) {
       using Tbias = std::remove_const_t<std::remove_pointer_t<decltype(b)>>;
-      auto run = [&](auto gelu, auto vec) {
-        // The fused GELU store serves 16-bit outputs only (gelu_forward_path): no fp32 variant.
-        if constexpr (decltype(gelu)::value && !kNarrow<Tout>) {
-          throw RuntimeError("matmul: the GELU store kernel takes fp16/bf16 outputs");
+      auto run = [&](auto m, auto vec) {
+        // The fused stores serve 16-bit outputs only (the fp32 paths run the ops separately).
+        if constexpr (decltype(m)::value != kPlain && !kNarrow<Tout>) {
+          throw RuntimeError("matmul: the fused store kernels take fp16/bf16 outputs");
         } else {
-          store_kernel<Tout, Tbias, decltype(gelu)::value, decltype(vec)::value>
-              <<<grid, sl.threads, 0, ctx.stream()>>>(d, o, go, b, rows, cols, counters);
+          store_kernel<Tout, Tbias, decltype(m)::value, decltype(vec)::value>
+              <<<grid, sl.threads, 0, ctx.stream()>>>(d, o, go, res, b, rows, cols, counters);
         }
       };
-      const bool g = gelu_out.defined();
-      if (sl.vec == 4) {
-        if (g) run(std::true_type{}, std::integral_constant<int, 4>{});
-        else run(std::false_type{}, std::integral_constant<int, 4>{});
-      } else {
-        if (g) run(std::true_type{}, std::integral_constant<int, 1>{});
-        else run(std::false_type{}, std::integral_constant<int, 1>{});
-      }
+      auto with_vec = [&](auto vec) {
+        switch (mode) {
+          case kPlain: run(std::integral_constant<int, kPlain>{}, vec); break;
+          case kGelu: run(std::integral_constant<int, kGelu>{}, vec); break;
+          case kResidual: run(std::integral_constant<int, kResidual>{}, vec); break;
+        }
+      };
+      if (sl.vec == 4)
+        with_vec(std::integral_constant<int, 4>{});
+      else
+        with_vec(std::integral_constant<int, 1>{});
     };
     if (!bias.defined()) {
       launch(static_cast<const float*>(nullptr));
@@ -313,8 +335,10 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
       MPT_DISPATCH_FLOAT(bias.dtype, "matmul bias", [&] { launch(static_cast<const T*>(bias.data)); });
     }
   });
-  MPT_LAUNCH_CHECK(ctx, gelu_out.defined() ? "matmul: store output + gelu" : "matmul: store output");
-  const int64_t stores = (gelu_out.defined() ? 2 : 1) * rows * cols;
+  MPT_LAUNCH_CHECK(ctx, mode == kGelu       ? "matmul: store output + gelu"
+                        : mode == kResidual ? "matmul: store output + residual"
+                                            : "matmul: store output");
+  const int64_t stores = (mode == kPlain ? 1 : 2) * rows * cols;
   if (out.dtype != DType::f32) ctx.add_cast_values(cls, stores);
 }
 
@@ -329,11 +353,14 @@ void store_dgelu_output(Context& ctx, const float* d, Tensor dinp, Tensor pre, i
   if (dinp.dtype != DType::f32) ctx.add_cast_values(TensorClass::gradient, 2 * n);
 }
 
-// matmul_forward into `prod`; with `gelu_out` defined, matmul_gelu_forward (prod is its `pre`).
-void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor inp, Tensor weight, Tensor bias,
-             const MatmulSpec& spec) {
+// matmul_forward into `prod`; with `gelu_out` defined, matmul_gelu_forward (prod is its `pre`);
+// with `residual` defined, matmul_residual_forward (prod is its `out`, and then holds the sum).
+void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor inp,
+             Tensor weight, Tensor bias, const MatmulSpec& spec) {
   const bool gelu = gelu_out.defined();
-  const char* op = gelu ? "matmul_gelu_forward" : "matmul_forward";
+  const char* op = gelu                 ? "matmul_gelu_forward"
+                   : residual.defined() ? "matmul_residual_forward"
+                                        : "matmul_forward";
   if (!inp.defined() || !weight.defined() || weight.shape.ndim != 2)
     throw RuntimeError(std::string(op) + ": inp and a 2-d weight are required");
   const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
@@ -341,6 +368,7 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor inp, Tensor weig
   expect_matrix(op, "weight", weight, {OC, C});
   expect_matrix(op, gelu ? "pre" : "out", prod, {N, OC});
   if (gelu) expect_matrix(op, "out", gelu_out, {N, OC});
+  if (residual.defined()) expect_matrix(op, "residual", residual, {N, OC});
   if (weight.dim(1) != C) throw RuntimeError(std::string(op) + ": weight must be (OC, C)");
   if (bias.defined()) expect_matrix(op, "bias", bias, {OC});
   const GemmPlan p =
@@ -404,12 +432,20 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor inp, Tensor weig
   if (!done) run_gemm(ctx, p, g, op);
   const Tensor store_bias = bp == BiasPath::store_kernel ? bias : Tensor();
   if (gp == GeluPath::store_kernel) {
-    store_output(ctx, g.d, prod, store_bias, N, OC, TensorClass::activation, gelu_out);
+    store_output(ctx, g.d, prod, store_bias, N, OC, TensorClass::activation, kGelu, gelu_out);
+    return;
+  }
+  // The residual add joins a 16-bit store of the same dtype (the add of the rounded product, as
+  // residual_forward computes it); else it follows, in place.
+  if (residual.defined() && !direct && residual.dtype == prod.dtype) {
+    store_output(ctx, g.d, prod, store_bias, N, OC, TensorClass::activation, kResidual,
+                 residual);
     return;
   }
   if (!direct || bp == BiasPath::store_kernel)
     store_output(ctx, g.d, prod, store_bias, N, OC, TensorClass::activation);
   if (gelu) gelu_forward(ctx, gelu_out, prod);
+  if (residual.defined()) residual_forward(ctx, prod, residual, prod);
 }
 
 
@@ -572,13 +608,20 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
 
 void matmul_forward(Context& ctx, Tensor out, Tensor inp, Tensor weight, Tensor bias,
                     const MatmulSpec& spec) {
-  forward(ctx, out, Tensor(), inp, weight, bias, spec);
+  forward(ctx, out, Tensor(), Tensor(), inp, weight, bias, spec);
 }
 
 void matmul_gelu_forward(Context& ctx, Tensor out, Tensor pre, Tensor inp, Tensor weight,
                          Tensor bias, const MatmulSpec& spec) {
-  check_gelu_fusion_args("matmul_gelu_forward", "out", out, "pre", pre);
-  forward(ctx, pre, out, inp, weight, bias, spec);
+  check_disjoint_args("matmul_gelu_forward", "out", out, "pre", pre);
+  forward(ctx, pre, out, Tensor(), inp, weight, bias, spec);
+}
+
+void matmul_residual_forward(Context& ctx, Tensor out, Tensor residual, Tensor inp,
+                             Tensor weight, Tensor bias, const MatmulSpec& spec) {
+  check_disjoint_args("matmul_residual_forward", "out", out, "residual", residual);
+  check_disjoint_args("matmul_residual_forward", "out", out, "inp", inp);
+  forward(ctx, out, Tensor(), residual, inp, weight, bias, spec);
 }
 
 void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
@@ -588,7 +631,7 @@ void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Te
 
 void matmul_backward_gelu(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                           Tensor inp, Tensor weight, Tensor gelu_pre, const MatmulSpec& spec) {
-  check_gelu_fusion_args("matmul_backward_gelu", "dinp", dinp, "gelu_pre", gelu_pre);
+  check_disjoint_args("matmul_backward_gelu", "dinp", dinp, "gelu_pre", gelu_pre);
   backward(ctx, dinp, dweight, dbias, dout, inp, weight, gelu_pre, spec);
 }
 
