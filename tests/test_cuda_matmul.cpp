@@ -361,6 +361,14 @@ TEST(MatmulPlan, StoreLaunchSpreadsColumnsEvenly) {
   EXPECT_EQ(d.threads, 64u);
 }
 
+TEST(MatmulPlan, ResidualJoinsTheStoreOfA16BitOutputOfItsDtype) {
+  EXPECT_TRUE(residual_in_store(DType::bf16, DType::bf16));
+  EXPECT_TRUE(residual_in_store(DType::f16, DType::f16));
+  EXPECT_FALSE(residual_in_store(DType::f32, DType::f32)) << "fp32 outputs are not staged";
+  EXPECT_FALSE(residual_in_store(DType::bf16, DType::f32));
+  EXPECT_FALSE(residual_in_store(DType::bf16, DType::f16));
+}
+
 TEST(MatmulPlan, PointerAlignmentIsTheLargestPowerOfTwoUpTo256) {
   EXPECT_EQ(pointer_alignment(0x1000), 256u);
   EXPECT_EQ(pointer_alignment(0x1080), 128u);
@@ -1031,15 +1039,31 @@ TEST(CudaMatmul, GeluFusionsMatchTheSeparateOpsAndTheCpu) {
 // matmul_residual_forward: the residual add joins the store kernel for 16-bit outputs and
 // follows the GEMM otherwise. The same bits as matmul_forward then residual_forward on the GPU,
 // the CPU's values within the GEMM's tolerance, the CPU's counts, the residual left alone.
+// A GPU copy of h starting `skew` bytes past an aligned address (no guards).
+struct Skewed {
+  Buffer buf;
+  Tensor t;
+};
+Skewed to_gpu_skewed(Backend& gpu, const Tensor& h, size_t skew) {
+  Skewed s;
+  s.buf = gpu.allocate(h.bytes() + 256);
+  s.t = s.buf.view(skew, h.dtype, h.shape);
+  gpu.copy_from_host(s.t, h.data);
+  return s;
+}
+
+// res: the residual stream's dtype (act when undefined); skew: its start past alignment.
 void run_residual_case(const char* name, MatmulPrecision prec, DType act, DType weight,
-                       int64_t N, int64_t C, int64_t OC) {
+                       int64_t N, int64_t C, int64_t OC, DType res = DType::i32,
+                       size_t skew = 0) {
   SCOPED_TRACE(name);
+  if (res == DType::i32) res = act;
   Rng rng(test::fresh_seed());
   CpuBackend cpu(2);
   std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
   Context& ctx = dynamic_cast<CudaBackend&>(*gpu).context();
   Owned x = test::randn_as(cpu, {N, C}, act, rng), w = test::randn_as(cpu, {OC, C}, weight, rng, 0.3);
-  Owned b = test::randn_as(cpu, {OC}, weight, rng), stream = test::randn_as(cpu, {N, OC}, act, rng, 2.0);
+  Owned b = test::randn_as(cpu, {OC}, weight, rng), stream = test::randn_as(cpu, {N, OC}, res, rng, 2.0);
   Owned sum = test::randn_as(cpu, {N, OC}, act, rng);  // stale: out writes
   Owned y = test::make(cpu, {N, OC}, act);
   MatmulSpec spec(prec);
@@ -1048,17 +1072,21 @@ void run_residual_case(const char* name, MatmulPrecision prec, DType act, DType 
     spec.weight = {DType::e4m3, 0.8f * 448.0f / cpu.amax(w.t), nullptr};
   }
   Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t),
-      gstream = to_gpu(*gpu, stream.t), gsum = to_gpu(*gpu, sum.t), gy = to_gpu(*gpu, y.t),
-      gsum2 = to_gpu(*gpu, sum.t);
+      gsum = to_gpu(*gpu, sum.t), gy = to_gpu(*gpu, y.t), gsum2 = to_gpu(*gpu, sum.t);
+  const Skewed gstream = to_gpu_skewed(*gpu, stream.t, skew);
   cpu.matmul_forward(y.t, x.t, w.t, b.t, spec);  // y: for the tolerance
   cpu.reset_cast_counts();
   gpu->reset_cast_counts();
   cpu.matmul_residual_forward(sum.t, stream.t, x.t, w.t, b.t, spec);
   ctx.start_profile();
   gpu->matmul_residual_forward(gsum.t, gstream.t, gx.t, gw.t, gb.t, spec);
-  bool fused = false;
-  for (const OpTime& o : ctx.stop_profile().sorted()) fused |= o.op == "matmul: store output + residual";
-  EXPECT_EQ(fused, act != DType::f32) << "the add joins the 16-bit store";
+  bool fused = false, separate = false;
+  for (const OpTime& o : ctx.stop_profile().sorted()) {
+    fused |= o.op == "matmul: store output + residual";
+    separate |= o.op == "residual_forward";
+  }
+  EXPECT_EQ(fused, residual_in_store(act, res)) << "the add joins a 16-bit store of its dtype";
+  EXPECT_NE(fused, separate) << "the add runs once: in the store or after it";
   expect_same_counts(*gpu, cpu, "matmul_residual_forward");
   const std::vector<float> xv = test::widened(x.t), wv = test::widened(w.t), bv = test::widened(b.t),
                            yv = test::widened(y.t);
@@ -1070,7 +1098,9 @@ void run_residual_case(const char* name, MatmulPrecision prec, DType act, DType 
   gpu->matmul_forward(gy.t, gx.t, gw.t, gb.t, spec);
   gpu->residual_forward(gsum2.t, gstream.t, gy.t);
   EXPECT_EQ(got, from_gpu(*gpu, gsum2, "separate sum"));
-  EXPECT_EQ(from_gpu(*gpu, gstream, "residual"), test::widened(stream.t));
+  Owned back = test::make(cpu, {N, OC}, res);
+  gpu->copy_to_host(back.t.data, gstream.t);
+  EXPECT_EQ(test::widened(back.t), test::widened(stream.t)) << "the residual is read only";
 }
 
 TEST(CudaMatmul, ResidualFusionMatchesTheSeparateOps) {
@@ -1080,6 +1110,11 @@ TEST(CudaMatmul, ResidualFusionMatchesTheSeparateOps) {
   run_residual_case("fp16, fp32 weights", NAT, F16, F32, 37, 44, 76);
   run_residual_case("fp32", NAT, F32, F32, 37, 48, 80);
   run_residual_case("fp8 hybrid", FP8, BF, BF, 48, 64, 96);
+  // A residual 2 bytes past alignment: the store's one-element path, the same bits.
+  run_residual_case("bf16, misaligned residual", NAT, BF, BF, 37, 48, 80, BF, 2);
+  // Residual and output of different dtypes: the add after the store, in place.
+  run_residual_case("bf16 out, fp32 residual", NAT, BF, BF, 37, 48, 80, F32);
+  run_residual_case("fp32 out, bf16 residual", NAT, F32, F32, 37, 48, 80, BF);
 }
 
 // Outputs that start 2 bytes past an aligned address, widths multiples of 4: the store kernel's

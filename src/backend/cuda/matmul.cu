@@ -286,10 +286,9 @@ const void* native_operand(Context& ctx, const GemmOperand& s, Tensor t, Scratch
 
 uintptr_t address(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data); }
 
-// out (rows, cols) = d (+ bias), counted under cls when out is narrow; with gelu_out (out's
-// dtype), also gelu_out = gelu(out) (counted under cls).
-// The second tensor of a fused store: GELU's output (kGelu) or the residual stream read
-// (kResidual), of out's dtype and shape.
+// out (rows, cols) = d (+ bias), counted under cls when out is narrow, fused as `mode` says with
+// `second`: GELU's output (kGelu) or the residual stream it reads (kResidual), of out's dtype
+// and shape (every rounding counted under cls).
 void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t rows,
                   int64_t cols, TensorClass cls, StoreMode mode = kPlain,
                   Tensor second = Tensor()) {
@@ -437,7 +436,7 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
   }
   // The residual add joins a 16-bit store of the same dtype (the add of the rounded product, as
   // residual_forward computes it); else it follows, in place.
-  if (residual.defined() && !direct && residual.dtype == prod.dtype) {
+  if (residual.defined() && residual_in_store(prod.dtype, residual.dtype)) {
     store_output(ctx, g.d, prod, store_bias, N, OC, TensorClass::activation, kResidual,
                  residual);
     return;

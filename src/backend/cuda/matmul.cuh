@@ -16,7 +16,8 @@ void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Te
 // (matmul_plan.h, GeluPath), else the separate GELU kernel.
 void matmul_gelu_forward(Context& ctx, Tensor out, Tensor pre, Tensor inp, Tensor weight,
                          Tensor bias, const MatmulSpec& spec);
-// matmul_forward with the residual add in the store kernel (16-bit outputs), else after it.
+// matmul_forward with the residual add in the store kernel (16-bit outputs with a residual of
+// the same dtype: residual_in_store), else after it, in place.
 void matmul_residual_forward(Context& ctx, Tensor out, Tensor residual, Tensor inp,
                              Tensor weight, Tensor bias, const MatmulSpec& spec);
 void matmul_backward_gelu(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,

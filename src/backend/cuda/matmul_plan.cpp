@@ -214,6 +214,10 @@ GeluPath gelu_backward_path(const GemmPlan& p, DType dinp, DType pre, uintptr_t 
   return GeluPath::separate;
 }
 
+bool residual_in_store(DType out, DType residual) {
+  return is_narrow_float(out) && residual == out;
+}
+
 bool dbias_in_epilogue(const GemmPlan& wgrad) {
   return wgrad.op == MatmulOp::wgrad && !wgrad.fp8 && wgrad.compute == GemmCompute::f32 &&
          wgrad.batch == 1;

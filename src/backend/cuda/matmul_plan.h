@@ -116,6 +116,11 @@ GeluPath gelu_forward_path(const GemmPlan& p, DType pre, DType out, uintptr_t pr
                            bool has_bias, DType bias, uintptr_t bias_ptr);
 GeluPath gelu_backward_path(const GemmPlan& p, DType dinp, DType pre, uintptr_t pre_ptr);
 
+// Whether matmul_residual_forward's add joins the kernel that stores the product: a 16-bit
+// output (staged in fp32, then rounded by that kernel) and a residual of its dtype. Else the
+// residual kernel follows the matmul, in place.
+bool residual_in_store(DType out, DType residual);
+
 // Whether matmul_backward's bias gradient comes from the wgrad GEMM's BGRADB epilogue (dout is
 // its B operand, reduced over k = N: the column sums), into fp32 scratch that a small kernel adds
 // to dbias. Only where the GEMM reads dout as stored: not under fp8 (B is dout quantised) nor
