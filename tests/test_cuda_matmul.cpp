@@ -1036,6 +1036,56 @@ TEST(CudaMatmul, GeluFusionsMatchTheSeparateOpsAndTheCpu) {
   run_gelu_case({"fp8 hybrid, bf16", FP8, BF, BF, F32, 48, 64, 96});
 }
 
+// MPT_LT_EPILOGUES=0: no cuBLASLt epilogue runs (the op profile sees our kernels do their work)
+// and the results are still the CPU's.
+TEST(CudaMatmul, WithoutEpiloguesOurKernelsDoTheirWork) {
+  MPT_REQUIRE_GPU();
+  test::ScopedEnv off("MPT_LT_EPILOGUES", "0");  // read when the backend's context is made
+  CpuBackend cpu(1);
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  Context& ctx = dynamic_cast<CudaBackend&>(*gpu).context();
+  ASSERT_FALSE(ctx.lt_epilogues());
+  Rng rng(test::fresh_seed());
+  const int64_t N = 37, C = 48, OC = 80;
+  Owned x = test::randn_as(cpu, {N, C}, F32, rng), w = test::randn_as(cpu, {OC, C}, F32, rng, 0.3);
+  Owned b = test::randn_as(cpu, {OC}, F32, rng), dout = test::randn_as(cpu, {N, OC}, F32, rng);
+  Owned pre = test::make(cpu, {N, OC}, F32), out = test::make(cpu, {N, OC}, F32);
+  Owned dx = test::make(cpu, {N, C}, F32), dw = test::make(cpu, {OC, C}, F32), db = test::make(cpu, {OC}, F32);
+  Owned gp = test::randn_as(cpu, {N, C}, F32, rng);
+  cpu.fill(dw.t, 0.0f);
+  cpu.fill(db.t, 0.0f);
+  Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t), gd = to_gpu(*gpu, dout.t),
+      gpre = to_gpu(*gpu, pre.t), gout = to_gpu(*gpu, out.t), gdx = to_gpu(*gpu, dx.t),
+      gdw = to_gpu(*gpu, dw.t), gdb = to_gpu(*gpu, db.t), ggp = to_gpu(*gpu, gp.t);
+  ctx.start_profile();
+  // tf32 with fp32 outputs: the GELU and bias epilogues' case; native fp32: BGRADB's.
+  gpu->matmul_gelu_forward(gout.t, gpre.t, gx.t, gw.t, gb.t, TF);
+  gpu->matmul_backward_gelu(gdx.t, gdw.t, gdb.t, gd.t, gx.t, gw.t, ggp.t, NAT);
+  bool gelu_kernel = false, dgelu_kernel = false, bias_store = false, dbias_kernels = false;
+  for (const OpTime& o : ctx.stop_profile().sorted()) {
+    gelu_kernel |= o.op == "gelu_forward";
+    dgelu_kernel |= o.op == "gelu_backward";
+    bias_store |= o.op == "matmul: store output";
+    dbias_kernels |= o.op == "matmul_backward: dbias partial sums";
+  }
+  EXPECT_TRUE(gelu_kernel && dgelu_kernel && bias_store && dbias_kernels)
+      << gelu_kernel << dgelu_kernel << bias_store << dbias_kernels;
+  cpu.matmul_gelu_forward(out.t, pre.t, x.t, w.t, b.t, TF);
+  cpu.matmul_backward_gelu(dx.t, dw.t, db.t, dout.t, x.t, w.t, gp.t, NAT);
+  const ProductTol tf = product_tol(TF, N, C, OC), nat = product_tol(NAT, N, C, OC);
+  const std::vector<double> tp = forward_tol(test::widened(x.t), test::widened(w.t), test::widened(b.t), N, C, OC, tf);
+  expect_close("pre", from_gpu(*gpu, gpre, "pre"), test::widened(pre.t), tp, F32);
+  std::vector<double> to(tp.size()), tx = dgrad_tol(test::widened(dout.t), test::widened(w.t), N, C, OC, nat);
+  for (size_t i = 0; i < to.size(); ++i) to[i] = 1.13 * tp[i] + 1e-5 * (1 + std::fabs(test::widened(pre.t)[i]));
+  // gelu' within 1.13, and its own fp32 error 1e-5 (1 + |v|) times |g| <= sum |dout w| = tx / rel
+  for (size_t i = 0; i < tx.size(); ++i)
+    tx[i] = 1.13 * tx[i] + 1e-5 * (tx[i] / nat.rel) * (1 + std::fabs(test::widened(gp.t)[i]));
+  expect_close("out", from_gpu(*gpu, gout, "out"), test::widened(out.t), to, F32);
+  expect_close("dinp", from_gpu(*gpu, gdx, "dinp"), test::widened(dx.t), tx, F32);
+  std::vector<double> tb(OC, 2 * gamma32(double(N) + 2) * N * 4.0);
+  expect_close("dbias", from_gpu(*gpu, gdb, "dbias"), test::widened(db.t), tb, F32);
+}
+
 // matmul_residual_forward: the residual add joins the store kernel for 16-bit outputs and
 // follows the GEMM otherwise. The same bits as matmul_forward then residual_forward on the GPU,
 // the CPU's values within the GEMM's tolerance, the CPU's counts, the residual left alone.

@@ -132,6 +132,8 @@ Context::Context(int device) : device_(device) {
   sync("zeroing the cast counters");
   const char* s = std::getenv("MPT_CUDA_SYNC");
   debug_sync_ = s && std::strcmp(s, "0") != 0 && *s;
+  const char* e = std::getenv("MPT_LT_EPILOGUES");
+  lt_epilogues_ = !(e && std::strcmp(e, "0") == 0);
 }
 
 void Context::start_profile() {

@@ -106,6 +106,10 @@ class Context {
   // Waits for the stream and checks its errors, naming `what`.
   void sync(const char* what) const;
   bool debug_sync() const { return debug_sync_; }
+  // Whether the matmuls may use cuBLASLt's epilogues (BIAS, GELU_AUX[_BIAS], DGELU, BGRADB):
+  // MPT_LT_EPILOGUES=0 in the environment turns them all off, and our kernels do that work, so
+  // that a failure inside one can be told apart from the rest on the next run.
+  bool lt_epilogues() const { return lt_epilogues_; }
 
   // Op profiling (op_profile.h): from start_profile() on, every check_launch also records an
   // event on the stream; stop_profile() synchronises and returns the GPU time between
@@ -134,6 +138,7 @@ class Context {
   void* pinned_ = nullptr;
   size_t pinned_bytes_ = 0;
   bool debug_sync_ = false;
+  bool lt_epilogues_ = true;
   struct Profiler;  // the events and the ops that ended them
   std::unique_ptr<Profiler> profiler_;
   std::shared_ptr<MemoryCounter> mem_ = std::make_shared<MemoryCounter>();

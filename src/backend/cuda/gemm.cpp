@@ -167,9 +167,16 @@ bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* wh
   cublasLtMatmulAlgo_t algo;
   std::memcpy(&algo, it->second.algo.data(), sizeof algo);
   const float alpha = p.alpha, beta = p.beta;
-  MPT_CUDA_CHECK(cublasLtMatmul(ctx.lt(), ds.op, &alpha, g.a, ds.a, g.b, ds.b, &beta, g.d, ds.d,
-                                g.d, ds.d, &algo, ctx.lt_workspace(), ctx.lt_workspace_bytes(),
-                                ctx.stream()));
+  const cublasStatus_t run = cublasLtMatmul(ctx.lt(), ds.op, &alpha, g.a, ds.a, g.b, ds.b, &beta,
+                                            g.d, ds.d, g.d, ds.d, &algo, ctx.lt_workspace(),
+                                            ctx.lt_workspace_bytes(), ctx.stream());
+  // An epilogue the heuristic offered can still be refused by the call (it checks its arguments
+  // before it launches anything): a may_fail caller then takes its own kernels, for good.
+  if (may_fail && (run == CUBLAS_STATUS_NOT_SUPPORTED || run == CUBLAS_STATUS_INVALID_VALUE)) {
+    it->second.supported = false;
+    return false;
+  }
+  MPT_CUDA_CHECK(run);
   if (ctx.profiling()) {
     // Named with its shape (m x n x k, and the batch), so that the op profile (op_profile.h)
     // tells the GEMMs apart: the LM head's from the layers', forward from backward.

@@ -25,8 +25,9 @@ struct GemmArgs {
 
 // D = alpha op(A) op(B) (times the fp8 inverse scales) + beta D (+ bias), as the plan says, on
 // ctx's stream, through g.epilogue (throws RuntimeError when its bias or aux pointer is missing
-// or is given without it); batched when p.batch > 1. When cuBLASLt has no algorithm: throws naming the
-// GEMM (`what`) and its key, or with `may_fail` returns false (nothing ran; remembered per key).
+// or is given without it); batched when p.batch > 1. When cuBLASLt has no algorithm, or refuses
+// the call (NOT_SUPPORTED, INVALID_VALUE): throws naming the GEMM (`what`) and its key, or with
+// `may_fail` returns false (nothing ran; remembered per key).
 bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* what,
               bool may_fail = false);
 

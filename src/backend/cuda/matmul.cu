@@ -399,6 +399,7 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
   if (gelu)
     gp = gelu_forward_path(p, prod.dtype, gelu_out.dtype, address(prod), bias.defined(),
                            bias.dtype, address(bias));
+  if (gp == GeluPath::epilogue && !ctx.lt_epilogues()) gp = GeluPath::separate;
   if (gp == GeluPath::epilogue) {
     // out = gelu(product + bias) written by the GEMM, the pre-activation to the aux buffer.
     GemmArgs ge = g;
@@ -415,6 +416,7 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
                : static_cast<float*>(ctx.scratch(Scratch::kMatmulOut,
                                                  operand_copy_bytes(N * OC, GemmType::f32)));
   BiasPath bp = bias_path(bias.defined(), direct, p.fp8, bias.dtype, address(bias));
+  if (bp == BiasPath::epilogue && !ctx.lt_epilogues()) bp = BiasPath::store_kernel;
   bool done = false;
   if (bp == BiasPath::epilogue) {
     g.epilogue = GemmEpilogue::bias;
@@ -493,7 +495,7 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     MPT_LAUNCH_CHECK(ctx, "matmul_backward: dbias partial sums");
     add_partials_to_dbias(chunks);
   };
-  const bool dbias_epilogue = dbias.defined() && dbias_in_epilogue(pw);
+  const bool dbias_epilogue = dbias.defined() && dbias_in_epilogue(pw) && ctx.lt_epilogues();
   // `part` and an fp8 GEMM's scale words (fp8_words) share the start of Scratch::kReduce: the
   // BGRADB GEMM would write the one while reading the other.
   if (dbias_epilogue && pw.fp8)
@@ -545,6 +547,7 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     GeluPath gp = GeluPath::separate;
     if (gelu_pre.defined())
       gp = gelu_backward_path(pd, dinp.dtype, gelu_pre.dtype, address(gelu_pre));
+    if (gp == GeluPath::epilogue && !ctx.lt_epilogues()) gp = GeluPath::separate;
     bool done = false;
     if (gp == GeluPath::epilogue) {
       // dinp = product * gelu'(gelu_pre) written by the GEMM (DGELU reads the aux buffer).
