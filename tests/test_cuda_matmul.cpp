@@ -1087,6 +1087,46 @@ TEST(CudaMatmul, WithoutEpiloguesOurKernelsDoTheirWork) {
   expect_close("dbias", from_gpu(*gpu, gdb, "dbias"), test::widened(db.t), tb, F32);
 }
 
+// For the choice the next speed step hinges on (writing 16-bit GEMM outputs directly, without
+// the fp32 staging whose purpose is exact cast counts): whether cuBLASLt's GEMMs keep results
+// that are fp32 subnormals or flush them to zero. bf16 shares fp32's range, so a bf16 output
+// underflows only from such a result. Reports what it sees ("[ subnormal ]", collected by
+// device-check); asserts only that each result is the exact one or zero.
+TEST(CudaMatmul, ReportsWhetherGemmsKeepSubnormalResults) {
+  MPT_REQUIRE_GPU();
+  CpuBackend cpu(1);
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  const int64_t N = 16, C = 16, OC = 16;
+  const float tiny = std::ldexp(1.0f, -70), exact = std::ldexp(1.0f, -136);  // 16 x 2^-140
+  for (DType in : {BF, F32}) {
+    Owned x = test::make(cpu, {N, C}, in), w = test::make(cpu, {OC, C}, in);
+    cpu.fill(x.t, tiny);
+    cpu.fill(w.t, tiny);
+    Owned o32 = test::make(cpu, {N, OC}, F32), o16 = test::make(cpu, {N, OC}, BF);
+    Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), go32 = to_gpu(*gpu, o32.t),
+        go16 = to_gpu(*gpu, o16.t);
+    gpu->matmul_forward(go32.t, gx.t, gw.t, Tensor(), NAT);  // D written directly, fp32
+    int64_t kept = 0, zero = 0;
+    for (float v : from_gpu(*gpu, go32, "fp32 out")) {
+      kept += v == exact;
+      zero += v == 0.0f;
+    }
+    EXPECT_EQ(kept + zero, N * OC) << "each result exact or flushed";
+    // bf16 out: staged in fp32, rounded to 0 by the store kernel: an underflow is counted only
+    // if the staged result was kept.
+    gpu->reset_cast_counts();
+    cpu.reset_cast_counts();
+    gpu->matmul_forward(go16.t, gx.t, gw.t, Tensor(), NAT);
+    cpu.matmul_forward(o16.t, x.t, w.t, Tensor(), NAT);
+    std::printf("[ subnormal ] %s GEMM: fp32 results %lld kept, %lld flushed to zero; bf16 "
+                "outputs' underflows counted: GPU %llu, CPU %llu (of %lld)\n",
+                dtype_name(in), static_cast<long long>(kept), static_cast<long long>(zero),
+                static_cast<unsigned long long>(gpu->cast_counts(TensorClass::activation).underflow),
+                static_cast<unsigned long long>(cpu.cast_counts(TensorClass::activation).underflow),
+                static_cast<long long>(N * OC));
+  }
+}
+
 // matmul_residual_forward: the residual add joins the store kernel for 16-bit outputs and
 // follows the GEMM otherwise. The same bits as matmul_forward then residual_forward on the GPU,
 // the CPU's values within the GEMM's tolerance, the CPU's counts, the residual left alone.
