@@ -844,6 +844,19 @@ TEST(CudaMatmul, Bf16) {
   run_matmul_case({"bf16, 70001 rows", NAT, BF, BF, BF, BF, BF, BF, F32, F32, 70001, 8, 12});
 }
 
+// A spec of precision `prec`; under fp8 with scales as delayed scaling picks them from the
+// operands' amaxes (inp saturating its largest values a little, weight with headroom; dout only
+// when given).
+MatmulSpec spec_for(MatmulPrecision prec, Backend& cpu, const Tensor& x, const Tensor& w,
+                    const Tensor& dout) {
+  MatmulSpec spec(prec);
+  if (prec != MatmulPrecision::fp8) return spec;
+  spec.inp = {DType::e4m3, 1.1f * 448.0f / cpu.amax(x), nullptr};
+  spec.weight = {DType::e4m3, 0.8f * 448.0f / cpu.amax(w), nullptr};
+  if (dout.defined()) spec.dout = {DType::e5m2, 0.9f * 57344.0f / cpu.amax(dout), nullptr};
+  return spec;
+}
+
 // matmul_gelu_forward and matmul_backward_gelu (the MLP's c_fc and its GELU, c_proj's backward
 // and the GELU's): against the CPU (whose fused ops are the separate ops, PrecisionOps.
 // MatmulGeluOpsAreTheMatmulAndTheGelu), and with 16-bit outputs bit for bit against the GPU's
@@ -886,12 +899,7 @@ void run_gelu_case(const GeluCase& c) {
   Owned dout = test::randn_as(cpu, {N, OC}, c.act, rng);
   Owned gpre = test::randn_as(cpu, {N, C}, c.act, rng, 2.0);  // the backward's GELU input
   Owned dw0 = test::randn_as(cpu, {OC, C}, c.grad, rng, 0.1), db0 = test::randn_as(cpu, {OC}, c.grad, rng, 0.1);
-  MatmulSpec spec(c.prec);
-  if (c.prec == MatmulPrecision::fp8) {
-    spec.inp = {DType::e4m3, 1.1f * 448.0f / cpu.amax(x.t), nullptr};
-    spec.weight = {DType::e4m3, 0.8f * 448.0f / cpu.amax(w.t), nullptr};
-    spec.dout = {DType::e5m2, 0.9f * 57344.0f / cpu.amax(dout.t), nullptr};
-  }
+  const MatmulSpec spec = spec_for(c.prec, cpu, x.t, w.t, dout.t);
   const std::vector<float> xv = test::widened(x.t), wv = test::widened(w.t),
                            bv = c.bias ? test::widened(b.t) : std::vector<float>{},
                            dv = test::widened(dout.t), pv = test::widened(gpre.t);
@@ -1157,11 +1165,7 @@ void run_residual_case(const char* name, MatmulPrecision prec, DType act, DType 
   Owned b = test::randn_as(cpu, {OC}, weight, rng), stream = test::randn_as(cpu, {N, OC}, res, rng, 2.0);
   Owned sum = test::randn_as(cpu, {N, OC}, act, rng);  // stale: out writes
   Owned y = test::make(cpu, {N, OC}, act);
-  MatmulSpec spec(prec);
-  if (prec == MatmulPrecision::fp8) {
-    spec.inp = {DType::e4m3, 1.1f * 448.0f / cpu.amax(x.t), nullptr};
-    spec.weight = {DType::e4m3, 0.8f * 448.0f / cpu.amax(w.t), nullptr};
-  }
+  const MatmulSpec spec = spec_for(prec, cpu, x.t, w.t, Tensor());
   Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t),
       gsum = to_gpu(*gpu, sum.t), gy = to_gpu(*gpu, y.t), gsum2 = to_gpu(*gpu, sum.t);
   const Skewed gstream = to_gpu_skewed(*gpu, stream.t, skew);

@@ -126,16 +126,17 @@ __global__ void widen_kernel(const T* __restrict__ x, float* __restrict__ y, int
 //   kPlain     out = y
 //   kGelu      out = y, gelu_out = gelu(y)               (matmul_gelu_forward)
 //   kResidual  out = residual + y, y itself not stored    (matmul_residual_forward)
+//   kDgelu     out = gelu'(pre) * y, y itself not stored  (matmul_backward_gelu's dgrad)
 // where y = d (+ bias) rounded to Tout; every rounding is counted.
-enum StoreMode : int { kPlain, kGelu, kResidual };
+enum StoreMode : int { kPlain, kGelu, kResidual, kDgelu };
 
 // out (rows, cols) as kMode says, rounded to Tout and counted (as store_counted does). d may
 // alias out (fp32: each thread reads its elements before it writes them). Launched as
 // store_launch (matmul_plan.h) says.
 template <class Tout, class Tbias, int kMode, int kVec>
 __global__ void store_kernel(const float* d, Tout* out, Tout* gelu_out, const Tout* residual,
-                             const Tbias* __restrict__ bias, int64_t rows, int64_t cols,
-                             unsigned long long* counters) {
+                             const void* pre, DType pre_dt, const Tbias* __restrict__ bias,
+                             int64_t rows, int64_t cols, unsigned long long* counters) {
   CastTally tally;
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   if (c0 < cols) {  // no early return: every lane reaches the flush
@@ -148,7 +149,7 @@ __global__ void store_kernel(const float* d, Tout* out, Tout* gelu_out, const To
       } else {
         v[0] = d[i];
       }
-      Pack<Tout, kVec> y, z, res;  // z: the second result (GELU's, or the residual sum)
+      Pack<Tout, kVec> y, z, res;  // z: the fused op's result (kMode != kPlain)
       if constexpr (kMode == kResidual) res = *reinterpret_cast<const Pack<Tout, kVec>*>(residual + i);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
@@ -156,14 +157,18 @@ __global__ void store_kernel(const float* d, Tout* out, Tout* gelu_out, const To
         y.v[k] = store<Tout>(v[k]);
         if (kNarrow<Tout>) tally.add(v[k], load<Tout>(y.v[k]), max_finite<Tout>());
         if constexpr (kMode != kPlain) {
-          // residual_kernel's a + b with a the residual stream, or gelu_forward_kernel's GELU
-          const float w = kMode == kGelu ? gelu_value(load<Tout>(y.v[k]))
-                                         : __fadd_rn(load<Tout>(res.v[k]), load<Tout>(y.v[k]));
+          // gelu_forward_kernel's GELU, residual_kernel's a + b with a the residual stream, or
+          // gelu_backward_kernel's gelu'(inp) * dout
+          const float yk = load<Tout>(y.v[k]);
+          float w;
+          if constexpr (kMode == kGelu) w = gelu_value(yk);
+          else if constexpr (kMode == kResidual) w = __fadd_rn(load<Tout>(res.v[k]), yk);
+          else w = __fmul_rn(gelu_derivative(load_any(pre, pre_dt, i + k)), yk);
           z.v[k] = store<Tout>(w);
           if (kNarrow<Tout>) tally.add(w, load<Tout>(z.v[k]), max_finite<Tout>());
         }
       }
-      if constexpr (kMode == kResidual) {
+      if constexpr (kMode == kResidual || kMode == kDgelu) {
         *reinterpret_cast<Pack<Tout, kVec>*>(out + i) = z;
       } else {
         *reinterpret_cast<Pack<Tout, kVec>*>(out + i) = y;
@@ -172,23 +177,6 @@ __global__ void store_kernel(const float* d, Tout* out, Tout* gelu_out, const To
     }
   }
   if (kNarrow<Tout>) tally.flush(counters);
-}
-
-// dinp = gelu'(pre) * (d rounded to T), rounded to T; both roundings counted: the dgrad's store
-// kernel and gelu_backward_kernel in one pass, without storing the rounded product.
-template <class T>
-__global__ void store_dgelu_kernel(const float* __restrict__ d, T* __restrict__ dinp,
-                                   const void* __restrict__ pre, DType dp, int64_t n,
-                                   unsigned long long* counters) {
-  CastTally tally;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const float g = d[i];
-    const float stored = load<T>(store<T>(g));
-    if (kNarrow<T>) tally.add(g, stored, max_finite<T>());
-    store_counted(dinp, i, __fmul_rn(gelu_derivative(load_any(pre, dp, i)), stored), tally);
-  }
-  if (kNarrow<T>) tally.flush(counters);
 }
 
 // dbias, deterministically in two passes (no atomics): partial column sums over fixed chunks of
@@ -288,7 +276,8 @@ uintptr_t address(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data);
 
 // out (rows, cols) = d (+ bias), counted under cls when out is narrow, fused as `mode` says with
 // `second`: GELU's output (kGelu) or the residual stream it reads (kResidual), of out's dtype
-// and shape (every rounding counted under cls).
+// and shape, or GELU's input (kDgelu, any float dtype, read element by element); every rounding
+// counted under cls.
 void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t rows,
                   int64_t cols, TensorClass cls, StoreMode mode = kPlain,
                   Tensor second = Tensor()) {
@@ -297,7 +286,8 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
   const uint32_t pack_bytes = 4 * static_cast<uint32_t>(dtype_size(out.dtype));
   const bool aligned = pointer_alignment(reinterpret_cast<uintptr_t>(d)) >= 16 &&
                        pointer_alignment(address(out)) >= pack_bytes &&
-                       (mode == kPlain || pointer_alignment(address(second)) >= pack_bytes);
+                       (mode == kPlain || mode == kDgelu ||
+                        pointer_alignment(address(second)) >= pack_bytes);
   const StoreLaunch sl = store_launch(rows, cols, aligned);
   const dim3 grid(sl.grid_x, sl.grid_y);
   MPT_DISPATCH_FLOAT(out.dtype, "matmul output", [&] {
@@ -305,6 +295,8 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
     Tout* o = static_cast<Tout*>(out.data);
     Tout* go = mode == kGelu ? static_cast<Tout*>(second.data) : nullptr;
     const Tout* res = mode == kResidual ? static_cast<const Tout*>(second.data) : nullptr;
+    const void* pre = mode == kDgelu ? second.data : nullptr;
+    const DType pre_dt = mode == kDgelu ? second.dtype : DType::f32;
     auto launch = [&](auto* b) {
       using Tbias = std::remove_const_t<std::remove_pointer_t<decltype(b)>>;
       auto run = [&](auto m, auto vec) {
@@ -313,7 +305,8 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
           throw RuntimeError("matmul: the fused store kernels take fp16/bf16 outputs");
         } else {
           store_kernel<Tout, Tbias, decltype(m)::value, decltype(vec)::value>
-              <<<grid, sl.threads, 0, ctx.stream()>>>(d, o, go, res, b, rows, cols, counters);
+              <<<grid, sl.threads, 0, ctx.stream()>>>(d, o, go, res, pre, pre_dt, b, rows, cols,
+                                                      counters);
         }
       };
       auto with_vec = [&](auto vec) {
@@ -321,6 +314,7 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
           case kPlain: run(std::integral_constant<int, kPlain>{}, vec); break;
           case kGelu: run(std::integral_constant<int, kGelu>{}, vec); break;
           case kResidual: run(std::integral_constant<int, kResidual>{}, vec); break;
+          case kDgelu: run(std::integral_constant<int, kDgelu>{}, vec); break;
         }
       };
       if (sl.vec == 4)
@@ -336,20 +330,10 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
   });
   MPT_LAUNCH_CHECK(ctx, mode == kGelu       ? "matmul: store output + gelu"
                         : mode == kResidual ? "matmul: store output + residual"
+                        : mode == kDgelu    ? "matmul: store dgrad + gelu backward"
                                             : "matmul: store output");
   const int64_t stores = (mode == kPlain ? 1 : 2) * rows * cols;
   if (out.dtype != DType::f32) ctx.add_cast_values(cls, stores);
-}
-
-// dinp = gelu'(pre) * round(d), counted as gradients (two roundings per element).
-void store_dgelu_output(Context& ctx, const float* d, Tensor dinp, Tensor pre, int64_t n) {
-  unsigned long long* counters = ctx.cast_counters(TensorClass::gradient);
-  MPT_DISPATCH_FLOAT(dinp.dtype, "matmul_backward_gelu dinp", [&] {
-    store_dgelu_kernel<T><<<grid_stride_blocks(n), kBlock, 0, ctx.stream()>>>(
-        d, static_cast<T*>(dinp.data), pre.data, pre.dtype, n, counters);
-  });
-  MPT_LAUNCH_CHECK(ctx, "matmul: store dgrad + gelu backward");
-  if (dinp.dtype != DType::f32) ctx.add_cast_values(TensorClass::gradient, 2 * n);
 }
 
 // matmul_forward into `prod`; with `gelu_out` defined, matmul_gelu_forward (prod is its `pre`);
@@ -559,7 +543,7 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     }
     if (!done) run_gemm(ctx, pd, g, "matmul_backward dgrad");
     if (gp == GeluPath::store_kernel)
-      store_dgelu_output(ctx, g.d, dinp, gelu_pre, N * C);
+      store_output(ctx, g.d, dinp, Tensor(), N, C, TensorClass::gradient, kDgelu, gelu_pre);
     else if (!direct)
       store_output(ctx, g.d, dinp, Tensor(), N, C, TensorClass::gradient);
     if (gp == GeluPath::separate && gelu_pre.defined())
