@@ -11,6 +11,7 @@
 
 #include "backend/cuda/attention_plan.h"
 #include "backend/cuda/flash_fragments.h"
+#include "backend/cuda/host_ids.h"
 #include "backend/cuda/op_profile.h"
 #include "backend/cuda/workspace_plan.h"
 #include "backend/gpu_peaks.h"
@@ -356,3 +357,115 @@ TEST(OpProfile, SumsMarksPerOpLargestFirst) {
 
 }  // namespace
 }  // namespace mpt
+
+// ---- the host's copies of uploaded ids (host_ids.h)
+
+TEST(HostIds, ACopyServesExactlyTheTensorUploaded) {
+  using mpt::cuda::HostIdTable;
+  HostIdTable t;
+  alignas(64) static char mem[1024];
+  const std::vector<int32_t> a = {3, 1, 4, 1, 5}, b = {9, 2, 6};
+  t.record(mem, 20, a.data());
+  const auto* got = t.find(mem, 20);
+  ASSERT_NE(got, nullptr);
+  EXPECT_EQ(got->values, a);
+  EXPECT_EQ(got->min, 1);
+  EXPECT_EQ(got->max, 5);
+  EXPECT_EQ(t.find(mem, 16), nullptr) << "another size";
+  EXPECT_EQ(t.find(mem + 4, 16), nullptr) << "another start";
+  // A second tensor beside it; then an upload that overlaps the first forgets it.
+  t.record(mem + 64, 12, b.data());
+  EXPECT_NE(t.find(mem + 64, 12), nullptr);
+  t.record(mem + 16, 8, b.data());
+  EXPECT_EQ(t.find(mem, 20), nullptr) << "overwritten in part";
+  EXPECT_NE(t.find(mem + 64, 12), nullptr) << "untouched";
+  // A re-upload of the same tensor replaces its values.
+  t.record(mem + 64, 12, a.data());
+  EXPECT_EQ(t.find(mem + 64, 12)->values, std::vector<int32_t>(a.begin(), a.begin() + 3));
+  EXPECT_EQ(t.size(), 2u);
+  // Writes by other means (an upload, a fill, a free) forget what they touch, to the byte.
+  t.forget(mem + 63, 1);
+  EXPECT_NE(t.find(mem + 64, 12), nullptr) << "the byte before";
+  t.forget(mem + 75, 1);
+  EXPECT_EQ(t.find(mem + 64, 12), nullptr) << "the last byte";
+  t.forget(mem, sizeof mem);
+  EXPECT_EQ(t.size(), 0u);
+}
+
+TEST(HostIds, TheOldestCopyMakesRoom) {
+  using mpt::cuda::HostIdTable;
+  HostIdTable t;
+  static int32_t mem[64];
+  for (size_t i = 0; i <= HostIdTable::kSlots; ++i) t.record(mem + 4 * i, 16, mem);
+  EXPECT_EQ(t.size(), HostIdTable::kSlots);
+  EXPECT_EQ(t.find(mem, 16), nullptr);
+  EXPECT_NE(t.find(mem + 4, 16), nullptr);
+  EXPECT_NE(t.find(mem + 4 * HostIdTable::kSlots, 16), nullptr);
+}
+
+TEST(HostIds, ChecksNameTheFirstIdOutOfRangeAndItsPosition) {
+  using mpt::cuda::HostIdTable;
+  const std::vector<int32_t> ok = {0, 6, 2}, high = {0, 7, 9}, low = {1, -2};
+  EXPECT_NO_THROW(mpt::cuda::check_ids("op", ok.data(), 3, 7));
+  try {
+    mpt::cuda::check_ids("embedding_forward", high.data(), 3, 7);
+    ADD_FAILURE() << "no throw";
+  } catch (const mpt::RuntimeError& e) {
+    EXPECT_STREQ(e.what(), "embedding_forward: token id 7 at 1 outside [0, 7)");
+  }
+  EXPECT_THROW(mpt::cuda::check_ids("op", low.data(), 2, 7), mpt::RuntimeError);
+  // With the recorded range: the same outcomes.
+  HostIdTable t;
+  static char mem[64];
+  for (const auto* v : {&ok, &high, &low}) {
+    t.record(mem, v->size() * 4, v->data());
+    const auto* k = t.find(mem, v->size() * 4);
+    const bool bad = v != &ok;
+    if (bad)
+      EXPECT_THROW(mpt::cuda::check_ids("op", v->data(), int64_t(v->size()), 7, k),
+                   mpt::RuntimeError);
+    else
+      EXPECT_NO_THROW(mpt::cuda::check_ids("op", v->data(), int64_t(v->size()), 7, k));
+  }
+}
+
+// The embedding backward's buckets: every position once, grouped by token in increasing token
+// order, each group in increasing position order (the order the CPU backend sums in).
+TEST(HostIds, BucketsGroupPositionsByTokenInOrder) {
+  mpt::Rng rng(mpt::test::fresh_seed());
+  for (int64_t vocab : {1, 5, 101}) {
+    const int64_t n = 257;
+    std::vector<int32_t> ids(n);
+    for (auto& v : ids) v = static_cast<int32_t>(rng.next_u64() % vocab);
+    const auto b = mpt::cuda::bucket_positions(ids.data(), n, vocab);
+    const int64_t K = b.buckets;
+    ASSERT_EQ(b.packed.size(), size_t(2 * K + 1 + n));
+    const int32_t* token = b.packed.data();
+    const int32_t* start = token + K;
+    const int32_t* order = start + K + 1;
+    std::vector<int> seen(n, 0);
+    int64_t distinct = 0;
+    std::vector<bool> present(vocab, false);
+    for (int32_t v : ids) distinct += !present[v], present[v] = true;
+    EXPECT_EQ(K, distinct);
+    EXPECT_EQ(start[0], 0);
+    EXPECT_EQ(start[K], n);
+    for (int64_t k = 0; k < K; ++k) {
+      if (k > 0) {
+        EXPECT_LT(token[k - 1], token[k]);
+      }
+      ASSERT_LT(start[k], start[k + 1]) << "no empty bucket";
+      for (int32_t s = start[k]; s < start[k + 1]; ++s) {
+        const int32_t pos = order[s];
+        ASSERT_TRUE(pos >= 0 && pos < n);
+        ++seen[pos];
+        EXPECT_EQ(ids[pos], token[k]);
+        if (s > start[k]) {
+          EXPECT_LT(order[s - 1], pos);
+        }
+      }
+    }
+    for (int c : seen) EXPECT_EQ(c, 1);
+  }
+}
+

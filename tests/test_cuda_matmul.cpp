@@ -45,6 +45,7 @@
 #include "backend/cuda/cuda_context.h"
 #include "backend/cuda/attention_plan.h"
 #include "backend/cuda/matmul_plan.h"
+#include "backend/cuda/gemm.h"
 #endif
 
 namespace mpt {
@@ -1135,6 +1136,65 @@ TEST(CudaMatmul, ReportsWhetherGemmsKeepSubnormalResults) {
   }
 }
 
+// The question that decides whether 16-bit GEMM outputs could skip their fp32 staging (the
+// largest speed item left, matmul.cu): does cuBLASLt writing fp16/bf16 D itself, without and
+// with its BIAS epilogue, give the bits our store kernel gives from the fp32 product? Reported
+// (`[ direct 16-bit ]`, collected by device-check), not asserted: the staged path stays what
+// runs either way. Random products of a layer's size, with ties to even made likely by short
+// operands (bf16 inputs: products exact, sums rounded once to fp32 before the narrowing).
+TEST(CudaMatmul, ReportsWhetherDirect16BitOutputsMatchTheStagedStore) {
+  MPT_REQUIRE_GPU();
+  CpuBackend cpu(1);
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  Context& ctx = dynamic_cast<CudaBackend&>(*gpu).context();
+  Rng rng(test::fresh_seed());
+  const int64_t N = 256, C = 192, OC = 320;
+  for (DType dt : {BF, F16}) {
+    Owned x = test::randn_as(cpu, {N, C}, dt, rng), w = test::randn_as(cpu, {OC, C}, dt, rng, 0.2);
+    Owned b = test::randn_as(cpu, {OC}, dt, rng), o = test::make(cpu, {N, OC}, dt);
+    Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t);
+    Dev staged = to_gpu(*gpu, o.t), staged_b = to_gpu(*gpu, o.t), direct = to_gpu(*gpu, o.t);
+    auto bits = [&](const Dev& d) {
+      std::vector<uint16_t> h(static_cast<size_t>(N * OC));
+      gpu->copy_to_host(h.data(), d.t);
+      return h;
+    };
+    gpu->matmul_forward(staged.t, gx.t, gw.t, Tensor(), NAT);
+    gpu->matmul_forward(staged_b.t, gx.t, gw.t, gb.t, NAT);
+    GemmPlan p = plan_matmul(MatmulOp::forward, N, C, OC, dt, dt, dt, MatmulSpec(NAT));
+    ASSERT_FALSE(p.a.copy || p.b.copy) << "same-dtype 16-bit operands are read as stored";
+    p.d_type = dt == BF ? GemmType::bf16 : GemmType::f16;
+    std::string report;
+    for (bool with_bias : {false, true}) {
+      GemmArgs g;
+      g.a = gw.t.data;
+      g.b = gx.t.data;
+      g.d = static_cast<float*>(direct.t.data);  // written as p.d_type says
+      if (with_bias) {
+        g.epilogue = GemmEpilogue::bias;
+        g.bias = gb.t.data;
+        g.bias_dtype = dt;
+      }
+      const bool ran = run_gemm(ctx, p, g, "direct 16-bit output", /*may_fail=*/true);
+      std::string line = with_bias ? "with BIAS: " : "plain: ";
+      if (!ran) {
+        report += line + "refused by cuBLASLt; ";
+        continue;
+      }
+      const std::vector<uint16_t> got = bits(direct), want = bits(with_bias ? staged_b : staged);
+      int64_t differ = 0, nonfinite = 0;
+      for (size_t i = 0; i < got.size(); ++i) {
+        differ += got[i] != want[i];
+        nonfinite += (got[i] & (dt == BF ? 0x7F80 : 0x7C00)) == (dt == BF ? 0x7F80 : 0x7C00);
+      }
+      EXPECT_EQ(nonfinite, 0) << line;
+      report += line + std::to_string(differ) + " of " + std::to_string(got.size()) +
+                " elements differ from the staged store; ";
+    }
+    std::printf("[ direct 16-bit ] %s D: %s\n", dtype_name(dt), report.c_str());
+  }
+}
+
 // matmul_residual_forward: the residual add joins the store kernel for 16-bit outputs and
 // follows the GEMM otherwise. The same bits as matmul_forward then residual_forward on the GPU,
 // the CPU's values within the GEMM's tolerance, the CPU's counts, the residual left alone.
@@ -1210,6 +1270,93 @@ TEST(CudaMatmul, ResidualFusionMatchesTheSeparateOps) {
   // Residual and output of different dtypes: the add after the store, in place.
   run_residual_case("bf16 out, fp32 residual", NAT, BF, BF, 37, 48, 80, F32);
   run_residual_case("fp32 out, bf16 residual", NAT, F32, F32, 37, 48, 80, BF);
+}
+
+// matmul_crossentropy (the LM head and the classifier): with 16-bit logits the classifier rounds
+// the GEMM's fp32 product itself; bit for bit and count for count the two separate ops on the
+// GPU, training (dlogits) and evaluating (the logits), and the losses close to the CPU's.
+// skew: the logits' start past alignment (the classifier's one-element path).
+void run_classifier_case(const char* name, MatmulPrecision prec, DType act, DType weight,
+                         int64_t N, int64_t C, int64_t Vp, size_t skew = 0) {
+  SCOPED_TRACE(name);
+  Rng rng(test::fresh_seed());
+  CpuBackend cpu(2);
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  Context& ctx = dynamic_cast<CudaBackend&>(*gpu).context();
+  const int vocab = static_cast<int>(Vp) - 5;  // 5 padded columns
+  Owned x = test::randn_as(cpu, {N, C}, act, rng), w = test::randn_as(cpu, {Vp, C}, weight, rng, 0.3);
+  Owned tg = test::make(cpu, {N}, DType::i32);
+  for (int64_t i = 0; i < N; ++i)
+    static_cast<int32_t*>(tg.t.data)[i] = static_cast<int32_t>(rng.next_u64() % vocab);
+  Owned stale = test::randn_as(cpu, {N, Vp}, act, rng);  // logits write
+  const MatmulSpec spec = spec_for(prec, cpu, x.t, w.t, Tensor());
+  Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), gt = to_gpu(*gpu, tg.t);
+  const bool narrow = act != DType::f32;
+  for (float dloss : {0.61f, 0.0f}) {
+    SCOPED_TRACE(dloss != 0.0f ? "training" : "evaluating");
+    Owned logits = test::make(cpu, {N, Vp}, act), losses = test::make(cpu, {N}, DType::f32);
+    std::memcpy(logits.t.data, stale.t.data, stale.t.bytes());
+    cpu.reset_cast_counts();
+    cpu.matmul_crossentropy(losses.t, logits.t, x.t, w.t, tg.t, vocab, dloss, spec);
+    const Skewed fused = to_gpu_skewed(*gpu, stale.t, skew), separate = to_gpu_skewed(*gpu, stale.t, skew);
+    Dev gl = to_gpu(*gpu, losses.t), gl2 = to_gpu(*gpu, losses.t);
+    gpu->reset_cast_counts();
+    ctx.start_profile();
+    gpu->matmul_crossentropy(gl.t, fused.t, gx.t, gw.t, gt.t, vocab, dloss, spec);
+    bool from_product = false, store = false;
+    for (const OpTime& o : ctx.stop_profile().sorted()) {
+      from_product |= o.op == "crossentropy (logits from the fp32 product)";
+      store |= o.op == "matmul: store output";
+    }
+    EXPECT_EQ(from_product, narrow) << "16-bit logits come from the product";
+    EXPECT_EQ(store, false) << "no separate store of the logits";
+    expect_same_counts(*gpu, cpu, "matmul_crossentropy");
+    const std::vector<CastCounts> fused_counts = {gpu->cast_counts(TensorClass::activation),
+                                                  gpu->cast_counts(TensorClass::gradient)};
+    gpu->reset_cast_counts();
+    gpu->matmul_forward(separate.t, gx.t, gw.t, Tensor(), spec);
+    gpu->crossentropy_forward_backward(gl2.t, separate.t, gt.t, vocab, dloss);
+    const std::vector<CastCounts> sep_counts = {gpu->cast_counts(TensorClass::activation),
+                                                gpu->cast_counts(TensorClass::gradient)};
+    for (int k = 0; k < 2; ++k) {
+      EXPECT_EQ(fused_counts[k].values, sep_counts[k].values) << k;
+      EXPECT_EQ(fused_counts[k].overflow, sep_counts[k].overflow) << k;
+      EXPECT_EQ(fused_counts[k].underflow, sep_counts[k].underflow) << k;
+    }
+    auto bits = [&](const Tensor& t) {
+      std::vector<uint8_t> h(t.bytes());
+      gpu->copy_to_host(h.data(), t);
+      return h;
+    };
+    EXPECT_EQ(bits(fused.t), bits(separate.t)) << (dloss != 0.0f ? "dlogits" : "logits");
+    const std::vector<float> got = from_gpu(*gpu, gl, "losses");
+    EXPECT_EQ(got, from_gpu(*gpu, gl2, "separate losses"));
+    // Against the CPU: the logits' GEMM differs in summation order (and so, by an ulp of the
+    // logits' format, in rounding), which moves a loss by at most about twice the logits' error.
+    const std::vector<float> ref = test::widened(losses.t);
+    // (tf32: the operands' rounding, 2^-11 relative, may differ from the CPU's in its ties.)
+    const double eps = narrow ? dtype_traits(act).epsilon : prec == TF ? 0x1p-10 : 1e-5;
+    int64_t zeros = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      ASSERT_TRUE(std::isfinite(got[i])) << i;
+      EXPECT_NEAR(got[i], ref[i], 4 * eps * (1.0 + std::fabs(ref[i])) + 1e-4) << "loss " << i;
+      zeros += got[i] == 0.0f;
+    }
+    EXPECT_LT(zeros, N / 4);
+  }
+}
+
+TEST(CudaMatmul, ClassifierFusionMatchesTheSeparateOps) {
+  MPT_REQUIRE_GPU();
+  run_classifier_case("bf16", NAT, BF, BF, 37, 48, 112);
+  run_classifier_case("bf16, odd width", NAT, BF, BF, 37, 48, 107);
+  run_classifier_case("bf16, misaligned logits", NAT, BF, BF, 29, 40, 112, 2);
+  run_classifier_case("fp16, fp32 weights", NAT, F16, F32, 37, 44, 96);
+  run_classifier_case("fp32", NAT, F32, F32, 37, 48, 112);
+  run_classifier_case("tf32", TF, F32, F32, 37, 48, 107);
+  run_classifier_case("fp8 hybrid", FP8, BF, BF, 48, 64, 96);
+  // More columns than the block has threads times 4: each thread's several accesses per row.
+  run_classifier_case("bf16, wide rows", NAT, BF, BF, 9, 32, 5008);
 }
 
 // Outputs that start 2 bytes past an aligned address, widths multiples of 4: the store kernel's

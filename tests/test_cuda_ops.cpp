@@ -276,6 +276,82 @@ TEST_P(CudaOps, EmbeddingRejectsBadTokenIds) {
   EXPECT_THROW(gpu_->embedding_forward(gout.t, gtok.t, gwte.t, gwpe.t), RuntimeError);
 }
 
+// Ids uploaded with copy_ids_from_host: the embedding and the classifier use the host's copy
+// (no synchronisation: the op profile records none) and give the bits of ids read back from
+// the device; a copy_from_host over them afterwards is what the ops then see; a bad id is still
+// refused, naming its position.
+TEST_P(CudaOps, UploadedIdsServeTheOpsWithoutReadingBack) {
+  MPT_REQUIRE_GPU();
+  cuda::Context& ctx = dynamic_cast<CudaBackend&>(*gpu_).context();
+  const int64_t B = 2, T = 29, C = 40, Vp = 56, V = 51;
+  Owned tok = random_ids(*cpu_, {B, T}, V, rng_), tok2 = random_ids(*cpu_, {B, T}, V, rng_);
+  Owned wte = rand({Vp, C}), wpe = rand({T, C}), dout = rand({B, T, C});
+  GpuTensor gwte = to_gpu(*gpu_, wte.t), gwpe = to_gpu(*gpu_, wpe.t), gdout = to_gpu(*gpu_, dout.t);
+  Buffer ids = gpu_->allocate(tok.t.bytes());
+  const Tensor gtok = ids.view(0, DType::i32, {B, T});
+  {
+    // Once on throwaway outputs first, so that the scratch the ops use has grown (growing it
+    // synchronises, once).
+    gpu_->copy_ids_from_host(gtok, tok.i());
+    Owned out = make(*cpu_, {B, T, C}, d()), dw = rand({Vp, C}), dp = rand({T, C});
+    Owned logits = rand({B * T, Vp}), losses = make(*cpu_, {B * T});
+    GpuTensor gout = to_gpu(*gpu_, out.t), gdw = to_gpu(*gpu_, dw.t), gdp = to_gpu(*gpu_, dp.t),
+              glogits = to_gpu(*gpu_, logits.t), glosses = to_gpu(*gpu_, losses.t);
+    gpu_->embedding_forward(gout.t, gtok, gwte.t, gwpe.t);
+    gpu_->embedding_backward(gdw.t, gdp.t, gdout.t, gtok);
+    gpu_->crossentropy_forward_backward(glosses.t, glogits.t, gtok, static_cast<int>(V), 0.5f);
+  }
+  for (int round = 0; round < 2; ++round) {
+    SCOPED_TRACE(round == 0 ? "uploaded ids" : "ids overwritten by copy_from_host");
+    const Owned& src = round == 0 ? tok : tok2;
+    Owned out = make(*cpu_, {B, T, C}, d()), dwte = rand({Vp, C}), dwpe = rand({T, C});
+    Owned logits = rand({B * T, Vp}, 3.0), losses = make(*cpu_, {B * T});
+    GpuTensor gout = to_gpu(*gpu_, out.t, true), gdwte = to_gpu(*gpu_, dwte.t),
+              gdwpe = to_gpu(*gpu_, dwpe.t), glogits = to_gpu(*gpu_, logits.t),
+              glosses = to_gpu(*gpu_, losses.t, true);
+    gpu_->copy_ids_from_host(gtok, tok.i());
+    if (round == 1) gpu_->copy_from_host(gtok, tok2.t.data);
+    reset_counts();
+    ctx.start_profile();
+    gpu_->embedding_forward(gout.t, gtok, gwte.t, gwpe.t);
+    gpu_->embedding_backward(gdwte.t, gdwpe.t, gdout.t, gtok);
+    gpu_->crossentropy_forward_backward(glosses.t, glogits.t, gtok, static_cast<int>(V), 0.5f);
+    int64_t syncs = 0;
+    for (const cuda::OpTime& o : ctx.stop_profile().sorted())
+      syncs += o.op == "(idle: host synchronisation)";
+    if (round == 0)
+      EXPECT_EQ(syncs, 0) << "the host's copy of the ids serves every check and the buckets";
+    else
+      EXPECT_GT(syncs, 0) << "ids written by copy_from_host are read back";
+    cpu_->embedding_forward(out.t, src.t, wte.t, wpe.t);
+    cpu_->embedding_backward(dwte.t, dwpe.t, dout.t, src.t);
+    cpu_->crossentropy_forward_backward(losses.t, logits.t, src.t, static_cast<int>(V), 0.5f);
+    expect_same_bits("embedding out", fetch_bits(*gpu_, gout, "embedding out"), bits_of(out.t));
+    expect_same_bits("dwte", fetch_bits(*gpu_, gdwte, "dwte"), bits_of(dwte.t));
+    expect_same_bits("dwpe", fetch_bits(*gpu_, gdwpe, "dwpe"), bits_of(dwpe.t));
+    expect_close("losses", fetch(*gpu_, glosses, "losses"), widened(losses.t), DType::f32, 1e-5);
+    expect_same_counts(*gpu_, *cpu_, "embedding and classifier");
+  }
+  // An id out of range, uploaded: refused by every op that takes it, before any kernel runs.
+  tok.i()[7] = static_cast<int32_t>(V);
+  gpu_->copy_ids_from_host(gtok, tok.i());
+  Owned out = make(*cpu_, {B, T, C}, d()), logits = rand({B * T, Vp}), losses = make(*cpu_, {B * T});
+  GpuTensor gout = to_gpu(*gpu_, out.t, true), glogits = to_gpu(*gpu_, logits.t),
+            glosses = to_gpu(*gpu_, losses.t, true);
+  try {
+    gpu_->crossentropy_forward_backward(glosses.t, glogits.t, gtok, static_cast<int>(V), 0.0f);
+    ADD_FAILURE() << "no throw";
+  } catch (const RuntimeError& e) {
+    EXPECT_NE(std::string(e.what()).find("token id 51 at 7 outside [0, 51)"), std::string::npos)
+        << e.what();
+  }
+  gpu_->embedding_forward(gout.t, gtok, gwte.t, gwpe.t);  // 51 < Vp: a row of wte
+  tok.i()[7] = static_cast<int32_t>(Vp);
+  gpu_->copy_ids_from_host(gtok, tok.i());
+  EXPECT_THROW(gpu_->embedding_forward(gout.t, gtok, gwte.t, gwpe.t), RuntimeError);
+  EXPECT_THROW(gpu_->embedding_backward(gwte.t, gwpe.t, gdout.t, gtok), RuntimeError);
+}
+
 // wd: the dtype of the weight, bias and their gradients (the activations' d(), or fp32 as the
 // mixed policies keep them).
 void CudaOps::layernorm_case(DType wd, int64_t B, int64_t T, int64_t C) {

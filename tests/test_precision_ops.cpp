@@ -702,6 +702,35 @@ TEST_F(PrecisionOps, FusedMatmulOpsAreTheOpsTheyFuse) {
       expect_same(fused_r, counts_now(be));
       same_bits("residual sum", sum, sum2);
 
+      // The LM head and the classifier (no bias; 3 padded columns), training and evaluating:
+      // the gradient over the logits, or the logits themselves when dloss is 0.
+      for (float dloss : {0.37f, 0.0f}) {
+        const int vocab = static_cast<int>(OC) - 3;
+        Owned targets = make(be, {N}, DType::i32);
+        for (int64_t i = 0; i < N; ++i)
+          static_cast<int32_t*>(targets.t.data)[i] = static_cast<int32_t>(rng.next_u64() % vocab);
+        Owned logits = randn_as(be, {N, OC}, pol.act, rng), logits2 = make(be, {N, OC}, pol.act);
+        Owned losses = make(be, {N}, DType::f32), losses2 = make(be, {N}, DType::f32);
+        be.reset_cast_counts();
+        be.matmul_crossentropy(losses.t, logits.t, x.t, w.t, targets.t, vocab, dloss, spec);
+        const auto fused_c = counts_now(be);
+        be.reset_cast_counts();
+        be.matmul_forward(logits2.t, x.t, w.t, Tensor(), spec);
+        be.crossentropy_forward_backward(losses2.t, logits2.t, targets.t, vocab, dloss);
+        expect_same(fused_c, counts_now(be));
+        same_bits(dloss != 0.0f ? "dlogits" : "logits", logits, logits2);
+        same_bits("losses", losses, losses2);
+        for (float l : test::widened(losses.t)) EXPECT_TRUE(std::isfinite(l) && l > 0.0f) << l;
+        EXPECT_THROW(be.matmul_crossentropy(losses.t, logits.t, logits.t, w.t, targets.t, vocab,
+                                            dloss, spec),
+                     RuntimeError)
+            << "logits overlapping inp";
+        EXPECT_THROW(be.matmul_crossentropy(Tensor(logits.t.data, DType::f32, {N}), logits.t, x.t,
+                                            w.t, targets.t, vocab, dloss, spec),
+                     RuntimeError)
+            << "logits overlapping losses";
+      }
+
       // Backward: dweight, dbias accumulate onto the same starting values; dinp starts stale.
       Owned dout = randn_as(be, {N, OC}, pol.act, rng, 0.5);
       Owned dw = randn_as(be, {OC, C}, pol.grad, rng), db = randn_as(be, {OC}, pol.grad, rng);

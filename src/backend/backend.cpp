@@ -61,6 +61,22 @@ void Backend::matmul_backward_gelu(Tensor dinp, Tensor dweight, Tensor dbias, Te
   gelu_backward(dinp, gelu_pre, dinp);
 }
 
+void Backend::matmul_crossentropy(Tensor losses, Tensor logits, Tensor inp, Tensor weight,
+                                  Tensor targets, int vocab_size, float dloss,
+                                  const MatmulSpec& spec) {
+  check_crossentropy_args(losses, logits, inp, targets);
+  matmul_forward(logits, inp, weight, Tensor(), spec);
+  crossentropy_forward_backward(losses, logits, targets, vocab_size, dloss);
+}
+
+void check_crossentropy_args(const Tensor& losses, const Tensor& logits, const Tensor& inp,
+                             const Tensor& targets) {
+  const char* op = "matmul_crossentropy";
+  check_disjoint_args(op, "logits", logits, "inp", inp);
+  check_disjoint_args(op, "logits", logits, "losses", losses);
+  check_disjoint_args(op, "logits", logits, "targets", targets);
+}
+
 OperandFormat attention_operand_format(DType a, DType b, MatmulPrecision prec) {
   auto is_float = [](DType d) { return d == DType::f32 || d == DType::f16 || d == DType::bf16; };
   if (!is_float(a) || !is_float(b))

@@ -148,6 +148,14 @@ class Backend {
   virtual bool host_accessible() const = 0;
   virtual void copy_from_host(Tensor dst, const void* src) = 0;  // dst.bytes() bytes
   virtual void copy_to_host(void* dst, Tensor src) = 0;          // src.bytes() bytes
+  // Uploads int32 ids (tokens, targets) into dst, an int32 tensor, for the ops that check and
+  // index with them (the embedding, the classifier). A backend whose memory the host cannot
+  // read keeps the host's copy of the values and those ops use it instead of reading the ids
+  // back (CUDA: no synchronisation, and the upload itself does not wait either). The copy is
+  // the backend's view of dst until dst is written again by copy_from_host, copy_ids_from_host
+  // or fill, or its memory is freed; no other op may write dst meanwhile. The default is
+  // copy_from_host.
+  virtual void copy_ids_from_host(Tensor dst, const int32_t* src) { copy_from_host(dst, src); }
   // Every element = value rounded to t's dtype (any float dtype).
   virtual void fill(Tensor t, float value) = 0;
   virtual void synchronize() = 0;
@@ -265,6 +273,17 @@ class Backend {
   // dloss * (softmax - onehot(target)), and the padded columns with 0.
   virtual void crossentropy_forward_backward(Tensor losses, Tensor logits, Tensor targets,
                                              int vocab_size, float dloss) = 0;
+  // The language-model head and the classifier as one op, so that a backend can hand the
+  // GEMM's fp32 product straight to the classifier (CUDA: with 16-bit logits the classifier
+  // rounds the product itself, and no separate pass stores the logits). Writes what
+  // matmul_forward(logits, inp, weight, no bias, spec) and then
+  // crossentropy_forward_backward(losses, logits, targets, vocab_size, dloss) write: the same
+  // values, the same cast counts (the logits' store as activations, the gradient as
+  // gradients), and logits holding the rounded logits when dloss is 0. The default runs those
+  // two ops. logits must not overlap inp, losses or targets.
+  virtual void matmul_crossentropy(Tensor losses, Tensor logits, Tensor inp, Tensor weight,
+                                   Tensor targets, int vocab_size, float dloss,
+                                   const MatmulSpec& spec);
 
   // ---- optimizer support
   // Sum of squares of all elements, accumulated in fp64 in a fixed order (deterministic).
@@ -286,10 +305,14 @@ class Backend {
 
 // The checks every implementation of the fused ops makes of the pairs of arguments that must
 // not overlap (matmul_gelu_forward's out and pre, matmul_backward_gelu's dinp and gelu_pre,
-// matmul_residual_forward's out and residual or inp): both defined, disjoint. Throws
+// matmul_residual_forward's out and residual or inp, matmul_crossentropy's logits and inp,
+// losses or targets): both defined, disjoint. Throws
 // RuntimeError naming them.
 void check_disjoint_args(const char* op, const char* a_name, const Tensor& a,
                          const char* b_name, const Tensor& b);
+// matmul_crossentropy's three: logits apart from inp, losses and targets.
+void check_crossentropy_args(const Tensor& losses, const Tensor& logits, const Tensor& inp,
+                             const Tensor& targets);
 
 // Creates the backend named in the config: "cpu", "cuda" or "auto" (CUDA when this build has it
 // and a device is present, else CPU). `threads` = 0 means all available cores. Throws

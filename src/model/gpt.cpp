@@ -468,8 +468,8 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
   ensure_activations(B, T);
   cur_B_ = B;
   cur_T_ = T;
-  be_.copy_from_host(tokens_, inputs);
-  be_.copy_from_host(targets_, targets);
+  be_.copy_ids_from_host(tokens_, inputs);
+  be_.copy_ids_from_host(targets_, targets);
   recording_ = dloss != 0.0f;  // evaluation passes do not feed the fp8 amax histories
 
   // One linear layer: its GEMM spec (fp8 scales, amaxes recorded when training), the matmul;
@@ -518,8 +518,16 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
   }
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, residual, param(lnfw_), param(lnfb_));
   check(-1, "layernorm_forward", "ln_f", lnf_, false);
-  linear(-1, head_gemm_, "lm_head", logits_, lnf_, wte_, Tensor(), Tensor(), Tensor());  // tied
-  be_.crossentropy_forward_backward(losses_, logits_, targets_, V_, dloss);
+  // The LM head (weights tied to wte) and the classifier: one op, which a backend may fuse,
+  // except when tracing non-finite values, which needs the logits between the two (the fused op
+  // gives the same bits, so tracing a step repeats it exactly).
+  if (tracing_) {
+    linear(-1, head_gemm_, "lm_head", logits_, lnf_, wte_, Tensor(), Tensor(), Tensor());
+    be_.crossentropy_forward_backward(losses_, logits_, targets_, V_, dloss);
+  } else {
+    be_.matmul_crossentropy(losses_, logits_, lnf_, param(wte_), targets_, V_, dloss,
+                            gemm_spec(head_gemm_, lnf_, param(wte_), Tensor()));
+  }
   check(-1, "crossentropy_forward_backward", "losses", losses_, false);
   if (dloss != 0.0f) check(-1, "crossentropy_forward_backward", "dlogits", logits_, true);
   grad_ready_ = dloss != 0.0f;

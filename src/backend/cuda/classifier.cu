@@ -1,7 +1,8 @@
 // Fused softmax + cross-entropy + its gradient, one block per row, in place over the logits:
 // an fp32 softmax over the first vocab_size columns, the loss, and with dloss != 0 the gradient
 // dloss * (softmax - onehot) stored in the logits' dtype, padded columns zeroed. The targets are
-// checked on the host.
+// checked on the host (Context::ids_on_host: without a synchronisation when they were uploaded
+// with copy_ids_from_host).
 //
 // Two passes over the row: the first keeps each thread's running max m and its sum s of
 // exp(x - m), rescaling s when m grows (the online softmax of Milakov & Gimelshein, 2018,
@@ -30,29 +31,55 @@ __device__ __forceinline__ void online_add(float x, float& m, float& s) {
   }
 }
 
-// kVec: elements per access (16 bytes of T when the row allows, else 1).
-template <class T, int kVec>
+// The source of the first pass: the logits in place (kStaged false), or the matmul's fp32
+// product `d` (kStaged true: matmul_crossentropy), which the first pass rounds into the logits'
+// dtype, counts as activations (as matmul_forward's store does) and writes to the row before
+// the second pass reads it back (the same thread: no barrier needed).
+// kVec: elements per access (16 bytes of T, or of d when staged, when the row allows; else 1).
+template <class T, int kVec, bool kStaged>
 __global__ void __launch_bounds__(kClassifierBlock)
-    crossentropy_kernel(float* losses, T* logits, const int32_t* targets, int64_t Vp, int64_t V,
-                        float dloss, unsigned long long* counters) {
+    crossentropy_kernel(float* losses, T* logits, const float* d, const int32_t* targets,
+                        int64_t Vp, int64_t V, float dloss, unsigned long long* act_counters,
+                        unsigned long long* grad_counters) {
   __shared__ float shared[32];
-  CastTally tally;
+  CastTally tally, act_tally;
   const int64_t n = blockIdx.x;
   T* row = logits + n * Vp;
   const int64_t y = targets[n];
-  const float ly = load<T>(row[y]);  // read before any thread overwrites the row
+  // Read before any thread overwrites the row; staged, the target's product rounded as pass 1
+  // rounds it.
+  float ly;
+  if constexpr (kStaged) ly = load<T>(store<T>(d[n * Vp + y]));
+  else ly = load<T>(row[y]);
 
   float m = -INFINITY, s = 0.0f;
-  for (int64_t i0 = int64_t{threadIdx.x} * kVec; i0 < V; i0 += int64_t{blockDim.x} * kVec) {
-    if constexpr (kVec == 1) {
-      online_add(load<T>(row[i0]), m, s);
-    } else {
-      const Pack<T, kVec> p = *reinterpret_cast<const Pack<T, kVec>*>(row + i0);
+  // Staged, every column is stored (the padded ones too, as matmul_forward stores them).
+  const int64_t pass1_end = kStaged ? Vp : V;
+  for (int64_t i0 = int64_t{threadIdx.x} * kVec; i0 < pass1_end; i0 += int64_t{blockDim.x} * kVec) {
+    Pack<T, kVec> p;
+    if constexpr (kStaged) {
+      float x[kVec];
+      if constexpr (kVec == 4) {
+        const float4 q = *reinterpret_cast<const float4*>(d + n * Vp + i0);
+        x[0] = q.x, x[1] = q.y, x[2] = q.z, x[3] = q.w;
+      } else {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k)
-        if (i0 + k < V) online_add(load<T>(p.v[k]), m, s);
+        for (int k = 0; k < kVec; ++k) x[k] = d[n * Vp + i0 + k];
+      }
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        p.v[k] = store<T>(x[k]);
+        act_tally.add(x[k], load<T>(p.v[k]), max_finite<T>());
+      }
+      *reinterpret_cast<Pack<T, kVec>*>(row + i0) = p;
+    } else {
+      p = *reinterpret_cast<const Pack<T, kVec>*>(row + i0);
     }
+#pragma unroll
+    for (int k = 0; k < kVec; ++k)
+      if (i0 + k < V) online_add(load<T>(p.v[k]), m, s);
   }
+  if constexpr (kStaged) act_tally.flush(act_counters);
   const float maxv = block_max(m, shared);  // m is never NaN (NaN > m is false)
   // This thread's sum relative to the row's max (nothing when it saw nothing: 0, not 0 * NaN).
   const float rel = s == 0.0f ? 0.0f : __fmul_rn(s, expf(__fsub_rn(m, maxv)));
@@ -65,28 +92,23 @@ __global__ void __launch_bounds__(kClassifierBlock)
                    : 0.0f;
     };
     for (int64_t i0 = int64_t{threadIdx.x} * kVec; i0 < Vp; i0 += int64_t{blockDim.x} * kVec) {
-      if constexpr (kVec == 1) {
-        store_counted(row, i0, grad(i0, load<T>(row[i0])), tally);
-      } else {
-        Pack<T, kVec> p = *reinterpret_cast<const Pack<T, kVec>*>(row + i0);
+      Pack<T, kVec> p = *reinterpret_cast<const Pack<T, kVec>*>(row + i0);
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) {
-          const float g = grad(i0 + k, load<T>(p.v[k]));
-          p.v[k] = store<T>(g);
-          if (kNarrow<T>) tally.add(g, load<T>(p.v[k]), max_finite<T>());
-        }
-        *reinterpret_cast<Pack<T, kVec>*>(row + i0) = p;
+      for (int k = 0; k < kVec; ++k) {
+        const float g = grad(i0 + k, load<T>(p.v[k]));
+        p.v[k] = store<T>(g);
+        if (kNarrow<T>) tally.add(g, load<T>(p.v[k]), max_finite<T>());
       }
+      *reinterpret_cast<Pack<T, kVec>*>(row + i0) = p;
     }
-    if (kNarrow<T>) tally.flush(counters);
+    if (kNarrow<T>) tally.flush(grad_counters);
   }
 }
 
-}  // namespace
-
-void crossentropy_forward_backward(Context& ctx, Tensor losses, Tensor logits, Tensor targets,
-                                   int vocab_size, float dloss) {
-  const char* op = "crossentropy_forward_backward";
+// Checks the classifier's arguments as backend.h describes them, the targets on the host (they
+// index the rows), as the CPU backend checks them. Returns the rows' width, Vp.
+int64_t check_classifier(Context& ctx, const char* op, const Tensor& losses, const Tensor& logits,
+                         const Tensor& targets, int vocab_size) {
   if (!logits.defined() || logits.shape.ndim < 1 || logits.dim(-1) <= 0)
     throw RuntimeError(std::string(op) + ": argument 'logits' expected (N,Vp), got " +
                        logits.shape.str());
@@ -97,35 +119,83 @@ void crossentropy_forward_backward(Context& ctx, Tensor losses, Tensor logits, T
   expect_float(op, "logits", as_shape(logits, {N, Vp}), {N, Vp});
   expect_tensor(op, "losses", as_shape(losses, {N}), DType::f32, {N});
   expect_tensor(op, "targets", as_shape(targets, {N}), DType::i32, {N});
-  if (N == 0) return;
-  // The targets index the row: checked on the host, as the CPU backend checks them.
-  std::vector<int32_t> tgt(static_cast<size_t>(N));
-  MPT_CUDA_CHECK(cudaMemcpyAsync(tgt.data(), targets.data, targets.bytes(),
-                                 cudaMemcpyDeviceToHost, ctx.stream()));
-  ctx.sync(op);
-  for (int64_t i = 0; i < N; ++i)
-    if (tgt[i] < 0 || tgt[i] >= V)
-      throw RuntimeError(std::string(op) + ": token id " + std::to_string(tgt[i]) + " at " +
-                         std::to_string(i) + " outside [0, " + std::to_string(V) + ")");
   if (N > 0x7FFFFFFF) throw RuntimeError(std::string(op) + ": too many rows");
-  unsigned long long* counters = ctx.cast_counters(TensorClass::gradient);
+  std::vector<int32_t> readback;
+  ctx.ids_on_host(op, as_shape(targets, {N}), V, &readback);
+  return Vp;
+}
+
+// The kernel for logits of type T (the discarded branch below is never instantiated: no staged
+// kernel for fp32 logits).
+template <class T>
+void launch_typed(Context& ctx, float* losses, T* logits, const float* d, const int32_t* targets,
+                  int64_t N, int64_t Vp, int64_t V, float dloss, unsigned long long* act_counters,
+                  unsigned long long* grad_counters) {
+  auto run = [&](auto kernel) {
+    kernel<<<static_cast<unsigned>(N), kClassifierBlock, 0, ctx.stream()>>>(
+        losses, logits, d, targets, Vp, V, dloss, act_counters, grad_counters);
+  };
+  const uintptr_t at = reinterpret_cast<uintptr_t>(logits);
+  if (d) {
+    if constexpr (kNarrow<T>) {
+      // 4 products (16 bytes) and 4 logits per access when every row allows it.
+      const bool vec = Vp % 4 == 0 && reinterpret_cast<uintptr_t>(d) % 16 == 0 &&
+                       at % (4 * sizeof(T)) == 0;
+      if (vec)
+        run(crossentropy_kernel<T, 4, true>);
+      else
+        run(crossentropy_kernel<T, 1, true>);
+    } else {
+      throw RuntimeError("crossentropy: only 16-bit logits are rounded from a product");
+    }
+    return;
+  }
+  // 16-byte accesses when every row starts on a 16-byte boundary.
+  constexpr int kVec = 16 / sizeof(T);
+  if (Vp % kVec == 0 && at % 16 == 0)
+    run(crossentropy_kernel<T, kVec, false>);
+  else
+    run(crossentropy_kernel<T, 1, false>);
+}
+
+// The classifier over checked arguments; d: the fp32 product the logits are to be rounded from
+// (16-bit logits), or null for the logits in place.
+void launch_classifier(Context& ctx, Tensor losses, Tensor logits, const float* d, Tensor targets,
+                       int64_t Vp, int64_t V, float dloss) {
+  const int64_t N = logits.numel() / Vp;
+  if (N == 0) return;
+  unsigned long long* grad_counters = ctx.cast_counters(TensorClass::gradient);
+  unsigned long long* act_counters = ctx.cast_counters(TensorClass::activation);
   MPT_DISPATCH_FLOAT(logits.dtype, "crossentropy_forward_backward: logits", [&] {
-    // 16-byte accesses when every row starts on a 16-byte boundary.
-    constexpr int kVec = 16 / sizeof(T);
-    const bool vec = Vp % kVec == 0 && reinterpret_cast<uintptr_t>(logits.data) % 16 == 0;
-    auto run = [&](auto kernel) {
-      kernel<<<static_cast<unsigned>(N), kClassifierBlock, 0, ctx.stream()>>>(
-          static_cast<float*>(losses.data), static_cast<T*>(logits.data),
-          static_cast<const int32_t*>(targets.data), Vp, V, dloss, counters);
-    };
-    if (vec)
-      run(crossentropy_kernel<T, kVec>);
-    else
-      run(crossentropy_kernel<T, 1>);
+    launch_typed(ctx, static_cast<float*>(losses.data), static_cast<T*>(logits.data), d,
+                 static_cast<const int32_t*>(targets.data), N, Vp, V, dloss, act_counters,
+                 grad_counters);
   });
-  MPT_LAUNCH_CHECK(ctx, op);
-  if (dloss != 0.0f && logits.dtype != DType::f32)
-    ctx.add_cast_values(TensorClass::gradient, N * Vp);
+  MPT_LAUNCH_CHECK(ctx, d ? "crossentropy (logits from the fp32 product)"
+                          : "crossentropy_forward_backward");
+  if (logits.dtype != DType::f32) {
+    if (d) ctx.add_cast_values(TensorClass::activation, N * Vp);
+    if (dloss != 0.0f) ctx.add_cast_values(TensorClass::gradient, N * Vp);
+  }
+}
+
+}  // namespace
+
+void crossentropy_forward_backward(Context& ctx, Tensor losses, Tensor logits, Tensor targets,
+                                   int vocab_size, float dloss) {
+  const int64_t Vp =
+      check_classifier(ctx, "crossentropy_forward_backward", losses, logits, targets, vocab_size);
+  launch_classifier(ctx, losses, logits, nullptr, targets, Vp, vocab_size, dloss);
+}
+
+void check_crossentropy(Context& ctx, const char* op, Tensor losses, Tensor logits,
+                        Tensor targets, int vocab_size) {
+  check_classifier(ctx, op, losses, logits, targets, vocab_size);
+}
+
+void crossentropy_from_product(Context& ctx, Tensor losses, Tensor logits, const float* d,
+                               Tensor targets, int vocab_size, float dloss) {
+  launch_classifier(ctx, losses, logits, d, targets, logits.dim(-1), vocab_size, dloss);
 }
 
 }  // namespace mpt::cuda

@@ -11,4 +11,16 @@ namespace mpt::cuda {
 void crossentropy_forward_backward(Context& ctx, Tensor losses, Tensor logits, Tensor targets,
                                    int vocab_size, float dloss);
 
+// matmul_crossentropy's two halves (matmul.cu runs the GEMM between them): the classifier's
+// checks of its arguments (the targets on the host), made before the GEMM; then, over 16-bit
+// logits, the classifier reading the GEMM's fp32 product d (N,Vp) instead of the logits (d null:
+// the logits in place, as crossentropy_forward_backward without its checks): it
+// rounds d into the logits and counts that store as matmul_forward would, then proceeds as
+// crossentropy_forward_backward. Same bits and counts as the GEMM's own store followed by
+// crossentropy_forward_backward, with one pass fewer over the logits.
+void check_crossentropy(Context& ctx, const char* op, Tensor losses, Tensor logits,
+                        Tensor targets, int vocab_size);
+void crossentropy_from_product(Context& ctx, Tensor losses, Tensor logits, const float* d,
+                               Tensor targets, int vocab_size, float dloss);
+
 }  // namespace mpt::cuda

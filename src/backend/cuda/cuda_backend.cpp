@@ -42,11 +42,15 @@ std::string CudaBackend::device_description() const {
 Buffer CudaBackend::allocate(size_t bytes) {
   void* p = nullptr;
   MPT_CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1));  // cudaMalloc aligns to >= 256 bytes
-  Buffer buf(p, bytes, [mem = ctx_->memory(), bytes](void* q) {
+  // New memory holds no uploaded ids (a copy recorded for a freed block at this address is
+  // forgotten when that block is freed; this is the second guard).
+  ctx_->host_ids()->forget(p, bytes ? bytes : 1);
+  Buffer buf(p, bytes, [mem = ctx_->memory(), ids = ctx_->host_ids(), bytes](void* q) {
     // The release waits for queued work that may still use the memory (cudaFree synchronises
     // with the device); it must not throw from a destructor.
     cudaFree(q);
     mem->sub(bytes);
+    ids->forget(q, bytes ? bytes : 1);
   });
   ctx_->memory()->add(bytes);
   // backend.h promises zeroed memory (a failure here frees the allocation through buf)
@@ -74,9 +78,18 @@ GpuInfo CudaBackend::gpu_info() const {
 }
 
 void CudaBackend::copy_from_host(Tensor dst, const void* src) {
+  ctx_->host_ids()->forget(dst.data, dst.bytes());
   MPT_CUDA_CHECK(
       cudaMemcpyAsync(dst.data, src, dst.bytes(), cudaMemcpyHostToDevice, ctx_->stream()));
   ctx_->sync("copying to the device");  // src may be freed or reused by the caller right after
+}
+
+void CudaBackend::copy_ids_from_host(Tensor dst, const int32_t* src) {
+  if (!dst.defined() || dst.dtype != DType::i32)
+    throw RuntimeError(std::string("copy_ids_from_host: argument 'dst' expected an int32 tensor, got ") +
+                       (dst.defined() ? dtype_name(dst.dtype) : "undefined") + dst.shape.str());
+  ctx_->upload_async(dst.data, src, dst.bytes());
+  ctx_->host_ids()->record(dst.data, dst.bytes(), src);
 }
 
 void CudaBackend::copy_to_host(void* dst, Tensor src) {
@@ -93,7 +106,10 @@ size_t CudaBackend::workspace_bytes() const {
   return ctx_->scratch_bytes() + ctx_->lt_workspace_bytes();
 }
 
-void CudaBackend::fill(Tensor t, float value) { cuda::fill(*ctx_, t, value); }
+void CudaBackend::fill(Tensor t, float value) {
+  ctx_->host_ids()->forget(t.data, t.bytes());
+  cuda::fill(*ctx_, t, value);
+}
 void CudaBackend::cast(Tensor dst, Tensor src, TensorClass cls) { cuda::cast(*ctx_, dst, src, cls); }
 float CudaBackend::amax(Tensor t) { return cuda::amax(*ctx_, t); }
 int64_t CudaBackend::count_nonfinite(Tensor t) { return cuda::count_nonfinite(*ctx_, t); }
@@ -157,6 +173,11 @@ void CudaBackend::residual_forward(Tensor out, Tensor a, Tensor b) {
 void CudaBackend::crossentropy_forward_backward(Tensor losses, Tensor logits, Tensor targets,
                                                 int vocab_size, float dloss) {
   cuda::crossentropy_forward_backward(*ctx_, losses, logits, targets, vocab_size, dloss);
+}
+void CudaBackend::matmul_crossentropy(Tensor losses, Tensor logits, Tensor inp, Tensor weight,
+                                      Tensor targets, int vocab_size, float dloss,
+                                      const MatmulSpec& spec) {
+  cuda::matmul_crossentropy(*ctx_, losses, logits, inp, weight, targets, vocab_size, dloss, spec);
 }
 double CudaBackend::sum_squares(Tensor t) { return cuda::sum_squares(*ctx_, t); }
 void CudaBackend::adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m, Tensor v,

@@ -29,6 +29,7 @@ class CudaBackend : public Backend {
   Buffer allocate(size_t bytes) override;
   bool host_accessible() const override { return false; }
   void copy_from_host(Tensor dst, const void* src) override;
+  void copy_ids_from_host(Tensor dst, const int32_t* src) override;
   void copy_to_host(void* dst, Tensor src) override;
   void fill(Tensor t, float value) override;
   void synchronize() override;
@@ -70,6 +71,9 @@ class CudaBackend : public Backend {
   void residual_forward(Tensor out, Tensor a, Tensor b) override;
   void crossentropy_forward_backward(Tensor losses, Tensor logits, Tensor targets, int vocab_size,
                                      float dloss) override;
+  void matmul_crossentropy(Tensor losses, Tensor logits, Tensor inp, Tensor weight,
+                           Tensor targets, int vocab_size, float dloss,
+                           const MatmulSpec& spec) override;
   double sum_squares(Tensor t) override;
   void adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m, Tensor v,
                     const AdamWParams& p, AdamWStats* stats) override;

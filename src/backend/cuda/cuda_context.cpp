@@ -271,6 +271,63 @@ void* Context::pinned(size_t bytes) {
   return pinned_;
 }
 
+StagingBlock::~StagingBlock() {
+  // Not thrown from a destructor; the Context synchronised its stream first.
+  if (done_) {
+    cudaEventSynchronize(done_);
+    cudaEventDestroy(done_);
+  }
+  if (ptr_) cudaFreeHost(ptr_);
+}
+
+void* StagingBlock::acquire(size_t bytes) {
+  if (pending_) {
+    MPT_CUDA_CHECK(cudaEventSynchronize(done_));
+    pending_ = false;
+  }
+  if (bytes_ < bytes) {
+    if (ptr_) MPT_CUDA_CHECK(cudaFreeHost(ptr_));
+    ptr_ = nullptr;
+    bytes_ = 0;
+    MPT_CUDA_CHECK(cudaMallocHost(&ptr_, bytes));
+    bytes_ = bytes;
+  }
+  return ptr_;
+}
+
+void StagingBlock::queued(cudaStream_t stream) {
+  if (!done_) MPT_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+  MPT_CUDA_CHECK(cudaEventRecord(done_, stream));
+  pending_ = true;
+}
+
+void Context::upload_async(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return;
+  StagingBlock& b = staging_[next_staging_];
+  next_staging_ = (next_staging_ + 1) % kStaging;
+  void* h = b.acquire(bytes);
+  std::memcpy(h, src, bytes);
+  MPT_CUDA_CHECK(cudaMemcpyAsync(dst, h, bytes, cudaMemcpyHostToDevice, stream_));
+  b.queued(stream_);
+}
+
+const int32_t* Context::ids_on_host(const char* op, const Tensor& t, int64_t limit,
+                                    std::vector<int32_t>* readback) {
+  const int64_t n = t.numel();
+  if (const HostIds* known = host_ids_->find(t.data, t.bytes())) {
+    check_ids(op, known->values.data(), n, limit, known);
+    return known->values.data();
+  }
+  readback->resize(static_cast<size_t>(n));
+  if (n > 0) {
+    MPT_CUDA_CHECK(cudaMemcpyAsync(readback->data(), t.data, t.bytes(), cudaMemcpyDeviceToHost,
+                                   stream_));
+    sync(op);
+  }
+  check_ids(op, readback->data(), n, limit);
+  return readback->data();
+}
+
 void Context::check_launch(const char* op, const char* file, int line) const {
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess)

@@ -12,6 +12,7 @@
 
 #include "backend/backend.h"
 #include "backend/cuda/cuda_check.h"
+#include "backend/cuda/host_ids.h"
 #include "backend/cuda/matmul_plan.h"
 #include "backend/cuda/op_profile.h"
 #include "backend/cuda/workspace_plan.h"
@@ -43,6 +44,27 @@ class DeviceBuffer {
  private:
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
+};
+
+// Pinned host memory that an asynchronous host-to-device copy reads, with an event recorded
+// after that copy: the memory is handed out again only once the copy has completed. Move-only
+// (cudaFreeHost and cudaEventDestroy on destruction).
+class StagingBlock {
+ public:
+  StagingBlock() = default;
+  StagingBlock(const StagingBlock&) = delete;
+  StagingBlock& operator=(const StagingBlock&) = delete;
+  ~StagingBlock();
+  // At least `bytes` of pinned memory, after the last copy queued from it has completed.
+  void* acquire(size_t bytes);
+  // Records that a copy from the block was just queued on `stream`.
+  void queued(cudaStream_t stream);
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+  cudaEvent_t done_ = nullptr;
+  bool pending_ = false;
 };
 
 // Scratch roles (enum Scratch): workspace_plan.h, where the workspace is also predicted.
@@ -99,6 +121,19 @@ class Context {
   // Pinned host memory for small results copied back from the device (reductions).
   void* pinned(size_t bytes);
 
+  // Copies `bytes` from host memory `src` to device memory `dst` on the stream without waiting
+  // for the copy: src goes first into the next of a ring of pinned staging blocks (kStaging;
+  // a block is reused once its last copy has completed), so the caller may reuse src at once.
+  void upload_async(void* dst, const void* src, size_t bytes);
+  // The host's copies of ids uploaded by CudaBackend::copy_ids_from_host (host_ids.h). Shared
+  // with the Buffers' deleters, which forget the memory they free.
+  const std::shared_ptr<HostIdTable>& host_ids() const { return host_ids_; }
+  // The values of int32 tensor `t` on the host, checked against [0, limit) as the CPU backend
+  // checks ids (RuntimeError naming `op`): the host's copy when t is exactly a tensor uploaded
+  // by copy_ids_from_host (no synchronisation), else read back into *readback (synchronises).
+  const int32_t* ids_on_host(const char* op, const Tensor& t, int64_t limit,
+                             std::vector<int32_t>* readback);
+
   // After every kernel launch: the launch's own error (a bad configuration) is thrown naming
   // `op`; with MPT_CUDA_SYNC=1 in the environment the stream is also synchronised, so an error
   // in the kernel itself is reported at the op that caused it.
@@ -137,6 +172,12 @@ class Context {
   GemmAlgoCache gemm_algos_;
   void* pinned_ = nullptr;
   size_t pinned_bytes_ = 0;
+  // Uploads per micro-step: the tokens, the targets and the embedding's buckets; a block comes
+  // round again a micro-step later, when its copy has long completed.
+  static constexpr size_t kStaging = 4;
+  std::array<StagingBlock, kStaging> staging_;
+  size_t next_staging_ = 0;
+  std::shared_ptr<HostIdTable> host_ids_ = std::make_shared<HostIdTable>();
   bool debug_sync_ = false;
   bool lt_epilogues_ = true;
   struct Profiler;  // the events and the ops that ended them

@@ -1,7 +1,9 @@
 // Token + position embedding. The backward is deterministic and sums in the CPU backend's order
-// (bit-identical to it): the token ids are copied to the host, which checks them and buckets
-// the positions by token (llm.c's approach); one kernel then adds each token's positions into
-// its dwte row in increasing position order, another each position's rows over the batch.
+// (bit-identical to it): the host checks the token ids and buckets the positions by token
+// (llm.c's approach; host_ids.h), from its own copy when the ids were uploaded with
+// copy_ids_from_host (no synchronisation), else reading them back; one kernel then adds each
+// token's positions into its dwte row in increasing position order, another each position's
+// rows over the batch.
 #include "backend/cuda/embedding.cuh"
 
 #include <algorithm>
@@ -11,20 +13,6 @@
 
 namespace mpt::cuda {
 namespace {
-
-// The ids copied to the host and checked against [0, limit), as the CPU backend checks them.
-std::vector<int32_t> host_ids(Context& ctx, const char* op, const Tensor& tokens, int64_t limit) {
-  std::vector<int32_t> ids(static_cast<size_t>(tokens.numel()));
-  if (ids.empty()) return ids;
-  MPT_CUDA_CHECK(cudaMemcpyAsync(ids.data(), tokens.data, tokens.bytes(), cudaMemcpyDeviceToHost,
-                                 ctx.stream()));
-  ctx.sync(op);
-  for (size_t i = 0; i < ids.size(); ++i)
-    if (ids[i] < 0 || ids[i] >= limit)
-      throw RuntimeError(std::string(op) + ": token id " + std::to_string(ids[i]) + " at " +
-                         std::to_string(i) + " outside [0, " + std::to_string(limit) + ")");
-  return ids;
-}
 
 template <class T>
 __global__ void embedding_forward_kernel(T* out, const int32_t* tokens, const void* wte, DType dte,
@@ -96,7 +84,8 @@ void embedding_forward(Context& ctx, Tensor out, Tensor tokens, Tensor wte, Tens
   expect_float(op, "wpe", wpe, wpe.shape);
   const int64_t N = B * T_;
   if (N * C == 0) return;
-  host_ids(ctx, op, tokens, Vp);  // checks the ids (an out-of-range id would read anywhere)
+  std::vector<int32_t> readback;
+  ctx.ids_on_host(op, tokens, Vp, &readback);  // checks them: an id out of range reads anywhere
   unsigned long long* counters = ctx.cast_counters(TensorClass::activation);
   MPT_DISPATCH_FLOAT(out.dtype, "embedding_forward: out", [&] {
     embedding_forward_kernel<T><<<grid_stride_blocks(N * C), kBlock, 0, ctx.stream()>>>(
@@ -127,34 +116,13 @@ void embedding_backward(Context& ctx, Tensor dwte, Tensor dwpe, Tensor dout, Ten
   const int64_t N = B * T_;
   if (N * C == 0) return;
   if (N > INT32_MAX / 2) throw RuntimeError("embedding_backward: too many positions");
-  const std::vector<int32_t> ids = host_ids(ctx, op, tokens, Vp);
-
-  // Bucket the positions by token, each bucket in increasing position order (a counting sort).
-  std::vector<int32_t> count(static_cast<size_t>(Vp) + 1, 0);
-  for (int32_t id : ids) ++count[static_cast<size_t>(id) + 1];
-  std::vector<int32_t> bucket_token, bucket_start;
-  for (int64_t v = 0; v < Vp; ++v)
-    if (count[v + 1] > 0) bucket_token.push_back(static_cast<int32_t>(v));
-  for (int64_t v = 0; v < Vp; ++v) count[v + 1] += count[v];  // count[v] = first slot of v
-  std::vector<int32_t> order(static_cast<size_t>(N));
-  {
-    std::vector<int32_t> next(count.begin(), count.end() - 1);
-    for (int64_t bt = 0; bt < N; ++bt) order[next[ids[bt]]++] = static_cast<int32_t>(bt);
-  }
-  for (int32_t tok : bucket_token) bucket_start.push_back(count[tok]);
-  bucket_start.push_back(static_cast<int32_t>(N));
-  const int64_t K = static_cast<int64_t>(bucket_token.size());
-
-  // Upload: [bucket_token (K) | bucket_start (K+1) | order (N)] in one scratch buffer; the
-  // stream is synchronised before `packed` goes out of scope.
-  std::vector<int32_t> packed;
-  packed.reserve(static_cast<size_t>(K + K + 1 + N));
-  packed.insert(packed.end(), bucket_token.begin(), bucket_token.end());
-  packed.insert(packed.end(), bucket_start.begin(), bucket_start.end());
-  packed.insert(packed.end(), order.begin(), order.end());
-  auto* dev = static_cast<int32_t*>(ctx.scratch(Scratch::kReduce, packed.size() * sizeof(int32_t)));
-  MPT_CUDA_CHECK(cudaMemcpyAsync(dev, packed.data(), packed.size() * sizeof(int32_t),
-                                 cudaMemcpyHostToDevice, ctx.stream()));
+  std::vector<int32_t> readback;
+  const int32_t* ids = ctx.ids_on_host(op, tokens, Vp, &readback);
+  const EmbeddingBuckets buckets = bucket_positions(ids, N, Vp);
+  const int64_t K = buckets.buckets;
+  auto* dev = static_cast<int32_t*>(
+      ctx.scratch(Scratch::kReduce, buckets.packed.size() * sizeof(int32_t)));
+  ctx.upload_async(dev, buckets.packed.data(), buckets.packed.size() * sizeof(int32_t));
   unsigned long long* counters = ctx.cast_counters(TensorClass::gradient);
   const unsigned cblocks = std::min(blocks_for(C), 65535u);
   MPT_DISPATCH_FLOAT(dwte.dtype, "embedding_backward: dwte", [&] {
@@ -168,7 +136,6 @@ void embedding_backward(Context& ctx, Tensor dwte, Tensor dwpe, Tensor dout, Ten
         static_cast<T*>(dwpe.data), dout.data, dout.dtype, B, T_, C, counters);
   });
   MPT_LAUNCH_CHECK(ctx, op);
-  ctx.sync(op);  // `packed` must outlive its copy
   // The CPU backend rounds the whole of both tensors back (untouched elements unchanged).
   if (dwte.dtype != DType::f32) ctx.add_cast_values(TensorClass::gradient, dwte.numel());
   if (dwpe.dtype != DType::f32) ctx.add_cast_values(TensorClass::gradient, dwpe.numel());

@@ -41,6 +41,7 @@
 #include <string>
 #include <type_traits>
 
+#include "backend/cuda/classifier.cuh"
 #include "backend/cuda/cuda_common.cuh"
 #include "backend/cuda/gelu.cuh"
 #include "backend/cuda/gelu_math.cuh"
@@ -338,12 +339,19 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
 
 // matmul_forward into `prod`; with `gelu_out` defined, matmul_gelu_forward (prod is its `pre`);
 // with `residual` defined, matmul_residual_forward (prod is its `out`, and then holds the sum).
+// With `staged` (matmul_crossentropy's GEMM: no bias, GELU or residual), a 16-bit prod is not
+// stored: *staged points to the fp32 product in Scratch::kMatmulOut instead, for the caller to
+// round (an fp32 prod is written directly, and *staged stays null).
 void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor inp,
-             Tensor weight, Tensor bias, const MatmulSpec& spec) {
+             Tensor weight, Tensor bias, const MatmulSpec& spec,
+             const float** staged = nullptr) {
   const bool gelu = gelu_out.defined();
   const char* op = gelu                 ? "matmul_gelu_forward"
                    : residual.defined() ? "matmul_residual_forward"
+                   : staged             ? "matmul_crossentropy"
                                         : "matmul_forward";
+  if (staged && (gelu || residual.defined() || bias.defined()))
+    throw RuntimeError("matmul: a staged product takes no bias, GELU or residual");
   if (!inp.defined() || !weight.defined() || weight.shape.ndim != 2)
     throw RuntimeError(std::string(op) + ": inp and a 2-d weight are required");
   const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
@@ -415,6 +423,10 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
     }
   }
   if (!done) run_gemm(ctx, p, g, op);
+  if (staged && !direct) {
+    *staged = g.d;
+    return;
+  }
   const Tensor store_bias = bp == BiasPath::store_kernel ? bias : Tensor();
   if (gp == GeluPath::store_kernel) {
     store_output(ctx, g.d, prod, store_bias, N, OC, TensorClass::activation, kGelu, gelu_out);
@@ -608,6 +620,18 @@ void matmul_residual_forward(Context& ctx, Tensor out, Tensor residual, Tensor i
   check_disjoint_args("matmul_residual_forward", "out", out, "residual", residual);
   check_disjoint_args("matmul_residual_forward", "out", out, "inp", inp);
   forward(ctx, out, Tensor(), residual, inp, weight, bias, spec);
+}
+
+void matmul_crossentropy(Context& ctx, Tensor losses, Tensor logits, Tensor inp, Tensor weight,
+                         Tensor targets, int vocab_size, float dloss, const MatmulSpec& spec) {
+  const char* op = "matmul_crossentropy";
+  check_crossentropy_args(losses, logits, inp, targets);
+  // Every check before the GEMM writes anything (the targets too: a bad one leaves logits as
+  // they were).
+  check_crossentropy(ctx, op, losses, logits, targets, vocab_size);
+  const float* d = nullptr;
+  forward(ctx, logits, Tensor(), Tensor(), inp, weight, Tensor(), spec, &d);
+  crossentropy_from_product(ctx, losses, logits, d, targets, vocab_size, dloss);
 }
 
 void matmul_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,

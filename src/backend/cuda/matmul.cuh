@@ -20,6 +20,10 @@ void matmul_gelu_forward(Context& ctx, Tensor out, Tensor pre, Tensor inp, Tenso
 // the same dtype: residual_in_store), else after it, in place.
 void matmul_residual_forward(Context& ctx, Tensor out, Tensor residual, Tensor inp,
                              Tensor weight, Tensor bias, const MatmulSpec& spec);
+// The lm_head's GEMM, its fp32 product rounded into 16-bit logits by the classifier's first pass
+// (classifier.cuh) instead of by a store of its own; fp32 logits: the two ops.
+void matmul_crossentropy(Context& ctx, Tensor losses, Tensor logits, Tensor inp, Tensor weight,
+                         Tensor targets, int vocab_size, float dloss, const MatmulSpec& spec);
 void matmul_backward_gelu(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                           Tensor inp, Tensor weight, Tensor gelu_pre, const MatmulSpec& spec);
 
