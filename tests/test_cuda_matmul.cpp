@@ -1351,6 +1351,10 @@ TEST(CudaMatmul, ClassifierFusionMatchesTheSeparateOps) {
   run_classifier_case("bf16", NAT, BF, BF, 37, 48, 112);
   run_classifier_case("bf16, odd width", NAT, BF, BF, 37, 48, 107);
   run_classifier_case("bf16, misaligned logits", NAT, BF, BF, 29, 40, 112, 2);
+  // Rows 8-byte aligned only, and widths of 4 but not 8 elements: one element per access, as
+  // the separate classifier takes them (the threads must split each row alike).
+  run_classifier_case("bf16, 8-byte aligned logits", NAT, BF, BF, 29, 40, 112, 8);
+  run_classifier_case("bf16, rows of 100", NAT, BF, BF, 29, 40, 100);
   run_classifier_case("fp16, fp32 weights", NAT, F16, F32, 37, 44, 96);
   run_classifier_case("fp32", NAT, F32, F32, 37, 48, 112);
   run_classifier_case("tf32", TF, F32, F32, 37, 48, 107);

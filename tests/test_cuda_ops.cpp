@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -276,6 +277,7 @@ TEST_P(CudaOps, EmbeddingRejectsBadTokenIds) {
   EXPECT_THROW(gpu_->embedding_forward(gout.t, gtok.t, gwte.t, gwpe.t), RuntimeError);
 }
 
+#if MPT_HAVE_CUDA  // these two look inside the CUDA backend (its op profile, raw copies)
 // Ids uploaded with copy_ids_from_host: the embedding and the classifier use the host's copy
 // (no synchronisation: the op profile records none) and give the bits of ids read back from
 // the device; a copy_from_host over them afterwards is what the ops then see; a bad id is still
@@ -352,6 +354,36 @@ TEST_P(CudaOps, UploadedIdsServeTheOpsWithoutReadingBack) {
   EXPECT_THROW(gpu_->embedding_backward(gwte.t, gwpe.t, gdout.t, gtok), RuntimeError);
 }
 
+// MPT_CUDA_SYNC=1 compares the host's copy of uploaded ids with the device's at every use: ids
+// overwritten behind the backend's back (a raw copy here) are reported, not used.
+TEST_P(CudaOps, DebugSyncCatchesIdsWrittenBehindTheBackendsBack) {
+  MPT_REQUIRE_GPU();
+  if (d() != DType::f32) GTEST_SKIP() << "no float dtype involved";
+  setenv("MPT_CUDA_SYNC", "1", 1);
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 1);
+  unsetenv("MPT_CUDA_SYNC");
+  const int64_t B = 2, T = 9, C = 16, Vp = 24;
+  Owned tok = random_ids(*cpu_, {B, T}, Vp, rng_), other = random_ids(*cpu_, {B, T}, Vp, rng_);
+  other.i()[4] = (tok.i()[4] + 1) % static_cast<int32_t>(Vp);  // surely different
+  Owned wte = rand({Vp, C}), wpe = rand({T, C}), out = make(*cpu_, {B, T, C});
+  GpuTensor gwte = to_gpu(*gpu, wte.t), gwpe = to_gpu(*gpu, wpe.t), gout = to_gpu(*gpu, out.t, true);
+  Buffer ids = gpu->allocate(tok.t.bytes());
+  const Tensor gtok = ids.view(0, DType::i32, {B, T});
+  gpu->copy_ids_from_host(gtok, tok.i());
+  gpu->embedding_forward(gout.t, gtok, gwte.t, gwpe.t);  // the copy matches
+  gpu->synchronize();
+  ASSERT_EQ(cudaMemcpy(gtok.data, other.t.data, other.t.bytes(), cudaMemcpyHostToDevice),
+            cudaSuccess);
+  try {
+    gpu->embedding_forward(gout.t, gtok, gwte.t, gwpe.t);
+    ADD_FAILURE() << "no throw";
+  } catch (const RuntimeError& e) {
+    EXPECT_NE(std::string(e.what()).find("differs from the device's"), std::string::npos)
+        << e.what();
+  }
+}
+#endif  // MPT_HAVE_CUDA
+
 // wd: the dtype of the weight, bias and their gradients (the activations' d(), or fp32 as the
 // mixed policies keep them).
 void CudaOps::layernorm_case(DType wd, int64_t B, int64_t T, int64_t C) {
@@ -397,6 +429,16 @@ TEST_P(CudaOps, LayerNormForwardAndBackward) {
 TEST_P(CudaOps, LayerNormBackwardOverManyRowChunks) {
   MPT_REQUIRE_GPU();
   layernorm_case(d(), 4, 301, 45);
+}
+
+// Rows that take each of the register kernels' widths (8, 16, 24 and 32 columns per lane: 129,
+// 500, 768 and 1024), and rows too wide for them (1031: the loop kernels).
+TEST_P(CudaOps, LayerNormOverEveryRowWidthPath) {
+  MPT_REQUIRE_GPU();
+  for (int64_t C : {int64_t{129}, int64_t{500}, int64_t{768}, int64_t{1024}, int64_t{1031}}) {
+    SCOPED_TRACE("C = " + std::to_string(C));
+    layernorm_case(d(), 3, 23, C);
+  }
 }
 
 TEST_P(CudaOps, LayerNormWithFp32WeightsAndNarrowActivations) {

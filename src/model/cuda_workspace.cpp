@@ -52,7 +52,7 @@ double cuda_workspace_bytes(const ModelConfig& cfg, int B, int T, const Precisio
   }
   linear(C, Vp, head_fp8, false);  // the tied LM head
   plan_layernorm_backward(s, N, C);
-  plan_embedding_backward(s, N, cfg.vocab_size);
+  plan_embedding_backward(s, N, Vp);  // the rows of wte: what the op sizes its buckets by
   // The slab's element count, from the weights (the gradients may add an all-reduce copy).
   plan_sum_squares(s, static_cast<int64_t>(ledger.parameters / dtype_size(param)));
   plan_count_nonfinite(s, N * std::max(Vp, 4 * C));  // the largest output a replay checks

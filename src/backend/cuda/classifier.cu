@@ -35,7 +35,9 @@ __device__ __forceinline__ void online_add(float x, float& m, float& s) {
 // product `d` (kStaged true: matmul_crossentropy), which the first pass rounds into the logits'
 // dtype, counts as activations (as matmul_forward's store does) and writes to the row before
 // the second pass reads it back (the same thread: no barrier needed).
-// kVec: elements per access (16 bytes of T, or of d when staged, when the row allows; else 1).
+// kVec: elements per access (16 bytes of T when the row allows, else 1). Staged or not, the same
+// rule picks it: it decides which elements each thread's running (max, sum) takes, so the two
+// must split rows alike to give the same losses and gradients.
 template <class T, int kVec, bool kStaged>
 __global__ void __launch_bounds__(kClassifierBlock)
     crossentropy_kernel(float* losses, T* logits, const float* d, const int32_t* targets,
@@ -46,6 +48,7 @@ __global__ void __launch_bounds__(kClassifierBlock)
   const int64_t n = blockIdx.x;
   T* row = logits + n * Vp;
   const int64_t y = targets[n];
+  if (y < 0 || y >= V) __trap();  // as embedding_forward_kernel: checked on the host
   // Read before any thread overwrites the row; staged, the target's product rounded as pass 1
   // rounds it.
   float ly;
@@ -59,12 +62,23 @@ __global__ void __launch_bounds__(kClassifierBlock)
     Pack<T, kVec> p;
     if constexpr (kStaged) {
       float x[kVec];
-      if constexpr (kVec == 4) {
-        const float4 q = *reinterpret_cast<const float4*>(d + n * Vp + i0);
-        x[0] = q.x, x[1] = q.y, x[2] = q.z, x[3] = q.w;
+      const float* src = d + n * Vp + i0;
+      if constexpr (kVec % 4 == 0) {
+        // 16-byte loads where the product allows them (Vp % kVec == 0 here: rows keep d's
+        // alignment; the scratch is cudaMalloc's), else one element at a time.
+        if ((reinterpret_cast<uintptr_t>(d) & 15u) == 0) {
+#pragma unroll
+          for (int k = 0; k < kVec; k += 4) {
+            const float4 q = *reinterpret_cast<const float4*>(src + k);
+            x[k] = q.x, x[k + 1] = q.y, x[k + 2] = q.z, x[k + 3] = q.w;
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) x[k] = src[k];
+        }
       } else {
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) x[k] = d[n * Vp + i0 + k];
+        for (int k = 0; k < kVec; ++k) x[k] = src[k];
       }
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
@@ -135,14 +149,14 @@ void launch_typed(Context& ctx, float* losses, T* logits, const float* d, const 
     kernel<<<static_cast<unsigned>(N), kClassifierBlock, 0, ctx.stream()>>>(
         losses, logits, d, targets, Vp, V, dloss, act_counters, grad_counters);
   };
-  const uintptr_t at = reinterpret_cast<uintptr_t>(logits);
+  // 16-byte accesses of the logits when every row starts on a 16-byte boundary; the same rule
+  // staged or not (the kernel's kVec says why).
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = Vp % kVec == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
   if (d) {
     if constexpr (kNarrow<T>) {
-      // 4 products (16 bytes) and 4 logits per access when every row allows it.
-      const bool vec = Vp % 4 == 0 && reinterpret_cast<uintptr_t>(d) % 16 == 0 &&
-                       at % (4 * sizeof(T)) == 0;
       if (vec)
-        run(crossentropy_kernel<T, 4, true>);
+        run(crossentropy_kernel<T, kVec, true>);
       else
         run(crossentropy_kernel<T, 1, true>);
     } else {
@@ -150,9 +164,7 @@ void launch_typed(Context& ctx, float* losses, T* logits, const float* d, const 
     }
     return;
   }
-  // 16-byte accesses when every row starts on a 16-byte boundary.
-  constexpr int kVec = 16 / sizeof(T);
-  if (Vp % kVec == 0 && at % 16 == 0)
+  if (vec)
     run(crossentropy_kernel<T, kVec, false>);
   else
     run(crossentropy_kernel<T, 1, false>);

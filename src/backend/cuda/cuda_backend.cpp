@@ -88,6 +88,7 @@ void CudaBackend::copy_ids_from_host(Tensor dst, const int32_t* src) {
   if (!dst.defined() || dst.dtype != DType::i32)
     throw RuntimeError(std::string("copy_ids_from_host: argument 'dst' expected an int32 tensor, got ") +
                        (dst.defined() ? dtype_name(dst.dtype) : "undefined") + dst.shape.str());
+  ctx_->host_ids()->forget(dst.data, dst.bytes());  // should the upload fail
   ctx_->upload_async(dst.data, src, dst.bytes());
   ctx_->host_ids()->record(dst.data, dst.bytes(), src);
 }

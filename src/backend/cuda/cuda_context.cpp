@@ -308,7 +308,13 @@ void Context::upload_async(void* dst, const void* src, size_t bytes) {
   void* h = b.acquire(bytes);
   std::memcpy(h, src, bytes);
   MPT_CUDA_CHECK(cudaMemcpyAsync(dst, h, bytes, cudaMemcpyHostToDevice, stream_));
-  b.queued(stream_);
+  try {
+    b.queued(stream_);
+  } catch (...) {
+    // Without its event the block could be handed out while the copy still reads it: wait.
+    cudaStreamSynchronize(stream_);
+    throw;
+  }
 }
 
 const int32_t* Context::ids_on_host(const char* op, const Tensor& t, int64_t limit,
@@ -316,6 +322,17 @@ const int32_t* Context::ids_on_host(const char* op, const Tensor& t, int64_t lim
   const int64_t n = t.numel();
   if (const HostIds* known = host_ids_->find(t.data, t.bytes())) {
     check_ids(op, known->values.data(), n, limit, known);
+    if (debug_sync_ && n > 0) {
+      readback->resize(static_cast<size_t>(n));
+      MPT_CUDA_CHECK(cudaMemcpyAsync(readback->data(), t.data, t.bytes(),
+                                     cudaMemcpyDeviceToHost, stream_));
+      // Not sync(): a debugging wait, like check_launch's, is no idle time of the op profile's.
+      MPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      if (*readback != known->values)
+        throw RuntimeError(std::string(op) + ": the host's copy of the token ids differs from " +
+                           "the device's: the ids were written after copy_ids_from_host by " +
+                           "an op that must not write them (MPT_CUDA_SYNC=1 check)");
+    }
     return known->values.data();
   }
   readback->resize(static_cast<size_t>(n));

@@ -47,8 +47,8 @@ class DeviceBuffer {
 };
 
 // Pinned host memory that an asynchronous host-to-device copy reads, with an event recorded
-// after that copy: the memory is handed out again only once the copy has completed. Move-only
-// (cudaFreeHost and cudaEventDestroy on destruction).
+// after that copy: the memory is handed out again only once the copy has completed. Neither
+// copied nor moved (cudaFreeHost and cudaEventDestroy on destruction).
 class StagingBlock {
  public:
   StagingBlock() = default;
@@ -131,6 +131,8 @@ class Context {
   // The values of int32 tensor `t` on the host, checked against [0, limit) as the CPU backend
   // checks ids (RuntimeError naming `op`): the host's copy when t is exactly a tensor uploaded
   // by copy_ids_from_host (no synchronisation), else read back into *readback (synchronises).
+  // With MPT_CUDA_SYNC=1 the host's copy is also compared with the device's values (a copy
+  // gone stale, by a write the backend did not see, is reported naming `op`).
   const int32_t* ids_on_host(const char* op, const Tensor& t, int64_t limit,
                              std::vector<int32_t>* readback);
 

@@ -17,13 +17,16 @@ namespace {
 template <class T>
 __global__ void embedding_forward_kernel(T* out, const int32_t* tokens, const void* wte, DType dte,
                                          const void* wpe, DType dpe, int64_t N, int64_t T_,
-                                         int64_t C, unsigned long long* counters) {
+                                         int64_t C, int64_t Vp, unsigned long long* counters) {
   CastTally tally;
   const int64_t total = N * C;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
        i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t bt = i / C, c = i % C;
     const int64_t id = tokens[bt];
+    // Checked on the host; should the device's ids differ from what the host checked (a write
+    // the backend did not see), stop rather than read outside wte.
+    if (id < 0 || id >= Vp) __trap();
     const float e = load_any(wte, dte, id * C + c);
     const float p = load_any(wpe, dpe, (bt % T_) * C + c);
     store_counted(out, i, __fadd_rn(e, p), tally);
@@ -90,7 +93,7 @@ void embedding_forward(Context& ctx, Tensor out, Tensor tokens, Tensor wte, Tens
   MPT_DISPATCH_FLOAT(out.dtype, "embedding_forward: out", [&] {
     embedding_forward_kernel<T><<<grid_stride_blocks(N * C), kBlock, 0, ctx.stream()>>>(
         static_cast<T*>(out.data), static_cast<const int32_t*>(tokens.data), wte.data, wte.dtype,
-        wpe.data, wpe.dtype, N, T_, C, counters);
+        wpe.data, wpe.dtype, N, T_, C, Vp, counters);
   });
   MPT_LAUNCH_CHECK(ctx, op);
   if (out.dtype != DType::f32) ctx.add_cast_values(TensorClass::activation, N * C);
@@ -120,8 +123,10 @@ void embedding_backward(Context& ctx, Tensor dwte, Tensor dwpe, Tensor dout, Ten
   const int32_t* ids = ctx.ids_on_host(op, tokens, Vp, &readback);
   const EmbeddingBuckets buckets = bucket_positions(ids, N, Vp);
   const int64_t K = buckets.buckets;
+  // The planned worst case (every position its own token), not this batch's size: a batch with
+  // more distinct tokens than the last would otherwise grow the scratch, which synchronises.
   auto* dev = static_cast<int32_t*>(
-      ctx.scratch(Scratch::kReduce, buckets.packed.size() * sizeof(int32_t)));
+      ctx.scratch(Scratch::kReduce, embedding_backward_scratch_bytes(N, Vp)));
   ctx.upload_async(dev, buckets.packed.data(), buckets.packed.size() * sizeof(int32_t));
   unsigned long long* counters = ctx.cast_counters(TensorClass::gradient);
   const unsigned cblocks = std::min(blocks_for(C), 65535u);

@@ -3,9 +3,18 @@
 // CPU's expression order. The backward's dweight/dbias are sums over rows: each block sums a
 // fixed chunk of rows per column into fp32 scratch, then the chunks are summed in a fixed order
 // (column_sums_kernel) and added to the old value, rounded once (deterministic, no atomics).
+//
+// Rows of up to 1024 columns (GPT-2's 768 included) take the register kernels: each lane holds
+// its columns of the row (c = lane + 32k) in registers, loaded once with all loads in flight
+// together, and computes from them in the loop kernels' order, so the forward's outputs and the
+// backward's dinp have the loop kernels' bits. The backward's kernel also adds its rows' terms
+// of dweight/dbias into per-lane sums, which the block's warps then add in warp order into the
+// chunk's partials: dout and inp are read once, not twice (the loop path's partials kernel
+// reads them again). Wider rows take the loop kernels.
 #include "backend/cuda/layernorm.cuh"
 
 #include <algorithm>
+#include <type_traits>
 
 #include "backend/cuda/cuda_common.cuh"
 
@@ -80,6 +89,177 @@ __global__ void layernorm_dinp_kernel(T* dinp, const void* dout, DType dd, const
   }
   if (kNarrow<T>) tally.flush(counters);
 }
+
+// ---- the register kernels (C <= 32 * kCols)
+
+// Columns per lane of the register kernels for rows of C: the smallest of kRegCols holding
+// ceil(C / 32), or 0 when C is wider (the loop kernels run).
+constexpr int kRegCols[] = {4, 8, 16, 24, 32};
+int register_cols(int64_t C) {
+  for (int k : kRegCols)
+    if (C <= 32 * int64_t{k}) return k;
+  return 0;
+}
+
+// v[k] = element (row + lane + 32 k) of p widened to fp32 (0 past C): every load issued before
+// any is used. The dtype switch is uniform and outside the unrolled loops.
+template <int kCols>
+__device__ __forceinline__ void load_cols(float (&v)[kCols], const void* p, DType dt, int64_t row,
+                                          int lane, int64_t C) {
+  switch (dt) {
+    case DType::f16: {
+      const __half* q = static_cast<const __half*>(p) + row;
+#pragma unroll
+      for (int k = 0; k < kCols; ++k)
+        v[k] = lane + 32 * k < C ? __half2float(q[lane + 32 * k]) : 0.0f;
+      return;
+    }
+    case DType::bf16: {
+      const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p) + row;
+#pragma unroll
+      for (int k = 0; k < kCols; ++k)
+        v[k] = lane + 32 * k < C ? __bfloat162float(q[lane + 32 * k]) : 0.0f;
+      return;
+    }
+    default: {
+      const float* q = static_cast<const float*>(p) + row;
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) v[k] = lane + 32 * k < C ? q[lane + 32 * k] : 0.0f;
+      return;
+    }
+  }
+}
+
+// layernorm_forward_kernel's rows from registers: the same operations in the same order.
+template <class T, int kCols>
+__global__ void __launch_bounds__(kBlock)
+    layernorm_forward_regs_kernel(T* out, float* mean, float* rstd, const void* inp, DType di,
+                                  const void* weight, DType dw, const void* bias, DType db,
+                                  int64_t N, int64_t C, unsigned long long* counters) {
+  CastTally tally;
+  const int lane = threadIdx.x & 31;
+  const int64_t n = blockIdx.x * int64_t{kRowsPerBlock} + (threadIdx.x >> 5);
+  if (n < N) {  // uniform across the warp
+    const int64_t row = n * C;
+    float x[kCols];
+    load_cols<kCols>(x, inp, di, row, lane, C);
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kCols; ++k)
+      if (lane + 32 * k < C) sum = __fadd_rn(sum, x[k]);
+    const float m = __fdiv_rn(warp_sum(sum), static_cast<float>(C));
+    float var = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kCols; ++k)
+      if (lane + 32 * k < C) {
+        const float dx = __fsub_rn(x[k], m);
+        var = __fadd_rn(var, __fmul_rn(dx, dx));
+      }
+    var = __fdiv_rn(warp_sum(var), static_cast<float>(C));
+    const float s = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, kLayerNormEps)));
+    float w[kCols], b[kCols];
+    load_cols<kCols>(w, weight, dw, 0, lane, C);
+    load_cols<kCols>(b, bias, db, 0, lane, C);
+#pragma unroll
+    for (int k = 0; k < kCols; ++k) {
+      const int64_t c = lane + 32 * k;
+      if (c < C) {
+        const float norm = __fmul_rn(__fsub_rn(x[k], m), s);
+        store_counted(out, row + c, __fadd_rn(__fmul_rn(norm, w[k]), b[k]), tally);
+      }
+    }
+    if (lane == 0) {
+      mean[n] = m;
+      rstd[n] = s;
+    }
+  }
+  if (kNarrow<T>) tally.flush(counters);
+}
+
+// Block blockIdx.x takes the rows of chunk blockIdx.x (row_chunk rows), its warps rows
+// w, w + kRowsPerBlock, ...: dinp as layernorm_dinp_kernel computes it (the same operations in
+// the same order), and the chunk's partials pw, pb: the sums layernorm_partials_kernel makes,
+// in another order (per lane over its rows, then the warps in warp order; fixed, so still
+// deterministic, but not the loop path's bits).
+template <class T, int kCols>
+__global__ void __launch_bounds__(kBlock)
+    layernorm_backward_regs_kernel(T* dinp, float* pw, float* pb, const void* dout, DType dd,
+                                   const void* inp, DType di, const void* weight, DType dw,
+                                   const float* mean, const float* rstd, int64_t N, int64_t C,
+                                   int64_t row_chunk, unsigned long long* counters) {
+  __shared__ float acc_w[32 * kCols], acc_b[32 * kCols];
+  CastTally tally;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float w[kCols], sw[kCols], sb[kCols];
+  load_cols<kCols>(w, weight, dw, 0, lane, C);
+#pragma unroll
+  for (int k = 0; k < kCols; ++k) sw[k] = sb[k] = 0.0f;
+  const int64_t r0 = blockIdx.x * row_chunk, r1 = min(N, r0 + row_chunk);
+  for (int64_t n = r0 + warp; n < r1; n += kRowsPerBlock) {  // uniform across the warp
+    const int64_t row = n * C;
+    float x[kCols], d[kCols];
+    load_cols<kCols>(x, inp, di, row, lane, C);
+    load_cols<kCols>(d, dout, dd, row, lane, C);
+    const float m = mean[n], s = rstd[n];
+    float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kCols; ++k)
+      if (lane + 32 * k < C) {
+        const float norm = __fmul_rn(__fsub_rn(x[k], m), s);
+        const float dnorm = __fmul_rn(w[k], d[k]);
+        dnorm_mean = __fadd_rn(dnorm_mean, dnorm);
+        dnorm_norm_mean = __fadd_rn(dnorm_norm_mean, __fmul_rn(dnorm, norm));
+      }
+    dnorm_mean = __fdiv_rn(warp_sum(dnorm_mean), static_cast<float>(C));
+    dnorm_norm_mean = __fdiv_rn(warp_sum(dnorm_norm_mean), static_cast<float>(C));
+#pragma unroll
+    for (int k = 0; k < kCols; ++k) {
+      const int64_t c = lane + 32 * k;
+      if (c < C) {
+        const float norm = __fmul_rn(__fsub_rn(x[k], m), s);
+        const float dnorm = __fmul_rn(w[k], d[k]);
+        const float g = __fmul_rn(
+            __fsub_rn(__fsub_rn(dnorm, dnorm_mean), __fmul_rn(norm, dnorm_norm_mean)), s);
+        store_counted(dinp, row + c, __fadd_rn(load<T>(dinp[row + c]), g), tally);
+        sw[k] = __fadd_rn(sw[k], __fmul_rn(norm, d[k]));
+        sb[k] = __fadd_rn(sb[k], d[k]);
+      }
+    }
+  }
+  // The warps' sums, in warp order (every thread reaches each barrier).
+  for (int v = 0; v < kRowsPerBlock; ++v) {
+    if (warp == v) {
+#pragma unroll
+      for (int k = 0; k < kCols; ++k) {
+        const int c = lane + 32 * k;
+        if (c < C) {
+          acc_w[c] = v == 0 ? sw[k] : __fadd_rn(acc_w[c], sw[k]);
+          acc_b[c] = v == 0 ? sb[k] : __fadd_rn(acc_b[c], sb[k]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+    pw[blockIdx.x * C + c] = acc_w[c];
+    pb[blockIdx.x * C + c] = acc_b[c];
+  }
+  if (kNarrow<T>) tally.flush(counters);
+}
+
+// Calls f(std::integral_constant<int, cols>) for cols one of kRegCols.
+template <class F>
+void with_register_cols(int cols, F&& f) {
+  switch (cols) {
+    case 4: f(std::integral_constant<int, 4>{}); return;
+    case 8: f(std::integral_constant<int, 8>{}); return;
+    case 16: f(std::integral_constant<int, 16>{}); return;
+    case 24: f(std::integral_constant<int, 24>{}); return;
+    default: f(std::integral_constant<int, 32>{}); return;
+  }
+}
+
+// ---- the loop path's partials
 
 // Partial sums over the rows of chunk blockIdx.y, per column:
 //   pw[chunk, c] = sum (x - mean) * rstd * dout,  pb[chunk, c] = sum dout.
@@ -164,10 +344,22 @@ void layernorm_forward(Context& ctx, Tensor out, Tensor mean, Tensor rstd, Tenso
   if (N == 0) return;
   unsigned long long* counters = ctx.cast_counters(TensorClass::activation);
   const unsigned blocks = static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock);
+  const int cols = register_cols(C);
   MPT_DISPATCH_FLOAT(out.dtype, "layernorm_forward: out", [&] {
-    layernorm_forward_kernel<T><<<blocks, kBlock, 0, ctx.stream()>>>(
-        static_cast<T*>(out.data), static_cast<float*>(mean.data), static_cast<float*>(rstd.data),
-        inp.data, inp.dtype, weight.data, weight.dtype, bias.data, bias.dtype, N, C, counters);
+    auto* o = static_cast<T*>(out.data);
+    auto* mu = static_cast<float*>(mean.data);
+    auto* rs = static_cast<float*>(rstd.data);
+    if (cols == 0) {
+      layernorm_forward_kernel<T><<<blocks, kBlock, 0, ctx.stream()>>>(
+          o, mu, rs, inp.data, inp.dtype, weight.data, weight.dtype, bias.data, bias.dtype, N, C,
+          counters);
+      return;
+    }
+    with_register_cols(cols, [&](auto k) {
+      layernorm_forward_regs_kernel<T, decltype(k)::value><<<blocks, kBlock, 0, ctx.stream()>>>(
+          o, mu, rs, inp.data, inp.dtype, weight.data, weight.dtype, bias.data, bias.dtype, N, C,
+          counters);
+    });
   });
   MPT_LAUNCH_CHECK(ctx, op);
   if (out.dtype != DType::f32) ctx.add_cast_values(TensorClass::activation, N * C);
@@ -191,25 +383,38 @@ void layernorm_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias,
   const float* mu = static_cast<const float*>(mean.data);
   const float* rs = static_cast<const float*>(rstd.data);
 
-  const unsigned row_blocks = static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock);
-  MPT_DISPATCH_FLOAT(dinp.dtype, "layernorm_backward: dinp", [&] {
-    layernorm_dinp_kernel<T><<<row_blocks, kBlock, 0, ctx.stream()>>>(
-        static_cast<T*>(dinp.data), dout.data, dout.dtype, inp.data, inp.dtype, weight.data,
-        weight.dtype, mu, rs, N, C, counters);
-  });
-  MPT_LAUNCH_CHECK(ctx, op);
-
-  // Chunks of kLayerNormRowChunk rows, longer when there would be more than 65535 (the grid's
-  // y limit).
+  // Chunks of kLayerNormRowChunk rows, longer when there would be more than 65535 (the loop
+  // path's grid's y limit).
   const int64_t row_chunk = layernorm_row_chunk(N);
   const int64_t chunks = (N + row_chunk - 1) / row_chunk;
   float* pw = static_cast<float*>(
       ctx.scratch(Scratch::kReduce, layernorm_backward_scratch_bytes(N, C)));
   float* pb = pw + chunks * C;
-  layernorm_partials_kernel<<<dim3(blocks_for(C), static_cast<unsigned>(chunks)), kBlock, 0,
-                              ctx.stream()>>>(pw, pb, dout.data, dout.dtype, inp.data, inp.dtype,
-                                              mu, rs, N, C, row_chunk);
-  MPT_LAUNCH_CHECK(ctx, op);
+  const int cols = register_cols(C);
+  if (cols != 0) {
+    // dinp and the partials in one pass over dout and inp.
+    MPT_DISPATCH_FLOAT(dinp.dtype, "layernorm_backward: dinp", [&] {
+      with_register_cols(cols, [&](auto k) {
+        layernorm_backward_regs_kernel<T, decltype(k)::value>
+            <<<static_cast<unsigned>(chunks), kBlock, 0, ctx.stream()>>>(
+                static_cast<T*>(dinp.data), pw, pb, dout.data, dout.dtype, inp.data, inp.dtype,
+                weight.data, weight.dtype, mu, rs, N, C, row_chunk, counters);
+      });
+    });
+    MPT_LAUNCH_CHECK(ctx, op);
+  } else {
+    const unsigned row_blocks = static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock);
+    MPT_DISPATCH_FLOAT(dinp.dtype, "layernorm_backward: dinp", [&] {
+      layernorm_dinp_kernel<T><<<row_blocks, kBlock, 0, ctx.stream()>>>(
+          static_cast<T*>(dinp.data), dout.data, dout.dtype, inp.data, inp.dtype, weight.data,
+          weight.dtype, mu, rs, N, C, counters);
+    });
+    MPT_LAUNCH_CHECK(ctx, op);
+    layernorm_partials_kernel<<<dim3(blocks_for(C), static_cast<unsigned>(chunks)), kBlock, 0,
+                                ctx.stream()>>>(pw, pb, dout.data, dout.dtype, inp.data,
+                                                inp.dtype, mu, rs, N, C, row_chunk);
+    MPT_LAUNCH_CHECK(ctx, op);
+  }
   const dim3 sum_grid(static_cast<unsigned>((C + 31) / 32), 2), sum_block(32, kSumLanes);
   MPT_DISPATCH_FLOAT(dweight.dtype, "layernorm_backward: dweight", [&] {
     using Tw = T;

@@ -110,9 +110,12 @@ void plan_sum_squares(ScratchPlan& s, int64_t n) {
   s.need(Scratch::kReduce, sum_squares_scratch_bytes(n));
 }
 
-void plan_embedding_backward(ScratchPlan& s, int64_t N, int64_t vocab_size) {
+size_t embedding_backward_scratch_bytes(int64_t N, int64_t vocab_size) {
   const int64_t K = std::min(N, vocab_size);  // distinct tokens, at most
-  s.need(Scratch::kReduce, static_cast<size_t>(K + K + 1 + N) * sizeof(int32_t));
+  return static_cast<size_t>(K + K + 1 + N) * sizeof(int32_t);
+}
+void plan_embedding_backward(ScratchPlan& s, int64_t N, int64_t vocab_size) {
+  s.need(Scratch::kReduce, embedding_backward_scratch_bytes(N, vocab_size));
 }
 
 void plan_amax(ScratchPlan& s, int64_t n) {

@@ -82,8 +82,10 @@ size_t layernorm_backward_scratch_bytes(int64_t N, int64_t C);
 void plan_layernorm_backward(ScratchPlan& s, int64_t N, int64_t C);
 size_t sum_squares_scratch_bytes(int64_t n);
 void plan_sum_squares(ScratchPlan& s, int64_t n);
-// embedding_backward uploads its token buckets: at most (2 * distinct tokens + 1 + N) int32.
+// embedding_backward uploads its token buckets, (2 * distinct tokens + 1 + N) int32, into
+// scratch sized for the most distinct tokens N positions of a (vocab_size, C) table can hold.
 void plan_embedding_backward(ScratchPlan& s, int64_t N, int64_t vocab_size);
+size_t embedding_backward_scratch_bytes(int64_t N, int64_t vocab_size);
 // amax (fp8 current scaling): one 32-bit partial per block, at most kMaxReduceBlocks.
 void plan_amax(ScratchPlan& s, int64_t n);
 // count_nonfinite (the replay of a non-finite step): one 64-bit partial per block.
