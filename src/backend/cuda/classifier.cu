@@ -121,8 +121,10 @@ __global__ void __launch_bounds__(kClassifierBlock)
 
 // Checks the classifier's arguments as backend.h describes them, the targets on the host (they
 // index the rows), as the CPU backend checks them. Returns the rows' width, Vp.
-int64_t check_classifier(Context& ctx, const char* op, const Tensor& losses, const Tensor& logits,
-                         const Tensor& targets, int vocab_size) {
+}  // namespace
+
+int64_t check_crossentropy(Context& ctx, const char* op, const Tensor& losses,
+                           const Tensor& logits, const Tensor& targets, int vocab_size) {
   if (!logits.defined() || logits.shape.ndim < 1 || logits.dim(-1) <= 0)
     throw RuntimeError(std::string(op) + ": argument 'logits' expected (N,Vp), got " +
                        logits.shape.str());
@@ -138,6 +140,8 @@ int64_t check_classifier(Context& ctx, const char* op, const Tensor& losses, con
   ctx.ids_on_host(op, as_shape(targets, {N}), V, &readback);
   return Vp;
 }
+
+namespace {
 
 // The kernel for logits of type T (the discarded branch below is never instantiated: no staged
 // kernel for fp32 logits).
@@ -196,13 +200,8 @@ void launch_classifier(Context& ctx, Tensor losses, Tensor logits, const float* 
 void crossentropy_forward_backward(Context& ctx, Tensor losses, Tensor logits, Tensor targets,
                                    int vocab_size, float dloss) {
   const int64_t Vp =
-      check_classifier(ctx, "crossentropy_forward_backward", losses, logits, targets, vocab_size);
+      check_crossentropy(ctx, "crossentropy_forward_backward", losses, logits, targets, vocab_size);
   launch_classifier(ctx, losses, logits, nullptr, targets, Vp, vocab_size, dloss);
-}
-
-void check_crossentropy(Context& ctx, const char* op, Tensor losses, Tensor logits,
-                        Tensor targets, int vocab_size) {
-  check_classifier(ctx, op, losses, logits, targets, vocab_size);
 }
 
 void crossentropy_from_product(Context& ctx, Tensor losses, Tensor logits, const float* d,

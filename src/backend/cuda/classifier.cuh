@@ -18,8 +18,9 @@ void crossentropy_forward_backward(Context& ctx, Tensor losses, Tensor logits, T
 // rounds d into the logits and counts that store as matmul_forward would, then proceeds as
 // crossentropy_forward_backward. Same bits and counts as the GEMM's own store followed by
 // crossentropy_forward_backward, with one pass fewer over the logits.
-void check_crossentropy(Context& ctx, const char* op, Tensor losses, Tensor logits,
-                        Tensor targets, int vocab_size);
+// check_crossentropy returns the logits' width, Vp.
+int64_t check_crossentropy(Context& ctx, const char* op, const Tensor& losses,
+                           const Tensor& logits, const Tensor& targets, int vocab_size);
 void crossentropy_from_product(Context& ctx, Tensor losses, Tensor logits, const float* d,
                                Tensor targets, int vocab_size, float dloss);
 

@@ -320,12 +320,16 @@ void Context::upload_async(void* dst, const void* src, size_t bytes) {
 const int32_t* Context::ids_on_host(const char* op, const Tensor& t, int64_t limit,
                                     std::vector<int32_t>* readback) {
   const int64_t n = t.numel();
+  // The device's values into *readback (queued; the caller waits).
+  auto read_back = [&] {
+    readback->resize(static_cast<size_t>(n));
+    MPT_CUDA_CHECK(cudaMemcpyAsync(readback->data(), t.data, t.bytes(), cudaMemcpyDeviceToHost,
+                                   stream_));
+  };
   if (const HostIds* known = host_ids_->find(t.data, t.bytes())) {
     check_ids(op, known->values.data(), n, limit, known);
     if (debug_sync_ && n > 0) {
-      readback->resize(static_cast<size_t>(n));
-      MPT_CUDA_CHECK(cudaMemcpyAsync(readback->data(), t.data, t.bytes(),
-                                     cudaMemcpyDeviceToHost, stream_));
+      read_back();
       // Not sync(): a debugging wait, like check_launch's, is no idle time of the op profile's.
       MPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
       if (*readback != known->values)
@@ -337,8 +341,7 @@ const int32_t* Context::ids_on_host(const char* op, const Tensor& t, int64_t lim
   }
   readback->resize(static_cast<size_t>(n));
   if (n > 0) {
-    MPT_CUDA_CHECK(cudaMemcpyAsync(readback->data(), t.data, t.bytes(), cudaMemcpyDeviceToHost,
-                                   stream_));
+    read_back();
     sync(op);
   }
   check_ids(op, readback->data(), n, limit);

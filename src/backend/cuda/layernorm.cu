@@ -103,30 +103,20 @@ int register_cols(int64_t C) {
 
 // v[k] = element (row + lane + 32 k) of p widened to fp32 (0 past C): every load issued before
 // any is used. The dtype switch is uniform and outside the unrolled loops.
+template <class Tin, int kCols>
+__device__ __forceinline__ void load_cols_as(float (&v)[kCols], const void* p, int64_t row,
+                                             int lane, int64_t C) {
+  const Tin* q = static_cast<const Tin*>(p) + row;
+#pragma unroll
+  for (int k = 0; k < kCols; ++k) v[k] = lane + 32 * k < C ? load<Tin>(q[lane + 32 * k]) : 0.0f;
+}
 template <int kCols>
 __device__ __forceinline__ void load_cols(float (&v)[kCols], const void* p, DType dt, int64_t row,
                                           int lane, int64_t C) {
   switch (dt) {
-    case DType::f16: {
-      const __half* q = static_cast<const __half*>(p) + row;
-#pragma unroll
-      for (int k = 0; k < kCols; ++k)
-        v[k] = lane + 32 * k < C ? __half2float(q[lane + 32 * k]) : 0.0f;
-      return;
-    }
-    case DType::bf16: {
-      const __nv_bfloat16* q = static_cast<const __nv_bfloat16*>(p) + row;
-#pragma unroll
-      for (int k = 0; k < kCols; ++k)
-        v[k] = lane + 32 * k < C ? __bfloat162float(q[lane + 32 * k]) : 0.0f;
-      return;
-    }
-    default: {
-      const float* q = static_cast<const float*>(p) + row;
-#pragma unroll
-      for (int k = 0; k < kCols; ++k) v[k] = lane + 32 * k < C ? q[lane + 32 * k] : 0.0f;
-      return;
-    }
+    case DType::f16: load_cols_as<__half>(v, p, row, lane, C); return;
+    case DType::bf16: load_cols_as<__nv_bfloat16>(v, p, row, lane, C); return;
+    default: load_cols_as<float>(v, p, row, lane, C); return;
   }
 }
 
