@@ -46,6 +46,7 @@
 #include "backend/cuda/attention_plan.h"
 #include "backend/cuda/matmul_plan.h"
 #include "backend/cuda/gemm.h"
+#include "backend/cuda/workspace_plan.h"
 #endif
 
 namespace mpt {
@@ -362,6 +363,79 @@ TEST(MatmulPlan, StoreLaunchSpreadsColumnsEvenly) {
   EXPECT_EQ(d.threads, 64u);
 }
 
+TEST(MatmulPlan, QuantiseTakesTheStripKernelWhereItsLoadsAndStoresFit) {
+  // bf16 (768 x 2304, 256-aligned): 16-byte loads of 8 elements, one block row per dbias chunk.
+  QuantiseLaunch l = quantise_launch(16384, 2304, 2, 256, 256, true);
+  EXPECT_TRUE(l.strip);
+  EXPECT_EQ(l.vec, 8);
+  EXPECT_EQ(l.grid_x, 36u);
+  EXPECT_EQ(int64_t(l.grid_y), dbias_chunks(16384));
+  l = quantise_launch(48, 96, 4, 16, 256, true);  // fp32: 4 per load; one chunk of 48 rows
+  EXPECT_TRUE(l.strip);
+  EXPECT_EQ(l.vec, 4);
+  EXPECT_EQ(l.grid_x, 2u);
+  EXPECT_EQ(l.grid_y, 1u);
+  // The element kernel: a column count that splits a load, an operand 8 bytes off, a transposed
+  // copy of rows that are not whole groups of 16 (a row-major copy alone does not mind).
+  EXPECT_FALSE(quantise_launch(48, 100, 2, 256, 256, true).strip);
+  EXPECT_TRUE(quantise_launch(48, 100, 4, 256, 256, true).strip);  // fp32: 100 = 25 loads of 4
+  EXPECT_FALSE(quantise_launch(48, 96, 2, 8, 256, true).strip);
+  EXPECT_FALSE(quantise_launch(48, 96, 2, 256, 8, true).strip) << "a copy 8 bytes off";
+  EXPECT_FALSE(quantise_launch(40, 96, 2, 256, 256, true).strip);
+  EXPECT_TRUE(quantise_launch(40, 96, 2, 256, 256, false).strip);
+  EXPECT_FALSE(quantise_launch(0, 96, 2, 256, 256, false).strip) << "no rows: nothing to launch";
+  const QuantiseLaunch e = quantise_launch(37, 45, 2, 256, 256, false);
+  EXPECT_FALSE(e.strip);
+  EXPECT_EQ(e.grid_x, 2u);
+  EXPECT_EQ(e.grid_y, 2u);
+  EXPECT_THROW(quantise_launch(int64_t{65536} * 32 + 1, 16, 2, 2, 256, false), RuntimeError)
+      << "the element kernel's grid";
+  EXPECT_TRUE(quantise_launch(int64_t{65536} * 32 + 1, 16, 2, 256, 256, false).strip);
+  EXPECT_THROW(quantise_launch(16, 16, 1, 256, 256, false), RuntimeError) << "fp8 is not quantised again";
+}
+
+// Within a strip, every element is loaded by one thread once and, in a transposed copy, written
+// by one thread once; over a grid, the strips and their sub-tiles cover every element once.
+template <int V>
+void check_quantise_strip_maps() {
+  using Map = QuantiseStrip<V>;
+  SCOPED_TRACE("V = " + std::to_string(V));
+  std::vector<int> loads(kQuantiseSubRows * kQuantiseCols, 0), writes(loads.size(), 0);
+  for (int t = 0; t < kQuantiseThreads; ++t) {
+    ASSERT_LT(Map::load_row(t, 0), Map::kRowsPerPass) << "the column sums' row of thread " << t;
+    ASSERT_EQ(Map::load_col(t) % V, 0);
+    for (int p = 0; p < Map::kPasses; ++p)
+      for (int k = 0; k < V; ++k) ++loads[Map::load_row(t, p) * kQuantiseCols + Map::load_col(t) + k];
+    ASSERT_EQ(Map::tr_row(t) % 16, 0);
+    for (int k = 0; k < 16; ++k) ++writes[(Map::tr_row(t) + k) * kQuantiseCols + Map::tr_col(t)];
+  }
+  EXPECT_EQ(std::count(loads.begin(), loads.end(), 1), int64_t(loads.size()));
+  EXPECT_EQ(std::count(writes.begin(), writes.end(), 1), int64_t(writes.size()));
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{528, 96}, {48, 64}, {1000, 200}, {16, 8}}) {
+    const QuantiseLaunch l = quantise_launch(rows, cols, 16 / V, 256, 256, false);
+    ASSERT_TRUE(l.strip);
+    std::vector<int> seen(rows * cols, 0);
+    for (unsigned bx = 0; bx < l.grid_x; ++bx)
+      for (unsigned by = 0; by < l.grid_y; ++by)
+        for (int64_t sub = 0; sub < kDbiasRows / kQuantiseSubRows; ++sub) {
+          const int64_t r0 = by * kDbiasRows + sub * kQuantiseSubRows;
+          if (r0 >= rows) break;
+          for (int t = 0; t < kQuantiseThreads; ++t)
+            for (int p = 0; p < Map::kPasses; ++p) {
+              const int64_t r = r0 + Map::load_row(t, p), c = bx * kQuantiseCols + Map::load_col(t);
+              if (r < rows && c < cols)
+                for (int k = 0; k < V; ++k) ++seen[r * cols + c + k];
+            }
+        }
+    EXPECT_EQ(std::count(seen.begin(), seen.end(), 1), rows * cols) << rows << " x " << cols;
+  }
+}
+
+TEST(MatmulPlan, QuantiseStripMapsCoverEachElementOnce) {
+  check_quantise_strip_maps<8>();
+  check_quantise_strip_maps<4>();
+}
+
 TEST(MatmulPlan, ResidualJoinsTheStoreOfA16BitOutputOfItsDtype) {
   EXPECT_TRUE(residual_in_store(DType::bf16, DType::bf16));
   EXPECT_TRUE(residual_in_store(DType::f16, DType::f16));
@@ -598,10 +672,11 @@ struct Dev {
   size_t pre = 0, total = 0;
 };
 
-Dev to_gpu(Backend& gpu, const Tensor& h) {
+// `skew`: elements added to the guard before the tensor (its address off 16-byte alignment).
+Dev to_gpu(Backend& gpu, const Tensor& h, int64_t skew = 0) {
   Dev d;
   const size_t es = dtype_size(h.dtype);
-  d.pre = kGuard * es;
+  d.pre = (kGuard + skew) * es;
   d.total = (2 * d.pre + h.bytes() + 3) / 4 * 4;
   d.buf = gpu.allocate(d.total);
   std::vector<uint8_t> fill(d.total, kSentinel);
@@ -660,6 +735,7 @@ struct MatmulCase {
   DType inp, weight, bias, out, dout, dinp, dweight, dbias;
   int64_t N, C, OC;
   DType fi = DType::e4m3, fw = DType::e4m3, fd = DType::e5m2;  // fp8 formats
+  int64_t skew = 0;  // every GPU tensor this many elements off its aligned place (to_gpu)
 };
 
 float amax_host(const Tensor& t) {
@@ -724,9 +800,10 @@ void run_matmul_case(const MatmulCase& c) {
   Owned dx = test::make(cpu, {N, C}, c.dinp);
   Owned dw = test::randn_as(cpu, {OC, C}, c.dweight, rng, 0.1);  // accumulated into
   Owned db = test::randn_as(cpu, {OC}, c.dbias, rng, 0.1);
-  Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t),
-      gout = to_gpu(*gpu, out.t), gdout = to_gpu(*gpu, dout.t), gdx = to_gpu(*gpu, dx.t),
-      gdw = to_gpu(*gpu, dw.t), gdb = to_gpu(*gpu, db.t);
+  const int64_t sk = c.skew;
+  Dev gx = to_gpu(*gpu, x.t, sk), gw = to_gpu(*gpu, w.t, sk), gb = to_gpu(*gpu, b.t, sk),
+      gout = to_gpu(*gpu, out.t, sk), gdout = to_gpu(*gpu, dout.t, sk), gdx = to_gpu(*gpu, dx.t, sk),
+      gdw = to_gpu(*gpu, dw.t, sk), gdb = to_gpu(*gpu, db.t, sk);
   const std::vector<float> xv = test::widened(x.t), wv = test::widened(w.t),
                            bv = test::widened(b.t), dv = test::widened(dout.t),
                            dw0 = test::widened(dw.t), db0 = test::widened(db.t);
@@ -769,16 +846,27 @@ void run_matmul_case(const MatmulCase& c) {
   gpu->matmul_backward(gdx.t, gdw.t, gdb.t, gdout.t, gx.t, gw.t, sg);
   {
     // Which path gave dbias (matmul_plan.h dbias_in_epilogue): the wgrad GEMM's BGRADB epilogue
-    // unless the column-sum kernels ran (the fallback where cuBLASLt has no algorithm).
-    bool kernels = false;
-    for (const OpTime& o : ctx.stop_profile().sorted())
+    // unless the column-sum kernels ran (the fallback where cuBLASLt has no algorithm); under
+    // fp8 the kernel that quantises dout, where its strip kernel runs.
+    bool kernels = false, quantise = false;
+    for (const OpTime& o : ctx.stop_profile().sorted()) {
       kernels |= o.op == "matmul_backward: dbias partial sums";
+      quantise |= o.op == "matmul: fp8 quantise + dbias partial sums";
+    }
     const bool planned = dbias_in_epilogue(
         plan_matmul(MatmulOp::wgrad, N, C, OC, c.inp, c.weight, c.dout, spec));
-    if (!planned) {
+    if (c.prec == MatmulPrecision::fp8) {
+      const bool strip = quantise_launch(N, OC, dtype_size(c.dout), pointer_alignment(
+          reinterpret_cast<uintptr_t>(gdout.t.data)), 256, true).strip;
+      EXPECT_EQ(quantise, strip) << "dbias summed by the quantise kernel";
+      EXPECT_EQ(kernels, !strip) << "dbias by the column-sum kernels";
+    } else if (!planned) {
       EXPECT_TRUE(kernels) << "dbias by the column-sum kernels";
     }
-    std::printf("[ bgradb   ] %s: dbias by %s%s\n", c.name, kernels ? "the column-sum kernels" : "BGRADB",
+    std::printf("[ bgradb   ] %s: dbias by %s%s\n", c.name,
+                quantise  ? "the fp8 quantise kernel"
+                : kernels ? "the column-sum kernels"
+                          : "BGRADB",
                 planned && kernels ? " (BGRADB planned; cuBLASLt has no algorithm for it)" : "");
   }
   gpu->collect_stats();
@@ -1402,6 +1490,17 @@ TEST(CudaMatmul, Fp8Hybrid) {
   run_matmul_case({"fp8 hybrid, bf16", FP8, BF, BF, BF, BF, BF, BF, BF, BF, 48, 64, 96});
   run_matmul_case({"fp8 hybrid, fp16", FP8, F16, F16, F16, F16, F16, F16, F32, F32, 32, 48, 16});
   run_matmul_case({"fp8 hybrid, tall", FP8, BF, BF, BF, BF, BF, BF, F32, F32, 528, 32, 48});
+  // fp32 operands: the quantise kernel's 4-element loads.
+  run_matmul_case({"fp8 hybrid, fp32 operands", FP8, F32, F32, F32, F32, F32, F32, F32, F32, 304, 64, 80});
+}
+
+// Operands 2 bytes off 16-byte alignment: quantised by the element kernel (no 16-byte loads),
+// with dbias from the column-sum kernels (run_matmul_case checks which ran); the same results.
+TEST(CudaMatmul, Fp8OperandsOffAlignmentTakeTheElementKernel) {
+  MPT_REQUIRE_GPU();
+  MatmulCase c{"fp8 hybrid, skewed", FP8, BF, BF, BF, BF, BF, BF, BF, BF, 48, 64, 96};
+  c.skew = 1;
+  run_matmul_case(c);
 }
 
 TEST(CudaMatmul, Fp8E4m3Only) {

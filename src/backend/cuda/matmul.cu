@@ -115,6 +115,100 @@ __global__ void quantise_kernel(const Tin* __restrict__ x, int64_t rows, int64_t
   }
 }
 
+// The strip kernel (matmul_plan.h, quantise_launch): quantise_kernel's casts, counts and amax
+// for a strip of kQuantiseCols columns by kDbiasRows rows, 16-byte loads (V elements) and
+// V-byte stores; a transposed copy goes through a shared tile of kQuantiseSubRows rows, which
+// each warp writes out as 16 consecutive bytes of 32 columns. With `part`: the strip's column
+// sums of x as stored, part[blockIdx.y][c] (dbias_partial_kernel's partial sums over the same
+// kDbiasRows rows, added in another fixed order: each thread its rows in order, then the
+// threads of a column in order). Needs cols % V == 0, x 16-byte aligned, and with yt
+// rows % 16 == 0 (quantise_launch checks).
+template <class Tin, bool kE4M3>
+__global__ void __launch_bounds__(kQuantiseThreads)
+quantise_strip_kernel(const Tin* __restrict__ x, int64_t rows, int64_t cols, float scale,
+                      uint8_t* __restrict__ y, uint8_t* __restrict__ yt, float* __restrict__ part,
+                      unsigned long long* counters, unsigned* amax_bits) {
+  constexpr int V = 16 / sizeof(Tin);  // 8 (fp16, bf16) or 4 (fp32)
+  using Map = QuantiseStrip<V>;
+  constexpr int kRowsPerPass = Map::kRowsPerPass, kPasses = Map::kPasses;
+  constexpr int kSubTiles = static_cast<int>(kDbiasRows / kQuantiseSubRows);
+  // A row of 64 bytes is 16 banks: the half-warp of a V-byte store covers distinct banks, and a
+  // warp reading 32 columns of one row reads 8 words.
+  __shared__ __align__(16) uint8_t tile[kQuantiseSubRows][kQuantiseCols];
+  __shared__ float colsums[kRowsPerPass][kQuantiseCols];
+  const int t = threadIdx.x;
+  const int lr = Map::load_row(t, 0), lc = Map::load_col(t);
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kQuantiseCols;
+  const int64_t rb = static_cast<int64_t>(blockIdx.y) * kDbiasRows;
+  const int64_t c = c0 + lc;
+  const bool col_ok = c < cols;  // cols % V == 0: the whole V-vector is inside
+  const float maxf = kE4M3 ? 448.0f : 57344.0f;
+  float sum[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) sum[k] = 0.0f;
+  CastTally tally;
+  unsigned am = 0;
+  for (int sub = 0; sub < kSubTiles; ++sub) {
+    const int64_t r0 = rb + int64_t(sub) * kQuantiseSubRows;
+    if (r0 >= rows) break;  // the same for the whole block
+    Pack<Tin, V> in[kPasses];
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {  // every load in flight before the first is used
+      const int64_t r = r0 + Map::load_row(t, p);
+      if (col_ok && r < rows) in[p] = *reinterpret_cast<const Pack<Tin, V>*>(x + r * cols + c);
+    }
+    if (yt && sub > 0) __syncthreads();  // the previous sub-tile's transposed rows are out
+#pragma unroll
+    for (int p = 0; p < kPasses; ++p) {
+      const int tr = Map::load_row(t, p);
+      const int64_t r = r0 + tr;
+      if (col_ok && r < rows) {
+        Pack<uint8_t, V> q;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const float v = load<Tin>(in[p].v[k]);
+          const unsigned mag = __float_as_uint(v) & 0x7FFFFFFFu;
+          am = mag > am ? mag : am;
+          const float s = __fmul_rn(v, scale);
+          q.v[k] = static_cast<uint8_t>(
+              __nv_cvt_float_to_fp8(s, __NV_SATFINITE, kE4M3 ? __NV_E4M3 : __NV_E5M2));
+          tally.add(s, (q.v[k] & 0x7Fu) ? 1.0f : 0.0f, maxf);
+          if (part) sum[k] = __fadd_rn(sum[k], v);
+        }
+        if (y) *reinterpret_cast<Pack<uint8_t, V>*>(y + r * cols + c) = q;
+        if (yt) *reinterpret_cast<Pack<uint8_t, V>*>(&tile[tr][lc]) = q;
+      }
+    }
+    if (yt) {
+      __syncthreads();
+      // yt[c][r .. r + 15], 16 bytes (rows % 16 == 0: a group of 16 rows is whole or absent).
+      const int tc = Map::tr_col(t), tr = Map::tr_row(t);
+      const int64_t cc = c0 + tc, r = r0 + tr;
+      if (cc < cols && r < rows) {
+        Pack<uint8_t, 16> o;
+#pragma unroll
+        for (int k = 0; k < 16; ++k) o.v[k] = tile[tr + k][tc];
+        *reinterpret_cast<Pack<uint8_t, 16>*>(yt + cc * rows + r) = o;
+      }
+    }
+  }
+  if (part) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) colsums[lr][lc + k] = sum[k];
+    __syncthreads();
+    if (t < kQuantiseCols && c0 + t < cols) {
+      float s = 0.0f;
+      for (int i = 0; i < kRowsPerPass; ++i) s = __fadd_rn(s, colsums[i][t]);
+      part[static_cast<int64_t>(blockIdx.y) * cols + c0 + t] = s;
+    }
+  }
+  if (counters) tally.flush(counters);
+  if (amax_bits) {
+    am = __reduce_max_sync(0xFFFFFFFFu, am);
+    if ((t & 31) == 0 && am) atomicMax(amax_bits, am);
+  }
+}
+
 template <class T>
 __global__ void widen_kernel(const T* __restrict__ x, float* __restrict__ y, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
@@ -227,6 +321,8 @@ Fp8Words fp8_words(Context& ctx) {
   return Fp8Words{static_cast<float*>(ctx.scratch(Scratch::kReduce, kFp8WordsBytes))};
 }
 
+uintptr_t address(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data); }
+
 // Where the quantise kernel reduces an operand's amax: a report word for q.amax, or none.
 unsigned* amax_word(Context& ctx, const Fp8Operand& q) {
   return q.amax ? ctx.amax_report(q.amax) : nullptr;
@@ -237,27 +333,49 @@ void check_scale(const Fp8Operand& q) {
     throw RuntimeError("fp8 matmul: scale must be finite and > 0");
 }
 
-// Quantises t (row-major rows x cols) with q's scale into y and/or yt.
+// Whether quantise() can also give the column sums of t (rows, cols) with a transposed copy
+// into scratch (256-byte aligned): the strip kernel's (matmul_plan.h, quantise_launch).
+bool quantise_sums_columns(Tensor t, int64_t rows, int64_t cols) {
+  return quantise_launch(rows, cols, dtype_size(t.dtype), pointer_alignment(address(t)), 256,
+                         true).strip;
+}
+
+// Quantises t (row-major rows x cols) with q's scale into y and/or yt. With `part`, also the
+// partial column sums of t as stored into part (dbias_chunks(rows) rows of cols floats), which
+// needs quantise_sums_columns and yt.
 void quantise(Context& ctx, Tensor t, int64_t rows, int64_t cols, const Fp8Operand& q, void* y,
-              void* yt, bool count, TensorClass cls, unsigned* amax_bits) {
+              void* yt, bool count, TensorClass cls, unsigned* amax_bits,
+              float* part = nullptr) {
   check_scale(q);
-  const dim3 block(kTile, kTileRows);
-  const int64_t gy = (rows + kTile - 1) / kTile;
-  if (gy > 65535) throw RuntimeError("fp8 matmul: too many rows for the quantise kernel's grid");
-  const dim3 grid(static_cast<unsigned>((cols + kTile - 1) / kTile), static_cast<unsigned>(gy));
+  const uintptr_t outs = reinterpret_cast<uintptr_t>(y) | reinterpret_cast<uintptr_t>(yt);
+  const QuantiseLaunch l = quantise_launch(rows, cols, dtype_size(t.dtype),
+                                           pointer_alignment(address(t)), pointer_alignment(outs),
+                                           yt != nullptr);
+  if (part && !(l.strip && yt))
+    throw RuntimeError("fp8 matmul: column sums need the strip kernel and a transposed copy");
   unsigned long long* counters = count ? ctx.cast_counters(cls) : nullptr;
-  auto* yb = static_cast<uint8_t*>(y);
-  auto* ytb = static_cast<uint8_t*>(yt);
-  MPT_DISPATCH_FLOAT(t.dtype, "fp8 matmul operand", [&] {
-    const T* x = static_cast<const T*>(t.data);
-    if (q.format == DType::e4m3)
-      quantise_kernel<T, true><<<grid, block, 0, ctx.stream()>>>(x, rows, cols, q.scale, yb, ytb,
-                                                                 counters, amax_bits);
-    else
-      quantise_kernel<T, false><<<grid, block, 0, ctx.stream()>>>(x, rows, cols, q.scale, yb, ytb,
-                                                                  counters, amax_bits);
-  });
-  MPT_LAUNCH_CHECK(ctx, "matmul: fp8 quantise");
+  if (rows > 0 && cols > 0) {
+    auto* yb = static_cast<uint8_t*>(y);
+    auto* ytb = static_cast<uint8_t*>(yt);
+    const dim3 grid(l.grid_x, l.grid_y);
+    MPT_DISPATCH_FLOAT(t.dtype, "fp8 matmul operand", [&] {
+      const T* x = static_cast<const T*>(t.data);
+      auto run = [&](auto e4m3) {
+        constexpr bool kE4M3 = decltype(e4m3)::value;
+        if (l.strip)
+          quantise_strip_kernel<T, kE4M3><<<grid, kQuantiseThreads, 0, ctx.stream()>>>(
+              x, rows, cols, q.scale, yb, ytb, part, counters, amax_bits);
+        else
+          quantise_kernel<T, kE4M3><<<grid, dim3(kTile, kTileRows), 0, ctx.stream()>>>(
+              x, rows, cols, q.scale, yb, ytb, counters, amax_bits);
+      };
+      if (q.format == DType::e4m3)
+        run(std::true_type{});
+      else
+        run(std::false_type{});
+    });
+    MPT_LAUNCH_CHECK(ctx, part ? "matmul: fp8 quantise + dbias partial sums" : "matmul: fp8 quantise");
+  }
   if (count) ctx.add_cast_values(cls, rows * cols);
 }
 
@@ -272,8 +390,6 @@ const void* native_operand(Context& ctx, const GemmOperand& s, Tensor t, Scratch
   MPT_LAUNCH_CHECK(ctx, "matmul: widen operand");
   return y;
 }
-
-uintptr_t address(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data); }
 
 // out (rows, cols) = d (+ bias), counted under cls when out is narrow, fused as `mode` says with
 // `second`: GELU's output (kGelu) or the residual stream it reads (kResidual), of out's dtype
@@ -496,13 +612,16 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
   // BGRADB GEMM would write the one while reading the other.
   if (dbias_epilogue && pw.fp8)
     throw RuntimeError("matmul_backward: the bias-gradient epilogue cannot serve an fp8 GEMM");
+  // Under fp8 the kernel that quantises dout sums its columns too, in the same pass over dout
+  // (where its strip kernel runs), instead of the column-sum kernels' pass of their own.
+  const bool dbias_in_quantise = dbias.defined() && pw.fp8 && quantise_sums_columns(dout, N, OC);
   if (dbias.defined()) {
     expect_matrix("matmul_backward", "dbias", dbias, {OC});
     chunks = dbias_chunks(N);
     if (chunks > 65535) throw RuntimeError("matmul_backward: too many rows for the dbias grid");
     part = static_cast<float*>(
         ctx.scratch(Scratch::kReduce, std::max<size_t>(256, chunks * OC * sizeof(float))));
-    if (!dbias_epilogue) dbias_by_kernels();
+    if (!dbias_epilogue && !dbias_in_quantise) dbias_by_kernels();
   }
 
   Fp8Words w{};
@@ -512,16 +631,20 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     check_scale(spec.inp);  // inp and weight are quantised again below
     check_scale(spec.weight);
     check_scale(spec.dout);
+    if (dinp.defined())
+      dq = ctx.scratch(Scratch::kOperandB, operand_copy_bytes(N * OC, pw.b.type));
+    dqt = ctx.scratch(Scratch::kOperandC, operand_copy_bytes(N * OC, pw.b.type));
+    // One pass: the only new cast of the backward (counted, reports dout's amax), and dbias's
+    // partial sums.
+    quantise(ctx, dout, N, OC, spec.dout, dq, dqt, true, TensorClass::gradient,
+             amax_word(ctx, spec.dout), dbias_in_quantise ? part : nullptr);
+    if (dbias_in_quantise) add_partials_to_dbias(chunks);
+    // Only now: the scale words take the start of Scratch::kReduce, where the partial sums were
+    // (the stream runs the kernels in order; `part` was requested first, so no growth moves it).
     w = fp8_words(ctx);
     set_floats_kernel<<<1, 1, 0, ctx.stream()>>>(w.scale_inv, 1.0f / spec.inp.scale,
                                                  1.0f / spec.weight.scale, 1.0f / spec.dout.scale);
     MPT_LAUNCH_CHECK(ctx, "matmul_backward: scales");
-    if (dinp.defined())
-      dq = ctx.scratch(Scratch::kOperandB, operand_copy_bytes(N * OC, pw.b.type));
-    dqt = ctx.scratch(Scratch::kOperandC, operand_copy_bytes(N * OC, pw.b.type));
-    // One pass: the only new cast of the backward (counted, reports dout's amax).
-    quantise(ctx, dout, N, OC, spec.dout, dq, dqt, true, TensorClass::gradient,
-             amax_word(ctx, spec.dout));
   }
 
   // dinp (N, C) = dout . weight

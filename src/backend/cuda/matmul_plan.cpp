@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <functional>
 
+#include "backend/cuda/workspace_plan.h"
 #include "core/error.h"
 
 namespace mpt::cuda {
@@ -233,6 +234,32 @@ StoreLaunch store_launch(int64_t rows, int64_t cols, bool aligned) {
   l.grid_x = static_cast<unsigned>(nb);
   l.threads = static_cast<unsigned>(((col_threads + nb - 1) / nb + 31) / 32 * 32);
   l.grid_y = static_cast<unsigned>(std::clamp<int64_t>(rows, 1, 65535));
+  return l;
+}
+
+QuantiseLaunch quantise_launch(int64_t rows, int64_t cols, size_t elem_bytes, uint32_t x_align,
+                               uint32_t out_align, bool transposed) {
+  QuantiseLaunch l;
+  if (rows < 0 || cols < 0 || !(elem_bytes == 2 || elem_bytes == 4))
+    throw RuntimeError("fp8 quantise: a float operand of non-negative shape expected");
+  const int vec = static_cast<int>(16 / elem_bytes);
+  l.strip = rows > 0 && cols % vec == 0 && x_align >= 16 && out_align >= 16 &&
+            (!transposed || rows % 16 == 0);
+  if (l.strip) {
+    static_assert(kQuantiseCols % 8 == 0 && kDbiasRows % kQuantiseSubRows == 0 &&
+                      kQuantiseSubRows % 16 == 0,
+                  "a strip holds whole 16-byte loads and whole 16-row transposed writes");
+    l.vec = vec;
+    l.grid_x = static_cast<unsigned>(std::max<int64_t>(1, (cols + kQuantiseCols - 1) / kQuantiseCols));
+    const int64_t gy = dbias_chunks(rows);
+    if (gy > 65535) throw RuntimeError("fp8 matmul: too many rows for the quantise kernel's grid");
+    l.grid_y = static_cast<unsigned>(gy);
+  } else {
+    const int64_t gy = (rows + 31) / 32;
+    if (gy > 65535) throw RuntimeError("fp8 matmul: too many rows for the quantise kernel's grid");
+    l.grid_x = static_cast<unsigned>((cols + 31) / 32);
+    l.grid_y = static_cast<unsigned>(gy);
+  }
   return l;
 }
 

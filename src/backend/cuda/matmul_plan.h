@@ -140,6 +140,50 @@ struct StoreLaunch {
 };
 StoreLaunch store_launch(int64_t rows, int64_t cols, bool aligned);
 
+// The launch of matmul.cu's fp8 quantise kernels over a row-major (rows, cols) operand, written
+// row-major and/or transposed.
+//  - The strip kernel (strip = true): blocks of kQuantiseThreads threads, each a strip of
+//    kQuantiseCols columns by kDbiasRows rows (workspace_plan.h), taken in sub-tiles of
+//    kQuantiseSubRows rows. Each thread loads 16 bytes at a time (`vec` elements: 8 of fp16 or
+//    bf16, 4 of fp32) and stores its fp8 values as one `vec`-byte word; a transposed copy leaves
+//    through shared memory, 16 bytes per thread. Beside the casts it can sum the operand's
+//    columns as stored, in chunks of kDbiasRows rows (one per block row: grid_y is
+//    dbias_chunks(rows)), the partial sums of matmul_backward's bias gradient, which then needs
+//    no pass of its own over dout. It needs cols a multiple of vec, a 16-byte-aligned operand
+//    and outputs (`x_align`, `out_align`: pointer_alignment of the operand's address and the
+//    least of its copies'), and, for a transposed copy, rows a multiple of 16 (each thread
+//    writes 16 rows of a column); fp8 GEMMs' shapes and our scratch meet that.
+//  - Otherwise the element kernel (32 x 32 tiles, one element per thread and load, no column
+//    sums): grid (ceil(cols / 32), ceil(rows / 32)).
+// Throws RuntimeError where the grid would exceed 65535 blocks along y.
+constexpr int kQuantiseThreads = 256, kQuantiseCols = 64, kQuantiseSubRows = 64;
+struct QuantiseLaunch {
+  bool strip = false;
+  int vec = 1;
+  unsigned grid_x = 0, grid_y = 0;
+};
+QuantiseLaunch quantise_launch(int64_t rows, int64_t cols, size_t elem_bytes, uint32_t x_align,
+                               uint32_t out_align, bool transposed);
+
+// The strip kernel's element maps, for V-element loads (the kernel calls these; the tests check
+// on the host that they cover a strip once). Thread t's load p of a sub-tile reads V elements
+// of row load_row(t, p) from column load_col(t) on; its transposed write takes column
+// tr_col(t) of the sub-tile, rows tr_row(t) .. tr_row(t) + 15 (warp w: columns (w % 2) * 32 +
+// lane, rows (w / 2) * 16: 8 warps cover 64 x 64).
+template <int V>
+struct QuantiseStrip {
+  static_assert(V == 4 || V == 8, "16-byte loads of fp32 or of 16-bit elements");
+  static constexpr int kLanesPerRow = kQuantiseCols / V;
+  static constexpr int kRowsPerPass = kQuantiseThreads / kLanesPerRow;
+  static constexpr int kPasses = kQuantiseSubRows / kRowsPerPass;
+  static constexpr int load_row(int t, int p) { return p * kRowsPerPass + t / kLanesPerRow; }
+  static constexpr int load_col(int t) { return (t % kLanesPerRow) * V; }
+  static constexpr int tr_col(int t) { return ((t >> 5) & 1) * 32 + (t & 31); }
+  static constexpr int tr_row(int t) { return (t >> 6) * 16; }
+  static_assert(kQuantiseThreads == 256 && kQuantiseCols == 64 && kQuantiseSubRows == 64,
+                "tr_col/tr_row assume 8 warps over a 64 x 64 sub-tile");
+};
+
 // The largest power of two (at most 256) dividing the address: cuBLASLt's
 // MIN_ALIGNMENT_*_BYTES preferences default to 256 and must not exceed the real alignment.
 uint32_t pointer_alignment(uintptr_t p);
