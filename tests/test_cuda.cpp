@@ -152,10 +152,10 @@ TEST(CudaWorkspacePlan, LedgerTermIsTheCublasLtWorkspacePlusEachScratchRole) {
   const double matmul_out = 128.0 * 256 * 4;
   EXPECT_EQ(ws("bf16", 9), lt + flash + reduce + matmul_out);
   EXPECT_EQ(ws("fp16", 9), lt + flash + reduce + matmul_out);
-  // fp8 (the LM head stays bf16): one-byte operand copies. kOperandA: the largest of the
-  // weights (4C x C) and the transposed inputs of wgrad (N x 4C); kOperandB: the inputs
-  // (N x 4C) and dout (N x 4C); kOperandC: dout transposed (N x 4C).
-  const double operands = 3 * 128.0 * 256;
+  // fp8 (the LM head stays bf16): one-byte operand copies. kOperandA: the largest weight
+  // (4C x C; wgrad's transposed inputs are the forward's caches, in the activations);
+  // kOperandB: the inputs (N x 4C) and dout (N x 4C); kOperandC: dout transposed (N x 4C).
+  const double operands = 256.0 * 64 + 2 * 128.0 * 256;
   EXPECT_EQ(ws("fp8", 9), lt + flash + reduce + matmul_out + operands);
   // bf16-pure: bf16 gradients, so the weight gradients are accumulated in fp32 scratch too;
   // the largest is the tied embedding's (Vp x C), smaller than the logits.

@@ -1286,23 +1286,11 @@ TEST(CudaMatmul, ReportsWhetherDirect16BitOutputsMatchTheStagedStore) {
 // matmul_residual_forward: the residual add joins the store kernel for 16-bit outputs and
 // follows the GEMM otherwise. The same bits as matmul_forward then residual_forward on the GPU,
 // the CPU's values within the GEMM's tolerance, the CPU's counts, the residual left alone.
-// A GPU copy of h starting `skew` bytes past an aligned address (no guards).
-struct Skewed {
-  Buffer buf;
-  Tensor t;
-};
-Skewed to_gpu_skewed(Backend& gpu, const Tensor& h, size_t skew) {
-  Skewed s;
-  s.buf = gpu.allocate(h.bytes() + 256);
-  s.t = s.buf.view(skew, h.dtype, h.shape);
-  gpu.copy_from_host(s.t, h.data);
-  return s;
-}
-
-// res: the residual stream's dtype (act when undefined); skew: its start past alignment.
+// res: the residual stream's dtype (act when undefined); skew: its start past alignment, in
+// elements.
 void run_residual_case(const char* name, MatmulPrecision prec, DType act, DType weight,
                        int64_t N, int64_t C, int64_t OC, DType res = DType::i32,
-                       size_t skew = 0) {
+                       int64_t skew = 0) {
   SCOPED_TRACE(name);
   if (res == DType::i32) res = act;
   Rng rng(test::fresh_seed());
@@ -1316,7 +1304,7 @@ void run_residual_case(const char* name, MatmulPrecision prec, DType act, DType 
   const MatmulSpec spec = spec_for(prec, cpu, x.t, w.t, Tensor());
   Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t),
       gsum = to_gpu(*gpu, sum.t), gy = to_gpu(*gpu, y.t), gsum2 = to_gpu(*gpu, sum.t);
-  const Skewed gstream = to_gpu_skewed(*gpu, stream.t, skew);
+  const Dev gstream = to_gpu(*gpu, stream.t, skew);
   cpu.matmul_forward(y.t, x.t, w.t, b.t, spec);  // y: for the tolerance
   cpu.reset_cast_counts();
   gpu->reset_cast_counts();
@@ -1341,9 +1329,8 @@ void run_residual_case(const char* name, MatmulPrecision prec, DType act, DType 
   gpu->matmul_forward(gy.t, gx.t, gw.t, gb.t, spec);
   gpu->residual_forward(gsum2.t, gstream.t, gy.t);
   EXPECT_EQ(got, from_gpu(*gpu, gsum2, "separate sum"));
-  Owned back = test::make(cpu, {N, OC}, res);
-  gpu->copy_to_host(back.t.data, gstream.t);
-  EXPECT_EQ(test::widened(back.t), test::widened(stream.t)) << "the residual is read only";
+  EXPECT_EQ(from_gpu(*gpu, gstream, "residual"), test::widened(stream.t))
+      << "the residual is read only";
 }
 
 TEST(CudaMatmul, ResidualFusionMatchesTheSeparateOps) {
@@ -1354,7 +1341,7 @@ TEST(CudaMatmul, ResidualFusionMatchesTheSeparateOps) {
   run_residual_case("fp32", NAT, F32, F32, 37, 48, 80);
   run_residual_case("fp8 hybrid", FP8, BF, BF, 48, 64, 96);
   // A residual 2 bytes past alignment: the store's one-element path, the same bits.
-  run_residual_case("bf16, misaligned residual", NAT, BF, BF, 37, 48, 80, BF, 2);
+  run_residual_case("bf16, misaligned residual", NAT, BF, BF, 37, 48, 80, BF, 1);
   // Residual and output of different dtypes: the add after the store, in place.
   run_residual_case("bf16 out, fp32 residual", NAT, BF, BF, 37, 48, 80, F32);
   run_residual_case("fp32 out, bf16 residual", NAT, F32, F32, 37, 48, 80, BF);
@@ -1363,9 +1350,9 @@ TEST(CudaMatmul, ResidualFusionMatchesTheSeparateOps) {
 // matmul_crossentropy (the LM head and the classifier): with 16-bit logits the classifier rounds
 // the GEMM's fp32 product itself; bit for bit and count for count the two separate ops on the
 // GPU, training (dlogits) and evaluating (the logits), and the losses close to the CPU's.
-// skew: the logits' start past alignment (the classifier's one-element path).
+// skew: the logits' start past alignment, in elements (the classifier's one-element path).
 void run_classifier_case(const char* name, MatmulPrecision prec, DType act, DType weight,
-                         int64_t N, int64_t C, int64_t Vp, size_t skew = 0) {
+                         int64_t N, int64_t C, int64_t Vp, int64_t skew = 0) {
   SCOPED_TRACE(name);
   Rng rng(test::fresh_seed());
   CpuBackend cpu(2);
@@ -1386,7 +1373,7 @@ void run_classifier_case(const char* name, MatmulPrecision prec, DType act, DTyp
     std::memcpy(logits.t.data, stale.t.data, stale.t.bytes());
     cpu.reset_cast_counts();
     cpu.matmul_crossentropy(losses.t, logits.t, x.t, w.t, tg.t, vocab, dloss, spec);
-    const Skewed fused = to_gpu_skewed(*gpu, stale.t, skew), separate = to_gpu_skewed(*gpu, stale.t, skew);
+    const Dev fused = to_gpu(*gpu, stale.t, skew), separate = to_gpu(*gpu, stale.t, skew);
     Dev gl = to_gpu(*gpu, losses.t), gl2 = to_gpu(*gpu, losses.t);
     gpu->reset_cast_counts();
     ctx.start_profile();
@@ -1438,10 +1425,10 @@ TEST(CudaMatmul, ClassifierFusionMatchesTheSeparateOps) {
   MPT_REQUIRE_GPU();
   run_classifier_case("bf16", NAT, BF, BF, 37, 48, 112);
   run_classifier_case("bf16, odd width", NAT, BF, BF, 37, 48, 107);
-  run_classifier_case("bf16, misaligned logits", NAT, BF, BF, 29, 40, 112, 2);
+  run_classifier_case("bf16, misaligned logits", NAT, BF, BF, 29, 40, 112, 1);
   // Rows 8-byte aligned only, and widths of 4 but not 8 elements: one element per access, as
   // the separate classifier takes them (the threads must split each row alike).
-  run_classifier_case("bf16, 8-byte aligned logits", NAT, BF, BF, 29, 40, 112, 8);
+  run_classifier_case("bf16, 8-byte aligned logits", NAT, BF, BF, 29, 40, 112, 4);
   run_classifier_case("bf16, rows of 100", NAT, BF, BF, 29, 40, 100);
   run_classifier_case("fp16, fp32 weights", NAT, F16, F32, 37, 44, 96);
   run_classifier_case("fp32", NAT, F32, F32, 37, 48, 112);
@@ -1508,6 +1495,80 @@ TEST(CudaMatmul, Fp8E4m3Only) {
   MatmulCase c{"fp8 e4m3", FP8, BF, F32, F32, F32, BF, BF, F32, F32, 48, 64, 96};
   c.fd = DType::e4m3;
   run_matmul_case(c);
+}
+
+// MatmulSpec::inp_cache on the GPU: the forward's quantise pass also writes the transposed
+// copy of inp, which the backward's wgrad GEMM reads instead of quantising inp again. The bits
+// and counts of the same ops without the cache, one quantise launch fewer in the backward, and
+// a cache written under another scale refused.
+void run_inp_cache_case(const char* name, DType act, int64_t N, int64_t C, int64_t OC) {
+  SCOPED_TRACE(name);
+  Rng rng(test::fresh_seed());
+  CpuBackend cpu(2);
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  Context& ctx = dynamic_cast<CudaBackend&>(*gpu).context();
+  Owned x = test::randn_as(cpu, {N, C}, act, rng), w = test::randn_as(cpu, {OC, C}, act, rng, 0.3);
+  Owned b = test::randn_as(cpu, {OC}, act, rng), dout = test::randn_as(cpu, {N, OC}, act, rng);
+  Owned gp = test::randn_as(cpu, {N, C}, act, rng, 2.0);  // the GELU's input, for the backward
+  Owned dw0 = test::randn_as(cpu, {OC, C}, F32, rng, 0.1), db0 = test::randn_as(cpu, {OC}, F32, rng, 0.1);
+  Owned zero_cache = test::make(cpu, {N, C}, DType::e4m3);
+  Owned outs = test::make(cpu, {N, OC}, act), dxs = test::make(cpu, {N, C}, act);
+  const MatmulSpec spec = spec_for(FP8, cpu, x.t, w.t, dout.t);
+  Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t),
+      gdout = to_gpu(*gpu, dout.t), gpre = to_gpu(*gpu, gp.t), cache = to_gpu(*gpu, zero_cache.t);
+  MatmulSpec cached = spec;
+  cached.inp_cache = cache.t;
+  struct Run {
+    std::vector<float> pre, out, dx, dw, db;
+    std::vector<CastCounts> counts;
+    int quantise_launches = 0;  // in the backward
+  };
+  auto run = [&](const MatmulSpec& s) {
+    Run r;
+    Dev pre = to_gpu(*gpu, outs.t), out = to_gpu(*gpu, outs.t), dx = to_gpu(*gpu, dxs.t),
+        dw = to_gpu(*gpu, dw0.t), db = to_gpu(*gpu, db0.t);
+    gpu->reset_cast_counts();
+    gpu->matmul_gelu_forward(out.t, pre.t, gx.t, gw.t, gb.t, s);
+    ctx.start_profile();
+    gpu->matmul_backward_gelu(dx.t, dw.t, db.t, gdout.t, gx.t, gw.t, gpre.t, s);
+    for (const OpTime& o : ctx.stop_profile().sorted())
+      if (o.op == "matmul: fp8 quantise") r.quantise_launches = static_cast<int>(o.launches);
+    for (int k = 0; k < kTensorClasses; ++k) r.counts.push_back(gpu->cast_counts(TensorClass(k)));
+    r.pre = from_gpu(*gpu, pre, "pre");
+    r.out = from_gpu(*gpu, out, "out");
+    r.dx = from_gpu(*gpu, dx, "dinp");
+    r.dw = from_gpu(*gpu, dw, "dweight");
+    r.db = from_gpu(*gpu, db, "dbias");
+    return r;
+  };
+  const Run with = run(cached), without = run(spec);
+  EXPECT_EQ(with.pre, without.pre);
+  EXPECT_EQ(with.out, without.out);
+  EXPECT_EQ(with.dx, without.dx);
+  EXPECT_EQ(with.dw, without.dw);
+  EXPECT_EQ(with.db, without.db);
+  for (float v : with.dw) ASSERT_TRUE(std::isfinite(v));
+  for (int k = 0; k < kTensorClasses; ++k) {
+    EXPECT_EQ(with.counts[k].values, without.counts[k].values) << k;
+    EXPECT_EQ(with.counts[k].overflow, without.counts[k].overflow) << k;
+    EXPECT_EQ(with.counts[k].underflow, without.counts[k].underflow) << k;
+  }
+  // Without the cache the backward quantises weight^T and inp^T (dout's pass also sums dbias).
+  EXPECT_EQ(without.quantise_launches, 2);
+  EXPECT_EQ(with.quantise_launches, 1) << "inp is not quantised again";
+  MatmulSpec other = cached;
+  other.inp.scale *= 2.0f;
+  Dev dw = to_gpu(*gpu, dw0.t), db = to_gpu(*gpu, db0.t), dx = to_gpu(*gpu, dxs.t);
+  EXPECT_THROW(gpu->matmul_backward(dx.t, dw.t, db.t, gdout.t, gx.t, gw.t, other), RuntimeError);
+  EXPECT_EQ(from_gpu(*gpu, dw, "dweight"), test::widened(dw0.t)) << "refused before any write";
+}
+
+TEST(CudaMatmul, Fp8InputCacheGivesTheBitsOfQuantisingAgain) {
+  MPT_REQUIRE_GPU();
+  run_inp_cache_case("bf16", BF, 48, 64, 96);
+  run_inp_cache_case("bf16, tall (3 strips of rows)", BF, 528, 32, 48);
+  run_inp_cache_case("fp16", F16, 32, 48, 16);
+  run_inp_cache_case("fp32 operands", F32, 304, 64, 80);
 }
 
 TEST(CudaMatmul, Fp8E5m2TimesE5m2Throws) {

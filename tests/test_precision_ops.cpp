@@ -640,27 +640,31 @@ TEST_F(PrecisionOps, Gelu) {
 // fuses (backend.h), bit for bit and count for count, under every policy, fp32 and fp8 GEMMs;
 // the backward's GELU and the residual add run in place on the CPU (the rounded product never
 // has a tensor of its own), which must change nothing either.
+// Two tensors of the same dtype and shape with the same bits, element for element.
+void same_bits(const std::string& what, const Owned& a, const Owned& b) {
+  ASSERT_EQ(a.t.bytes(), b.t.bytes());
+  int64_t bad = 0;
+  for (int64_t i = 0; i < a.n(); ++i) bad += raw_bits(a.t, i) != raw_bits(b.t, i);
+  EXPECT_EQ(bad, 0) << what << ": elements that differ";
+}
+
+std::vector<CastCounts> counts_now(const Backend& b) {
+  std::vector<CastCounts> c;
+  for (int k = 0; k < kTensorClasses; ++k) c.push_back(b.cast_counts(static_cast<TensorClass>(k)));
+  return c;
+}
+
+void expect_same(const std::vector<CastCounts>& a, const std::vector<CastCounts>& b) {
+  for (int k = 0; k < kTensorClasses; ++k) {
+    const char* name = tensor_class_name(static_cast<TensorClass>(k));
+    EXPECT_EQ(a[k].values, b[k].values) << name;
+    EXPECT_EQ(a[k].overflow, b[k].overflow) << name;
+    EXPECT_EQ(a[k].underflow, b[k].underflow) << name;
+  }
+}
+
 TEST_F(PrecisionOps, FusedMatmulOpsAreTheOpsTheyFuse) {
   const int64_t N = 13, C = 37, OC = 44;
-  auto same_bits = [](const std::string& what, const Owned& a, const Owned& b) {
-    ASSERT_EQ(a.t.bytes(), b.t.bytes());
-    int64_t bad = 0;
-    for (int64_t i = 0; i < a.n(); ++i) bad += raw_bits(a.t, i) != raw_bits(b.t, i);
-    EXPECT_EQ(bad, 0) << what << ": elements that differ";
-  };
-  auto counts_now = [](const Backend& b) {
-    std::vector<CastCounts> c;
-    for (int k = 0; k < kTensorClasses; ++k) c.push_back(b.cast_counts(static_cast<TensorClass>(k)));
-    return c;
-  };
-  auto expect_same = [](const std::vector<CastCounts>& a, const std::vector<CastCounts>& b) {
-    for (int k = 0; k < kTensorClasses; ++k) {
-      const char* name = tensor_class_name(static_cast<TensorClass>(k));
-      EXPECT_EQ(a[k].values, b[k].values) << name;
-      EXPECT_EQ(a[k].overflow, b[k].overflow) << name;
-      EXPECT_EQ(a[k].underflow, b[k].underflow) << name;
-    }
-  };
   std::vector<Policy> policies(std::begin(kPolicies), std::end(kPolicies));
   policies.push_back({"fp32", DType::f32, DType::f32, DType::f32});
   for (const Policy& pol : policies)
@@ -775,6 +779,93 @@ TEST_F(PrecisionOps, FusedMatmulOpsAreTheOpsTheyFuse) {
                                           MatmulPrecision::native),
                RuntimeError)
       << "out over the input it still has to read";
+}
+
+// MatmulSpec::inp_cache: a forward that leaves its quantised input for the backward gives the
+// bits and counts of one that does not, and so does a backward that reads it instead of
+// quantising inp again (here through the fused GELU ops, which the model uses). A cache that
+// does not hold this inp under this format and scale is refused, before anything is written.
+TEST_F(PrecisionOps, Fp8InputCacheGivesTheBitsOfQuantisingAgain) {
+  const int64_t N = 24, C = 40, OC = 36;
+  for (DType act : {DType::bf16, DType::f16, DType::f32})
+    for (DType fi : {DType::e4m3, DType::e5m2}) {
+      SCOPED_TRACE(std::string(dtype_name(act)) + " operands, " + dtype_name(fi) + " inp");
+      Owned x = randn_as(be, {N, C}, act, rng), w = randn_as(be, {OC, C}, act, rng, 0.4);
+      Owned bias = randn_as(be, {OC}, act, rng);
+      MatmulSpec spec(MatmulPrecision::fp8);
+      const float maxf = static_cast<float>(dtype_traits(fi).max_finite);
+      // 1.5x: the largest third of inp saturates (counted overflows that the cache must keep).
+      spec.inp = {fi, 1.5f * maxf / be.amax(x.t), nullptr};
+      spec.weight = {DType::e4m3, 0.8f * 448.0f / be.amax(w.t), nullptr};
+      spec.dout = {DType::e5m2, 4096.0f, nullptr};
+      MatmulSpec cached = spec;
+      Owned cache = make(be, {N, C}, fi);
+      cached.inp_cache = cache.t;
+
+      Owned pre = make(be, {N, OC}, act), out = make(be, {N, OC}, act);
+      Owned pre2 = make(be, {N, OC}, act), out2 = make(be, {N, OC}, act);
+      be.reset_cast_counts();
+      be.matmul_gelu_forward(out.t, pre.t, x.t, w.t, bias.t, cached);
+      const auto with_cache = counts_now(be);
+      EXPECT_GT(with_cache[static_cast<int>(TensorClass::activation)].overflow, 0);
+      be.reset_cast_counts();
+      be.matmul_gelu_forward(out2.t, pre2.t, x.t, w.t, bias.t, spec);
+      expect_same(with_cache, counts_now(be));
+      same_bits("pre", pre, pre2);
+      same_bits("out", out, out2);
+
+      Owned dout = randn_as(be, {N, OC}, act, rng, 0.5), gpre = randn_as(be, {N, C}, act, rng);
+      Owned dw = randn_as(be, {OC, C}, DType::f32, rng), db = randn_as(be, {OC}, DType::f32, rng);
+      Owned dw2 = make(be, {OC, C}), db2 = make(be, {OC});
+      std::memcpy(dw2.t.data, dw.t.data, dw.t.bytes());
+      std::memcpy(db2.t.data, db.t.data, db.t.bytes());
+      Owned dx = make(be, {N, C}, act), dx2 = make(be, {N, C}, act);
+      be.reset_cast_counts();
+      be.matmul_backward_gelu(dx.t, dw.t, db.t, dout.t, x.t, w.t, gpre.t, cached);
+      const auto back_cached = counts_now(be);
+      be.reset_cast_counts();
+      be.matmul_backward_gelu(dx2.t, dw2.t, db2.t, dout.t, x.t, w.t, gpre.t, spec);
+      expect_same(back_cached, counts_now(be));
+      same_bits("dinp", dx, dx2);
+      same_bits("dweight", dw, dw2);
+      same_bits("dbias", db, db2);
+      for (float v : test::widened(dw.t)) ASSERT_TRUE(std::isfinite(v));
+
+      // Refused, with dweight left as it was: a cache written for another scale, for another
+      // inp tensor, or never; of the wrong format or size, over inp, or under a native spec.
+      const std::vector<float> dw_before = test::widened(dw.t);
+      auto refused = [&](const char* what, const MatmulSpec& s, const Tensor& inp) {
+        EXPECT_THROW(be.matmul_backward(dx.t, dw.t, db.t, dout.t, inp, w.t, s), RuntimeError)
+            << what;
+        EXPECT_EQ(test::widened(dw.t), dw_before) << what;
+      };
+      MatmulSpec other_scale = cached;
+      other_scale.inp.scale *= 2.0f;
+      refused("another scale", other_scale, x.t);
+      Owned x2 = make(be, {N, C}, act);
+      std::memcpy(x2.t.data, x.t.data, x.t.bytes());
+      refused("another inp tensor (even with the same values)", cached, x2.t);
+      Owned fresh = make(be, {N, C}, fi);
+      MatmulSpec never = spec;
+      never.inp_cache = fresh.t;
+      refused("a cache no forward wrote", never, x.t);
+      Owned wrong = make(be, {N, C}, fi == DType::e4m3 ? DType::e5m2 : DType::e4m3);
+      MatmulSpec wrong_format = spec;
+      wrong_format.inp_cache = wrong.t;
+      EXPECT_THROW(be.matmul_forward(pre.t, x.t, w.t, bias.t, wrong_format), RuntimeError);
+      Owned small = make(be, {N - 1, C}, fi);
+      MatmulSpec wrong_size = spec;
+      wrong_size.inp_cache = small.t;
+      EXPECT_THROW(be.matmul_forward(pre.t, x.t, w.t, bias.t, wrong_size), RuntimeError);
+      MatmulSpec over_inp = spec;
+      over_inp.inp_cache = Tensor(x.t.data, fi, {N, C});
+      EXPECT_THROW(be.matmul_forward(pre.t, x.t, w.t, bias.t, over_inp), RuntimeError);
+      MatmulSpec native(MatmulPrecision::native);
+      native.inp_cache = cache.t;
+      EXPECT_THROW(be.matmul_forward(pre.t, x.t, w.t, bias.t, native), RuntimeError);
+      // The cache still serves the backward it was written for.
+      EXPECT_NO_THROW(be.matmul_backward(dx.t, dw.t, db.t, dout.t, x.t, w.t, cached));
+    }
 }
 
 TEST_F(PrecisionOps, Residual) {

@@ -77,6 +77,42 @@ void check_crossentropy_args(const Tensor& losses, const Tensor& logits, const T
   check_disjoint_args(op, "logits", logits, "targets", targets);
 }
 
+void Fp8InpCaches::check(const char* op, const MatmulSpec& spec, const Tensor& inp) {
+  const Tensor& c = spec.inp_cache;
+  const std::string where = std::string(op) + ": spec.inp_cache ";
+  if (spec.prec != MatmulPrecision::fp8)
+    throw RuntimeError(where + "serves fp8 matmuls only");
+  if (c.dtype != spec.inp.format || c.numel() != inp.numel())
+    throw RuntimeError(where + "must be a " + dtype_name(spec.inp.format) + " tensor of " +
+                       std::to_string(inp.numel()) + " elements (inp's), got " +
+                       dtype_name(c.dtype) + c.shape.str());
+  if (overlap(c, inp)) throw RuntimeError(where + "must not overlap inp");
+}
+
+void Fp8InpCaches::wrote(const MatmulSpec& spec, const Tensor& inp) {
+  const Entry e{inp.data, inp.numel(), spec.inp.format, spec.inp.scale};
+  for (auto& [cache, entry] : entries_)
+    if (cache == spec.inp_cache.data) {
+      entry = e;
+      return;
+    }
+  entries_.emplace_back(spec.inp_cache.data, e);
+}
+
+void Fp8InpCaches::expect_holds(const char* op, const MatmulSpec& spec, const Tensor& inp) const {
+  for (const auto& [cache, e] : entries_)
+    if (cache == spec.inp_cache.data) {
+      if (e.inp == inp.data && e.numel == inp.numel() && e.format == spec.inp.format &&
+          e.scale == spec.inp.scale)
+        return;
+      break;
+    }
+  throw RuntimeError(std::string(op) +
+                     ": spec.inp_cache does not hold this inp quantised with spec.inp's format "
+                     "and scale (the forward that writes it must come first, with the same inp "
+                     "and spec.inp)");
+}
+
 OperandFormat attention_operand_format(DType a, DType b, MatmulPrecision prec) {
   auto is_float = [](DType d) { return d == DType::f32 || d == DType::f16 || d == DType::bf16; };
   if (!is_float(a) || !is_float(b))

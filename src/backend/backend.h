@@ -19,6 +19,8 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -50,9 +52,41 @@ struct MatmulSpec {
   MatmulPrecision prec = MatmulPrecision::native;
   // fp8 only: the forward reads inp and weight; the backward reads dout, weight and inp.
   Fp8Operand inp, weight, dout;
+  // fp8 only, optional: where a forward leaves inp's quantised values for the backward, so that
+  // the backward need not quantise inp again. A tensor of dtype inp.format and inp's element
+  // count, laid out as the backend chooses (the CUDA backend keeps the transposed copy its
+  // weight-gradient GEMM reads). matmul_forward and its fused forms write it (a CUDA forward in
+  // the pass that quantises inp anyway); matmul_backward reads it in place of inp's
+  // quantisation, which the caller guarantees is the one the last forward into it made: the
+  // same inp, unchanged since, with the same format and scale. A backward whose cache was last
+  // written for another inp tensor, format or scale (or never) is refused (Fp8InpCaches).
+  Tensor inp_cache;
 
   MatmulSpec() = default;
   MatmulSpec(MatmulPrecision p) : prec(p) {}  // NOLINT: implicit, most calls name a precision
+};
+
+// What the last forward wrote into each fp8 input cache (MatmulSpec::inp_cache), kept by a
+// backend so that a backward is refused a cache written for another inp, format or scale
+// rather than silently reading it. Host bookkeeping only: no tensor data is read.
+class Fp8InpCaches {
+ public:
+  // The checks both forward and backward make: an fp8 spec, a cache of dtype inp.format and
+  // `n` elements (inp's), disjoint from inp. Throws RuntimeError naming `op` otherwise.
+  static void check(const char* op, const MatmulSpec& spec, const Tensor& inp);
+  void wrote(const MatmulSpec& spec, const Tensor& inp);
+  // Throws RuntimeError unless spec.inp_cache was last written for inp with spec.inp's format
+  // and scale.
+  void expect_holds(const char* op, const MatmulSpec& spec, const Tensor& inp) const;
+
+ private:
+  struct Entry {
+    const void* inp;
+    int64_t numel;
+    DType format;
+    float scale;
+  };
+  std::vector<std::pair<const void*, Entry>> entries_;  // by cache address; a few hundred
 };
 
 // The format in which attention's products read their operands (backend.h, attention_forward):

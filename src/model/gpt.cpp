@@ -79,7 +79,7 @@ Gpt::Gpt(const ModelConfig& cfg, Backend& backend, const PrecisionPolicy& policy
     };
     static const char* kGroups[4] = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"};
     for (int l = 0; l < L_; ++l) {
-      if (r.first_last_blocks_bf16 && (l == 0 || l == L_ - 1)) continue;
+      if (!block_in_fp8(policy_, l, L_)) continue;
       for (int g = 0; g < 4; ++g) layer_gemms_[l][g] = add(kGroups[g], l);
     }
     if (r.lm_head_fp8) head_gemm_ = add("lm_head", -1);
@@ -155,9 +155,15 @@ double arena_align(double bytes) { return std::ceil(bytes / kArenaAlign) * kAren
 
 }  // namespace
 
+bool Gpt::block_in_fp8(const PrecisionPolicy& policy, int l, int L) {
+  return policy.matmul == MatmulPrecision::fp8 &&
+         !(policy.fp8.first_last_blocks_bf16 && (l == 0 || l == L - 1));
+}
+
 template <class F>
-void Gpt::activation_layout(const ModelConfig& cfg, DType act, int B, int T, Gpt* self,
-                            F&& want) {
+void Gpt::activation_layout(const ModelConfig& cfg, const PrecisionPolicy& policy, int B, int T,
+                            Gpt* self, F&& want) {
+  const DType act = policy.activation;
   const int64_t b = B, t = T, C = cfg.n_embd, NH = cfg.n_head, Vp = cfg.padded_vocab();
   auto at = [&](auto member) -> Tensor* { return self ? &(self->*member) : nullptr; };
   want(at(&Gpt::tokens_), DType::i32, Shape{b, t});
@@ -191,6 +197,17 @@ void Gpt::activation_layout(const ModelConfig& cfg, DType act, int B, int T, Gpt
   want(at(&Gpt::dqkv_), act, Shape{b, t, 3 * C});
   want(at(&Gpt::datty_), act, Shape{b, t, C});
   want(at(&Gpt::dfch_), act, Shape{b, t, 4 * C});
+  // fp8: each fp8 GEMM's quantised input, kept from the forward for the backward (one byte an
+  // element: the backward's pass over inp to quantise it again is spared).
+  const DType q = policy.fp8.forward_format();
+  for (int l = 0; l < cfg.n_layer; ++l) {
+    if (!block_in_fp8(policy, l, cfg.n_layer)) continue;
+    LayerActs* a = self ? &self->acts_[l] : nullptr;
+    const int64_t width[4] = {C, C, C, 4 * C};  // ln1, atty, ln2, fch_gelu
+    for (int g = 0; g < 4; ++g) want(a ? &a->fp8_inp[g] : nullptr, q, Shape{b, t, width[g]});
+  }
+  if (policy.matmul == MatmulPrecision::fp8 && policy.fp8.lm_head_fp8)
+    want(at(&Gpt::fp8_lnf_), q, Shape{b, t, C});
 }
 
 MemoryLedger Gpt::plan_memory(const ModelConfig& cfg, int B, int T,
@@ -217,7 +234,7 @@ MemoryLedger Gpt::plan_memory(const ModelConfig& cfg, int B, int T,
   m.gradients = slab * dtype_size(policy.grad);
   if (processes > 1 && policy.grad != DType::f32) m.gradients += slab * 4.0;  // the fp32 sum
   m.optimizer_state = 2 * kept * dtype_size(policy.optimizer_state);
-  activation_layout(cfg, policy.activation, B, T, nullptr, [&](Tensor*, DType d, Shape s) {
+  activation_layout(cfg, policy, B, T, nullptr, [&](Tensor*, DType d, Shape s) {
     double n = 1;
     for (int i = 0; i < s.ndim; ++i) n *= static_cast<double>(s.dims[i]);
     m.activations = arena_align(m.activations + n * dtype_size(d));
@@ -315,7 +332,7 @@ void Gpt::ensure_activations(int B, int T) {
   };
   std::vector<Want> wants;
   size_t total = 0;
-  activation_layout(cfg_, policy_.activation, B, T, this, [&](Tensor* dst, DType d, Shape s) {
+  activation_layout(cfg_, policy_, B, T, this, [&](Tensor* dst, DType d, Shape s) {
     wants.push_back({dst, total, d, s});
     total = static_cast<size_t>(arena_align(double(total) + double(s.numel()) * dtype_size(d)));
   });
@@ -476,9 +493,11 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
   // with `gelu_out`, followed by GELU as one op (matmul_gelu_forward); with `residual`, out is
   // residual + the layer's output, as one op (matmul_residual_forward, `name` naming the sum).
   // A backend may fuse either.
+  // `cache`: where an fp8 GEMM leaves its quantised input for the backward (training only).
   auto linear = [&](int layer, int gemm, const char* name, Tensor out, Tensor inp, size_t w,
-                    Tensor bias, Tensor gelu_out, Tensor residual) {
-    const MatmulSpec spec = gemm_spec(gemm, inp, param(w), Tensor());
+                    Tensor bias, Tensor gelu_out, Tensor residual, Tensor cache) {
+    MatmulSpec spec = gemm_spec(gemm, inp, param(w), Tensor());
+    if (recording_ && gemm >= 0) spec.inp_cache = cache;
     if (gelu_out.defined()) {
       be_.matmul_gelu_forward(gelu_out, out, inp, param(w), bias, spec);
       check(layer, "matmul_gelu_forward", name, out, false);
@@ -501,19 +520,21 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
     const auto& gm = layer_gemms_[l];
     be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, residual, param(w.ln1w), param(w.ln1b));
     check(l, "layernorm_forward", "ln_1", a.ln1, false);
-    linear(l, gm[0], "attn.c_attn", a.qkv, a.ln1, w.qkvw, param(w.qkvb), Tensor(), Tensor());
+    linear(l, gm[0], "attn.c_attn", a.qkv, a.ln1, w.qkvw, param(w.qkvb), Tensor(), Tensor(),
+           a.fp8_inp[0]);
     be_.attention_forward(a.atty, a.att_lse, a.qkv, NH_, policy_.unquantised_matmul());  // (B,T,C)
     check(l, "attention_forward", "attn", a.atty, false);
     // attn.c_proj, added to the residual stream
     linear(l, gm[1], "residual2", a.residual2, a.atty, w.attprojw, param(w.attprojb), Tensor(),
-           residual);
+           residual, a.fp8_inp[1]);
     be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, param(w.ln2w),
                           param(w.ln2b));
     check(l, "layernorm_forward", "ln_2", a.ln2, false);
-    linear(l, gm[2], "mlp.c_fc", a.fch, a.ln2, w.fcw, param(w.fcb), a.fch_gelu, Tensor());
+    linear(l, gm[2], "mlp.c_fc", a.fch, a.ln2, w.fcw, param(w.fcb), a.fch_gelu, Tensor(),
+           a.fp8_inp[2]);
     // mlp.c_proj, added to the residual stream
     linear(l, gm[3], "residual3", a.residual3, a.fch_gelu, w.fcprojw, param(w.fcprojb), Tensor(),
-           a.residual2);
+           a.residual2, a.fp8_inp[3]);
     residual = a.residual3;
   }
   be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, residual, param(lnfw_), param(lnfb_));
@@ -522,11 +543,13 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
   // except when tracing non-finite values, which needs the logits between the two (the fused op
   // gives the same bits, so tracing a step repeats it exactly).
   if (tracing_) {
-    linear(-1, head_gemm_, "lm_head", logits_, lnf_, wte_, Tensor(), Tensor(), Tensor());
+    linear(-1, head_gemm_, "lm_head", logits_, lnf_, wte_, Tensor(), Tensor(), Tensor(),
+           fp8_lnf_);
     be_.crossentropy_forward_backward(losses_, logits_, targets_, V_, dloss);
   } else {
-    be_.matmul_crossentropy(losses_, logits_, lnf_, param(wte_), targets_, V_, dloss,
-                            gemm_spec(head_gemm_, lnf_, param(wte_), Tensor()));
+    MatmulSpec spec = gemm_spec(head_gemm_, lnf_, param(wte_), Tensor());
+    if (recording_ && head_gemm_ >= 0) spec.inp_cache = fp8_lnf_;
+    be_.matmul_crossentropy(losses_, logits_, lnf_, param(wte_), targets_, V_, dloss, spec);
   }
   check(-1, "crossentropy_forward_backward", "losses", losses_, false);
   if (dloss != 0.0f) check(-1, "crossentropy_forward_backward", "dlogits", logits_, true);
@@ -545,9 +568,11 @@ void Gpt::backward() {
   // input that fed this layer), dinp is the gradient of that input: GELU's backward follows in
   // one op (matmul_backward_gelu, which a backend may fuse), and no buffer holds the gradient
   // of the GELU's output.
+  // `cache`: the fp8 GEMM's quantised input, left by the forward.
   auto linear_back = [&](int layer, int gemm, const char* name, Tensor dinp, size_t w,
-                         Tensor dbias, Tensor dout, Tensor inp, Tensor gelu_pre) {
-    const MatmulSpec spec = gemm_spec(gemm, Tensor(), Tensor(), dout);
+                         Tensor dbias, Tensor dout, Tensor inp, Tensor gelu_pre, Tensor cache) {
+    MatmulSpec spec = gemm_spec(gemm, Tensor(), Tensor(), dout);
+    if (gemm >= 0) spec.inp_cache = cache;
     const char* op = gelu_pre.defined() ? "matmul_backward_gelu" : "matmul_backward";
     if (gelu_pre.defined())
       be_.matmul_backward_gelu(dinp, grad(w), dbias, dout, inp, param(w), gelu_pre, spec);
@@ -560,7 +585,8 @@ void Gpt::backward() {
   // logits_ now holds dlogits.
   be_.fill(dresidual_, 0.0f);
   const Tensor last = L_ > 0 ? acts_[L_ - 1].residual3 : encoded_;
-  linear_back(-1, head_gemm_, "lm_head", dln_, wte_, Tensor(), logits_, lnf_, Tensor());
+  linear_back(-1, head_gemm_, "lm_head", dln_, wte_, Tensor(), logits_, lnf_, Tensor(),
+              fp8_lnf_);
   be_.layernorm_backward(dresidual_, grad(lnfw_), grad(lnfb_), dln_, last, param(lnfw_),
                          lnf_mean_, lnf_rstd_);
   check(-1, "layernorm_backward", "dresidual", dresidual_, true);
@@ -571,16 +597,18 @@ void Gpt::backward() {
     const auto& gm = layer_gemms_[l];
     const Tensor residual = l == 0 ? encoded_ : acts_[l - 1].residual3;
     linear_back(l, gm[3], "mlp.c_proj", dfch_, w.fcprojw, grad(w.fcprojb), dresidual_,
-                a.fch_gelu, a.fch);  // dfch_: d(fch), through GELU
-    linear_back(l, gm[2], "mlp.c_fc", dln_, w.fcw, grad(w.fcb), dfch_, a.ln2, Tensor());
+                a.fch_gelu, a.fch, a.fp8_inp[3]);  // dfch_: d(fch), through GELU
+    linear_back(l, gm[2], "mlp.c_fc", dln_, w.fcw, grad(w.fcb), dfch_, a.ln2, Tensor(),
+                a.fp8_inp[2]);
     be_.layernorm_backward(dresidual_, grad(w.ln2w), grad(w.ln2b), dln_, a.residual2,
                            param(w.ln2w), a.ln2_mean, a.ln2_rstd);
     check(l, "layernorm_backward", "dresidual", dresidual_, true);
     linear_back(l, gm[1], "attn.c_proj", datty_, w.attprojw, grad(w.attprojb), dresidual_,
-                a.atty, Tensor());
+                a.atty, Tensor(), a.fp8_inp[1]);
     be_.attention_backward(dqkv_, datty_, a.qkv, a.att_lse, NH_, policy_.unquantised_matmul());
     check(l, "attention_backward", "dqkv", dqkv_, true);
-    linear_back(l, gm[0], "attn.c_attn", dln_, w.qkvw, grad(w.qkvb), dqkv_, a.ln1, Tensor());
+    linear_back(l, gm[0], "attn.c_attn", dln_, w.qkvw, grad(w.qkvb), dqkv_, a.ln1, Tensor(),
+                a.fp8_inp[0]);
     be_.layernorm_backward(dresidual_, grad(w.ln1w), grad(w.ln1b), dln_, residual, param(w.ln1w),
                            a.ln1_mean, a.ln1_rstd);
     check(l, "layernorm_backward", "dresidual", dresidual_, true);

@@ -162,12 +162,18 @@ class Gpt {
   struct LayerActs {
     Tensor ln1, ln1_mean, ln1_rstd, qkv, atty, att_lse, residual2, ln2, ln2_mean, ln2_rstd, fch,
         fch_gelu, residual3;
+    // Under fp8: the four GEMMs' quantised inputs (ln1, atty, ln2, fch_gelu), which the
+    // forward leaves for the backward (MatmulSpec::inp_cache); undefined for a block kept out
+    // of fp8.
+    std::array<Tensor, 4> fp8_inp;
   };
+  // Whether block l of L runs its linear layers in fp8 under `policy`.
+  static bool block_in_fp8(const PrecisionPolicy& policy, int l, int L);
   // The activation arena of (B, T): calls want(target, dtype, shape) for each tensor in order.
   // `self` null: only the dtypes and shapes matter (plan_memory).
   template <class F>
-  static void activation_layout(const ModelConfig& cfg, DType act, int B, int T, Gpt* self,
-                                F&& want);
+  static void activation_layout(const ModelConfig& cfg, const PrecisionPolicy& policy, int B,
+                                int T, Gpt* self, F&& want);
   void add_param(const std::string& name, Shape shape, bool decay, ParamInfo::Init init);
   void ensure_activations(int B, int T);
   Tensor slab_view(const Buffer& buf, DType dtype, size_t i) const;
@@ -211,6 +217,7 @@ class Gpt {
   int act_B_ = 0, act_T_ = 0;
   Buffer act_buf_;
   Tensor tokens_, targets_, encoded_, lnf_, lnf_mean_, lnf_rstd_, logits_, losses_;
+  Tensor fp8_lnf_;  // the LM head's quantised input, when its GEMM is in fp8
   std::vector<LayerActs> acts_;
   // Gradient scratch for the backward pass, reused across layers.
   Tensor dresidual_, dln_, dqkv_, datty_, dfch_;

@@ -116,12 +116,19 @@ class CpuBackend : public Backend {
   const float* matmul_operand(Tensor t, Slot slot, const MatmulSpec& spec, const Fp8Operand& q,
                               CastCounts* counts, int scratch, float* scale_inv);
   CastCounts& counts_of(TensorClass c) { return counts_[static_cast<int>(c)]; }
+  // fp8 input caches (MatmulSpec::inp_cache), row-major bit patterns here: the forward stores
+  // the quantised inp x (fp32 values on the fp8 grid) into the cache; the backward widens the
+  // cache into scratch instead of quantising inp again (matmul_backward has checked that it
+  // holds inp under spec.inp).
+  void store_inp_cache(const MatmulSpec& spec, const Tensor& inp, const float* x);
+  const float* load_inp_cache(const MatmulSpec& spec, const Tensor& inp, float* scale_inv);
 
   int threads_;
   std::array<std::vector<float>, kSlots> staging_;
   std::array<std::vector<float>, 3> operand_scratch_;  // tf32/fp8 copies of fp32 operands
   std::array<CastCounts, kTensorClasses> counts_{};
   bool counting_ = true;
+  Fp8InpCaches fp8_caches_;
   std::shared_ptr<MemoryCounter> mem_ = std::make_shared<MemoryCounter>();
 };
 

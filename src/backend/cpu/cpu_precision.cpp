@@ -504,12 +504,44 @@ const float* CpuBackend::matmul_operand(Tensor t, Slot slot, const MatmulSpec& s
   return y;
 }
 
+void CpuBackend::store_inp_cache(const MatmulSpec& spec, const Tensor& inp, const float* x) {
+  auto* c = static_cast<uint8_t*>(spec.inp_cache.data);
+  const int64_t n = inp.numel();
+  // x holds values of the fp8 grid (NaN included), so their bits are exact.
+  if (spec.inp.format == DType::e4m3) {
+#pragma omp parallel for schedule(static) num_threads(threads_)
+    for (int64_t i = 0; i < n; ++i) c[i] = static_cast<uint8_t>(fast::e4m3_bits(x[i]));
+  } else {
+#pragma omp parallel for schedule(static) num_threads(threads_)
+    for (int64_t i = 0; i < n; ++i) c[i] = static_cast<uint8_t>(fast::e5m2_bits(x[i]));
+  }
+  fp8_caches_.wrote(spec, inp);
+}
+
+const float* CpuBackend::load_inp_cache(const MatmulSpec& spec, const Tensor& inp,
+                                        float* scale_inv) {
+  const auto* c = static_cast<const uint8_t*>(spec.inp_cache.data);
+  const int64_t n = inp.numel();
+  // Where matmul_operand would have quantised inp (the workspace the ledger plans).
+  float* y = inp.dtype == DType::f32 ? grow(operand_scratch_[2], n, *mem_) : staging(kIn1, n);
+  if (spec.inp.format == DType::e4m3) {
+#pragma omp parallel for schedule(static) num_threads(threads_)
+    for (int64_t i = 0; i < n; ++i) y[i] = fast::e4m3_value(c[i]);
+  } else {
+#pragma omp parallel for schedule(static) num_threads(threads_)
+    for (int64_t i = 0; i < n; ++i) y[i] = fast::e5m2_value(c[i]);
+  }
+  *scale_inv = 1.0f / spec.inp.scale;
+  return y;
+}
+
 void CpuBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
                                 const MatmulSpec& spec) {
   const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
   expect_float("matmul_forward", "inp", inp.reshape({N, C}), {N, C});
   expect_float("matmul_forward", "weight", weight, {OC, C});
   expect_float("matmul_forward", "out", out.reshape({N, OC}), {N, OC});
+  if (spec.inp_cache.defined()) Fp8InpCaches::check("matmul_forward", spec, inp);
   const Tensor o = output(out, kOut, false);
   float* op = o.as<float>();
   float beta = 0.0f;
@@ -523,6 +555,7 @@ void CpuBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bi
   float si = 1.0f, sw = 1.0f;
   const float* x = matmul_operand(inp, kIn0, spec, spec.inp, &counts_of(TensorClass::activation),
                                   0, &si);
+  if (spec.inp_cache.defined()) store_inp_cache(spec, inp, x);
   const float* w = matmul_operand(weight, kWeight, spec, spec.weight,
                                   &counts_of(TensorClass::weight), 1, &sw);
   {
@@ -541,6 +574,10 @@ void CpuBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tens
   expect_float("matmul_backward", "weight", weight, {OC, C});
   expect_float("matmul_backward", "dout", dout.reshape({N, OC}), {N, OC});
   expect_float("matmul_backward", "dweight", dweight, {OC, C});
+  if (spec.inp_cache.defined()) {
+    Fp8InpCaches::check("matmul_backward", spec, inp);
+    fp8_caches_.expect_holds("matmul_backward", spec, inp);  // before anything is written
+  }
   // The bias gradient sums dout as stored, before any quantisation.
   if (dbias.defined()) {
     expect_float("matmul_backward", "dbias", dbias, {OC});
@@ -574,7 +611,8 @@ void CpuBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tens
     }
     commit(dinp, dx, TensorClass::gradient);
   }
-  const float* x = matmul_operand(inp, kIn1, spec, inp_q, nullptr, 2, &si);
+  const float* x = spec.inp_cache.defined() ? load_inp_cache(spec, inp, &si)
+                                             : matmul_operand(inp, kIn1, spec, inp_q, nullptr, 2, &si);
   const Tensor dw = output(dweight, kGrad0, true);
   {
     // dweight(OC,C) += dout(N,OC)^T . inp(N,C)

@@ -481,6 +481,8 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
   const GemmPlan p =
       plan_matmul(MatmulOp::forward, N, C, OC, inp.dtype, weight.dtype, inp.dtype, spec);
 
+  const bool cache = spec.inp_cache.defined();
+  if (cache) Fp8InpCaches::check(op, spec, inp);
   GemmArgs g;
   Fp8Words w{};
   if (p.fp8) {
@@ -492,8 +494,11 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
     void* qb = ctx.scratch(Scratch::kOperandB, operand_copy_bytes(N * C, p.b.type));
     quantise(ctx, weight, OC, C, spec.weight, qa, nullptr, true, TensorClass::weight,
              amax_word(ctx, spec.weight));
-    quantise(ctx, inp, N, C, spec.inp, qb, nullptr, true, TensorClass::activation,
-             amax_word(ctx, spec.inp));
+    // With a cache, the same pass writes the transposed copy the backward's wgrad GEMM reads
+    // (its A operand: inp^T, (C, N)), which spares the backward a pass over inp.
+    quantise(ctx, inp, N, C, spec.inp, qb, cache ? spec.inp_cache.data : nullptr, true,
+             TensorClass::activation, amax_word(ctx, spec.inp));
+    if (cache) ctx.fp8_inp_caches().wrote(spec, inp);
     set_floats_kernel<<<1, 1, 0, ctx.stream()>>>(w.scale_inv, 1.0f / spec.inp.scale,
                                                  1.0f / spec.weight.scale, 1.0f);
     MPT_LAUNCH_CHECK(ctx, "matmul_forward: scales");
@@ -575,6 +580,11 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
   if (weight.dim(1) != C) throw RuntimeError("matmul_backward: weight must be (OC, C)");
   if (dinp.defined()) expect_matrix("matmul_backward", "dinp", dinp, {N, C});
   if (gelu_pre.defined()) expect_matrix("matmul_backward_gelu", "gelu_pre", gelu_pre, {N, C});
+  const bool cache = spec.inp_cache.defined();
+  if (cache) {
+    Fp8InpCaches::check("matmul_backward", spec, inp);
+    ctx.fp8_inp_caches().expect_holds("matmul_backward", spec, inp);
+  }
   // Plans first: an unsupported spec throws before anything runs.
   const GemmPlan pw =
       plan_matmul(MatmulOp::wgrad, N, C, OC, inp.dtype, weight.dtype, dout.dtype, spec);
@@ -689,8 +699,10 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
   {
     GemmArgs g;
     if (pw.fp8) {
-      void* xt = ctx.scratch(Scratch::kOperandA, operand_copy_bytes(N * C, pw.a.type));
-      quantise(ctx, inp, N, C, spec.inp, nullptr, xt, false, TensorClass::activation, nullptr);
+      void* xt = cache ? spec.inp_cache.data
+                       : ctx.scratch(Scratch::kOperandA, operand_copy_bytes(N * C, pw.a.type));
+      if (!cache)
+        quantise(ctx, inp, N, C, spec.inp, nullptr, xt, false, TensorClass::activation, nullptr);
       g.a = xt, g.b = dqt;
       g.scale_a = w.scale_inv + kInp, g.scale_b = w.scale_inv + kDout;
     } else {

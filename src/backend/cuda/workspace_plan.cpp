@@ -49,7 +49,7 @@ void plan_matmul_forward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType
 // As matmul.cu's matmul_backward.
 void plan_matmul_backward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType inp,
                           DType weight, DType dout, bool dinp, DType dinp_dtype, DType dweight,
-                          bool dbias, const MatmulSpec& spec) {
+                          bool dbias, const MatmulSpec& spec, bool inp_cached) {
   const GemmPlan pw = plan_matmul(MatmulOp::wgrad, N, C, OC, inp, weight, dout, spec);
   if (dbias) {
     const int64_t chunks = dbias_chunks(N);
@@ -71,7 +71,7 @@ void plan_matmul_backward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DTyp
     if (dinp_dtype != DType::f32) s.need(Scratch::kMatmulOut, f32_copy(N * C));
   }
   if (pw.fp8) {
-    s.need(Scratch::kOperandA, operand_copy_bytes(N * C, pw.a.type));  // inp^T
+    if (!inp_cached) s.need(Scratch::kOperandA, operand_copy_bytes(N * C, pw.a.type));  // inp^T
   } else {
     if (pw.a.copy) s.need(Scratch::kOperandA, f32_copy(N * C));   // inp
     if (pw.b.copy) s.need(Scratch::kOperandB, f32_copy(N * OC));  // dout

@@ -70,9 +70,10 @@ struct ScratchPlan {
 // a matmul_backward without an input gradient.
 void plan_matmul_forward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType inp,
                          DType weight, DType out, const MatmulSpec& spec);
+// `inp_cached`: an fp8 backward given the forward's MatmulSpec::inp_cache (no inp^T copy).
 void plan_matmul_backward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType inp,
                           DType weight, DType dout, bool dinp, DType dinp_dtype, DType dweight,
-                          bool dbias, const MatmulSpec& spec);
+                          bool dbias, const MatmulSpec& spec, bool inp_cached = false);
 // Attention in operand format f (attention_plan.h), with the kernel attention_kernel(f, HS)
 // picks: the GEMM path takes one pass over attention_batch_chunk(B, NH, T) batch elements at a
 // time, its scratch by role (attention_scratch); the fused kernels need only the backward's D.
