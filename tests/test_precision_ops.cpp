@@ -781,6 +781,34 @@ TEST_F(PrecisionOps, FusedMatmulOpsAreTheOpsTheyFuse) {
       << "out over the input it still has to read";
 }
 
+// The record itself: what was written, for which inp and scale; forgotten with its memory.
+TEST(Fp8InpCaches, RecordsTheLastWriteAndForgetsFreedMemory) {
+  alignas(16) static uint8_t cache_bytes[64], other_bytes[64];
+  alignas(16) static float inp_values[64];
+  MatmulSpec spec(MatmulPrecision::fp8);
+  spec.inp = {DType::e4m3, 2.0f, nullptr};
+  spec.inp_cache = Tensor(cache_bytes, DType::e4m3, {8, 8});
+  const Tensor inp(inp_values, DType::f32, {8, 8});
+  Fp8InpCaches r;
+  EXPECT_THROW(r.expect_holds("op", spec, inp), RuntimeError) << "never written";
+  r.wrote(spec, inp);
+  EXPECT_NO_THROW(r.expect_holds("op", spec, inp));
+  MatmulSpec rescaled = spec;
+  rescaled.inp.scale = 4.0f;
+  EXPECT_THROW(r.expect_holds("op", rescaled, inp), RuntimeError);
+  r.wrote(rescaled, inp);  // rewritten: the newer scale is what it holds
+  EXPECT_NO_THROW(r.expect_holds("op", rescaled, inp));
+  EXPECT_THROW(r.expect_holds("op", spec, inp), RuntimeError);
+  MatmulSpec other = spec;
+  other.inp_cache = Tensor(other_bytes, DType::e4m3, {8, 8});
+  r.wrote(other, inp);
+  r.forget(cache_bytes + 1, 63);  // a range that does not hold the cache's start
+  EXPECT_NO_THROW(r.expect_holds("op", rescaled, inp));
+  r.forget(cache_bytes, 64);
+  EXPECT_THROW(r.expect_holds("op", rescaled, inp), RuntimeError) << "its memory was freed";
+  EXPECT_NO_THROW(r.expect_holds("op", other, inp)) << "another cache's record stays";
+}
+
 // MatmulSpec::inp_cache: a forward that leaves its quantised input for the backward gives the
 // bits and counts of one that does not, and so does a backward that reads it instead of
 // quantising inp again (here through the fused GELU ops, which the model uses). A cache that

@@ -1,5 +1,7 @@
 #include "backend/backend.h"
 
+#include <algorithm>
+
 #include "backend/cpu/cpu_backend.h"
 #if MPT_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
@@ -111,6 +113,16 @@ void Fp8InpCaches::expect_holds(const char* op, const MatmulSpec& spec, const Te
                      ": spec.inp_cache does not hold this inp quantised with spec.inp's format "
                      "and scale (the forward that writes it must come first, with the same inp "
                      "and spec.inp)");
+}
+
+void Fp8InpCaches::forget(const void* ptr, size_t bytes) {
+  const auto lo = reinterpret_cast<uintptr_t>(ptr), hi = lo + bytes;
+  entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
+                                [&](const auto& e) {
+                                  const auto a = reinterpret_cast<uintptr_t>(e.first);
+                                  return a >= lo && a < hi;
+                                }),
+                 entries_.end());
 }
 
 OperandFormat attention_operand_format(DType a, DType b, MatmulPrecision prec) {

@@ -572,7 +572,7 @@ void Gpt::backward() {
   auto linear_back = [&](int layer, int gemm, const char* name, Tensor dinp, size_t w,
                          Tensor dbias, Tensor dout, Tensor inp, Tensor gelu_pre, Tensor cache) {
     MatmulSpec spec = gemm_spec(gemm, Tensor(), Tensor(), dout);
-    if (gemm >= 0) spec.inp_cache = cache;
+    if (recording_ && gemm >= 0) spec.inp_cache = cache;  // as the forward wrote it
     const char* op = gelu_pre.defined() ? "matmul_backward_gelu" : "matmul_backward";
     if (gelu_pre.defined())
       be_.matmul_backward_gelu(dinp, grad(w), dbias, dout, inp, param(w), gelu_pre, spec);

@@ -57,7 +57,9 @@ Buffer CpuBackend::allocate(size_t bytes) {
   if (!p) throw std::bad_alloc();
   std::memset(p, 0, rounded);
   mem_->add(bytes);
-  return Buffer(p, bytes, [mem = mem_, bytes](void* q) {
+  fp8_caches_->forget(p, rounded);  // the second guard, as the free's own
+  return Buffer(p, bytes, [mem = mem_, caches = fp8_caches_, bytes, rounded](void* q) {
+    caches->forget(q, rounded);
     std::free(q);
     mem->sub(bytes);
   });

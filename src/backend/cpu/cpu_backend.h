@@ -128,7 +128,8 @@ class CpuBackend : public Backend {
   std::array<std::vector<float>, 3> operand_scratch_;  // tf32/fp8 copies of fp32 operands
   std::array<CastCounts, kTensorClasses> counts_{};
   bool counting_ = true;
-  Fp8InpCaches fp8_caches_;
+  // Shared with the Buffers' deleters, which forget the caches they free.
+  std::shared_ptr<Fp8InpCaches> fp8_caches_ = std::make_shared<Fp8InpCaches>();
   std::shared_ptr<MemoryCounter> mem_ = std::make_shared<MemoryCounter>();
 };
 

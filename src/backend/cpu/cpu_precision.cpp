@@ -515,7 +515,7 @@ void CpuBackend::store_inp_cache(const MatmulSpec& spec, const Tensor& inp, cons
 #pragma omp parallel for schedule(static) num_threads(threads_)
     for (int64_t i = 0; i < n; ++i) c[i] = static_cast<uint8_t>(fast::e5m2_bits(x[i]));
   }
-  fp8_caches_.wrote(spec, inp);
+  fp8_caches_->wrote(spec, inp);
 }
 
 const float* CpuBackend::load_inp_cache(const MatmulSpec& spec, const Tensor& inp,
@@ -576,7 +576,7 @@ void CpuBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tens
   expect_float("matmul_backward", "dweight", dweight, {OC, C});
   if (spec.inp_cache.defined()) {
     Fp8InpCaches::check("matmul_backward", spec, inp);
-    fp8_caches_.expect_holds("matmul_backward", spec, inp);  // before anything is written
+    fp8_caches_->expect_holds("matmul_backward", spec, inp);  // before anything is written
   }
   // The bias gradient sums dout as stored, before any quantisation.
   if (dbias.defined()) {

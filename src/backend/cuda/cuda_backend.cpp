@@ -45,12 +45,15 @@ Buffer CudaBackend::allocate(size_t bytes) {
   // New memory holds no uploaded ids (a copy recorded for a freed block at this address is
   // forgotten when that block is freed; this is the second guard).
   ctx_->host_ids()->forget(p, bytes ? bytes : 1);
-  Buffer buf(p, bytes, [mem = ctx_->memory(), ids = ctx_->host_ids(), bytes](void* q) {
+  ctx_->fp8_inp_caches().forget(p, bytes ? bytes : 1);  // likewise for fp8 input caches
+  Buffer buf(p, bytes, [mem = ctx_->memory(), ids = ctx_->host_ids(),
+                        caches = ctx_->fp8_inp_caches_ptr(), bytes](void* q) {
     // The release waits for queued work that may still use the memory (cudaFree synchronises
     // with the device); it must not throw from a destructor.
     cudaFree(q);
     mem->sub(bytes);
     ids->forget(q, bytes ? bytes : 1);
+    caches->forget(q, bytes ? bytes : 1);
   });
   ctx_->memory()->add(bytes);
   // backend.h promises zeroed memory (a failure here frees the allocation through buf)

@@ -129,8 +129,9 @@ class Context {
   // with the Buffers' deleters, which forget the memory they free.
   const std::shared_ptr<HostIdTable>& host_ids() const { return host_ids_; }
   // Which forward wrote each fp8 input cache (MatmulSpec::inp_cache): matmul.cu records and
-  // checks.
-  Fp8InpCaches& fp8_inp_caches() { return fp8_inp_caches_; }
+  // checks. Shared with the Buffers' deleters, which forget the caches they free.
+  Fp8InpCaches& fp8_inp_caches() { return *fp8_inp_caches_; }
+  const std::shared_ptr<Fp8InpCaches>& fp8_inp_caches_ptr() const { return fp8_inp_caches_; }
   // The values of int32 tensor `t` on the host, checked against [0, limit) as the CPU backend
   // checks ids (RuntimeError naming `op`): the host's copy when t is exactly a tensor uploaded
   // by copy_ids_from_host (no synchronisation), else read back into *readback (synchronises).
@@ -183,7 +184,7 @@ class Context {
   std::array<StagingBlock, kStaging> staging_;
   size_t next_staging_ = 0;
   std::shared_ptr<HostIdTable> host_ids_ = std::make_shared<HostIdTable>();
-  Fp8InpCaches fp8_inp_caches_;
+  std::shared_ptr<Fp8InpCaches> fp8_inp_caches_ = std::make_shared<Fp8InpCaches>();
   bool debug_sync_ = false;
   bool lt_epilogues_ = true;
   struct Profiler;  // the events and the ops that ended them

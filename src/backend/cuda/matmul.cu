@@ -16,14 +16,19 @@
 // operand's amax and counts the casts (inp: activations, weight: weights, dout: gradients; the
 // backward's re-quantisations of inp and weight are neither counted nor report an amax, as on the
 // CPU). Hopper's fp8 GEMMs are TN only, so the same kernel writes the transposed copies the
-// backward needs (a 32x32 shared-memory tile: quantise and transpose in one pass). The A/B scale
-// pointers hold the inverse scales (device floats); the bias is added after the scaled product.
+// backward needs (through a shared-memory tile: quantise and transpose in one pass; the strip
+// kernel, or the element kernel for operands off 16-byte alignment: matmul_plan.h,
+// quantise_launch). A training forward writes inp's transposed copy into the caller's
+// MatmulSpec::inp_cache, which the backward's wgrad GEMM then reads. The A/B scale pointers hold
+// the inverse scales (device floats); the bias is added after the scaled product.
 //
 // dbias: column sums of dout as stored (never quantised), in fp32, then added to the existing
 // value: by the wgrad GEMM's BGRADB epilogue where the GEMM reads dout as stored (native
-// fp32/fp16/bf16 operands, and tf32 with 16-bit ones), else in two passes of our own (fixed chunks of rows, then the
-// chunks in order: no atomics). Both are deterministic: cuBLASLt gives the same bits for the
-// same GEMM key (shape, alignments, epilogue) and device, as for dweight itself.
+// fp32/fp16/bf16 operands, and tf32 with 16-bit ones); under fp8 by the strip kernel that
+// quantises dout, in the same pass; else by column-sum kernels of their own. The last two sum
+// fixed chunks of kDbiasRows rows, then the chunks in order: no atomics, in orders of their own.
+// All are deterministic: cuBLASLt gives the same bits for the same GEMM key (shape, alignments,
+// epilogue) and device, as for dweight itself.
 //
 // GELU (matmul_gelu_forward, matmul_backward_gelu; the path: matmul_plan.h GeluPath). With
 // 16-bit outputs the store kernel that rounds the product applies GELU (or GELU's derivative) to
@@ -624,7 +629,8 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     throw RuntimeError("matmul_backward: the bias-gradient epilogue cannot serve an fp8 GEMM");
   // Under fp8 the kernel that quantises dout sums its columns too, in the same pass over dout
   // (where its strip kernel runs), instead of the column-sum kernels' pass of their own.
-  const bool dbias_in_quantise = dbias.defined() && pw.fp8 && quantise_sums_columns(dout, N, OC);
+  const bool dbias_in_quantise =
+      dbias.defined() && pw.fp8 && N * OC > 0 && quantise_sums_columns(dout, N, OC);
   if (dbias.defined()) {
     expect_matrix("matmul_backward", "dbias", dbias, {OC});
     chunks = dbias_chunks(N);
