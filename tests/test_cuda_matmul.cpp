@@ -1498,9 +1498,9 @@ TEST(CudaMatmul, Fp8E4m3Only) {
 }
 
 // MatmulSpec::inp_cache on the GPU: the forward's quantise pass also writes the transposed
-// copy of inp, which the backward's wgrad GEMM reads instead of quantising inp again. The bits
-// and counts of the same ops without the cache, one quantise launch fewer in the backward, and
-// a cache written under another scale refused.
+// copy of inp, which the backward's wgrad GEMM reads instead of quantising inp again (inp's
+// memory overwritten in between). The bits and counts of the same ops without the cache, one
+// quantise launch fewer in the backward, and a cache written under another scale refused.
 void run_inp_cache_case(const char* name, DType act, int64_t N, int64_t C, int64_t OC) {
   SCOPED_TRACE(name);
   Rng rng(test::fresh_seed());
@@ -1526,14 +1526,19 @@ void run_inp_cache_case(const char* name, DType act, int64_t N, int64_t C, int64
     std::vector<CastCounts> counts;
     int quantise_launches = 0;  // in the backward
   };
+  // With the cache, the forward reads a copy of x that is overwritten before the backward
+  // (which then reads nothing of inp but its shape and address).
+  Dev gxc = to_gpu(*gpu, x.t);
   auto run = [&](const MatmulSpec& s) {
     Run r;
     Dev pre = to_gpu(*gpu, outs.t), out = to_gpu(*gpu, outs.t), dx = to_gpu(*gpu, dxs.t),
         dw = to_gpu(*gpu, dw0.t), db = to_gpu(*gpu, db0.t);
+    const Tensor xin = s.inp_cache.defined() ? gxc.t : gx.t;
     gpu->reset_cast_counts();
-    gpu->matmul_gelu_forward(out.t, pre.t, gx.t, gw.t, gb.t, s);
+    gpu->matmul_gelu_forward(out.t, pre.t, xin, gw.t, gb.t, s);
+    if (s.inp_cache.defined()) gpu->fill(xin, NAN);
     ctx.start_profile();
-    gpu->matmul_backward_gelu(dx.t, dw.t, db.t, gdout.t, gx.t, gw.t, gpre.t, s);
+    gpu->matmul_backward_gelu(dx.t, dw.t, db.t, gdout.t, xin, gw.t, gpre.t, s);
     for (const OpTime& o : ctx.stop_profile().sorted())
       if (o.op == "matmul: fp8 quantise") r.quantise_launches = static_cast<int>(o.launches);
     for (int k = 0; k < kTensorClasses; ++k) r.counts.push_back(gpu->cast_counts(TensorClass(k)));
@@ -1562,7 +1567,7 @@ void run_inp_cache_case(const char* name, DType act, int64_t N, int64_t C, int64
   MatmulSpec other = cached;
   other.inp.scale *= 2.0f;
   Dev dw = to_gpu(*gpu, dw0.t), db = to_gpu(*gpu, db0.t), dx = to_gpu(*gpu, dxs.t);
-  EXPECT_THROW(gpu->matmul_backward(dx.t, dw.t, db.t, gdout.t, gx.t, gw.t, other), RuntimeError);
+  EXPECT_THROW(gpu->matmul_backward(dx.t, dw.t, db.t, gdout.t, gxc.t, gw.t, other), RuntimeError);
   EXPECT_EQ(from_gpu(*gpu, dw, "dweight"), test::widened(dw0.t)) << "refused before any write";
 }
 

@@ -57,9 +57,9 @@ struct MatmulSpec {
   // count, laid out as the backend chooses (the CUDA backend keeps the transposed copy its
   // weight-gradient GEMM reads). matmul_forward and its fused forms write it (a CUDA forward in
   // the pass that quantises inp anyway); matmul_backward reads it in place of inp's
-  // quantisation, which the caller guarantees is the one the last forward into it made: the
-  // same inp, unchanged since, with the same format and scale. A backward whose cache was last
-  // written for another inp tensor, format or scale (or never) is refused (Fp8InpCaches).
+  // quantisation and reads nothing of inp but its shape and address, so the caller may reuse
+  // inp's memory in between, but not the cache's. A backward whose cache was last written for
+  // another inp tensor, format or scale (or never) is refused (Fp8InpCaches).
   Tensor inp_cache;
 
   MatmulSpec() = default;

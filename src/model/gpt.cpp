@@ -169,21 +169,27 @@ void Gpt::activation_layout(const ModelConfig& cfg, const PrecisionPolicy& polic
   want(at(&Gpt::tokens_), DType::i32, Shape{b, t});
   want(at(&Gpt::targets_), DType::i32, Shape{b, t});
   want(at(&Gpt::encoded_), act, Shape{b, t, C});
+  bool any_fp8_block = false;
   for (int l = 0; l < cfg.n_layer; ++l) {
     LayerActs* a = self ? &self->acts_[l] : nullptr;
     auto in = [&](Tensor LayerActs::*m) -> Tensor* { return a ? &(a->*m) : nullptr; };
-    want(in(&LayerActs::ln1), act, Shape{b, t, C});
+    // In an fp8 block the LayerNorm outputs and the GELU's output feed only the block's fp8
+    // GEMMs, whose backward reads the quantised copies (fp8_inp below), not these: they live in
+    // buffers all fp8 blocks share, each value used by the GEMM right after its producer.
+    const bool q8 = block_in_fp8(policy, l, cfg.n_layer);
+    any_fp8_block |= q8;
+    if (!q8) want(in(&LayerActs::ln1), act, Shape{b, t, C});
     want(in(&LayerActs::ln1_mean), DType::f32, Shape{b, t});  // LayerNorm statistics: fp32
     want(in(&LayerActs::ln1_rstd), DType::f32, Shape{b, t});
     want(in(&LayerActs::qkv), act, Shape{b, t, 3 * C});
     want(in(&LayerActs::atty), act, Shape{b, t, C});
     want(in(&LayerActs::att_lse), DType::f32, Shape{b, NH, t});  // softmax log-sum-exp: fp32
     want(in(&LayerActs::residual2), act, Shape{b, t, C});
-    want(in(&LayerActs::ln2), act, Shape{b, t, C});
+    if (!q8) want(in(&LayerActs::ln2), act, Shape{b, t, C});
     want(in(&LayerActs::ln2_mean), DType::f32, Shape{b, t});
     want(in(&LayerActs::ln2_rstd), DType::f32, Shape{b, t});
     want(in(&LayerActs::fch), act, Shape{b, t, 4 * C});
-    want(in(&LayerActs::fch_gelu), act, Shape{b, t, 4 * C});
+    if (!q8) want(in(&LayerActs::fch_gelu), act, Shape{b, t, 4 * C});
     want(in(&LayerActs::residual3), act, Shape{b, t, C});
   }
   want(at(&Gpt::lnf_), act, Shape{b, t, C});
@@ -197,6 +203,10 @@ void Gpt::activation_layout(const ModelConfig& cfg, const PrecisionPolicy& polic
   want(at(&Gpt::dqkv_), act, Shape{b, t, 3 * C});
   want(at(&Gpt::datty_), act, Shape{b, t, C});
   want(at(&Gpt::dfch_), act, Shape{b, t, 4 * C});
+  if (any_fp8_block) {
+    want(at(&Gpt::fp8_block_ln_), act, Shape{b, t, C});
+    want(at(&Gpt::fp8_block_gelu_), act, Shape{b, t, 4 * C});
+  }
   // fp8: each fp8 GEMM's quantised input, kept from the forward for the backward (one byte an
   // element: the backward's pass over inp to quantise it again is spared).
   const DType q = policy.fp8.forward_format();
@@ -338,6 +348,11 @@ void Gpt::ensure_activations(int B, int T) {
   });
   act_buf_ = be_.allocate(total);
   for (const auto& w : wants) *w.dst = act_buf_.view(w.offset, w.dtype, w.shape);
+  for (int l = 0; l < L_; ++l)
+    if (block_in_fp8(policy_, l, L_)) {
+      acts_[l].ln1 = acts_[l].ln2 = fp8_block_ln_;
+      acts_[l].fch_gelu = fp8_block_gelu_;
+    }
   host_losses_.assign(static_cast<size_t>(B) * T, 0.0f);
   act_B_ = B;
   act_T_ = T;

@@ -164,7 +164,8 @@ class Gpt {
         fch_gelu, residual3;
     // Under fp8: the four GEMMs' quantised inputs (ln1, atty, ln2, fch_gelu), which the
     // forward leaves for the backward (MatmulSpec::inp_cache); undefined for a block kept out
-    // of fp8.
+    // of fp8. In an fp8 block ln1, ln2 and fch_gelu are views of buffers shared by the fp8
+    // blocks (the backward reads their quantised copies only).
     std::array<Tensor, 4> fp8_inp;
   };
   // Whether block l of L runs its linear layers in fp8 under `policy`.
@@ -218,6 +219,8 @@ class Gpt {
   Buffer act_buf_;
   Tensor tokens_, targets_, encoded_, lnf_, lnf_mean_, lnf_rstd_, logits_, losses_;
   Tensor fp8_lnf_;  // the LM head's quantised input, when its GEMM is in fp8
+  // The fp8 blocks' LayerNorm outputs (ln1, ln2) and GELU output, shared (activation_layout).
+  Tensor fp8_block_ln_, fp8_block_gelu_;
   std::vector<LayerActs> acts_;
   // Gradient scratch for the backward pass, reused across layers.
   Tensor dresidual_, dln_, dqkv_, datty_, dfch_;
