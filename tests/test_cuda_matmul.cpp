@@ -1477,6 +1477,8 @@ TEST(CudaMatmul, Fp8Hybrid) {
   run_matmul_case({"fp8 hybrid, bf16", FP8, BF, BF, BF, BF, BF, BF, BF, BF, 48, 64, 96});
   run_matmul_case({"fp8 hybrid, fp16", FP8, F16, F16, F16, F16, F16, F16, F32, F32, 32, 48, 16});
   run_matmul_case({"fp8 hybrid, tall", FP8, BF, BF, BF, BF, BF, BF, F32, F32, 528, 32, 48});
+  // 10 chunks of dbias partial sums: more than the final kernel's 8 warps.
+  run_matmul_case({"fp8 hybrid, 2320 rows", FP8, BF, BF, BF, BF, BF, BF, F32, F32, 2320, 32, 48});
   // fp32 operands: the quantise kernel's 4-element loads.
   run_matmul_case({"fp8 hybrid, fp32 operands", FP8, F32, F32, F32, F32, F32, F32, F32, F32, 304, 64, 80});
 }

@@ -280,8 +280,8 @@ __global__ void store_kernel(const float* d, Tout* out, Tout* gelu_out, const To
 }
 
 // dbias, deterministically in two passes (no atomics): partial column sums over fixed chunks of
-// kDbiasRows rows, then per column the existing value plus the partials in chunk order.
-// kDbiasRows: workspace_plan.h.
+// kDbiasRows rows (this kernel, or the fp8 strip kernel as it quantises dout), then
+// dbias_final_kernel adds them to the existing value. kDbiasRows: workspace_plan.h.
 
 template <class Td>
 __global__ void dbias_partial_kernel(const Td* __restrict__ dout, float* __restrict__ part,
@@ -294,17 +294,35 @@ __global__ void dbias_partial_kernel(const Td* __restrict__ dout, float* __restr
   part[blockIdx.y * OC + o] = s;
 }
 
+// dbias[o] + the partial sums of column o. The chunks' partials are summed in parallel, in a
+// fixed order: warp w of a block sums chunks w, w + 8, ... of the block's 32 columns (one per
+// lane, reads of 128 contiguous bytes), then warp 0 adds the warps' sums to dbias in warp order
+// (one chunk: dbias + part[0], as a single add). A thread per column walking every chunk would
+// take chunks dependent loads: 128 of them at 32 x 1024 rows.
+constexpr int kDbiasFinalWarps = 8;
 template <class Tb>
-__global__ void dbias_final_kernel(const float* __restrict__ part, int64_t chunks, Tb* dbias,
-                                   int64_t OC, unsigned long long* counters) {
-  CastTally tally;
-  const int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (o < OC) {
-    float s = load<Tb>(dbias[o]);
-    for (int64_t c = 0; c < chunks; ++c) s = __fadd_rn(s, part[c * OC + o]);
-    store_counted(dbias, o, s, tally);
+__global__ void __launch_bounds__(kDbiasFinalWarps * 32)
+dbias_final_kernel(const float* __restrict__ part, int64_t chunks, Tb* dbias, int64_t OC,
+                   unsigned long long* counters) {
+  __shared__ float sums[kDbiasFinalWarps][32];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * 32 + lane;
+  float s = 0.0f;
+  if (o < OC)
+    for (int64_t c = w; c < chunks; c += kDbiasFinalWarps) s = __fadd_rn(s, part[c * OC + o]);
+  sums[w][lane] = s;
+  __syncthreads();
+  if (w == 0) {
+    CastTally tally;
+    if (o < OC) {
+      float t = load<Tb>(dbias[o]);
+      // Only the warps that summed a chunk: no +0 added (which could turn a -0 into +0).
+      const int64_t used = chunks < kDbiasFinalWarps ? chunks : kDbiasFinalWarps;
+      for (int k = 0; k < used; ++k) t = __fadd_rn(t, sums[k][lane]);
+      store_counted(dbias, o, t, tally);
+    }
+    if (kNarrow<Tb>) tally.flush(counters);  // every lane of warp 0 reaches it
   }
-  if (kNarrow<Tb>) tally.flush(counters);
 }
 
 __global__ void set_floats_kernel(float* p, float a, float b, float c) {
@@ -605,8 +623,10 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
   float* part = nullptr;
   int64_t chunks = 0;
   auto add_partials_to_dbias = [&](int64_t rows_of_partials) {
+    if (OC == 0) return;
     MPT_DISPATCH_FLOAT(dbias.dtype, "matmul_backward dbias", [&] {
-      dbias_final_kernel<T><<<blocks_for(OC), kBlock, 0, ctx.stream()>>>(
+      dbias_final_kernel<T><<<static_cast<unsigned>((OC + 31) / 32), kDbiasFinalWarps * 32, 0,
+                              ctx.stream()>>>(
           part, rows_of_partials, static_cast<T*>(dbias.data), OC,
           ctx.cast_counters(TensorClass::gradient));
     });
