@@ -1,0 +1,337 @@
+# Lane-level SIMT emulator: every CUDA thread is a Python generator that yields at warp
+# shuffles and __syncthreads; fp32 arithmetic rounded after every operation.
+import struct, math, random
+
+# ---------------- number formats
+def f32(x):
+    try:
+        return struct.unpack('<f', struct.pack('<f', x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+def fbits(x):
+    return struct.unpack('<I', struct.pack('<f', x))[0]
+
+def from_bits(b):
+    return struct.unpack('<f', struct.pack('<I', b & 0xFFFFFFFF))[0]
+
+def bf16(x):
+    b = fbits(x)
+    if (b & 0x7FFFFFFF) > 0x7F800000:
+        return from_bits((b | 0x00400000) & 0xFFFF0000)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFFFFFF
+    return from_bits(b & 0xFFFF0000)
+
+def f16(x):
+    try:
+        return struct.unpack('<e', struct.pack('<e', x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
+
+ROUND = {'f32': lambda x: x, 'f16': f16, 'bf16': bf16}
+ESIZE = {'f32': 4, 'f16': 2, 'bf16': 2, 'i32': 4}
+MAXF = {'f32': 3.40282347e38, 'f16': 65504.0, 'bf16': 3.38953139e38}
+FLT_MAX = f32(3.40282347e38)
+for k in MAXF: MAXF[k] = f32(MAXF[k])
+
+def narrow(T): return T != 'f32'
+
+# correctly rounded fp32 ops (double then float: exact for + - * / sqrt by Figueroa)
+def add(a, b): return f32(a + b)
+def sub(a, b): return f32(a - b)
+def mul(a, b):
+    return f32(a * b)
+def div(a, b):
+    if b == 0.0:
+        if a == 0.0 or a != a: return math.nan
+        return math.copysign(math.inf, a) * math.copysign(1.0, b)
+    return f32(a / b)
+def sqrt_rn(a):
+    if a < 0: return math.nan
+    return f32(math.sqrt(a))
+def expf(x):  # correctly rounded model of CUDA expf (device: <= 2 ulp, not correctly rounded)
+    if x != x: return x
+    try:
+        return f32(math.exp(x))
+    except OverflowError:
+        return math.inf
+def logf(x):  # model of CUDA logf (device: <= 1 ulp)
+    if x != x or x < 0: return math.nan
+    if x == 0: return -math.inf
+    if x == math.inf: return math.inf
+    return f32(math.log(x))
+def fmaxf(a, b):
+    if a != a: return b
+    if b != b: return a
+    return a if a >= b else b
+
+# ---------------- memory
+class Err(Exception):
+    pass
+
+class Buf:
+    """A global allocation: element values (already in the format), byte base address."""
+    def __init__(self, name, dtype, n, init=None, base=256):
+        self.name, self.dtype, self.n, self.base = name, dtype, n, base
+        if init is None:
+            self.data = [None] * n  # uninitialised
+        else:
+            assert len(init) == n
+            r = ROUND.get(dtype, lambda x: x)
+            self.data = [r(f32(v)) if dtype != 'i32' else v for v in init]
+        self.writes = [0] * n
+    def copy(self, name=None):
+        b = Buf(name or self.name, self.dtype, self.n, None, self.base)
+        b.data = list(self.data)
+        return b
+
+class Shared:
+    def __init__(self, name, n):
+        self.name, self.n = name, n
+        self.data = [None] * n
+        self.log = {}  # i -> (interval, writers set, readers set)
+
+class Launch:
+    def __init__(self, name, errors):
+        self.name = name
+        self.errors = errors
+        self.events = {}  # (bufname, i) -> list of (block, tid, interval, kind)
+    def err(self, msg):
+        if len(self.errors) < 200:
+            self.errors.append('%s: %s' % (self.name, msg))
+
+class Thread:
+    def __init__(self, launch, block, tid, bdim, bidx, gdim, shared, bstate):
+        self.L = launch
+        self.block = block  # linear block id
+        self.tid = tid      # linear thread id
+        self.tx = tid % bdim[0]
+        self.ty = tid // bdim[0]
+        self.bdim = bdim
+        self.bx, self.by = bidx
+        self.gdim = gdim
+        self.sh = shared
+        self.bs = bstate  # {'interval': int}
+
+    def _ev(self, buf, i, kind):
+        self.L.events.setdefault((buf.name, i + getattr(buf, 'off', 0)), []).append(
+            (self.block, self.tid, self.bs['interval'], kind))
+
+    def ld(self, buf, i, dt=None):
+        if dt is not None and dt != buf.dtype:
+            self.L.err('load of %s as %s (it is %s)' % (buf.name, dt, buf.dtype))
+        if not (0 <= i < buf.n):
+            self.L.err('OOB read %s[%d] (n=%d) block %d thread %d' % (buf.name, i, buf.n, self.block, self.tid))
+            return math.nan
+        v = buf.data[i]
+        if v is None:
+            self.L.err('uninitialised read %s[%d] block %d thread %d' % (buf.name, i, self.block, self.tid))
+            return math.nan
+        self._ev(buf, i, 'r')
+        return v
+
+    def st(self, buf, i, v, T=None):
+        if T is not None and T != buf.dtype:
+            self.L.err('store to %s as %s (it is %s)' % (buf.name, T, buf.dtype))
+        if not (0 <= i < buf.n):
+            self.L.err('OOB write %s[%d] (n=%d) block %d thread %d' % (buf.name, i, buf.n, self.block, self.tid))
+            return
+        if buf.dtype in ROUND and v == v and ROUND[buf.dtype](v) != v:
+            self.L.err('store of an unrounded value into %s' % buf.name)
+        buf.data[i] = v
+        buf.writes[i] += 1
+        self._ev(buf, i, 'w')
+
+    def _align(self, buf, i, nbytes):
+        addr = buf.base + i * ESIZE[buf.dtype]
+        if addr % nbytes:
+            self.L.err('misaligned %d-byte access %s[%d] (address %d)' % (nbytes, buf.name, i, addr))
+
+    def ldv(self, buf, i, k):
+        self._align(buf, i, k * ESIZE[buf.dtype])
+        return [self.ld(buf, i + j) for j in range(k)]
+
+    def stv(self, buf, i, vals):
+        self._align(buf, i, len(vals) * ESIZE[buf.dtype])
+        for j, v in enumerate(vals):
+            self.st(buf, i + j, v)
+
+    def atomic_add(self, buf, i, v):
+        if not (0 <= i < buf.n):
+            self.L.err('OOB atomic %s[%d]' % (buf.name, i)); return
+        buf.data[i] = (buf.data[i] or 0) + v
+
+    def _shev(self, arr, i, kind):
+        if not (0 <= i < arr.n):
+            self.L.err('OOB shared %s[%d] (n=%d)' % (arr.name, i, arr.n)); return False
+        iv = self.bs['interval']
+        rec = arr.log.get(i)
+        if rec is None or rec[0] != iv:
+            rec = (iv, set(), set()); arr.log[i] = rec
+        (rec[1] if kind == 'w' else rec[2]).add(self.tid)
+        ws, rs = rec[1], rec[2]
+        if ws and (len(ws) > 1 or (rs - ws)):
+            self.L.err('shared race on %s[%d] in barrier interval %d (writers %s readers %s)'
+                       % (arr.name, i, iv, sorted(ws)[:4], sorted(rs - ws)[:4]))
+        return True
+
+    def shld(self, arr, i):
+        if not self._shev(arr, i, 'r'): return math.nan
+        v = arr.data[i]
+        if v is None:
+            self.L.err('uninitialised shared read %s[%d]' % (arr.name, i)); return math.nan
+        return v
+
+    def shst(self, arr, i, v):
+        if self._shev(arr, i, 'w'): arr.data[i] = v
+
+# ---------------- collectives (used with `yield from`)
+def shfl_xor(v, off):
+    r = yield ('xor', v, off)
+    return r
+
+def shfl_down(v, off):
+    r = yield ('down', v, off)
+    return r
+
+def syncthreads():
+    yield ('sync',)
+
+MUT = set()  # mutation flags
+
+def warp_sum(v):
+    for off in (16, 8, 4, 2, 1):
+        if 'warp_sum_down' in MUT:
+            o = yield ('down', v, off)
+        else:
+            o = yield ('xor', v, off)
+        v = add(v, o)
+    return v
+
+def warp_max(v):
+    for off in (16, 8, 4, 2, 1):
+        o = yield ('xor', v, off)
+        v = fmaxf(v, o)
+    return v
+
+def block_sum(t, v, shared):
+    lane, warp, nwarps = t.tid & 31, t.tid >> 5, (t.bdim[0] * t.bdim[1]) >> 5
+    v = yield from warp_sum(v)
+    if 'block_sum_nosync' not in MUT:
+        yield ('sync',)
+    if lane == 0: t.shst(shared, warp, v)
+    yield ('sync',)
+    s = 0.0
+    for w in range(nwarps): s = add(s, t.shld(shared, w))
+    return s
+
+def block_max(t, v, shared):
+    lane, warp, nwarps = t.tid & 31, t.tid >> 5, (t.bdim[0] * t.bdim[1]) >> 5
+    v = yield from warp_max(v)
+    yield ('sync',)
+    if lane == 0: t.shst(shared, warp, v)
+    yield ('sync',)
+    m = t.shld(shared, 0)
+    for w in range(1, nwarps): m = fmaxf(m, t.shld(shared, w))
+    return m
+
+class Tally:
+    def __init__(self):
+        self.over = 0; self.under = 0
+    def add(self, x, stored, maxf):
+        a = abs(x)
+        self.over += int(a > maxf and a <= FLT_MAX)
+        self.under += int(x != 0.0 and stored == 0.0)
+    def flush(self, t, counters):
+        o, u = self.over, self.under
+        if 'tally_noreduce' not in MUT:
+            for off in (16, 8, 4, 2, 1):
+                r = yield ('down', o, off); o += r
+                r = yield ('down', u, off); u += r
+        else:
+            yield ('down', 0, 1)
+        if (t.tid & 31) == 0:  # threadIdx.x & 31 (blockDim.x multiple of 32 here)
+            if o: t.atomic_add(counters, 0, o)
+            if u: t.atomic_add(counters, 1, u)
+
+def store_counted(t, buf, i, x, tally, T):
+    y = ROUND[T](x)
+    t.st(buf, i, y, T)
+    if narrow(T): tally.add(x, y, MAXF[T])
+
+# ---------------- scheduler
+def launch(name, kernel, grid, block, args, errors, seed=0, shared_spec=()):
+    """grid=(gx,gy), block=(bx,by). shared_spec: list of (name, n) per block."""
+    L = Launch(name, errors)
+    rng = random.Random(seed)
+    gx, gy = grid
+    bx, by = block
+    nthreads = bx * by
+    blocks = [(x, y) for y in range(gy) for x in range(gx)]
+    order = list(range(len(blocks)))
+    rng.shuffle(order)
+    for bl in order:
+        bidx = blocks[bl]
+        shared = {nm: Shared(nm, n) for nm, n in shared_spec}
+        bs = {'interval': 0}
+        ths = [Thread(L, bl, tid, block, bidx, grid, shared, bs) for tid in range(nthreads)]
+        gens = [kernel(th, *args) for th in ths]
+        alive = [True] * nthreads
+        req = [None] * nthreads
+        send = [None] * nthreads
+        started = [False] * nthreads
+        while any(alive):
+            idx = [i for i in range(nthreads) if alive[i] and req[i] is None]
+            rng.shuffle(idx)
+            for i in idx:
+                try:
+                    r = gens[i].send(send[i]) if started[i] else next(gens[i])
+                    started[i] = True
+                    req[i] = r
+                except StopIteration:
+                    alive[i] = False
+            progress = False
+            for w in range(nthreads // 32):
+                lanes = range(32 * w, 32 * w + 32)
+                shf = [i for i in lanes if alive[i] and req[i][0] in ('xor', 'down')]
+                if not shf: continue
+                if len(shf) != 32:
+                    L.err('full-mask shuffle with %d lanes (block %d warp %d)' % (len(shf), bl, w))
+                    raise Err('deadlock')
+                ops = set((req[i][0], req[i][2]) for i in shf)
+                if len(ops) != 1:
+                    L.err('lanes at different shuffles %s' % ops); raise Err('deadlock')
+                op, off = ops.pop()
+                vals = [req[i][1] for i in lanes]
+                for l, i in enumerate(lanes):
+                    if op == 'xor': src = l ^ off
+                    else: src = l + off if l + off < 32 else l
+                    send[i] = vals[src]
+                    req[i] = None
+                progress = True
+            if progress: continue
+            live = [i for i in range(nthreads) if alive[i]]
+            if not live: break
+            if all(req[i][0] == 'sync' for i in live):
+                if len(live) != nthreads:
+                    L.err('__syncthreads with %d of %d threads exited' % (nthreads - len(live), nthreads))
+                bs['interval'] += 1
+                for i in live:
+                    send[i] = None; req[i] = None
+            else:
+                L.err('stuck: %s' % set(req[i][0] for i in live)); raise Err('deadlock')
+    # global races: a write and another thread's access not ordered by a barrier of one block
+    for key, evs in L.events.items():
+        ws = [e for e in evs if e[3] == 'w']
+        if not ws: continue
+        for w_ in ws:
+            for e in evs:
+                if (e[0], e[1]) == (w_[0], w_[1]): continue
+                if e[0] == w_[0] and e[2] != w_[2]: continue
+                L.err('global race on %s[%d]: write by block %d thread %d, %s by block %d thread %d'
+                      % (key[0], key[1], w_[0], w_[1], e[3], e[0], e[1]))
+                break
+            else:
+                continue
+            break
+    return L
