@@ -307,16 +307,20 @@ dbias_final_kernel(const float* __restrict__ part, int64_t chunks, Tb* dbias, in
   __shared__ float sums[kDbiasFinalWarps][32];
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   const int64_t o = static_cast<int64_t>(blockIdx.x) * 32 + lane;
+  // Each warp's sum starts from its first chunk, not from +0 (which would turn a -0 into +0).
   float s = 0.0f;
-  if (o < OC)
-    for (int64_t c = w; c < chunks; c += kDbiasFinalWarps) s = __fadd_rn(s, part[c * OC + o]);
+  if (o < OC && w < chunks) {
+    s = part[w * OC + o];
+    for (int64_t c = w + kDbiasFinalWarps; c < chunks; c += kDbiasFinalWarps)
+      s = __fadd_rn(s, part[c * OC + o]);
+  }
   sums[w][lane] = s;
   __syncthreads();
   if (w == 0) {
     CastTally tally;
     if (o < OC) {
       float t = load<Tb>(dbias[o]);
-      // Only the warps that summed a chunk: no +0 added (which could turn a -0 into +0).
+      // Only the warps that summed a chunk.
       const int64_t used = chunks < kDbiasFinalWarps ? chunks : kDbiasFinalWarps;
       for (int k = 0; k < used; ++k) t = __fadd_rn(t, sums[k][lane]);
       store_counted(dbias, o, t, tally);

@@ -1,4 +1,5 @@
 # classifier.cu, emulated line by line.
+import _path  # noqa: F401 (simt.py is in the parent folder)
 from simt import *
 
 kClassifierBlock = 512

@@ -1,4 +1,5 @@
 # layernorm.cu, emulated line by line (kernels and launchers).
+import _path  # noqa: F401 (simt.py is in the parent folder)
 from simt import *
 
 kBlock = 256

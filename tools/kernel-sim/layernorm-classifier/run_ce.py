@@ -1,4 +1,5 @@
 import sys, random, math, time
+import _path  # noqa: F401 (simt.py is in the parent folder)
 import simt
 from simt import *
 from ce import *

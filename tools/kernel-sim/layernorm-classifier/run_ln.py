@@ -1,37 +1,19 @@
 import sys, random, math, time
+import _path  # noqa: F401 (simt.py is in the parent folder)
 import simt
 from simt import *
 from ln import *
 
 EPS24 = 2.0 ** -24
 
-def ulp(T, x):
-    x = abs(x)
-    if T == 'f32': p, emin = 24, -126
-    elif T == 'bf16': p, emin = 8, -126
-    else: p, emin = 11, -14
-    e = max(math.frexp(x)[1] - 1 if x else emin, emin)
-    return 2.0 ** (e - p + 1)
-
-def key(v):  # bit identity (0.0 vs -0.0, NaN payloads)
-    if v is None: return None
-    return fbits(v)
-
 def new_ctx():
     return {'errors': [], 'act': Buf('act_counters', 'i32', 2, [0, 0]),
             'grad': Buf('grad_counters', 'i32', 2, [0, 0]), 'act_values': 0, 'grad_values': 0}
 
 def cpu_count(vals32, T):
-    """narrow_block's counts on the fp32 values the CPU stores."""
+    """narrow_block's counts on the fp32 values the CPU stores: (values, over, under)."""
     if T == 'f32': return (0, 0, 0)
-    over = under = 0
-    mb = fbits(MAXF[T])
-    for x in vals32:
-        y = ROUND[T](x)
-        a = fbits(x) & 0x7FFFFFFF
-        over += int(a > mb and a <= 0x7F7FFFFF)
-        under += int(a != 0 and y == 0.0)
-    return (len(vals32), over, under)
+    return (len(vals32),) + cpu_cast_counts(vals32, T)
 
 # CPU backend (fp32, sequential order) reference, for counts
 def cpu_forward(x, w, b, N, C):

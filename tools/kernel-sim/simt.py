@@ -29,7 +29,7 @@ def f16(x):
         return math.copysign(math.inf, x)
 
 ROUND = {'f32': lambda x: x, 'f16': f16, 'bf16': bf16}
-ESIZE = {'f32': 4, 'f16': 2, 'bf16': 2, 'i32': 4}
+ESIZE = {'f32': 4, 'f16': 2, 'bf16': 2, 'i32': 4, 'u8': 1, 'u32': 4}
 MAXF = {'f32': 3.40282347e38, 'f16': 65504.0, 'bf16': 3.38953139e38}
 FLT_MAX = f32(3.40282347e38)
 for k in MAXF: MAXF[k] = f32(MAXF[k])
@@ -78,7 +78,7 @@ class Buf:
         else:
             assert len(init) == n
             r = ROUND.get(dtype, lambda x: x)
-            self.data = [r(f32(v)) if dtype != 'i32' else v for v in init]
+            self.data = [r(f32(v)) if dtype not in ('i32', 'u8', 'u32') else v for v in init]
         self.writes = [0] * n
     def copy(self, name=None):
         b = Buf(name or self.name, self.dtype, self.n, None, self.base)
@@ -160,6 +160,11 @@ class Thread:
         if not (0 <= i < buf.n):
             self.L.err('OOB atomic %s[%d]' % (buf.name, i)); return
         buf.data[i] = (buf.data[i] or 0) + v
+
+    def atomic_max(self, buf, i, v):
+        if not (0 <= i < buf.n):
+            self.L.err('OOB atomic %s[%d]' % (buf.name, i)); return
+        buf.data[i] = max(buf.data[i] or 0, v)
 
     def _shev(self, arr, i, kind):
         if not (0 <= i < arr.n):
@@ -335,3 +340,67 @@ def launch(name, kernel, grid, block, args, errors, seed=0, shared_spec=()):
                 continue
             break
     return L
+
+# ---------------- additions for matmul-embedding-attention/ (u8/u32 buffers above, too)
+def reduce_max_sync(v):
+    """__reduce_max_sync(0xFFFFFFFF, v) on unsigned ints: a full-warp collective (modelled as an
+    xor butterfly of the scheduler's shuffles, so every lane must reach it)."""
+    for off in (16, 8, 4, 2, 1):
+        o = yield ('xor', v, off)
+        v = v if v >= o else o
+    return v
+
+def fma32(a, b, c):
+    """fmaf: one rounding of a*b + c (exact in Python's rationals via fractions for safety)."""
+    from fractions import Fraction
+    if any(x != x or x in (math.inf, -math.inf) for x in (a, b, c)):
+        return f32(a * b + c)
+    r = Fraction(a) * Fraction(b) + Fraction(c)
+    if r == 0:
+        # IEEE: exact zero sum has sign + under RNE unless both -0
+        p = math.copysign(1.0, a) * math.copysign(1.0, b)
+        return -0.0 if (p < 0 and math.copysign(1.0, c) < 0) else 0.0
+    return f32_of_fraction(r)
+
+def f32_of_fraction(r):
+    """Round a Fraction to the nearest fp32 (ties to even), via double when exact enough."""
+    from fractions import Fraction
+    sign = -1 if r < 0 else 1
+    a = abs(r)
+    # exponent
+    e = a.numerator.bit_length() - a.denominator.bit_length()
+    if Fraction(2) ** e > a: e -= 1
+    e = max(e, -126)
+    q = a / (Fraction(2) ** (e - 23))  # scaled so that the fp32 significand is the integer part
+    n = q.numerator // q.denominator
+    rem = q - n
+    if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and n & 1): n += 1
+    v = n * 2.0 ** (e - 23)
+    return f32(sign * v)
+
+# ---------------- comparison helpers the scripts share
+def key(v):
+    """bit identity of a value (0.0 vs -0.0, NaN payload as stored)."""
+    if v is None: return None
+    if isinstance(v, int): return ('i', v)
+    return fbits(v)
+
+def ulp(T, x):
+    x = abs(x)
+    if T == 'f32': p, emin = 24, -126
+    elif T == 'bf16': p, emin = 8, -126
+    else: p, emin = 11, -14
+    e = max(math.frexp(x)[1] - 1 if x else emin, emin)
+    return 2.0 ** (e - p + 1)
+
+def cpu_cast_counts(vals32, T):
+    """The CPU commit()'s counts over fp32 values stored into T: (over, under)."""
+    if T == 'f32': return (0, 0)
+    over = under = 0
+    mb = fbits(MAXF[T])
+    for x in vals32:
+        y = ROUND[T](x)
+        a = fbits(x) & 0x7FFFFFFF
+        over += int(a > mb and a <= 0x7F7FFFFF)
+        under += int(a != 0 and y == 0.0)
+    return (over, under)

@@ -1,0 +1,67 @@
+# Injected bugs: each mutation flag changes one index, bound, barrier or order in the emulations;
+# the comparisons must catch it. Usage: python3 mut.py [flag ...]
+import sys, time, io, contextlib
+import _path  # noqa: F401 (simt.py is in the parent folder)
+import simt
+import dbias, embedding, store, attention, quantise
+
+D = lambda: dbias.main('quick')
+E = lambda: embedding.main('all')
+S = lambda: store.main('quick')
+SF = lambda: store.main('all')
+A = lambda: attention.main('quick')
+Q = lambda: quantise.main('all')
+muts = [
+    ('partial_skip_last', D, 'dbias_partial_kernel stops one row early'),
+    ('final_stride7', D, 'dbias_final: warps stride 7 chunks instead of 8'),
+    ('final_sums_idx', D, 'dbias_final: sums[w][lane] stored transposed'),
+    ('final_nosync', D, 'dbias_final: __syncthreads removed'),
+    ('final_reverse', D, 'dbias_final: warp 0 adds the warps in reverse order'),
+    ('final_used_all', D, 'dbias_final: adds all 8 warp sums (the +0 guard removed)'),
+    ('final_flush_partial', D, 'dbias_final: lanes past OC skip the flush'),
+    ('tally_noreduce', D, 'CastTally::flush without the shuffle reduction'),
+    ('bucket_start_off', E, 'bucket_positions: bucket starts off by one'),
+    ('bucket_order_rev', E, 'bucket_positions: positions in decreasing order'),
+    ('fwd_pos_bt', E, 'embedding forward: wpe row bt instead of bt % T'),
+    ('dwte_stride_x', E, 'dwte_kernel: column stride by gridDim.x'),
+    ('dwpe_bstride', E, 'dwpe_kernel: batch stride C instead of T*C'),
+    ('tally_noreduce', E, 'CastTally::flush without the shuffle reduction'),
+    ('launch_threads_floor', SF, 'store_launch: threads per block rounded down'),
+    ('store_c0_le', S, 'store_kernel: c0 <= cols'),
+    ('store_row_stride', S, 'store_kernel: row stride cols - 1'),
+    ('store_bias_idx', S, 'store_kernel: bias[c0] for every k'),
+    ('store_rstride_x', SF, 'store_kernel: row loop by gridDim.x'),
+    ('tally_noreduce', S, 'CastTally::flush without the shuffle reduction'),
+    ('sm_row_stride_T', A, 'softmax kernels: row stride T instead of Tp (forward)'),
+    ('dk_trans_flip', A, 'plan_attention_gemm: dq transposes dS, dk does not'),
+    ('gather_h_swap', A, 'gather_heads_kernel: h and b swapped'),
+    ('fwd_mask_lt', A, 'softmax forward: t2 < t'),
+    ('fwd_nomask', A, 'softmax forward: no zeros above the diagonal'),
+    ('bwd_noD', A, 'softmax backward: D dropped'),
+    ('warp_sum_down', A, 'warp_sum with shfl_down instead of xor'),
+    ('strip_trcol', Q, 'strip kernel: tr_col map permuted'),
+    ('elem_nosync', Q, 'element kernel: __syncthreads before the transpose removed'),
+    ('strip_nosync1', Q, 'strip kernel: sync between sub-tiles removed'),
+    ('tally_noreduce', Q, 'CastTally::flush without the shuffle reduction'),
+]
+only = sys.argv[1:]
+caught = missed = 0
+for m, f, desc in muts:
+    if only and m not in only: continue
+    simt.MUT.clear(); simt.MUT.add(m)
+    t0 = time.time()
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            R = f()
+        fails = R.fail
+    except simt.Err as e:
+        fails = ['emulator stopped: %s' % e]
+    except Exception as e:
+        fails = ['exception %s: %s' % (type(e).__name__, e)]
+    simt.MUT.clear()
+    ok = bool(fails)
+    caught += ok; missed += not ok
+    print('MUTATION %-22s %-7s (%d failures, %3.0fs) %s%s' % (m, 'CAUGHT' if ok else 'MISSED', len(fails), time.time() - t0, desc,
+          ('\n      first: ' + fails[0][:200]) if fails else ''), flush=True)
+print('%d caught, %d missed' % (caught, missed))
