@@ -71,8 +71,8 @@ struct MatmulSpec {
 // rather than silently reading it. Host bookkeeping only: no tensor data is read.
 class Fp8InpCaches {
  public:
-  // The checks both forward and backward make: an fp8 spec, a cache of dtype inp.format and
-  // `n` elements (inp's), disjoint from inp. Throws RuntimeError naming `op` otherwise.
+  // The checks both forward and backward make: an fp8 spec, a cache of dtype spec.inp.format
+  // and inp's element count, disjoint from inp. Throws RuntimeError naming `op` otherwise.
   static void check(const char* op, const MatmulSpec& spec, const Tensor& inp);
   void wrote(const MatmulSpec& spec, const Tensor& inp);
   // Throws RuntimeError unless spec.inp_cache was last written for inp with spec.inp's format
