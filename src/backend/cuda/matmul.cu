@@ -75,6 +75,29 @@ void expect_matrix(const char* op, const char* arg, const Tensor& t, Shape shape
 constexpr int kTile = 32;
 constexpr int kTileRows = 8;  // blockDim (32, 8): each thread handles 4 elements of a tile
 
+// One element's fp8 cast, as the quantise kernels (and the CPU) make it: q = saturate(RNE(v *
+// scale)); max |v| kept in *am as magnitude bits (NaN's exceed infinity's); the cast counted.
+template <bool kE4M3>
+__device__ __forceinline__ uint8_t quantise_one(float v, float scale, unsigned& am,
+                                                CastTally& tally) {
+  const unsigned mag = __float_as_uint(v) & 0x7FFFFFFFu;
+  am = mag > am ? mag : am;
+  const float s = __fmul_rn(v, scale);
+  const uint8_t q = static_cast<uint8_t>(
+      __nv_cvt_float_to_fp8(s, __NV_SATFINITE, kE4M3 ? __NV_E4M3 : __NV_E5M2));
+  // stored == 0 exactly when the magnitude bits are zero (a NaN stays NaN: not counted).
+  tally.add(s, (q & 0x7Fu) ? 1.0f : 0.0f, kE4M3 ? 448.0f : 57344.0f);
+  return q;
+}
+
+// A warp's amax into *amax_bits (when given): one integer atomicMax per warp, order-independent.
+// Every lane of the warp must call it.
+__device__ __forceinline__ void flush_amax(unsigned am, unsigned* amax_bits) {
+  if (!amax_bits) return;
+  am = __reduce_max_sync(0xFFFFFFFFu, am);
+  if ((threadIdx.x & 31) == 0 && am) atomicMax(amax_bits, am);
+}
+
 // q = saturate(RNE(x * scale)) in fp8 for a row-major (rows, cols) operand, written row-major to
 // y and/or transposed (cols, rows) to yt (either may be null). With counters: the casts'
 // overflows (finite |x * scale| above the format's largest value) and underflows (non-zero
@@ -88,22 +111,14 @@ __global__ void quantise_kernel(const Tin* __restrict__ x, int64_t rows, int64_t
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile;
   const int tx = threadIdx.x, ty = threadIdx.y;
-  const float maxf = kE4M3 ? 448.0f : 57344.0f;
   CastTally tally;
   unsigned am = 0;
   for (int j = ty; j < kTile; j += kTileRows) {
     const int64_t r = r0 + j, c = c0 + tx;
     if (r < rows && c < cols) {
-      const float v = load<Tin>(x[r * cols + c]);
-      const unsigned mag = __float_as_uint(v) & 0x7FFFFFFFu;
-      am = mag > am ? mag : am;
-      const float s = __fmul_rn(v, scale);
-      const uint8_t q = static_cast<uint8_t>(
-          __nv_cvt_float_to_fp8(s, __NV_SATFINITE, kE4M3 ? __NV_E4M3 : __NV_E5M2));
+      const uint8_t q = quantise_one<kE4M3>(load<Tin>(x[r * cols + c]), scale, am, tally);
       if (y) y[r * cols + c] = q;
       tile[j][tx] = q;
-      // stored == 0 exactly when the magnitude bits are zero (a NaN stays NaN: not counted).
-      tally.add(s, (q & 0x7Fu) ? 1.0f : 0.0f, maxf);
     }
   }
   if (yt) {
@@ -114,10 +129,7 @@ __global__ void quantise_kernel(const Tin* __restrict__ x, int64_t rows, int64_t
     }
   }
   if (counters) tally.flush(counters);
-  if (amax_bits) {
-    am = __reduce_max_sync(0xFFFFFFFFu, am);
-    if (tx == 0 && am) atomicMax(amax_bits, am);
-  }
+  flush_amax(am, amax_bits);
 }
 
 // The strip kernel (matmul_plan.h, quantise_launch): quantise_kernel's casts, counts and amax
@@ -147,7 +159,6 @@ quantise_strip_kernel(const Tin* __restrict__ x, int64_t rows, int64_t cols, flo
   const int64_t rb = static_cast<int64_t>(blockIdx.y) * kDbiasRows;
   const int64_t c = c0 + lc;
   const bool col_ok = c < cols;  // cols % V == 0: the whole V-vector is inside
-  const float maxf = kE4M3 ? 448.0f : 57344.0f;
   float sum[V];
 #pragma unroll
   for (int k = 0; k < V; ++k) sum[k] = 0.0f;
@@ -172,12 +183,7 @@ quantise_strip_kernel(const Tin* __restrict__ x, int64_t rows, int64_t cols, flo
 #pragma unroll
         for (int k = 0; k < V; ++k) {
           const float v = load<Tin>(in[p].v[k]);
-          const unsigned mag = __float_as_uint(v) & 0x7FFFFFFFu;
-          am = mag > am ? mag : am;
-          const float s = __fmul_rn(v, scale);
-          q.v[k] = static_cast<uint8_t>(
-              __nv_cvt_float_to_fp8(s, __NV_SATFINITE, kE4M3 ? __NV_E4M3 : __NV_E5M2));
-          tally.add(s, (q.v[k] & 0x7Fu) ? 1.0f : 0.0f, maxf);
+          q.v[k] = quantise_one<kE4M3>(v, scale, am, tally);
           if (part) sum[k] = __fadd_rn(sum[k], v);
         }
         if (y) *reinterpret_cast<Pack<uint8_t, V>*>(y + r * cols + c) = q;
@@ -208,10 +214,7 @@ quantise_strip_kernel(const Tin* __restrict__ x, int64_t rows, int64_t cols, flo
     }
   }
   if (counters) tally.flush(counters);
-  if (amax_bits) {
-    am = __reduce_max_sync(0xFFFFFFFFu, am);
-    if ((t & 31) == 0 && am) atomicMax(amax_bits, am);
-  }
+  flush_amax(am, amax_bits);
 }
 
 template <class T>
