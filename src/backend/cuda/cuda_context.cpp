@@ -125,6 +125,7 @@ Context::Context(int device) : device_(device) {
   counters_ = DeviceBuffer(sizeof(unsigned long long) * 2 * kTensorClasses);
   lost_ = DeviceBuffer(sizeof(unsigned long long));
   amax_words_ = DeviceBuffer(kAmaxReports * sizeof(unsigned));
+  scale_words_ = DeviceBuffer(4 * sizeof(float));
   MPT_CUDA_CHECK(cudaMemsetAsync(amax_words_.data(), 0, amax_words_.bytes(), stream_));
   // On our stream: a plain cudaMemset goes to the legacy stream, which a non-blocking stream
   // does not wait for, so the first counting kernel could race it.

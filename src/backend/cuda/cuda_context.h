@@ -111,6 +111,10 @@ class Context {
   // collect_reports() (`host` must stay valid until then). When all kAmaxReports words are
   // pending, they are collected first.
   unsigned* amax_report(float* host);
+  // Three device floats for the inverse scales of the fp8 GEMM being run (matmul.cu's
+  // ScaleWords): the quantise pass before each such GEMM writes them, the GEMM reads them
+  // (in stream order, so one set serves every GEMM).
+  float* fp8_scale_words() const { return scale_words_.as<float>(); }
   // Writes every pending report to the host - the lost-update count and the amaxes - with one
   // synchronisation, and re-zeroes the words. Nothing stays pending, even when it throws.
   void collect_reports();
@@ -171,6 +175,7 @@ class Context {
   AdamWStats* lost_stats_ = nullptr;
   static constexpr size_t kAmaxReports = 4096;
   DeviceBuffer amax_words_;  // kAmaxReports unsigned, zero where not pending (16 KiB, not counted)
+  DeviceBuffer scale_words_;  // fp8_scale_words (not counted either)
   std::vector<float*> amax_hosts_;       // where each pending word goes
   std::vector<float*> amax_collecting_;  // the list being collected (kept for its capacity)
   bool amax_words_dirty_ = false;        // a failed collect left words un-zeroed

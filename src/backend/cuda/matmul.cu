@@ -98,15 +98,34 @@ __device__ __forceinline__ void flush_amax(unsigned am, unsigned* amax_bits) {
   if ((threadIdx.x & 31) == 0 && am) atomicMax(amax_bits, am);
 }
 
+// The inverse scales an fp8 GEMM reads through its scale pointers (Context::fp8_scale_words:
+// inp, weight, dout), written by the quantise pass that runs last before the GEMM rather than by
+// a launch of their own; dst null: this pass writes none.
+struct ScaleWords {
+  float* dst = nullptr;
+  float inv[3] = {0.0f, 0.0f, 0.0f};
+};
+
+__device__ __forceinline__ void write_scale_words(const ScaleWords& w) {
+  if (w.dst && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0) {
+    w.dst[0] = w.inv[0];
+    w.dst[1] = w.inv[1];
+    w.dst[2] = w.inv[2];
+  }
+}
+
 // q = saturate(RNE(x * scale)) in fp8 for a row-major (rows, cols) operand, written row-major to
 // y and/or transposed (cols, rows) to yt (either may be null). With counters: the casts'
 // overflows (finite |x * scale| above the format's largest value) and underflows (non-zero
 // values that became zero), as the CPU counts them. With amax_bits: max |x| (before scaling) as
 // magnitude bits, an integer atomicMax (order-independent; NaN's bits exceed infinity's).
+// `words`: see ScaleWords.
 template <class Tin, bool kE4M3>
 __global__ void quantise_kernel(const Tin* __restrict__ x, int64_t rows, int64_t cols, float scale,
                                 uint8_t* __restrict__ y, uint8_t* __restrict__ yt,
-                                unsigned long long* counters, unsigned* amax_bits) {
+                                unsigned long long* counters, unsigned* amax_bits,
+                                ScaleWords words) {
+  write_scale_words(words);
   __shared__ uint8_t tile[kTile][kTile + 1];
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile;
@@ -144,7 +163,8 @@ template <class Tin, bool kE4M3>
 __global__ void __launch_bounds__(kQuantiseThreads)
 quantise_strip_kernel(const Tin* __restrict__ x, int64_t rows, int64_t cols, float scale,
                       uint8_t* __restrict__ y, uint8_t* __restrict__ yt, float* __restrict__ part,
-                      unsigned long long* counters, unsigned* amax_bits) {
+                      unsigned long long* counters, unsigned* amax_bits, ScaleWords words) {
+  write_scale_words(words);
   constexpr int V = 16 / sizeof(Tin);  // 8 (fp16, bf16) or 4 (fp32)
   using Map = QuantiseStrip<V>;
   constexpr int kRowsPerPass = Map::kRowsPerPass, kPasses = Map::kPasses;
@@ -332,23 +352,19 @@ dbias_final_kernel(const float* __restrict__ part, int64_t chunks, Tb* dbias, in
   }
 }
 
-__global__ void set_floats_kernel(float* p, float a, float b, float c) {
-  p[0] = a;
-  p[1] = b;
-  p[2] = c;
-}
-
 // ---- host helpers
 
-// Device words of one matmul call (in Scratch::kReduce): the inverse scales. (The amaxes go to
-// the Context's report words, read at collect_stats(): no GEMM waits for the host.)
-struct Fp8Words {
-  float* scale_inv;  // [3]: inp, weight, dout
-};
+// An fp8 GEMM's inverse scales (ScaleWords), in the order of kInp, kWeight, kDout. (The amaxes
+// go to the Context's report words, read at collect_stats(): no GEMM waits for the host.)
 constexpr int kInp = 0, kWeight = 1, kDout = 2;
 
-Fp8Words fp8_words(Context& ctx) {
-  return Fp8Words{static_cast<float*>(ctx.scratch(Scratch::kReduce, kFp8WordsBytes))};
+ScaleWords scale_words(Context& ctx, const MatmulSpec& spec, bool with_dout) {
+  ScaleWords w;
+  w.dst = ctx.fp8_scale_words();
+  w.inv[kInp] = 1.0f / spec.inp.scale;
+  w.inv[kWeight] = 1.0f / spec.weight.scale;
+  w.inv[kDout] = with_dout ? 1.0f / spec.dout.scale : 1.0f;
+  return w;
 }
 
 uintptr_t address(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data); }
@@ -372,10 +388,11 @@ bool quantise_sums_columns(Tensor t, int64_t rows, int64_t cols) {
 
 // Quantises t (row-major rows x cols) with q's scale into y and/or yt. With `part`, also the
 // partial column sums of t as stored into part (dbias_chunks(rows) rows of cols floats), which
-// needs quantise_sums_columns and yt.
+// needs quantise_sums_columns and yt. `words`: the GEMM's inverse scales, which this pass writes
+// (where t is empty and no kernel runs, an upload does).
 void quantise(Context& ctx, Tensor t, int64_t rows, int64_t cols, const Fp8Operand& q, void* y,
               void* yt, bool count, TensorClass cls, unsigned* amax_bits,
-              float* part = nullptr) {
+              float* part = nullptr, const ScaleWords& words = ScaleWords{}) {
   check_scale(q);
   const uintptr_t outs = reinterpret_cast<uintptr_t>(y) | reinterpret_cast<uintptr_t>(yt);
   const QuantiseLaunch l = quantise_launch(rows, cols, dtype_size(t.dtype),
@@ -394,10 +411,10 @@ void quantise(Context& ctx, Tensor t, int64_t rows, int64_t cols, const Fp8Opera
         constexpr bool kE4M3 = decltype(e4m3)::value;
         if (l.strip)
           quantise_strip_kernel<T, kE4M3><<<grid, kQuantiseThreads, 0, ctx.stream()>>>(
-              x, rows, cols, q.scale, yb, ytb, part, counters, amax_bits);
+              x, rows, cols, q.scale, yb, ytb, part, counters, amax_bits, words);
         else
           quantise_kernel<T, kE4M3><<<grid, dim3(kTile, kTileRows), 0, ctx.stream()>>>(
-              x, rows, cols, q.scale, yb, ytb, counters, amax_bits);
+              x, rows, cols, q.scale, yb, ytb, counters, amax_bits, words);
       };
       if (q.format == DType::e4m3)
         run(std::true_type{});
@@ -405,6 +422,8 @@ void quantise(Context& ctx, Tensor t, int64_t rows, int64_t cols, const Fp8Opera
         run(std::false_type{});
     });
     MPT_LAUNCH_CHECK(ctx, part ? "matmul: fp8 quantise + dbias partial sums" : "matmul: fp8 quantise");
+  } else if (words.dst) {
+    ctx.upload_async(words.dst, words.inv, sizeof words.inv);
   }
   if (count) ctx.add_cast_values(cls, rows * cols);
 }
@@ -514,26 +533,23 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
   const bool cache = spec.inp_cache.defined();
   if (cache) Fp8InpCaches::check(op, spec, inp);
   GemmArgs g;
-  Fp8Words w{};
   if (p.fp8) {
     // Every check before the first amax report is registered (a throw leaves none pending).
     check_scale(spec.inp);
     check_scale(spec.weight);
-    w = fp8_words(ctx);
     void* qa = ctx.scratch(Scratch::kOperandA, operand_copy_bytes(OC * C, p.a.type));
     void* qb = ctx.scratch(Scratch::kOperandB, operand_copy_bytes(N * C, p.b.type));
     quantise(ctx, weight, OC, C, spec.weight, qa, nullptr, true, TensorClass::weight,
              amax_word(ctx, spec.weight));
     // With a cache, the same pass writes the transposed copy the backward's wgrad GEMM reads
-    // (its A operand: inp^T, (C, N)), which spares the backward a pass over inp.
+    // (its A operand: inp^T, (C, N)), which spares the backward a pass over inp. The last pass
+    // before the GEMM, it also writes the GEMM's inverse scales.
+    const ScaleWords words = scale_words(ctx, spec, false);
     quantise(ctx, inp, N, C, spec.inp, qb, cache ? spec.inp_cache.data : nullptr, true,
-             TensorClass::activation, amax_word(ctx, spec.inp));
+             TensorClass::activation, amax_word(ctx, spec.inp), nullptr, words);
     if (cache) ctx.fp8_inp_caches().wrote(spec, inp);
-    set_floats_kernel<<<1, 1, 0, ctx.stream()>>>(w.scale_inv, 1.0f / spec.inp.scale,
-                                                 1.0f / spec.weight.scale, 1.0f);
-    MPT_LAUNCH_CHECK(ctx, "matmul_forward: scales");
     g.a = qa, g.b = qb;
-    g.scale_a = w.scale_inv + kWeight, g.scale_b = w.scale_inv + kInp;
+    g.scale_a = words.dst + kWeight, g.scale_b = words.dst + kInp;
   } else {
     g.a = native_operand(ctx, p.a, weight, Scratch::kOperandA);
     g.b = native_operand(ctx, p.b, inp, Scratch::kOperandB);
@@ -649,11 +665,8 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     MPT_LAUNCH_CHECK(ctx, "matmul_backward: dbias partial sums");
     add_partials_to_dbias(chunks);
   };
+  // Never under fp8 (dbias_in_epilogue): its GEMM reads dout quantised, not as stored.
   const bool dbias_epilogue = dbias.defined() && dbias_in_epilogue(pw) && ctx.lt_epilogues();
-  // `part` and an fp8 GEMM's scale words (fp8_words) share the start of Scratch::kReduce: the
-  // BGRADB GEMM would write the one while reading the other.
-  if (dbias_epilogue && pw.fp8)
-    throw RuntimeError("matmul_backward: the bias-gradient epilogue cannot serve an fp8 GEMM");
   // Under fp8 the kernel that quantises dout sums its columns too, in the same pass over dout
   // (where its strip kernel runs), instead of the column-sum kernels' pass of their own.
   const bool dbias_in_quantise =
@@ -667,7 +680,7 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     if (!dbias_epilogue && !dbias_in_quantise) dbias_by_kernels();
   }
 
-  Fp8Words w{};
+  const float* scale_inv = nullptr;  // the GEMMs' inverse scales (ScaleWords)
   void* dq = nullptr;   // fp8 dout (N, OC), for dgrad's B
   void* dqt = nullptr;  // fp8 dout^T (OC, N), for wgrad's B
   if (pw.fp8) {
@@ -677,17 +690,14 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     if (dinp.defined())
       dq = ctx.scratch(Scratch::kOperandB, operand_copy_bytes(N * OC, pw.b.type));
     dqt = ctx.scratch(Scratch::kOperandC, operand_copy_bytes(N * OC, pw.b.type));
-    // One pass: the only new cast of the backward (counted, reports dout's amax), and dbias's
-    // partial sums.
+    // One pass: the only new cast of the backward (counted, reports dout's amax), dbias's
+    // partial sums, and the inverse scales both GEMMs read (the passes over the weight and inp
+    // below write none).
+    const ScaleWords words = scale_words(ctx, spec, true);
     quantise(ctx, dout, N, OC, spec.dout, dq, dqt, true, TensorClass::gradient,
-             amax_word(ctx, spec.dout), dbias_in_quantise ? part : nullptr);
+             amax_word(ctx, spec.dout), dbias_in_quantise ? part : nullptr, words);
     if (dbias_in_quantise) add_partials_to_dbias(chunks);
-    // Only now: the scale words take the start of Scratch::kReduce, where the partial sums were
-    // (the stream runs the kernels in order; `part` was requested first, so no growth moves it).
-    w = fp8_words(ctx);
-    set_floats_kernel<<<1, 1, 0, ctx.stream()>>>(w.scale_inv, 1.0f / spec.inp.scale,
-                                                 1.0f / spec.weight.scale, 1.0f / spec.dout.scale);
-    MPT_LAUNCH_CHECK(ctx, "matmul_backward: scales");
+    scale_inv = words.dst;
   }
 
   // dinp (N, C) = dout . weight
@@ -697,7 +707,7 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
       void* wt = ctx.scratch(Scratch::kOperandA, operand_copy_bytes(OC * C, pd.a.type));
       quantise(ctx, weight, OC, C, spec.weight, nullptr, wt, false, TensorClass::weight, nullptr);
       g.a = wt, g.b = dq;
-      g.scale_a = w.scale_inv + kWeight, g.scale_b = w.scale_inv + kDout;
+      g.scale_a = scale_inv + kWeight, g.scale_b = scale_inv + kDout;
     } else {
       g.a = native_operand(ctx, pd.a, weight, Scratch::kOperandA);
       g.b = native_operand(ctx, pd.b, dout, Scratch::kOperandB);
@@ -737,7 +747,7 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
       if (!cache)
         quantise(ctx, inp, N, C, spec.inp, nullptr, xt, false, TensorClass::activation, nullptr);
       g.a = xt, g.b = dqt;
-      g.scale_a = w.scale_inv + kInp, g.scale_b = w.scale_inv + kDout;
+      g.scale_a = scale_inv + kInp, g.scale_b = scale_inv + kDout;
     } else {
       g.a = native_operand(ctx, pw.a, inp, Scratch::kOperandA);
       g.b = native_operand(ctx, pw.b, dout, Scratch::kOperandB);

@@ -17,6 +17,9 @@ namespace mpt::cuda {
 namespace {
 
 constexpr int64_t kChunk = kNormChunk;  // as CpuBackend::sum_squares (workspace_plan.h)
+// A warp's tiles of 32 elements never straddle a chunk's end, which the loads' bounds (by n
+// only) rely on (found by emulation: tools/kernel-sim/optimizer-elementwise).
+static_assert(kChunk % 32 == 0, "sum_squares_kernel: chunks must be whole tiles of 32");
 constexpr int kNormBlock = 64;          // 2 warps: blocks spread over the SMs
 constexpr int kNormWarps = kNormBlock / 32;
 

@@ -36,7 +36,6 @@ void plan_matmul_forward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType
                          DType weight, DType out, const MatmulSpec& spec) {
   const GemmPlan p = plan_matmul(MatmulOp::forward, N, C, OC, inp, weight, inp, spec);
   if (p.fp8) {
-    s.need(Scratch::kReduce, kFp8WordsBytes);
     s.need(Scratch::kOperandA, operand_copy_bytes(OC * C, p.a.type));
     s.need(Scratch::kOperandB, operand_copy_bytes(N * C, p.b.type));
   } else {
@@ -56,7 +55,6 @@ void plan_matmul_backward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DTyp
     s.need(Scratch::kReduce, std::max<size_t>(256, chunks * OC * sizeof(float)));
   }
   if (pw.fp8) {
-    s.need(Scratch::kReduce, kFp8WordsBytes);
     if (dinp) s.need(Scratch::kOperandB, operand_copy_bytes(N * OC, pw.b.type));
     s.need(Scratch::kOperandC, operand_copy_bytes(N * OC, pw.b.type));
   }

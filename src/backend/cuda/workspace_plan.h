@@ -51,8 +51,6 @@ constexpr int64_t dbias_chunks(int64_t N) {
 constexpr int64_t kNormChunk = int64_t{1} << 14;
 // layernorm_backward: dweight/dbias partials over chunks of at least kLayerNormRowChunk rows.
 constexpr int64_t kLayerNormRowChunk = 32;
-// The words an fp8 matmul keeps in Scratch::kReduce (its inverse scales).
-constexpr size_t kFp8WordsBytes = 256;
 
 // Rows per layernorm_backward partial: kLayerNormRowChunk, more when there would be more chunks
 // than a grid's y dimension allows (65535).
