@@ -10,6 +10,7 @@
 #include "model/gpt.h"
 #include "optim/adamw.h"
 #include "optim/schedule.h"
+#include "train/device_metrics.h"
 #include "test_util.h"
 
 using namespace mpt;
@@ -379,6 +380,38 @@ TEST_P(MemoryLedgerPerPolicy, MeasuredPeakIsThePrediction) {
 INSTANTIATE_TEST_SUITE_P(Presets, MemoryLedgerPerPolicy,
                          ::testing::ValuesIn(PrecisionPolicy::preset_names()),
                          policy_test_name);
+
+// The start-up memory check: on a GPU against the device's free memory plus what the backend
+// holds already, never the host's; on the CPU against the machine's; the message names the
+// keys to change and where the memory ran short.
+TEST(MemoryShortfall, AgainstTheDeviceOnAGpuAndTheMachineOtherwise) {
+  const double gib = double(1 << 30);
+  MemoryLedger plan;
+  plan.parameters = 2 * gib;
+  plan.activations = 30 * gib;
+  plan.workspace = 1 * gib;  // 33 GiB in all
+  MemoryUsage gpu;
+  gpu.device_total_bytes = size_t{80} << 30;
+  gpu.device_used_bytes = size_t{50} << 30;  // 30 GiB free
+  gpu.bytes = size_t{1} << 30;               // held by the backend, counted in the plan
+  const GpuInfo h100{"NVIDIA H100 80GB HBM3", 9, 0};
+  // 31 GiB available on the device; the host's 512 GiB do not count.
+  std::string why = memory_shortfall(plan, gpu, h100, 512 * gib);
+  EXPECT_NE(why.find("33.0 GiB (30.0 GiB of activations)"), std::string::npos) << why;
+  EXPECT_NE(why.find("the GPU (NVIDIA H100 80GB HBM3) has 31.0 GiB free of 80.0 GiB"),
+            std::string::npos) << why;
+  EXPECT_NE(why.find("training.micro_batch"), std::string::npos) << why;
+  EXPECT_NE(why.find("training.grad_accum"), std::string::npos) << why;
+  // A small host does not refuse what the device holds.
+  gpu.device_used_bytes = size_t{40} << 30;  // 41 GiB available
+  EXPECT_EQ(memory_shortfall(plan, gpu, h100, 16 * gib), "");
+  // The CPU: the machine's memory.
+  const MemoryUsage cpu;
+  why = memory_shortfall(plan, cpu, GpuInfo{}, 24 * gib);
+  EXPECT_NE(why.find("but the machine has 24.0 GiB"), std::string::npos) << why;
+  EXPECT_EQ(memory_shortfall(plan, cpu, GpuInfo{}, 64 * gib), "");
+  EXPECT_EQ(memory_shortfall(plan, cpu, GpuInfo{}, 0.0), "") << "an unknown size refuses nothing";
+}
 
 TEST(AdamW, ClipScaleAndDecayOnlyOn2D) {
   CpuBackend be(1);

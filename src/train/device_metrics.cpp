@@ -1,8 +1,36 @@
 #include "train/device_metrics.h"
 
+#include <cstdio>
+
 #include <spdlog/spdlog.h>
 
 namespace mpt {
+
+std::string memory_shortfall(const MemoryLedger& plan, const MemoryUsage& usage,
+                             const GpuInfo& gpu, double host_bytes) {
+  const bool device = usage.device_total_bytes > 0;
+  const double have =
+      device ? double(usage.device_total_bytes) - double(usage.device_used_bytes) +
+                   double(usage.bytes)
+             : host_bytes;
+  if (have <= 0 || plan.total() <= have) return "";
+  const double gib = double(1 << 30);
+  char where[256];
+  if (device)
+    std::snprintf(where, sizeof where, "the GPU (%s) has %.1f GiB free of %.1f GiB",
+                  gpu.gpu_name.empty() ? "unnamed" : gpu.gpu_name.c_str(), have / gib,
+                  double(usage.device_total_bytes) / gib);
+  else
+    std::snprintf(where, sizeof where, "the machine has %.1f GiB", have / gib);
+  char msg[640];
+  std::snprintf(msg, sizeof msg,
+                "this run needs about %.1f GiB (%.1f GiB of activations) but %s; reduce "
+                "training.micro_batch (raising training.grad_accum keeps the batch), "
+                "training.seq_len, model.n_layer, model.n_embd, model.vocab_size or "
+                "model.max_seq_len",
+                plan.total() / gib, plan.activations / gib, where);
+  return msg;
+}
 
 DeviceMetrics::DeviceMetrics(const Backend& backend, const PrecisionPolicy& policy,
                              double flops_per_token, const MemoryLedger& plan, int world)

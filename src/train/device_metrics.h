@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include <nlohmann/json.hpp>
 
@@ -22,6 +23,14 @@ namespace mpt {
 // and the margin covers what the prediction cannot see from the host (a cuBLASLt algorithm
 // needing other scratch), not allocator rounding, which is not counted.
 constexpr double kMemoryPlanMargin = 0.02;
+
+// Why a run whose memory ledger predicts `plan` cannot fit where its backend keeps that memory,
+// or "" when it fits. On a GPU (usage.device_total_bytes > 0): the device's free memory plus
+// what the backend holds already (its context's workspace, which the ledger counts too), since
+// the host's memory says nothing about the device's. Otherwise the machine's, `host_bytes`
+// (unknown when 0: nothing is refused).
+std::string memory_shortfall(const MemoryLedger& plan, const MemoryUsage& usage,
+                             const GpuInfo& gpu, double host_bytes);
 
 class DeviceMetrics {
  public:

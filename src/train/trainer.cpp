@@ -78,19 +78,14 @@ double evaluate(Gpt& model, data::BatchLoader& loader, int batches, int B, int T
   return sum / batches;
 }
 
-// Refuses, naming the keys, a run whose predicted memory exceeds this machine's, before
-// allocating any of it (an allocation that large would fail midway or swap the machine to death).
-void check_memory(const MemoryLedger& plan) {
-  const double machine = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
-  if (machine > 0 && plan.total() > machine) {
-    char msg[512];
-    std::snprintf(msg, sizeof msg,
-                  "this run needs about %.1f GiB (%.1f GiB of activations) but the machine has "
-                  "%.1f GiB; reduce model.n_layer, model.n_embd, model.vocab_size, "
-                  "model.max_seq_len, training.micro_batch or training.seq_len",
-                  plan.total() / (1 << 30), plan.activations / (1 << 30), machine / (1 << 30));
-    throw InputError(msg);
-  }
+// Refuses, naming the keys, a run whose predicted memory exceeds what its backend has (the
+// GPU's or the machine's: memory_shortfall), before allocating any of it (an allocation that
+// large would fail midway or swap the machine to death).
+void check_memory(const MemoryLedger& plan, const Backend& backend) {
+  const double host = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+  const std::string why =
+      memory_shortfall(plan, backend.memory_usage(), backend.gpu_info(), host > 0 ? host : 0.0);
+  if (!why.empty()) throw InputError(why);
 }
 
 // Micro-batches each process accumulates per optimizer step: training.grad_accum, or what
@@ -368,7 +363,6 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   // ZeRO-1 shards the optimizer state over the processes (with one process it changes nothing).
   const bool zero = cfg.distributed.zero_stage == 1 && world > 1;
   MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T, policy, world, zero);
-  check_memory(memory);
   // One GPU per rank: the NCCL communicator's (its local rank's).
   std::unique_ptr<Backend> backend = make_backend(cfg.backend, cfg.threads, comm.device());
   // Which attention kernels run (the CUDA backend's fused ones or its GEMM path; the CPU has
@@ -380,6 +374,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         attention_operand_format(policy.activation, policy.activation, policy.unquantised_matmul()),
         cfg.model.n_embd / cfg.model.n_head));
   }
+  check_memory(memory, *backend);  // with the CUDA workspace, against the device's memory
   TrainResult result;
   result.run_dir = plan.path;
   if (opt.dry_run) {
