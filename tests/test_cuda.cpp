@@ -15,6 +15,7 @@
 #include "backend/cuda/op_profile.h"
 #include "backend/cuda/workspace_plan.h"
 #include "backend/gpu_peaks.h"
+#include "config/config.h"
 #include "cuda_test_util.h"
 #include "model/cuda_workspace.h"
 #include "model/gpt.h"
@@ -469,3 +470,41 @@ TEST(HostIds, BucketsGroupPositionsByTokenInOrder) {
   }
 }
 
+namespace mpt {
+namespace {
+
+// The GPT-2 configs in configs/ build GPT-2's four sizes and say which GPU their micro-batch
+// fits under every policy (24 GB for GPT-2 small, 80 GB for the others): the CUDA memory ledger
+// (weights, gradients, optimizer state, activations and the backend's workspace on a Hopper GPU)
+// agrees, with 2 GiB to spare for the CUDA context and the allocator, which the ledger does not
+// count.
+TEST(ShippedConfigs, Gpt2ConfigsHaveGpt2SizesAndFitTheGpuTheySay) {
+  const double spare = 2.0 * (1 << 30);
+  struct Shipped {
+    const char* name;
+    double gpu;
+    double params;  // GPT-2's published counts (the unpadded vocabulary)
+  };
+  const Shipped configs[] = {{"gpt2-124m", 24e9, 124439808},
+                             {"gpt2-350m", 80e9, 354823168},
+                             {"gpt2-774m", 80e9, 774030080},
+                             {"gpt2-1558m", 80e9, 1557611200}};
+  for (const auto& [name, gpu, params] : configs) {
+    const Config cfg = load_config(std::string(MPT_SOURCE_DIR) + "/configs/" + name + ".yaml",
+                                   {"data.train=builtin", "data.val=builtin"});  // no shards here
+    EXPECT_EQ(Gpt::param_count(cfg.model), params) << name;
+    const int B = cfg.training.micro_batch, T = cfg.training.seq_len;
+    for (const std::string& preset : PrecisionPolicy::preset_names()) {
+      const PrecisionPolicy p = PrecisionPolicy::preset(preset);
+      MemoryLedger plan = Gpt::plan_memory(cfg.model, B, T, p);
+      plan.workspace = cuda_workspace_bytes(cfg.model, B, T, p, plan, 9);
+      std::printf("%-11s %-9s B=%-3d %6.1f GiB (activations %5.1f, workspace %4.1f)\n", name,
+                  preset.c_str(), B, plan.total() / (1 << 30), plan.activations / (1 << 30),
+                  plan.workspace / (1 << 30));
+      EXPECT_LE(plan.total() + spare, gpu) << name << " under " << preset;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace mpt
