@@ -1571,6 +1571,10 @@ void run_inp_cache_case(const char* name, DType act, int64_t N, int64_t C, int64
   Dev dw = to_gpu(*gpu, dw0.t), db = to_gpu(*gpu, db0.t), dx = to_gpu(*gpu, dxs.t);
   EXPECT_THROW(gpu->matmul_backward(dx.t, dw.t, db.t, gdout.t, gxc.t, gw.t, other), RuntimeError);
   EXPECT_EQ(from_gpu(*gpu, dw, "dweight"), test::widened(dw0.t)) << "refused before any write";
+  // Written over from the host, the cache no longer holds what its forward wrote: refused too.
+  gpu->copy_from_host(cache.t, zero_cache.t.data);
+  EXPECT_THROW(gpu->matmul_backward(dx.t, dw.t, db.t, gdout.t, gxc.t, gw.t, cached), RuntimeError);
+  EXPECT_EQ(from_gpu(*gpu, dw, "dweight"), test::widened(dw0.t)) << "refused before any write";
 }
 
 TEST(CudaMatmul, Fp8InputCacheGivesTheBitsOfQuantisingAgain) {

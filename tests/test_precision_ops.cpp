@@ -802,11 +802,15 @@ TEST(Fp8InpCaches, RecordsTheLastWriteAndForgetsFreedMemory) {
   MatmulSpec other = spec;
   other.inp_cache = Tensor(other_bytes, DType::e4m3, {8, 8});
   r.wrote(other, inp);
-  r.forget(cache_bytes + 1, 63);  // a range that does not hold the cache's start
+  r.forget(inp_values, sizeof inp_values);  // memory beside the caches
   EXPECT_NO_THROW(r.expect_holds("op", rescaled, inp));
-  r.forget(cache_bytes, 64);
-  EXPECT_THROW(r.expect_holds("op", rescaled, inp), RuntimeError) << "its memory was freed";
+  EXPECT_NO_THROW(r.expect_holds("op", other, inp));
+  r.forget(cache_bytes + 63, 1);  // the cache's last byte, freed or written over
+  EXPECT_THROW(r.expect_holds("op", rescaled, inp), RuntimeError) << "part of it is gone";
   EXPECT_NO_THROW(r.expect_holds("op", other, inp)) << "another cache's record stays";
+  r.wrote(spec, inp);
+  r.forget(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(cache_bytes) - 8), 9);  // from below
+  EXPECT_THROW(r.expect_holds("op", spec, inp), RuntimeError);
 }
 
 // MatmulSpec::inp_cache: a forward that leaves its quantised input for the backward gives the
@@ -897,6 +901,12 @@ TEST_F(PrecisionOps, Fp8InputCacheGivesTheBitsOfQuantisingAgain) {
       EXPECT_THROW(be.matmul_forward(pre.t, x.t, w.t, bias.t, native), RuntimeError);
       // The cache still serves the backward it was written for.
       EXPECT_NO_THROW(be.matmul_backward(dx.t, dw.t, db.t, dout.t, xc.t, w.t, cached));
+      // Until it is written by other means (here a copy from the host): refused then.
+      const std::vector<float> dw_now = test::widened(dw.t);
+      const std::vector<uint8_t> zeros(static_cast<size_t>(N * C), 0);
+      be.copy_from_host(cache.t, zeros.data());
+      EXPECT_THROW(be.matmul_backward(dx.t, dw.t, db.t, dout.t, xc.t, w.t, cached), RuntimeError);
+      EXPECT_EQ(test::widened(dw.t), dw_now);
     }
 }
 

@@ -119,8 +119,10 @@ void Fp8InpCaches::forget(const void* ptr, size_t bytes) {
   const auto lo = reinterpret_cast<uintptr_t>(ptr), hi = lo + bytes;
   entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
                                 [&](const auto& e) {
+                                  // The cache: one byte an element of its input.
                                   const auto a = reinterpret_cast<uintptr_t>(e.first);
-                                  return a >= lo && a < hi;
+                                  const auto b = a + static_cast<uintptr_t>(e.second.numel);
+                                  return a < hi && lo < b;
                                 }),
                  entries_.end());
 }

@@ -78,8 +78,10 @@ class Fp8InpCaches {
   // Throws RuntimeError unless spec.inp_cache was last written for inp with spec.inp's format
   // and scale.
   void expect_holds(const char* op, const MatmulSpec& spec, const Tensor& inp) const;
-  // Drops the records of caches starting in [ptr, ptr + bytes): the backends call it when memory
-  // is allocated or freed, so a record neither outlives its cache nor grows without bound.
+  // Drops the records of caches that overlap [ptr, ptr + bytes): the backends call it when memory
+  // is allocated or freed, so a record neither outlives its cache nor grows without bound, and
+  // when they write memory by other means than a forward (fill, copies from the host), so a
+  // cache overwritten that way is refused rather than read.
   void forget(const void* ptr, size_t bytes);
 
  private:

@@ -73,6 +73,7 @@ MemoryUsage CpuBackend::memory_usage() const {
 }
 
 void CpuBackend::copy_from_host(Tensor dst, const void* src) {
+  fp8_caches_->forget(dst.data, dst.bytes());  // as the CUDA backend's: its record is stale
   std::memcpy(dst.data, src, dst.bytes());
 }
 

@@ -323,6 +323,7 @@ size_t CpuBackend::workspace_bytes() const {
 
 void CpuBackend::fill(Tensor t, float value) {
   MPT_CHECK(dtype_is_float(t.dtype), "fill needs a float tensor");
+  fp8_caches_->forget(t.data, t.bytes());  // a cache filled over is stale
   const int64_t n = t.numel();
   if (t.dtype == DType::f32) {
     float* p = t.as<float>();

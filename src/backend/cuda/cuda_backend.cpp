@@ -80,8 +80,15 @@ GpuInfo CudaBackend::gpu_info() const {
   return {p.name, p.major, p.minor};
 }
 
+// Memory written by other means than the ops that keep the records: host_ids.h's copies of ids
+// and the fp8 input caches' records no longer describe it.
+void CudaBackend::forget_records(const Tensor& t) {
+  ctx_->host_ids()->forget(t.data, t.bytes());
+  ctx_->fp8_inp_caches().forget(t.data, t.bytes());
+}
+
 void CudaBackend::copy_from_host(Tensor dst, const void* src) {
-  ctx_->host_ids()->forget(dst.data, dst.bytes());
+  forget_records(dst);
   MPT_CUDA_CHECK(
       cudaMemcpyAsync(dst.data, src, dst.bytes(), cudaMemcpyHostToDevice, ctx_->stream()));
   ctx_->sync("copying to the device");  // src may be freed or reused by the caller right after
@@ -91,7 +98,7 @@ void CudaBackend::copy_ids_from_host(Tensor dst, const int32_t* src) {
   if (!dst.defined() || dst.dtype != DType::i32)
     throw RuntimeError(std::string("copy_ids_from_host: argument 'dst' expected an int32 tensor, got ") +
                        (dst.defined() ? dtype_name(dst.dtype) : "undefined") + dst.shape.str());
-  ctx_->host_ids()->forget(dst.data, dst.bytes());  // should the upload fail
+  forget_records(dst);  // should the upload fail
   ctx_->upload_async(dst.data, src, dst.bytes());
   ctx_->host_ids()->record(dst.data, dst.bytes(), src);
 }
@@ -111,7 +118,7 @@ size_t CudaBackend::workspace_bytes() const {
 }
 
 void CudaBackend::fill(Tensor t, float value) {
-  ctx_->host_ids()->forget(t.data, t.bytes());
+  forget_records(t);
   cuda::fill(*ctx_, t, value);
 }
 void CudaBackend::cast(Tensor dst, Tensor src, TensorClass cls) { cuda::cast(*ctx_, dst, src, cls); }

@@ -82,6 +82,8 @@ class CudaBackend : public Backend {
   cuda::Context& context() { return *ctx_; }
 
  private:
+  void forget_records(const Tensor& t);
+
   std::unique_ptr<cuda::Context> ctx_;
 };
 

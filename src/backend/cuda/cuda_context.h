@@ -183,8 +183,9 @@ class Context {
   GemmAlgoCache gemm_algos_;
   void* pinned_ = nullptr;
   size_t pinned_bytes_ = 0;
-  // Uploads per micro-step: the tokens, the targets and the embedding's buckets; a block comes
-  // round again a micro-step later, when its copy has long completed.
+  // Uploads per micro-step: the tokens, the targets and the embedding's buckets (and the rare
+  // fp8 scale words of an empty operand); a block comes round again about a micro-step later,
+  // when its copy has long completed (acquire waits for it otherwise).
   static constexpr size_t kStaging = 4;
   std::array<StagingBlock, kStaging> staging_;
   size_t next_staging_ = 0;
