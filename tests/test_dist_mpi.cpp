@@ -44,6 +44,13 @@ TEST(Communicator, SumAndMeanAreTheSameBitsOnEveryRank) {
   std::printf("rank %d of %d (%s): sums agree\n", c.rank(), c.world_size(), c.name().c_str());
 }
 
+// Under ctest's mpirun every rank runs on this machine: all of them share its memory (what the
+// CPU backend's memory check divides among them); a world of one shares it with nobody.
+TEST(Communicator, RanksOnTheNodeAreTheWholeLocalJob) {
+  Communicator& c = comm();
+  EXPECT_EQ(c.ranks_on_node(), c.world_size());
+}
+
 TEST(Communicator, DoubleSumsAndNanPropagatingMax) {
   Communicator& c = comm();
   double d[2] = {1.0 + c.rank(), 0.5};

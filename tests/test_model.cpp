@@ -411,6 +411,12 @@ TEST(MemoryShortfall, AgainstTheDeviceOnAGpuAndTheMachineOtherwise) {
   EXPECT_NE(why.find("but the machine has 24.0 GiB"), std::string::npos) << why;
   EXPECT_EQ(memory_shortfall(plan, cpu, GpuInfo{}, 64 * gib), "");
   EXPECT_EQ(memory_shortfall(plan, cpu, GpuInfo{}, 0.0), "") << "an unknown size refuses nothing";
+  // Processes of one job on one machine share its memory.
+  why = memory_shortfall(plan, cpu, GpuInfo{}, 64 * gib, 4);
+  EXPECT_NE(why.find("the machine's 64.0 GiB are shared by 4 processes of this job (16.0 GiB each)"),
+            std::string::npos) << why;
+  EXPECT_EQ(memory_shortfall(plan, cpu, GpuInfo{}, 160 * gib, 4), "");
+  EXPECT_EQ(memory_shortfall(plan, gpu, h100, 16 * gib, 4), "") << "each rank has its own GPU";
 }
 
 TEST(AdamW, ClipScaleAndDecayOnlyOn2D) {

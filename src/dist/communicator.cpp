@@ -88,6 +88,13 @@ class Mpi final : public Communicator {
     MPT_MPI_CHECK(MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN));
     MPT_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &rank_));
     MPT_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &size_));
+    // The processes that share this one's memory (MPI-3's shared-memory split): the CPU
+    // backend's memory check counts them.
+    MPI_Comm node = MPI_COMM_NULL;
+    MPT_MPI_CHECK(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL,
+                                      &node));
+    MPT_MPI_CHECK(MPI_Comm_size(node, &node_size_));
+    MPT_MPI_CHECK(MPI_Comm_free(&node));
     MPT_MPI_CHECK(MPI_Op_create(&nan_max, /*commute=*/1, &nan_max_));
     watchdog_ = std::make_unique<Watchdog>(
         watchdog_options_, [] { return Progress::done(); },
@@ -111,6 +118,7 @@ class Mpi final : public Communicator {
   }
   int rank() const override { return rank_; }
   int world_size() const override { return size_; }
+  int ranks_on_node() const override { return node_size_; }
   std::string name() const override { return "mpi"; }
 
   // Sums are reduced in a fixed order, the same on every rank (MPI_Allreduce's order may depend
@@ -225,7 +233,7 @@ class Mpi final : public Communicator {
     }
   }
 
-  int rank_ = 0, size_ = 1;
+  int rank_ = 0, size_ = 1, node_size_ = 1;
   MPI_Op nan_max_ = MPI_OP_NULL;
   WatchdogOptions watchdog_options_;
   std::unique_ptr<Watchdog> watchdog_;

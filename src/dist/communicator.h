@@ -40,6 +40,8 @@ class Communicator {
   virtual bool reduces_device_memory() const { return false; }
   // The GPU this rank uses (the NCCL communicator's: its local rank's); 0 elsewhere.
   virtual int device() const { return 0; }
+  // How many of the job's processes share this one's machine (and its memory), itself included.
+  virtual int ranks_on_node() const { return 1; }
   // In place over n floats of device memory, enqueued on `stream` (a cudaStream_t): the sum
   // over ranks, the same bits on every rank.
   virtual void all_reduce_sum_device(float* data, size_t n, void* stream);

@@ -46,6 +46,7 @@ class NcclCommunicator final : public Communicator {
 
   int rank() const override { return host_->rank(); }
   int world_size() const override { return host_->world_size(); }
+  int ranks_on_node() const override { return host_->ranks_on_node(); }
   std::string name() const override { return "nccl"; }
   int device() const override { return device_; }
   bool reduces_device_memory() const override { return true; }

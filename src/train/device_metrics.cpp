@@ -1,5 +1,6 @@
 #include "train/device_metrics.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include <spdlog/spdlog.h>
@@ -7,12 +8,13 @@
 namespace mpt {
 
 std::string memory_shortfall(const MemoryLedger& plan, const MemoryUsage& usage,
-                             const GpuInfo& gpu, double host_bytes) {
+                             const GpuInfo& gpu, double host_bytes, int host_ranks) {
   const bool device = usage.device_total_bytes > 0;
+  host_ranks = std::max(host_ranks, 1);
   const double have =
       device ? double(usage.device_total_bytes) - double(usage.device_used_bytes) +
                    double(usage.bytes)
-             : host_bytes;
+             : host_bytes / host_ranks;
   if (have <= 0 || plan.total() <= have) return "";
   const double gib = double(1 << 30);
   char where[256];
@@ -20,8 +22,12 @@ std::string memory_shortfall(const MemoryLedger& plan, const MemoryUsage& usage,
     std::snprintf(where, sizeof where, "the GPU (%s) has %.1f GiB free of %.1f GiB",
                   gpu.gpu_name.empty() ? "unnamed" : gpu.gpu_name.c_str(), have / gib,
                   double(usage.device_total_bytes) / gib);
-  else
+  else if (host_ranks == 1)
     std::snprintf(where, sizeof where, "the machine has %.1f GiB", have / gib);
+  else
+    std::snprintf(where, sizeof where,
+                  "the machine's %.1f GiB are shared by %d processes of this job (%.1f GiB each)",
+                  host_bytes / gib, host_ranks, have / gib);
   char msg[640];
   std::snprintf(msg, sizeof msg,
                 "this run needs about %.1f GiB (%.1f GiB of activations) but %s; reduce "

@@ -28,9 +28,9 @@ constexpr double kMemoryPlanMargin = 0.02;
 // or "" when it fits. On a GPU (usage.device_total_bytes > 0): the device's free memory plus
 // what the backend holds already (its context's workspace, which the ledger counts too), since
 // the host's memory says nothing about the device's. Otherwise the machine's, `host_bytes`
-// (unknown when 0: nothing is refused).
+// (unknown when 0: nothing is refused), shared by `host_ranks` processes of the job alike.
 std::string memory_shortfall(const MemoryLedger& plan, const MemoryUsage& usage,
-                             const GpuInfo& gpu, double host_bytes);
+                             const GpuInfo& gpu, double host_bytes, int host_ranks = 1);
 
 class DeviceMetrics {
  public:

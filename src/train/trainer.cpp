@@ -81,10 +81,10 @@ double evaluate(Gpt& model, data::BatchLoader& loader, int batches, int B, int T
 // Refuses, naming the keys, a run whose predicted memory exceeds what its backend has (the
 // GPU's or the machine's: memory_shortfall), before allocating any of it (an allocation that
 // large would fail midway or swap the machine to death).
-void check_memory(const MemoryLedger& plan, const Backend& backend) {
+void check_memory(const MemoryLedger& plan, const Backend& backend, int ranks_on_node) {
   const double host = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
-  const std::string why =
-      memory_shortfall(plan, backend.memory_usage(), backend.gpu_info(), host > 0 ? host : 0.0);
+  const std::string why = memory_shortfall(plan, backend.memory_usage(), backend.gpu_info(),
+                                           host > 0 ? host : 0.0, ranks_on_node);
   if (!why.empty()) throw InputError(why);
 }
 
@@ -374,7 +374,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         attention_operand_format(policy.activation, policy.activation, policy.unquantised_matmul()),
         cfg.model.n_embd / cfg.model.n_head));
   }
-  check_memory(memory, *backend);  // with the CUDA workspace, against the device's memory
+  check_memory(memory, *backend, comm.ranks_on_node());  // with the CUDA workspace
   TrainResult result;
   result.run_dir = plan.path;
   if (opt.dry_run) {
