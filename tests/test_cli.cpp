@@ -383,6 +383,14 @@ TEST_F(Cli, RunLargerThanTheMachineIsRefusedBeforeAllocating) {
   EXPECT_NE(r.out.find("but the machine has"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("training.micro_batch"), std::string::npos) << r.out;
   EXPECT_FALSE(fs::exists(path("run")));
+  // A dry run shows the model and the ledger that say why, then refuses the same way.
+  r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/gpt2-124m.yaml --set backend=cpu" +
+          " --set data.train=builtin --set data.val=builtin --set training.micro_batch=128" +
+          " --set model.n_layer=96 --dry-run --run-dir " + path("run"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("memory (predicted, cpu):"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("but the machine has"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(path("run")));
 }
 
 // Each --set takes one override, so options and the config file can come in any order.

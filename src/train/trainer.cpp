@@ -78,14 +78,13 @@ double evaluate(Gpt& model, data::BatchLoader& loader, int batches, int B, int T
   return sum / batches;
 }
 
-// Refuses, naming the keys, a run whose predicted memory exceeds what its backend has (the
-// GPU's or the machine's: memory_shortfall), before allocating any of it (an allocation that
-// large would fail midway or swap the machine to death).
-void check_memory(const MemoryLedger& plan, const Backend& backend, int ranks_on_node) {
+// Why a run whose predicted memory exceeds what its backend has (the GPU's or the machine's:
+// memory_shortfall) cannot start, naming the keys; "" when it fits. Checked before any of it is
+// allocated (an allocation that large would fail midway or swap the machine to death).
+std::string memory_refusal(const MemoryLedger& plan, const Backend& backend, int ranks_on_node) {
   const double host = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
-  const std::string why = memory_shortfall(plan, backend.memory_usage(), backend.gpu_info(),
-                                           host > 0 ? host : 0.0, ranks_on_node);
-  if (!why.empty()) throw InputError(why);
+  return memory_shortfall(plan, backend.memory_usage(), backend.gpu_info(), host > 0 ? host : 0.0,
+                          ranks_on_node);
 }
 
 // Micro-batches each process accumulates per optimizer step: training.grad_accum, or what
@@ -374,12 +373,15 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         attention_operand_format(policy.activation, policy.activation, policy.unquantised_matmul()),
         cfg.model.n_embd / cfg.model.n_head));
   }
-  check_memory(memory, *backend, comm.ranks_on_node());  // with the CUDA workspace
+  // With the CUDA workspace. A dry run shows the model, data and ledger first, then refuses.
+  const std::string too_big = memory_refusal(memory, *backend, comm.ranks_on_node());
+  if (!too_big.empty() && !opt.dry_run) throw InputError(too_big);
   TrainResult result;
   result.run_dir = plan.path;
   if (opt.dry_run) {
     print_dry_run(cfg, accum, world, plan.path, *backend, train_data, val_data, memory, policy,
                   policy_warnings);
+    if (!too_big.empty()) throw InputError(too_big);
     return result;
   }
   Gpt model(cfg.model, *backend, policy);
