@@ -1,5 +1,5 @@
 # Lane-level SIMT emulator: every CUDA thread is a Python generator that yields at warp
-# shuffles and __syncthreads; fp32 arithmetic rounded after every operation.
+# shuffles, __syncwarp and __syncthreads; fp32 arithmetic rounded after every operation.
 import struct, math, random
 
 # ---------------- number formats
@@ -89,7 +89,7 @@ class Shared:
     def __init__(self, name, n):
         self.name, self.n = name, n
         self.data = [None] * n
-        self.log = {}  # i -> (interval, writers set, readers set)
+        self.log = {}  # i -> [interval, {writer tid: warp epoch}, {reader tid: warp epoch}, raced]
 
 class Launch:
     def __init__(self, name, errors):
@@ -111,7 +111,7 @@ class Thread:
         self.bx, self.by = bidx
         self.gdim = gdim
         self.sh = shared
-        self.bs = bstate  # {'interval': int}
+        self.bs = bstate  # {'interval': __syncthreads passed, 'warp': [__syncwarps passed, per warp]}
 
     def _ev(self, buf, i, kind):
         self.L.events.setdefault((buf.name, i + getattr(buf, 'off', 0)), []).append(
@@ -167,17 +167,25 @@ class Thread:
         buf.data[i] = max(buf.data[i] or 0, v)
 
     def _shev(self, arr, i, kind):
+        """Race check: two accesses to a word by two threads, one of them a write, race unless a
+        __syncthreads (the interval) or, for two lanes of one warp, a __syncwarp lies between
+        them. Once a word has raced, every later access to it in the interval is reported."""
         if not (0 <= i < arr.n):
             self.L.err('OOB shared %s[%d] (n=%d)' % (arr.name, i, arr.n)); return False
         iv = self.bs['interval']
+        tid, w = self.tid, self.tid >> 5
+        ep = self.bs['warp'][w]
         rec = arr.log.get(i)
         if rec is None or rec[0] != iv:
-            rec = (iv, set(), set()); arr.log[i] = rec
-        (rec[1] if kind == 'w' else rec[2]).add(self.tid)
+            rec = [iv, {}, {}, False]; arr.log[i] = rec
         ws, rs = rec[1], rec[2]
-        if ws and (len(ws) > 1 or (rs - ws)):
+        if not rec[3]:
+            rec[3] = any(t != tid and not (t >> 5 == w and e < ep)
+                         for d in ((ws, rs) if kind == 'w' else (ws,)) for t, e in d.items())
+        (ws if kind == 'w' else rs)[tid] = ep  # epochs only grow: a thread's latest suffices
+        if rec[3]:
             self.L.err('shared race on %s[%d] in barrier interval %d (writers %s readers %s)'
-                       % (arr.name, i, iv, sorted(ws)[:4], sorted(rs - ws)[:4]))
+                       % (arr.name, i, iv, sorted(ws)[:4], sorted(rs.keys() - ws.keys())[:4]))
         return True
 
     def shld(self, arr, i):
@@ -201,6 +209,10 @@ def shfl_down(v, off):
 
 def syncthreads():
     yield ('sync',)
+
+def syncwarp():
+    """__syncwarp() (full mask): orders the shared-memory accesses of the warp's lanes."""
+    yield ('syncwarp',)
 
 MUT = set()  # mutation flags
 
@@ -278,7 +290,7 @@ def launch(name, kernel, grid, block, args, errors, seed=0, shared_spec=()):
     for bl in order:
         bidx = blocks[bl]
         shared = {nm: Shared(nm, n) for nm, n in shared_spec}
-        bs = {'interval': 0}
+        bs = {'interval': 0, 'warp': [0] * ((nthreads + 31) // 32)}
         ths = [Thread(L, bl, tid, block, bidx, grid, shared, bs) for tid in range(nthreads)]
         gens = [kernel(th, *args) for th in ths]
         alive = [True] * nthreads
@@ -298,15 +310,23 @@ def launch(name, kernel, grid, block, args, errors, seed=0, shared_spec=()):
             progress = False
             for w in range(nthreads // 32):
                 lanes = range(32 * w, 32 * w + 32)
-                shf = [i for i in lanes if alive[i] and req[i][0] in ('xor', 'down')]
+                shf = [i for i in lanes if alive[i] and req[i][0] in ('xor', 'down', 'syncwarp')]
                 if not shf: continue
+                ops = set(req[i][0] if req[i][0] == 'syncwarp' else (req[i][0], req[i][2]) for i in shf)
                 if len(shf) != 32:
-                    L.err('full-mask shuffle with %d lanes (block %d warp %d)' % (len(shf), bl, w))
+                    L.err('full-mask %s with %d lanes (block %d warp %d)'
+                          % ('__syncwarp' if 'syncwarp' in ops else 'shuffle', len(shf), bl, w))
                     raise Err('deadlock')
-                ops = set((req[i][0], req[i][2]) for i in shf)
                 if len(ops) != 1:
                     L.err('lanes at different shuffles %s' % ops); raise Err('deadlock')
-                op, off = ops.pop()
+                op = ops.pop()
+                if op == 'syncwarp':
+                    bs['warp'][w] += 1
+                    for i in lanes:
+                        send[i] = None; req[i] = None
+                    progress = True
+                    continue
+                op, off = op
                 vals = [req[i][1] for i in lanes]
                 for l, i in enumerate(lanes):
                     if op == 'xor': src = l ^ off
@@ -404,3 +424,24 @@ def cpu_cast_counts(vals32, T):
         over += int(a > mb and a <= 0x7F7FFFFF)
         under += int(a != 0 and y == 0.0)
     return (over, under)
+
+def counters():
+    """A CastTally's device counters: [overflows, underflows]."""
+    return Buf('counters', 'i32', 2, [0, 0])
+
+def ctr(c): return (c.data[0] or 0, c.data[1] or 0)
+
+class Report:
+    """Checks and failures of one script: summary() is its 'N checks, M failures' line."""
+    def __init__(self, name=''):
+        self.name = name; self.fail = []; self.checks = 0
+    def check(self, ok, msg):
+        self.checks += 1
+        if not ok and len(self.fail) < 1000: self.fail.append(msg)
+        return ok
+    def errors(self, errs, what):
+        self.checks += 1
+        if errs: self.fail.append('%s: %d emulator errors, first: %s' % (what, len(errs), errs[0]))
+    def summary(self):
+        return '%s: %d checks, %d failures%s' % (self.name, self.checks, len(self.fail),
+                                                 ('; first: ' + self.fail[0][:300]) if self.fail else '')

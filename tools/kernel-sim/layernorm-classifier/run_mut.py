@@ -1,4 +1,7 @@
-import sys, time, simt
+# Injected bugs in the LayerNorm and classifier emulations (flags in simt.MUT); each must make a
+# check fail. Usage: python3 run_mut.py [flag ...]
+import _path  # noqa: F401 (simt.py and mutate.py are in the parent folder)
+import simt, mutate
 import run_ln, run_ce
 from run_ln import Report, test_case
 MIX = ('bf16', 'f32', 'f16', 'bf16', 'f16', 'f32', 'bf16', 'f16')
@@ -15,16 +18,17 @@ muts = [('load_cols_le', LN), ('reg_var_le', LN), ('reg_w_row', LN), ('warp_sum_
         ('tally_noreduce', LN), ('colsum_stride', LN_CH), ('colsum_idx', LN),
         ('block_sum_nosync', CE), ('ce_ly_from_row', CE), ('ce_pass1_V', CE), ('ce_pad_grad', CE),
         ('ce_staged_kvec1', CE), ('tally_noreduce', CE)]
-only = sys.argv[1:]
-for m, tests in muts:
-    if only and m not in only: continue
-    simt.MUT.clear(); simt.MUT.add(m)
-    R = Report()
-    t0 = time.time()
-    for f in tests:
-        try:
-            f(R)
-        except simt.Err as e:
-            R.fail.append('emulator stopped: %s' % e)
-    simt.MUT.clear()
-    print('MUTATION %-18s %s (%d failures, %.0fs) first: %s" % (m, 'CAUGHT' if R.fail else 'MISSED', len(R.fail), time.time() - t0, R.fail[0][:230] if R.fail else ''), flush=True)
+
+def suite(tests):
+    """One run of a flag: the cases into one Report; an emulator stop ends that case only."""
+    def run():
+        R = Report()
+        for f in tests:
+            try:
+                f(R)
+            except simt.Err as e:
+                R.fail.append('emulator stopped: %s' % e)
+        return R
+    return run
+
+mutate.main([(m, suite(tests), '') for m, tests in muts])

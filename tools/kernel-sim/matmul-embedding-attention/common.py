@@ -6,25 +6,7 @@ from simt import *
 EPS32 = 2.0 ** -24
 
 cpu_count = cpu_cast_counts  # (over, under), in simt.py
-
-def counters():
-    return Buf('counters', 'i32', 2, [0, 0])
-
-def ctr(c): return (c.data[0] or 0, c.data[1] or 0)
-
-class Report:
-    def __init__(self, name=''):
-        self.name = name; self.fail = []; self.checks = 0
-    def check(self, ok, msg):
-        self.checks += 1
-        if not ok and len(self.fail) < 1000: self.fail.append(msg)
-        return ok
-    def errors(self, errs, what):
-        self.checks += 1
-        if errs: self.fail.append('%s: %d emulator errors, first: %s' % (what, len(errs), errs[0]))
-    def summary(self):
-        return '%s: %d checks, %d failures%s' % (self.name, self.checks, len(self.fail),
-                                              ('; first: ' + self.fail[0][:300]) if self.fail else '')
+# counters(), ctr() and Report are in simt.py as well.
 
 def writes_once(R, buf, idx, what, expect=1):
     for i in idx:

@@ -4,7 +4,10 @@
 #            cvt.rn.satfinite.{e4m3,e5m2}x2.f32 on sm_89+ (which we cannot run here)
 #  formats:  src/core/formats.h e4m3_from_float / e5m2_from_float (Saturation::finite)
 #  fast:     src/backend/cpu/fast_formats.h e4m3_bits / e5m2_bits (the CPU backend's path)
+# (formats and fast from ../numfmt.py, which optimizer-elementwise/ uses too)
 import struct
+import _path  # noqa: F401 (numfmt.py, the formats.h and fast_formats.h transcriptions, is in the parent folder)
+from numfmt import e4m3_from_f32, e5m2_from_f32, fast_e4m3_bits, fast_e5m2_bits
 
 def fb(x): return struct.unpack('<I', struct.pack('<f', x))[0]
 def bf(u): return struct.unpack('<f', struct.pack('<I', u & 0xFFFFFFFF))[0]
@@ -40,54 +43,11 @@ def cuda_hdr(xbits, e4m3, satfinite=True):
         if rnd > (HALF << shift) or (rnd == (HALF << shift) and (res & 1)): res = (res + 1) & 0xFF
     return res | sign
 
-def round_magnitude_rne(a, M, B):
-    kMinNormalExp = 127 + 1 - B
-    e = a >> 23
-    if e >= kMinNormalExp:
-        sig, shift = a, 23 - M
-    else:
-        sig = ((a & 0x7FFFFF) | 0x800000) if e else a
-        shift = (23 - M) + (kMinNormalExp - (e if e else 1))
-        if shift > 25: return 0
-    kept = sig >> shift
-    rest = sig & ((1 << shift) - 1)
-    half = 1 << (shift - 1)
-    up = 1 if (rest > half or (rest == half and (kept & 1))) else 0
-    if e >= kMinNormalExp: return (kept + up - ((127 - B) << M)) & 0xFFFFFFFF
-    return kept + up
-
 def formats(u, e4m3):
-    a = u & 0x7FFFFFFF
-    if a > 0x7F800000: return 0x7F
-    if e4m3:
-        mag = round_magnitude_rne(a, 3, 7)
-        if mag > 0x7E: mag = 0x7E
-    else:
-        mag = round_magnitude_rne(a, 2, 15)
-        if mag > 0x7B: mag = 0x7B
-    return ((u >> 24) & 0x80) | mag
-
-def f32add(x, y): return struct.unpack('<f', struct.pack('<f', x + y))[0]
-
-def fast_round_magnitude(a, M, B):
-    shift = 23 - M
-    normal = ((a + (((B - 127) << 23) & 0xFFFFFFFF) + ((1 << (shift - 1)) - 1) + ((a >> shift) & 1)) & 0xFFFFFFFF) >> shift
-    magic_bits = (127 - B + shift + 1) << 23
-    magic = bf(magic_bits)
-    sub = (fb(f32add(bf(a), magic)) - magic_bits) & 0xFFFFFFFF
-    return sub if a < ((127 + 1 - B) << 23) else normal
+    return e4m3_from_f32(u) if e4m3 else e5m2_from_f32(u)
 
 def fast(u, e4m3):
-    a = u & 0x7FFFFFFF
-    if e4m3:
-        mag = fast_round_magnitude(a, 3, 7)
-        mag = 0x7E if a >= 0x43E80000 else mag
-        mag = 0x7E if mag > 0x7E else mag
-    else:
-        mag = fast_round_magnitude(a, 2, 15)
-        mag = 0x7B if a >= 0x47700000 else mag
-        mag = 0x7B if mag > 0x7B else mag
-    return 0x7F if a > 0x7F800000 else (((u >> 24) & 0x80) | mag)
+    return fast_e4m3_bits(u) if e4m3 else fast_e5m2_bits(u)
 
 def to_bits(s, e4m3):
     """what the kernels' __nv_cvt_float_to_fp8(s, __NV_SATFINITE, ...) gives (header semantics)."""

@@ -1,8 +1,7 @@
 # Injected bugs: each mutation flag changes one index, bound, barrier or order in the emulations;
 # the comparisons must catch it. Usage: python3 mut.py [flag ...]
-import sys, time, io, contextlib
-import _path  # noqa: F401 (simt.py is in the parent folder)
-import simt
+import _path  # noqa: F401 (simt.py and mutate.py are in the parent folder)
+import mutate
 import dbias, embedding, store, attention, quantise
 
 D = lambda: dbias.main('quick')
@@ -44,24 +43,4 @@ muts = [
     ('strip_nosync1', Q, 'strip kernel: sync between sub-tiles removed'),
     ('tally_noreduce', Q, 'CastTally::flush without the shuffle reduction'),
 ]
-only = sys.argv[1:]
-caught = missed = 0
-for m, f, desc in muts:
-    if only and m not in only: continue
-    simt.MUT.clear(); simt.MUT.add(m)
-    t0 = time.time()
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf):
-            R = f()
-        fails = R.fail
-    except simt.Err as e:
-        fails = ['emulator stopped: %s' % e]
-    except Exception as e:
-        fails = ['exception %s: %s' % (type(e).__name__, e)]
-    simt.MUT.clear()
-    ok = bool(fails)
-    caught += ok; missed += not ok
-    print('MUTATION %-22s %-7s (%d failures, %3.0fs) %s%s' % (m, 'CAUGHT' if ok else 'MISSED', len(fails), time.time() - t0, desc,
-          ('\n      first: ' + fails[0][:200]) if fails else ''), flush=True)
-print('%d caught, %d missed' % (caught, missed))
+mutate.main(muts)

@@ -1,17 +1,17 @@
-# Shared pieces of these emulations: bit-level transcriptions of core/formats.h (what the device
-# code and the CUDA host code call) and of backend/cpu/fast_formats.h (what the CPU backend's
-# loops call), models of the CUDA conversion intrinsics, the comparison report, special values,
-# and launch_sw: simt.launch plus __syncwarp, with happens-before race checks for shared memory
-# (norm.cu's kernel synchronises its warps with __syncwarp, which simt.py does not model).
+# Shared pieces of these emulations: the CPU backend's narrowing and widening, models of the CUDA
+# conversion intrinsics, comparisons, special values. The transcriptions of core/formats.h and
+# backend/cpu/fast_formats.h are in ../numfmt.py, the scheduler (with __syncwarp), Report,
+# counters() and ctr() in ../simt.py; both are re-exported here.
 #
 # Tensors are held as bit patterns (ints), every dtype: Python floats cannot hold fp32
 # signalling NaNs (a round trip through a double quiets them), and the casts promise the bits.
 import math, random, struct
-import _path  # noqa: F401 (simt.py is in the parent folder)
+import _path  # noqa: F401 (simt.py and numfmt.py are in the parent folder)
 import simt
-from simt import f32, fbits, from_bits, add, sub, mul, div, sqrt_rn, expf, MUT, Tally, Buf, launch, Err
+from simt import (f32, fbits, from_bits, add, sub, mul, div, sqrt_rn, expf, MUT, Tally, Buf, launch,
+                  Err, Report, counters, ctr)
+from numfmt import *
 
-ABS, INF, QUIET = 0x7FFFFFFF, 0x7F800000, 0x00400000
 FLT_MAX = from_bits(0x7F7FFFFF)
 DTYPES = ('f32', 'f16', 'bf16', 'e4m3', 'e5m2')
 NBITS = {'f32': 32, 'f16': 16, 'bf16': 16, 'e4m3': 8, 'e5m2': 8}
@@ -21,168 +21,6 @@ MAXF = {'f32': FLT_MAX, 'f16': 65504.0, 'bf16': f32(float.fromhex('0x1.fep127'))
 for _d in DTYPES:  # buffers of bit patterns: one tag per dtype (simt's alignment table)
     simt.ESIZE[_d + 'b'] = max(1, NBITS[_d] // 8)
 simt.ESIZE['f64'] = 8
-
-def u32(x): return x & 0xFFFFFFFF
-def u64(x): return x & 0xFFFFFFFFFFFFFFFF
-def is_nan32(b): return (b & ABS) > INF
-
-# ---------------- core/formats.h (device code, CUDA host code, the CPU's scalar paths)
-def round_magnitude_rne(a, M, B):
-    if B == 127:
-        shift = 23 - M
-        return u32(a + ((1 << (shift - 1)) - 1) + ((a >> shift) & 1)) >> shift
-    kMinNormalExp = 127 + 1 - B
-    e = a >> 23
-    if e >= kMinNormalExp:
-        sig, shift = a, 23 - M
-    else:
-        sig = ((a & 0x7FFFFF) | 0x800000) if e else a
-        shift = (23 - M) + (kMinNormalExp - (e if e else 1))
-        if shift > 25: return 0
-    kept = sig >> shift
-    rest = sig & ((1 << shift) - 1)
-    half = 1 << (shift - 1)
-    up = int(rest > half or (rest == half and (kept & 1) == 1))
-    if e >= kMinNormalExp: return u32(kept + up - ((127 - B) << M))
-    return kept + up
-
-def widen_magnitude(mag, M, B):
-    exp = mag >> M
-    man = mag & ((1 << M) - 1)
-    if exp != 0: return ((exp + 127 - B) << 23) | (man << (23 - M))
-    if man == 0: return 0
-    e = 1 - B
-    while not (man & (1 << M)):
-        man <<= 1; e -= 1
-    return ((e + 127) << 23) | ((man & ((1 << M) - 1)) << (23 - M))
-
-def f16_to_f32(h):
-    sign = (h & 0x8000) << 16
-    mag = h & 0x7FFF
-    if mag >= 0x7C00:
-        man = (mag & 0x3FF) << 13
-        return sign | INF | man | (QUIET if man else 0)
-    return sign | widen_magnitude(mag, 10, 15)
-
-def bf16_to_f32(b):
-    u = b << 16
-    if (u & ABS) > INF: u |= QUIET
-    return u
-
-def e4m3_to_f32(v):
-    sign = (v & 0x80) << 24
-    mag = v & 0x7F
-    if mag == 0x7F: return sign | 0x7FF00000
-    return sign | widen_magnitude(mag, 3, 7)
-
-def e5m2_to_f32(v):
-    sign = (v & 0x80) << 24
-    mag = v & 0x7F
-    if mag >= 0x7C:
-        man = (mag & 0x3) << 21
-        return sign | INF | man | (QUIET if man else 0)
-    return sign | widen_magnitude(mag, 2, 15)
-
-def f16_from_f32(u):
-    a = u & ABS
-    if a > INF: return 0x7FFF
-    mag = round_magnitude_rne(a, 10, 15)
-    if mag > 0x7C00: mag = 0x7C00
-    return ((u >> 16) & 0x8000) | mag
-
-def bf16_from_f32(u):
-    a = u & ABS
-    if a > INF: return 0x7FFF
-    return ((u >> 16) & 0x8000) | round_magnitude_rne(a, 7, 127)
-
-def e4m3_from_f32(u, sat=True):
-    a = u & ABS
-    if a > INF: return 0x7F
-    mag = round_magnitude_rne(a, 3, 7)
-    if mag > 0x7E: mag = 0x7E if sat else 0x7F
-    return ((u >> 24) & 0x80) | mag
-
-def e5m2_from_f32(u, sat=True):
-    a = u & ABS
-    if a > INF: return 0x7F
-    mag = round_magnitude_rne(a, 2, 15)
-    if mag > 0x7B: mag = 0x7B if sat else 0x7C
-    return ((u >> 24) & 0x80) | mag
-
-def bf16_from_float_stochastic(u, r):
-    if (u & ABS) > INF: return 0x7FFF
-    mag = ((u & ABS) + (r & 0xFFFF)) >> 16
-    return ((u >> 16) & 0x8000) | mag
-
-def stochastic_rounding_bits(seed, step, i):
-    z = u64(seed ^ u64(u64(step) * 0x9E3779B97F4A7C15) ^ u64(u64(i) * 0xD1B54A32D192ED03))
-    z = u64((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9)
-    z = u64((z ^ (z >> 27)) * 0x94D049BB133111EB)
-    return u32((z ^ (z >> 31)) >> 32)
-
-def bf16_half_ulp_of_exponent(e):
-    return from_bits(((e - 8) << 23) if e > 8 else (1 << ((e if e else 1) + 14)))
-
-TO_F32 = {'f32': lambda b: b, 'f16': f16_to_f32, 'bf16': bf16_to_f32, 'e4m3': e4m3_to_f32,
-          'e5m2': e5m2_to_f32}
-FROM_F32 = {'f32': lambda u: u, 'f16': f16_from_f32, 'bf16': bf16_from_f32, 'e4m3': e4m3_from_f32,
-            'e5m2': e5m2_from_f32}
-
-# ---------------- backend/cpu/fast_formats.h (the CPU backend's vectorised loops)
-def fast_round_magnitude(a, M, B):
-    shift = 23 - M
-    normal = u32(a + u32((B - 127) << 23) + ((1 << (shift - 1)) - 1) + ((a >> shift) & 1)) >> shift
-    magic_bits = (127 - B + shift + 1) << 23
-    magic = from_bits(magic_bits)
-    sub_ = u32(fbits(f32(from_bits(a) + magic)) - magic_bits)   # one fp32 addition, RNE
-    min_normal_bits = (127 + 1 - B) << 23
-    return sub_ if a < min_normal_bits else normal
-
-def fast_bf16_bits(x_bits):
-    u = x_bits; a = u & ABS
-    mag = u32(a + 0x7FFF + ((a >> 16) & 1)) >> 16
-    return 0x7FFF if a > INF else (((u >> 16) & 0x8000) | mag)
-
-def fast_f16_bits(u):
-    a = u & ABS
-    mag = fast_round_magnitude(a, 10, 15)
-    mag = 0x7C00 if a >= 0x477FF000 else mag
-    return 0x7FFF if a > INF else (((u >> 16) & 0x8000) | mag)
-
-def fast_e4m3_bits(u):
-    a = u & ABS
-    mag = fast_round_magnitude(a, 3, 7)
-    mag = 0x7E if a >= 0x43E80000 else mag
-    mag = 0x7E if mag > 0x7E else mag
-    return 0x7F if a > INF else (((u >> 24) & 0x80) | mag)
-
-def fast_e5m2_bits(u):
-    a = u & ABS
-    mag = fast_round_magnitude(a, 2, 15)
-    mag = 0x7B if a >= 0x47700000 else mag
-    mag = 0x7B if mag > 0x7B else mag
-    return 0x7F if a > INF else (((u >> 24) & 0x80) | mag)
-
-def fast_e4m3_value(q):
-    mag = q & 0x7F
-    v = from_bits(mag << 20) * 2.0 ** 120   # exact
-    b = fbits(v) | ((q & 0x80) << 24)
-    return (b | 0x7FF00000) if mag == 0x7F else b
-
-def fast_e5m2_value(q):
-    mag = q & 0x7F
-    v = from_bits(mag << 21) * 2.0 ** 112
-    sign = (q & 0x80) << 24
-    payload = mag & 0x3
-    special = INF | (payload << 21) | (int(payload != 0) << 22)
-    return sign | (special if mag >= 0x7C else fbits(v))
-
-def fast_bf16_to_f32(b):
-    u = b << 16
-    return (u | QUIET) if (u & ABS) > INF else u
-
-def fast_bf16_half_ulp(w_bits):
-    return bf16_half_ulp_of_exponent((fast_bf16_bits(w_bits) >> 7) & 0xFF)
 
 # CPU widen_into: f16 by a table built from formats.h's to_float, bf16 by fast::to_float, fp8
 # arithmetically; fp32 is a memcpy.
@@ -250,28 +88,7 @@ def bitbuf(name, dt, bits, base=256):
 def outbuf(name, dt, n, base=512):
     return Buf(name, dt + 'b', n, None, base)
 
-def counters():
-    b = Buf('counters', 'i32', 2, None)
-    b.data = [0, 0]
-    return b
-
-def ctr(c): return (c.data[0] or 0, c.data[1] or 0)
-
 # ---------------- comparison
-class Report:
-    def __init__(self, name=''):
-        self.name = name; self.fail = []; self.checks = 0; self.notes = []
-    def check(self, ok, msg):
-        self.checks += 1
-        if not ok and len(self.fail) < 1000: self.fail.append(msg)
-        return ok
-    def errors(self, errs, what):
-        self.checks += 1
-        if errs: self.fail.append('%s: %d emulator errors, first: %s' % (what, len(errs), errs[0]))
-    def summary(self):
-        return '%s: %d checks, %d failures%s' % (self.name, self.checks, len(self.fail),
-                                                 ('; first: ' + self.fail[0][:300]) if self.fail else '')
-
 def same_bits(dt, a, b, nan_loose):
     """Equal bit patterns; with nan_loose, any two fp32 NaNs are equal (the NaN an fp32
     arithmetic result carries differs between x86 and the GPU: tests/test_cuda_ops.cpp compares
@@ -335,113 +152,3 @@ def rand_bits(rng, n, dt, scale=1.0, special=0.0):
     return out
 
 def f64bits(x): return struct.unpack('<Q', struct.pack('<d', x))[0]
-
-# ---------------- launch_sw: simt's scheduler plus __syncwarp (yield ('syncwarp',))
-class SharedHB:
-    """Shared memory whose race check orders two accesses by thread barriers passed: a
-    __syncthreads between them, or a __syncwarp between them when both lanes are in one warp."""
-    def __init__(self, name, n):
-        self.name, self.n = name, n
-        self.data = [None] * n
-        self.last_w = {}
-        self.reads = {}
-
-def _ordered(p, a):
-    return p[0] == a[0] or a[2] > p[2] or (a[1] == p[1] and a[3] > p[3])
-
-class ThreadSW(simt.Thread):
-    def _stamp(self):
-        w = self.tid >> 5
-        return (self.tid, w, self.bs['interval'], self.bs['warp'][w])
-    def _shev(self, arr, i, kind):
-        if not (0 <= i < arr.n):
-            self.L.err('OOB shared %s[%d] (n=%d)' % (arr.name, i, arr.n)); return False
-        me = self._stamp()
-        lw = arr.last_w.get(i)
-        if lw is not None and not _ordered(lw, me):
-            self.L.err('shared race on %s[%d]: %s by thread %d after a write by thread %d with no barrier between'
-                       % (arr.name, i, kind, me[0], lw[0]))
-        if kind == 'w':
-            for r in arr.reads.get(i, ()):
-                if not _ordered(r, me):
-                    self.L.err('shared race on %s[%d]: write by thread %d after a read by thread %d with no barrier between'
-                               % (arr.name, i, me[0], r[0])); break
-            arr.last_w[i] = me; arr.reads[i] = []
-        else:
-            rs = arr.reads.setdefault(i, [])
-            if len(rs) < 64: rs.append(me)
-        return True
-    def _ev(self, buf, i, kind):
-        self.L.events.setdefault((buf.name, i), []).append(
-            (self.block, self.tid, self.bs['interval'], kind))
-
-def launch_sw(name, kernel, grid, block, args, errors, seed=0, shared_spec=()):
-    L = simt.Launch(name, errors)
-    rng = random.Random(seed)
-    gx, gy = grid
-    bx, by = block
-    nthreads = bx * by
-    nwarps = nthreads // 32
-    blocks = [(x, y) for y in range(gy) for x in range(gx)]
-    order = list(range(len(blocks)))
-    rng.shuffle(order)
-    for bl in order:
-        shared = {nm: SharedHB(nm, n) for nm, n in shared_spec}
-        bs = {'interval': 0, 'warp': [0] * nwarps}
-        ths = [ThreadSW(L, bl, tid, block, blocks[bl], grid, shared, bs) for tid in range(nthreads)]
-        gens = [kernel(th, *args) for th in ths]
-        alive = [True] * nthreads
-        req = [None] * nthreads
-        send = [None] * nthreads
-        started = [False] * nthreads
-        while any(alive):
-            idx = [i for i in range(nthreads) if alive[i] and req[i] is None]
-            rng.shuffle(idx)
-            for i in idx:
-                try:
-                    r = gens[i].send(send[i]) if started[i] else next(gens[i])
-                    started[i] = True
-                    req[i] = r
-                except StopIteration:
-                    alive[i] = False
-            progress = False
-            for w in range(nwarps):
-                lanes = range(32 * w, 32 * w + 32)
-                waiting = [i for i in lanes if alive[i] and req[i][0] in ('xor', 'down', 'syncwarp')]
-                if not waiting: continue
-                kinds = set(req[i][0] if req[i][0] == 'syncwarp' else (req[i][0], req[i][2]) for i in waiting)
-                if len(waiting) != 32:
-                    if len([i for i in lanes if alive[i]]) == len(waiting):
-                        L.err('full-mask warp collective %s with %d lanes (block %d warp %d)'
-                              % (kinds, len(waiting), bl, w))
-                        raise Err('deadlock')
-                    continue   # other lanes have not reached it yet (or wait at __syncthreads)
-                if len(kinds) != 1:
-                    L.err('lanes at different warp collectives %s' % kinds); raise Err('deadlock')
-                k = kinds.pop()
-                if k == 'syncwarp':
-                    bs['warp'][w] += 1
-                    for i in lanes: send[i] = None; req[i] = None
-                else:
-                    op, off = k
-                    vals = [req[i][1] for i in lanes]
-                    for l, i in enumerate(lanes):
-                        src = (l ^ off) if op == 'xor' else (l + off if l + off < 32 else l)
-                        send[i] = vals[src]; req[i] = None
-                progress = True
-            if progress: continue
-            live = [i for i in range(nthreads) if alive[i]]
-            if not live: break
-            if all(req[i][0] == 'sync' for i in live):
-                if len(live) != nthreads:
-                    L.err('__syncthreads with %d of %d threads exited' % (nthreads - len(live), nthreads))
-                bs['interval'] += 1
-                for i in live: send[i] = None; req[i] = None
-            else:
-                L.err('stuck: %s' % sorted(set(req[i][0] for i in live))); raise Err('deadlock')
-    for key, evs in L.events.items():
-        ws = [e for e in evs if e[3] == 'w']
-        for w_ in ws:
-            if any((e[0], e[1]) != (w_[0], w_[1]) and not (e[0] == w_[0] and e[2] != w_[2]) for e in evs):
-                L.err('global race on %s[%d]' % key); break
-    return L

@@ -1,8 +1,7 @@
 # Injected bugs: each flag changes one index, bound, barrier, rounding, count or order in the
 # emulations (simt.MUT); the comparisons must catch it. Usage: python3 mut.py [flag ...]
-import sys, time, io, contextlib
-import _path  # noqa: F401
-import simt
+import _path  # noqa: F401 (simt.py and mutate.py are in the parent folder)
+import mutate
 import adamw, norm, cast, elementwise
 
 A = lambda: adamw.main('all')
@@ -57,25 +56,4 @@ muts = [
     ('fill_f16_trunc', E, 'fill: fp16 value truncated on the host'),
     ('store_nocount', E, 'store_counted does not tally (gelu, residual)'),
 ]
-only = sys.argv[1:]
-caught = missed = 0
-t00 = time.time()
-for m, f, desc in muts:
-    if only and m not in only: continue
-    simt.MUT.clear(); simt.MUT.add(m)
-    t0 = time.time()
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf):
-            R = f()
-        fails = R.fail
-    except simt.Err as e:
-        fails = ['emulator stopped: %s' % e]
-    except Exception as e:
-        fails = ['exception %s: %s' % (type(e).__name__, e)]
-    simt.MUT.clear()
-    ok = bool(fails)
-    caught += ok; missed += not ok
-    print('MUTATION %-20s %-7s (%3d failures, %3.0fs) %s%s' % (m, 'CAUGHT' if ok else 'MISSED', len(fails), time.time() - t0, desc,
-          ('\n      first: ' + fails[0][:200]) if fails else ''), flush=True)
-print('%d caught, %d missed (%.0fs)' % (caught, missed, time.time() - t00))
+mutate.main(muts)

@@ -1,7 +1,7 @@
 # norm.cu: sum_squares_kernel<S> (lines 29-67) with launch() (69-74) and the host's sum over
 # the chunks (78-102), against CpuBackend::sum_squares (cpu_precision.cpp:628-655): every
 # chunk's fp64 partial bit for bit, and the total. The kernel's warps synchronise with
-# __syncwarp, so this runs on common.launch_sw (happens-before race checks on the shared tile).
+# __syncwarp, which simt.launch models (a shared access ordered by one is no race).
 # kChunk is shrunk to 64 or 96 elements (a multiple of 32, as the real 2^14 is) so that a few
 # thousand elements span many chunks, warps and blocks; two cases run the real 2^14.
 # Usage: python3 norm.py [quick]
@@ -62,9 +62,9 @@ def gpu_sum_squares(S, bits, kChunk, seed=0):
     grid = blocks_for(warps, kNormWarps)
     if 'norm_grid_floor' in MUT: grid = max(1, warps // kNormWarps)
     errs = []
-    launch_sw('sum_squares', sum_squares_kernel, (grid, 1), (kNormBlock, 1),
-              (S, x, n, nchunks, partial, kChunk), errs, seed,
-              shared_spec=[('tile', kNormWarps * 32 * 33)])
+    launch('sum_squares', sum_squares_kernel, (grid, 1), (kNormBlock, 1),
+           (S, x, n, nchunks, partial, kChunk), errs, seed,
+           shared_spec=[('tile', kNormWarps * 32 * 33)])
     host = list(partial.data)   # cudaMemcpyAsync of nchunks partials
     total = 0.0
     for c in range(nchunks):
