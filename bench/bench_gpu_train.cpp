@@ -7,7 +7,9 @@
 // and, where the fused kernels run it, the same with the GEMM path (MPT_ATTENTION=gemm); and one
 // more step profiled op by op (the 15 ops that take the most GPU time, in the JSON).
 // A step is forward, backward, gradient norm and AdamW, on random tokens. The median of the
-// timed steps, after warm-up steps.
+// timed steps, after warm-up steps. First, the GPU's ceilings to read those against (measured,
+// not from a datasheet): device-to-device copy bandwidth, and cuBLASLt GEMM rates in bf16 (fp32
+// and bf16 outputs) and fp8 at 8192^3 and at the model's four forward shapes.
 //
 //   build/bench/bench_gpu_train [--batch B] [--seq T] [--steps N] [--warmup N]
 //                               [--policies fp32,bf16,...] [--json PATH]
@@ -36,9 +38,120 @@
 #include "backend/cuda/attention_plan.h"
 #include "backend/cuda/cuda_backend.h"
 #include "backend/cuda/cuda_context.h"
+#include "backend/cuda/gemm.h"
+#include "backend/cuda/matmul_plan.h"
 #endif
 
 using namespace mpt;
+
+#if MPT_HAVE_CUDA
+namespace {
+
+// Median milliseconds of `reps` runs of f, timed with events on `stream` after two warm-ups.
+template <class F>
+double median_ms(cudaStream_t stream, int reps, F&& f) {
+  cudaEvent_t t0, t1;
+  MPT_CUDA_CHECK(cudaEventCreate(&t0));
+  MPT_CUDA_CHECK(cudaEventCreate(&t1));
+  f();
+  f();
+  std::vector<double> ms;
+  for (int i = 0; i < 7; ++i) {
+    MPT_CUDA_CHECK(cudaEventRecord(t0, stream));
+    for (int r = 0; r < reps; ++r) f();
+    MPT_CUDA_CHECK(cudaEventRecord(t1, stream));
+    MPT_CUDA_CHECK(cudaEventSynchronize(t1));
+    float e = 0;
+    MPT_CUDA_CHECK(cudaEventElapsedTime(&e, t0, t1));
+    ms.push_back(double(e) / reps);
+  }
+  MPT_CUDA_CHECK(cudaEventDestroy(t0));
+  MPT_CUDA_CHECK(cudaEventDestroy(t1));
+  std::sort(ms.begin(), ms.end());
+  return ms[ms.size() / 2];
+}
+
+// Device memory of `bytes` (a multiple of 8) holding random bytes with bit 6 of each clear:
+// never zeros (they time faster than data, METHOD.md), and read as bf16 (bit 14, the exponent's
+// top bit) or e4m3 (bit 6, likewise) every value is finite and below 2 in magnitude, so the
+// timed GEMMs see no inf or NaN.
+cuda::DeviceBuffer random_device(size_t bytes, Rng& rng) {
+  std::vector<uint64_t> h(bytes / 8);
+  for (auto& x : h) x = rng.next_u64() & 0xBFBFBFBFBFBFBFBFull;
+  cuda::DeviceBuffer d(bytes);
+  MPT_CUDA_CHECK(cudaMemcpy(d.data(), h.data(), bytes, cudaMemcpyHostToDevice));
+  return d;
+}
+
+// The two ceilings METHOD.md asks for, measured on this GPU before the policies, so that their
+// step times read against them: device memory bandwidth (a device-to-device copy, bytes read
+// plus written) and the GEMM rates the policies' matmuls can reach - at 8192^3 and at GPT-2
+// 124M's four forward shapes with B x T rows - in bf16 and fp8 (e4m3 x e4m3), with the fp32
+// output our GEMMs write (matmul.cu stages 16-bit outputs in fp32) and, for bf16, with a bf16
+// output (what writing them directly would save).
+nlohmann::json measure_ceilings(cuda::Context& ctx, int64_t rows, int64_t C) {
+  using namespace cuda;
+  const cudaStream_t st = ctx.stream();
+  Rng rng(99);
+  nlohmann::json out;
+  {
+    const size_t bytes = size_t{2} << 30;  // far beyond the L2
+    DeviceBuffer a(bytes), b(bytes);
+    MPT_CUDA_CHECK(cudaMemsetAsync(a.data(), 0x5A, bytes, st));  // a copy's speed is the bytes'
+    const double ms = median_ms(st, 3, [&] {
+      MPT_CUDA_CHECK(cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice, st));
+    });
+    out["copy_gbps"] = 2.0 * bytes / (ms / 1e3) / 1e9;
+  }
+  DeviceBuffer ones(2 * sizeof(float));
+  const float one[2] = {1.0f, 1.0f};
+  MPT_CUDA_CHECK(cudaMemcpy(ones.data(), one, sizeof one, cudaMemcpyHostToDevice));
+  struct Shape {
+    const char* name;
+    int64_t n, c, oc;
+  };
+  const Shape shapes[] = {{"8192^3", 8192, 8192, 8192},
+                          {"qkv", rows, C, 3 * C},
+                          {"attn proj", rows, C, C},
+                          {"fc", rows, C, 4 * C},
+                          {"mlp proj", rows, 4 * C, C}};
+  nlohmann::json gemms = nlohmann::json::array();
+  for (const Shape& sh : shapes) {
+    nlohmann::json row = {{"shape", sh.name}, {"n", sh.n}, {"c", sh.c}, {"oc", sh.oc}};
+    const double flops = 2.0 * double(sh.n) * double(sh.c) * double(sh.oc);
+    DeviceBuffer x = random_device(size_t(sh.n * sh.c) * 2, rng);
+    DeviceBuffer w = random_device(size_t(sh.oc * sh.c) * 2, rng);
+    DeviceBuffer d(size_t(sh.n * sh.oc) * 4);
+    auto rate = [&](const GemmPlan& p, const char* what) {
+      GemmArgs g;
+      g.a = w.data();
+      g.b = x.data();
+      g.d = d.as<float>();
+      if (p.fp8) g.scale_a = g.scale_b = ones.as<float>();
+      if (!run_gemm(ctx, p, g, what, /*may_fail=*/true)) return nlohmann::json();  // refused
+      const double ms = median_ms(st, 5, [&] { run_gemm(ctx, p, g, what); });
+      return nlohmann::json(flops / (ms / 1e3) / 1e12);
+    };
+    const MatmulSpec native(MatmulPrecision::native);
+    GemmPlan p = plan_matmul(MatmulOp::forward, sh.n, sh.c, sh.oc, DType::bf16, DType::bf16,
+                             DType::bf16, native);
+    row["bf16_tflops"] = rate(p, "ceiling: bf16 GEMM");
+    p.d_type = GemmType::bf16;
+    row["bf16_out16_tflops"] = rate(p, "ceiling: bf16 GEMM, bf16 output");
+    MatmulSpec fp8(MatmulPrecision::fp8);
+    fp8.inp.format = fp8.weight.format = DType::e4m3;
+    // The fp8 copies are one byte an element: the same random buffers serve (their first half).
+    row["fp8_tflops"] = rate(plan_matmul(MatmulOp::forward, sh.n, sh.c, sh.oc, DType::bf16,
+                                         DType::bf16, DType::bf16, fp8),
+                             "ceiling: fp8 GEMM");
+    gemms.push_back(row);
+  }
+  out["gemm"] = gemms;
+  return out;
+}
+
+}  // namespace
+#endif
 
 int main(int argc, char** argv) {
   int B = 32, T = 1024, steps = 10, warmup = 3;
@@ -82,6 +195,22 @@ int main(int argc, char** argv) {
 
   nlohmann::json results = nlohmann::json::array();
   std::string device;
+  nlohmann::json ceilings;
+  {
+    CudaBackend be(0);
+    ceilings = measure_ceilings(be.context(), int64_t{B} * T, m.n_embd);
+    std::printf("ceilings: device-to-device copy %.0f GB/s (read + write)\n",
+                double(ceilings["copy_gbps"]));
+    std::printf("%-10s %6s %6s %6s %14s %18s %12s\n", "GEMM", "N", "C", "OC", "bf16 TFLOP/s",
+                "bf16 out16 TFLOP/s", "fp8 TFLOP/s");
+    auto num = [](const nlohmann::json& j) { return j.is_null() ? -1.0 : double(j); };
+    for (const auto& g : ceilings["gemm"])
+      std::printf("%-10s %6lld %6lld %6lld %14.0f %18.0f %12.0f\n",
+                  g["shape"].get<std::string>().c_str(), (long long)g["n"], (long long)g["c"],
+                  (long long)g["oc"], num(g["bf16_tflops"]), num(g["bf16_out16_tflops"]),
+                  num(g["fp8_tflops"]));
+    std::fflush(stdout);
+  }
   std::stringstream names(policies);
   for (std::string name; std::getline(names, name, ',');) {
     const PrecisionPolicy policy = PrecisionPolicy::preset(name);
@@ -196,6 +325,7 @@ int main(int argc, char** argv) {
     // What is measured so far survives a timeout (the ratios are added at the end).
     if (!json_path.empty())
       std::ofstream(json_path) << nlohmann::json{{"device", device}, {"partial", true},
+                                                 {"ceilings", ceilings},
                                                  {"policies", results}}.dump(1) << "\n";
   }
   auto find = [&](const char* p) -> const nlohmann::json* {
@@ -225,7 +355,7 @@ int main(int argc, char** argv) {
                 double(r["attention_ms"]), double(r["attention_gemm_ms"]));
   if (!json_path.empty()) {
     nlohmann::json doc = {{"device", device}, {"batch", B}, {"seq", T}, {"steps", steps},
-                          {"warmup", warmup}, {"policies", results}};
+                          {"warmup", warmup}, {"ceilings", ceilings}, {"policies", results}};
     std::ofstream(json_path) << doc.dump(1) << "\n";
   }
   return 0;
