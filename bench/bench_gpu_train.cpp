@@ -47,26 +47,52 @@ using namespace mpt;
 #if MPT_HAVE_CUDA
 namespace {
 
-// Median milliseconds of `reps` runs of f, timed with events on `stream` after two warm-ups.
-template <class F>
-double median_ms(cudaStream_t stream, int reps, F&& f) {
-  cudaEvent_t t0, t1;
-  MPT_CUDA_CHECK(cudaEventCreate(&t0));
-  MPT_CUDA_CHECK(cudaEventCreate(&t1));
-  f();
-  f();
-  std::vector<double> ms;
-  for (int i = 0; i < 7; ++i) {
+// The JSON written whole or not at all (a temporary file renamed over it): the benchmark may be
+// cut off by a timeout at any moment, and device-check reads what it left.
+void write_json(const std::string& path, const nlohmann::json& doc) {
+  const std::string tmp = path + ".tmp";
+  std::ofstream(tmp) << doc.dump(1) << "\n";
+  std::rename(tmp.c_str(), path.c_str());
+}
+
+// Two CUDA events, destroyed with the object (also when a timed call throws).
+struct EventPair {
+  cudaEvent_t t0 = nullptr, t1 = nullptr;
+  EventPair() {
+    MPT_CUDA_CHECK(cudaEventCreate(&t0));
+    MPT_CUDA_CHECK(cudaEventCreate(&t1));
+  }
+  EventPair(const EventPair&) = delete;
+  EventPair& operator=(const EventPair&) = delete;
+  ~EventPair() {
+    cudaEventDestroy(t0);
+    cudaEventDestroy(t1);
+  }
+  // Milliseconds of `reps` back-to-back calls of f on `stream`.
+  template <class F>
+  double time(cudaStream_t stream, int reps, F& f) {
     MPT_CUDA_CHECK(cudaEventRecord(t0, stream));
     for (int r = 0; r < reps; ++r) f();
     MPT_CUDA_CHECK(cudaEventRecord(t1, stream));
     MPT_CUDA_CHECK(cudaEventSynchronize(t1));
     float e = 0;
     MPT_CUDA_CHECK(cudaEventElapsedTime(&e, t0, t1));
-    ms.push_back(double(e) / reps);
+    return double(e);
   }
-  MPT_CUDA_CHECK(cudaEventDestroy(t0));
-  MPT_CUDA_CHECK(cudaEventDestroy(t1));
+};
+
+// Median milliseconds per call of f over 7 samples, timed with events on `stream` after two
+// warm-ups. Each sample runs f back to back for at least ~2 ms, so that the GPU's idle moment
+// before the first call and the host's cost of issuing a call stay small beside it.
+template <class F>
+double median_ms(cudaStream_t stream, F&& f) {
+  EventPair ev;
+  f();
+  f();
+  const double one = ev.time(stream, 1, f);
+  const int reps = static_cast<int>(std::clamp(2.0 / std::max(one, 1e-3), 1.0, 1000.0));
+  std::vector<double> ms;
+  for (int i = 0; i < 7; ++i) ms.push_back(ev.time(stream, reps, f) / reps);
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];
 }
@@ -75,11 +101,14 @@ double median_ms(cudaStream_t stream, int reps, F&& f) {
 // never zeros (they time faster than data, METHOD.md), and read as bf16 (bit 14, the exponent's
 // top bit) or e4m3 (bit 6, likewise) every value is finite and below 2 in magnitude, so the
 // timed GEMMs see no inf or NaN.
-cuda::DeviceBuffer random_device(size_t bytes, Rng& rng) {
+cuda::DeviceBuffer random_device(size_t bytes, Rng& rng, cudaStream_t stream) {
+  if (bytes % 8 != 0) throw RuntimeError("random_device: bytes must be a multiple of 8");
   std::vector<uint64_t> h(bytes / 8);
   for (auto& x : h) x = rng.next_u64() & 0xBFBFBFBFBFBFBFBFull;
   cuda::DeviceBuffer d(bytes);
-  MPT_CUDA_CHECK(cudaMemcpy(d.data(), h.data(), bytes, cudaMemcpyHostToDevice));
+  // On the stream that reads it (a non-blocking one does not wait for the legacy stream).
+  MPT_CUDA_CHECK(cudaMemcpyAsync(d.data(), h.data(), bytes, cudaMemcpyHostToDevice, stream));
+  MPT_CUDA_CHECK(cudaStreamSynchronize(stream));  // h goes out of scope
   return d;
 }
 
@@ -98,14 +127,15 @@ nlohmann::json measure_ceilings(cuda::Context& ctx, int64_t rows, int64_t C) {
     const size_t bytes = size_t{2} << 30;  // far beyond the L2
     DeviceBuffer a(bytes), b(bytes);
     MPT_CUDA_CHECK(cudaMemsetAsync(a.data(), 0x5A, bytes, st));  // a copy's speed is the bytes'
-    const double ms = median_ms(st, 3, [&] {
+    const double ms = median_ms(st, [&] {
       MPT_CUDA_CHECK(cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice, st));
     });
     out["copy_gbps"] = 2.0 * bytes / (ms / 1e3) / 1e9;
   }
   DeviceBuffer ones(2 * sizeof(float));
   const float one[2] = {1.0f, 1.0f};
-  MPT_CUDA_CHECK(cudaMemcpy(ones.data(), one, sizeof one, cudaMemcpyHostToDevice));
+  MPT_CUDA_CHECK(cudaMemcpyAsync(ones.data(), one, sizeof one, cudaMemcpyHostToDevice, st));
+  MPT_CUDA_CHECK(cudaStreamSynchronize(st));
   struct Shape {
     const char* name;
     int64_t n, c, oc;
@@ -119,8 +149,8 @@ nlohmann::json measure_ceilings(cuda::Context& ctx, int64_t rows, int64_t C) {
   for (const Shape& sh : shapes) {
     nlohmann::json row = {{"shape", sh.name}, {"n", sh.n}, {"c", sh.c}, {"oc", sh.oc}};
     const double flops = 2.0 * double(sh.n) * double(sh.c) * double(sh.oc);
-    DeviceBuffer x = random_device(size_t(sh.n * sh.c) * 2, rng);
-    DeviceBuffer w = random_device(size_t(sh.oc * sh.c) * 2, rng);
+    DeviceBuffer x = random_device(size_t(sh.n * sh.c) * 2, rng, st);
+    DeviceBuffer w = random_device(size_t(sh.oc * sh.c) * 2, rng, st);
     DeviceBuffer d(size_t(sh.n * sh.oc) * 4);
     auto rate = [&](const GemmPlan& p, const char* what) {
       GemmArgs g;
@@ -129,7 +159,7 @@ nlohmann::json measure_ceilings(cuda::Context& ctx, int64_t rows, int64_t C) {
       g.d = d.as<float>();
       if (p.fp8) g.scale_a = g.scale_b = ones.as<float>();
       if (!run_gemm(ctx, p, g, what, /*may_fail=*/true)) return nlohmann::json();  // refused
-      const double ms = median_ms(st, 5, [&] { run_gemm(ctx, p, g, what); });
+      const double ms = median_ms(st, [&] { run_gemm(ctx, p, g, what); });
       return nlohmann::json(flops / (ms / 1e3) / 1e12);
     };
     const MatmulSpec native(MatmulPrecision::native);
@@ -196,7 +226,7 @@ int main(int argc, char** argv) {
   nlohmann::json results = nlohmann::json::array();
   std::string device;
   nlohmann::json ceilings;
-  {
+  try {  // context for the policies' figures, not a reason to lose them: a failure is recorded
     CudaBackend be(0);
     ceilings = measure_ceilings(be.context(), int64_t{B} * T, m.n_embd);
     std::printf("ceilings: device-to-device copy %.0f GB/s (read + write)\n",
@@ -210,6 +240,12 @@ int main(int argc, char** argv) {
                   (long long)g["oc"], num(g["bf16_tflops"]), num(g["bf16_out16_tflops"]),
                   num(g["fp8_tflops"]));
     std::fflush(stdout);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ceilings: not measured: %s\n", e.what());
+    ceilings = {{"error", e.what()}};
+    // A failed allocation leaves its error pending, which the first policy's first launch
+    // check would report as its own; a sticky error (a fault) stays, and the policies report it.
+    cudaGetLastError();
   }
   std::stringstream names(policies);
   for (std::string name; std::getline(names, name, ',');) {
@@ -324,9 +360,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%s: %.0f tokens/s, %.1f ms/step\n", name.c_str(), tokens_per_s, step_ms);
     // What is measured so far survives a timeout (the ratios are added at the end).
     if (!json_path.empty())
-      std::ofstream(json_path) << nlohmann::json{{"device", device}, {"partial", true},
-                                                 {"ceilings", ceilings},
-                                                 {"policies", results}}.dump(1) << "\n";
+      write_json(json_path, {{"device", device}, {"partial", true}, {"ceilings", ceilings},
+                             {"policies", results}});
   }
   auto find = [&](const char* p) -> const nlohmann::json* {
     for (const auto& r : results)
@@ -356,7 +391,7 @@ int main(int argc, char** argv) {
   if (!json_path.empty()) {
     nlohmann::json doc = {{"device", device}, {"batch", B}, {"seq", T}, {"steps", steps},
                           {"warmup", warmup}, {"ceilings", ceilings}, {"policies", results}};
-    std::ofstream(json_path) << doc.dump(1) << "\n";
+    write_json(json_path, doc);
   }
   return 0;
 #endif
