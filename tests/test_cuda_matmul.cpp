@@ -1572,6 +1572,7 @@ void run_inp_cache_case(const char* name, DType act, int64_t N, int64_t C, int64
   EXPECT_THROW(gpu->matmul_backward(dx.t, dw.t, db.t, gdout.t, gxc.t, gw.t, other), RuntimeError);
   EXPECT_EQ(from_gpu(*gpu, dw, "dweight"), test::widened(dw0.t)) << "refused before any write";
   // Written over from the host, the cache no longer holds what its forward wrote: refused too.
+  EXPECT_NO_THROW(ctx.fp8_inp_caches().expect_holds("before", cached, gxc.t));
   gpu->copy_from_host(cache.t, zero_cache.t.data);
   EXPECT_THROW(gpu->matmul_backward(dx.t, dw.t, db.t, gdout.t, gxc.t, gw.t, cached), RuntimeError);
   EXPECT_EQ(from_gpu(*gpu, dw, "dweight"), test::widened(dw0.t)) << "refused before any write";

@@ -805,6 +805,11 @@ TEST(Fp8InpCaches, RecordsTheLastWriteAndForgetsFreedMemory) {
   r.forget(inp_values, sizeof inp_values);  // memory beside the caches
   EXPECT_NO_THROW(r.expect_holds("op", rescaled, inp));
   EXPECT_NO_THROW(r.expect_holds("op", other, inp));
+  // Ranges that end where the cache starts, or start where it ends, leave it alone.
+  r.forget(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(cache_bytes) - 8), 8);
+  r.forget(cache_bytes + 64, 1);
+  EXPECT_NO_THROW(r.expect_holds("op", rescaled, inp));
+  r.wrote(other, inp);  // other's memory may begin right there, and was rightly forgotten
   r.forget(cache_bytes + 63, 1);  // the cache's last byte, freed or written over
   EXPECT_THROW(r.expect_holds("op", rescaled, inp), RuntimeError) << "part of it is gone";
   EXPECT_NO_THROW(r.expect_holds("op", other, inp)) << "another cache's record stays";
