@@ -1,9 +1,13 @@
 // The whole GPT on the CPU backend: initial loss, a whole-model gradient check against finite
 // differences, padding, gradient accumulation, determinism, and that it can learn.
 #include <gtest/gtest.h>
+#include <stdlib.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <memory>
 
 #include "backend/cpu/cpu_backend.h"
@@ -396,7 +400,7 @@ TEST(MemoryShortfall, AgainstTheDeviceOnAGpuAndTheMachineOtherwise) {
   gpu.bytes = size_t{1} << 30;               // held by the backend, counted in the plan
   const GpuInfo h100{"NVIDIA H100 80GB HBM3", 9, 0};
   // 31 GiB available on the device; the host's 512 GiB do not count.
-  std::string why = memory_shortfall(plan, gpu, h100, 512 * gib);
+  std::string why = memory_shortfall(plan, gpu, h100, HostMemory{512 * gib, ""});
   EXPECT_NE(why.find("33.0 GiB (30.0 GiB of activations)"), std::string::npos) << why;
   EXPECT_NE(why.find("the GPU (NVIDIA H100 80GB HBM3) has 31.0 GiB free of 80.0 GiB"),
             std::string::npos) << why;
@@ -404,19 +408,104 @@ TEST(MemoryShortfall, AgainstTheDeviceOnAGpuAndTheMachineOtherwise) {
   EXPECT_NE(why.find("training.grad_accum"), std::string::npos) << why;
   // A small host does not refuse what the device holds.
   gpu.device_used_bytes = size_t{40} << 30;  // 41 GiB available
-  EXPECT_EQ(memory_shortfall(plan, gpu, h100, 16 * gib), "");
+  EXPECT_EQ(memory_shortfall(plan, gpu, h100, HostMemory{16 * gib, ""}), "");
   // The CPU: the machine's memory.
   const MemoryUsage cpu;
-  why = memory_shortfall(plan, cpu, GpuInfo{}, 24 * gib);
-  EXPECT_NE(why.find("but the machine has 24.0 GiB"), std::string::npos) << why;
-  EXPECT_EQ(memory_shortfall(plan, cpu, GpuInfo{}, 64 * gib), "");
-  EXPECT_EQ(memory_shortfall(plan, cpu, GpuInfo{}, 0.0), "") << "an unknown size refuses nothing";
+  why = memory_shortfall(plan, cpu, GpuInfo{}, HostMemory{24 * gib, ""});
+  EXPECT_NE(why.find("but the machine allows 24.0 GiB"), std::string::npos) << why;
+  EXPECT_EQ(memory_shortfall(plan, cpu, GpuInfo{}, HostMemory{64 * gib, ""}), "");
+  EXPECT_EQ(memory_shortfall(plan, cpu, GpuInfo{}, HostMemory{}), "") << "an unknown size refuses nothing";
   // Processes of one job on one machine share its memory.
-  why = memory_shortfall(plan, cpu, GpuInfo{}, 64 * gib, 4);
+  why = memory_shortfall(plan, cpu, GpuInfo{}, HostMemory{64 * gib, ""}, 4);
   EXPECT_NE(why.find("the machine's 64.0 GiB are shared by 4 processes of this job (16.0 GiB each)"),
             std::string::npos) << why;
-  EXPECT_EQ(memory_shortfall(plan, cpu, GpuInfo{}, 160 * gib, 4), "");
-  EXPECT_EQ(memory_shortfall(plan, gpu, h100, 16 * gib, 4), "") << "each rank has its own GPU";
+  EXPECT_EQ(memory_shortfall(plan, cpu, GpuInfo{}, HostMemory{160 * gib, ""}, 4), "");
+  EXPECT_EQ(memory_shortfall(plan, gpu, h100, HostMemory{16 * gib, ""}, 4), "") << "each rank has its own GPU";
+  // A cgroup's limit is named as what ran short.
+  const HostMemory limited{20 * gib, "/sys/fs/cgroup/job_7/memory.max"};
+  why = memory_shortfall(plan, cpu, GpuInfo{}, limited);
+  EXPECT_NE(why.find("but this process's memory limit (/sys/fs/cgroup/job_7/memory.max) allows "
+                     "20.0 GiB"),
+            std::string::npos) << why;
+  why = memory_shortfall(plan, cpu, GpuInfo{}, limited, 2);
+  EXPECT_NE(why.find("limit (/sys/fs/cgroup/job_7/memory.max)'s 20.0 GiB are shared by 2 "
+                     "processes of this job (10.0 GiB each)"),
+            std::string::npos) << why;
+}
+
+// A fake /proc and /sys under a temporary directory, for cgroup_memory_limit.
+class FakeRoot {
+ public:
+  FakeRoot() {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "mpt_cgroup_XXXXXX").string();
+    path_ = mkdtemp(tmpl.data());
+  }
+  ~FakeRoot() { std::filesystem::remove_all(path_); }
+  void write(const std::string& rel, const std::string& text) const {
+    const std::filesystem::path p = path_ + rel;
+    std::filesystem::create_directories(p.parent_path());
+    std::ofstream(p) << text;
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// cgroup v2: the lowest memory.max on the process's cgroup and its ancestors ("max" is none).
+TEST(CgroupMemoryLimit, V2TakesTheLowestLimitOnThePathToTheRoot) {
+  FakeRoot r;
+  r.write("/proc/self/cgroup", "0::/slurm/job_12/step_0\n");
+  r.write("/proc/self/mountinfo",
+          "22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/root rw\n"
+          "31 22 0:27 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n");
+  r.write("/sys/fs/cgroup/slurm/job_12/step_0/memory.max", "max\n");
+  r.write("/sys/fs/cgroup/slurm/job_12/memory.max", "8589934592\n");  // 8 GiB: the job's
+  r.write("/sys/fs/cgroup/slurm/memory.max", "68719476736\n");
+  std::string where;
+  EXPECT_EQ(cgroup_memory_limit(r.path(), &where), 8589934592.0);
+  EXPECT_EQ(where, "/sys/fs/cgroup/slurm/job_12/memory.max");
+  r.write("/sys/fs/cgroup/slurm/job_12/step_0/memory.max", "4294967296\n");
+  EXPECT_EQ(cgroup_memory_limit(r.path(), &where), 4294967296.0);
+  EXPECT_EQ(where, "/sys/fs/cgroup/slurm/job_12/step_0/memory.max");
+  for (const char* none : {"max\n", "junk\n", "0\n"}) {
+    r.write("/sys/fs/cgroup/slurm/job_12/step_0/memory.max", none);
+    r.write("/sys/fs/cgroup/slurm/job_12/memory.max", none);
+    r.write("/sys/fs/cgroup/slurm/memory.max", none);
+    EXPECT_EQ(cgroup_memory_limit(r.path()), 0.0) << "no limit from " << none;
+  }
+}
+
+// cgroup v1, as a container sees it: the memory hierarchy mounted with its own cgroup as the
+// root, a huge number for "unlimited", other controllers beside it.
+TEST(CgroupMemoryLimit, V1InAContainerReadsItsMountedCgroup) {
+  FakeRoot r;
+  r.write("/proc/self/cgroup",
+          "5:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n1:name=systemd:/docker/abc\n"
+          "0::/\n");
+  r.write("/proc/self/mountinfo",
+          "600 590 0:50 / / rw - overlay overlay rw\n"
+          "610 600 0:51 /docker/abc /sys/fs/cgroup/cpu,cpuacct ro - cgroup cgroup rw,cpu,cpuacct\n"
+          "611 600 0:52 /docker/abc /sys/fs/cgroup/memory ro - cgroup cgroup rw,memory\n");
+  r.write("/sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712\n");
+  r.write("/sys/fs/cgroup/cpu,cpuacct/memory.limit_in_bytes", "1024\n");  // not the memory one
+  EXPECT_EQ(cgroup_memory_limit(r.path()), 0.0) << "v1's unlimited sentinel";
+  r.write("/sys/fs/cgroup/memory/memory.limit_in_bytes", "17179869184\n");
+  std::string where;
+  EXPECT_EQ(cgroup_memory_limit(r.path(), &where), 17179869184.0);
+  EXPECT_EQ(where, "/sys/fs/cgroup/memory/memory.limit_in_bytes");
+}
+
+// Without cgroup files (another OS, a sandbox) there is no limit, and the physical memory stands.
+TEST(CgroupMemoryLimit, NoneWithoutCgroupFiles) {
+  FakeRoot r;
+  EXPECT_EQ(cgroup_memory_limit(r.path()), 0.0);
+  const HostMemory m = host_memory();
+  EXPECT_GT(m.bytes, 0.0) << "this machine's memory is known";
+  if (m.limited_by.empty())
+    EXPECT_EQ(m.bytes, double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGESIZE)));
+  else
+    EXPECT_LE(m.bytes, double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGESIZE)));
 }
 
 TEST(AdamW, ClipScaleAndDecayOnlyOn2D) {

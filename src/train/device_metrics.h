@@ -24,13 +24,31 @@ namespace mpt {
 // needing other scratch), not allocator rounding, which is not counted.
 constexpr double kMemoryPlanMargin = 0.02;
 
+// The memory this process may use on its machine: the physical memory, or the limit of the
+// control group it runs in when that is lower (a container's, or a batch scheduler's job, as
+// Slurm's --mem sets one), since the kernel's OOM killer enforces the limit, not the RAM.
+struct HostMemory {
+  double bytes = 0;         // 0: unknown
+  std::string limited_by;   // "" for physical memory; else the cgroup file that set the limit
+};
+
+// The lowest memory limit on this process's control group and its ancestors, cgroup v2
+// (memory.max) or v1 (memory.limit_in_bytes), read through /proc/self/cgroup and
+// /proc/self/mountinfo under `root` ("" for the real ones; tests pass a directory laid out
+// alike). 0 when there is none (no limit, "max", v1's "unlimited" sentinel, nothing readable);
+// `where`, when given, receives the file that set it.
+double cgroup_memory_limit(const std::string& root = "", std::string* where = nullptr);
+
+// Physical memory, capped by cgroup_memory_limit.
+HostMemory host_memory();
+
 // Why a run whose memory ledger predicts `plan` cannot fit where its backend keeps that memory,
 // or "" when it fits. On a GPU (usage.device_total_bytes > 0): the device's free memory plus
 // what the backend holds already (its context's workspace, which the ledger counts too), since
-// the host's memory says nothing about the device's. Otherwise the machine's, `host_bytes`
-// (unknown when 0: nothing is refused), shared by `host_ranks` processes of the job alike.
+// the host's memory says nothing about the device's. Otherwise the machine's, `host` (unknown
+// when its bytes are 0: nothing is refused), shared by `host_ranks` processes of the job alike.
 std::string memory_shortfall(const MemoryLedger& plan, const MemoryUsage& usage,
-                             const GpuInfo& gpu, double host_bytes, int host_ranks = 1);
+                             const GpuInfo& gpu, const HostMemory& host, int host_ranks = 1);
 
 class DeviceMetrics {
  public:

@@ -2,8 +2,6 @@
 
 #include <spdlog/spdlog.h>
 
-#include <unistd.h>
-
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -78,12 +76,12 @@ double evaluate(Gpt& model, data::BatchLoader& loader, int batches, int B, int T
   return sum / batches;
 }
 
-// Why a run whose predicted memory exceeds what its backend has (the GPU's or the machine's:
-// memory_shortfall) cannot start, naming the keys; "" when it fits. Checked before any of it is
-// allocated (an allocation that large would fail midway or swap the machine to death).
+// Why a run whose predicted memory exceeds what its backend has (the GPU's, or the machine's
+// within its cgroup limit: memory_shortfall, host_memory) cannot start, naming the keys; "" when
+// it fits. Checked before any of it is allocated (an allocation that large would fail midway or
+// swap the machine to death).
 std::string memory_refusal(const MemoryLedger& plan, const Backend& backend, int ranks_on_node) {
-  const double host = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
-  return memory_shortfall(plan, backend.memory_usage(), backend.gpu_info(), host > 0 ? host : 0.0,
+  return memory_shortfall(plan, backend.memory_usage(), backend.gpu_info(), host_memory(),
                           ranks_on_node);
 }
 
