@@ -209,6 +209,16 @@ const std::vector<BadCase> kBadCases = {
     {"global_batch_with_grad_accum", "training:\n  grad_accum: 2\n  global_batch_tokens: 1024\n",
      {"training.global_batch_tokens: 1024 is set, so training.grad_accum is derived from it and "
       "must be left at 1 (it is 2)"}},
+    // fp8 GEMMs need dimensions in multiples of 16, on every backend.
+    {"fp8_n_embd_off_16", "precision: fp8\nmodel:\n  n_head: 3\n  n_embd: 120\n",
+     {"{F}:4:11: model.n_embd: 120 is not a multiple of 16, which precision fp8 needs"}},
+    {"fp8_tokens_off_16", "precision: fp8\ntraining:\n  micro_batch: 3\n  seq_len: 21\n",
+     {"{F}:3:16: training.micro_batch: training.micro_batch x training.seq_len (3 x 21 = 63 "
+      "tokens) is not a multiple of 16, which precision fp8 needs"}},
+    {"fp8_lm_head_vocab_off_16",
+     "precision: fp8\nmodel:\n  vocab_pad_multiple: 1\n  vocab_size: 250\nfp8:\n  lm_head: fp8\n",
+     {"model.vocab_pad_multiple: 1 pads the vocabulary to 250, not a multiple of 16, which "
+      "fp8.lm_head: fp8 needs"}},
     {"zero_stage_two", "distributed:\n  zero_stage: 2\n",
      {"{F}:2:15: distributed.zero_stage: must be in [0, 1], got 2"}},
     // Enumerations list their choices; known but unimplemented precisions say so.
@@ -323,6 +333,25 @@ TEST(Config, PrecisionProblemsAreNotRepeated) {
                              "  max_scale: 4\n"));
   EXPECT_EQ(std::count(msg.begin(), msg.end(), '\n'), 2) << msg;
   EXPECT_EQ(msg.find("must be finite"), std::string::npos) << msg;
+}
+
+// The multiples of 16 bind fp8 only: other precisions take any width and batch.
+TEST(Config, Fp8MultiplesOf16BindFp8Alone) {
+  TempDir dir;
+  const std::string odd =
+      "model:\n  n_head: 3\n  n_embd: 120\n  vocab_pad_multiple: 1\n  vocab_size: 250\n"
+      "training:\n  micro_batch: 3\n  seq_len: 21\n";
+  for (const char* p : {"fp32", "tf32", "fp16", "bf16", "bf16-pure"})
+    EXPECT_NO_THROW(load_config(dir.write("c.yaml", std::string("precision: ") + p + "\n" + odd)))
+        << p;
+  // fp8 with the multiples, and with an odd padded vocabulary when the LM head stays bf16.
+  const Config c = load_config(dir.write(
+      "c.yaml", "precision: fp8\nmodel:\n  n_head: 3\n  n_embd: 48\n  vocab_pad_multiple: 1\n"
+                "  vocab_size: 250\ntraining:\n  micro_batch: 3\n  seq_len: 16\n"));
+  EXPECT_EQ(c.model.n_embd, 48);
+  EXPECT_NO_THROW(load_config(dir.write(
+      "c.yaml", "precision: fp8\nmodel:\n  vocab_pad_multiple: 16\n  vocab_size: 250\n"
+                "fp8:\n  lm_head: fp8\n")));
 }
 
 // Keys the policy does not use may still be written with their default values: a config written

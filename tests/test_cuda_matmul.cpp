@@ -452,6 +452,18 @@ TEST(MatmulPlan, PointerAlignmentIsTheLargestPowerOfTwoUpTo256) {
   EXPECT_EQ(pointer_alignment(0x1001), 1u);
 }
 
+// A batched operand is only as aligned as its least aligned batch start: attention's GEMM path
+// with an odd T * head size gives 16-bit batches 2-byte-aligned starts after an aligned base.
+TEST(MatmulPlan, BatchedOperandsAreAsAlignedAsEveryBatchStart) {
+  EXPECT_EQ(operand_alignment(0x1000, 1, 77, GemmType::bf16), 256u) << "one GEMM: its base";
+  EXPECT_EQ(operand_alignment(0x1000, 4, 77, GemmType::bf16), 2u) << "77 bf16 = 154 bytes";
+  EXPECT_EQ(operand_alignment(0x1000, 4, 77, GemmType::f32), 4u);
+  EXPECT_EQ(operand_alignment(0x1000, 4, 64 * 1024, GemmType::bf16), 256u);
+  EXPECT_EQ(operand_alignment(0x1000, 4, 24, GemmType::bf16), 16u) << "48-byte steps";
+  EXPECT_EQ(operand_alignment(0x1010, 4, 64 * 1024, GemmType::f32), 16u) << "the base's";
+  EXPECT_EQ(operand_alignment(0x1000, 4, 0, GemmType::f32), 256u) << "a broadcast operand";
+}
+
 TEST(MatmulPlan, CacheKeysAreEqualExactlyWhenTheGemmIsTheSame) {
   const GemmPlan p = plan_matmul(MatmulOp::forward, 37, 48, 80, DType::bf16, DType::bf16,
                                  DType::bf16, MatmulPrecision::native);
@@ -470,6 +482,16 @@ TEST(MatmulPlan, CacheKeysAreEqualExactlyWhenTheGemmIsTheSame) {
             gemm_key(p, GemmEpilogue::bias, 256, 256, 256, 16))
       << "an algorithm chosen for an aligned bias may fault on a less aligned one";
   EXPECT_NE(gemm_key(p, GemmEpilogue::bgradb, 256, 256, 256, 256), k);
+  // BIAS_DATA_TYPE narrows what the heuristic returns: part of the key with a bias, not without.
+  EXPECT_NE(gemm_key(p, GemmEpilogue::bias, 256, 256, 256, 256, 0, GemmType::bf16),
+            gemm_key(p, GemmEpilogue::bias, 256, 256, 256, 256, 0, GemmType::f32));
+  EXPECT_NE(GemmKeyHash{}(gemm_key(p, GemmEpilogue::bias, 256, 256, 256, 256, 0, GemmType::bf16)),
+            GemmKeyHash{}(gemm_key(p, GemmEpilogue::bias, 256, 256, 256, 256, 0, GemmType::f32)));
+  EXPECT_EQ(gemm_key(p, GemmEpilogue::none, 256, 256, 256, 0, 0, GemmType::bf16), k)
+      << "no bias pointer, no bias dtype";
+  EXPECT_NE(gemm_key(p, GemmEpilogue::bias, 256, 256, 256, 256, 0, GemmType::bf16).str().find(
+                " bias=bf16"),
+            std::string::npos);
   EXPECT_NE(ga.str().find("epilogue=GELU_AUX_BIAS"), std::string::npos) << ga.str();
   EXPECT_NE(ga.str().find("align(bias)=256 align(aux)=256"), std::string::npos) << ga.str();
   EXPECT_NE(k, gemm_key(p, GemmEpilogue::none, 16, 256, 256));

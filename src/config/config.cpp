@@ -310,14 +310,15 @@ const std::vector<KeyDef>& key_table() {
                         "attention heads per block"));
     t.push_back(integer("model.n_embd", MPT_FIELD(model.n_embd), at_least(1),
                         "embedding (residual stream) width")
-                    .with_note("multiple of model.n_head"));
+                    .with_note("multiple of model.n_head; of 16 too under precision fp8"));
     t.push_back(integer("model.vocab_size", MPT_FIELD(model.vocab_size), closed(2, 65536),
                         "real vocabulary size; shards store tokens as uint16, hence at most "
                         "65536"));
     t.push_back(integer("model.vocab_pad_multiple", MPT_FIELD(model.vocab_pad_multiple),
                         closed(1, 65536),
                         "embedding rows are padded up to a multiple of this; padded ids are never "
-                        "predicted"));
+                        "predicted")
+                    .with_note("the padded size a multiple of 16 under fp8.lm_head: fp8"));
     t.push_back(integer("model.max_seq_len", MPT_FIELD(model.max_seq_len), at_least(1),
                         "positions in the learned position embedding"));
     t.push_back(integer("model.init_seed", MPT_FIELD(model.init_seed), any_value(),
@@ -334,7 +335,8 @@ const std::vector<KeyDef>& key_table() {
                           "built-in corpus's validation split"));
     // training
     t.push_back(integer("training.micro_batch", MPT_FIELD(training.micro_batch), at_least(1),
-                        "sequences per micro-batch (B)"));
+                        "sequences per micro-batch (B)")
+                    .with_note("under precision fp8, micro_batch x seq_len a multiple of 16"));
     t.push_back(integer("training.seq_len", MPT_FIELD(training.seq_len), at_least(1),
                         "tokens per sequence (T)")
                     .with_note("<= model.max_seq_len"));
@@ -531,6 +533,37 @@ const std::vector<CrossCheck>& cross_checks() {
            return std::to_string(g) + " is set, so training.grad_accum is derived from it and "
                   "must be left at 1 (it is " + std::to_string(c.training.grad_accum) + ")";
          return "";
+       }},
+      // fp8 GEMMs on Tensor Cores take operands whose every dimension is a multiple of 16
+      // (cuBLASLt's FP8 requirements: 16-byte-aligned rows of 1-byte elements): the widths
+      // (n_embd, 3 and 4 times it), the tokens of a micro-batch (the weight gradients' inner
+      // dimension) and, with an fp8 LM head, the padded vocabulary. Checked on every backend,
+      // so that a config tried on the CPU's emulation also runs on a GPU.
+      {"model.n_embd", "precision",
+       [](const Config& c) -> std::string {
+         if (c.precision != "fp8" || c.model.n_embd % 16 == 0) return "";
+         return std::to_string(c.model.n_embd) + " is not a multiple of 16, which precision fp8 "
+                "needs (fp8 Tensor Core GEMMs take dimensions in multiples of 16)";
+       }},
+      {"training.micro_batch", "training.seq_len",
+       [](const Config& c) -> std::string {
+         const int64_t n = static_cast<int64_t>(c.training.micro_batch) * c.training.seq_len;
+         if (c.precision != "fp8" || n % 16 == 0) return "";
+         return "training.micro_batch x training.seq_len (" +
+                std::to_string(c.training.micro_batch) + " x " +
+                std::to_string(c.training.seq_len) + " = " + std::to_string(n) +
+                " tokens) is not a multiple of 16, which precision fp8 needs (its weight-gradient "
+                "GEMMs sum over a micro-batch's tokens, and fp8 Tensor Core GEMMs take dimensions "
+                "in multiples of 16)";
+       }},
+      {"model.vocab_pad_multiple", "fp8.lm_head",
+       [](const Config& c) -> std::string {
+         const int64_t m = c.model.vocab_pad_multiple;
+         const int64_t padded = (c.model.vocab_size + m - 1) / m * m;
+         if (c.precision != "fp8" || c.fp8.lm_head != "fp8" || padded % 16 == 0) return "";
+         return std::to_string(m) + " pads the vocabulary to " + std::to_string(padded) +
+                ", not a multiple of 16, which fp8.lm_head: fp8 needs (fp8 Tensor Core GEMMs "
+                "take dimensions in multiples of 16); use a multiple of 16 such as 64";
        }},
       {"schedule.min_lr", "optimizer.lr",
        [](const Config& c) -> std::string {

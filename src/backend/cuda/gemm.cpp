@@ -67,12 +67,13 @@ bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* wh
                        gemm_epilogue_name(epi) + "' given " + (g.bias ? "a" : "no") +
                        " bias and " + (g.aux ? "an" : "no") + " aux pointer" +
                        (p.batch > 1 ? " in a batched GEMM" : ""));
-  const GemmKey key =
-      gemm_key(p, epi, pointer_alignment(reinterpret_cast<uintptr_t>(g.a)),
-               pointer_alignment(reinterpret_cast<uintptr_t>(g.b)),
-               pointer_alignment(reinterpret_cast<uintptr_t>(g.d)),
-               wants_bias ? pointer_alignment(reinterpret_cast<uintptr_t>(g.bias)) : 0,
-               wants_aux ? pointer_alignment(reinterpret_cast<uintptr_t>(g.aux)) : 0);
+  const GemmKey key = gemm_key(
+      p, epi, operand_alignment(reinterpret_cast<uintptr_t>(g.a), p.batch, p.stride_a, p.a.type),
+      operand_alignment(reinterpret_cast<uintptr_t>(g.b), p.batch, p.stride_b, p.b.type),
+      operand_alignment(reinterpret_cast<uintptr_t>(g.d), p.batch, p.stride_d, p.d_type),
+      wants_bias ? pointer_alignment(reinterpret_cast<uintptr_t>(g.bias)) : 0,
+      wants_aux ? pointer_alignment(reinterpret_cast<uintptr_t>(g.aux)) : 0,
+      gemm_type_of(g.bias_dtype));
   LtDescs ds;
   const cublasComputeType_t compute =
       p.compute == GemmCompute::f32_fast_tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;

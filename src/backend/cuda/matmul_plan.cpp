@@ -269,6 +269,11 @@ uint32_t pointer_alignment(uintptr_t p) {
   return a;
 }
 
+uint32_t operand_alignment(uintptr_t base, int32_t batch, int64_t stride, GemmType t) {
+  const uintptr_t step = batch > 1 ? static_cast<uintptr_t>(stride) * gemm_type_size(t) : 0;
+  return pointer_alignment(base | step);
+}
+
 bool GemmKey::operator==(const GemmKey& o) const {
   return m == o.m && n == o.n && k == o.k && lda == o.lda && ldb == o.ldb && ldd == o.ldd &&
          batch == o.batch && stride_a == o.stride_a && stride_b == o.stride_b &&
@@ -276,7 +281,7 @@ bool GemmKey::operator==(const GemmKey& o) const {
          d_type == o.d_type && compute == o.compute && trans_a == o.trans_a &&
          trans_b == o.trans_b && fp8 == o.fp8 && epilogue == o.epilogue && align_a == o.align_a &&
          align_b == o.align_b && align_d == o.align_d && align_bias == o.align_bias &&
-         align_aux == o.align_aux;
+         align_aux == o.align_aux && bias_type == o.bias_type;
 }
 
 std::string GemmKey::str() const {
@@ -291,7 +296,8 @@ std::string GemmKey::str() const {
                                          : std::string()) +
          " batch=" + s(batch) + " align(A,B,D)=" + s(align_a) + "," + s(align_b) + "," +
          s(align_d) + (align_bias ? " align(bias)=" + s(align_bias) : std::string()) +
-         (align_aux ? " align(aux)=" + s(align_aux) : std::string());
+         (align_aux ? " align(aux)=" + s(align_aux) : std::string()) +
+         (align_bias ? std::string(" bias=") + gemm_type_name(bias_type) : std::string());
 }
 
 size_t GemmKeyHash::operator()(const GemmKey& k) const {
@@ -306,12 +312,13 @@ size_t GemmKeyHash::operator()(const GemmKey& k) const {
       (uint64_t(k.fp8) << 34) | (uint64_t(k.epilogue) << 40));
   mix((uint64_t(k.align_a) << 0) | (uint64_t(k.align_b) << 16) | (uint64_t(k.align_d) << 32) |
       (uint64_t(k.align_aux) << 48));
-  mix(uint64_t(k.align_bias));
+  mix(uint64_t(k.align_bias) | (uint64_t(k.bias_type) << 32));
   return h;
 }
 
 GemmKey gemm_key(const GemmPlan& p, GemmEpilogue epi, uint32_t align_a, uint32_t align_b,
-                 uint32_t align_d, uint32_t align_bias, uint32_t align_aux) {
+                 uint32_t align_d, uint32_t align_bias, uint32_t align_aux,
+                 GemmType bias_type) {
   GemmKey k;
   k.m = p.m, k.n = p.n, k.k = p.k;
   k.lda = p.a.ld, k.ldb = p.b.ld, k.ldd = p.ldd;
@@ -323,6 +330,7 @@ GemmKey gemm_key(const GemmPlan& p, GemmEpilogue epi, uint32_t align_a, uint32_t
   k.epilogue = epi;
   k.align_a = align_a, k.align_b = align_b, k.align_d = align_d;
   k.align_bias = align_bias, k.align_aux = align_aux;
+  k.bias_type = align_bias ? bias_type : GemmType::f32;  // no bias: no BIAS_DATA_TYPE set
   return k;
 }
 

@@ -187,6 +187,11 @@ struct QuantiseStrip {
 // The largest power of two (at most 256) dividing the address: cuBLASLt's
 // MIN_ALIGNMENT_*_BYTES preferences default to 256 and must not exceed the real alignment.
 uint32_t pointer_alignment(uintptr_t p);
+// The alignment a strided-batched operand guarantees: that of its base and of every later
+// batch's start (base + i * stride elements), since the MIN_ALIGNMENT preferences that take
+// the result do not say whether cuBLASLt checks more than the base. A single GEMM's (batch 1)
+// is its base pointer's.
+uint32_t operand_alignment(uintptr_t base, int32_t batch, int64_t stride, GemmType t);
 
 // The algorithm cache's key: everything the heuristic's choice depends on.
 struct GemmKey {
@@ -202,6 +207,8 @@ struct GemmKey {
   // The epilogues' bias and aux pointers: like A's, B's and D's, their values set the alignment
   // the heuristic assumes (0: no such pointer).
   uint32_t align_bias = 0, align_aux = 0;
+  // BIAS_DATA_TYPE, which changes what the heuristic may return (only with a bias pointer).
+  GemmType bias_type = GemmType::f32;
   bool operator==(const GemmKey& o) const;
   bool operator!=(const GemmKey& o) const { return !(*this == o); }
   std::string str() const;  // for error messages
@@ -210,7 +217,8 @@ struct GemmKeyHash {
   size_t operator()(const GemmKey& k) const;
 };
 GemmKey gemm_key(const GemmPlan& p, GemmEpilogue epi, uint32_t align_a, uint32_t align_b,
-                 uint32_t align_d, uint32_t align_bias = 0, uint32_t align_aux = 0);
+                 uint32_t align_d, uint32_t align_bias = 0, uint32_t align_aux = 0,
+                 GemmType bias_type = GemmType::f32);
 
 // A chosen algorithm: cuBLASLt's cublasLtMatmulAlgo_t (64 opaque bytes) and its workspace.
 // `supported` false records that the heuristic found nothing (asked once per key: the forward
