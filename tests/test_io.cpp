@@ -89,6 +89,47 @@ TEST_F(Io, SafetensorsRoundTripWithFreshRandomTensors) {
   EXPECT_THROW(f.entry("missing"), InputError);
 }
 
+// Tensors that fill themselves (a device's, fetched when the writer reaches them) give the same
+// file and hash as the same bytes in memory; they are fetched once each, in file order, one at a
+// time; a fill that throws leaves no file behind, not even the temporary.
+TEST_F(Io, SafetensorsTensorsThatFillThemselvesWriteTheSameFile) {
+  Rng rng(test::fresh_seed());
+  std::vector<float> a(4 * 29), b(7), c(3 * 11);
+  for (auto* v : {&a, &b, &c})
+    for (auto& x : *v) x = static_cast<float>(rng.normal());
+  const std::vector<safetensors::TensorRef> eager = {{"a", DType::f32, {4, 29}, a.data()},
+                                                     {"b", DType::f32, {7}, b.data()},
+                                                     {"c", DType::f32, {3, 11}, c.data()}};
+  std::vector<std::string> fetched;
+  auto lazy = [&](const std::string& name, const std::vector<float>& v, Shape shape) {
+    return safetensors::TensorRef{name, DType::f32, shape, nullptr, [&fetched, &v, name](void* dst) {
+                                    fetched.push_back(name);
+                                    std::memcpy(dst, v.data(), v.size() * sizeof(float));
+                                  }};
+  };
+  // b stays in memory between two that fill themselves: the writer's buffer is reused across it.
+  const std::vector<safetensors::TensorRef> mixed = {lazy("a", a, {4, 29}), eager[1],
+                                                     lazy("c", c, {3, 11})};
+  const auto w1 = safetensors::write(path("eager.safetensors"), eager, {{"k", "v"}});
+  const auto w2 = safetensors::write(path("mixed.safetensors"), mixed, {{"k", "v"}});
+  EXPECT_EQ(fetched, (std::vector<std::string>{"a", "c"}));
+  EXPECT_EQ(slurp(path("eager.safetensors")), slurp(path("mixed.safetensors")));
+  EXPECT_EQ(w1.bytes, w2.bytes);
+  EXPECT_EQ(w1.bytes, fs::file_size(path("mixed.safetensors")));
+  EXPECT_EQ(w1.xxh3, w2.xxh3);
+  const auto f = safetensors::File::open(path("mixed.safetensors"));
+  EXPECT_EQ(std::memcmp(f.data(f.entry("c")), c.data(), c.size() * 4), 0);
+
+  std::vector<safetensors::TensorRef> failing = mixed;
+  failing[2].fill = [](void*) { throw RuntimeError("the device is gone"); };
+  EXPECT_THROW(safetensors::write(path("failed.safetensors"), failing), RuntimeError);
+  EXPECT_FALSE(fs::exists(path("failed.safetensors")));
+  EXPECT_FALSE(fs::exists(path("failed.safetensors.tmp")));
+  failing[2].fill = nullptr;  // neither bytes nor a fill: a caller's bug
+  EXPECT_THROW(safetensors::write(path("failed.safetensors"), failing), RuntimeError);
+  EXPECT_FALSE(fs::exists(path("failed.safetensors.tmp")));
+}
+
 TEST_F(Io, SafetensorsReadsAFileWrittenByHand) {
   std::ofstream(path("h.safetensors"), std::ios::binary)
       << by_hand(R"({"x":{"dtype":"F32","shape":[2,1],"data_offsets":[4,12]},)"

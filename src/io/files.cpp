@@ -46,17 +46,34 @@ void sync_directory(const std::string& dir) {
 }
 
 void write_file_atomic(const std::string& path, const std::vector<ByteSpan>& chunks,
-                       const WriteHook& hook) {
+                       const WriteHook& hook, const ChunkObserver& observe) {
   const std::string tmp = path + ".tmp";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) throw RuntimeError(tmp + ": cannot create (" + std::strerror(errno) + ")");
   int err = 0;
   const char* what = "cannot write";
   size_t written = 0;
-  for (const ByteSpan& c : chunks) {
-    if (err == 0 && hook) err = hook(written, c.size);
-    if (err == 0 && c.size > 0) err = write_all(fd, c.data, c.size);
-    written += c.size;
+  std::vector<char> filled;  // the chunks that fill themselves, one at a time
+  try {
+    for (const ByteSpan& c : chunks) {
+      if (err == 0 && hook) err = hook(written, c.size);
+      if (err == 0 && c.size > 0) {
+        const void* bytes = c.data;
+        if (bytes == nullptr) {
+          MPT_CHECK(c.fill != nullptr, tmp + ": a chunk has neither bytes nor a fill");
+          if (filled.size() < c.size) filled = std::vector<char>(c.size);  // no copy of the old
+          c.fill(filled.data());
+          bytes = filled.data();
+        }
+        if (observe) observe(bytes, c.size);
+        err = write_all(fd, bytes, c.size);
+      }
+      written += c.size;
+    }
+  } catch (...) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    throw;
   }
   if (err == 0 && ::fsync(fd) != 0) {
     err = errno;

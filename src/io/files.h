@@ -12,6 +12,10 @@ namespace mpt {
 struct ByteSpan {
   const void* data;
   size_t size;
+  // For bytes not in host memory yet (a device's tensor), with data null: writes the chunk's
+  // `size` bytes to `dst` when its turn comes. The writer reuses one buffer for all such chunks,
+  // so that a file of device tensors needs host memory for its largest tensor, not for all.
+  std::function<void(void* dst)> fill = nullptr;
 };
 
 // Writes the chunks, in order, to `path` through PATH.tmp: write, fsync, close, rename, then
@@ -21,9 +25,14 @@ struct ByteSpan {
 // `hook`, for fault-injection tests only: called before each chunk with the bytes of this file
 // written so far and the chunk's size; it returns 0 to go on or an errno to fail the write with
 // (ENOSPC after N bytes), and may end the process (a crash in the middle of a file).
+//
+// `observe`, if given, sees each chunk's bytes, in order, just before they are written (to hash
+// the file as it is written). An exception from a chunk's `fill` or from `observe` removes the
+// temporary file and propagates.
 using WriteHook = std::function<int(size_t written, size_t chunk_bytes)>;
+using ChunkObserver = std::function<void(const void* data, size_t bytes)>;
 void write_file_atomic(const std::string& path, const std::vector<ByteSpan>& chunks,
-                       const WriteHook& hook = nullptr);
+                       const WriteHook& hook = nullptr, const ChunkObserver& observe = nullptr);
 inline void write_file_atomic(const std::string& path, std::initializer_list<ByteSpan> chunks) {
   write_file_atomic(path, std::vector<ByteSpan>(chunks));
 }

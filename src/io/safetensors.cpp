@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <memory>
 #include <set>
 
 #include <nlohmann/json.hpp>
@@ -63,7 +64,9 @@ Written write(const std::string& path, const std::vector<TensorRef>& tensors,
     header[t.name] = {{"dtype", format_name(t.dtype)},
                       {"shape", shape},
                       {"data_offsets", {offset, offset + bytes}}};
-    chunks.push_back({t.data, static_cast<size_t>(bytes)});
+    MPT_CHECK(t.data != nullptr || t.fill != nullptr || bytes == 0,
+              "safetensors: tensor '" + t.name + "' has neither data nor a fill");
+    chunks.push_back({t.data, static_cast<size_t>(bytes), t.fill});
     offset += bytes;
   }
   std::string text = header.dump();
@@ -72,18 +75,17 @@ Written write(const std::string& path, const std::vector<TensorRef>& tensors,
   for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(uint64_t(text.size()) >> (8 * i));
   chunks[0] = {len, sizeof len};
   chunks[1] = {text.data(), text.size()};
-  XXH3_state_t* st = XXH3_createState();
+  // Hashed as written: a tensor that fills itself is in memory only while it is written.
+  std::unique_ptr<XXH3_state_t, XXH_errorcode (*)(XXH3_state_t*)> st(XXH3_createState(),
+                                                                    XXH3_freeState);
   MPT_CHECK(st != nullptr, "XXH3_createState");
-  XXH3_64bits_reset(st);
+  XXH3_64bits_reset(st.get());
   uint64_t total = 0;
-  for (const ByteSpan& c : chunks) {
-    XXH3_64bits_update(st, c.data, c.size);
-    total += c.size;
-  }
-  const uint64_t hash = XXH3_64bits_digest(st);
-  XXH3_freeState(st);
-  write_file_atomic(path, chunks, hook);
-  return {total, hash};
+  write_file_atomic(path, chunks, hook, [&](const void* data, size_t size) {
+    XXH3_64bits_update(st.get(), data, size);
+    total += size;
+  });
+  return {total, XXH3_64bits_digest(st.get())};
 }
 
 File File::open(const std::string& path) { return parse(path, read_file(path)); }

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -22,7 +23,10 @@ struct TensorRef {
   std::string name;
   DType dtype;
   Shape shape;
-  const void* data;  // host memory, shape.numel() * dtype_size(dtype) bytes
+  const void* data;  // host memory, shape.numel() * dtype_size(dtype) bytes; or null, and:
+  // writes those bytes to dst, for a tensor not in host memory (ByteSpan::fill: the writer
+  // fetches one such tensor at a time).
+  std::function<void(void* dst)> fill = nullptr;
 };
 
 // Writes the tensors, in the given order, durably (temporary file, fsync, rename). The header is

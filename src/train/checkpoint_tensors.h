@@ -17,14 +17,15 @@
 namespace mpt {
 
 struct CheckpointTensors {
-  std::vector<std::vector<char>> host;  // host copies, when the backend's memory is a device's
+  std::vector<std::vector<char>> host;  // ZeRO-1: the whole state, gathered from every process
   std::vector<safetensors::TensorRef> weights, moments;
 };
 
 // References to write. Tensors in host memory are referenced where they are; a device's are
-// copied to the host first (into `host`, which the references point into). A sharded optimizer
-// (ZeRO-1) has its state gathered from every process through `comm`: a collective, so every
-// process must call it, and each gets the whole.
+// referenced by a fill that copies them to the host when the writer reaches them (one at a time;
+// valid while `be` lives and the tensors are unchanged). A sharded optimizer (ZeRO-1) has its
+// state gathered from every process through `comm` into `host`: a collective, so every process
+// must call it, and each gets the whole.
 CheckpointTensors checkpoint_tensors(Backend& be, const Gpt& model, const AdamW& optimizer,
                                      dist::Communicator* comm = nullptr);
 
