@@ -57,6 +57,38 @@ TEST_F(Io, AtomicWriteReplacesWholeFileAndLeavesNoTemporary) {
   EXPECT_THROW(write_file_atomic(path("no/such/dir/b.txt"), "x"), RuntimeError);
 }
 
+// Mapped reads: the file's bytes as read_file gives them; an empty file maps to none; a missing
+// file or a directory is an InputError naming it; a file replaced by write_file_atomic (a
+// rename) leaves an open mapping as it was.
+TEST_F(Io, MappedFilesReadWhatReadFileReads) {
+  Rng rng(test::fresh_seed());
+  std::string content(100003, '\0');
+  for (auto& c : content) c = static_cast<char>(rng.next_u64());
+  write_file_atomic(path("m.bin"), content);
+  MappedFile m = MappedFile::map(path("m.bin"));
+  ASSERT_EQ(m.size(), content.size());
+  EXPECT_EQ(std::string(m.data(), m.size()), content);
+  const std::vector<char> read = read_file(path("m.bin"));
+  EXPECT_EQ(std::string(read.begin(), read.end()), content);
+  write_file_atomic(path("m.bin"), "replaced");
+  EXPECT_EQ(std::string(m.data(), m.size()), content) << "the mapping keeps the old file";
+  MappedFile moved = std::move(m);
+  EXPECT_EQ(m.size(), 0u);
+  EXPECT_EQ(moved.size(), content.size());
+  moved = MappedFile::map(path("m.bin"));
+  EXPECT_EQ(std::string(moved.data(), moved.size()), "replaced");
+  write_file_atomic(path("empty"), "");
+  EXPECT_EQ(MappedFile::map(path("empty")).size(), 0u);
+  for (const std::string& bad : {path("absent"), dir_.string()}) {
+    try {
+      MappedFile::map(bad);
+      ADD_FAILURE() << bad << " mapped";
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(bad), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST_F(Io, SafetensorsRoundTripWithFreshRandomTensors) {
   Rng rng(test::fresh_seed());
   std::vector<float> a(3 * 37), b(5);

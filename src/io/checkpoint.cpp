@@ -147,13 +147,13 @@ Checkpoint load_checkpoint(const std::string& dir) {
       throw InputError(state_path + ": checkpoint format version " +
                        j.at("format_version").dump() + ", this mpt reads " +
                        std::to_string(kFormatVersion));
-    // Each file is read once: its size and XXH3-64 (xxHash, https://github.com/Cyan4973/xxHash)
+    // Each file is mapped once: its size and XXH3-64 (xxHash, https://github.com/Cyan4973/xxHash)
     // checked against state.json, then the same bytes parsed.
     std::vector<safetensors::File> files;
     for (const char* name : {kModelFile, kOptimizerFile}) {
       const auto& want = j.at("files").at(name);
       const std::string path = (fs::path(dir) / name).string();
-      std::vector<char> bytes = read_file(path);
+      MappedFile bytes = MappedFile::map(path);
       if (bytes.size() != want.at("bytes").get<uint64_t>())
         throw InputError(path + ": " + std::to_string(bytes.size()) +
                          " bytes, but state.json records " + want.at("bytes").dump() +

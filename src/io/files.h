@@ -44,6 +44,28 @@ void sync_directory(const std::string& dir);
 // A whole file's bytes, in one read. InputError naming the file when it is missing, unreadable
 // or shorter than its size said.
 std::vector<char> read_file(const std::string& path);
+
+// A whole file's bytes, mapped read-only: its pages come from the page cache, which the kernel
+// may drop again, so a checkpoint of many gigabytes costs no resident memory of its own while
+// it is verified and copied into the model. InputError as read_file. The mapping sees the file
+// as it was opened: mpt replaces files by renaming (write_file_atomic), which leaves the mapped
+// one intact; truncating it in place while mapped would fault the reader (SIGBUS).
+class MappedFile {
+ public:
+  static MappedFile map(const std::string& path);
+  MappedFile() = default;
+  MappedFile(MappedFile&& o) noexcept;
+  MappedFile& operator=(MappedFile&& o) noexcept;
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  ~MappedFile();
+  const char* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  const char* data_ = nullptr;
+  size_t size_ = 0;
+};
 inline void write_file_atomic(const std::string& path, const std::string& content) {
   write_file_atomic(path, {ByteSpan{content.data(), content.size()}});
 }

@@ -88,16 +88,28 @@ Written write(const std::string& path, const std::vector<TensorRef>& tensors,
   return {total, XXH3_64bits_digest(st.get())};
 }
 
-File File::open(const std::string& path) { return parse(path, read_file(path)); }
+File File::open(const std::string& path) { return parse(path, MappedFile::map(path)); }
 
 File File::parse(const std::string& path, std::vector<char> bytes) {
+  auto v = std::make_shared<std::vector<char>>(std::move(bytes));
+  return parse_bytes(path, v, v->data(), v->size());
+}
+
+File File::parse(const std::string& path, MappedFile bytes) {
+  auto m = std::make_shared<MappedFile>(std::move(bytes));
+  return parse_bytes(path, m, m->data(), m->size());
+}
+
+File File::parse_bytes(const std::string& path, std::shared_ptr<const void> owner,
+                       const char* base, size_t size) {
   File f;
   f.path_ = path;
-  f.bytes_ = std::move(bytes);
-  const size_t size = f.bytes_.size();
+  f.owner_ = std::move(owner);
+  f.base_ = base;
+  f.size_ = size;
   if (size < 8) bad(path, "only " + std::to_string(size) + " bytes, shorter than the 8-byte length");
   uint64_t n = 0;
-  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(f.bytes_[i]);
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(base[i]);
   if (n > size - 8)
     bad(path, "header length " + std::to_string(n) + " exceeds the file's " +
                   std::to_string(size - 8) + " remaining bytes (truncated?)");
@@ -106,7 +118,7 @@ File File::parse(const std::string& path, std::vector<char> bytes) {
 
   nlohmann::json header;
   try {
-    header = nlohmann::json::parse(f.bytes_.begin() + 8, f.bytes_.begin() + f.data_start_);
+    header = nlohmann::json::parse(base + 8, base + f.data_start_);
   } catch (const nlohmann::json::exception& e) {
     bad(path, std::string("header is not JSON (") + e.what() + ")");
   }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -58,20 +59,27 @@ class File {
   // offsets whose span equals the shape's byte size, entries neither overlap nor leave gaps,
   // and together they cover the data section exactly. Any failure is an InputError naming the
   // file (and the tensor, where one is at fault).
+  // The file is mapped (MappedFile), not read: its pages cost no resident memory of their own.
   static File open(const std::string& path);
-  // The same checks on a file's bytes already in memory (read once, verified, then parsed).
+  // The same checks on a file's bytes already in memory or mapped (read once, verified, then
+  // parsed).
   static File parse(const std::string& path, std::vector<char> bytes);
+  static File parse(const std::string& path, MappedFile bytes);
 
   const std::string& path() const { return path_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const std::vector<Entry>& entries() const { return entries_; }  // in data order
   bool contains(const std::string& name) const;
   const Entry& entry(const std::string& name) const;  // InputError naming file and tensor
-  const void* data(const Entry& e) const { return bytes_.data() + data_start_ + e.offset; }
+  const void* data(const Entry& e) const { return base_ + data_start_ + e.offset; }
 
  private:
+  static File parse_bytes(const std::string& path, std::shared_ptr<const void> owner,
+                          const char* base, size_t size);
   std::string path_;
-  std::vector<char> bytes_;
+  std::shared_ptr<const void> owner_;  // the vector or the mapping that holds the bytes
+  const char* base_ = nullptr;
+  size_t size_ = 0;
   size_t data_start_ = 0;
   std::map<std::string, std::string> metadata_;
   std::vector<Entry> entries_;
