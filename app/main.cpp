@@ -194,6 +194,10 @@ int main(int argc, char** argv) {
 
   try {
     if (*train) {
+      // An unset shell variable ($RUN) gives an empty value: not the same as leaving it out.
+      if (train->get_option("--run-dir")->count() > 0 && run_dir.empty())
+        throw mpt::InputError("--run-dir: empty; give a directory, or leave the option out to "
+                              "write under output.dir/output.name");
       train_opt.run_dir = run_dir;
       train_opt.resume = resume->count() > 0;
       return run_train(config_path, sets, train_opt);

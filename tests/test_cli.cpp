@@ -400,6 +400,22 @@ TEST_F(Cli, RunLargerThanTheMachineIsRefusedBeforeAllocating) {
   }
 }
 
+// --run-dir given but empty (an unset shell variable) or not UTF-8 (records are JSON): exit 2,
+// nothing created.
+TEST_F(Cli, EmptyOrNonUtf8RunDirIsRefused) {
+  const std::string train = mpt_bin() + " train " + MPT_SOURCE_DIR +
+                            "/configs/default.yaml --set training.steps=2 --set output.dir=" +
+                            path("out");
+  auto r = run(train + " --run-dir ''");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("--run-dir: empty"), std::string::npos) << r.out;
+  r = run(train + " --run-dir \"$(printf '" + path("caf") + "\\351')\"");  // sh's printf: octal
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("not valid UTF-8"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(path("out")));
+  EXPECT_FALSE(fs::exists(path("caf") + "\xe9"));
+}
+
 // Each --set takes one override, so options and the config file can come in any order.
 TEST_F(Cli, OverridesAndConfigInAnyOrder) {
   auto r = run(mpt_bin() + " train --set training.steps=7 " + MPT_SOURCE_DIR +

@@ -456,6 +456,54 @@ TEST_F(Compare, CutOffRunIsComparedAsFarAsItGot) {
   EXPECT_NE(cut.verdict.find("[run has no end record]"), std::string::npos) << cut.verdict;
 }
 
+// A run that diverged is a result, not malformed input: its losses are null in the records
+// (JSON has no NaN; other writers give "NaN" or "Infinity" strings), its verdict says so, and
+// neither it nor a diverged baseline gives a difference or joins the noise band.
+TEST_F(Compare, DivergedRunsAreComparedAsDiverged) {
+  const std::string div = (root_ / "diverged").string();
+  if (!fs::exists(div + "/metrics.jsonl")) {
+    const auto t = run(mpt_bin() + " train" + kRun + " --set training.seed=1 --set training.steps=6"
+                       " --set optimizer.lr=1e30 --set optimizer.grad_clip=0 --run-dir " + div);
+    ASSERT_EQ(t.code, 1) << "a run whose final validation loss is not finite fails: " << t.out;
+    EXPECT_NE(t.out.find("training diverged"), std::string::npos) << t.out;
+  }
+  const auto recs = read_jsonl(div + "/metrics.jsonl");
+  ASSERT_TRUE(events(recs, "eval").back()["val_loss"].is_null());
+  EXPECT_EQ(events(recs, "end").back()["status"], "failed");
+  EXPECT_FALSE(fs::exists(div + "/checkpoints/step_00000006")) << "no broken final checkpoint";
+
+  auto r = run(mpt_bin() + " compare " + dir("fp32_s1") + " " + dir("fp32_s2") + " " + div +
+               " --out " + out_.string());
+  ASSERT_EQ(r.code, 0) << r.out;
+  json j = json::parse(slurp((out_ / "compare.json").string()));
+  const json& d = j["runs"][2];
+  EXPECT_TRUE(d["val_loss"].is_null()) << d;
+  EXPECT_TRUE(d["val_loss_diff"].is_null()) << d;
+  EXPECT_NE(d["verdict"].get<std::string>().find("val loss not finite (diverged)"),
+            std::string::npos) << d["verdict"];
+  EXPECT_NE(d["verdict"].get<std::string>().find("[run failed]"), std::string::npos);
+  EXPECT_TRUE(j["runs"][1]["val_loss_diff"].is_number()) << "the finite runs still compare";
+  EXPECT_EQ(xml_check(slurp((out_ / "compare.svg").string())), "");
+  // The diverged run as the baseline; and the strings other writers use for NaN and infinity.
+  fs::create_directories(root_ / "diverged_strings");
+  {
+    std::ofstream f(root_ / "diverged_strings" / "metrics.jsonl");
+    for (json rec : recs) {
+      if (rec.contains("loss") && rec["loss"].is_null()) rec["loss"] = "NaN";
+      if (rec.contains("val_loss") && rec["val_loss"].is_null()) rec["val_loss"] = "Infinity";
+      f << rec.dump() << "\n";
+    }
+  }
+  const auto c = mpt::compare::compare_runs(
+      {(root_ / "diverged_strings").string(), dir("fp32_s1"), dir("fp32_s2")});
+  ASSERT_TRUE(c.runs[0].data.val_loss.has_value());
+  EXPECT_TRUE(std::isinf(*c.runs[0].data.val_loss));
+  EXPECT_NE(c.runs[0].verdict.find("val loss not finite"), std::string::npos) << c.runs[0].verdict;
+  EXPECT_FALSE(c.runs[1].val_diff.has_value());
+  EXPECT_NE(c.runs[1].verdict.find("the baseline's is not finite"), std::string::npos)
+      << c.runs[1].verdict;
+}
+
 TEST_F(Compare, WarnsWhenTrainingKeysDiffer) {
   // A copy of a run whose start record says it trained for 30 steps.
   fs::create_directories(root_ / "steps30");

@@ -209,6 +209,11 @@ const std::vector<BadCase> kBadCases = {
     {"global_batch_with_grad_accum", "training:\n  grad_accum: 2\n  global_batch_tokens: 1024\n",
      {"training.global_batch_tokens: 1024 is set, so training.grad_accum is derived from it and "
       "must be left at 1 (it is 2)"}},
+    // Strings reach JSON records: UTF-8 only.
+    {"output_name_not_utf8", "output:\n  name: caf\xe9\n",
+     {"output.name: is not valid UTF-8 text"}},
+    {"data_entry_not_utf8", "data:\n  train: [builtin, \"d\xc3\"]\n",
+     {"data.train[1]: is not valid UTF-8 text"}},
     // fp8 GEMMs need dimensions in multiples of 16, on every backend.
     {"fp8_n_embd_off_16", "precision: fp8\nmodel:\n  n_head: 3\n  n_embd: 120\n",
      {"{F}:4:11: model.n_embd: 120 is not a multiple of 16, which precision fp8 needs"}},

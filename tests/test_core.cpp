@@ -7,6 +7,7 @@
 #include "core/dtype.h"
 #include "core/rng.h"
 #include "core/tensor.h"
+#include "core/text.h"
 
 using namespace mpt;
 
@@ -77,4 +78,17 @@ TEST(Buffer, MoveTransfersOwnership) {
   Buffer c;
   c = std::move(b);
   EXPECT_EQ(c.data(), p);
+}
+
+// UTF-8 as RFC 3629 defines it: the text JSON records can hold.
+TEST(Text, ValidUtf8) {
+  using mpt::valid_utf8;
+  for (const char* ok : {"", "plain", "caf\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x98\x80",
+                         "\xed\x9f\xbf", "\xf4\x8f\xbf\xbf", "\x7f"})
+    EXPECT_TRUE(valid_utf8(ok)) << ok;
+  for (const char* bad : {"caf\xe9", "\xc3", "\xc0\xaf", "\xe0\x80\xaf", "\xed\xa0\x80",
+                          "\xf4\x90\x80\x80", "\xf5\x80\x80\x80", "\x80", "\xe2\x82",
+                          "\xe2\x28\xa1", "\xff"})
+    EXPECT_FALSE(valid_utf8(bad)) << bad;
+  EXPECT_TRUE(valid_utf8(std::string("a\0b", 3))) << "NUL is a code point";
 }

@@ -1,5 +1,6 @@
 // Tests of the data module: shards, the built-in corpus, datasets, the batch loader, prepare.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -200,6 +201,10 @@ TEST(Shard, BadShardsAreInputErrorsNamingTheFile) {
   }
   expect_input_error([&] { Shard::open(dir.file("missing.bin")); }, {dir.file("missing.bin")});
   expect_input_error([&] { Shard::open(dir.path()); }, {dir.path(), "regular file"});
+  // A FIFO is refused before it is opened (opening one waits for a writer, deaf to signals).
+  const std::string fifo = dir.file("fifo.bin");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  expect_input_error([&] { Shard::open(fifo); }, {fifo, "regular file"});
 }
 
 // --------------------------------------------------------------------------------- tokenizer

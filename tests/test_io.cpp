@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "io/files.h"
+#include "io/metrics.h"
 #include "io/safetensors.h"
 #include "test_util.h"
 
@@ -87,6 +88,36 @@ TEST_F(Io, MappedFilesReadWhatReadFileReads) {
       EXPECT_NE(std::string(e.what()).find(bad), std::string::npos) << e.what();
     }
   }
+}
+
+// A resumed run appends to metrics.jsonl; a record cut off by a crash or a full disk is dropped
+// first, so that the new records start on a line of their own and every line parses.
+TEST_F(Io, MetricsAppendDropsACutOffLastRecord) {
+  const std::string p = path("metrics.jsonl");
+  {
+    MetricsSink s(p);
+    s.write({{"event", "start"}});
+    s.write({{"step", 1}, {"loss", 2.5}});
+  }
+  const std::string whole = slurp(p);
+  for (const std::string& cut : {std::string("{\"step\": 2, \"lo"), std::string(70000, 'x')}) {
+    std::ofstream(p, std::ios::binary) << whole << cut;
+    {
+      MetricsSink s(p, /*append=*/true);
+      s.write({{"event", "start"}, {"resume_step", 1}});
+    }
+    const std::string after = slurp(p);
+    EXPECT_EQ(after.substr(0, whole.size()), whole);
+    EXPECT_EQ(after.substr(whole.size()), "{\"event\":\"start\",\"resume_step\":1}\n");
+  }
+  // A file that is one cut-off record, and one whose last record is whole, and none at all.
+  std::ofstream(p, std::ios::binary) << "{\"eve";
+  { MetricsSink s(p, true); s.write({{"a", 1}}); }
+  EXPECT_EQ(slurp(p), "{\"a\":1}\n");
+  { MetricsSink s(p, true); s.write({{"b", 2}}); }
+  EXPECT_EQ(slurp(p), "{\"a\":1}\n{\"b\":2}\n");
+  { MetricsSink s(path("new.jsonl"), true); s.write({{"c", 3}}); }
+  EXPECT_EQ(slurp(path("new.jsonl")), "{\"c\":3}\n");
 }
 
 TEST_F(Io, SafetensorsRoundTripWithFreshRandomTensors) {

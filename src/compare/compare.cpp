@@ -4,7 +4,9 @@
 #include "core/text.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <limits>
 #include <cstdarg>
 #include <cstdio>
 #include <filesystem>
@@ -33,6 +35,22 @@ double num(const json& r, const char* key, const std::string& where) {
   if (!r.contains(key) || !r[key].is_number())
     throw InputError(where + ": record without a numeric \"" + key + "\"");
   return r[key].get<double>();
+}
+
+// A loss: a number, or the forms a non-finite one takes in a record (JSON has none: mpt's
+// writer gives null, other writers the strings "NaN", "Infinity", "inf"), read as NaN or ±inf,
+// so that a run that diverged is compared as one rather than refused as malformed.
+double loss_num(const json& r, const char* key, const std::string& where) {
+  if (r.contains(key) && r[key].is_null()) return std::numeric_limits<double>::quiet_NaN();
+  if (r.contains(key) && r[key].is_string()) {
+    std::string v = r[key].get<std::string>();
+    for (auto& ch : v) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    const double inf = std::numeric_limits<double>::infinity();
+    if (v == "nan" || v == "-nan") return std::numeric_limits<double>::quiet_NaN();
+    if (v == "inf" || v == "+inf" || v == "infinity" || v == "+infinity") return inf;
+    if (v == "-inf" || v == "-infinity") return -inf;
+  }
+  return num(r, key, where);
 }
 
 bool starts_with(const std::string& s, const std::string& p) { return s.rfind(p, 0) == 0; }
@@ -150,7 +168,7 @@ RunData read_run(const std::string& dir) {
     if (ev.empty()) {
       const int64_t step = static_cast<int64_t>(num(r, "step", where));
       const int64_t tokens = static_cast<int64_t>(num(r, "tokens", where));
-      push_point(d.train, {step, tokens, num(r, "loss", where)});
+      push_point(d.train, {step, tokens, loss_num(r, "loss", where)});
       if (r.contains("tokens_per_s") && r["tokens_per_s"].is_number())
         push_point(d.speed, {step, tokens, r["tokens_per_s"].get<double>()});
       // Drop the casts of records a resume replaced, even when this record has none.
@@ -164,7 +182,7 @@ RunData read_run(const std::string& dir) {
       d.tokens = tokens;
     } else if (ev == "eval") {
       const int64_t step = static_cast<int64_t>(num(r, "step", where));
-      push_point(d.eval, {step, step * tokens_per_step, num(r, "val_loss", where)});
+      push_point(d.eval, {step, step * tokens_per_step, loss_num(r, "val_loss", where)});
     } else if (ev == "end") {
       d.status = r.value("status", std::string());
       if (r.contains("step") && r["step"].is_number() && r["step"].get<int64_t>() >= d.steps) {
@@ -288,12 +306,13 @@ Comparison compare_runs(const std::vector<std::string>& dirs, const std::string&
     NoiseBand band;
     band.policy = b.policy;
     for (const auto& r : c.runs) {
-      if (r.data.policy != b.policy || !r.data.val_loss) continue;
+      if (r.data.policy != b.policy || !r.data.val_loss || !std::isfinite(*r.data.val_loss))
+        continue;
       if (!seen.insert({r.data.training_seed, r.data.init_seed}).second) continue;
       losses.push_back(*r.data.val_loss);
       band.runs.push_back(r.data.label);
     }
-    if (losses.size() >= 2 && b.val_loss) {
+    if (losses.size() >= 2 && b.val_loss && std::isfinite(*b.val_loss)) {
       const auto [lo, hi] = std::minmax_element(losses.begin(), losses.end());
       band.spread = *hi - *lo;
       band.spread_pct = 100.0 * band.spread / *b.val_loss;
@@ -305,7 +324,8 @@ Comparison compare_runs(const std::vector<std::string>& dirs, const std::string&
   for (const auto& r : c.runs) ++policy_count[r.data.policy];
   for (auto& r : c.runs) {
     const RunData& d = r.data;
-    if (d.val_loss && b.val_loss) {
+    // A diverged run (or baseline) has no difference to give: its verdict says why.
+    if (d.val_loss && b.val_loss && std::isfinite(*d.val_loss) && std::isfinite(*b.val_loss)) {
       r.val_diff = *d.val_loss - *b.val_loss;
       r.val_diff_pct = 100.0 * *r.val_diff / *b.val_loss;
       if (c.band && !r.is_baseline) {
@@ -325,18 +345,28 @@ Comparison compare_runs(const std::vector<std::string>& dirs, const std::string&
         strf("%lld skipped step%s", (long long)skipped, skipped == 1 ? "" : "s");
     if (r.is_baseline) {
       r.verdict = who + ": the baseline";
-      if (d.val_loss) r.verdict += strf(" (val loss %.4f)", *d.val_loss);
+      if (d.val_loss)
+        r.verdict += std::isfinite(*d.val_loss) ? strf(" (val loss %.4f)", *d.val_loss)
+                                                : std::string(" (val loss not finite: diverged)");
       if (c.band) r.verdict += strf("; %s seed noise ±%.2f%% over %zu seeds", c.band->policy.c_str(),
                                     c.band->spread_pct, c.band->runs.size());
       if (skipped > 0) r.verdict += "; " + skipped_words;
+      if (d.status != "completed")
+        r.verdict += d.status.empty() ? " [run has no end record]" : " [run " + d.status + "]";
       continue;
     }
     std::vector<std::string> parts;
     parts.push_back(r.speedup ? strf("%.2fx speed", *r.speedup) : "speed unknown");
     parts.push_back(r.memory_ratio ? strf("%.2fx memory", *r.memory_ratio) : "memory unknown");
     if (r.measured_peak_ratio) parts.back() += strf(" (%.2fx measured peak RSS)", *r.measured_peak_ratio);
-    parts.push_back(r.val_diff_pct ? "val loss " + pct(*r.val_diff_pct) + " vs " + b.policy
-                                   : "no validation loss to compare");
+    if (r.val_diff_pct)
+      parts.push_back("val loss " + pct(*r.val_diff_pct) + " vs " + b.policy);
+    else if (d.val_loss && !std::isfinite(*d.val_loss))
+      parts.push_back("val loss not finite (diverged)");
+    else if (d.val_loss && b.val_loss && !std::isfinite(*b.val_loss))
+      parts.push_back("no validation loss to compare (the baseline's is not finite)");
+    else
+      parts.push_back("no validation loss to compare");
     r.verdict = who + ": " + join(parts, ", ");
     if (r.inside_band)
       r.verdict += strf(" (%s %s seed noise (±%.2f%%))", *r.inside_band ? "inside" : "outside",

@@ -997,8 +997,24 @@ void validate(LoadState& st) {
         ok = false;
       }
     }
-    if (key.extra) key.extra(key, c, origin, st.errors);
-    if (!ok) failed.insert(key.path);
+    // Strings reach JSON records (the start record, state.json), which hold UTF-8 text only:
+    // refused here rather than half-way through creating the run.
+    auto utf8 = [&](const std::string& v, const std::string& where_in) {
+      if (valid_utf8(v)) return true;
+      st.errors.add(origin.where, where_in,
+                    "is not valid UTF-8 text (mpt's records are JSON, which holds UTF-8 only)");
+      return false;
+    };
+    bool text_ok = true;
+    if (const auto* r = std::get_if<Ref<std::string>>(&key.field))
+      text_ok = utf8(read(*r, c), key.path);
+    if (const auto* r = std::get_if<Ref<std::vector<std::string>>>(&key.field)) {
+      const auto& list = read(*r, c);
+      for (size_t i = 0; i < list.size(); ++i)
+        text_ok = utf8(list[i], key.path + "[" + std::to_string(i) + "]") && text_ok;
+    }
+    if (text_ok && key.extra) key.extra(key, c, origin, st.errors);
+    if (!ok || !text_ok) failed.insert(key.path);
   }
   for (const auto& check : cross_checks()) {
     if (failed.count(check.key) || failed.count(check.other)) continue;

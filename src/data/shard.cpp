@@ -41,7 +41,11 @@ void write_shard(const std::string& path, const std::vector<uint16_t>& tokens) {
 }
 
 Shard Shard::open(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // Checked before opening: opening a FIFO blocks until a writer comes, signals included.
+  struct stat before {};
+  if (::stat(path.c_str(), &before) == 0 && !S_ISREG(before.st_mode))
+    throw InputError(path + ": not a regular file (expected an llm.c token shard)");
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     throw InputError(path + ": cannot open token shard (" + errno_text(errno) + ")");
   }

@@ -1,15 +1,59 @@
 #include "io/metrics.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <ctime>
+#include <vector>
+
+#include <spdlog/spdlog.h>
 
 #include "core/error.h"
 #include "core/text.h"
 
 namespace mpt {
+namespace {
+
+// A run killed, or a disk that filled, mid-record leaves a cut-off last line. Readers skip a
+// cut-off *last* line only, so before a resumed run appends, the fragment is cut away: the new
+// records then start on a line of their own. Returns the bytes dropped.
+size_t drop_partial_last_line(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return 0;  // absent: fopen creates it (or reports why it cannot)
+  const off_t size = ::lseek(fd, 0, SEEK_END);
+  char last = '\n';
+  if (size <= 0 || ::pread(fd, &last, 1, size - 1) != 1 || last == '\n') {
+    ::close(fd);
+    return 0;
+  }
+  off_t keep = 0, pos = size;
+  std::vector<char> buf(1 << 16);
+  while (pos > 0 && keep == 0) {
+    const off_t n = std::min<off_t>(pos, static_cast<off_t>(buf.size()));
+    pos -= n;
+    if (::pread(fd, buf.data(), static_cast<size_t>(n), pos) != n) break;
+    for (off_t i = n - 1; i >= 0; --i)
+      if (buf[static_cast<size_t>(i)] == '\n') {
+        keep = pos + i + 1;
+        break;
+      }
+  }
+  const int rc = ::ftruncate(fd, keep);
+  ::close(fd);
+  if (rc != 0) throw RuntimeError(path + ": cannot cut its cut-off last record: " + std::strerror(errno));
+  return static_cast<size_t>(size - keep);
+}
+
+}  // namespace
 
 MetricsSink::MetricsSink(const std::string& path, bool append) : path_(path) {
+  if (append) {
+    if (const size_t dropped = drop_partial_last_line(path))
+      spdlog::warn("{}: dropped a cut-off last record ({} bytes) before appending", path, dropped);
+  }
   f_ = std::fopen(path.c_str(), append ? "a" : "w");
   if (!f_) throw RuntimeError(path + ": cannot open for writing: " + std::strerror(errno));
 }

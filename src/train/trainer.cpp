@@ -630,7 +630,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         }
       }
       numerics.after_step(skip ? nullptr : &optimizer.last_stats());
-      if (!skip) last_loss = loss;
+      last_loss = loss;  // the step's own, skipped or not: a diverged run's says so
       interval_s += seconds_since(t_step);
       ++interval_steps;
 
@@ -673,6 +673,13 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
       if (auto ev = device_metrics.memory_check(step)) emit(*ev);
       const bool eval_due = cfg.training.eval_every > 0 && step % cfg.training.eval_every == 0;
       if (eval_due || step == steps) result.final_val_loss = run_eval(step);
+      // A run whose model ends unable to give a finite loss did not train (a short run can
+      // skip every step after its weights broke without reaching the loss scaler's limit): it
+      // fails, without saving the broken weights over the last checkpoint.
+      if (step == steps && !std::isfinite(result.final_val_loss))
+        throw RuntimeError("training diverged: the validation loss after the last step (" +
+                           std::to_string(step) + ") is not finite; the last checkpoint is " +
+                           (last_checkpoint.empty() ? std::string("none") : last_checkpoint));
 
       int sig = faults.preempt_at_step == step ? SIGTERM : signals.requested();
       if (world > 1) {  // a signal to any rank stops every rank after this same step
@@ -752,6 +759,12 @@ static std::unique_ptr<dist::Communicator> make_job_communicator(const Config& c
 }
 
 TrainResult train(const Config& cfg, const TrainOptions& opt) {
+  // Paths reach JSON records, which hold UTF-8 text only: refused before anything is created.
+  for (const auto& [what, path] : {std::pair<const char*, const std::string&>{"--run-dir", opt.run_dir},
+                                   {"--resume", opt.resume_from}})
+    if (!valid_utf8(path))
+      throw InputError(std::string(what) + " " + path +
+                       ": not valid UTF-8 text (mpt's records are JSON, which holds UTF-8 only)");
   const std::unique_ptr<dist::Communicator> comm = make_job_communicator(cfg);
   if (comm->world_size() == 1) return train_in_job(cfg, opt, *comm);
   try {
