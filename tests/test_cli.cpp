@@ -201,7 +201,21 @@ TEST_F(Cli, RunDirectoryThatHoldsARunIsNotReused) {
                " --set training.steps=2 --run-dir " + dir_.string());
   EXPECT_EQ(r.code, 2) << r.out;
   EXPECT_NE(r.out.find(dir_.string()), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("is not empty (it holds other files, not a run)"), std::string::npos)
+      << r.out;
   EXPECT_FALSE(fs::exists(path("metrics.jsonl")));
+  // One that holds a run says so; and a place where no directory can be made is bad input too.
+  r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
+          " --set training.steps=2 --run-dir " + path("first"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
+          " --set training.steps=2 --run-dir " + path("first"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("already holds a run"), std::string::npos) << r.out;
+  r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
+          " --set training.steps=2 --run-dir " + path("keep.txt") + "/run");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("cannot create run directory"), std::string::npos) << r.out;
 }
 
 TEST_F(Cli, DivergenceIsARuntimeFailure) {

@@ -1,5 +1,8 @@
 // Tests of the data module: shards, the built-in corpus, datasets, the batch loader, prepare.
 #include <gtest/gtest.h>
+#include <algorithm>
+#include <csignal>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -601,6 +604,52 @@ TEST(Prepare, SplitsShardsAndRoundTrips) {
     ++files;
   }
   EXPECT_EQ(files, 1u);
+}
+
+// A prepare that fails part-way (here: a file-size limit, as a full disk would) leaves the set
+// already in the directory whole and no staging files; a killed one's staging directory goes
+// at the next prepare.
+TEST(Prepare, AFailedPrepareLeavesTheEarlierSetWhole) {
+  TempDir dir;
+  const std::string small = dir.file("small.txt"), big = dir.file("big.txt");
+  write_bytes(small, builtin_corpus_text(Split::val, 3000));
+  write_bytes(big, builtin_corpus_text(Split::train, 60000));
+  const std::string out = dir.file("out");
+  PrepareOptions opt;
+  opt.val_fraction = 0.1;
+  opt.shard_tokens = 1000;
+  const PrepareResult first = prepare_shards({small}, out, opt);
+  auto listing = [&] {
+    std::vector<std::pair<std::string, std::string>> files;
+    for (const auto& e : fs::directory_iterator(out)) {
+      std::ifstream in(e.path(), std::ios::binary);
+      files.emplace_back(e.path().filename().string(),
+                         std::string(std::istreambuf_iterator<char>(in), {}));
+    }
+    std::sort(files.begin(), files.end());
+    return files;
+  };
+  const auto before = listing();
+  ASSERT_EQ(before.size(), first.train_shards.size() + first.val_shards.size());
+  {
+    // No file may grow past 30 KB: the big input's shards (~37 KB at 18000 tokens) cannot be
+    // written. SIGXFSZ ignored, so the write fails with EFBIG instead of ending the process.
+    struct rlimit old {};
+    ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+    struct rlimit lim = old;
+    lim.rlim_cur = 30000;
+    void (*prev)(int) = std::signal(SIGXFSZ, SIG_IGN);
+    ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &lim), 0);
+    opt.shard_tokens = 20000;
+    EXPECT_THROW(prepare_shards({big}, out, opt), mpt::RuntimeError);
+    ::setrlimit(RLIMIT_FSIZE, &old);
+    std::signal(SIGXFSZ, prev);
+  }
+  EXPECT_EQ(listing(), before) << "the earlier set, byte for byte, and nothing else";
+  fs::create_directories(out + "/.mpt-prepare.999999/x");  // a killed prepare's
+  const PrepareResult again = prepare_shards({big}, out, opt);
+  EXPECT_EQ(listing().size(), again.train_shards.size() + again.val_shards.size());
+  EXPECT_FALSE(fs::exists(out + "/.mpt-prepare.999999"));
 }
 
 TEST(Prepare, Errors) {

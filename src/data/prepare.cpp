@@ -1,6 +1,7 @@
 #include "data/prepare.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <climits>
@@ -15,6 +16,7 @@
 #include "core/error.h"
 #include "data/shard.h"
 #include "data/tokenizer.h"
+#include "io/files.h"
 
 namespace mpt::data {
 
@@ -118,14 +120,43 @@ PrepareResult prepare_shards(const std::vector<std::string>& inputs, const std::
                      (ec ? " (" + ec.message() + ")" : std::string()));
   }
 
+  // The new set is written whole into a staging directory inside out_dir first, and only then
+  // renamed over the old one: a prepare that fails (a full disk) or is killed while it writes
+  // leaves an earlier set intact, never old and new shards mixed. A killed prepare's staging
+  // directory goes at the next prepare into out_dir.
+  for (const fs::directory_entry& e : fs::directory_iterator(out_dir, ec))
+    if (e.path().filename().string().rfind(".mpt-prepare.", 0) == 0) fs::remove_all(e.path(), ec);
+  const std::string staging =
+      (fs::path(out_dir) / (".mpt-prepare." + std::to_string(::getpid()))).string();
+  fs::remove_all(staging, ec);
+  if (!fs::create_directory(staging, ec) || ec)
+    throw InputError(out_dir + ": cannot create a staging directory in it" +
+                     (ec ? " (" + ec.message() + ")" : std::string()));
   PrepareResult r;
   r.train_tokens = n_train;
   r.val_tokens = n_val;
-  r.train_shards = write_split(text, 0, n_train, opt.shard_tokens, out_dir, "train");
-  r.val_shards = write_split(text, static_cast<size_t>(n_train), n_val, opt.shard_tokens, out_dir,
-                             "val");
+  try {
+    r.train_shards = write_split(text, 0, n_train, opt.shard_tokens, staging, "train");
+    r.val_shards = write_split(text, static_cast<size_t>(n_train), n_val, opt.shard_tokens,
+                               staging, "val");
+    for (auto* list : {&r.train_shards, &r.val_shards})
+      for (std::string& path : *list) {
+        const fs::path to = fs::path(out_dir) / fs::path(path).filename();
+        fs::rename(path, to);  // atomic per file; throws filesystem_error
+        path = to.string();
+      }
+  } catch (const fs::filesystem_error& e) {
+    fs::remove_all(staging, ec);
+    throw RuntimeError(out_dir + ": cannot move the new shards into place (" +
+                       e.code().message() + ")");
+  } catch (...) {
+    fs::remove_all(staging, ec);
+    throw;
+  }
+  fs::remove_all(staging, ec);
   remove_stale(out_dir, "train", r.train_shards.size());
   remove_stale(out_dir, "val", r.val_shards.size());
+  sync_directory(out_dir);
   return r;
 }
 

@@ -24,7 +24,10 @@ void require_free(const fs::path& dir) {
     throw InputError("run directory " + dir.string() + " exists and is not a directory");
   if (!fs::is_empty(dir, ec))
     throw InputError("run directory " + dir.string() +
-                     " already holds a run; choose another output.name or --run-dir");
+                     (fs::exists(dir / "metrics.jsonl", ec)
+                          ? " already holds a run"
+                          : " is not empty (it holds other files, not a run)") +
+                     "; choose another output.name or --run-dir");
 }
 
 // Creates `dir` if needed and metrics.jsonl inside it with O_EXCL. False when another run got
@@ -32,7 +35,8 @@ void require_free(const fs::path& dir) {
 bool claim(const fs::path& dir) {
   std::error_code ec;
   fs::create_directories(dir, ec);
-  if (ec) throw RuntimeError(dir.string() + ": cannot create run directory: " + ec.message());
+  // Where the user asked the run to go (an unwritable or read-only place): bad input, exit 2.
+  if (ec) throw InputError(dir.string() + ": cannot create run directory: " + ec.message());
   const std::string marker = (dir / "metrics.jsonl").string();
   const int fd = ::open(marker.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd >= 0) {
