@@ -200,6 +200,11 @@ int main(int argc, char** argv) {
                               "write under output.dir/output.name");
       train_opt.run_dir = run_dir;
       train_opt.resume = resume->count() > 0;
+      // `--resume ""` (an unset $CKPT) is not `--resume` alone, which means the run's latest.
+      for (const std::string& given : resume->results())
+        if (given.empty())
+          throw mpt::InputError("--resume: an empty checkpoint path; give a checkpoint "
+                                "directory, or --resume alone for the run's latest");
       return run_train(config_path, sets, train_opt);
     }
     if (*inspect_ckpt) {

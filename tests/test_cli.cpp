@@ -428,6 +428,9 @@ TEST_F(Cli, EmptyOrNonUtf8RunDirIsRefused) {
   EXPECT_NE(r.out.find("not valid UTF-8"), std::string::npos) << r.out;
   EXPECT_FALSE(fs::exists(path("out")));
   EXPECT_FALSE(fs::exists(path("caf") + "\xe9"));
+  r = run(train + " --run-dir " + path("r") + " --resume ''");  // not the latest checkpoint
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("--resume: an empty checkpoint path"), std::string::npos) << r.out;
 }
 
 // Each --set takes one override, so options and the config file can come in any order.

@@ -483,7 +483,13 @@ TEST_F(Compare, DivergedRunsAreComparedAsDiverged) {
             std::string::npos) << d["verdict"];
   EXPECT_NE(d["verdict"].get<std::string>().find("[run failed]"), std::string::npos);
   EXPECT_TRUE(j["runs"][1]["val_loss_diff"].is_number()) << "the finite runs still compare";
-  EXPECT_EQ(xml_check(slurp((out_ / "compare.svg").string())), "");
+  const std::string svg = slurp((out_ / "compare.svg").string());
+  EXPECT_EQ(xml_check(svg), "");
+  for (const std::string& bad : {std::string("nan"), std::string("inf")})  // as printf writes
+    for (const char* before : {" ", ",", "\"", "-", ">"})  // them
+      EXPECT_EQ(svg.find(before + bad), std::string::npos) << "no " << bad << " in the picture";
+  EXPECT_NE(svg.find("val diverged"), std::string::npos);
+  EXPECT_NE(r.out.find("diverged"), std::string::npos) << "the table: " << r.out;
   // The diverged run as the baseline; and the strings other writers use for NaN and infinity.
   fs::create_directories(root_ / "diverged_strings");
   {

@@ -2,6 +2,8 @@
 #include <gtest/gtest.h>
 #include <algorithm>
 #include <csignal>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <stdlib.h>
@@ -599,11 +601,10 @@ TEST(Prepare, SplitsShardsAndRoundTrips) {
   EXPECT_TRUE(r2.val_shards.empty());
   EXPECT_EQ(r2.val_tokens, 0);
   size_t files = 0;
-  for (const auto& e : fs::directory_iterator(out)) {
-    (void)e;
-    ++files;
-  }
+  for (const auto& e : fs::directory_iterator(out))
+    files += e.path().filename().string()[0] != '.';  // the lock stays, hidden
   EXPECT_EQ(files, 1u);
+  EXPECT_TRUE(fs::is_regular_file(out + "/.mpt-prepare.lock"));
 }
 
 // A prepare that fails part-way (here: a file-size limit, as a full disk would) leaves the set
@@ -622,6 +623,7 @@ TEST(Prepare, AFailedPrepareLeavesTheEarlierSetWhole) {
   auto listing = [&] {
     std::vector<std::pair<std::string, std::string>> files;
     for (const auto& e : fs::directory_iterator(out)) {
+      if (!e.is_regular_file()) continue;  // a killed prepare's staging directory
       std::ifstream in(e.path(), std::ios::binary);
       files.emplace_back(e.path().filename().string(),
                          std::string(std::istreambuf_iterator<char>(in), {}));
@@ -630,7 +632,8 @@ TEST(Prepare, AFailedPrepareLeavesTheEarlierSetWhole) {
     return files;
   };
   const auto before = listing();
-  ASSERT_EQ(before.size(), first.train_shards.size() + first.val_shards.size());
+  ASSERT_EQ(before.size(), first.train_shards.size() + first.val_shards.size() + 1)
+      << "the set and the lock";
   {
     // No file may grow past 30 KB: the big input's shards (~37 KB at 18000 tokens) cannot be
     // written. SIGXFSZ ignored, so the write fails with EFBIG instead of ending the process.
@@ -646,10 +649,20 @@ TEST(Prepare, AFailedPrepareLeavesTheEarlierSetWhole) {
     std::signal(SIGXFSZ, prev);
   }
   EXPECT_EQ(listing(), before) << "the earlier set, byte for byte, and nothing else";
-  fs::create_directories(out + "/.mpt-prepare.999999/x");  // a killed prepare's
+  fs::create_directories(out + "/.mpt-prepare.Ab12Cd/x");  // a killed prepare's
+  {
+    // While another prepare holds the directory's lock, a second one is refused.
+    const int fd = ::open((out + "/.mpt-prepare.lock").c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::flock(fd, LOCK_EX), 0);
+    expect_input_error([&] { prepare_shards({big}, out, opt); }, {out, "another mpt data prepare"});
+    ::close(fd);
+  }
+  EXPECT_EQ(listing(), before);
   const PrepareResult again = prepare_shards({big}, out, opt);
-  EXPECT_EQ(listing().size(), again.train_shards.size() + again.val_shards.size());
-  EXPECT_FALSE(fs::exists(out + "/.mpt-prepare.999999"));
+  EXPECT_EQ(listing().size(), again.train_shards.size() + again.val_shards.size() + 1)
+      << "the new set and the lock";
+  EXPECT_FALSE(fs::exists(out + "/.mpt-prepare.Ab12Cd"));
 }
 
 TEST(Prepare, Errors) {

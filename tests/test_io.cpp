@@ -1,5 +1,6 @@
 // Durable writes and the safetensors reader/writer.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -80,6 +81,8 @@ TEST_F(Io, MappedFilesReadWhatReadFileReads) {
   EXPECT_EQ(std::string(moved.data(), moved.size()), "replaced");
   write_file_atomic(path("empty"), "");
   EXPECT_EQ(MappedFile::map(path("empty")).size(), 0u);
+  ASSERT_EQ(::mkfifo(path("fifo").c_str(), 0600), 0);  // refused, not waited on
+  EXPECT_THROW(MappedFile::map(path("fifo")), InputError);
   for (const std::string& bad : {path("absent"), dir_.string()}) {
     try {
       MappedFile::map(bad);

@@ -496,6 +496,27 @@ TEST(CgroupMemoryLimit, V1InAContainerReadsItsMountedCgroup) {
   EXPECT_EQ(where, "/sys/fs/cgroup/memory/memory.limit_in_bytes");
 }
 
+// A mount whose root is a proper ancestor of the process's cgroup: the path below the root is
+// joined to the mount point, on a component boundary ("/docker/abc" is no prefix of
+// "/docker/abcd").
+TEST(CgroupMemoryLimit, MountRootIsStrippedOnAComponentBoundary) {
+  FakeRoot r;
+  r.write("/proc/self/mountinfo",
+          "31 22 0:27 /docker/abc /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n");
+  r.write("/proc/self/cgroup", "0::/docker/abc/job/step\n");
+  r.write("/sys/fs/cgroup/job/step/memory.max", "3221225472\n");
+  r.write("/sys/fs/cgroup/job/memory.max", "max\n");
+  std::string where;
+  EXPECT_EQ(cgroup_memory_limit(r.path(), &where), 3221225472.0);
+  EXPECT_EQ(where, "/sys/fs/cgroup/job/step/memory.max");
+  // Outside the mounted root: its top, not a sibling read by a bad prefix match.
+  r.write("/proc/self/cgroup", "0::/docker/abcd/job/step\n");
+  r.write("/sys/fs/cgroup/d/job/step/memory.max", "1024\n");  // what "/d/..." would read
+  r.write("/sys/fs/cgroup/memory.max", "6442450944\n");
+  EXPECT_EQ(cgroup_memory_limit(r.path(), &where), 6442450944.0);
+  EXPECT_EQ(where, "/sys/fs/cgroup/memory.max");
+}
+
 // Without cgroup files (another OS, a sandbox) there is no limit, and the physical memory stands.
 TEST(CgroupMemoryLimit, NoneWithoutCgroupFiles) {
   FakeRoot r;

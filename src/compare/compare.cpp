@@ -388,7 +388,9 @@ std::string format_table(const Comparison& c) {
     rows.push_back({d.label + (r.is_baseline ? " *" : ""), d.policy,
                     strf("%llu/%llu", (unsigned long long)d.training_seed, (unsigned long long)d.init_seed),
                     std::to_string(d.steps), std::to_string(d.tokens),
-                    d.val_loss ? strf("%.4f", *d.val_loss) : "-",
+                    !d.val_loss                   ? "-"
+                    : std::isfinite(*d.val_loss) ? strf("%.4f", *d.val_loss)
+                                                 : std::string("diverged"),
                     r.val_diff ? strf("%+.4f", *r.val_diff) : "-",
                     r.val_diff_pct ? pct(*r.val_diff_pct) : "-",
                     r.val_diff_bands ? strf("%+.2f", *r.val_diff_bands) : "-",

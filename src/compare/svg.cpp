@@ -116,9 +116,15 @@ double interp(const std::vector<CurvePoint>& c, double t) {
 
 std::string polyline(const Frame& f, const std::vector<std::pair<double, double>>& pts,
                      const std::string& attrs) {
+  // A diverged run's non-finite losses have no place on the plot (nor any SVG syntax): its
+  // curve ends where they begin.
   std::string s = "<polyline " + attrs + " points=\"";
-  for (size_t i = 0; i < pts.size(); ++i)
-    s += strf("%s%.1f,%.1f", i ? " " : "", f.px(pts[i].first), f.py(pts[i].second));
+  bool first = true;
+  for (const auto& [x, y] : pts) {
+    if (!std::isfinite(x) || !std::isfinite(y)) continue;
+    s += strf("%s%.1f,%.1f", first ? "" : " ", f.px(x), f.py(y));
+    first = false;
+  }
   return s + "\"/>\n";
 }
 
@@ -277,7 +283,9 @@ std::string render_svg(const Comparison& c) {
       s += strf("<text x=\"%.1f\" y=\"%.1f\" fill=\"#555\" font-size=\"11\">%s, seed %llu/%llu%s</text>\n",
                 legend_x + 30, y + 14, xml_escape(r.data.policy).c_str(),
                 (unsigned long long)r.data.training_seed, (unsigned long long)r.data.init_seed,
-                r.data.val_loss ? strf(", val %.4f", *r.data.val_loss).c_str() : "");
+                !r.data.val_loss                   ? ""
+                : std::isfinite(*r.data.val_loss) ? strf(", val %.4f", *r.data.val_loss).c_str()
+                                                  : ", val diverged");
     }
     s += "</g>\n";
   }

@@ -1,5 +1,7 @@
 #include "data/prepare.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -7,6 +9,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -121,17 +124,29 @@ PrepareResult prepare_shards(const std::vector<std::string>& inputs, const std::
   }
 
   // The new set is written whole into a staging directory inside out_dir first, and only then
-  // renamed over the old one: a prepare that fails (a full disk) or is killed while it writes
-  // leaves an earlier set intact, never old and new shards mixed. A killed prepare's staging
-  // directory goes at the next prepare into out_dir.
+  // moved over the old one (its extra shards deleted, then each new shard renamed into place):
+  // a prepare that fails (a full disk) or is killed while it writes, which is nearly all of its
+  // time, leaves the earlier set as it was. Only one killed during the final renames, which take
+  // milliseconds, leaves a mix. A lock on out_dir keeps a second prepare from writing there at
+  // the same time, so the staging directories of killed prepares can go at the next one.
+  const std::string lock_path = (fs::path(out_dir) / ".mpt-prepare.lock").string();
+  struct Lock {
+    int fd;
+    ~Lock() {
+      if (fd >= 0) ::close(fd);  // releases the flock
+    }
+  } lock{::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644)};
+  if (lock.fd < 0)
+    throw InputError(lock_path + ": cannot create (" + std::strerror(errno) + ")");
+  if (::flock(lock.fd, LOCK_EX | LOCK_NB) != 0)
+    throw InputError(out_dir + ": another mpt data prepare is writing into it");
   for (const fs::directory_entry& e : fs::directory_iterator(out_dir, ec))
-    if (e.path().filename().string().rfind(".mpt-prepare.", 0) == 0) fs::remove_all(e.path(), ec);
-  const std::string staging =
-      (fs::path(out_dir) / (".mpt-prepare." + std::to_string(::getpid()))).string();
-  fs::remove_all(staging, ec);
-  if (!fs::create_directory(staging, ec) || ec)
-    throw InputError(out_dir + ": cannot create a staging directory in it" +
-                     (ec ? " (" + ec.message() + ")" : std::string()));
+    if (e.is_directory(ec) && e.path().filename().string().rfind(".mpt-prepare.", 0) == 0)
+      fs::remove_all(e.path(), ec);
+  std::string staging = (fs::path(out_dir) / ".mpt-prepare.XXXXXX").string();
+  if (::mkdtemp(staging.data()) == nullptr)
+    throw InputError(out_dir + ": cannot create a staging directory in it (" +
+                     std::strerror(errno) + ")");
   PrepareResult r;
   r.train_tokens = n_train;
   r.val_tokens = n_val;
@@ -139,6 +154,8 @@ PrepareResult prepare_shards(const std::vector<std::string>& inputs, const std::
     r.train_shards = write_split(text, 0, n_train, opt.shard_tokens, staging, "train");
     r.val_shards = write_split(text, static_cast<size_t>(n_train), n_val, opt.shard_tokens,
                                staging, "val");
+    remove_stale(out_dir, "train", r.train_shards.size());
+    remove_stale(out_dir, "val", r.val_shards.size());
     for (auto* list : {&r.train_shards, &r.val_shards})
       for (std::string& path : *list) {
         const fs::path to = fs::path(out_dir) / fs::path(path).filename();
@@ -154,8 +171,6 @@ PrepareResult prepare_shards(const std::vector<std::string>& inputs, const std::
     throw;
   }
   fs::remove_all(staging, ec);
-  remove_stale(out_dir, "train", r.train_shards.size());
-  remove_stale(out_dir, "val", r.val_shards.size());
   sync_directory(out_dir);
   return r;
 }

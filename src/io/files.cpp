@@ -112,14 +112,20 @@ std::vector<char> read_file(const std::string& path) {
 }
 
 MappedFile MappedFile::map(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw InputError(path + ": missing or unreadable (" + std::strerror(errno) + ")");
+  // Checked before opening too: opening a FIFO would wait for a writer.
   struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+  if (::stat(path.c_str(), &st) == 0 && !S_ISREG(st.st_mode))
+    throw InputError(path + ": not a regular file");
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) throw InputError(path + ": missing or unreadable (" + std::strerror(errno) + ")");
+  if (::fstat(fd, &st) != 0) {
     const int err = errno;
     ::close(fd);
-    throw InputError(path + ": not a regular file" +
-                     (err ? std::string(" (") + std::strerror(err) + ")" : std::string()));
+    throw InputError(path + ": cannot stat (" + std::strerror(err) + ")");
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw InputError(path + ": not a regular file");
   }
   MappedFile m;
   m.size_ = static_cast<size_t>(st.st_size);

@@ -49,7 +49,8 @@ std::vector<char> read_file(const std::string& path);
 // may drop again, so a checkpoint of many gigabytes costs no resident memory of its own while
 // it is verified and copied into the model. InputError as read_file. The mapping sees the file
 // as it was opened: mpt replaces files by renaming (write_file_atomic), which leaves the mapped
-// one intact; truncating it in place while mapped would fault the reader (SIGBUS).
+// one intact; truncating it in place while mapped, or a disk error reading a page, would fault
+// the reader (SIGBUS) instead of raising an error.
 class MappedFile {
  public:
   static MappedFile map(const std::string& path);

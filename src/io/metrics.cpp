@@ -29,17 +29,25 @@ size_t drop_partial_last_line(const std::string& path) {
     ::close(fd);
     return 0;
   }
-  off_t keep = 0, pos = size;
+  // Back from the end to the last newline (or the start: the file is one cut-off record). A
+  // failed read cuts nothing: better a glued line than records lost.
+  off_t keep = -1, pos = size;
   std::vector<char> buf(1 << 16);
-  while (pos > 0 && keep == 0) {
+  while (keep < 0) {
+    if (pos == 0) {
+      keep = 0;
+      break;
+    }
     const off_t n = std::min<off_t>(pos, static_cast<off_t>(buf.size()));
     pos -= n;
-    if (::pread(fd, buf.data(), static_cast<size_t>(n), pos) != n) break;
-    for (off_t i = n - 1; i >= 0; --i)
-      if (buf[static_cast<size_t>(i)] == '\n') {
-        keep = pos + i + 1;
-        break;
-      }
+    if (::pread(fd, buf.data(), static_cast<size_t>(n), pos) != n) {
+      const int err = errno;
+      ::close(fd);
+      throw RuntimeError(path + ": cannot read it back to find its last whole record: " +
+                         std::strerror(err));
+    }
+    for (off_t i = n - 1; i >= 0 && keep < 0; --i)
+      if (buf[static_cast<size_t>(i)] == '\n') keep = pos + i + 1;
   }
   const int rc = ::ftruncate(fd, keep);
   ::close(fd);

@@ -30,13 +30,26 @@ void require_free(const fs::path& dir) {
                      "; choose another output.name or --run-dir");
 }
 
+// A run directory that cannot be made where the user asked (no permission, a read-only file
+// system, a file in the way, a name too long) is bad input, exit 2; a full disk or an I/O error
+// is a failure of the run, exit 1.
+[[noreturn]] void throw_create_error(const std::string& what, int err) {
+  switch (err) {
+    case EACCES: case EPERM: case EROFS: case ENOTDIR: case EEXIST: case ENOENT:
+    case ENAMETOOLONG: case ELOOP: case EISDIR:
+      throw InputError(what);
+    default:
+      throw RuntimeError(what);
+  }
+}
+
 // Creates `dir` if needed and metrics.jsonl inside it with O_EXCL. False when another run got
 // there first.
 bool claim(const fs::path& dir) {
   std::error_code ec;
   fs::create_directories(dir, ec);
-  // Where the user asked the run to go (an unwritable or read-only place): bad input, exit 2.
-  if (ec) throw InputError(dir.string() + ": cannot create run directory: " + ec.message());
+  if (ec) throw_create_error(dir.string() + ": cannot create run directory: " + ec.message(),
+                             ec.value());
   const std::string marker = (dir / "metrics.jsonl").string();
   const int fd = ::open(marker.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
   if (fd >= 0) {
@@ -44,7 +57,8 @@ bool claim(const fs::path& dir) {
     return true;
   }
   if (errno == EEXIST) return false;
-  throw RuntimeError(marker + ": cannot create (" + std::strerror(errno) + ")");
+  const int err = errno;
+  throw_create_error(marker + ": cannot create (" + std::strerror(err) + ")", err);
 }
 
 }  // namespace

@@ -95,10 +95,13 @@ double cgroup_memory_limit(const std::string& root, std::string* where) {
     }
     if (!v1 && !v2) continue;
     std::string rel = v1 ? v1_path : v2_path;
-    if (mount_root != "/" && rel.compare(0, mount_root.size(), mount_root) == 0)
+    const bool under_root = rel.compare(0, mount_root.size(), mount_root) == 0 &&
+                            (rel.size() == mount_root.size() || rel[mount_root.size()] == '/');
+    if (mount_root != "/" && under_root)
       rel.erase(0, mount_root.size());
     else if (mount_root != "/")
-      rel.clear();  // this process's cgroup lies outside what is mounted: read the mount's top
+      rel.clear();  // this process's cgroup lies outside what is mounted: the mount's top is
+                    // the nearest of its ancestors this process can read (best effort)
     while (!rel.empty() && rel.back() == '/') rel.pop_back();
     if (!rel.empty() && rel.front() != '/') rel.insert(0, "/");
     const std::string top = root + (mount_point == "/" ? "" : mount_point);

@@ -346,6 +346,19 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
       data::TokenDataset::open(cfg.data.train, data::Split::train, cfg.model.vocab_size, min_tokens);
   data::TokenDataset val_data =
       data::TokenDataset::open(cfg.data.val, data::Split::val, cfg.model.vocab_size, min_tokens);
+  // Paths reach JSON records (the start record, state.json), which hold UTF-8 text only: those
+  // derived from the inputs too (the run directory named after the config file, shards a glob
+  // found, a checkpoint resolved against the working directory), checked before anything is
+  // created.
+  auto require_utf8 = [](const char* what, const std::string& path) {
+    if (!valid_utf8(path))
+      throw InputError(std::string(what) + " " + path +
+                       ": not valid UTF-8 text (mpt's records are JSON, which holds UTF-8 only)");
+  };
+  require_utf8("run directory", plan.path);
+  if (resume) require_utf8("checkpoint", resume->ckpt.dir);
+  for (const data::TokenDataset* d : {&train_data, &val_data})
+    for (const auto& source : d->sources()) require_utf8("data shard", source.name);
   // The loader draws the global micro-batch; this rank takes rows [rank*B, (rank+1)*B).
   data::BatchLoader train_loader(train_data, B * world, T, cfg.training.seed, /*shuffle=*/true);
   data::BatchLoader val_loader(val_data, B, T, cfg.training.seed, /*shuffle=*/false);
