@@ -200,11 +200,14 @@ int main(int argc, char** argv) {
                               "write under output.dir/output.name");
       train_opt.run_dir = run_dir;
       train_opt.resume = resume->count() > 0;
-      // `--resume ""` (an unset $CKPT) is not `--resume` alone, which means the run's latest.
-      for (const std::string& given : resume->results())
-        if (given.empty())
+      // `--resume ""` (an unset $CKPT) is not `--resume` alone, which means the run's latest;
+      // CLI11 gives both as an empty value, so the arguments themselves tell them apart.
+      for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        if (a == "--resume=" || (a == "--resume" && i + 1 < argc && argv[i + 1][0] == '\0'))
           throw mpt::InputError("--resume: an empty checkpoint path; give a checkpoint "
                                 "directory, or --resume alone for the run's latest");
+      }
       return run_train(config_path, sets, train_opt);
     }
     if (*inspect_ckpt) {

@@ -48,6 +48,8 @@ std::string xml_check(const std::string& s, std::vector<std::string>* elements =
   auto check_text = [&](const std::string& t) -> std::string {
     for (size_t k = 0; k < t.size(); ++k) {
       if (t[k] == '<') return "stray '<'";
+      if (static_cast<unsigned char>(t[k]) < 0x20 && t[k] != '\t' && t[k] != '\n' && t[k] != '\r')
+        return "a control character XML 1.0 does not allow";
       if (t[k] == '&') {
         const size_t e = t.find(';', k);
         if (e == std::string::npos) return "unterminated entity";
@@ -508,6 +510,16 @@ TEST_F(Compare, DivergedRunsAreComparedAsDiverged) {
   EXPECT_FALSE(c.runs[1].val_diff.has_value());
   EXPECT_NE(c.runs[1].verdict.find("the baseline's is not finite"), std::string::npos)
       << c.runs[1].verdict;
+}
+
+// Run names come from directory names, which may hold control characters: the picture stays
+// valid XML (they become U+FFFD).
+TEST_F(Compare, ControlCharactersInRunNamesKeepThePictureValid) {
+  auto c = mpt::compare::compare_runs({dir("fp32_s1"), dir("fp32_s2")});
+  c.runs[1].data.label = std::string("odd\x01name\x1b[0m");
+  const std::string svg = mpt::compare::render_svg(c);
+  EXPECT_EQ(xml_check(svg), "");
+  EXPECT_NE(svg.find("odd\xEF\xBF\xBDname"), std::string::npos);
 }
 
 TEST_F(Compare, WarnsWhenTrainingKeysDiffer) {

@@ -164,6 +164,8 @@ const std::vector<BadCase> kBadCases = {
      {"{F}:2:10: training.steps: expected an integer, got '3.5'"}},
     {"quoted_integer", "model:\n  n_head: \"4\"\n",
      {"model.n_head: expected an integer, got the quoted string '4'"}},
+    {"str_tagged_integer", "model:\n  n_layer: !!str 3\n",
+     {"model.n_layer: expected an integer, got the string (!!str) '3'"}},
     {"null_value", "model:\n  n_layer:\n",
      {"{F}:2:3: model.n_layer: expected an integer, got nothing"}},
     {"list_for_number", "optimizer:\n  lr: [1]\n",
@@ -183,6 +185,8 @@ const std::vector<BadCase> kBadCases = {
     {"inf", "model:\n  init_std: .inf\n", {"model.init_std: must be a finite number, got '.inf'"}},
     {"overflowing_double", "optimizer:\n  eps: 1e999\n",
      {"optimizer.eps: must be a finite number, got '1e999'"}},
+    {"underflowing_double", "optimizer:\n  eps: 1e-400\n",
+     {"optimizer.eps: '1e-400' is too small for a double (it would become 0)"}},
     // Ranges.
     {"n_layer_zero", "model:\n  n_layer: 0\n", {"{F}:2:12: model.n_layer: must be >= 1, got 0"}},
     {"vocab_too_large", "model:\n  vocab_size: 70000\n",

@@ -216,7 +216,11 @@ std::string xml_escape(const std::string& in) {
       case '>': s += "&gt;"; break;
       case '"': s += "&quot;"; break;
       case '\'': s += "&apos;"; break;
-      default: s += ch;
+      case '\t': case '\n': case '\r': s += ch; break;
+      default:
+        // XML 1.0 has no place for the other control characters, not even as references.
+        if (static_cast<unsigned char>(ch) < 0x20) s += "\xEF\xBF\xBD";  // U+FFFD
+        else s += ch;
     }
   }
   return s;

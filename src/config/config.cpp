@@ -620,17 +620,24 @@ std::string unknown_key_message(const std::string& parent, const std::string& na
 // ---------------------------------------------------------------------------------------------
 // Reading values
 
+// YAML's explicit string tag, as yaml-cpp resolves `!!str`.
+const char* const kYamlStrTag = "tag:yaml.org,2002:str";
+
 // What a node holds, in words, for "expected X, got Y".
 std::string describe(const YAML::Node& n) {
   if (n.IsNull()) return "nothing (null)";
   if (n.IsSequence()) return "a list";
   if (n.IsMap()) return "a map";
   if (n.Tag() == "!") return "the quoted string " + in_quotes(n.Scalar());
+  if (n.Tag() == kYamlStrTag) return "the string (!!str) " + in_quotes(n.Scalar());
   return in_quotes(n.Scalar());
 }
 
-// A plain (unquoted) scalar: numbers written in quotes are strings, not numbers.
-bool is_plain_scalar(const YAML::Node& n) { return n.IsScalar() && n.Tag() != "!"; }
+// A plain (unquoted, untagged as a string) scalar: numbers written in quotes or tagged !!str are
+// strings, not numbers.
+bool is_plain_scalar(const YAML::Node& n) {
+  return n.IsScalar() && n.Tag() != "!" && n.Tag() != kYamlStrTag;
+}
 
 // Decimal integers only: YAML 1.1 spellings like 0x1F or 1_000 are rejected, not guessed at.
 std::optional<int64_t> read_integer(const YAML::Node& n, int64_t min, int64_t max,
@@ -686,7 +693,12 @@ std::optional<double> read_number(const YAML::Node& n, std::string& why) {
     if (end == s.data() + s.size() && !s.empty()) {
       if (ec == std::errc() && std::isfinite(v)) return v;
       if (ec == std::errc::result_out_of_range || !std::isfinite(v)) {
-        why = "must be a finite number, got " + in_quotes(n.Scalar());
+        // from_chars says out of range for both ends; strtod's result tells them apart.
+        const bool tiny = ec == std::errc::result_out_of_range &&
+                          std::fabs(std::strtod(s.c_str(), nullptr)) < 1.0;
+        why = tiny ? in_quotes(n.Scalar()) + " is too small for a double (it would become 0); "
+                                             "write 0, or a magnitude of at least 2.3e-308"
+                   : "must be a finite number, got " + in_quotes(n.Scalar());
         return std::nullopt;
       }
     }
