@@ -85,6 +85,14 @@ std::string memory_refusal(const MemoryLedger& plan, const Backend& backend, int
                           ranks_on_node);
 }
 
+// Paths reach JSON records (the start record, state.json), which hold UTF-8 text only: refused
+// with InputError, naming `what`, before anything is created.
+void require_utf8(const char* what, const std::string& path) {
+  if (!valid_utf8(path))
+    throw InputError(std::string(what) + " " + path +
+                     ": not valid UTF-8 text (mpt's records are JSON, which holds UTF-8 only)");
+}
+
 // Micro-batches each process accumulates per optimizer step: training.grad_accum, or what
 // training.global_batch_tokens asks of `world` processes (InputError when it does not divide).
 int micro_batches_per_step(const TrainingConfig& t, int world) {
@@ -346,15 +354,8 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
       data::TokenDataset::open(cfg.data.train, data::Split::train, cfg.model.vocab_size, min_tokens);
   data::TokenDataset val_data =
       data::TokenDataset::open(cfg.data.val, data::Split::val, cfg.model.vocab_size, min_tokens);
-  // Paths reach JSON records (the start record, state.json), which hold UTF-8 text only: those
-  // derived from the inputs too (the run directory named after the config file, shards a glob
-  // found, a checkpoint resolved against the working directory), checked before anything is
-  // created.
-  auto require_utf8 = [](const char* what, const std::string& path) {
-    if (!valid_utf8(path))
-      throw InputError(std::string(what) + " " + path +
-                       ": not valid UTF-8 text (mpt's records are JSON, which holds UTF-8 only)");
-  };
+  // Paths derived from the inputs too (the run directory named after the config file, shards a
+  // glob found, a checkpoint resolved against the working directory).
   require_utf8("run directory", plan.path);
   if (resume) require_utf8("checkpoint", resume->ckpt.dir);
   for (const data::TokenDataset* d : {&train_data, &val_data})
@@ -772,12 +773,8 @@ static std::unique_ptr<dist::Communicator> make_job_communicator(const Config& c
 }
 
 TrainResult train(const Config& cfg, const TrainOptions& opt) {
-  // Paths reach JSON records, which hold UTF-8 text only: refused before anything is created.
-  for (const auto& [what, path] : {std::pair<const char*, const std::string&>{"--run-dir", opt.run_dir},
-                                   {"--resume", opt.resume_from}})
-    if (!valid_utf8(path))
-      throw InputError(std::string(what) + " " + path +
-                       ": not valid UTF-8 text (mpt's records are JSON, which holds UTF-8 only)");
+  require_utf8("--run-dir", opt.run_dir);
+  require_utf8("--resume", opt.resume_from);
   const std::unique_ptr<dist::Communicator> comm = make_job_communicator(cfg);
   if (comm->world_size() == 1) return train_in_job(cfg, opt, *comm);
   try {
