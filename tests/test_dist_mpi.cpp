@@ -6,6 +6,7 @@
 #include <cmath>
 #include <vector>
 
+#include "core/error.h"
 #include "core/rng.h"
 #include "dist/communicator.h"
 
@@ -75,18 +76,27 @@ TEST(Communicator, BroadcastFromRankZero) {
   c.barrier();
 }
 
-// Blocks of uneven sizes (rank 1's empty, the last one odd-sized): every rank ends with every
-// rank's bytes in place, and nothing outside the blocks is touched.
+// Blocks of uneven sizes, one a rank (rank 1's empty, the others odd-sized), their total, and
+// where this rank's starts.
+struct Blocks {
+  std::vector<size_t> sizes;
+  size_t total = 0, mine = 0;
+};
+Blocks uneven_blocks(const Communicator& c) {
+  Blocks b;
+  for (int r = 0; r < c.world_size(); ++r) {
+    b.sizes.push_back(r == 1 ? 0 : 1000 + 37 * r);
+    if (r == c.rank()) b.mine = b.total;
+    b.total += b.sizes.back();
+  }
+  return b;
+}
+
+// Every rank ends with every rank's bytes in place, and nothing outside the blocks is touched.
 TEST(Communicator, AllGatherOfUnevenBlocks) {
   Communicator& c = comm();
   const int w = c.world_size();
-  std::vector<size_t> sizes(w);
-  for (int r = 0; r < w; ++r) sizes[r] = r == 1 ? 0 : 1000 + 37 * r;
-  size_t total = 0, mine = 0;
-  for (int r = 0; r < w; ++r) {
-    if (r == c.rank()) mine = total;
-    total += sizes[r];
-  }
+  const auto [sizes, total, mine] = uneven_blocks(c);
   std::vector<unsigned char> buf(total + 1, 0xEE);  // one guard byte past the end
   for (size_t i = 0; i < sizes[c.rank()]; ++i)
     buf[mine + i] = static_cast<unsigned char>(c.rank() * 31 + i * 7);
@@ -96,6 +106,35 @@ TEST(Communicator, AllGatherOfUnevenBlocks) {
     for (size_t i = 0; i < sizes[r]; ++i, ++at)
       ASSERT_EQ(buf[at], static_cast<unsigned char>(r * 31 + i * 7)) << "rank " << r << " byte " << i;
   EXPECT_EQ(buf[total], 0xEE);
+}
+
+// A gather to each rank in turn, of the same uneven blocks: the root ends with every block in
+// place; the others pass their own block alone, which is left as it was. Guard bytes past the
+// ends catch a write beyond a buffer.
+TEST(Communicator, GatherOfUnevenBlocksToEachRoot) {
+  Communicator& c = comm();
+  const int w = c.world_size();
+  const auto [sizes, total, mine] = uneven_blocks(c);
+  auto byte = [](int r, size_t i, int root) {
+    return static_cast<unsigned char>(r * 31 + i * 7 + root * 3);
+  };
+  for (int root = 0; root < w; ++root) {
+    const bool is_root = c.rank() == root;
+    const size_t own = sizes[c.rank()];
+    std::vector<unsigned char> buf((is_root ? total : own) + 1, 0xEE);
+    for (size_t i = 0; i < own; ++i) buf[(is_root ? mine : 0) + i] = byte(c.rank(), i, root);
+    c.gather(buf.data(), sizes, root);
+    if (is_root) {
+      size_t at = 0;
+      for (int r = 0; r < w; ++r)
+        for (size_t i = 0; i < sizes[r]; ++i, ++at)
+          ASSERT_EQ(buf[at], byte(r, i, root)) << "root " << root << ": rank " << r << " byte " << i;
+    } else {
+      for (size_t i = 0; i < own; ++i) ASSERT_EQ(buf[i], byte(c.rank(), i, root));
+    }
+    EXPECT_EQ(buf.back(), 0xEE) << "root " << root;
+  }
+  EXPECT_THROW(c.gather(nullptr, sizes, w), RuntimeError);
 }
 
 }  // namespace

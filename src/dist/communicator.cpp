@@ -48,6 +48,9 @@ class SingleProcess final : public Communicator {
   void all_reduce_max(float*, size_t) override {}
   void broadcast(void*, size_t, int) override {}
   void all_gather(void*, const std::vector<size_t>&) override {}
+  void gather(void*, const std::vector<size_t>&, int root) override {
+    if (root != 0) throw RuntimeError("gather: root " + std::to_string(root) + " of 1 rank");
+  }
   void barrier() override {}
   [[noreturn]] void abort(int code) override { std::_Exit(code); }
 };
@@ -145,22 +148,63 @@ class Mpi final : public Communicator {
     }
   }
   void all_gather(void* data, const std::vector<size_t>& bytes_per_rank) override {
+    gather_blocks(data, bytes_per_rank, kEveryRank);
+  }
+  void gather(void* data, const std::vector<size_t>& bytes_per_rank, int root) override {
+    if (root < 0 || root >= size_)
+      throw RuntimeError("gather: root " + std::to_string(root) + " of " +
+                         std::to_string(size_) + " ranks");
+    gather_blocks(data, bytes_per_rank, root);
+  }
+  void barrier() override {
+    Watchdog::Scope guard(*watchdog_, "MPI_Barrier");
+    MPT_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));
+  }
+  [[noreturn]] void abort(int code) override {
+    MPI_Abort(MPI_COMM_WORLD, code);
+    std::_Exit(code);
+  }
+
+ private:
+  static constexpr size_t kChunk = size_t{1} << 26;  // MPI counts are ints: chunk big vectors
+  static constexpr int kEveryRank = -1;
+
+  // all_gather (root kEveryRank: in place, every rank receives) and gather (to `root` alone; a
+  // non-root rank's `data` is its own block only).
+  void gather_blocks(void* data, const std::vector<size_t>& bytes_per_rank, int root) {
+    const bool all = root == kEveryRank;
+    const char* what = all ? "all_gather" : "gather";
     if (static_cast<int>(bytes_per_rank.size()) != size_)
-      throw RuntimeError("all_gather: " + std::to_string(bytes_per_rank.size()) +
+      throw RuntimeError(std::string(what) + ": " + std::to_string(bytes_per_rank.size()) +
                          " block sizes for " + std::to_string(size_) + " ranks");
-    Watchdog::Scope guard(*watchdog_, "MPI_Allgatherv");
+    Watchdog::Scope guard(*watchdog_, all ? "MPI_Allgatherv" : "MPI_Gatherv");
+    const bool receives = all || rank_ == root;
     char* base = static_cast<char*>(data);
     std::vector<size_t> start(size_, 0);
     for (int r = 1; r < size_; ++r) start[r] = start[r - 1] + bytes_per_rank[r - 1];
     const size_t total = start.back() + bytes_per_rank.back();
+    // This rank's block: where it lies in `data`.
+    char* own = receives ? base + start[rank_] : base;
     std::vector<int> counts(size_), displs(size_);
+    // One collective over the rounds' counts and displacements into `recv` (significant only on
+    // a receiving rank, whose own block is already in place there); `send` is this rank's piece.
+    auto collective = [&](const char* send, char* recv) {
+      if (all)
+        MPT_MPI_CHECK(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, recv, counts.data(),
+                                     displs.data(), MPI_BYTE, MPI_COMM_WORLD));
+      else if (receives)
+        MPT_MPI_CHECK(MPI_Gatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, recv, counts.data(),
+                                  displs.data(), MPI_BYTE, root, MPI_COMM_WORLD));
+      else
+        MPT_MPI_CHECK(MPI_Gatherv(send, counts[rank_], MPI_BYTE, nullptr, nullptr, nullptr,
+                                  MPI_BYTE, root, MPI_COMM_WORLD));
+    };
     if (total <= static_cast<size_t>(std::numeric_limits<int>::max())) {
       for (int r = 0; r < size_; ++r) {
         counts[r] = static_cast<int>(bytes_per_rank[r]);
         displs[r] = static_cast<int>(start[r]);
       }
-      MPT_MPI_CHECK(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, base, counts.data(),
-                                   displs.data(), MPI_BYTE, MPI_COMM_WORLD));
+      collective(own, base);
       return;
     }
     // MPI's counts and displacements are ints: over 2 GiB in all, the blocks go in rounds of at
@@ -177,25 +221,17 @@ class Mpi final : public Communicator {
         at += counts[r];
       }
       if (at == 0) break;
+      if (!receives) {
+        collective(own + done, nullptr);
+        continue;
+      }
       stage.resize(static_cast<size_t>(at));
-      std::copy_n(base + start[rank_] + done, counts[rank_], stage.data() + displs[rank_]);
-      MPT_MPI_CHECK(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, stage.data(),
-                                   counts.data(), displs.data(), MPI_BYTE, MPI_COMM_WORLD));
+      std::copy_n(own + done, counts[rank_], stage.data() + displs[rank_]);
+      collective(nullptr, stage.data());
       for (int r = 0; r < size_; ++r)
         std::copy_n(stage.data() + displs[r], counts[r], base + start[r] + done);
     }
   }
-  void barrier() override {
-    Watchdog::Scope guard(*watchdog_, "MPI_Barrier");
-    MPT_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));
-  }
-  [[noreturn]] void abort(int code) override {
-    MPI_Abort(MPI_COMM_WORLD, code);
-    std::_Exit(code);
-  }
-
- private:
-  static constexpr size_t kChunk = size_t{1} << 26;  // MPI counts are ints: chunk big vectors
 
   template <class T>
   void ordered_sum(T* data, size_t n, MPI_Datatype type) {

@@ -33,6 +33,11 @@ class Communicator {
   // bytes_per_rank[r] bytes at the sum of the earlier ranks' sizes. Each rank fills its own block;
   // afterwards every rank holds every block. (ZeRO-1 gathers the weights each rank updated.)
   virtual void all_gather(void* data, const std::vector<size_t>& bytes_per_rank) = 0;
+  // The same blocks gathered to `root` alone. On `root`, `data` is the whole buffer, its own block
+  // already in place; on every other rank it is that rank's block only (bytes_per_rank[rank]
+  // bytes). A ZeRO-1 checkpoint gathers each tensor to the rank that writes, so that no process
+  // holds the whole optimizer state.
+  virtual void gather(void* data, const std::vector<size_t>& bytes_per_rank, int root) = 0;
   virtual void barrier() = 0;
 
   // ---- device buffers (the NCCL communicator; others throw RuntimeError)

@@ -69,6 +69,9 @@ class NcclCommunicator final : public Communicator {
   void all_gather(void* data, const std::vector<size_t>& bytes_per_rank) override {
     host_->all_gather(data, bytes_per_rank);
   }
+  void gather(void* data, const std::vector<size_t>& bytes_per_rank, int root) override {
+    host_->gather(data, bytes_per_rank, root);
+  }
   void barrier() override { host_->barrier(); }
   // Aborts NCCL (so no kernel keeps waiting on a peer), then the job.
   [[noreturn]] void abort(int code) override;

@@ -2,9 +2,11 @@
 // the weights of record (the fp32 master when the policy keeps one) in model.safetensors, the
 // AdamW moments in optimizer.safetensors. Shared by the trainer and bench/bench_checkpoint.
 // A checkpoint always holds whole tensors: under ZeRO-1 the processes' parts of the optimizer
-// state are gathered before a save, and each process restores its part from the whole.
+// state are gathered to the writing process one tensor at a time while it saves, and each
+// process restores its part from the whole.
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "backend/backend.h"
@@ -16,16 +18,29 @@
 
 namespace mpt {
 
+class ShardedState;
+
 struct CheckpointTensors {
-  std::vector<std::vector<char>> host;  // ZeRO-1: the whole state, gathered from every process
   std::vector<safetensors::TensorRef> weights, moments;
+  // ZeRO-1: the sharded tensors (moments, and the master weights when the policy keeps them),
+  // whose fills gather them from every process; null when the optimizer is not sharded.
+  std::shared_ptr<ShardedState> sharded;
+
+  // ZeRO-1, on every process but the writer (rank 0): sends this process's piece of each tensor
+  // that the writer's fills ask for, until the writer calls saved(). Nothing to do otherwise.
+  void serve() const;
+  // ZeRO-1, on the writer, after its save: releases the others from serve(). (A save that throws
+  // ends the whole job instead: the trainer aborts it, and the others with it.)
+  void saved() const;
 };
 
 // References to write. Tensors in host memory are referenced where they are; a device's are
 // referenced by a fill that copies them to the host when the writer reaches them (one at a time;
-// valid while `be` lives and the tensors are unchanged). A sharded optimizer (ZeRO-1) has its
-// state gathered from every process through `comm` into `host`: a collective, so every process
-// must call it, and each gets the whole.
+// valid while `be` lives and the tensors are unchanged). A sharded optimizer (ZeRO-1) needs
+// `comm`, and every process must call this (it gathers the processes' ranges): its state is
+// referenced by fills that gather one tensor at a time from every process's range, so no process
+// holds more than one tensor of it beyond its own range. The writer's fills are collectives that
+// the others join in serve().
 CheckpointTensors checkpoint_tensors(Backend& be, const Gpt& model, const AdamW& optimizer,
                                      dist::Communicator* comm = nullptr);
 

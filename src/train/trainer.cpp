@@ -516,13 +516,17 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     st.train_data = data_identity(train_data);
     st.numerics = {{"loss_scaler", scaler.state()}, {"fp8", model.fp8_state()}};
     st.world_size = world;
-    // Every rank holds the same state (ZeRO-1: once gathered, which takes every rank): rank 0
-    // saves it.
+    // Rank 0 saves. Every rank holds the same weights; under ZeRO-1 the others send their parts
+    // of the optimizer state to rank 0 one tensor at a time while it writes.
     std::optional<CheckpointTensors> tensors;
     if (optimizer.sharded()) tensors = checkpoint_tensors(*backend, model, optimizer, &comm);
-    if (!writer) return std::string();
+    if (!writer) {
+      if (tensors) tensors->serve();
+      return std::string();
+    }
     if (!tensors) tensors = checkpoint_tensors(*backend, model, optimizer);
     const std::string dir = checkpoints->save(st, tensors->weights, tensors->moments);
+    tensors->saved();
     spdlog::info("checkpoint {}", dir);
     // Relative to the run directory, so the records stay true when the run is moved.
     const std::string rel = fs::path(dir).lexically_relative(run_dir).string();
