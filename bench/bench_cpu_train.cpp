@@ -79,14 +79,15 @@ struct BenchShape {
 
 // Median tokens/s of `repeats` timings of `steps` optimizer steps on `be`.
 double measure(Backend& be, const PrecisionPolicy& policy, const BenchShape& sh, int steps,
-               int repeats, double* flops_per_token, int64_t* n_params) {
+               int repeats, double* flops_per_token, int64_t* n_params,
+               Recompute recompute = Recompute::none) {
   ModelConfig m;
   m.n_layer = sh.layers;
   m.n_embd = sh.width;
   m.n_head = sh.heads;
   m.vocab_size = 256;
   m.max_seq_len = sh.T;
-  Gpt model(m, be, policy);
+  Gpt model(m, be, policy, recompute);
   model.init_weights(1, 0.02);
   OptimizerConfig oc;
   AdamW opt(oc, model, be);
@@ -176,6 +177,10 @@ int main(int argc, char** argv) {
   const double rate_bf16_nocount =
       measure(mpt_be, PrecisionPolicy::preset("bf16"), sh, steps, repeats, &fpt, &n_params);
   mpt_be.set_cast_counting(true);
+  // What training.recompute costs: bf16 recomputing its GELU and LayerNorm outputs.
+  const double rate_bf16_recompute =
+      measure(mpt_be, PrecisionPolicy::preset("bf16"), sh, steps, repeats, &fpt, &n_params,
+              Recompute::gelu_layernorm);
   const double rate_after = measure(mpt_be, fp32, sh, steps, repeats, &fpt, &n_params);
   const double fp32_rate = 0.5 * (rate + rate_after);
   std::printf("shape: layers=%d width=%d heads=%d vocab=256 seq=%d batch=%d; "
@@ -193,6 +198,7 @@ int main(int argc, char** argv) {
   row("mpt fp32 1 thread", 1, rate1);
   for (const auto& [name, r] : policy_rates) row("mpt " + name, mpt_be.threads(), r);
   row("mpt bf16, no counting", mpt_be.threads(), rate_bf16_nocount);
+  row("mpt bf16, recompute", mpt_be.threads(), rate_bf16_recompute);
   std::printf("\nstep time relative to fp32 (mean of the two fp32 measurements; they differ by "
               "%.1f%%):\n", 100.0 * std::fabs(rate - rate_after) / fp32_rate);
   for (const auto& [name, r] : policy_rates)
@@ -202,5 +208,7 @@ int main(int argc, char** argv) {
     if (name == "bf16") bf16_rate = r;
   std::printf("cast statistics: bf16 step time %.3fx without them\n",
               rate_bf16_nocount / bf16_rate);
+  std::printf("training.recompute gelu+layernorm: bf16 step time %.3fx\n",
+              bf16_rate / rate_bf16_recompute);
   return 0;
 }

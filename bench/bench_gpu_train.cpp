@@ -1,5 +1,6 @@
 // GPU training throughput of GPT-2 124M (12 layers, width 768, 12 heads, vocabulary 50257
-// padded to 50304, sequence 1024) under fp32, tf32, fp16, bf16 and fp8, in one run on one GPU:
+// padded to 50304, sequence 1024) under fp32, tf32, fp16, bf16 and fp8 (and bf16 recomputing
+// its GELU and LayerNorm outputs: "bf16+recompute"), in one run on one GPU:
 // tokens/s, MFU (FLOPs per token as llm.c counts them, 6N + 6*L*C*T, over the dense peak of the
 // policy's matmul format on this GPU: backend/gpu_peaks.h), step time, device memory in use
 // (measured and as the memory ledger predicts it), and each as a ratio to fp32 and to bf16; and
@@ -185,7 +186,7 @@ nlohmann::json measure_ceilings(cuda::Context& ctx, int64_t rows, int64_t C) {
 
 int main(int argc, char** argv) {
   int B = 32, T = 1024, steps = 10, warmup = 3;
-  std::string policies = "fp32,tf32,fp16,bf16,fp8", json_path;
+  std::string policies = "fp32,tf32,fp16,bf16,fp8,bf16+recompute", json_path;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i], v = argv[i + 1];
     if (k == "--batch") B = std::atoi(v.c_str());
@@ -249,12 +250,17 @@ int main(int argc, char** argv) {
   }
   std::stringstream names(policies);
   for (std::string name; std::getline(names, name, ',');) {
-    const PrecisionPolicy policy = PrecisionPolicy::preset(name);
+    // "P+recompute": preset P with training.recompute gelu+layernorm (what the extra backward
+    // passes cost in time, and save in activation memory).
+    const size_t plus = name.find("+recompute");
+    const bool re = plus != std::string::npos && plus + 10 == name.size();
+    const Recompute recompute = re ? Recompute::gelu_layernorm : Recompute::none;
+    const PrecisionPolicy policy = PrecisionPolicy::preset(re ? name.substr(0, plus) : name);
     CudaBackend be(0);  // a fresh backend per policy: its scratch starts empty
     device = be.device_description();
     size_t free0 = 0, total = 0;
     MPT_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
-    Gpt model(m, be, policy);
+    Gpt model(m, be, policy, recompute);
     model.init_weights(1, 0.02);
     OptimizerConfig oc;
     AdamW opt(oc, model, be);
@@ -292,7 +298,7 @@ int main(int argc, char** argv) {
     const PolicyPeak peak = policy_peak(be.gpu_info().gpu_name, policy.matmul, policy.activation);
     const std::optional<double> mfu =
         model_flops_utilization(model.flops_per_token(T), tokens_per_s, peak.flops);
-    MemoryLedger ledger = Gpt::plan_memory(m, B, T, policy);
+    MemoryLedger ledger = Gpt::plan_memory(m, B, T, policy, 1, false, recompute);
     ledger.workspace = cuda_workspace_bytes(m, B, T, policy, ledger, be.gpu_info().cc_major);
     const MemoryUsage mem = be.memory_usage();
     // One layer's attention alone (forward and backward, this policy's dtype and precision),
@@ -378,11 +384,11 @@ int main(int argc, char** argv) {
   }
   std::printf("device: %s\nGPT-2 124M, batch %d x seq %d, median of %d steps after %d warm-up\n",
               device.c_str(), B, T, steps, warmup);
-  std::printf("%-9s %11s %6s %9s %9s %9s %8s %8s %7s %6s %9s %9s\n", "policy", "tokens/s", "mfu",
+  std::printf("%-14s %11s %6s %9s %9s %9s %8s %8s %7s %6s %9s %9s\n", "policy", "tokens/s", "mfu",
               "step ms", "mem GiB", "act GiB", "vs fp32", "vs bf16", "attn", "kernel", "attn ms",
               "gemm ms");
   for (const auto& r : results)
-    std::printf("%-9s %11.0f %5.1f%% %9.1f %9.2f %9.2f %7.2fx %7.2fx %6.0f%% %6s %9.1f %9.1f\n",
+    std::printf("%-14s %11.0f %5.1f%% %9.1f %9.2f %9.2f %7.2fx %7.2fx %6.0f%% %6s %9.1f %9.1f\n",
                 r["policy"].get<std::string>().c_str(), double(r["tokens_per_s"]),
                 100 * double(r["mfu"]), double(r["step_ms"]), double(r["peak_mem_gib"]),
                 double(r["activation_gib"]), double(r["vs_fp32"]), double(r["vs_bf16"]),

@@ -267,6 +267,38 @@ TEST_F(Checkpoints, ResumeRefusesChangedModelOrDataButAllowsSafeKeys) {
   EXPECT_EQ(read_jsonl(path("straight/metrics.jsonl")).back()["step"], 20);
 }
 
+// training.recompute may change on resume: it changes the memory, not the results. bf16, stopped
+// at step 8 while recomputing GELU and LayerNorm outputs, resumed recomputing GELU only: the
+// records and final tensors of a straight run that keeps them all, and a smaller activation
+// arena in the start record.
+TEST_F(Checkpoints, RecomputeChangesMemoryNotResults) {
+  const std::string bf16 = " --set precision=bf16";
+  auto r = run(train_cmd(path("keep"), bf16));
+  ASSERT_EQ(r.code, 0) << r.out;
+  r = run("MPT_FAULT=preempt_at_step=8 " +
+          train_cmd(path("re"), bf16 + " --set training.recompute=gelu+layernorm"));
+  ASSERT_EQ(r.code, 3) << r.out;
+  r = run(train_cmd(path("re"), bf16 + " --set training.recompute=gelu --resume"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  const auto a = read_jsonl(path("keep/metrics.jsonl"));
+  const auto b = read_jsonl(path("re/metrics.jsonl"));
+  // The same records but for the memory the backend holds, which is the point.
+  auto results = [](const std::vector<json>& recs) {
+    std::vector<json> out = steps_and_evals(recs);
+    for (json& r : out) r.erase("memory_bytes"), r.erase("peak_memory_bytes");
+    return out;
+  };
+  EXPECT_EQ(results(a), results(b));
+  expect_same_final_checkpoint("re", /*same_config=*/false, "keep");
+  const auto starts = events(b, "start");
+  ASSERT_EQ(starts.size(), 2u);
+  const double kept = events(a, "start")[0]["memory"]["activations"].get<double>();
+  const double both = starts[0]["memory"]["activations"].get<double>();
+  const double gelu = starts[1]["memory"]["activations"].get<double>();
+  EXPECT_LT(both, gelu);
+  EXPECT_LT(gelu, kept);
+}
+
 // A real SIGTERM (then a second signal while saving): the step finishes, a checkpoint is saved
 // and verifies, the run exits 3 and resumes.
 TEST_F(Checkpoints, StopSignalsSaveAndExitThree) {

@@ -697,7 +697,7 @@ TEST(Config, SchemaListsEveryKeyOnce) {
       "model.vocab_pad_multiple", "model.max_seq_len", "model.init_seed", "model.init_std",
       "data.train", "data.val", "training.micro_batch", "training.seq_len", "training.grad_accum",
       "training.global_batch_tokens", "training.steps", "training.eval_every", "training.eval_batches", "training.log_every",
-      "training.seed", "optimizer.lr", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
+      "training.seed", "training.recompute", "optimizer.lr", "optimizer.beta1", "optimizer.beta2", "optimizer.eps",
       "optimizer.weight_decay", "optimizer.grad_clip", "schedule.decay", "schedule.warmup_steps",
       "schedule.min_lr", "checkpoint.every", "checkpoint.keep_last", "checkpoint.keep_every",
       "precision", "dtypes.param", "dtypes.activation", "dtypes.grad", "dtypes.master",

@@ -4,8 +4,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -129,6 +131,61 @@ TEST_P(CudaTrainPolicy, FiftyStepsTrackTheCpu) {
 
 INSTANTIATE_TEST_SUITE_P(Policies, CudaTrainPolicy,
                          ::testing::Values("fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8"),
+                         test::PolicyTestName());
+
+// training.recompute on the GPU, as on the CPU (test_model's RecomputePerPolicy): three steps
+// with the GELU and LayerNorm outputs recomputed in the backward give the losses, gradients,
+// weights and cast counts of keeping them, bit for bit. Not tf32: there the forward's GELU may
+// come from cuBLASLt's epilogue and the recomputed one from our kernel (backend.h). fp8 with its
+// first and last blocks in bf16 (three blocks): only those two recompute.
+class CudaRecompute : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CudaRecompute, GivesTheStepsOfKeepingTheActivations) {
+  MPT_REQUIRE_GPU();
+  const bool mixed = GetParam() == "fp8_bf16_ends";
+  PrecisionPolicy policy = PrecisionPolicy::preset(mixed ? "fp8" : GetParam());
+  policy.fp8.first_last_blocks_bf16 = mixed;
+  ModelConfig m = tiny();
+  m.n_layer = 3;
+  const Batches b = corpus_batches(3);
+  std::vector<std::vector<float>> losses(2), grads(2);
+  std::vector<std::vector<CastCounts>> counts(2);
+  std::vector<std::string> params(2);
+  for (int k = 0; k < 2; ++k) {
+    const std::unique_ptr<Backend> gpu = make_backend("cuda", 1);
+    Gpt model(m, *gpu, policy, k == 0 ? Recompute::none : Recompute::gelu_layernorm);
+    model.init_weights(5, 0.02);
+    OptimizerConfig oc;
+    AdamW opt(oc, model, *gpu);
+    for (int s = 0; s < 3; ++s) {
+      gpu->reset_cast_counts();
+      model.zero_grad();
+      losses[k].push_back(model.forward(b.in[s].data(), b.tg[s].data(), kB, kT, 1.0f / (kB * kT)));
+      model.backward();
+      for (int c = 0; c < kTensorClasses; ++c)
+        counts[k].push_back(gpu->cast_counts(static_cast<TensorClass>(c)));
+      if (s == 2) grads[k] = host_f32(*gpu, model.all_grads());
+      opt.step(1e-3, opt.clip_scale(opt.grad_norm()));
+      model.end_step();
+    }
+    params[k].resize(model.all_params().bytes());
+    gpu->copy_to_host(params[k].data(), model.all_params());
+  }
+  for (int s = 0; s < 3; ++s) {
+    ASSERT_TRUE(std::isfinite(losses[0][s]));
+    EXPECT_EQ(std::memcmp(&losses[0][s], &losses[1][s], sizeof(float)), 0) << "step " << s;
+  }
+  for (size_t i = 0; i < counts[0].size(); ++i) {
+    EXPECT_EQ(counts[0][i].values, counts[1][i].values) << i;
+    EXPECT_EQ(counts[0][i].overflow, counts[1][i].overflow) << i;
+    EXPECT_EQ(counts[0][i].underflow, counts[1][i].underflow) << i;
+  }
+  EXPECT_EQ(std::memcmp(grads[0].data(), grads[1].data(), grads[0].size() * sizeof(float)), 0);
+  EXPECT_EQ(params[0], params[1]);
+}
+
+INSTANTIATE_TEST_SUITE_P(Policies, CudaRecompute,
+                         ::testing::Values("fp32", "fp16", "bf16", "bf16-pure", "fp8_bf16_ends"),
                          test::PolicyTestName());
 
 // The memory ledger's CUDA terms against the GPU's own count, per policy: after training steps

@@ -225,6 +225,10 @@ class Backend {
   // outputs as gradients, weights written by the optimizer and fp8 weight operands as weights.
   virtual CastCounts cast_counts(TensorClass cls) const = 0;
   virtual void reset_cast_counts() = 0;
+  // Whether ops count their narrowing casts (on by default). Off while the backward recomputes
+  // an activation whose casts the forward counted (training.recompute), and to measure what the
+  // counting costs (bench/bench_cpu_train). Values are the same either way.
+  virtual void set_cast_counting(bool on) = 0;
 
   // ---- GPT ops
   // out(B,T,C) writes = wte[tokens[b,t]] + wpe[t];  tokens (B,T) int32, wte (Vp,C), wpe (maxT,C)

@@ -359,6 +359,13 @@ const std::vector<KeyDef>& key_table() {
                         "steps between step records"));
     t.push_back(integer("training.seed", MPT_FIELD(training.seed), any_value(),
                         "seed of the data order"));
+    t.push_back(choice("training.recompute", MPT_FIELD(training.recompute),
+                       {"none", "gelu", "gelu+layernorm"}, {},
+                       "activations the backward computes again instead of keeping them from "
+                       "the forward: the MLP's GELU output (4 x n_embd a token and block), and "
+                       "with gelu+layernorm also the two LayerNorm outputs (2 x n_embd); less "
+                       "activation memory for one more pass, the same results (blocks in fp8 "
+                       "keep neither anyway)"));
     // optimizer
     t.push_back(number("optimizer.lr", MPT_FIELD(optimizer.lr), above(0),
                        "peak learning rate (AdamW)"));

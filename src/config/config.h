@@ -50,6 +50,9 @@ struct TrainingConfig {
   int eval_batches = 8;     // micro-batches per validation pass
   int64_t log_every = 10;   // steps between step records
   uint64_t seed = 42;       // data order
+  // Activations the backward recomputes instead of keeping: none | gelu | gelu+layernorm
+  // (model/gpt.h, Recompute). Less activation memory for one more pass over them; same results.
+  std::string recompute = "none";
 };
 
 struct OptimizerConfig {

@@ -17,10 +17,19 @@ size_t align_up(size_t n) { return (n + kAlignElems - 1) / kAlignElems * kAlignE
 
 }  // namespace
 
-Gpt::Gpt(const ModelConfig& cfg, Backend& backend, const PrecisionPolicy& policy)
+Recompute recompute_from_name(const std::string& name) {
+  if (name == "none") return Recompute::none;
+  if (name == "gelu") return Recompute::gelu;
+  if (name == "gelu+layernorm") return Recompute::gelu_layernorm;
+  throw RuntimeError("training.recompute '" + name + "': not none, gelu or gelu+layernorm");
+}
+
+Gpt::Gpt(const ModelConfig& cfg, Backend& backend, const PrecisionPolicy& policy,
+         Recompute recompute)
     : cfg_(cfg),
       be_(backend),
       policy_(policy),
+      recompute_(recompute),
       L_(cfg.n_layer),
       NH_(cfg.n_head),
       C_(cfg.n_embd),
@@ -160,36 +169,50 @@ bool Gpt::block_in_fp8(const PrecisionPolicy& policy, int l, int L) {
          !(policy.fp8.first_last_blocks_bf16 && (l == 0 || l == L - 1));
 }
 
+bool Gpt::recomputes_gelu(const PrecisionPolicy& policy, Recompute r, int l, int L) {
+  return r != Recompute::none && !block_in_fp8(policy, l, L);
+}
+
+bool Gpt::recomputes_ln(const PrecisionPolicy& policy, Recompute r, int l, int L) {
+  return r == Recompute::gelu_layernorm && !block_in_fp8(policy, l, L);
+}
+
 template <class F>
-void Gpt::activation_layout(const ModelConfig& cfg, const PrecisionPolicy& policy, int B, int T,
-                            Gpt* self, F&& want) {
+void Gpt::activation_layout(const ModelConfig& cfg, const PrecisionPolicy& policy,
+                            Recompute recompute, int B, int T, Gpt* self, F&& want) {
   const DType act = policy.activation;
   const int64_t b = B, t = T, C = cfg.n_embd, NH = cfg.n_head, Vp = cfg.padded_vocab();
   auto at = [&](auto member) -> Tensor* { return self ? &(self->*member) : nullptr; };
   want(at(&Gpt::tokens_), DType::i32, Shape{b, t});
   want(at(&Gpt::targets_), DType::i32, Shape{b, t});
   want(at(&Gpt::encoded_), act, Shape{b, t, C});
-  bool any_fp8_block = false;
+  bool any_fp8_block = false, any_gelu_recomputed = false, any_ln_recomputed = false;
   for (int l = 0; l < cfg.n_layer; ++l) {
     LayerActs* a = self ? &self->acts_[l] : nullptr;
     auto in = [&](Tensor LayerActs::*m) -> Tensor* { return a ? &(a->*m) : nullptr; };
     // In an fp8 block the LayerNorm outputs and the GELU's output feed only the block's fp8
     // GEMMs, whose backward reads the quantised copies (fp8_inp below), not these: they live in
-    // buffers all fp8 blocks share, each value used by the GEMM right after its producer.
+    // buffers all fp8 blocks share, each value used by the GEMM right after its producer. A
+    // block that recomputes them shares buffers of its own kind the same way.
     const bool q8 = block_in_fp8(policy, l, cfg.n_layer);
+    const bool re_gelu = recomputes_gelu(policy, recompute, l, cfg.n_layer);
+    const bool re_ln = recomputes_ln(policy, recompute, l, cfg.n_layer);
     any_fp8_block |= q8;
-    if (!q8) want(in(&LayerActs::ln1), act, Shape{b, t, C});
+    any_gelu_recomputed |= re_gelu;
+    any_ln_recomputed |= re_ln;
+    const bool keeps_ln = !q8 && !re_ln, keeps_gelu = !q8 && !re_gelu;
+    if (keeps_ln) want(in(&LayerActs::ln1), act, Shape{b, t, C});
     want(in(&LayerActs::ln1_mean), DType::f32, Shape{b, t});  // LayerNorm statistics: fp32
     want(in(&LayerActs::ln1_rstd), DType::f32, Shape{b, t});
     want(in(&LayerActs::qkv), act, Shape{b, t, 3 * C});
     want(in(&LayerActs::atty), act, Shape{b, t, C});
     want(in(&LayerActs::att_lse), DType::f32, Shape{b, NH, t});  // softmax log-sum-exp: fp32
     want(in(&LayerActs::residual2), act, Shape{b, t, C});
-    if (!q8) want(in(&LayerActs::ln2), act, Shape{b, t, C});
+    if (keeps_ln) want(in(&LayerActs::ln2), act, Shape{b, t, C});
     want(in(&LayerActs::ln2_mean), DType::f32, Shape{b, t});
     want(in(&LayerActs::ln2_rstd), DType::f32, Shape{b, t});
     want(in(&LayerActs::fch), act, Shape{b, t, 4 * C});
-    if (!q8) want(in(&LayerActs::fch_gelu), act, Shape{b, t, 4 * C});
+    if (keeps_gelu) want(in(&LayerActs::fch_gelu), act, Shape{b, t, 4 * C});
     want(in(&LayerActs::residual3), act, Shape{b, t, C});
   }
   want(at(&Gpt::lnf_), act, Shape{b, t, C});
@@ -207,6 +230,8 @@ void Gpt::activation_layout(const ModelConfig& cfg, const PrecisionPolicy& polic
     want(at(&Gpt::fp8_block_ln_), act, Shape{b, t, C});
     want(at(&Gpt::fp8_block_gelu_), act, Shape{b, t, 4 * C});
   }
+  if (any_ln_recomputed) want(at(&Gpt::recompute_ln_), act, Shape{b, t, C});
+  if (any_gelu_recomputed) want(at(&Gpt::recompute_gelu_), act, Shape{b, t, 4 * C});
   // fp8: each fp8 GEMM's quantised input, kept from the forward for the backward (one byte an
   // element: the backward's pass over inp to quantise it again is spared).
   const DType q = policy.fp8.forward_format();
@@ -221,7 +246,8 @@ void Gpt::activation_layout(const ModelConfig& cfg, const PrecisionPolicy& polic
 }
 
 MemoryLedger Gpt::plan_memory(const ModelConfig& cfg, int B, int T,
-                              const PrecisionPolicy& policy, int processes, bool zero) {
+                              const PrecisionPolicy& policy, int processes, bool zero,
+                              Recompute recompute) {
   // In double: absurd configs must give a large number, not an overflowed one.
   const double C = cfg.n_embd, Vp = cfg.padded_vocab(), maxT = cfg.max_seq_len;
   // The slab as laid out by add_param: each tensor rounded up to kAlignElems elements.
@@ -244,7 +270,7 @@ MemoryLedger Gpt::plan_memory(const ModelConfig& cfg, int B, int T,
   m.gradients = slab * dtype_size(policy.grad);
   if (processes > 1 && policy.grad != DType::f32) m.gradients += slab * 4.0;  // the fp32 sum
   m.optimizer_state = 2 * kept * dtype_size(policy.optimizer_state);
-  activation_layout(cfg, policy, B, T, nullptr, [&](Tensor*, DType d, Shape s) {
+  activation_layout(cfg, policy, recompute, B, T, nullptr, [&](Tensor*, DType d, Shape s) {
     double n = 1;
     for (int i = 0; i < s.ndim; ++i) n *= static_cast<double>(s.dims[i]);
     m.activations = arena_align(m.activations + n * dtype_size(d));
@@ -342,17 +368,20 @@ void Gpt::ensure_activations(int B, int T) {
   };
   std::vector<Want> wants;
   size_t total = 0;
-  activation_layout(cfg_, policy_, B, T, this, [&](Tensor* dst, DType d, Shape s) {
+  activation_layout(cfg_, policy_, recompute_, B, T, this, [&](Tensor* dst, DType d, Shape s) {
     wants.push_back({dst, total, d, s});
     total = static_cast<size_t>(arena_align(double(total) + double(s.numel()) * dtype_size(d)));
   });
   act_buf_ = be_.allocate(total);
   for (const auto& w : wants) *w.dst = act_buf_.view(w.offset, w.dtype, w.shape);
-  for (int l = 0; l < L_; ++l)
+  for (int l = 0; l < L_; ++l) {
     if (block_in_fp8(policy_, l, L_)) {
       acts_[l].ln1 = acts_[l].ln2 = fp8_block_ln_;
       acts_[l].fch_gelu = fp8_block_gelu_;
     }
+    if (recomputes_ln(policy_, recompute_, l, L_)) acts_[l].ln1 = acts_[l].ln2 = recompute_ln_;
+    if (recomputes_gelu(policy_, recompute_, l, L_)) acts_[l].fch_gelu = recompute_gelu_;
+  }
   host_losses_.assign(static_cast<size_t>(B) * T, 0.0f);
   act_B_ = B;
   act_T_ = T;
@@ -597,6 +626,20 @@ void Gpt::backward() {
     check(layer, op, (std::string(name) + ".weight.grad").c_str(), grad(w), true);
   };
 
+  // An activation the forward computed, computed again the same way (training.recompute).
+  // Its narrowing casts were counted in the forward; a recomputed LayerNorm writes its mean and
+  // rstd again, with the same values.
+  auto recompute = [&](auto&& op) {
+    be_.set_cast_counting(false);
+    try {
+      op();
+    } catch (...) {
+      be_.set_cast_counting(true);
+      throw;
+    }
+    be_.set_cast_counting(true);
+  };
+
   // logits_ now holds dlogits.
   be_.fill(dresidual_, 0.0f);
   const Tensor last = L_ > 0 ? acts_[L_ - 1].residual3 : encoded_;
@@ -611,8 +654,16 @@ void Gpt::backward() {
     LayerActs& a = acts_[l];
     const auto& gm = layer_gemms_[l];
     const Tensor residual = l == 0 ? encoded_ : acts_[l - 1].residual3;
+    const bool re_gelu = recomputes_gelu(policy_, recompute_, l, L_);
+    const bool re_ln = recomputes_ln(policy_, recompute_, l, L_);
+    if (re_gelu) recompute([&] { be_.gelu_forward(a.fch_gelu, a.fch); });
     linear_back(l, gm[3], "mlp.c_proj", dfch_, w.fcprojw, grad(w.fcprojb), dresidual_,
                 a.fch_gelu, a.fch, a.fp8_inp[3]);  // dfch_: d(fch), through GELU
+    if (re_ln)
+      recompute([&] {
+        be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, param(w.ln2w),
+                              param(w.ln2b));
+      });
     linear_back(l, gm[2], "mlp.c_fc", dln_, w.fcw, grad(w.fcb), dfch_, a.ln2, Tensor(),
                 a.fp8_inp[2]);
     be_.layernorm_backward(dresidual_, grad(w.ln2w), grad(w.ln2b), dln_, a.residual2,
@@ -622,6 +673,11 @@ void Gpt::backward() {
                 a.atty, Tensor(), a.fp8_inp[1]);
     be_.attention_backward(dqkv_, datty_, a.qkv, a.att_lse, NH_, policy_.unquantised_matmul());
     check(l, "attention_backward", "dqkv", dqkv_, true);
+    if (re_ln)
+      recompute([&] {
+        be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, residual, param(w.ln1w),
+                              param(w.ln1b));
+      });
     linear_back(l, gm[0], "attn.c_attn", dln_, w.qkvw, grad(w.qkvb), dqkv_, a.ln1, Tensor(),
                 a.fp8_inp[0]);
     be_.layernorm_backward(dresidual_, grad(w.ln1w), grad(w.ln1b), dln_, residual, param(w.ln1w),

@@ -64,9 +64,18 @@ struct Fp8Gemm {
   float used_scale_inp = 1, used_scale_weight = 1;       // the latest forward's, for backward
 };
 
+// Activations the backward recomputes instead of keeping them from the forward (as llm.c's
+// -r 1 and -r 2): GELU's output (4C a token and block), and also the two LayerNorms' outputs
+// (2C). Blocks in fp8 keep neither already (their GEMMs' backward reads quantised copies). The
+// results are those of keeping them: the same ops on the same inputs, with cast counting paused.
+enum class Recompute { none, gelu, gelu_layernorm };
+// From training.recompute's value ("none", "gelu", "gelu+layernorm"); RuntimeError otherwise.
+Recompute recompute_from_name(const std::string& name);
+
 class Gpt {
  public:
-  Gpt(const ModelConfig& cfg, Backend& backend, const PrecisionPolicy& policy = {});
+  Gpt(const ModelConfig& cfg, Backend& backend, const PrecisionPolicy& policy = {},
+      Recompute recompute = Recompute::none);
   // Collects amax reports still pending: the backend holds pointers into this model.
   ~Gpt();
   Gpt(Gpt&&) = default;
@@ -125,7 +134,7 @@ class Gpt {
   // state are those of the largest range (zero_ranges in optim/adamw.h).
   static MemoryLedger plan_memory(const ModelConfig& cfg, int B, int T,
                                   const PrecisionPolicy& policy = {}, int processes = 1,
-                                  bool zero = false);
+                                  bool zero = false, Recompute recompute = Recompute::none);
 
   size_t activation_bytes() const { return act_buf_.bytes(); }  // 0 before the first forward
   size_t parameter_bytes() const { return param_buf_.bytes(); }
@@ -170,11 +179,14 @@ class Gpt {
   };
   // Whether block l of L runs its linear layers in fp8 under `policy`.
   static bool block_in_fp8(const PrecisionPolicy& policy, int l, int L);
+  // Whether block l's backward recomputes its GELU output / LayerNorm outputs.
+  static bool recomputes_gelu(const PrecisionPolicy& policy, Recompute r, int l, int L);
+  static bool recomputes_ln(const PrecisionPolicy& policy, Recompute r, int l, int L);
   // The activation arena of (B, T): calls want(target, dtype, shape) for each tensor in order.
   // `self` null: only the dtypes and shapes matter (plan_memory).
   template <class F>
-  static void activation_layout(const ModelConfig& cfg, const PrecisionPolicy& policy, int B,
-                                int T, Gpt* self, F&& want);
+  static void activation_layout(const ModelConfig& cfg, const PrecisionPolicy& policy,
+                                Recompute recompute, int B, int T, Gpt* self, F&& want);
   void add_param(const std::string& name, Shape shape, bool decay, ParamInfo::Init init);
   void ensure_activations(int B, int T);
   Tensor slab_view(const Buffer& buf, DType dtype, size_t i) const;
@@ -188,6 +200,7 @@ class Gpt {
   ModelConfig cfg_;
   Backend& be_;
   PrecisionPolicy policy_;
+  Recompute recompute_;
   int L_, NH_, C_, V_, Vp_, maxT_;
   std::vector<ParamInfo> params_;
   size_t slab_elems_ = 0;
@@ -221,6 +234,9 @@ class Gpt {
   Tensor fp8_lnf_;  // the LM head's quantised input, when its GEMM is in fp8
   // The fp8 blocks' LayerNorm outputs (ln1, ln2) and GELU output, shared (activation_layout).
   Tensor fp8_block_ln_, fp8_block_gelu_;
+  // The same for the blocks that recompute them (training.recompute): written by the forward,
+  // used by the GEMM after it, and written again by the backward before the GEMM that needs it.
+  Tensor recompute_ln_, recompute_gelu_;
   std::vector<LayerActs> acts_;
   // Gradient scratch for the backward pass, reused across layers.
   Tensor dresidual_, dln_, dqkv_, datty_, dfch_;

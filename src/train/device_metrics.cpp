@@ -152,12 +152,13 @@ std::string memory_shortfall(const MemoryLedger& plan, const MemoryUsage& usage,
     std::snprintf(where, sizeof where,
                   "%s's %.1f GiB are shared by %d processes of this job (%.1f GiB each)",
                   machine.c_str(), host.bytes / gib, host_ranks, have / gib);
-  char msg[1024];
+  char msg[2048];
   std::snprintf(msg, sizeof msg,
                 "this run needs about %.1f GiB (%.1f GiB of activations) but %s; reduce "
                 "training.micro_batch (raising training.grad_accum keeps the batch), "
                 "training.seq_len, model.n_layer, model.n_embd, model.vocab_size or "
-                "model.max_seq_len",
+                "model.max_seq_len, or recompute activations in the backward "
+                "(training.recompute: gelu+layernorm, the same results)",
                 plan.total() / gib, plan.activations / gib, where);
   return msg;
 }

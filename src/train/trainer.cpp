@@ -162,7 +162,8 @@ const std::set<std::string>& resume_safe_keys() {
       "training.steps",   "training.log_every",    "training.eval_every",
       "training.eval_batches", "checkpoint.every", "checkpoint.keep_last",
       "checkpoint.keep_every", "output.dir",       "output.name",
-      "threads",          "backend",               "distributed.zero_stage"};
+      "threads",          "backend",               "distributed.zero_stage",
+      "training.recompute"};
   return keys;
 }
 
@@ -373,7 +374,8 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                      "); the batch order would not continue");
   // ZeRO-1 shards the optimizer state over the processes (with one process it changes nothing).
   const bool zero = cfg.distributed.zero_stage == 1 && world > 1;
-  MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T, policy, world, zero);
+  const Recompute recompute = recompute_from_name(cfg.training.recompute);
+  MemoryLedger memory = Gpt::plan_memory(cfg.model, B, T, policy, world, zero, recompute);
   // One GPU per rank: the NCCL communicator's (its local rank's).
   std::unique_ptr<Backend> backend = make_backend(cfg.backend, cfg.threads, comm.device());
   // Which attention kernels run (the CUDA backend's fused ones or its GEMM path; the CPU has
@@ -396,7 +398,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     if (!too_big.empty()) throw InputError(too_big);
     return result;
   }
-  Gpt model(cfg.model, *backend, policy);
+  Gpt model(cfg.model, *backend, policy, recompute);
   model.init_weights(cfg.model.init_seed, cfg.model.init_std);
   const size_t slab = static_cast<size_t>(model.all_grads().numel());
   const std::vector<SlabRange> zero_shards =

@@ -42,9 +42,7 @@ class CpuBackend : public Backend {
   int64_t count_nonfinite(Tensor t) override;
   CastCounts cast_counts(TensorClass cls) const override;
   void reset_cast_counts() override;
-  // Whether narrowing casts count overflows and underflows (on by default). Off only to measure
-  // what the counting costs (bench/bench_cpu_train); the counts then stay zero.
-  void set_cast_counting(bool on) { counting_ = on; }
+  void set_cast_counting(bool on) override { counting_ = on; }
 
   void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) override;
   void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) override;

@@ -129,6 +129,7 @@ CastCounts CudaBackend::cast_counts(TensorClass cls) const {
   return ctx_->read_cast_counters()[static_cast<int>(cls)];
 }
 void CudaBackend::reset_cast_counts() { ctx_->zero_cast_counters(); }
+void CudaBackend::set_cast_counting(bool on) { ctx_->set_cast_counting(on); }
 
 void CudaBackend::embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
   cuda::embedding_forward(*ctx_, out, tokens, wte, wpe);

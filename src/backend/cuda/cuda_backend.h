@@ -45,6 +45,7 @@ class CudaBackend : public Backend {
   int64_t count_nonfinite(Tensor t) override;
   CastCounts cast_counts(TensorClass cls) const override;
   void reset_cast_counts() override;
+  void set_cast_counting(bool on) override;
 
   void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) override;
   void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) override;

@@ -122,7 +122,7 @@ Context::Context(int device) : device_(device) {
   MPT_CUDA_CHECK(cublasLtCreate(&lt_));
   lt_workspace_ = DeviceBuffer(lt_workspace_size(props_.major));
   mem_->add(lt_workspace_.bytes());
-  counters_ = DeviceBuffer(sizeof(unsigned long long) * 2 * kTensorClasses);
+  counters_ = DeviceBuffer(sizeof(unsigned long long) * 2 * 2 * kTensorClasses);
   lost_ = DeviceBuffer(sizeof(unsigned long long));
   amax_words_ = DeviceBuffer(kAmaxReports * sizeof(unsigned));
   scale_words_ = DeviceBuffer(4 * sizeof(float));
@@ -187,7 +187,8 @@ size_t Context::scratch_bytes() const {
 }
 
 unsigned long long* Context::cast_counters(TensorClass cls) const {
-  return counters_.as<unsigned long long>() + 2 * static_cast<int>(cls);
+  return counters_.as<unsigned long long>() + (counting_ ? 0 : 2 * kTensorClasses) +
+         2 * static_cast<int>(cls);
 }
 
 std::array<CastCounts, kTensorClasses> Context::read_cast_counters() const {

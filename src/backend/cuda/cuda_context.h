@@ -96,7 +96,12 @@ class Context {
   unsigned long long* cast_counters(TensorClass cls) const;
   // Ops that store n values into a narrower dtype under `cls` call this (the values count is
   // known on the host; only overflows and underflows are counted on the device).
-  void add_cast_values(TensorClass cls, int64_t n) { values_[static_cast<int>(cls)] += n; }
+  void add_cast_values(TensorClass cls, int64_t n) {
+    if (counting_) values_[static_cast<int>(cls)] += n;
+  }
+  // Off: cast_counters() hands out a second set of counters that is never read, and values are
+  // not added (Backend::set_cast_counting; a kernel's code stays the same).
+  void set_cast_counting(bool on) { counting_ = on; }
   // The counts since zero_cast_counters() (synchronises to read the device counters).
   std::array<CastCounts, kTensorClasses> read_cast_counters() const;
   void zero_cast_counters();
@@ -170,7 +175,8 @@ class Context {
   cublasLtHandle_t lt_ = nullptr;
   DeviceBuffer lt_workspace_;
   std::array<DeviceBuffer, static_cast<int>(Scratch::kCount)> scratch_;
-  DeviceBuffer counters_;  // [kTensorClasses][2] unsigned long long
+  DeviceBuffer counters_;  // [2][kTensorClasses][2] unsigned long long: counted, discarded
+  bool counting_ = true;
   DeviceBuffer lost_;      // one unsigned long long (like counters_, a few bytes not counted)
   AdamWStats* lost_stats_ = nullptr;
   static constexpr size_t kAmaxReports = 4096;
