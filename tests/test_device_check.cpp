@@ -1,0 +1,90 @@
+// scripts/gtest-until-done, the runner scripts/device-check runs the GPU suites with: against
+// fake_gpu_suite, whose tests fail, skip, leave a sticky error behind and crash, it must get
+// every test a result of its own, in as many processes as that takes.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <map>
+#include <string>
+
+#include "cli_util.h"
+
+using namespace mpt::test;
+
+namespace {
+
+class GtestUntilDone : public CliTest {};
+
+TEST_F(GtestUntilDone, GivesEveryTestItsOwnResultPastCrashesAndStickyErrors) {
+  const std::string out = path("fake");
+  auto r = run(std::string("python3 ") + MPT_SOURCE_DIR + "/scripts/gtest-until-done " +
+               MPT_FAKE_SUITE + " " + out + " 60");
+  EXPECT_EQ(r.code, 1) << "tests failed: " << r.out;
+  const json doc = json::parse(slurp(out + ".json"));
+  std::map<std::string, std::string> result;  // Suite.Test -> COMPLETED / FAILED / SKIPPED
+  for (const auto& s : doc["testsuites"])
+    for (const auto& t : s["testsuite"])
+      result[s["name"].get<std::string>() + "." + t["name"].get<std::string>()] =
+          t.contains("failures") ? "FAILED" : t["result"].get<std::string>();
+  const std::map<std::string, std::string> want = {
+      {"Fake.Passes", "COMPLETED"},        {"Fake.HangsWhenAsked", "COMPLETED"},
+      {"Fake.Skips", "SKIPPED"},
+      {"Fake.FailsAlone", "FAILED"},       {"Fake.Poisons", "FAILED"},
+      {"Fake.AfterThePoison", "COMPLETED"}, {"Fake.Crashes", "FAILED"},
+      {"Fake.AfterTheCrash", "COMPLETED"}, {"Dtypes/FakeParam.Runs/0", "COMPLETED"},
+      {"Dtypes/FakeParam.Runs/1", "COMPLETED"}};
+  EXPECT_EQ(result, want);
+  EXPECT_EQ(doc["tests"], 10);
+  EXPECT_EQ(doc["failures"], 3);
+  EXPECT_EQ(doc["not_run"], 0);
+  EXPECT_TRUE(doc["cut_off_in"].is_null());
+  // One process poisoned by Fake.Poisons, one that crashed in Fake.Crashes, and a third.
+  EXPECT_EQ(doc["runs"], 3);
+  EXPECT_EQ(doc["sticky"], json::array({"Fake.Poisons"}));
+  EXPECT_EQ(doc["crashed"], json::array({"Fake.Crashes"}));
+  // Each failure says what happened to its own test.
+  for (const auto& s : doc["testsuites"])
+    for (const auto& t : s["testsuite"]) {
+      if (!t.contains("failures")) continue;
+      const std::string msg = t["failures"][0]["failure"];
+      const std::string want_in_msg = t["name"] == "Crashes"   ? "crashed"
+                                      : t["name"] == "Poisons" ? "illegal memory access"
+                                                               : "expected 1, got 2";
+      EXPECT_NE(msg.find(want_in_msg), std::string::npos) << t["name"] << ": " << msg;
+    }
+  // The log holds every process's output, each under its own header.
+  const std::string log = slurp(out + ".log");
+  EXPECT_NE(log.find("==== run 1: 10 tests"), std::string::npos) << log;
+  EXPECT_NE(log.find("==== run 3: "), std::string::npos) << log;
+}
+
+// A suite that passes: one process, exit status 0.
+TEST_F(GtestUntilDone, APassingSuiteRunsOnce) {
+  const std::string out = path("pass");
+  auto r = run(std::string("python3 ") + MPT_SOURCE_DIR + "/scripts/gtest-until-done " +
+               MPT_FAKE_SUITE + " " + out + " 60 --gtest_filter=Fake.Passes:Dtypes/*");
+  EXPECT_EQ(r.code, 0) << r.out;
+  const json doc = json::parse(slurp(out + ".json"));
+  EXPECT_EQ(doc["tests"], 3);
+  EXPECT_EQ(doc["failures"], 0);
+  EXPECT_EQ(doc["runs"], 1);
+}
+
+// Out of time: the test that hangs is named, the others not yet run are counted, and the
+// runner stops within its budget instead of starting another process.
+TEST_F(GtestUntilDone, ATestThatHangsIsCutOffAtTheBudget) {
+  const std::string out = path("hang");
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = run(std::string("FAKE_SUITE_HANG=1 python3 ") + MPT_SOURCE_DIR +
+               "/scripts/gtest-until-done " + MPT_FAKE_SUITE + " " + out + " 3");
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(r.code, 1) << r.out;
+  EXPECT_LT(s, 20.0);
+  const json doc = json::parse(slurp(out + ".json"));
+  EXPECT_EQ(doc["cut_off_in"], "Fake.HangsWhenAsked");
+  EXPECT_EQ(doc["not_run"], 9) << "all but Fake.Passes";
+  EXPECT_EQ(doc["runs"], 1);
+  EXPECT_EQ(doc["failures"], 0);
+}
+
+}  // namespace
