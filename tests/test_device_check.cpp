@@ -87,4 +87,19 @@ TEST_F(GtestUntilDone, ATestThatHangsIsCutOffAtTheBudget) {
   EXPECT_EQ(doc["failures"], 0);
 }
 
+// A binary that cannot even list its tests (a missing library on the GPU machine, say): exit
+// status 1 and the reason in the JSON, which the summary prints.
+TEST_F(GtestUntilDone, ABinaryThatCannotListItsTestsIsReported) {
+  const std::string out = path("broken");
+  const std::string bin = write("broken.sh", "#!/bin/sh\necho 'libcublasLt.so.13: cannot open' >&2\nexit 127\n");
+  fs::permissions(bin, fs::perms::owner_all);
+  auto r = run(std::string("python3 ") + MPT_SOURCE_DIR + "/scripts/gtest-until-done " + bin +
+               " " + out + " 60");
+  EXPECT_EQ(r.code, 1) << r.out;
+  const json doc = json::parse(slurp(out + ".json"));
+  EXPECT_EQ(doc["tests"], 0);
+  EXPECT_NE(doc["error"].get<std::string>().find("libcublasLt.so.13: cannot open"),
+            std::string::npos) << doc.dump();
+}
+
 }  // namespace
