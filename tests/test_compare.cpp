@@ -458,6 +458,43 @@ TEST_F(Compare, CutOffRunIsComparedAsFarAsItGot) {
   EXPECT_NE(cut.verdict.find("[run has no end record]"), std::string::npos) << cut.verdict;
 }
 
+// A run resumed from an older checkpoint (or one that wrote records past its last checkpoint
+// before a crash) has a second start record with resume_step: what came after that step before
+// it, and how that attempt ended, are gone. Here a completed run resumed from step 8 that got to
+// step 12 and has no end record yet: compared as far as the resumed attempt got.
+TEST_F(Compare, AResumedRunIsComparedFromWhereItResumed) {
+  const auto recs = read_jsonl(dir("tf32_s1") + "/metrics.jsonl");
+  ASSERT_EQ(recs.back().value("event", ""), "end");
+  fs::create_directories(root_ / "resumed");
+  int64_t last_eval_step = -1;
+  double last_val = 0;
+  {
+    std::ofstream f(root_ / "resumed" / "metrics.jsonl");
+    for (const auto& rec : recs) f << rec.dump() << "\n";  // the whole first attempt
+    json start = recs.front();
+    start["resume_step"] = 8;
+    f << start.dump() << "\n";
+    for (const auto& rec : recs) {
+      if (rec.value("event", "") == "start" || !rec.contains("step")) continue;
+      const int64_t step = rec["step"];
+      if (step <= 8 || step > 12 || rec.value("event", "") == "end") continue;
+      f << rec.dump() << "\n";
+    }
+  }
+  for (const auto& rec : recs)
+    if (rec.value("event", "") == "eval" && rec["step"].get<int64_t>() <= 12)
+      last_eval_step = rec["step"], last_val = rec["val_loss"];
+  const auto c = mpt::compare::compare_runs({dir("fp32_s1"), (root_ / "resumed").string()});
+  const auto& r = c.runs[1];
+  EXPECT_EQ(r.data.steps, 12);
+  EXPECT_EQ(r.data.status, "") << "the first attempt's end record no longer holds";
+  EXPECT_EQ(r.data.val_step, last_eval_step);
+  EXPECT_EQ(*r.data.val_loss, last_val);
+  ASSERT_FALSE(r.data.train.empty());
+  EXPECT_EQ(r.data.train.back().step, 12);
+  EXPECT_NE(r.verdict.find("[run has no end record]"), std::string::npos) << r.verdict;
+}
+
 // A run that diverged is a result, not malformed input: its losses are null in the records
 // (JSON has no NaN; other writers give "NaN" or "Infinity" strings), its verdict says so, and
 // neither it nor a diverged baseline gives a difference or joins the noise band.

@@ -143,7 +143,26 @@ RunData read_run(const std::string& dir) {
     }
     const std::string ev = r.contains("event") && r["event"].is_string() ? r["event"].get<std::string>() : "";
     if (ev == "start") {
-      if (have_start) continue;  // a resumed run: the first start record describes it
+      if (have_start) {
+        // A resumed run: the first start record describes it. The resume continues from
+        // resume_step: what the records said past that step (a branch given up, as when an
+        // older checkpoint is resumed, or records written after the last checkpoint before a
+        // crash) and how the run ended before are no longer true.
+        if (r.contains("resume_step") && r["resume_step"].is_number()) {
+          const int64_t from = r["resume_step"].get<int64_t>();
+          auto cut = [from](auto& v) {
+            while (!v.empty() && v.back().step > from) v.pop_back();
+          };
+          cut(d.train);
+          cut(d.speed);
+          cut(d.casts);
+          cut(d.eval);
+          d.steps = from;
+          d.tokens = from * tokens_per_step;
+        }
+        d.status.clear();
+        continue;
+      }
       have_start = true;
       if (!r.contains("config") || !r["config"].is_object())
         throw InputError(where + ": start record without a config");
