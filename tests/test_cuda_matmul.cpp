@@ -1206,6 +1206,31 @@ TEST(CudaMatmul, WithoutEpiloguesOurKernelsDoTheirWork) {
   expect_close("dbias", from_gpu(*gpu, gdb, "dbias"), test::widened(db.t), tb, F32);
 }
 
+// MatmulSpec::exact_gelu (training.recompute): where tf32's GELU would come from cuBLASLt's
+// epilogue (this shape takes it: GeluFusionsMatchTheSeparateOpsAndTheCpu), the GELU is our
+// kernel's instead, bit for bit what gelu_forward gives from the pre-activation, which the
+// backward's recomputation will give again.
+TEST(CudaMatmul, ExactGeluIsGeluForwardsOwn) {
+  MPT_REQUIRE_GPU();
+  CpuBackend cpu(1);
+  std::unique_ptr<Backend> gpu = make_backend("cuda", 0);
+  Context& ctx = dynamic_cast<CudaBackend&>(*gpu).context();
+  Rng rng(test::fresh_seed());
+  const int64_t N = 37, C = 48, OC = 80;
+  Owned x = test::randn_as(cpu, {N, C}, F32, rng), w = test::randn_as(cpu, {OC, C}, F32, rng, 0.3);
+  Owned b = test::randn_as(cpu, {OC}, F32, rng), o = test::make(cpu, {N, OC}, F32);
+  Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t),
+      gpre = to_gpu(*gpu, o.t), gout = to_gpu(*gpu, o.t), again = to_gpu(*gpu, o.t);
+  MatmulSpec spec = TF;
+  spec.exact_gelu = true;
+  ctx.start_profile();
+  gpu->matmul_gelu_forward(gout.t, gpre.t, gx.t, gw.t, gb.t, spec);
+  EXPECT_EQ(path_taken(ctx.stop_profile(), "matmul: store output + gelu", "gelu_forward"),
+            GeluPath::separate);
+  gpu->gelu_forward(again.t, gpre.t);
+  EXPECT_EQ(from_gpu(*gpu, gout, "out"), from_gpu(*gpu, again, "gelu_forward(pre)"));
+}
+
 // For the choice the next speed step hinges on (writing 16-bit GEMM outputs directly, without
 // the fp32 staging whose purpose is exact cast counts): whether cuBLASLt's GEMMs keep results
 // that are fp32 subnormals or flush them to zero. bf16 shares fp32's range, so a bf16 output

@@ -135,9 +135,9 @@ INSTANTIATE_TEST_SUITE_P(Policies, CudaTrainPolicy,
 
 // training.recompute on the GPU, as on the CPU (test_model's RecomputePerPolicy): three steps
 // with the GELU and LayerNorm outputs recomputed in the backward give the losses, gradients,
-// weights and cast counts of keeping them, bit for bit. Not tf32: there the forward's GELU may
-// come from cuBLASLt's epilogue and the recomputed one from our kernel (backend.h). fp8 with its
-// first and last blocks in bf16 (three blocks): only those two recompute.
+// weights and cast counts of keeping them, bit for bit. Not tf32: there a recomputing block's
+// GEMM runs without cuBLASLt's GELU epilogue (MatmulSpec::exact_gelu), which rounds otherwise.
+// fp8 with its first and last blocks in bf16 (three blocks): only those two recompute.
 class CudaRecompute : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaRecompute, GivesTheStepsOfKeepingTheActivations) {

@@ -227,17 +227,27 @@ TEST_F(DistTrain, ZeroOneGivesTheBitsOfTheWholeOptimizer) {
 }
 
 // Under ZeRO-1 rank 1 sends its parts of the optimizer state while rank 0 writes. A save that
-// fails on rank 0 (a full disk, at its first byte) must end the job, not leave rank 1 waiting for
-// the next request: exit 1, naming rank 0 and the cause, and no checkpoint committed.
+// fails on rank 0 in the middle of that (the disk full halfway through optimizer.safetensors,
+// with rank 1 between two requests) must end the job, not leave rank 1 waiting for the next
+// request: exit 1, naming rank 0 and the cause, and no checkpoint committed.
 TEST_F(DistTrain, AFailedZeroOneSaveEndsTheJob) {
+  const std::string args = train_args("bf16", 2) +
+                           " --set distributed.zero_stage=1 --set checkpoint.every=6";
+  // A save that succeeds, for the files' sizes.
+  const std::string ok = path("ok");
+  auto r = run(mpirun(2) + mpt_bin() + args + " --set training.steps=6 --run-dir " + ok);
+  ASSERT_EQ(r.code, 0) << r.out;
+  const uintmax_t model = fs::file_size(checkpoint_dir(ok, 6) + "/model.safetensors");
+  const uintmax_t optimizer = fs::file_size(checkpoint_dir(ok, 6) + "/optimizer.safetensors");
   const std::string run_dir = path("full");
   const auto t0 = std::chrono::steady_clock::now();
-  auto r = run("MPT_FAULT=enospc_after=0 " + mpirun(2) + mpt_bin() + train_args("bf16", 2) +
-               " --set distributed.zero_stage=1 --set checkpoint.every=6 --run-dir " + run_dir);
+  r = run("MPT_FAULT=enospc_after=" + std::to_string(model + optimizer / 2) + " " + mpirun(2) +
+          mpt_bin() + args + " --run-dir " + run_dir);
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_EQ(r.code, 1) << r.out;
   EXPECT_NE(r.out.find("rank 0 of 2 failed"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("No space left on device"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("optimizer.safetensors"), std::string::npos) << r.out;
   EXPECT_LT(s, 60.0) << r.out;
   EXPECT_FALSE(fs::exists(run_dir + "/checkpoints/latest"));
   EXPECT_EQ(read_jsonl(run_dir + "/metrics.jsonl").back()["status"], "failed");

@@ -61,6 +61,10 @@ struct MatmulSpec {
   // inp's memory in between, but not the cache's. A backward whose cache was last written for
   // another inp tensor, format or scale (or never) is refused (Fp8InpCaches).
   Tensor inp_cache;
+  // matmul_gelu_forward only: the GELU must be gelu_forward's exactly (not one a GEMM epilogue
+  // computes its own way), because the caller computes it again with gelu_forward later
+  // (training.recompute) and the two must agree.
+  bool exact_gelu = false;
 
   MatmulSpec() = default;
   MatmulSpec(MatmulPrecision p) : prec(p) {}  // NOLINT: implicit, most calls name a precision
@@ -229,6 +233,7 @@ class Backend {
   // an activation whose casts the forward counted (training.recompute), and to measure what the
   // counting costs (bench/bench_cpu_train). Values are the same either way.
   virtual void set_cast_counting(bool on) = 0;
+  virtual bool cast_counting() const = 0;
 
   // ---- GPT ops
   // out(B,T,C) writes = wte[tokens[b,t]] + wpe[t];  tokens (B,T) int32, wte (Vp,C), wpe (maxT,C)
@@ -259,7 +264,7 @@ class Backend {
   // MatmulPrecision::tf32 with fp32 pre and out it may take GELU from cuBLASLt's epilogue: the
   // same tanh formula, at an accuracy cuBLASLt does not document (at worst the hardware tanh's,
   // 2^-11 relative: tf32's own operand precision), and a GEMM whose algorithm (so summation
-  // order) may differ from matmul_forward's.
+  // order) may differ from matmul_forward's. Not with spec.exact_gelu.
   virtual void matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Tensor weight, Tensor bias,
                                    const MatmulSpec& spec);
   // A linear layer whose output joins the residual stream, as one op (a backend may fuse the add

@@ -51,7 +51,8 @@ struct TrainingConfig {
   int64_t log_every = 10;   // steps between step records
   uint64_t seed = 42;       // data order
   // Activations the backward recomputes instead of keeping: none | gelu | gelu+layernorm
-  // (model/gpt.h, Recompute). Less activation memory for one more pass over them; same results.
+  // (model/gpt.h, Recompute). Less activation memory for one more pass over them; the same
+  // results (but on a GPU under tf32: model/gpt.h).
   std::string recompute = "none";
 };
 

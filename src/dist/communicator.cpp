@@ -221,12 +221,14 @@ class Mpi final : public Communicator {
         at += counts[r];
       }
       if (at == 0) break;
+      // This rank's piece of the round (none once its block is sent: no pointer past it).
+      const char* piece = counts[rank_] > 0 ? own + done : nullptr;
       if (!receives) {
-        collective(own + done, nullptr);
+        collective(piece, nullptr);
         continue;
       }
       stage.resize(static_cast<size_t>(at));
-      std::copy_n(own + done, counts[rank_], stage.data() + displs[rank_]);
+      if (piece) std::copy_n(piece, counts[rank_], stage.data() + displs[rank_]);
       collective(nullptr, stage.data());
       for (int r = 0; r < size_; ++r)
         std::copy_n(stage.data() + displs[r], counts[r], base + start[r] + done);

@@ -542,6 +542,8 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
                     Tensor bias, Tensor gelu_out, Tensor residual, Tensor cache) {
     MatmulSpec spec = gemm_spec(gemm, inp, param(w), Tensor());
     if (recording_ && gemm >= 0) spec.inp_cache = cache;
+    // The backward computes this GELU again (training.recompute): both must be gelu_forward's.
+    spec.exact_gelu = gelu_out.defined() && recomputes_gelu(policy_, recompute_, layer, L_);
     if (gelu_out.defined()) {
       be_.matmul_gelu_forward(gelu_out, out, inp, param(w), bias, spec);
       check(layer, "matmul_gelu_forward", name, out, false);
@@ -630,14 +632,13 @@ void Gpt::backward() {
   // Its narrowing casts were counted in the forward; a recomputed LayerNorm writes its mean and
   // rstd again, with the same values.
   auto recompute = [&](auto&& op) {
+    struct Paused {  // counting as it was before, also after an exception
+      Backend& be;
+      bool was;
+      ~Paused() { be.set_cast_counting(was); }
+    } paused{be_, be_.cast_counting()};
     be_.set_cast_counting(false);
-    try {
-      op();
-    } catch (...) {
-      be_.set_cast_counting(true);
-      throw;
-    }
-    be_.set_cast_counting(true);
+    op();
   };
 
   // logits_ now holds dlogits.

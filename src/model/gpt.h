@@ -67,7 +67,9 @@ struct Fp8Gemm {
 // Activations the backward recomputes instead of keeping them from the forward (as llm.c's
 // -r 1 and -r 2): GELU's output (4C a token and block), and also the two LayerNorms' outputs
 // (2C). Blocks in fp8 keep neither already (their GEMMs' backward reads quantised copies). The
-// results are those of keeping them: the same ops on the same inputs, with cast counting paused.
+// results are those of keeping them: the same ops on the same inputs, with cast counting paused
+// (on a GPU under tf32 up to rounding: the GELU a recomputing block's forward takes is
+// gelu_forward's, MatmulSpec::exact_gelu, where it would come from cuBLASLt's epilogue).
 enum class Recompute { none, gelu, gelu_layernorm };
 // From training.recompute's value ("none", "gelu", "gelu+layernorm"); RuntimeError otherwise.
 Recompute recompute_from_name(const std::string& name);

@@ -157,8 +157,8 @@ std::string memory_shortfall(const MemoryLedger& plan, const MemoryUsage& usage,
                 "this run needs about %.1f GiB (%.1f GiB of activations) but %s; reduce "
                 "training.micro_batch (raising training.grad_accum keeps the batch), "
                 "training.seq_len, model.n_layer, model.n_embd, model.vocab_size or "
-                "model.max_seq_len, or recompute activations in the backward "
-                "(training.recompute: gelu+layernorm, the same results)",
+                "model.max_seq_len, or, for blocks not in fp8, recompute activations in "
+                "the backward (training.recompute: gelu+layernorm, the same results)",
                 plan.total() / gib, plan.activations / gib, where);
   return msg;
 }

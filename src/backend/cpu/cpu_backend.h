@@ -43,6 +43,7 @@ class CpuBackend : public Backend {
   CastCounts cast_counts(TensorClass cls) const override;
   void reset_cast_counts() override;
   void set_cast_counting(bool on) override { counting_ = on; }
+  bool cast_counting() const override { return counting_; }
 
   void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) override;
   void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) override;

@@ -130,6 +130,7 @@ CastCounts CudaBackend::cast_counts(TensorClass cls) const {
 }
 void CudaBackend::reset_cast_counts() { ctx_->zero_cast_counters(); }
 void CudaBackend::set_cast_counting(bool on) { ctx_->set_cast_counting(on); }
+bool CudaBackend::cast_counting() const { return ctx_->cast_counting(); }
 
 void CudaBackend::embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) {
   cuda::embedding_forward(*ctx_, out, tokens, wte, wpe);

@@ -46,6 +46,7 @@ class CudaBackend : public Backend {
   CastCounts cast_counts(TensorClass cls) const override;
   void reset_cast_counts() override;
   void set_cast_counting(bool on) override;
+  bool cast_counting() const override;
 
   void embedding_forward(Tensor out, Tensor tokens, Tensor wte, Tensor wpe) override;
   void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) override;

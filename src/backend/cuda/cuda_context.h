@@ -102,6 +102,7 @@ class Context {
   // Off: cast_counters() hands out a second set of counters that is never read, and values are
   // not added (Backend::set_cast_counting; a kernel's code stays the same).
   void set_cast_counting(bool on) { counting_ = on; }
+  bool cast_counting() const { return counting_; }
   // The counts since zero_cast_counters() (synchronises to read the device counters).
   std::array<CastCounts, kTensorClasses> read_cast_counters() const;
   void zero_cast_counters();

@@ -558,7 +558,10 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
   if (gelu)
     gp = gelu_forward_path(p, prod.dtype, gelu_out.dtype, address(prod), bias.defined(),
                            bias.dtype, address(bias));
-  if (gp == GeluPath::epilogue && !ctx.lt_epilogues()) gp = GeluPath::separate;
+  // exact_gelu: the caller recomputes this GELU with gelu_forward, whose bits the epilogue's
+  // need not have (backend.h).
+  if (gp == GeluPath::epilogue && (!ctx.lt_epilogues() || spec.exact_gelu))
+    gp = GeluPath::separate;
   if (gp == GeluPath::epilogue) {
     // out = gelu(product + bias) written by the GEMM, the pre-activation to the aux buffer.
     GemmArgs ge = g;
@@ -719,7 +722,10 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     GeluPath gp = GeluPath::separate;
     if (gelu_pre.defined())
       gp = gelu_backward_path(pd, dinp.dtype, gelu_pre.dtype, address(gelu_pre));
-    if (gp == GeluPath::epilogue && !ctx.lt_epilogues()) gp = GeluPath::separate;
+    // exact_gelu: the caller recomputes this GELU with gelu_forward, whose bits the epilogue's
+  // need not have (backend.h).
+  if (gp == GeluPath::epilogue && (!ctx.lt_epilogues() || spec.exact_gelu))
+    gp = GeluPath::separate;
     bool done = false;
     if (gp == GeluPath::epilogue) {
       // dinp = product * gelu'(gelu_pre) written by the GEMM (DGELU reads the aux buffer).
