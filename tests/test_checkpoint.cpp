@@ -2,7 +2,12 @@
 // save, full disks, corrupted files, config compatibility, stop signals, retention, inspect.
 #include <gtest/gtest.h>
 
+#include <sys/stat.h>
+#include <xxhash.h>
+
+#include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 
 #include "cli_util.h"
@@ -28,8 +33,8 @@ class Checkpoints : public CliTest {
            " --set training.grad_accum=2 --set training.steps=16 --set training.log_every=2"
            " --set training.eval_every=4 --set checkpoint.every=4 --set checkpoint.keep_last=3"
            " --set 'data.train=[\"" + path("shards") + "/train_*.bin\"]'"
-           " --set 'data.val=[\"" + path("shards") + "/val_*.bin\"]'"
-           " --run-dir " + run_dir + " " + extra;
+           " --set 'data.val=[\"" + path("shards") + "/val_*.bin\"]'" +
+           (run_dir.empty() ? "" : " --run-dir " + run_dir) + " " + extra;
   }
   std::string ckpt(const std::string& run, int step) const {
     return checkpoint_dir(path(run), step);
@@ -249,6 +254,105 @@ TEST_F(Checkpoints, CorruptionIsNamedWithTheNewestGoodCheckpoint) {
     EXPECT_EQ(read_jsonl(path("copy/metrics.jsonl")).size(),
               read_jsonl(path("straight/metrics.jsonl")).size());
   }
+}
+
+// What a checksum cannot catch: a state.json re-signed after an edit (as a hand edit, or a
+// tool, would leave it), files that are not regular, directories that are not committed
+// checkpoints. Each is refused with exit 2, naming what is wrong, quickly (a FIFO is not opened),
+// and nothing of the run changes.
+TEST_F(Checkpoints, NonsenseAndOddFilesAreRefusedNotFollowed) {
+  straight();
+  const std::string config_before = slurp(path("straight/config.yaml"));
+  auto resign = [](nlohmann::json j) {  // state.json's checksum, as load_checkpoint checks it
+    j.erase("state_checksum");
+    const std::string text = j.dump();
+    char hex[17];
+    std::snprintf(hex, sizeof hex, "%016llx",
+                  static_cast<unsigned long long>(XXH3_64bits(text.data(), text.size())));
+    return std::string(hex);
+  };
+  struct Edit {
+    std::string name, expect;
+    std::function<void(json&)> edit;
+  };
+  const std::vector<Edit> edits = {
+      {"negative step", "must be >= 0", [](json& j) { j["step"] = -5; }},
+      {"step not the directory's", "step 17 in a directory named step_00000016",
+       [](json& j) { j["step"] = 17; }},
+      {"optimizer ahead of the step", "optimizer step", [](json& j) { j["optimizer_step"] = 99; }},
+      {"world size a string", "world_size \"1\" is not a positive integer",
+       [](json& j) { j["world_size"] = "1"; }},
+      {"version a number", "mpt_version 5 is not a string", [](json& j) { j["mpt_version"] = 5; }},
+  };
+  for (const auto& e : edits) {
+    SCOPED_TRACE(e.name);
+    fs::remove_all(path("copy"));
+    fs::copy(path("straight"), path("copy"), fs::copy_options::recursive);
+    const std::string state = ckpt("copy", 16) + "/state.json";
+    json j = json::parse(slurp(state));
+    e.edit(j);
+    j["state_checksum"] = resign(j);
+    std::ofstream(state, std::ios::binary) << j.dump(1);
+    auto r = run(mpt_bin() + " inspect " + ckpt("copy", 16));
+    EXPECT_EQ(r.code, 2) << r.out;
+    EXPECT_NE(r.out.find("state.json: "), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find(e.expect), std::string::npos) << r.out;
+    r = run(train_cmd(path("copy"), "--set training.steps=20 --resume"));
+    EXPECT_EQ(r.code, 2) << r.out;
+    EXPECT_NE(r.out.find(e.expect), std::string::npos) << r.out;
+  }
+  // Not regular files: a FIFO would block in open(), a directory reads as an I/O error.
+  fs::remove_all(path("copy"));
+  fs::copy(path("straight"), path("copy"), fs::copy_options::recursive);
+  fs::remove(path("copy/checkpoints/latest"));
+  ASSERT_EQ(::mkfifo(path("copy/checkpoints/latest").c_str(), 0644), 0);
+  auto r = run("timeout 20 " + train_cmd(path("copy"), "--set training.steps=20 --resume"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("latest: not a regular file"), std::string::npos) << r.out;
+  fs::remove(ckpt("copy", 16) + "/state.json");
+  fs::create_directory(ckpt("copy", 16) + "/state.json");
+  r = run("timeout 20 " + mpt_bin() + " inspect " + ckpt("copy", 16));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("state.json: not a regular file"), std::string::npos) << r.out;
+  // A run directory, or its checkpoints/, where a checkpoint is wanted: told where they are.
+  for (const std::string& where : {path("straight"), path("straight/checkpoints/")}) {
+    r = run(mpt_bin() + " inspect " + where);
+    EXPECT_EQ(r.code, 2) << r.out;
+    EXPECT_NE(r.out.find("a run's directory, not a checkpoint"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("checkpoints/latest"), std::string::npos) << r.out;
+  }
+  // A save cut off before its rename, and a renamed copy beside the run's checkpoints: neither
+  // continues the run in place (before, the second failed an internal check after config.yaml
+  // had been rewritten).
+  fs::copy(ckpt("straight", 16), path("straight/checkpoints/.tmp-step_00000016"),
+           fs::copy_options::recursive);
+  r = run(mpt_bin() + " inspect " + path("straight/checkpoints/.tmp-step_00000016"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("an uncommitted checkpoint"), std::string::npos) << r.out;
+  r = run(train_cmd("", "--set training.steps=20 --resume " +
+                            path("straight/checkpoints/.tmp-step_00000016")));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("an uncommitted checkpoint"), std::string::npos) << r.out;
+  fs::rename(path("straight/checkpoints/.tmp-step_00000016"), path("straight/checkpoints/backup16"));
+  r = run(train_cmd("", "--set training.steps=20 --resume " +
+                            path("straight/checkpoints/backup16")));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("named step_NNNNNNNN"), std::string::npos) << r.out;
+  EXPECT_EQ(slurp(path("straight/config.yaml")), config_before) << "config.yaml untouched";
+}
+
+// A checkpoint given by a path relative to the working directory continues its run in place;
+// the records then name it relative to the run (before, a failure's end record said there was
+// no checkpoint at all).
+TEST_F(Checkpoints, ARelativeCheckpointPathIsNamedInTheRecords) {
+  auto r = run("MPT_FAULT=preempt_at_step=4 " + train_cmd(path("rel")));
+  ASSERT_EQ(r.code, 3) << r.out;
+  r = run("cd " + dir_.string() + " && MPT_FAULT=enospc_after=1 " +
+          train_cmd("", "--resume rel/checkpoints/step_00000004"));
+  EXPECT_EQ(r.code, 1) << r.out;
+  const auto recs = read_jsonl(path("rel/metrics.jsonl"));
+  EXPECT_EQ(recs.back()["status"], "failed");
+  EXPECT_EQ(recs.back()["checkpoint"], "checkpoints/step_00000004") << recs.back().dump();
 }
 
 TEST_F(Checkpoints, ResumeRefusesChangedModelOrDataButAllowsSafeKeys) {

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "core/error.h"
@@ -32,6 +33,8 @@ std::string step_name(int64_t step) {
   return buf;
 }
 
+}  // namespace
+
 bool parse_step_name(const std::string& name, int64_t* step) {
   if (name.size() < 6 || name.compare(0, 5, "step_") != 0) return false;
   int64_t v = 0;
@@ -42,6 +45,8 @@ bool parse_step_name(const std::string& name, int64_t* step) {
   *step = v;
   return true;
 }
+
+namespace {
 
 std::string hex64(uint64_t h) {
   char buf[17];
@@ -55,6 +60,17 @@ std::string content_checksum(nlohmann::json j) {
   j.erase("state_checksum");
   const std::string text = j.dump();
   return hex64(XXH3_64bits(text.data(), text.size()));
+}
+
+// A small file's text; nullopt when it does not exist. InputError for anything but a regular
+// file (opening a FIFO would wait for a writer forever; a directory reads as an I/O error).
+std::optional<std::string> read_small_file(const std::string& path) {
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (!fs::exists(st)) return std::nullopt;
+  if (!fs::is_regular_file(st)) throw InputError(path + ": not a regular file");
+  const MappedFile m = MappedFile::map(path);
+  return std::string(static_cast<const char*>(m.data()), m.size());
 }
 
 std::vector<std::pair<int64_t, fs::path>> committed_steps(const fs::path& dir) {
@@ -130,15 +146,28 @@ void FaultPlan::crash_if(const char* point, int64_t step) const {
 }
 
 Checkpoint load_checkpoint(const std::string& dir) {
+  fs::path name = fs::path(dir).lexically_normal();
+  if (name.filename().empty()) name = name.parent_path();
+  const std::string base = name.filename().string();
+  if (base.rfind(kTmpPrefix, 0) == 0)
+    throw InputError(dir + ": an uncommitted checkpoint (a save that did not finish: mpt never "
+                     "reads these); give a committed one, RUN/checkpoints/step_NNNNNNNN");
   const std::string state_path = (fs::path(dir) / kStateFile).string();
-  std::ifstream in(state_path);
-  if (!in) throw InputError(state_path + ": missing or unreadable");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    throw InputError(state_path + ": not valid JSON (truncated or corrupted): " + e.what());
+  const std::optional<std::string> text = read_small_file(state_path);
+  if (!text) {
+    std::error_code ec;
+    if (fs::exists(fs::path(dir) / "checkpoints", ec) || fs::exists(fs::path(dir) / kLatest, ec)) {
+      const fs::path ckpts = fs::exists(fs::path(dir) / "checkpoints", ec)
+                                 ? fs::path(dir) / "checkpoints" : fs::path(dir);
+      throw InputError(dir + ": a run's directory, not a checkpoint: give one of its checkpoints, " +
+                       (ckpts / "step_NNNNNNNN").string() + " (the newest is named in " +
+                       (ckpts / kLatest).string() + ")");
+    }
+    throw InputError(state_path + ": missing (" + dir + " is not a checkpoint directory)");
   }
+  nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
+  if (j.is_discarded())
+    throw InputError(state_path + ": not valid JSON (truncated or corrupted)");
   if (!j.is_object() || !j.contains("state_checksum") || !j["state_checksum"].is_string() ||
       j["state_checksum"].get<std::string>() != content_checksum(j))
     throw InputError(state_path + ": checksum mismatch (the file was modified or corrupted)");
@@ -170,6 +199,25 @@ Checkpoint load_checkpoint(const std::string& dir) {
     st.data_sample = j.at("data").at("sample").get<uint64_t>();
     st.config = j.at("config");
     st.numerics = j.value("numerics", nlohmann::json());
+    // A checksum proves the file is what was written, not that what was written makes sense:
+    // the values a resume acts on are checked too.
+    auto bad = [&](const std::string& what) {
+      return InputError(state_path + ": " + what + " (a checkpoint mpt did not write)");
+    };
+    if (st.step < 0 || st.tokens < 0 || st.optimizer_step < 0 || st.optimizer_step > st.step)
+      throw bad("step " + std::to_string(st.step) + ", tokens " + std::to_string(st.tokens) +
+                " and optimizer step " + std::to_string(st.optimizer_step) +
+                " must be >= 0, the optimizer step at most the step");
+    int64_t named = 0;
+    if (parse_step_name(base, &named) && named != st.step)
+      throw bad("step " + std::to_string(st.step) + " in a directory named " + base);
+    if (!st.config.is_object()) throw bad("config is not an object");
+    if (j.contains("world_size") &&
+        (!j["world_size"].is_number_integer() || j["world_size"].get<int64_t>() < 1))
+      throw bad("world_size " + j["world_size"].dump() + " is not a positive integer");
+    for (const char* key : {"mpt_version", "precision"})
+      if (j.contains(key) && !j[key].is_string())
+        throw bad(std::string(key) + " " + j[key].dump() + " is not a string");
     return Checkpoint{dir, std::move(st), j, std::move(files[0]), std::move(files[1])};
   } catch (const nlohmann::json::exception& e) {
     throw InputError(state_path + ": missing or malformed field (" + e.what() + ")");
@@ -330,12 +378,11 @@ void CheckpointManager::apply_retention(int64_t newest_step) {
 Checkpoint CheckpointManager::load_latest(const std::string& run_dir) {
   const fs::path dir = fs::path(run_dir) / "checkpoints";
   const fs::path latest = dir / kLatest;
-  std::ifstream in(latest);
-  if (!in)
+  const std::optional<std::string> text = read_small_file(latest.string());
+  if (!text)
     throw InputError(latest.string() + ": missing: the run has no committed checkpoint" +
                      fallback_hint(dir, INT64_MAX));
-  std::string name;
-  std::getline(in, name);
+  const std::string name = text->substr(0, text->find('\n'));
   int64_t step = 0;
   if (!parse_step_name(name, &step))
     throw InputError(latest.string() + ": does not name a checkpoint (holds '" + name + "')" +

@@ -57,6 +57,9 @@ struct Checkpoint {
   safetensors::File optimizer;
 };
 
+// Whether `name` is a committed checkpoint's directory name, step_NNNNNNNN, and its step.
+bool parse_step_name(const std::string& name, int64_t* step);
+
 // Reads `dir` and verifies every file against the checksums and sizes in state.json, and
 // state.json against its own checksum. InputError naming the bad file otherwise.
 Checkpoint load_checkpoint(const std::string& dir);

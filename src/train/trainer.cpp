@@ -189,6 +189,16 @@ void check_resume_compatible(const nlohmann::json& saved, const nlohmann::json& 
                      join({resume_safe_keys().begin(), resume_safe_keys().end()}, ", ") + ")");
 }
 
+// `path` (a checkpoint of the run) relative to `run_dir`, as the records give it; either may be
+// relative to the working directory or absolute.
+std::string relative_to_run(const std::string& path, const std::string& run_dir) {
+  auto normal = [](const std::string& p) {
+    fs::path n = fs::absolute(p).lexically_normal();
+    return n.filename().empty() ? n.parent_path() : n;  // "dir/" is "dir"
+  };
+  return normal(path).lexically_relative(normal(run_dir)).string();
+}
+
 // Where a resumed run continues, and from which checkpoint.
 struct ResumePoint {
   std::string run_dir;
@@ -208,6 +218,15 @@ ResumePoint locate_resume(const Config& cfg, const TrainOptions& opt) {
     // A checkpoint at RUN/checkpoints/step_N belongs to RUN.
     const bool in_run = p.parent_path().filename() == "checkpoints";
     const fs::path own_run = p.parent_path().parent_path();
+    std::error_code ec;
+    const bool same = in_run && (opt.run_dir.empty() || (fs::exists(opt.run_dir, ec) &&
+                                                         fs::equivalent(own_run, opt.run_dir, ec)));
+    int64_t step = 0;
+    if (same && !parse_step_name(p.filename().string(), &step))
+      throw InputError("--resume " + opt.resume_from +
+                       ": continuing a run in place takes one of its committed checkpoints, "
+                       "named step_NNNNNNNN; to start another run from this one, give --run-dir "
+                       "for it");
     if (opt.run_dir.empty()) {
       if (!in_run)
         throw InputError("--resume " + opt.resume_from +
@@ -215,8 +234,6 @@ ResumePoint locate_resume(const Config& cfg, const TrainOptions& opt) {
                          "run to continue in");
       return {own_run.string(), true, std::move(c)};
     }
-    std::error_code ec;
-    const bool same = in_run && fs::exists(opt.run_dir, ec) && fs::equivalent(own_run, opt.run_dir, ec);
     return {opt.run_dir, same, std::move(c)};
   }
   std::string run_dir = opt.run_dir;
@@ -531,7 +548,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     tensors->saved();
     spdlog::info("checkpoint {}", dir);
     // Relative to the run directory, so the records stay true when the run is moved.
-    const std::string rel = fs::path(dir).lexically_relative(run_dir).string();
+    const std::string rel = relative_to_run(dir, run_dir);
     emit({{"event", "checkpoint"}, {"step", step}, {"path", rel}});
     return rel;
   };
@@ -554,8 +571,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   double interval_comm_s = 0.0;  // of which in collectives (several processes)
   int64_t interval_steps = 0;
   double last_loss = 0.0;
-  std::string last_checkpoint =
-      continue_in_place ? fs::path(resumed_from).lexically_relative(run_dir).string() : "";
+  std::string last_checkpoint = continue_in_place ? relative_to_run(resumed_from, run_dir) : "";
   int64_t current_step = start_step;
 
   try {
