@@ -446,6 +446,17 @@ TEST_F(Checkpoints, RetentionKeepsTheNewestAndEveryMth) {
   for (const char* want : {"step        10", "checksums verified", "transformer.wte.weight",
                            "transformer.h.1.mlp.c_proj.weight.exp_avg_sq"})
     EXPECT_NE(r.out.find(want), std::string::npos) << want << " in " << r.out;
+  // "Permanently": a resume that leaves keep_every out keeps what the run kept under it (the
+  // checkpoints' own state.json says so), while keep_last now applies to the new ones.
+  r = run(train_cmd(path("ret"), "--set training.steps=16 --set checkpoint.every=2 "
+                                 "--set checkpoint.keep_last=1 --resume"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  left.clear();
+  for (const auto& e : fs::directory_iterator(path("ret/checkpoints")))
+    left.push_back(e.path().filename().string());
+  std::sort(left.begin(), left.end());
+  EXPECT_EQ(left, (std::vector<std::string>{"latest", "step_00000004", "step_00000008",
+                                            "step_00000016"}));
 }
 
 // Resuming from an older checkpoint of the same run abandons the newer ones: `latest` moves back

@@ -364,10 +364,30 @@ void CheckpointManager::apply_retention(int64_t newest_step) {
   const auto steps = committed_steps(dir_);
   int kept = 0;
   std::error_code ec;
+  // Kept permanently: under this run's keep_every, or under the one the checkpoint was written
+  // with (its state.json's config), so that a resume that changes or drops the key does not
+  // delete what an earlier part of the run promised to keep.
+  auto kept_by = [](int64_t step, int64_t every) { return every > 0 && step % every == 0; };
+  auto written_keep_every = [](const fs::path& path) -> int64_t {
+    try {
+      const std::optional<std::string> text = read_small_file((path / kStateFile).string());
+      if (!text) return 0;
+      const nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
+      const nlohmann::json* every = nullptr;
+      if (j.is_object() && j.contains("config") && j["config"].contains("checkpoint"))
+        every = &j["config"]["checkpoint"];
+      if (every && every->contains("keep_every") && (*every)["keep_every"].is_number_integer())
+        return (*every)["keep_every"].get<int64_t>();
+    } catch (const std::exception&) {
+      // An unreadable state.json: not a promise to keep anything.
+    }
+    return 0;
+  };
   for (const auto& [step, path] : steps) {
     const bool recent = step == newest_step || kept < cfg_.keep_last;
     if (recent) ++kept;
-    if (recent || (cfg_.keep_every > 0 && step % cfg_.keep_every == 0)) continue;
+    if (recent || kept_by(step, cfg_.keep_every) || kept_by(step, written_keep_every(path)))
+      continue;
     // state.json first: a deletion cut short leaves a directory that plainly fails to verify.
     fs::remove(path / kStateFile, ec);
     faults_.crash_if("in_delete", saving_step_);
