@@ -404,6 +404,12 @@ TEST_F(Compare, RefusesDifferentModelsAndNamesBadMetrics) {
   EXPECT_NE(r.out.find("model.n_layer"), std::string::npos) << r.out;
   EXPECT_FALSE(fs::exists(out_ / "compare.json"));
 
+  // The same run twice, spelled two ways.
+  r = run(mpt_bin() + " compare " + dir("fp32_s1") + " " + dir("fp32_s2") + " " + dir("fp32_s1") +
+          "/.");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("are the same run"), std::string::npos) << r.out;
+
   fs::create_directories(root_ / "no_metrics");
   r = run(mpt_bin() + " compare " + dir("fp32_s1") + " " + dir("no_metrics"));
   EXPECT_EQ(r.code, 2) << r.out;

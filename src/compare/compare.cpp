@@ -273,6 +273,14 @@ std::vector<std::string> differing_keys(const std::vector<json>& configs) {
 
 Comparison compare_runs(const std::vector<std::string>& dirs, const std::string& baseline) {
   if (dirs.empty()) throw InputError("compare: no run directories given");
+  // The same run twice (under two spellings, or a symlink) would stand in the table as two runs
+  // and make --baseline ambiguous.
+  for (size_t i = 0; i < dirs.size(); ++i)
+    for (size_t j = 0; j < i; ++j) {
+      std::error_code ec;
+      if (dirs[i] == dirs[j] || fs::equivalent(dirs[i], dirs[j], ec))
+        throw InputError("compare: " + dirs[j] + " and " + dirs[i] + " are the same run");
+    }
   Comparison c;
   for (const auto& d : dirs) {
     RunResult r;
