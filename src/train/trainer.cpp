@@ -321,9 +321,11 @@ static void check_same_config_on_every_rank(dist::Communicator& comm, const Conf
   throw InputError("rank " + std::to_string(comm.rank()) + " differs from rank 0 in: " + keys);
 }
 
-// train() within a job of comm.world_size() processes (one without a launcher).
+// train() within a job of comm.world_size() processes (one without a launcher). `signals`:
+// installed before the job's communicator was made, so that a stop signal during start-up
+// stops the run after its first step.
 static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
-                                dist::Communicator& comm) {
+                                dist::Communicator& comm, const StopSignals& signals) {
   const int B = cfg.training.micro_batch, T = cfg.training.seq_len;
   const int64_t steps = cfg.training.steps;
   const FaultPlan faults = FaultPlan::from_env();
@@ -342,9 +344,6 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   // Every rank logs; the others' lines say which rank they come from.
   if (world > 1)
     spdlog::set_pattern("[%Y-%m-%d %H:%M:%S.%e] [rank " + std::to_string(rank) + "] [%l] %v");
-  // Stop signals count from here: one that arrives while the run is set up stops it after its
-  // first step, with a checkpoint.
-  StopSignals signals;
   std::optional<ResumePoint> resume;
   RunDirPlan plan;
   if (opt.resume) {
@@ -795,12 +794,15 @@ static std::unique_ptr<dist::Communicator> make_job_communicator(const Config& c
 }
 
 TrainResult train(const Config& cfg, const TrainOptions& opt) {
+  // Stop signals count from here: one that arrives while the job starts (MPI, NCCL) or the run
+  // is set up stops it after its first step, with a checkpoint.
+  const StopSignals signals;
   require_utf8("--run-dir", opt.run_dir);
   require_utf8("--resume", opt.resume_from);
   const std::unique_ptr<dist::Communicator> comm = make_job_communicator(cfg);
-  if (comm->world_size() == 1) return train_in_job(cfg, opt, *comm);
+  if (comm->world_size() == 1) return train_in_job(cfg, opt, *comm, signals);
   try {
-    return train_in_job(cfg, opt, *comm);
+    return train_in_job(cfg, opt, *comm, signals);
   } catch (const std::exception& e) {
     // The other ranks may be waiting in a collective this rank will never join: end the whole
     // job now (MPI_Abort), naming the rank, instead of leaving them to hang.
