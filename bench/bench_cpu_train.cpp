@@ -126,7 +126,10 @@ double measure(Backend& be, const PrecisionPolicy& policy, const BenchShape& sh,
 
 int main(int argc, char** argv) {
   int threads = 2, steps = 10, repeats = 5, layers = 4, width = 256, heads = 4, B = 4, T = 64;
-  std::string only;  // --policy: measure just this policy against fp32
+  // --policy P: measure just P against fp32; --policy P --recompute 1: P with training.recompute
+  // gelu+layernorm against P itself (measured before and after, as fp32 is).
+  std::string only;
+  bool recompute_only = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const char* k = argv[i];
     if (!std::strcmp(k, "--policy")) {
@@ -140,6 +143,7 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(k, "--layers")) layers = v;
     else if (!std::strcmp(k, "--width")) width = v;
     else if (!std::strcmp(k, "--batch")) B = v;
+    else if (!std::strcmp(k, "--recompute")) recompute_only = v != 0;
     else {
       std::fprintf(stderr, "unknown option %s\n", k);
       return 2;
@@ -151,6 +155,17 @@ int main(int argc, char** argv) {
   CpuBackend mpt_be(threads), one_be(1);
   LoopMatmulBackend base_be(threads);
   const PrecisionPolicy fp32 = PrecisionPolicy::preset("fp32");
+  if (!only.empty() && recompute_only) {
+    const PrecisionPolicy p = PrecisionPolicy::preset(only);  // throws on an unknown name
+    const double before = measure(mpt_be, p, sh, steps, repeats, &fpt, &n_params);
+    const double r = measure(mpt_be, p, sh, steps, repeats, &fpt, &n_params,
+                             Recompute::gelu_layernorm);
+    const double after = measure(mpt_be, p, sh, steps, repeats, &fpt, &n_params);
+    std::printf("%s %.0f tokens/s (before), %.0f (after); with training.recompute "
+                "gelu+layernorm %.0f tokens/s: %.3fx the step time\n",
+                only.c_str(), before, after, r, 0.5 * (before + after) / r);
+    return 0;
+  }
   if (!only.empty()) {
     const PrecisionPolicy p = PrecisionPolicy::preset(only);  // throws on an unknown name
     const double before = measure(mpt_be, fp32, sh, steps, repeats, &fpt, &n_params);
