@@ -8,10 +8,12 @@
 //   mpt tf32     the tf32 policy (matmul operands rounded to tf32 before sgemm), N threads
 // and the ratios against the baseline, all measured in the same run.
 //
-//   build/bench/bench_cpu_train [--threads N] [--steps N] [--repeats N] [--policy NAME]
+//   build/bench/bench_cpu_train [--threads N] [--steps N] [--repeats N] [--policy NAME
+//                               [--recompute 1]]
 //
 // --policy NAME measures only fp32 (before and after) and that policy: a short run for profiling
-// one policy (perf record) or for repeating one ratio.
+// one policy (perf record) or for repeating one ratio. With --recompute 1, that policy (before
+// and after) against itself with training.recompute gelu+layernorm.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
