@@ -309,6 +309,12 @@ TEST_F(Checkpoints, NonsenseAndOddFilesAreRefusedNotFollowed) {
   auto r = run("timeout 20 " + train_cmd(path("copy"), "--set training.steps=20 --resume"));
   EXPECT_EQ(r.code, 2) << r.out;
   EXPECT_NE(r.out.find("latest: not a regular file"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("verifies is " + ckpt("copy", 16)), std::string::npos) << r.out;
+  // A step directory without its state.json (a deletion cut short): damaged, not "no checkpoint".
+  fs::remove(ckpt("copy", 12) + "/state.json");
+  r = run(mpt_bin() + " inspect " + ckpt("copy", 12));
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("incomplete or damaged"), std::string::npos) << r.out;
   fs::remove(ckpt("copy", 16) + "/state.json");
   fs::create_directory(ckpt("copy", 16) + "/state.json");
   r = run("timeout 20 " + mpt_bin() + " inspect " + ckpt("copy", 16));

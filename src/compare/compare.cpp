@@ -159,6 +159,7 @@ RunData read_run(const std::string& dir) {
           cut(d.eval);
           d.steps = from;
           d.tokens = from * tokens_per_step;
+          d.skipped_total.reset();  // the given-up steps' count; the next step record's holds
         }
         d.status.clear();
         continue;

@@ -159,8 +159,9 @@ Usable usable_checkpoint(const std::string& run_dir) {
   } catch (const InputError& e) {
     std::vector<fs::path> steps;
     std::error_code ec;
+    int64_t step = 0;
     for (const auto& entry : fs::directory_iterator(fs::path(run_dir) / "checkpoints", ec))
-      if (entry.is_directory(ec) && entry.path().filename().string().rfind("step_", 0) == 0)
+      if (entry.is_directory(ec) && parse_step_name(entry.path().filename().string(), &step))
         steps.push_back(entry.path());
     std::sort(steps.rbegin(), steps.rend());  // step_NNNNNNNN: by name is by step
     for (const auto& p : steps) {

@@ -163,7 +163,12 @@ Checkpoint load_checkpoint(const std::string& dir) {
                        (ckpts / "step_NNNNNNNN").string() + " (the newest is named in " +
                        (ckpts / kLatest).string() + ")");
     }
-    throw InputError(state_path + ": missing (" + dir + " is not a checkpoint directory)");
+    int64_t step = 0;
+    throw InputError(state_path + ": missing (" +
+                     (parse_step_name(base, &step)
+                          ? "the checkpoint is incomplete or damaged: a save or a deletion cut short"
+                          : dir + " is not a checkpoint directory") +
+                     ")");
   }
   nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
   if (j.is_discarded())
@@ -368,26 +373,27 @@ void CheckpointManager::apply_retention(int64_t newest_step) {
   // with (its state.json's config), so that a resume that changes or drops the key does not
   // delete what an earlier part of the run promised to keep.
   auto kept_by = [](int64_t step, int64_t every) { return every > 0 && step % every == 0; };
-  auto written_keep_every = [](const fs::path& path) -> int64_t {
+  // Whether the checkpoint's own state.json says to keep it. Without a state.json (a deletion
+  // cut short) it is not kept; one that cannot be read or parsed now is kept (not deleted on a
+  // doubt).
+  auto kept_when_written = [&](int64_t step, const fs::path& path) {
     try {
       const std::optional<std::string> text = read_small_file((path / kStateFile).string());
-      if (!text) return 0;
+      if (!text) return false;
       const nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
-      const nlohmann::json* every = nullptr;
-      if (j.is_object() && j.contains("config") && j["config"].contains("checkpoint"))
-        every = &j["config"]["checkpoint"];
-      if (every && every->contains("keep_every") && (*every)["keep_every"].is_number_integer())
-        return (*every)["keep_every"].get<int64_t>();
+      if (!j.is_object()) return true;
+      const nlohmann::json every =
+          j.value("config", nlohmann::json::object()).value("checkpoint", nlohmann::json::object())
+              .value("keep_every", nlohmann::json());
+      return every.is_number_integer() && kept_by(step, every.get<int64_t>());
     } catch (const std::exception&) {
-      // An unreadable state.json: not a promise to keep anything.
+      return true;
     }
-    return 0;
   };
   for (const auto& [step, path] : steps) {
     const bool recent = step == newest_step || kept < cfg_.keep_last;
     if (recent) ++kept;
-    if (recent || kept_by(step, cfg_.keep_every) || kept_by(step, written_keep_every(path)))
-      continue;
+    if (recent || kept_by(step, cfg_.keep_every) || kept_when_written(step, path)) continue;
     // state.json first: a deletion cut short leaves a directory that plainly fails to verify.
     fs::remove(path / kStateFile, ec);
     faults_.crash_if("in_delete", saving_step_);
@@ -398,7 +404,12 @@ void CheckpointManager::apply_retention(int64_t newest_step) {
 Checkpoint CheckpointManager::load_latest(const std::string& run_dir) {
   const fs::path dir = fs::path(run_dir) / "checkpoints";
   const fs::path latest = dir / kLatest;
-  const std::optional<std::string> text = read_small_file(latest.string());
+  std::optional<std::string> text;
+  try {
+    text = read_small_file(latest.string());
+  } catch (const InputError& e) {
+    throw InputError(std::string(e.what()) + fallback_hint(dir, INT64_MAX));
+  }
   if (!text)
     throw InputError(latest.string() + ": missing: the run has no committed checkpoint" +
                      fallback_hint(dir, INT64_MAX));

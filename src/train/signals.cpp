@@ -18,15 +18,29 @@ extern "C" void record_stop_signal(int sig) {
 constexpr int kSignals[] = {SIGTERM, SIGINT, SIGUSR1};
 struct sigaction g_previous[3];
 
-}  // namespace
-
-StopSignals::StopSignals() {
-  g_stop_signal = 0;
+struct sigaction stop_action() {
   struct sigaction sa {};
   sa.sa_handler = record_stop_signal;
   sigemptyset(&sa.sa_mask);
   sa.sa_flags = SA_RESTART;  // interrupted reads and writes carry on
+  return sa;
+}
+
+}  // namespace
+
+StopSignals::StopSignals() {
+  g_stop_signal = 0;
+  const struct sigaction sa = stop_action();
   for (int i = 0; i < 3; ++i) sigaction(kSignals[i], &sa, &g_previous[i]);
+}
+
+void StopSignals::keep_installed() const {
+  const struct sigaction sa = stop_action();
+  for (int sig : kSignals) {
+    struct sigaction now {};
+    if (sigaction(sig, nullptr, &now) == 0 && now.sa_handler != record_stop_signal)
+      sigaction(sig, &sa, nullptr);
+  }
 }
 
 StopSignals::~StopSignals() {

@@ -17,6 +17,9 @@ class StopSignals {
   StopSignals& operator=(const StopSignals&) = delete;
 
   int requested() const;  // the first signal received, or 0
+  // Installs the handlers again where something replaced them since (a library's start-up, such
+  // as an MPI or NCCL initialisation, may install its own): then mpt's stop still works.
+  void keep_installed() const;
 };
 
 }  // namespace mpt

@@ -226,7 +226,7 @@ ResumePoint locate_resume(const Config& cfg, const TrainOptions& opt) {
       throw InputError("--resume " + opt.resume_from +
                        ": continuing a run in place takes one of its committed checkpoints, "
                        "named step_NNNNNNNN; to start another run from this one, give --run-dir "
-                       "for it");
+                       "naming a new directory");
     if (opt.run_dir.empty()) {
       if (!in_run)
         throw InputError("--resume " + opt.resume_from +
@@ -570,7 +570,14 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   double interval_comm_s = 0.0;  // of which in collectives (several processes)
   int64_t interval_steps = 0;
   double last_loss = 0.0;
-  std::string last_checkpoint = continue_in_place ? relative_to_run(resumed_from, run_dir) : "";
+  // In place: the run's own checkpoints/step_N (however the path to it was spelled: relative,
+  // through a symlink, with a trailing slash).
+  std::string last_checkpoint;
+  if (continue_in_place) {
+    fs::path p = fs::path(resumed_from).lexically_normal();
+    if (p.filename().empty()) p = p.parent_path();
+    last_checkpoint = (fs::path("checkpoints") / p.filename()).string();
+  }
   int64_t current_step = start_step;
 
   try {
@@ -800,6 +807,7 @@ TrainResult train(const Config& cfg, const TrainOptions& opt) {
   require_utf8("--run-dir", opt.run_dir);
   require_utf8("--resume", opt.resume_from);
   const std::unique_ptr<dist::Communicator> comm = make_job_communicator(cfg);
+  signals.keep_installed();
   if (comm->world_size() == 1) return train_in_job(cfg, opt, *comm, signals);
   try {
     return train_in_job(cfg, opt, *comm, signals);
