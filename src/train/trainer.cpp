@@ -151,7 +151,10 @@ void print_dry_run(const Config& cfg, int accum, int world, const std::string& r
               backend.device_description().c_str());
   std::printf("precision       %s: %s\n", cfg.precision.c_str(), describe_policy(policy).c_str());
   for (const auto& w : warnings) std::printf("  warning: %s\n", w.c_str());
-  std::printf("memory (predicted, %s):\n%s", backend.name().c_str(), plan.to_text().c_str());
+  const std::string recompute =
+      cfg.training.recompute == "none" ? "" : ", training.recompute " + cfg.training.recompute;
+  std::printf("memory (predicted, %s%s):\n%s", backend.name().c_str(), recompute.c_str(),
+              plan.to_text().c_str());
   std::fflush(stdout);
 }
 
