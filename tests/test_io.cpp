@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "core/error.h"
+#include "io/checkpoint.h"
 #include "io/files.h"
 #include "io/metrics.h"
 #include "io/safetensors.h"
@@ -247,4 +248,31 @@ TEST_F(Io, CorruptSafetensorsAreReportedNamingFileAndTensor) {
     }
   }
   EXPECT_THROW(safetensors::File::open(path("absent.safetensors")), InputError);
+}
+
+// MPT_FAULT (test-only fault injection): what it can use, and a clear refusal of the rest, such
+// as a step below 1 (steps start at 1: 0 was taken as a step that never comes) or a number too
+// large for 64 bits (silently clamped before).
+TEST(FaultPlan, ParsesWhatItKnowsAndRefusesTheRest) {
+  {
+    mpt::test::ScopedEnv env("MPT_FAULT", "crash=in_latest,crash_step=8,enospc_after=0,"
+                                          "preempt_at_step=3,nonfinite_at_step=2");
+    const mpt::FaultPlan f = mpt::FaultPlan::from_env();
+    EXPECT_EQ(f.crash_point, "in_latest");
+    EXPECT_EQ(f.crash_step, 8);
+    EXPECT_EQ(f.enospc_after, 0);
+    EXPECT_EQ(f.preempt_at_step, 3);
+    EXPECT_EQ(f.nonfinite_at_step, 2);
+  }
+  for (const char* bad : {"preempt_at_step=0", "crash_step=-1", "enospc_after=-5",
+                          "nonfinite_at_step=99999999999999999999", "crash=nowhere",
+                          "preempt_at_step=", "preempt_at_step=3x", "bogus=1"}) {
+    mpt::test::ScopedEnv env("MPT_FAULT", bad);
+    try {
+      mpt::FaultPlan::from_env();
+      ADD_FAILURE() << bad << " was accepted";
+    } catch (const mpt::InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(bad), std::string::npos) << e.what();
+    }
+  }
 }

@@ -116,23 +116,27 @@ FaultPlan FaultPlan::from_env() {
   while (std::getline(items, item, ',')) {
     const size_t eq = item.find('=');
     const std::string key = item.substr(0, eq), value = eq == std::string::npos ? "" : item.substr(eq + 1);
-    char* end = nullptr;
+    // A whole decimal number, at least `min`, that fits an int64 (steps start at 1).
+    auto number = [&](int64_t min, int64_t* out) {
+      char* end = nullptr;
+      errno = 0;
+      const long long v = std::strtoll(value.c_str(), &end, 10);
+      if (value.empty() || *end != '\0' || errno == ERANGE || v < min) return false;
+      *out = v;
+      return true;
+    };
     if (key == "crash" && (value == "in_file" || value == "before_rename" || value == "in_latest" ||
                            value == "in_delete")) {
       f.crash_point = value;
-    } else if (key == "enospc_after" && !value.empty() &&
-               (f.enospc_after = std::strtoll(value.c_str(), &end, 10), *end == '\0')) {
-    } else if (key == "crash_step" && !value.empty() &&
-               (f.crash_step = std::strtoll(value.c_str(), &end, 10), *end == '\0')) {
-    } else if (key == "preempt_at_step" && !value.empty() &&
-               (f.preempt_at_step = std::strtoll(value.c_str(), &end, 10), *end == '\0')) {
-    } else if (key == "nonfinite_at_step" && !value.empty() &&
-               (f.nonfinite_at_step = std::strtoll(value.c_str(), &end, 10), *end == '\0')) {
+    } else if (key == "enospc_after" && number(0, &f.enospc_after)) {
+    } else if (key == "crash_step" && number(1, &f.crash_step)) {
+    } else if (key == "preempt_at_step" && number(1, &f.preempt_at_step)) {
+    } else if (key == "nonfinite_at_step" && number(1, &f.nonfinite_at_step)) {
     } else {
       throw InputError("MPT_FAULT: cannot use '" + item +
                        "' (expected crash=in_file|before_rename|in_latest|in_delete, "
                        "crash_step=N, enospc_after=BYTES, preempt_at_step=N, "
-                       "nonfinite_at_step=N)");
+                       "nonfinite_at_step=N; N >= 1, BYTES >= 0)");
     }
   }
   return f;
