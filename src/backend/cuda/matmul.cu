@@ -722,10 +722,7 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     GeluPath gp = GeluPath::separate;
     if (gelu_pre.defined())
       gp = gelu_backward_path(pd, dinp.dtype, gelu_pre.dtype, address(gelu_pre));
-    // exact_gelu: the caller recomputes this GELU with gelu_forward, whose bits the epilogue's
-  // need not have (backend.h).
-  if (gp == GeluPath::epilogue && (!ctx.lt_epilogues() || spec.exact_gelu))
-    gp = GeluPath::separate;
+    if (gp == GeluPath::epilogue && !ctx.lt_epilogues()) gp = GeluPath::separate;
     bool done = false;
     if (gp == GeluPath::epilogue) {
       // dinp = product * gelu'(gelu_pre) written by the GEMM (DGELU reads the aux buffer).
