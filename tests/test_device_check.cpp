@@ -102,4 +102,46 @@ TEST_F(GtestUntilDone, ABinaryThatCannotListItsTestsIsReported) {
             std::string::npos) << doc.dump();
 }
 
+// A process that fails outside any test fails the run even when every test passed: a crash
+// between two suites (the rest run again in a fresh process, which passes) or at exit.
+TEST_F(GtestUntilDone, AFailureOutsideTheTestsFailsTheRun) {
+  const std::string script = std::string("python3 ") + MPT_SOURCE_DIR + "/scripts/gtest-until-done ";
+  auto r = run("FAKE_SUITE_CRASH_BETWEEN=" + path("once") + " " + script + MPT_FAKE_SUITE + " " +
+               path("between") + " 60 --gtest_filter=Fake.Passes:Dtypes/*");
+  EXPECT_EQ(r.code, 1) << r.out;
+  json doc = json::parse(slurp(path("between.json")));
+  EXPECT_EQ(doc["tests"], 3);
+  EXPECT_EQ(doc["not_run"], 0) << "the FakeParam tests ran in a second process";
+  EXPECT_EQ(doc["failures"], 0);
+  EXPECT_EQ(doc["runs"], 2);
+  ASSERT_EQ(doc["outside_tests"].size(), 1u) << doc.dump();
+  EXPECT_NE(doc["outside_tests"][0].get<std::string>().find("after Fake.Passes"),
+            std::string::npos) << doc.dump();
+
+  r = run("FAKE_SUITE_ABORT_AT_EXIT=1 " + script + MPT_FAKE_SUITE + " " + path("exit") +
+          " 60 --gtest_filter=Fake.Passes");
+  EXPECT_EQ(r.code, 1) << r.out;
+  doc = json::parse(slurp(path("exit.json")));
+  EXPECT_EQ(doc["failures"], 0);
+  EXPECT_EQ(doc["not_run"], 0);
+  ASSERT_EQ(doc["outside_tests"].size(), 1u) << doc.dump();
+}
+
+// What a run skips is not waited for (DISABLED_ tests), and a filter that leaves no test, a
+// time budget that is not a number, and an OUT in a directory not yet made are each handled.
+TEST_F(GtestUntilDone, DisabledTestsNoTestsAndBadArguments) {
+  const std::string script = std::string("python3 ") + MPT_SOURCE_DIR + "/scripts/gtest-until-done ";
+  auto r = run(script + MPT_FAKE_SUITE + " " + path("new/dir/ok") + " 60 --gtest_filter=Fake.Passes:Fake.DISABLED_*");
+  EXPECT_EQ(r.code, 0) << r.out;
+  json doc = json::parse(slurp(path("new/dir/ok.json")));
+  EXPECT_EQ(doc["tests"], 1) << doc.dump();
+  r = run(script + MPT_FAKE_SUITE + " " + path("none") + " 60 --gtest_filter=Nope.*");
+  EXPECT_EQ(r.code, 1) << r.out;
+  doc = json::parse(slurp(path("none.json")));
+  EXPECT_NE(doc["error"].get<std::string>().find("lists no tests"), std::string::npos) << doc.dump();
+  r = run(script + MPT_FAKE_SUITE + " " + path("bad") + " soon");
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("'soon' is not a number of seconds"), std::string::npos) << r.out;
+}
+
 }  // namespace

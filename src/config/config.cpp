@@ -364,8 +364,9 @@ const std::vector<KeyDef>& key_table() {
                        "activations the backward computes again instead of keeping them from "
                        "the forward: the MLP's GELU output (4 x n_embd a token and block), and "
                        "with gelu+layernorm also the two LayerNorm outputs (2 x n_embd); less "
-                       "activation memory for one more pass, the same results (blocks in fp8 "
-                       "keep neither anyway; on a GPU under tf32 the same up to rounding, as "
+                       "activation memory (the recomputing blocks share one buffer of each, so "
+                       "all but one block's worth) for one more pass, the same results (blocks in "
+                       "fp8 keep neither anyway; on a GPU under tf32 the same up to rounding, as "
                        "the MLP's first GEMM then runs without cuBLASLt's GELU epilogue)"));
     // optimizer
     t.push_back(number("optimizer.lr", MPT_FIELD(optimizer.lr), above(0),
