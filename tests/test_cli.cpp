@@ -392,7 +392,7 @@ TEST_F(Cli, Gpt2SmallConfigHasGpt2ParameterCount) {
 // A run larger than the memory its backend has is refused before anything is allocated or
 // written (here the machine's memory: the CPU backend), naming the keys that shrink it; a dry
 // run too, after showing the ledger. 96 layers of GPT-2 small at 128 x 1024 tokens: over
-// 600 GiB, more than any test machine has.
+// 600 GiB, more than any test machine has. The ledger's heading names training.recompute.
 TEST_F(Cli, RunLargerThanTheMachineIsRefusedBeforeAllocating) {
   const std::string too_big = mpt_bin() + " train " + MPT_SOURCE_DIR +
                               "/configs/gpt2-124m.yaml --set backend=cpu --set data.train=builtin" +
@@ -411,6 +411,17 @@ TEST_F(Cli, RunLargerThanTheMachineIsRefusedBeforeAllocating) {
     if (*dry) {  // the ledger that says why, before the refusal
       EXPECT_NE(r.out.find("memory (predicted, cpu):"), std::string::npos) << r.out;
     }
+  }
+  // training.recompute: the heading says in how many blocks (fp8 blocks keep neither anyway).
+  for (const auto& [set, want] : std::vector<std::pair<std::string, std::string>>{
+           {"", "training.recompute gelu in 4 of 4 blocks"},
+           {" --set precision=fp8 --set fp8.first_last_blocks=bf16",
+            "training.recompute gelu in 2 of 4 blocks"},
+           {" --set precision=fp8", "training.recompute gelu in no block: all are in fp8"}}) {
+    const auto r = run(mpt_bin() + " train --dry-run --set model.n_layer=4 --set threads=1"
+                       " --set training.recompute=gelu" + set);
+    EXPECT_EQ(r.code, 0) << r.out;
+    EXPECT_NE(r.out.find("memory (predicted, cpu, " + want + "):"), std::string::npos) << r.out;
   }
 }
 

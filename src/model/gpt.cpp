@@ -177,6 +177,13 @@ bool Gpt::recomputes_ln(const PrecisionPolicy& policy, Recompute r, int l, int L
   return r == Recompute::gelu_layernorm && !block_in_fp8(policy, l, L);
 }
 
+int Gpt::recomputing_blocks(const ModelConfig& cfg, const PrecisionPolicy& policy,
+                            Recompute recompute) {
+  int n = 0;
+  for (int l = 0; l < cfg.n_layer; ++l) n += recomputes_gelu(policy, recompute, l, cfg.n_layer);
+  return n;
+}
+
 template <class F>
 void Gpt::activation_layout(const ModelConfig& cfg, const PrecisionPolicy& policy,
                             Recompute recompute, int B, int T, Gpt* self, F&& want) {

@@ -138,6 +138,10 @@ class Gpt {
                                   const PrecisionPolicy& policy = {}, int processes = 1,
                                   bool zero = false, Recompute recompute = Recompute::none);
 
+  // How many of the model's blocks recompute under `recompute` (the blocks not in fp8).
+  static int recomputing_blocks(const ModelConfig& cfg, const PrecisionPolicy& policy,
+                                Recompute recompute);
+
   size_t activation_bytes() const { return act_buf_.bytes(); }  // 0 before the first forward
   size_t parameter_bytes() const { return param_buf_.bytes(); }
   size_t master_bytes() const { return master_buf_.bytes(); }

@@ -151,8 +151,13 @@ void print_dry_run(const Config& cfg, int accum, int world, const std::string& r
               backend.device_description().c_str());
   std::printf("precision       %s: %s\n", cfg.precision.c_str(), describe_policy(policy).c_str());
   for (const auto& w : warnings) std::printf("  warning: %s\n", w.c_str());
-  const std::string recompute =
-      cfg.training.recompute == "none" ? "" : ", training.recompute " + cfg.training.recompute;
+  std::string recompute;
+  if (cfg.training.recompute != "none") {
+    const int n = Gpt::recomputing_blocks(m, policy, recompute_from_name(cfg.training.recompute));
+    recompute = ", training.recompute " + cfg.training.recompute + " in " +
+                (n == 0 ? std::string("no block: all are in fp8")
+                        : std::to_string(n) + " of " + std::to_string(m.n_layer) + " blocks");
+  }
   std::printf("memory (predicted, %s%s):\n%s", backend.name().c_str(), recompute.c_str(),
               plan.to_text().c_str());
   std::fflush(stdout);
