@@ -87,6 +87,17 @@ TEST_F(GtestUntilDone, ATestThatHangsIsCutOffAtTheBudget) {
   EXPECT_EQ(doc["failures"], 0);
 }
 
+// device-check's outer timeout sends SIGTERM: the test process (in a session of its own) goes
+// too, instead of holding the GPU while the next step runs.
+TEST_F(GtestUntilDone, ASigtermEndsTheTestProcessToo) {
+  auto r = run(std::string("(FAKE_SUITE_HANG=1 python3 ") + MPT_SOURCE_DIR +
+               "/scripts/gtest-until-done " + MPT_FAKE_SUITE + " " + path("term") +
+               " 60 & pid=$!; sleep 2; kill -TERM $pid; wait $pid; echo rc=$?; sleep 0.5;"
+               " pgrep -f '^" + MPT_FAKE_SUITE + "' >/dev/null && echo left || echo gone)");
+  EXPECT_NE(r.out.find("rc=143"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("gone"), std::string::npos) << r.out;
+}
+
 // A binary that cannot even list its tests (a missing library on the GPU machine, say): exit
 // status 1 and the reason in the JSON, which the summary prints.
 TEST_F(GtestUntilDone, ABinaryThatCannotListItsTestsIsReported) {
