@@ -252,8 +252,9 @@ int main(int argc, char** argv) {
   for (std::string name; std::getline(names, name, ',');) {
     // "P+recompute": preset P with training.recompute gelu+layernorm (what the extra backward
     // passes cost in time, and save in activation memory).
-    const size_t plus = name.find("+recompute");
-    const bool re = plus != std::string::npos && plus + 10 == name.size();
+    const std::string suffix = "+recompute";
+    const size_t plus = name.size() - std::min(name.size(), suffix.size());
+    const bool re = name.size() > suffix.size() && name.compare(plus, suffix.size(), suffix) == 0;
     const Recompute recompute = re ? Recompute::gelu_layernorm : Recompute::none;
     const PrecisionPolicy policy = PrecisionPolicy::preset(re ? name.substr(0, plus) : name);
     CudaBackend be(0);  // a fresh backend per policy: its scratch starts empty

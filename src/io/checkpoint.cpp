@@ -160,9 +160,9 @@ Checkpoint load_checkpoint(const std::string& dir) {
   const std::optional<std::string> text = read_small_file(state_path);
   if (!text) {
     std::error_code ec;
-    if (fs::exists(fs::path(dir) / "checkpoints", ec) || fs::exists(fs::path(dir) / kLatest, ec)) {
-      const fs::path ckpts = fs::exists(fs::path(dir) / "checkpoints", ec)
-                                 ? fs::path(dir) / "checkpoints" : fs::path(dir);
+    const bool run_dir = fs::exists(fs::path(dir) / "checkpoints", ec);
+    if (run_dir || fs::exists(fs::path(dir) / kLatest, ec)) {
+      const fs::path ckpts = run_dir ? fs::path(dir) / "checkpoints" : fs::path(dir);
       throw InputError(dir + ": a run's directory, not a checkpoint: give one of its checkpoints, " +
                        (ckpts / "step_NNNNNNNN").string() + " (the newest is named in " +
                        (ckpts / kLatest).string() + ")");
