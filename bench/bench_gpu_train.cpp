@@ -6,11 +6,15 @@
 // (measured and as the memory ledger predicts it), and each as a ratio to fp32 and to bf16; and
 // the time of the step's attention alone (one layer's forward and backward, times the layers),
 // and, where the fused kernels run it, the same with the GEMM path (MPT_ATTENTION=gemm); and one
-// more step profiled op by op (the 15 ops that take the most GPU time, in the JSON).
+// more step profiled op by op (the 15 ops that take the most GPU time, in the JSON); and one more
+// with each backend op timed against its floor (backend/op_cost.h: the fewest bytes and the
+// products it must compute, over the measured ceilings), the step's floor and the tokens/s it
+// allows, as bench_step_floor predicts them from the datasheet.
 // A step is forward, backward, gradient norm and AdamW, on random tokens. The median of the
 // timed steps, after warm-up steps. First, the GPU's ceilings to read those against (measured,
 // not from a datasheet): device-to-device copy bandwidth, and cuBLASLt GEMM rates in bf16 (fp32
-// and bf16 outputs) and fp8 at 8192^3 and at the model's four forward shapes.
+// and bf16 outputs) and fp8 at 8192^3 and at the model's four forward shapes, and in fp32, tf32
+// and fp16 at 8192^3.
 //
 //   build/bench/bench_gpu_train [--batch B] [--seq T] [--steps N] [--warmup N]
 //                               [--policies fp32,bf16,...] [--json PATH]
@@ -30,6 +34,8 @@
 #include <nlohmann/json.hpp>
 
 #include "backend/gpu_peaks.h"
+#include "backend/op_cost.h"
+#include "bench_common.h"
 #include "core/rng.h"
 #include "model/cuda_workspace.h"
 #include "model/gpt.h"
@@ -153,10 +159,11 @@ nlohmann::json measure_ceilings(cuda::Context& ctx, int64_t rows, int64_t C) {
     DeviceBuffer x = random_device(size_t(sh.n * sh.c) * 2, rng, st);
     DeviceBuffer w = random_device(size_t(sh.oc * sh.c) * 2, rng, st);
     DeviceBuffer d(size_t(sh.n * sh.oc) * 4);
-    auto rate = [&](const GemmPlan& p, const char* what) {
+    auto rate = [&](const GemmPlan& p, const char* what, const DeviceBuffer* a = nullptr,
+                    const DeviceBuffer* b = nullptr) {
       GemmArgs g;
-      g.a = w.data();
-      g.b = x.data();
+      g.a = a ? a->data() : w.data();
+      g.b = b ? b->data() : x.data();
       g.d = d.as<float>();
       if (p.fp8) g.scale_a = g.scale_b = ones.as<float>();
       if (!run_gemm(ctx, p, g, what, /*may_fail=*/true)) return nlohmann::json();  // refused
@@ -175,11 +182,93 @@ nlohmann::json measure_ceilings(cuda::Context& ctx, int64_t rows, int64_t C) {
     row["fp8_tflops"] = rate(plan_matmul(MatmulOp::forward, sh.n, sh.c, sh.oc, DType::bf16,
                                          DType::bf16, DType::bf16, fp8),
                              "ceiling: fp8 GEMM");
+    if (&sh == &shapes[0]) {
+      // The other formats' rates at the large shape: the ceilings a step's fp32, tf32 and fp16
+      // products are read against (bench_step_floor, the op floors below). fp16 reads the same
+      // random bits (bit 14 clear: finite, below 2); fp32 operands have 4 bytes an element.
+      row["fp16_tflops"] = rate(plan_matmul(MatmulOp::forward, sh.n, sh.c, sh.oc, DType::f16,
+                                            DType::f16, DType::f16, native),
+                                "ceiling: fp16 GEMM");
+      DeviceBuffer x32 = random_device(size_t(sh.n * sh.c) * 4, rng, st);
+      DeviceBuffer w32 = random_device(size_t(sh.oc * sh.c) * 4, rng, st);
+      row["fp32_tflops"] = rate(plan_matmul(MatmulOp::forward, sh.n, sh.c, sh.oc, DType::f32,
+                                            DType::f32, DType::f32, native),
+                                "ceiling: fp32 GEMM", &w32, &x32);
+      row["tf32_tflops"] = rate(plan_matmul(MatmulOp::forward, sh.n, sh.c, sh.oc, DType::f32,
+                                            DType::f32, DType::f32,
+                                            MatmulSpec(MatmulPrecision::tf32)),
+                                "ceiling: tf32 GEMM", &w32, &x32);
+    }
     gemms.push_back(row);
   }
   out["gemm"] = gemms;
   return out;
 }
+
+// The ceilings the op floors are read against: the measured copy bandwidth and GEMM rates at
+// 8192^3 where measure_ceilings got them, else the datasheet peaks of gpu_peaks.h for this GPU
+// (and 0 bandwidth: no floors), each source named in `sources`.
+Ceilings ceilings_for_floors(const nlohmann::json& measured, const std::string& gpu_name,
+                             nlohmann::json& sources) {
+  Ceilings c;
+  const bool have = measured.is_object() && !measured.contains("error");
+  if (have && measured.contains("copy_gbps")) c.bytes_per_s = double(measured["copy_gbps"]) * 1e9;
+  const nlohmann::json* big =
+      have && measured.contains("gemm") && !measured["gemm"].empty() ? &measured["gemm"][0] : nullptr;
+  for (int f = 0; f < kPeakFormats; ++f) {
+    const std::string name = peak_format_name(static_cast<PeakFormat>(f));
+    const std::string key = name + "_tflops";
+    if (big && big->contains(key) && (*big)[key].is_number()) {
+      c.flops_per_s[f] = double((*big)[key]) * 1e12;
+      sources[name] = "measured at 8192^3";
+    } else {
+      c.flops_per_s[f] = peak_flops(gpu_name, name);
+      sources[name] = "datasheet";
+    }
+  }
+  return c;
+}
+
+// Times each op a TracingBackend reports with two CUDA events on the ops' stream (the events
+// reused from step to step); finish() waits for them and adds each op's time to a CostTable.
+class EventObserver : public OpObserver {
+ public:
+  explicit EventObserver(cudaStream_t stream) : stream_(stream) {}
+  EventObserver(const EventObserver&) = delete;
+  EventObserver& operator=(const EventObserver&) = delete;
+  ~EventObserver() {
+    for (cudaEvent_t e : pool_) cudaEventDestroy(e);
+  }
+  void before(const OpCost&) override { record(); }
+  void after(const OpCost& c) override {
+    costs_.push_back(c);
+    record();
+  }
+  void finish(CostTable& table) {
+    if (used_ > 0) MPT_CUDA_CHECK(cudaEventSynchronize(pool_[used_ - 1]));
+    for (size_t i = 0; i < costs_.size(); ++i) {
+      float ms = 0;
+      MPT_CUDA_CHECK(cudaEventElapsedTime(&ms, pool_[2 * i], pool_[2 * i + 1]));
+      table.add(costs_[i], double(ms));
+    }
+    costs_.clear();
+    used_ = 0;
+  }
+
+ private:
+  void record() {
+    if (used_ == pool_.size()) {
+      cudaEvent_t e = nullptr;
+      MPT_CUDA_CHECK(cudaEventCreate(&e));
+      pool_.push_back(e);
+    }
+    MPT_CUDA_CHECK(cudaEventRecord(pool_[used_++], stream_));
+  }
+  cudaStream_t stream_;
+  std::vector<cudaEvent_t> pool_;
+  size_t used_ = 0;
+  std::vector<OpCost> costs_;
+};
 
 }  // namespace
 #endif
@@ -250,21 +339,20 @@ int main(int argc, char** argv) {
   }
   std::stringstream names(policies);
   for (std::string name; std::getline(names, name, ',');) {
-    // "P+recompute": preset P with training.recompute gelu+layernorm (what the extra backward
-    // passes cost in time, and save in activation memory).
-    const std::string suffix = "+recompute";
-    const size_t plus = name.size() - std::min(name.size(), suffix.size());
-    const bool re = name.size() > suffix.size() && name.compare(plus, suffix.size(), suffix) == 0;
-    const Recompute recompute = re ? Recompute::gelu_layernorm : Recompute::none;
-    const PrecisionPolicy policy = PrecisionPolicy::preset(re ? name.substr(0, plus) : name);
+    const auto parsed = bench::parse_policy_name(name);  // "P+recompute" too
+    const Recompute recompute = parsed.second;
+    const PrecisionPolicy policy = PrecisionPolicy::preset(parsed.first);
     CudaBackend be(0);  // a fresh backend per policy: its scratch starts empty
     device = be.device_description();
     size_t free0 = 0, total = 0;
     MPT_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
-    Gpt model(m, be, policy, recompute);
+    // The model's ops pass through a TracingBackend, which only forwards them until one step
+    // is traced op by op (below).
+    TracingBackend traced(be, nullptr);
+    Gpt model(m, traced, policy, recompute);
     model.init_weights(1, 0.02);
     OptimizerConfig oc;
-    AdamW opt(oc, model, be);
+    AdamW opt(oc, model, traced);
     auto one_step = [&] {
       model.zero_grad();
       model.forward(in.data(), tg.data(), B, T, 1.0f / (B * T));
@@ -292,6 +380,35 @@ int main(int argc, char** argv) {
       if (top_ops.size() == 15) break;
       top_ops.push_back({{"op", t.op}, {"ms", t.ms}, {"launches", t.launches},
                          {"share", profile.total_ms() > 0 ? t.ms / profile.total_ms() : 0.0}});
+    }
+    // One more step, each backend op timed against its floor (backend/op_cost.h): the fewest
+    // bytes and the products it must compute, over this GPU's measured ceilings. The rows
+    // with the most time above their floors say where speed work can still win.
+    nlohmann::json floor_sources = nlohmann::json::object();
+    const Ceilings ceil = ceilings_for_floors(ceilings, be.gpu_info().gpu_name, floor_sources);
+    nlohmann::json op_floors = nlohmann::json::array();
+    double floor_ms = 0, traced_ms = 0;
+    if (ceil.bytes_per_s > 0) {
+      EventObserver events(static_cast<cudaStream_t>(be.stream()));
+      CostTable table(ceil);
+      traced.set_observer(&events);
+      one_step();
+      traced.set_observer(nullptr);
+      events.finish(table);
+      std::vector<nlohmann::json> rows;
+      for (const OpTotals& t : table.rows()) {
+        const double f = t.floor_s * 1e3;
+        floor_ms += f;
+        traced_ms += t.measured_ms;
+        rows.push_back({{"op", t.cost.op}, {"calls", t.calls}, {"ms", t.measured_ms},
+                        {"floor_ms", f}, {"above_floor_ms", t.measured_ms - f},
+                        {"gb", t.cost.bytes / 1e9}, {"gflop", t.cost.total_flops() / 1e9},
+                        {"bound", memory_bound(t.cost, ceil) ? "memory" : "math"}});
+      }
+      std::sort(rows.begin(), rows.end(), [](const nlohmann::json& a, const nlohmann::json& b) {
+        return double(a["above_floor_ms"]) > double(b["above_floor_ms"]);
+      });
+      for (auto& r : rows) op_floors.push_back(std::move(r));
     }
     size_t free1 = 0;
     MPT_CUDA_CHECK(cudaMemGetInfo(&free1, &total));
@@ -356,6 +473,15 @@ int main(int argc, char** argv) {
                        {"step_ms_max", ms.back()},
                        {"profile_ms", profile.total_ms()},  // the profiled step, marks included
                        {"profile_top_ops", top_ops},
+                       // The step's floor over the measured ceilings (0: not measured), the
+                       // time the traced ops took (the rest of a step is between ops), and
+                       // every op against its floor, the most time above it first.
+                       {"floor_ms", floor_ms},
+                       {"floor_tokens_per_s", floor_ms > 0 ? double(B) * T / (floor_ms / 1e3) : 0.0},
+                       {"step_vs_floor", floor_ms > 0 ? step_ms / floor_ms : 0.0},
+                       {"traced_ops_ms", traced_ms},
+                       {"floor_ceilings", floor_sources},
+                       {"op_floors", op_floors},
                        {"mfu", mfu.value_or(0.0)},  // 0: this GPU is not in gpu_peaks' table
                        {"peak_format", peak.format},
                        {"peak_tflops", peak.flops / 1e12},

@@ -1,0 +1,192 @@
+// The floor of a training step on a GPU, per precision policy, from shapes alone (no GPU, no
+// compute: a shape-only TracingBackend, backend/op_cost.h): for every op of one step (forward,
+// backward, gradient norm, AdamW), the products it must compute and the fewest bytes it must
+// move, over a GPU's ceilings; the step's floor is the sum of its ops' floors, and the
+// tokens/s no implementation of these ops can beat on that GPU. What a measured step (bench_gpu_train)
+// is read against, and how much each op could still win.
+//
+//   build/bench/bench_step_floor [--config configs/gpt2-124m.yaml] [--batch 32] [--seq 1024]
+//       [--policies fp32,tf32,fp16,bf16,fp8,bf16+recompute] [--gpu "NVIDIA H200"]
+//       [--gbps 4800] [--tflops fp32=67,tf32=494.7,...] [--ops POLICY] [--json PATH]
+//
+// Ceilings: by default the datasheet figures of --gpu (backend/gpu_peaks.h's dense peaks, and
+// --gbps, the H200's 4.8 TB/s) - a floor no run can beat. bench_gpu_train reads the same costs
+// against the ceilings it measures on the GPU itself. --tflops overrides single formats.
+// --ops POLICY prints that policy's ops, the costliest floors first.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "backend/gpu_peaks.h"
+#include "backend/op_cost.h"
+#include "bench_common.h"
+#include "config/config.h"
+#include "model/gpt.h"
+#include "optim/adamw.h"
+#include "precision/policy.h"
+
+using namespace mpt;
+
+namespace {
+
+int usage(const std::string& why) {
+  std::fprintf(stderr,
+               "bench_step_floor: %s\nusage: bench_step_floor [--config PATH] [--batch B] "
+               "[--seq T] [--policies P,...] [--gpu NAME] [--gbps GB/s] "
+               "[--tflops FORMAT=TFLOPS,...] [--ops POLICY] [--json PATH]\n",
+               why.c_str());
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string config_path = std::string(MPT_SOURCE_DIR) + "/configs/gpt2-124m.yaml";
+  std::string policies = "fp32,tf32,fp16,bf16,fp8,bf16+recompute", gpu = "NVIDIA H200";
+  std::string tflops_arg, ops_policy, json_path;
+  int B = 32, T = 1024;
+  double gbps = 4800;
+  for (int i = 1; i < argc; i += 2) {
+    const std::string k = argv[i];
+    if (i + 1 >= argc) return usage(k + " needs a value");
+    const std::string v = argv[i + 1];
+    if (k == "--config") config_path = v;
+    else if (k == "--batch") B = std::atoi(v.c_str());
+    else if (k == "--seq") T = std::atoi(v.c_str());
+    else if (k == "--policies") policies = v;
+    else if (k == "--gpu") gpu = v;
+    else if (k == "--gbps") gbps = std::atof(v.c_str());
+    else if (k == "--tflops") tflops_arg = v;
+    else if (k == "--ops") ops_policy = v;
+    else if (k == "--json") json_path = v;
+    else return usage("unknown option " + k);
+  }
+  if (B < 1 || T < 1) return usage("--batch and --seq must be positive");
+  if (!(gbps > 0)) return usage("--gbps must be positive");
+  if (!ops_policy.empty() && ("," + policies + ",").find("," + ops_policy + ",") == std::string::npos)
+    return usage("--ops " + ops_policy + ": not one of --policies " + policies);
+
+  try {
+    ModelConfig m = load_config(config_path, {"data.train=builtin", "data.val=builtin"}).model;
+    m.max_seq_len = std::max(m.max_seq_len, T);
+    Ceilings ceil;
+    ceil.bytes_per_s = gbps * 1e9;
+    for (int f = 0; f < kPeakFormats; ++f)
+      ceil.flops_per_s[f] = peak_flops(gpu, peak_format_name(static_cast<PeakFormat>(f)));
+    std::stringstream tf(tflops_arg);
+    for (std::string item; std::getline(tf, item, ',');) {
+      const size_t eq = item.find('=');
+      int f = 0;
+      while (f < kPeakFormats &&
+             (eq == std::string::npos || item.substr(0, eq) != peak_format_name(PeakFormat(f))))
+        ++f;
+      if (f == kPeakFormats) return usage("--tflops: '" + item + "' is not FORMAT=TFLOPS with "
+                                          "FORMAT one of fp32, tf32, fp16, bf16, fp8");
+      ceil.flops_per_s[f] = std::atof(item.c_str() + eq + 1) * 1e12;
+    }
+
+    std::printf("step floor: %s (%d layers, width %d, vocabulary %d), batch %d x seq %d\n",
+                config_path.c_str(), m.n_layer, m.n_embd, m.vocab_size, B, T);
+    std::printf("ceilings (%s): %.0f GB/s; TFLOP/s", gpu.c_str(), gbps);
+    for (int f = 0; f < kPeakFormats; ++f)
+      std::printf(" %s %.1f", peak_format_name(PeakFormat(f)), ceil.flops_per_s[f] / 1e12);
+    std::printf("\n%-15s %9s %9s %9s %9s %12s %9s %9s\n", "policy", "floor ms", "bytes ms",
+                "math ms", "GB", "tokens/s", "vs fp32", "vs bf16");
+
+    nlohmann::json results = nlohmann::json::array();
+    std::string ops_text;
+    std::stringstream names(policies);
+    for (std::string name; std::getline(names, name, ',');) {
+      const auto parsed = bench::parse_policy_name(name);
+      const PrecisionPolicy policy = PrecisionPolicy::preset(parsed.first);
+      CostTable table(ceil);
+      TracingBackend shapes = TracingBackend::shape_only(nullptr);
+      Gpt g(m, shapes, policy, parsed.second);
+      OptimizerConfig oc;
+      AdamW opt(oc, g, shapes);
+      std::vector<int32_t> ids(size_t(B) * T, 0);  // never read: nothing is executed
+      auto step = [&] {
+        g.zero_grad();
+        g.forward(ids.data(), ids.data(), B, T, 1.0f / float(B * T));
+        g.backward();
+        g.end_step();
+        opt.step(oc.lr, opt.clip_scale(opt.grad_norm()));
+      };
+      step();  // the first step allocates the activations; the second is the steady state
+      shapes.set_observer(&table);
+      step();
+      double floor_s = 0, bytes_s = 0, math_s = 0;
+      nlohmann::json ops = nlohmann::json::array();
+      std::vector<std::pair<double, OpTotals>> by_floor;
+      for (const OpTotals& t : table.rows()) {
+        const double f = t.floor_s;
+        OpCost math = t.cost;
+        math.bytes = 0;
+        math.host_bytes = 0;
+        floor_s += f;
+        bytes_s += t.cost.bytes / ceil.bytes_per_s;
+        math_s += math.total_flops() > 0 ? floor_seconds(math, ceil) : 0.0;
+        ops.push_back({{"op", t.cost.op}, {"calls", t.calls}, {"gflop", t.cost.total_flops() / 1e9},
+                       {"gb", t.cost.bytes / 1e9}, {"floor_ms", f * 1e3},
+                       {"bound", memory_bound(t.cost, ceil) ? "memory" : "math"}});
+        by_floor.emplace_back(f, t);
+      }
+      const OpTotals all = table.total();
+      const double tokens_per_s = double(B) * T / floor_s;
+      results.push_back({{"policy", name}, {"floor_ms", floor_s * 1e3}, {"bytes_ms", bytes_s * 1e3},
+                         {"math_ms", math_s * 1e3}, {"gb", all.cost.bytes / 1e9},
+                         {"gflop", all.cost.total_flops() / 1e9},
+                         {"floor_tokens_per_s", tokens_per_s}, {"ops", ops}});
+      if (name == ops_policy) {  // printed after the policies' table
+        std::sort(by_floor.begin(), by_floor.end(),
+                  [](const auto& a, const auto& b) { return a.first > b.first; });
+        char line[256];
+        std::snprintf(line, sizeof line, "%s, op by op (the largest floors first):\n  %-26s %6s %10s %9s %9s %7s\n",
+                      name.c_str(), "op", "calls", "GFLOP", "GB", "floor ms", "bound");
+        ops_text = line;
+        for (const auto& [f, t] : by_floor) {
+          std::snprintf(line, sizeof line, "  %-26s %6lld %10.1f %9.3f %9.3f %7s\n",
+                        t.cost.op.c_str(), (long long)t.calls, t.cost.total_flops() / 1e9,
+                        t.cost.bytes / 1e9, f * 1e3, memory_bound(t.cost, ceil) ? "memory" : "math");
+          ops_text += line;
+        }
+      }
+    }
+    auto find = [&](const char* p) -> const nlohmann::json* {
+      for (const auto& r : results)
+        if (r["policy"] == p) return &r;
+      return nullptr;
+    };
+    const nlohmann::json *f32 = find("fp32"), *b16 = find("bf16");
+    for (auto& r : results) {
+      const double t = r["floor_tokens_per_s"];
+      r["vs_fp32"] = f32 ? t / double((*f32)["floor_tokens_per_s"]) : 0.0;
+      r["vs_bf16"] = b16 ? t / double((*b16)["floor_tokens_per_s"]) : 0.0;
+      std::printf("%-15s %9.2f %9.2f %9.2f %9.2f %12.0f %8.2fx %8.2fx\n",
+                  r["policy"].get<std::string>().c_str(), double(r["floor_ms"]),
+                  double(r["bytes_ms"]), double(r["math_ms"]), double(r["gb"]),
+                  double(r["floor_tokens_per_s"]), double(r["vs_fp32"]), double(r["vs_bf16"]));
+    }
+    std::fputs(ops_text.c_str(), stdout);
+    if (!json_path.empty()) {
+      nlohmann::json ceil_j = {{"gbps", gbps}, {"gpu", gpu}};
+      for (int f = 0; f < kPeakFormats; ++f)
+        ceil_j[std::string(peak_format_name(PeakFormat(f))) + "_tflops"] = ceil.flops_per_s[f] / 1e12;
+      std::ofstream(json_path) << nlohmann::json({{"config", config_path}, {"batch", B},
+                                                  {"seq", T}, {"ceilings", ceil_j},
+                                                  {"policies", results}})
+                                      .dump(1)
+                               << "\n";
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_step_floor: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
