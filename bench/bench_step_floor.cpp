@@ -168,10 +168,18 @@ int main(int argc, char** argv) {
       const double t = r["floor_tokens_per_s"];
       r["vs_fp32"] = f32 ? t / double((*f32)["floor_tokens_per_s"]) : 0.0;
       r["vs_bf16"] = b16 ? t / double((*b16)["floor_tokens_per_s"]) : 0.0;
-      std::printf("%-15s %9.2f %9.2f %9.2f %9.2f %12.0f %8.2fx %8.2fx\n",
+      auto ratio = [](bool have_base, double v) {  // "-" when that policy was not run
+        char buf[32];
+        if (!have_base) return std::string("        -");
+        std::snprintf(buf, sizeof buf, "%8.2fx", v);
+        return std::string(buf);
+      };
+      std::printf("%-15s %9.2f %9.2f %9.2f %9.2f %12.0f %s %s\n",
                   r["policy"].get<std::string>().c_str(), double(r["floor_ms"]),
                   double(r["bytes_ms"]), double(r["math_ms"]), double(r["gb"]),
-                  double(r["floor_tokens_per_s"]), double(r["vs_fp32"]), double(r["vs_bf16"]));
+                  double(r["floor_tokens_per_s"]),
+                  ratio(f32 != nullptr, double(r["vs_fp32"])).c_str(),
+                  ratio(b16 != nullptr, double(r["vs_bf16"])).c_str());
     }
     std::fputs(ops_text.c_str(), stdout);
     if (!json_path.empty()) {
