@@ -239,35 +239,37 @@ class EventObserver : public OpObserver {
   ~EventObserver() {
     for (cudaEvent_t e : pool_) cudaEventDestroy(e);
   }
-  void before(const OpCost&) override { record(); }
-  void after(const OpCost& c) override {
-    costs_.push_back(c);
-    record();
-  }
+  void before(const OpCost&) override { began_ = record(); }
+  void after(const OpCost& c) override { ops_.push_back({c, began_, record()}); }
   void finish(CostTable& table) {
     if (used_ > 0) MPT_CUDA_CHECK(cudaEventSynchronize(pool_[used_ - 1]));
-    for (size_t i = 0; i < costs_.size(); ++i) {
+    for (const Op& op : ops_) {
       float ms = 0;
-      MPT_CUDA_CHECK(cudaEventElapsedTime(&ms, pool_[2 * i], pool_[2 * i + 1]));
-      table.add(costs_[i], double(ms));
+      MPT_CUDA_CHECK(cudaEventElapsedTime(&ms, pool_[op.begin], pool_[op.end]));
+      table.add(op.cost, double(ms));
     }
-    costs_.clear();
+    ops_.clear();
     used_ = 0;
   }
 
  private:
-  void record() {
+  struct Op {
+    OpCost cost;
+    size_t begin, end;  // its events in pool_
+  };
+  size_t record() {
     if (used_ == pool_.size()) {
       cudaEvent_t e = nullptr;
       MPT_CUDA_CHECK(cudaEventCreate(&e));
       pool_.push_back(e);
     }
-    MPT_CUDA_CHECK(cudaEventRecord(pool_[used_++], stream_));
+    MPT_CUDA_CHECK(cudaEventRecord(pool_[used_], stream_));
+    return used_++;
   }
   cudaStream_t stream_;
   std::vector<cudaEvent_t> pool_;
-  size_t used_ = 0;
-  std::vector<OpCost> costs_;
+  size_t used_ = 0, began_ = 0;
+  std::vector<Op> ops_;
 };
 
 }  // namespace
@@ -388,8 +390,13 @@ int main(int argc, char** argv) {
     const Ceilings ceil = ceilings_for_floors(ceilings, be.gpu_info().gpu_name, floor_sources);
     nlohmann::json op_floors = nlohmann::json::array();
     double floor_ms = 0, traced_ms = 0;
-    if (ceil.bytes_per_s > 0) {
+    std::string floor_error;
+    if (ceil.bytes_per_s > 0) try {  // context for the policy's figures, not a reason to lose them
       EventObserver events(static_cast<cudaStream_t>(be.stream()));
+      struct Detach {  // the observer leaves the backend before it is destroyed, also on a throw
+        TracingBackend& t;
+        ~Detach() { t.set_observer(nullptr); }
+      } detach{traced};
       CostTable table(ceil);
       traced.set_observer(&events);
       one_step();
@@ -403,12 +410,17 @@ int main(int argc, char** argv) {
         rows.push_back({{"op", t.cost.op}, {"calls", t.calls}, {"ms", t.measured_ms},
                         {"floor_ms", f}, {"above_floor_ms", t.measured_ms - f},
                         {"gb", t.cost.bytes / 1e9}, {"gflop", t.cost.total_flops() / 1e9},
-                        {"bound", memory_bound(t.cost, ceil) ? "memory" : "math"}});
+                        {"bound", t.mostly_memory_bound() ? "memory" : "math"}});
       }
       std::sort(rows.begin(), rows.end(), [](const nlohmann::json& a, const nlohmann::json& b) {
         return double(a["above_floor_ms"]) > double(b["above_floor_ms"]);
       });
       for (auto& r : rows) op_floors.push_back(std::move(r));
+    } catch (const std::exception& e) {
+      floor_error = e.what();
+      std::fprintf(stderr, "%s: op floors not measured: %s\n", name.c_str(), e.what());
+      op_floors = nlohmann::json::array();
+      floor_ms = traced_ms = 0;
     }
     size_t free1 = 0;
     MPT_CUDA_CHECK(cudaMemGetInfo(&free1, &total));
@@ -481,6 +493,7 @@ int main(int argc, char** argv) {
                        {"step_vs_floor", floor_ms > 0 ? step_ms / floor_ms : 0.0},
                        {"traced_ops_ms", traced_ms},
                        {"floor_ceilings", floor_sources},
+                       {"floor_error", floor_error},  // "": none
                        {"op_floors", op_floors},
                        {"mfu", mfu.value_or(0.0)},  // 0: this GPU is not in gpu_peaks' table
                        {"peak_format", peak.format},

@@ -134,7 +134,7 @@ int main(int argc, char** argv) {
         math_s += math.total_flops() > 0 ? floor_seconds(math, ceil) : 0.0;
         ops.push_back({{"op", t.cost.op}, {"calls", t.calls}, {"gflop", t.cost.total_flops() / 1e9},
                        {"gb", t.cost.bytes / 1e9}, {"floor_ms", f * 1e3},
-                       {"bound", memory_bound(t.cost, ceil) ? "memory" : "math"}});
+                       {"bound", t.mostly_memory_bound() ? "memory" : "math"}});
         by_floor.emplace_back(f, t);
       }
       const OpTotals all = table.total();
@@ -153,7 +153,7 @@ int main(int argc, char** argv) {
         for (const auto& [f, t] : by_floor) {
           std::snprintf(line, sizeof line, "  %-26s %6lld %10.1f %9.3f %9.3f %7s\n",
                         t.cost.op.c_str(), (long long)t.calls, t.cost.total_flops() / 1e9,
-                        t.cost.bytes / 1e9, f * 1e3, memory_bound(t.cost, ceil) ? "memory" : "math");
+                        t.cost.bytes / 1e9, f * 1e3, t.mostly_memory_bound() ? "memory" : "math");
           ops_text += line;
         }
       }

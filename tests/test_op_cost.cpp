@@ -241,6 +241,53 @@ TEST(OpCost, BytesFollowTheOpsContractsAndDtypes) {
                                MatmulPrecision::native);
   EXPECT_EQ(c.bytes, (60 * 2 + 80 * 2 + 48 * 2) + 2 * (48 * 4));
   EXPECT_EQ(c.total_flops(), 2.0 * 10 * 8 * 6);  // no input gradient asked for
+  // The fused forms: the matmul's bytes and the tensor each adds (pre and out both written; the
+  // residual read; the GELU's input read).
+  auto pre = t(DType::bf16, {2, 5, 6}), res = t(DType::bf16, {2, 5, 6});
+  const double fwd = 80 * 2 + 48 * 2 + 6 * 4 + 60 * 2;
+  EXPECT_EQ(op_cost::matmul_gelu_forward(out.t, pre.t, inp.t, w.t, bias.t, MatmulPrecision::native)
+                .bytes, fwd + 60 * 2);
+  EXPECT_EQ(op_cost::matmul_residual_forward(out.t, res.t, inp.t, w.t, bias.t,
+                                             MatmulPrecision::native).bytes, fwd + 60 * 2);
+  auto gpre = t(DType::bf16, {2, 5, 8});
+  EXPECT_EQ(op_cost::matmul_backward_gelu(dinp.t, dw.t, db.t, dout.t, inp.t, w.t, gpre.t,
+                                          MatmulPrecision::native).bytes,
+            (60 * 2 + 80 * 2 + 48 * 2) + 80 * 2 + 2 * (48 * 4 + 6 * 4) + 80 * 2);
+  // fp8 with an input cache: the forward writes it (a byte an element), the backward reads it
+  // instead of inp.
+  auto cache = t(DType::e4m3, {80});
+  MatmulSpec fp8(MatmulPrecision::fp8);
+  fp8.inp_cache = cache.t;
+  EXPECT_EQ(op_cost::matmul_forward("m", out.t, inp.t, w.t, Tensor(), fp8).bytes,
+            80 * 2 + 48 * 2 + 60 * 2 + 80);
+  EXPECT_EQ(op_cost::matmul_residual_forward(out.t, res.t, inp.t, w.t, Tensor(), fp8).bytes,
+            80 * 2 + 48 * 2 + 60 * 2 + 80 + 60 * 2);
+  c = op_cost::matmul_backward("matmul_backward", dinp.t, dw.t, Tensor(), dout.t, inp.t, w.t, fp8);
+  EXPECT_EQ(c.bytes, (60 * 2 + 80 + 48 * 2) + 80 * 2 + 2 * (48 * 4));
+  EXPECT_EQ(c.flops[int(PeakFormat::fp8)], 2 * 2.0 * 10 * 8 * 6);
+  // LayerNorm: fp32 statistics written forward, read backward; the backward accumulates dinp,
+  // dweight and dbias.
+  auto x = t(DType::bf16, {10, 8}), g = t(DType::bf16, {8}), be_ = t(DType::bf16, {8}),
+       y = t(DType::bf16, {10, 8}), mean = t(DType::f32, {10}), rstd = t(DType::f32, {10});
+  EXPECT_EQ(op_cost::layernorm_forward(y.t, mean.t, rstd.t, x.t, g.t, be_.t).bytes,
+            160 + 16 + 16 + 160 + 40 + 40);
+  auto dx = t(DType::bf16, {10, 8}), dg = t(DType::f32, {8}), dbeta = t(DType::f32, {8});
+  EXPECT_EQ(op_cost::layernorm_backward(dx.t, dg.t, dbeta.t, y.t, x.t, g.t, mean.t, rstd.t).bytes,
+            (160 + 160 + 16 + 40 + 40) + 2 * (160 + 32 + 32));
+  // The embedding: a wte row per token (at most every row), a wpe row per position.
+  auto emb = t(DType::bf16, {2, 5, 8}), ids = t(DType::i32, {2, 5}), wte = t(DType::bf16, {48, 8}),
+       wpe = t(DType::bf16, {9, 8}), wte4 = t(DType::bf16, {4, 8});
+  EXPECT_EQ(op_cost::embedding_forward(emb.t, ids.t, wte.t, wpe.t).bytes,
+            40 + 10 * 16 + 5 * 16 + 160);
+  EXPECT_EQ(op_cost::embedding_forward(emb.t, ids.t, wte4.t, wpe.t).bytes,
+            40 + 4 * 16 + 5 * 16 + 160);
+  // The head and the classifier as one op: the logits written once, never read.
+  auto hin = t(DType::bf16, {10, 8}), head = t(DType::bf16, {48, 8}), hloss = t(DType::f32, {10}),
+       hlogits = t(DType::bf16, {10, 48}), htg = t(DType::i32, {10});
+  c = op_cost::matmul_crossentropy(hloss.t, hlogits.t, hin.t, head.t, htg.t,
+                                   MatmulPrecision::native);
+  EXPECT_EQ(c.bytes, (160 + 768 + 40) + (40 + 960));
+  EXPECT_EQ(c.flops[int(PeakFormat::bf16)], 2.0 * 10 * 8 * 48);
   // AdamW: with a master, the weights are only written; without, updated in place.
   auto p16 = t(DType::bf16, {100}), master = t(DType::f32, {100}), g32 = t(DType::f32, {100}),
        mm = t(DType::f32, {100}), vv = t(DType::f32, {100});
@@ -344,12 +391,15 @@ TEST(OpCost, TableSumsPerOpInTheOrderOpsFirstAppear) {
   f.add(bytes_heavy, 0);
   f.add(math_heavy, 0);
   EXPECT_DOUBLE_EQ(f.rows()[0].floor_s, 5.0);
+  EXPECT_DOUBLE_EQ(f.rows()[0].memory_floor_s, 2.0);
+  EXPECT_FALSE(f.rows()[0].mostly_memory_bound());  // 3 s of the 5 from products
   EXPECT_DOUBLE_EQ(floor_seconds(f.rows()[0].cost, ceil), 3.0);
   EXPECT_DOUBLE_EQ(f.total().floor_s, 5.0);
 }
 
 // A backend that answers the virtuals Backend gives defaults for in its own way, so that the
-// test sees whether TracingBackend passes them on rather than taking the defaults.
+// test sees whether TracingBackend passes them on rather than taking the defaults (today's
+// defaulted virtuals: a new one needs its line here and its override in TracingBackend).
 class SpyBackend : public CpuBackend {
  public:
   SpyBackend() : CpuBackend(1) {}

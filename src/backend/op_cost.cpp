@@ -79,9 +79,11 @@ OpCost bytes_op(const char* op, double read, double written) {
 
 OpCost embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte,
                          const Tensor& wpe) {
-  // Each token's row of wte, and T rows of wpe (each shared by the batch's sequences).
+  // A row of wte per token (at most every row), and T rows of wpe (each shared by the batch's
+  // sequences).
   const double N = double(tokens.numel()), T = double(tokens.dim(-1));
-  const double read = b(tokens) + N * double(wte.dim(1)) * dtype_size(wte.dtype) +
+  const double wte_rows = std::min(N, double(wte.dim(0)));
+  const double read = b(tokens) + wte_rows * double(wte.dim(1)) * dtype_size(wte.dtype) +
                       T * double(wpe.dim(1)) * dtype_size(wpe.dtype);
   return bytes_op("embedding_forward", read, b(out));
 }
@@ -111,9 +113,15 @@ OpCost layernorm_backward(const Tensor& dinp, const Tensor& dweight, const Tenso
                   b(dinp) + b(dweight) + b(dbias));
 }
 
+// Under fp8 a forward given an input cache writes it too (one byte an element), and a backward
+// given one reads it instead of inp (backend.h, MatmulSpec::inp_cache).
+double inp_cache_bytes(const MatmulSpec& spec) {
+  return spec.prec == MatmulPrecision::fp8 ? b(spec.inp_cache) : 0.0;
+}
+
 OpCost matmul_forward(const char* op, const Tensor& out, const Tensor& inp, const Tensor& weight,
                       const Tensor& bias, const MatmulSpec& spec) {
-  OpCost c = bytes_op(op, b(inp) + b(weight) + b(bias), b(out));
+  OpCost c = bytes_op(op, b(inp) + b(weight) + b(bias), b(out) + inp_cache_bytes(spec));
   add_flops(c, product_format(inp.dtype, weight.dtype, spec.prec), gemm_flops(inp, weight));
   return c;
 }
@@ -122,8 +130,9 @@ OpCost matmul_backward(const char* op, const Tensor& dinp, const Tensor& dweight
                        const Tensor& dbias, const Tensor& dout, const Tensor& inp,
                        const Tensor& weight, const MatmulSpec& spec) {
   // dinp writes; dweight and dbias accumulate. Two products: dinp = dout . weight (when dinp is
-  // wanted) and dweight += dout^T . inp.
-  OpCost c = bytes_op(op, b(dout) + b(inp) + b(weight) + b(dweight) + b(dbias),
+  // wanted) and dweight += dout^T . inp (inp's fp8 cache in its place when given one).
+  const double cache = inp_cache_bytes(spec);
+  OpCost c = bytes_op(op, b(dout) + (cache > 0 ? cache : b(inp)) + b(weight) + b(dweight) + b(dbias),
                       b(dinp) + b(dweight) + b(dbias));
   if (dinp.defined())
     add_flops(c, product_format(dout.dtype, weight.dtype, spec.prec), gemm_flops(inp, weight));
@@ -180,7 +189,7 @@ OpCost matmul_crossentropy(const Tensor& losses, const Tensor& logits, const Ten
   // The logits are written once (the rounded logits, or their gradient), never read back: the
   // product goes to the classifier on the chip.
   OpCost c = bytes_op("matmul_crossentropy", b(inp) + b(weight) + b(targets),
-                      b(losses) + b(logits));
+                      b(losses) + b(logits) + inp_cache_bytes(spec));
   add_flops(c, product_format(inp.dtype, weight.dtype, spec.prec), gemm_flops(inp, weight));
   return c;
 }
@@ -455,7 +464,11 @@ void CostTable::add(const OpCost& c, double measured_ms) {
   t.cost.bytes += c.bytes;
   t.cost.host_bytes += c.host_bytes;
   t.calls += 1;
-  if (ceil_.bytes_per_s > 0) t.floor_s += floor_seconds(c, ceil_);
+  if (ceil_.bytes_per_s > 0) {
+    const double f = floor_seconds(c, ceil_);
+    t.floor_s += f;
+    if (memory_bound(c, ceil_)) t.memory_floor_s += f;
+  }
   t.measured_ms += measured_ms;
 }
 
@@ -470,6 +483,7 @@ OpTotals CostTable::total() const {
     s.cost.host_bytes += t.cost.host_bytes;
     s.calls += t.calls;
     s.floor_s += t.floor_s;
+    s.memory_floor_s += t.memory_floor_s;
     s.measured_ms += t.measured_ms;
   }
   return s;

@@ -4,7 +4,8 @@
 // format whose rate bounds them) and the fewest bytes it must move through device memory (each
 // tensor argument read once, each output written once, an accumulated one read and written).
 // Over the measured ceilings (memory bandwidth, the GEMM rate of each format) the larger of the
-// two times is the op's floor: no implementation runs much faster. A step's floor is the sum of
+// two times is the op's floor: no implementation runs much faster (one whose data stays in the
+// L2 cache can beat the memory bandwidth's part, so a small op may measure below its floor). A step's floor is the sum of
 // its ops' floors, so the time measured above it says how much any speed work could still win,
 // op by op.
 //
@@ -108,6 +109,9 @@ class OpObserver {
 class TracingBackend final : public Backend {
  public:
   TracingBackend(Backend& inner, OpObserver* observer) : inner_(&inner), obs_(observer) {}
+  // Not copied or moved: a shape-only backend's Buffers count their bytes in it.
+  TracingBackend(const TracingBackend&) = delete;
+  TracingBackend& operator=(const TracingBackend&) = delete;
   static TracingBackend shape_only(OpObserver* observer) { return TracingBackend(observer); }
   void set_observer(OpObserver* observer) { obs_ = observer; }
   bool executes() const { return inner_ != nullptr; }
@@ -206,7 +210,10 @@ struct OpTotals {
   OpCost cost;  // summed; cost.op names the op
   int64_t calls = 0;
   double floor_s = 0;  // the calls' floors summed (some calls may be bound by bytes, some not)
+  double memory_floor_s = 0;  // the part of floor_s from calls bound by bytes
   double measured_ms = 0;
+  // Whether most of the floor comes from calls bound by bytes.
+  bool mostly_memory_bound() const { return 2 * memory_floor_s >= floor_s; }
 };
 class CostTable : public OpObserver {
  public:
