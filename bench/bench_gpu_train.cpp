@@ -390,7 +390,7 @@ int main(int argc, char** argv) {
     const Ceilings ceil = ceilings_for_floors(ceilings, be.gpu_info().gpu_name, floor_sources);
     nlohmann::json op_floors = nlohmann::json::array();
     double floor_ms = 0, traced_ms = 0;
-    std::string floor_error;
+    std::string floor_error = ceil.bytes_per_s > 0 ? "" : "no measured copy bandwidth to read them against";
     if (ceil.bytes_per_s > 0) try {  // context for the policy's figures, not a reason to lose them
       EventObserver events(static_cast<cudaStream_t>(be.stream()));
       struct Detach {  // the observer leaves the backend before it is destroyed, also on a throw

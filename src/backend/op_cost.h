@@ -5,9 +5,9 @@
 // tensor argument read once, each output written once, an accumulated one read and written).
 // Over the measured ceilings (memory bandwidth, the GEMM rate of each format) the larger of the
 // two times is the op's floor: no implementation runs much faster (one whose data stays in the
-// L2 cache can beat the memory bandwidth's part, so a small op may measure below its floor). A step's floor is the sum of
-// its ops' floors, so the time measured above it says how much any speed work could still win,
-// op by op.
+// L2 cache can beat the memory bandwidth's part, so a small op may measure below its floor). A
+// step's floor is the sum of its ops' floors, so the time measured above it says how much any
+// speed work could still win, op by op.
 //
 // TracingBackend wraps a backend and reports each op's cost to an OpObserver before and after
 // forwarding the call, so that the costs come from the calls the model really makes (no second
