@@ -5,15 +5,22 @@
 // tokens/s no implementation of these ops can beat on that GPU. What a measured step (bench_gpu_train)
 // is read against, and how much each op could still win.
 //
-//   build/bench/bench_step_floor [--config configs/gpt2-124m.yaml] [--batch 32] [--seq 1024]
-//       [--policies fp32,tf32,fp16,bf16,fp8,bf16+recompute] [--gpu "NVIDIA H200"]
+//   build/bench/bench_step_floor [--config configs/gpt2-124m.yaml] [--batch B] [--seq T]
+//       [--accum N] [--policies fp32,tf32,fp16,bf16,fp8,bf16+recompute,config] [--gpu "NVIDIA H200"]
 //       [--gbps 4800] [--tflops fp32=67,tf32=494.7,...] [--ops POLICY] [--json PATH]
+//
+// The model, the micro-batch (B x T) and the micro-batches per optimizer step are the config's
+// (training.micro_batch, seq_len, grad_accum or global_batch_tokens for one process) unless
+// --batch, --seq or --accum say otherwise. A policy is a preset, "P+recompute" (preset P with
+// training.recompute gelu+layernorm), or "config": the config's own policy (its precision
+// with its dtypes, loss_scale and fp8 sections) and training.recompute.
 //
 // Ceilings: by default the datasheet figures of --gpu (backend/gpu_peaks.h's dense peaks, and
 // --gbps, the H200's 4.8 TB/s) - a floor no run can beat. bench_gpu_train reads the same costs
 // against the ceilings it measures on the GPU itself. --tflops overrides single formats.
 // --ops POLICY prints that policy's ops, the costliest floors first.
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -27,18 +34,27 @@
 #include "backend/op_cost.h"
 #include "bench_common.h"
 #include "config/config.h"
+#include "core/error.h"
 #include "model/gpt.h"
 #include "optim/adamw.h"
 #include "precision/policy.h"
+#include "train/trainer.h"
 
 using namespace mpt;
 
 namespace {
 
+// A positive number from the whole of `v` (strtod), or 0.
+double positive(const std::string& v) {
+  char* end = nullptr;
+  const double x = std::strtod(v.c_str(), &end);
+  return !v.empty() && *end == '\0' && x > 0 && std::isfinite(x) ? x : 0.0;
+}
+
 int usage(const std::string& why) {
   std::fprintf(stderr,
                "bench_step_floor: %s\nusage: bench_step_floor [--config PATH] [--batch B] "
-               "[--seq T] [--policies P,...] [--gpu NAME] [--gbps GB/s] "
+               "[--seq T] [--accum N] [--policies P,...] [--gpu NAME] [--gbps GB/s] "
                "[--tflops FORMAT=TFLOPS,...] [--ops POLICY] [--json PATH]\n",
                why.c_str());
   return 2;
@@ -50,31 +66,43 @@ int main(int argc, char** argv) {
   std::string config_path = std::string(MPT_SOURCE_DIR) + "/configs/gpt2-124m.yaml";
   std::string policies = "fp32,tf32,fp16,bf16,fp8,bf16+recompute", gpu = "NVIDIA H200";
   std::string tflops_arg, ops_policy, json_path;
-  int B = 32, T = 1024;
+  int B = 0, T = 0, accum_arg = 0;  // 0: the config's
   double gbps = 4800;
   for (int i = 1; i < argc; i += 2) {
     const std::string k = argv[i];
     if (i + 1 >= argc) return usage(k + " needs a value");
     const std::string v = argv[i + 1];
     if (k == "--config") config_path = v;
-    else if (k == "--batch") B = std::atoi(v.c_str());
-    else if (k == "--seq") T = std::atoi(v.c_str());
+    else if (k == "--batch" || k == "--seq" || k == "--accum") {
+      const double x = positive(v);
+      if (x < 1 || x > 1 << 20 || x != std::floor(x))
+        return usage(k + " " + v + ": expected a whole number from 1 to 1048576");
+      (k == "--batch" ? B : k == "--seq" ? T : accum_arg) = static_cast<int>(x);
+    }
     else if (k == "--policies") policies = v;
     else if (k == "--gpu") gpu = v;
-    else if (k == "--gbps") gbps = std::atof(v.c_str());
+    else if (k == "--gbps" && !(gbps = positive(v)))
+      return usage("--gbps " + v + ": expected a positive number of GB/s");
     else if (k == "--tflops") tflops_arg = v;
     else if (k == "--ops") ops_policy = v;
     else if (k == "--json") json_path = v;
     else return usage("unknown option " + k);
   }
-  if (B < 1 || T < 1) return usage("--batch and --seq must be positive");
-  if (!(gbps > 0)) return usage("--gbps must be positive");
   if (!ops_policy.empty() && ("," + policies + ",").find("," + ops_policy + ",") == std::string::npos)
     return usage("--ops " + ops_policy + ": not one of --policies " + policies);
 
   try {
-    ModelConfig m = load_config(config_path, {"data.train=builtin", "data.val=builtin"}).model;
-    m.max_seq_len = std::max(m.max_seq_len, T);
+    const Config cfg = load_config(config_path, {"data.train=builtin", "data.val=builtin"});
+    const ModelConfig& m = cfg.model;
+    if (B == 0) B = cfg.training.micro_batch;
+    if (T == 0) T = cfg.training.seq_len;
+    if (T > m.max_seq_len)
+      return usage("--seq " + std::to_string(T) + " exceeds the config's model.max_seq_len (" +
+                   std::to_string(m.max_seq_len) + ")");
+    TrainingConfig shape = cfg.training;
+    shape.micro_batch = B;
+    shape.seq_len = T;
+    const int accum = accum_arg ? accum_arg : micro_batches_per_step(shape, 1);
     Ceilings ceil;
     ceil.bytes_per_s = gbps * 1e9;
     for (int f = 0; f < kPeakFormats; ++f)
@@ -88,11 +116,14 @@ int main(int argc, char** argv) {
         ++f;
       if (f == kPeakFormats) return usage("--tflops: '" + item + "' is not FORMAT=TFLOPS with "
                                           "FORMAT one of fp32, tf32, fp16, bf16, fp8");
-      ceil.flops_per_s[f] = std::atof(item.c_str() + eq + 1) * 1e12;
+      const double tf = positive(item.substr(eq + 1));
+      if (!tf) return usage("--tflops '" + item + "': expected a positive number of TFLOP/s");
+      ceil.flops_per_s[f] = tf * 1e12;
     }
 
-    std::printf("step floor: %s (%d layers, width %d, vocabulary %d), batch %d x seq %d\n",
-                config_path.c_str(), m.n_layer, m.n_embd, m.vocab_size, B, T);
+    std::printf("step floor: %s (%d layers, width %d, vocabulary %d), batch %d x seq %d x %d "
+                "micro-batches a step\n",
+                config_path.c_str(), m.n_layer, m.n_embd, m.vocab_size, B, T, accum);
     std::printf("ceilings (%s): %.0f GB/s; TFLOP/s", gpu.c_str(), gbps);
     for (int f = 0; f < kPeakFormats; ++f)
       std::printf(" %s %.1f", peak_format_name(PeakFormat(f)), ceil.flops_per_s[f] / 1e12);
@@ -103,18 +134,23 @@ int main(int argc, char** argv) {
     std::string ops_text;
     std::stringstream names(policies);
     for (std::string name; std::getline(names, name, ',');) {
+      const bool own = name == "config";
       const auto parsed = bench::parse_policy_name(name);
-      const PrecisionPolicy policy = PrecisionPolicy::preset(parsed.first);
+      const PrecisionPolicy policy =
+          own ? PrecisionPolicy::from_config(cfg) : PrecisionPolicy::preset(parsed.first);
+      const Recompute recompute = own ? recompute_from_name(cfg.training.recompute) : parsed.second;
       CostTable table(ceil);
       TracingBackend shapes = TracingBackend::shape_only(nullptr);
-      Gpt g(m, shapes, policy, parsed.second);
+      Gpt g(m, shapes, policy, recompute);
       OptimizerConfig oc;
       AdamW opt(oc, g, shapes);
       std::vector<int32_t> ids(size_t(B) * T, 0);  // never read: nothing is executed
       auto step = [&] {
         g.zero_grad();
-        g.forward(ids.data(), ids.data(), B, T, 1.0f / float(B * T));
-        g.backward();
+        for (int a = 0; a < accum; ++a) {
+          g.forward(ids.data(), ids.data(), B, T, 1.0f / float(B * T * accum));
+          g.backward();
+        }
         g.end_step();
         opt.step(oc.lr, opt.clip_scale(opt.grad_norm()));
       };
@@ -138,7 +174,7 @@ int main(int argc, char** argv) {
         by_floor.emplace_back(f, t);
       }
       const OpTotals all = table.total();
-      const double tokens_per_s = double(B) * T / floor_s;
+      const double tokens_per_s = double(B) * T * accum / floor_s;
       results.push_back({{"policy", name}, {"floor_ms", floor_s * 1e3}, {"bytes_ms", bytes_s * 1e3},
                          {"math_ms", math_s * 1e3}, {"gb", all.cost.bytes / 1e9},
                          {"gflop", all.cost.total_flops() / 1e9},
@@ -187,11 +223,15 @@ int main(int argc, char** argv) {
       for (int f = 0; f < kPeakFormats; ++f)
         ceil_j[std::string(peak_format_name(PeakFormat(f))) + "_tflops"] = ceil.flops_per_s[f] / 1e12;
       std::ofstream(json_path) << nlohmann::json({{"config", config_path}, {"batch", B},
-                                                  {"seq", T}, {"ceilings", ceil_j},
+                                                  {"seq", T}, {"micro_batches", accum},
+                                                  {"ceilings", ceil_j},
                                                   {"policies", results}})
                                       .dump(1)
                                << "\n";
     }
+  } catch (const InputError& e) {  // a bad config
+    std::fprintf(stderr, "bench_step_floor: %s\n", e.what());
+    return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_step_floor: %s\n", e.what());
     return 1;

@@ -93,24 +93,6 @@ void require_utf8(const char* what, const std::string& path) {
                      ": not valid UTF-8 text (mpt's records are JSON, which holds UTF-8 only)");
 }
 
-// Micro-batches each process accumulates per optimizer step: training.grad_accum, or what
-// training.global_batch_tokens asks of `world` processes (InputError when it does not divide).
-int micro_batches_per_step(const TrainingConfig& t, int world) {
-  if (t.global_batch_tokens == 0) return t.grad_accum;
-  const int64_t per = static_cast<int64_t>(t.micro_batch) * t.seq_len * world;
-  if (t.global_batch_tokens % per != 0)
-    throw InputError("training.global_batch_tokens: " + std::to_string(t.global_batch_tokens) +
-                     " is not a multiple of micro_batch x seq_len x processes (" +
-                     std::to_string(t.micro_batch) + " x " + std::to_string(t.seq_len) + " x " +
-                     std::to_string(world) + " = " + std::to_string(per) +
-                     " tokens per micro-batch over all processes)");
-  const int64_t accum = t.global_batch_tokens / per;
-  if (accum > std::numeric_limits<int>::max())
-    throw InputError("training.global_batch_tokens: " + std::to_string(t.global_batch_tokens) +
-                     " needs more than 2^31 micro-batches per step; raise training.micro_batch");
-  return static_cast<int>(accum);
-}
-
 // One line: what each role is stored in, for the log and --dry-run.
 std::string describe_policy(const PrecisionPolicy& p) {
   std::string s = std::string("weights ") + dtype_name(p.param) +
@@ -296,6 +278,24 @@ std::optional<NonFiniteSite> locate_nonfinite(Gpt& model,
 }
 
 }  // namespace
+
+// Micro-batches each process accumulates per optimizer step: training.grad_accum, or what
+// training.global_batch_tokens asks of `world` processes (InputError when it does not divide).
+int micro_batches_per_step(const TrainingConfig& t, int world) {
+  if (t.global_batch_tokens == 0) return t.grad_accum;
+  const int64_t per = static_cast<int64_t>(t.micro_batch) * t.seq_len * world;
+  if (t.global_batch_tokens % per != 0)
+    throw InputError("training.global_batch_tokens: " + std::to_string(t.global_batch_tokens) +
+                     " is not a multiple of micro_batch x seq_len x processes (" +
+                     std::to_string(t.micro_batch) + " x " + std::to_string(t.seq_len) + " x " +
+                     std::to_string(world) + " = " + std::to_string(per) +
+                     " tokens per micro-batch over all processes)");
+  const int64_t accum = t.global_batch_tokens / per;
+  if (accum > std::numeric_limits<int>::max())
+    throw InputError("training.global_batch_tokens: " + std::to_string(t.global_batch_tokens) +
+                     " needs more than 2^31 micro-batches per step; raise training.micro_batch");
+  return static_cast<int>(accum);
+}
 
 // Compares this rank's resolved config and training data with rank 0's (broadcast), and throws
 // on every rank when any rank differs: on a differing rank naming the keys, elsewhere pointing

@@ -29,4 +29,8 @@ struct TrainResult {
 // (for example a loss that stops being finite).
 TrainResult train(const Config& cfg, const TrainOptions& opt);
 
+// Micro-batches each process accumulates per optimizer step: training.grad_accum, or what
+// training.global_batch_tokens asks of `world` processes (InputError when it does not divide).
+int micro_batches_per_step(const TrainingConfig& t, int world);
+
 }  // namespace mpt
