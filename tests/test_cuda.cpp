@@ -490,7 +490,7 @@ TEST(ShippedConfigs, Gpt2ConfigsHaveGpt2SizesAndFitTheGpuTheySay) {
                              {"gpt2-774m", 80e9, 774030080},
                              {"gpt2-1558m", 80e9, 1557611200}};
   for (const auto& [name, gpu, params] : configs) {
-    const Config cfg = load_config(std::string(MPT_SOURCE_DIR) + "/configs/" + name + ".yaml",
+    const Config cfg = load_config(test::source_dir() + "/configs/" + name + ".yaml",
                                    {"data.train=builtin", "data.val=builtin"});  // no shards here
     EXPECT_EQ(Gpt::param_count(cfg.model), params) << name;
     const int B = cfg.training.micro_batch, T = cfg.training.seq_len;

@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cuda_test_util.h"
+#include "test_util.h"
 #include "core/rng.h"
 #include "data/corpus.h"
 #include "backend/gpu_peaks.h"
@@ -234,7 +235,7 @@ TEST(CudaTrain, TrainerRecordsMfuAndMemoryAgainstThePlan) {
   MPT_REQUIRE_GPU();
   const std::string dir = ::testing::TempDir() + "mpt_cuda_metrics_run";
   std::filesystem::remove_all(dir);
-  const Config cfg = load_config(std::string(MPT_SOURCE_DIR) + "/configs/default.yaml",
+  const Config cfg = load_config(test::source_dir() + "/configs/default.yaml",
                                  {"backend=cuda", "precision=bf16", "training.steps=6",
                                   "training.log_every=2", "training.eval_every=0",
                                   "training.eval_batches=1", "checkpoint.every=0"});
@@ -298,7 +299,7 @@ TEST_P(CudaResume, ContinuesExactlyAsAStraightRun) {
   const std::string root = ::testing::TempDir() + "mpt_cuda_resume_" + GetParam();
   std::filesystem::remove_all(root);
   auto config = [&](int steps) {
-    return load_config(std::string(MPT_SOURCE_DIR) + "/configs/default.yaml",
+    return load_config(test::source_dir() + "/configs/default.yaml",
                        {"backend=cuda", std::string("precision=") + GetParam(),
                         "training.steps=" + std::to_string(steps), "training.log_every=1",
                         "training.eval_every=0", "training.eval_batches=1",

@@ -39,6 +39,14 @@ class ScopedEnv {
   std::optional<std::string> old_;
 };
 
+// The source tree (configs/ and the like): $MPT_SOURCE_DIR when set, else the tree the test was
+// built from. Binaries built on one machine run on another from a copy of the tree elsewhere
+// (scripts/device-prebuild; scripts/device-check sets the variable).
+inline std::string source_dir() {
+  const char* e = std::getenv("MPT_SOURCE_DIR");
+  return e && *e ? std::string(e) : std::string(MPT_SOURCE_DIR);
+}
+
 inline uint64_t fresh_seed() {
   if (const char* s = std::getenv("MPT_TEST_SEED")) return std::strtoull(s, nullptr, 10);
   const uint64_t seed = std::random_device{}();
