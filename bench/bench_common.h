@@ -4,6 +4,8 @@
 #include <string>
 #include <utility>
 
+#include <nlohmann/json.hpp>
+
 #include "model/gpt.h"
 
 namespace mpt::bench {
@@ -17,6 +19,24 @@ inline std::pair<std::string, Recompute> parse_policy_name(const std::string& na
       name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
     return {name.substr(0, name.size() - suffix.size()), Recompute::gelu_layernorm};
   return {name, Recompute::none};
+}
+
+// The row of `results` (an array of objects with a "policy") for `policy`, or null.
+inline const nlohmann::json* find_policy(const nlohmann::json& results, const char* policy) {
+  for (const auto& r : results)
+    if (r["policy"] == policy) return &r;
+  return nullptr;
+}
+
+// Adds "vs_fp32" and "vs_bf16" to every row: its `key` over the fp32 and bf16 rows' (0 when that
+// policy was not run).
+inline void add_ratios(nlohmann::json& results, const char* key) {
+  const nlohmann::json *f32 = find_policy(results, "fp32"), *b16 = find_policy(results, "bf16");
+  const double base32 = f32 ? double((*f32)[key]) : 0.0, base16 = b16 ? double((*b16)[key]) : 0.0;
+  for (auto& r : results) {
+    r["vs_fp32"] = f32 ? double(r[key]) / base32 : 0.0;
+    r["vs_bf16"] = b16 ? double(r[key]) / base16 : 0.0;
+  }
 }
 
 }  // namespace mpt::bench

@@ -509,16 +509,10 @@ int main(int argc, char** argv) {
       write_json(json_path, {{"device", device}, {"partial", true}, {"ceilings", ceilings},
                              {"policies", results}});
   }
-  auto find = [&](const char* p) -> const nlohmann::json* {
-    for (const auto& r : results)
-      if (r["policy"] == p) return &r;
-    return nullptr;
-  };
-  const nlohmann::json *f32 = find("fp32"), *b16 = find("bf16");
+  bench::add_ratios(results, "tokens_per_s");
+  const nlohmann::json *f32 = bench::find_policy(results, "fp32"),
+                       *b16 = bench::find_policy(results, "bf16");
   for (auto& r : results) {
-    const double t = r["tokens_per_s"];
-    r["vs_fp32"] = f32 ? t / double((*f32)["tokens_per_s"]) : 0.0;
-    r["vs_bf16"] = b16 ? t / double((*b16)["tokens_per_s"]) : 0.0;
     if (b16 && f32)
       r["activation_vs_fp32"] = double(r["activation_gib"]) / double((*f32)["activation_gib"]);
   }

@@ -194,16 +194,9 @@ int main(int argc, char** argv) {
         }
       }
     }
-    auto find = [&](const char* p) -> const nlohmann::json* {
-      for (const auto& r : results)
-        if (r["policy"] == p) return &r;
-      return nullptr;
-    };
-    const nlohmann::json *f32 = find("fp32"), *b16 = find("bf16");
+    bench::add_ratios(results, "floor_tokens_per_s");
+    const bool f32 = bench::find_policy(results, "fp32"), b16 = bench::find_policy(results, "bf16");
     for (auto& r : results) {
-      const double t = r["floor_tokens_per_s"];
-      r["vs_fp32"] = f32 ? t / double((*f32)["floor_tokens_per_s"]) : 0.0;
-      r["vs_bf16"] = b16 ? t / double((*b16)["floor_tokens_per_s"]) : 0.0;
       auto ratio = [](bool have_base, double v) {  // "-" when that policy was not run
         char buf[32];
         if (!have_base) return std::string("        -");
@@ -214,8 +207,7 @@ int main(int argc, char** argv) {
                   r["policy"].get<std::string>().c_str(), double(r["floor_ms"]),
                   double(r["bytes_ms"]), double(r["math_ms"]), double(r["gb"]),
                   double(r["floor_tokens_per_s"]),
-                  ratio(f32 != nullptr, double(r["vs_fp32"])).c_str(),
-                  ratio(b16 != nullptr, double(r["vs_bf16"])).c_str());
+                  ratio(f32, double(r["vs_fp32"])).c_str(), ratio(b16, double(r["vs_bf16"])).c_str());
     }
     std::fputs(ops_text.c_str(), stdout);
     if (!json_path.empty()) {
