@@ -1,6 +1,7 @@
 // scripts/gtest-until-done, the runner scripts/device-check runs the GPU suites with: against
 // fake_gpu_suite, whose tests fail, skip, leave a sticky error behind and crash, it must get
-// every test a result of its own, in as many processes as that takes.
+// every test a result of its own, in as many processes as that takes. And scripts/source-hash,
+// which device-check trusts prebuilt binaries by.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -153,6 +154,34 @@ TEST_F(GtestUntilDone, DisabledTestsNoTestsAndBadArguments) {
   r = run(script + MPT_FAKE_SUITE + " " + path("bad") + " soon");
   EXPECT_EQ(r.code, 2) << r.out;
   EXPECT_NE(r.out.find("'soon' is not a number of seconds"), std::string::npos) << r.out;
+}
+
+}  // namespace
+
+namespace {
+
+// scripts/source-hash, which tells device-check whether prebuilt binaries come from the tree it
+// was sent (scripts/device-prebuild): the same for a copy of the tree elsewhere, different once
+// any compiled file changes.
+class SourceHash : public CliTest {};
+
+TEST_F(SourceHash, SameForACopyOfTheTreeAndChangedByAnEdit) {
+  const std::string src = MPT_SOURCE_DIR;
+  const auto here = run("bash " + src + "/scripts/source-hash");
+  ASSERT_EQ(here.code, 0) << here.out;
+  const std::string hash = here.out.substr(0, here.out.find('\n'));
+  EXPECT_EQ(hash.size(), 64u) << here.out;
+  EXPECT_EQ(hash.find_first_not_of("0123456789abcdef"), std::string::npos) << hash;
+  EXPECT_EQ(run("bash " + src + "/scripts/source-hash").out, here.out) << "not deterministic";
+  // A copy elsewhere (what the device tool sends: the files, no build folder).
+  const std::string copy = path("copy");
+  ASSERT_EQ(run("mkdir -p " + copy + "/scripts && cd " + src +
+                " && cp -r app src tests bench cmake CMakeLists.txt " + copy +
+                " && cp scripts/source-hash " + copy + "/scripts/").code, 0);
+  EXPECT_EQ(run("bash " + copy + "/scripts/source-hash").out, here.out);
+  // One compiled file edited: another hash.
+  ASSERT_EQ(run("echo '// edited' >> " + copy + "/src/backend/op_cost.h").code, 0);
+  EXPECT_NE(run("bash " + copy + "/scripts/source-hash").out, here.out);
 }
 
 }  // namespace
