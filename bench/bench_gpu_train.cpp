@@ -214,7 +214,8 @@ Ceilings ceilings_for_floors(const nlohmann::json& measured, const std::string& 
   const bool have = measured.is_object() && !measured.contains("error");
   if (have && measured.contains("copy_gbps")) c.bytes_per_s = double(measured["copy_gbps"]) * 1e9;
   const nlohmann::json* big =
-      have && measured.contains("gemm") && !measured["gemm"].empty() ? &measured["gemm"][0] : nullptr;
+      have && measured.contains("gemm") && !measured["gemm"].empty() ? &measured["gemm"][0]
+                                                                      : nullptr;
   for (int f = 0; f < kPeakFormats; ++f) {
     const std::string name = peak_format_name(static_cast<PeakFormat>(f));
     const std::string key = name + "_tflops";
@@ -390,7 +391,8 @@ int main(int argc, char** argv) {
     const Ceilings ceil = ceilings_for_floors(ceilings, be.gpu_info().gpu_name, floor_sources);
     nlohmann::json op_floors = nlohmann::json::array();
     double floor_ms = 0, traced_ms = 0;
-    std::string floor_error = ceil.bytes_per_s > 0 ? "" : "no measured copy bandwidth to read them against";
+    std::string floor_error =
+        ceil.bytes_per_s > 0 ? "" : "no measured copy bandwidth to read them against";
     if (ceil.bytes_per_s > 0) try {  // context for the policy's figures, not a reason to lose them
       EventObserver events(static_cast<cudaStream_t>(be.stream()));
       struct Detach {  // the observer leaves the backend before it is destroyed, also on a throw
@@ -489,7 +491,8 @@ int main(int argc, char** argv) {
                        // time the traced ops took (the rest of a step is between ops), and
                        // every op against its floor, the most time above it first.
                        {"floor_ms", floor_ms},
-                       {"floor_tokens_per_s", floor_ms > 0 ? double(B) * T / (floor_ms / 1e3) : 0.0},
+                       {"floor_tokens_per_s",
+                        floor_ms > 0 ? double(B) * T / (floor_ms / 1e3) : 0.0},
                        {"step_vs_floor", floor_ms > 0 ? step_ms / floor_ms : 0.0},
                        {"traced_ops_ms", traced_ms},
                        {"floor_ceilings", floor_sources},

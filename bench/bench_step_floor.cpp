@@ -2,12 +2,13 @@
 // compute: a shape-only TracingBackend, backend/op_cost.h): for every op of one step (forward,
 // backward, gradient norm, AdamW), the products it must compute and the fewest bytes it must
 // move, over a GPU's ceilings; the step's floor is the sum of its ops' floors, and the
-// tokens/s no implementation of these ops can beat on that GPU. What a measured step (bench_gpu_train)
-// is read against, and how much each op could still win.
+// tokens/s no implementation of these ops can beat on that GPU. What a measured step
+// (bench_gpu_train) is read against, and how much each op could still win.
 //
 //   build/bench/bench_step_floor [--config configs/gpt2-124m.yaml] [--batch B] [--seq T]
-//       [--accum N] [--policies fp32,tf32,fp16,bf16,fp8,bf16+recompute,config] [--gpu "NVIDIA H200"]
-//       [--gbps 4800] [--tflops fp32=67,tf32=494.7,...] [--ops POLICY] [--json PATH]
+//       [--accum N] [--policies fp32,tf32,fp16,bf16,fp8,bf16+recompute,config]
+//       [--gpu "NVIDIA H200"] [--gbps 4800] [--tflops fp32=67,tf32=494.7,...] [--ops POLICY]
+//       [--json PATH]
 //
 // The model, the micro-batch (B x T) and the micro-batches per optimizer step are the config's
 // (training.micro_batch, seq_len, grad_accum or global_batch_tokens for one process) unless
@@ -88,7 +89,8 @@ int main(int argc, char** argv) {
     else if (k == "--json") json_path = v;
     else return usage("unknown option " + k);
   }
-  if (!ops_policy.empty() && ("," + policies + ",").find("," + ops_policy + ",") == std::string::npos)
+  if (!ops_policy.empty() &&
+      ("," + policies + ",").find("," + ops_policy + ",") == std::string::npos)
     return usage("--ops " + ops_policy + ": not one of --policies " + policies);
 
   try {
@@ -183,7 +185,8 @@ int main(int argc, char** argv) {
         std::sort(by_floor.begin(), by_floor.end(),
                   [](const auto& a, const auto& b) { return a.first > b.first; });
         char line[256];
-        std::snprintf(line, sizeof line, "%s, op by op (the largest floors first):\n  %-26s %6s %10s %9s %9s %7s\n",
+        std::snprintf(line, sizeof line,
+                      "%s, op by op (the largest floors first):\n  %-26s %6s %10s %9s %9s %7s\n",
                       name.c_str(), "op", "calls", "GFLOP", "GB", "floor ms", "bound");
         ops_text = line;
         for (const auto& [f, t] : by_floor) {
@@ -207,13 +210,15 @@ int main(int argc, char** argv) {
                   r["policy"].get<std::string>().c_str(), double(r["floor_ms"]),
                   double(r["bytes_ms"]), double(r["math_ms"]), double(r["gb"]),
                   double(r["floor_tokens_per_s"]),
-                  ratio(f32, double(r["vs_fp32"])).c_str(), ratio(b16, double(r["vs_bf16"])).c_str());
+                  ratio(f32, double(r["vs_fp32"])).c_str(),
+                  ratio(b16, double(r["vs_bf16"])).c_str());
     }
     std::fputs(ops_text.c_str(), stdout);
     if (!json_path.empty()) {
       nlohmann::json ceil_j = {{"gbps", gbps}, {"gpu", gpu}};
       for (int f = 0; f < kPeakFormats; ++f)
-        ceil_j[std::string(peak_format_name(PeakFormat(f))) + "_tflops"] = ceil.flops_per_s[f] / 1e12;
+        ceil_j[std::string(peak_format_name(PeakFormat(f))) + "_tflops"] =
+            ceil.flops_per_s[f] / 1e12;
       std::ofstream(json_path) << nlohmann::json({{"config", config_path}, {"batch", B},
                                                   {"seq", T}, {"micro_batches", accum},
                                                   {"ceilings", ceil_j},

@@ -107,10 +107,10 @@ OpCost layernorm_backward(const Tensor& dinp, const Tensor& dweight, const Tenso
                           const Tensor& dout, const Tensor& inp, const Tensor& weight,
                           const Tensor& mean, const Tensor& rstd) {
   // dinp, dweight and dbias accumulate: read and written.
-  return bytes_op("layernorm_backward",
-                  b(dout) + b(inp) + b(weight) + b(mean) + b(rstd) + b(dinp) + b(dweight) +
-                      b(dbias),
-                  b(dinp) + b(dweight) + b(dbias));
+  return bytes_op(
+      "layernorm_backward",
+      b(dout) + b(inp) + b(weight) + b(mean) + b(rstd) + b(dinp) + b(dweight) + b(dbias),
+      b(dinp) + b(dweight) + b(dbias));
 }
 
 // Under fp8 a forward given an input cache writes it too (one byte an element), and a backward
@@ -132,8 +132,9 @@ OpCost matmul_backward(const char* op, const Tensor& dinp, const Tensor& dweight
   // dinp writes; dweight and dbias accumulate. Two products: dinp = dout . weight (when dinp is
   // wanted) and dweight += dout^T . inp (inp's fp8 cache in its place when given one).
   const double cache = inp_cache_bytes(spec);
-  OpCost c = bytes_op(op, b(dout) + (cache > 0 ? cache : b(inp)) + b(weight) + b(dweight) + b(dbias),
-                      b(dinp) + b(dweight) + b(dbias));
+  OpCost c =
+      bytes_op(op, b(dout) + (cache > 0 ? cache : b(inp)) + b(weight) + b(dweight) + b(dbias),
+               b(dinp) + b(dweight) + b(dbias));
   if (dinp.defined())
     add_flops(c, product_format(dout.dtype, weight.dtype, spec.prec), gemm_flops(inp, weight));
   add_flops(c, product_format(dout.dtype, inp.dtype, spec.prec), gemm_flops(inp, weight));
@@ -194,8 +195,8 @@ OpCost matmul_crossentropy(const Tensor& losses, const Tensor& logits, const Ten
   return c;
 }
 
-OpCost adamw_update(const Tensor& param, const Tensor& master, const Tensor& grad,
-                    const Tensor& m, const Tensor& v) {
+OpCost adamw_update(const Tensor& param, const Tensor& master, const Tensor& grad, const Tensor& m,
+                    const Tensor& v) {
   // m and v are read and written; so is the master, or else the parameter in place (with a
   // master the parameter is only written).
   const double rw = b(m) + b(v) + (master.defined() ? b(master) : b(param));
@@ -261,7 +262,8 @@ void TracingBackend::copy_ids_from_host(Tensor dst, const int32_t* src) {
 }
 
 void TracingBackend::fill(Tensor t, float value) {
-  traced([&] { return op_cost::bytes_op("fill", 0, op_cost::bytes_of(t)); }, [&] { inner_->fill(t, value); });
+  traced([&] { return op_cost::bytes_op("fill", 0, op_cost::bytes_of(t)); },
+         [&] { inner_->fill(t, value); });
 }
 
 void TracingBackend::synchronize() {
@@ -289,7 +291,8 @@ void TracingBackend::cast(Tensor dst, Tensor src, TensorClass cls) {
 
 float TracingBackend::amax(Tensor t) {
   float r = 0;
-  traced([&] { return op_cost::bytes_op("amax", op_cost::bytes_of(t), 0); }, [&] { r = inner_->amax(t); });
+  traced([&] { return op_cost::bytes_op("amax", op_cost::bytes_of(t), 0); },
+         [&] { r = inner_->amax(t); });
   return r;
 }
 
@@ -330,8 +333,11 @@ void TracingBackend::layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Ten
 
 void TracingBackend::layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                                         Tensor inp, Tensor weight, Tensor mean, Tensor rstd) {
-  traced([&] { return op_cost::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd); },
-         [&] { inner_->layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd); });
+  traced(
+      [&] {
+        return op_cost::layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd);
+      },
+      [&] { inner_->layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd); });
 }
 
 void TracingBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
@@ -342,9 +348,12 @@ void TracingBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tenso
 
 void TracingBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                                      Tensor inp, Tensor weight, const MatmulSpec& spec) {
-  traced([&] { return op_cost::matmul_backward("matmul_backward", dinp, dweight, dbias, dout, inp, weight,
-                                  spec); },
-         [&] { inner_->matmul_backward(dinp, dweight, dbias, dout, inp, weight, spec); });
+  traced(
+      [&] {
+        return op_cost::matmul_backward("matmul_backward", dinp, dweight, dbias, dout, inp, weight,
+                                        spec);
+      },
+      [&] { inner_->matmul_backward(dinp, dweight, dbias, dout, inp, weight, spec); });
 }
 
 void TracingBackend::matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Tensor weight,
@@ -353,20 +362,23 @@ void TracingBackend::matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Ten
          [&] { inner_->matmul_gelu_forward(out, pre, inp, weight, bias, spec); });
 }
 
-void TracingBackend::matmul_residual_forward(Tensor out, Tensor residual, Tensor inp,
-                                             Tensor weight, Tensor bias, const MatmulSpec& spec) {
+void TracingBackend::matmul_residual_forward(Tensor out, Tensor residual, Tensor inp, Tensor weight,
+                                             Tensor bias, const MatmulSpec& spec) {
   traced([&] { return op_cost::matmul_residual_forward(out, residual, inp, weight, bias, spec); },
          [&] { inner_->matmul_residual_forward(out, residual, inp, weight, bias, spec); });
 }
 
-void TracingBackend::matmul_backward_gelu(Tensor dinp, Tensor dweight, Tensor dbias,
-                                          Tensor dout, Tensor inp, Tensor weight,
-                                          Tensor gelu_pre, const MatmulSpec& spec) {
-  traced([&] {
-    return op_cost::matmul_backward_gelu(dinp, dweight, dbias, dout, inp, weight, gelu_pre, spec);
-  }, [&] {
-    inner_->matmul_backward_gelu(dinp, dweight, dbias, dout, inp, weight, gelu_pre, spec);
-  });
+void TracingBackend::matmul_backward_gelu(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
+                                          Tensor inp, Tensor weight, Tensor gelu_pre,
+                                          const MatmulSpec& spec) {
+  traced(
+      [&] {
+        return op_cost::matmul_backward_gelu(dinp, dweight, dbias, dout, inp, weight, gelu_pre,
+                                             spec);
+      },
+      [&] {
+        inner_->matmul_backward_gelu(dinp, dweight, dbias, dout, inp, weight, gelu_pre, spec);
+      });
 }
 
 void TracingBackend::attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head,
@@ -382,35 +394,46 @@ void TracingBackend::attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Te
 }
 
 void TracingBackend::gelu_forward(Tensor out, Tensor inp) {
-  traced([&] { return op_cost::bytes_op("gelu_forward", op_cost::bytes_of(inp), op_cost::bytes_of(out)); },
-         [&] { inner_->gelu_forward(out, inp); });
+  traced(
+      [&] {
+        return op_cost::bytes_op("gelu_forward", op_cost::bytes_of(inp), op_cost::bytes_of(out));
+      },
+      [&] { inner_->gelu_forward(out, inp); });
 }
 
 void TracingBackend::gelu_backward(Tensor dinp, Tensor inp, Tensor dout) {
-  traced([&] { return op_cost::bytes_op("gelu_backward", op_cost::bytes_of(inp) + op_cost::bytes_of(dout),
-                           op_cost::bytes_of(dinp)); },
-         [&] { inner_->gelu_backward(dinp, inp, dout); });
+  traced(
+      [&] {
+        return op_cost::bytes_op("gelu_backward", op_cost::bytes_of(inp) + op_cost::bytes_of(dout),
+                                 op_cost::bytes_of(dinp));
+      },
+      [&] { inner_->gelu_backward(dinp, inp, dout); });
 }
 
 void TracingBackend::residual_forward(Tensor out, Tensor a, Tensor b) {
-  traced([&] { return op_cost::bytes_op("residual_forward", op_cost::bytes_of(a) + op_cost::bytes_of(b),
-                           op_cost::bytes_of(out)); },
-         [&] { inner_->residual_forward(out, a, b); });
+  traced(
+      [&] {
+        return op_cost::bytes_op("residual_forward", op_cost::bytes_of(a) + op_cost::bytes_of(b),
+                                 op_cost::bytes_of(out));
+      },
+      [&] { inner_->residual_forward(out, a, b); });
 }
 
 void TracingBackend::crossentropy_forward_backward(Tensor losses, Tensor logits, Tensor targets,
                                                    int vocab_size, float dloss) {
-  traced([&] { return op_cost::crossentropy(losses, logits, targets, dloss); }, [&] {
-    inner_->crossentropy_forward_backward(losses, logits, targets, vocab_size, dloss);
-  });
+  traced(
+      [&] { return op_cost::crossentropy(losses, logits, targets, dloss); },
+      [&] { inner_->crossentropy_forward_backward(losses, logits, targets, vocab_size, dloss); });
 }
 
 void TracingBackend::matmul_crossentropy(Tensor losses, Tensor logits, Tensor inp, Tensor weight,
                                          Tensor targets, int vocab_size, float dloss,
                                          const MatmulSpec& spec) {
-  traced([&] { return op_cost::matmul_crossentropy(losses, logits, inp, weight, targets, spec); }, [&] {
-    inner_->matmul_crossentropy(losses, logits, inp, weight, targets, vocab_size, dloss, spec);
-  });
+  traced([&] { return op_cost::matmul_crossentropy(losses, logits, inp, weight, targets, spec); },
+         [&] {
+           inner_->matmul_crossentropy(losses, logits, inp, weight, targets, vocab_size, dloss,
+                                       spec);
+         });
 }
 
 double TracingBackend::sum_squares(Tensor t) {
@@ -460,7 +483,8 @@ void CostTable::add(const OpCost& c, double measured_ms) {
     rows_.push_back(t);
   }
   OpTotals& t = rows_[it->second];
-  for (int f = 0; f < kPeakFormats; ++f) t.cost.flops[f] += c.flops[f];
+  for (int f = 0; f < kPeakFormats; ++f)
+    t.cost.flops[f] += c.flops[f];
   t.cost.bytes += c.bytes;
   t.cost.host_bytes += c.host_bytes;
   t.calls += 1;
@@ -478,7 +502,8 @@ OpTotals CostTable::total() const {
   OpTotals s;
   s.cost.op = "step";
   for (const OpTotals& t : rows_) {
-    for (int f = 0; f < kPeakFormats; ++f) s.cost.flops[f] += t.cost.flops[f];
+    for (int f = 0; f < kPeakFormats; ++f)
+      s.cost.flops[f] += t.cost.flops[f];
     s.cost.bytes += t.cost.bytes;
     s.cost.host_bytes += t.cost.host_bytes;
     s.calls += t.calls;
