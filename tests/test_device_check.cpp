@@ -161,8 +161,8 @@ TEST_F(GtestUntilDone, DisabledTestsNoTestsAndBadArguments) {
 namespace {
 
 // scripts/source-hash, which tells device-check whether prebuilt binaries come from the tree it
-// was sent (scripts/device-prebuild): the same for a copy of the tree elsewhere, different once
-// any compiled file changes.
+// was sent (scripts/device-prebuild): the same for a copy of the tree elsewhere and after an
+// edit of a CPU-only test, different once a file the GPU binaries are built from changes.
 class SourceHash : public CliTest {};
 
 TEST_F(SourceHash, SameForACopyOfTheTreeAndChangedByAnEdit) {
@@ -179,9 +179,17 @@ TEST_F(SourceHash, SameForACopyOfTheTreeAndChangedByAnEdit) {
                 " && cp -r app src tests bench cmake CMakeLists.txt " + copy +
                 " && cp scripts/source-hash " + copy + "/scripts/").code, 0);
   EXPECT_EQ(run("bash " + copy + "/scripts/source-hash").out, here.out);
-  // One compiled file edited: another hash.
+  // A CPU-only test edited: the GPU binaries are the same.
+  ASSERT_EQ(run("echo '// edited' >> " + copy + "/tests/test_core.cpp").code, 0);
+  EXPECT_EQ(run("bash " + copy + "/scripts/source-hash").out, here.out);
+  // A file of the library, or of a GPU suite, edited: another hash.
+  ASSERT_EQ(run("echo '// edited' >> " + copy + "/tests/test_cuda_train.cpp").code, 0);
+  const auto suite_edited = run("bash " + copy + "/scripts/source-hash");
+  EXPECT_NE(suite_edited.out, here.out);
   ASSERT_EQ(run("echo '// edited' >> " + copy + "/src/backend/op_cost.h").code, 0);
-  EXPECT_NE(run("bash " + copy + "/scripts/source-hash").out, here.out);
+  const auto lib_edited = run("bash " + copy + "/scripts/source-hash");
+  EXPECT_NE(lib_edited.out, here.out);
+  EXPECT_NE(lib_edited.out, suite_edited.out);
 }
 
 }  // namespace
