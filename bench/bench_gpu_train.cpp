@@ -404,11 +404,11 @@ int main(int argc, char** argv) {
       one_step();
       traced.set_observer(nullptr);
       events.finish(table);
+      floor_ms = table.total().floor_s * 1e3;
+      traced_ms = table.total().measured_ms;
       std::vector<nlohmann::json> rows;
       for (const OpTotals& t : table.rows()) {
         const double f = t.floor_s * 1e3;
-        floor_ms += f;
-        traced_ms += t.measured_ms;
         rows.push_back({{"op", t.cost.op}, {"calls", t.calls}, {"ms", t.measured_ms},
                         {"floor_ms", f}, {"above_floor_ms", t.measured_ms - f},
                         {"gb", t.cost.bytes / 1e9}, {"gflop", t.cost.total_flops() / 1e9},

@@ -159,40 +159,37 @@ int main(int argc, char** argv) {
       step();  // the first step allocates the activations; the second is the steady state
       shapes.set_observer(&table);
       step();
-      double floor_s = 0, bytes_s = 0, math_s = 0;
       nlohmann::json ops = nlohmann::json::array();
-      std::vector<std::pair<double, OpTotals>> by_floor;
-      for (const OpTotals& t : table.rows()) {
-        const double f = t.floor_s;
-        OpCost math = t.cost;
-        math.bytes = 0;
-        math.host_bytes = 0;
-        floor_s += f;
-        bytes_s += t.cost.bytes / ceil.bytes_per_s;
-        math_s += math.total_flops() > 0 ? floor_seconds(math, ceil) : 0.0;
+      std::vector<OpTotals> rows = table.rows();
+      for (const OpTotals& t : rows)
         ops.push_back({{"op", t.cost.op}, {"calls", t.calls}, {"gflop", t.cost.total_flops() / 1e9},
-                       {"gb", t.cost.bytes / 1e9}, {"floor_ms", f * 1e3},
+                       {"gb", t.cost.bytes / 1e9}, {"floor_ms", t.floor_s * 1e3},
                        {"bound", t.mostly_memory_bound() ? "memory" : "math"}});
-        by_floor.emplace_back(f, t);
-      }
+      // The step's two totals alone (its floor sums each op's larger one): the bytes' time, and
+      // the products' (linear in each format's FLOPs, so the summed cost's).
       const OpTotals all = table.total();
+      OpCost math = all.cost;
+      math.bytes = math.host_bytes = 0;
+      const double floor_s = all.floor_s, bytes_s = all.cost.bytes / ceil.bytes_per_s;
+      const double math_s = math.total_flops() > 0 ? floor_seconds(math, ceil) : 0.0;
       const double tokens_per_s = double(B) * T * accum / floor_s;
       results.push_back({{"policy", name}, {"floor_ms", floor_s * 1e3}, {"bytes_ms", bytes_s * 1e3},
                          {"math_ms", math_s * 1e3}, {"gb", all.cost.bytes / 1e9},
                          {"gflop", all.cost.total_flops() / 1e9},
                          {"floor_tokens_per_s", tokens_per_s}, {"ops", ops}});
       if (name == ops_policy) {  // printed after the policies' table
-        std::sort(by_floor.begin(), by_floor.end(),
-                  [](const auto& a, const auto& b) { return a.first > b.first; });
+        std::sort(rows.begin(), rows.end(),
+                  [](const OpTotals& a, const OpTotals& b) { return a.floor_s > b.floor_s; });
         char line[256];
         std::snprintf(line, sizeof line,
                       "%s, op by op (the largest floors first):\n  %-26s %6s %10s %9s %9s %7s\n",
                       name.c_str(), "op", "calls", "GFLOP", "GB", "floor ms", "bound");
         ops_text = line;
-        for (const auto& [f, t] : by_floor) {
+        for (const OpTotals& t : rows) {
           std::snprintf(line, sizeof line, "  %-26s %6lld %10.1f %9.3f %9.3f %7s\n",
                         t.cost.op.c_str(), (long long)t.calls, t.cost.total_flops() / 1e9,
-                        t.cost.bytes / 1e9, f * 1e3, t.mostly_memory_bound() ? "memory" : "math");
+                        t.cost.bytes / 1e9, t.floor_s * 1e3,
+                        t.mostly_memory_bound() ? "memory" : "math");
           ops_text += line;
         }
       }

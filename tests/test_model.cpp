@@ -34,12 +34,6 @@ ModelConfig tiny_model() {
   return m;
 }
 
-std::vector<int32_t> random_tokens(Rng& rng, size_t n, int vocab) {
-  std::vector<int32_t> t(n);
-  for (auto& v : t) v = static_cast<int32_t>(rng.below(vocab));
-  return t;
-}
-
 // Fresh gradients of the mean loss of one batch (B,T).
 void backprop(Gpt& g, const std::vector<int32_t>& in, const std::vector<int32_t>& tg, int B,
               int T) {
@@ -300,13 +294,6 @@ TEST(LrSchedule, WarmupLongerThanTheRunAndOneStepDecay) {
 // The ledger predicts, before anything is allocated, exactly what the model, the optimizer and
 // the CPU backend's scratch end up holding, for every policy: bytes per role follow the
 // policy's dtypes (a bf16 policy halves the weights and adds an fp32 master).
-// A policy's name as a test name ("bf16-pure" -> "bf16_pure").
-std::string policy_test_name(const ::testing::TestParamInfo<std::string>& info) {
-  std::string n = info.param;
-  for (char& c : n)
-    if (c == '-') c = '_';
-  return n;
-}
 
 class MemoryLedgerPerPolicy : public ::testing::TestWithParam<std::string> {};
 

@@ -21,25 +21,12 @@ using namespace mpt::test;
 
 namespace {
 
-std::vector<int32_t> random_tokens(Rng& rng, size_t n, int vocab) {
-  std::vector<int32_t> t(n);
-  for (auto& v : t) v = static_cast<int32_t>(rng.below(vocab));
-  return t;
-}
-
 // "fp8_bf16_ends": fp8 with its first and last blocks in bf16.
 PrecisionPolicy policy_named(const std::string& name) {
   const bool ends = name == "fp8_bf16_ends";
   PrecisionPolicy p = PrecisionPolicy::preset(ends ? "fp8" : name);
   p.fp8.first_last_blocks_bf16 = ends;
   return p;
-}
-
-std::string test_name(const ::testing::TestParamInfo<std::string>& info) {
-  std::string n = info.param;
-  for (char& c : n)
-    if (c == '-') c = '_';
-  return n;
 }
 
 ModelConfig small_model() {
@@ -158,7 +145,7 @@ TEST_P(TracedStep, ShapeOnlyTraceIsTheExecutedOne) {
 INSTANTIATE_TEST_SUITE_P(Policies, TracedStep,
                          ::testing::Values("fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8",
                                            "fp8_bf16_ends"),
-                         test_name);
+                         policy_test_name);
 
 // The products of one training step: the matmuls do 6 FLOPs per weight and token (2 forward,
 // 4 backward), over the four matrices of each block and the tied head (Vp x C), and causal

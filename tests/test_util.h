@@ -47,6 +47,21 @@ inline std::string source_dir() {
   return e && *e ? std::string(e) : std::string(MPT_SOURCE_DIR);
 }
 
+// n token ids drawn uniformly from [0, vocab).
+inline std::vector<int32_t> random_tokens(Rng& rng, size_t n, int vocab) {
+  std::vector<int32_t> t(n);
+  for (auto& v : t) v = static_cast<int32_t>(rng.below(vocab));
+  return t;
+}
+
+// A policy's name as a test name ("bf16-pure" -> "bf16_pure").
+inline std::string policy_test_name(const ::testing::TestParamInfo<std::string>& info) {
+  std::string n = info.param;
+  for (char& c : n)
+    if (c == '-') c = '_';
+  return n;
+}
+
 inline uint64_t fresh_seed() {
   if (const char* s = std::getenv("MPT_TEST_SEED")) return std::strtoull(s, nullptr, 10);
   const uint64_t seed = std::random_device{}();
