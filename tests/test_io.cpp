@@ -11,6 +11,7 @@
 #include "io/checkpoint.h"
 #include "io/files.h"
 #include "io/metrics.h"
+#include "io/run_dir.h"
 #include "io/safetensors.h"
 #include "test_util.h"
 
@@ -122,6 +123,46 @@ TEST_F(Io, MetricsAppendDropsACutOffLastRecord) {
   EXPECT_EQ(slurp(p), "{\"a\":1}\n{\"b\":2}\n");
   { MetricsSink s(path("new.jsonl"), true); s.write({{"c", 3}}); }
   EXPECT_EQ(slurp(path("new.jsonl")), "{\"c\":3}\n");
+}
+
+// A generated run name that is taken (two runs started within the same second) gets the next
+// free "-N" suffix, at planning and again at creation; a name the user gave is never replaced.
+TEST_F(Io, GeneratedRunNamesTakeTheNextFreeSuffix) {
+  Config cfg;
+  cfg.output.dir = path("runs");
+  std::vector<std::string> dirs;
+  for (int i = 0; i < 3; ++i) {  // within a second or two: the names collide at least once
+    const RunDirPlan plan = plan_run_dir(cfg, "");
+    ASSERT_TRUE(plan.auto_named);
+    dirs.push_back(create_run_dir(plan, cfg));
+  }
+  for (size_t i = 0; i < dirs.size(); ++i) {
+    EXPECT_TRUE(fs::exists(fs::path(dirs[i]) / "config.yaml")) << dirs[i];
+    for (size_t j = 0; j < i; ++j) EXPECT_NE(dirs[i], dirs[j]);
+  }
+
+  // Taken after planning: the base holds a run, base-2 is a file, base-3 a non-empty directory.
+  RunDirPlan plan;
+  plan.auto_named = true;
+  plan.base = plan.path = path("runs/x-20261202-000000");
+  fs::create_directories(plan.base);
+  std::ofstream(plan.base + "/metrics.jsonl") << "{}\n";
+  std::ofstream(plan.base + "-2") << "a file";
+  fs::create_directories(plan.base + "-3");
+  std::ofstream(plan.base + "-3/notes.txt") << "not a run";
+  EXPECT_EQ(create_run_dir(plan, cfg), plan.base + "-4");
+  EXPECT_EQ(slurp(plan.base + "/metrics.jsonl"), "{}\n");
+  EXPECT_EQ(slurp(plan.base + "-3/notes.txt"), "not a run");
+
+  // A name the user chose: refused at planning when it holds a run, and at creation when another
+  // run claimed it since.
+  cfg.output.name = "mine";
+  const RunDirPlan mine = plan_run_dir(cfg, "");
+  EXPECT_FALSE(mine.auto_named);
+  EXPECT_EQ(create_run_dir(mine, cfg), path("runs/mine"));
+  EXPECT_THROW(plan_run_dir(cfg, ""), InputError);
+  EXPECT_THROW(create_run_dir(mine, cfg), InputError);
+  EXPECT_THROW(plan_run_dir(cfg, plan.base + "-2"), InputError);  // --run-dir at a file
 }
 
 TEST_F(Io, SafetensorsRoundTripWithFreshRandomTensors) {

@@ -4,6 +4,7 @@
 #include <sys/file.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -16,6 +17,21 @@ namespace fs = std::filesystem;
 
 namespace mpt {
 namespace {
+
+// Whether `dir` can take a new run: it does not exist, or is an empty directory.
+bool is_free(const fs::path& dir) {
+  std::error_code ec;
+  if (!fs::exists(dir, ec)) return true;
+  return fs::is_directory(dir, ec) && fs::is_empty(dir, ec);
+}
+
+// The first free one of base, base-2, base-3, ... (a generated name that is taken: two runs
+// started within the same second, or one at a name a user gave by hand).
+std::string first_free(const std::string& base, int from) {
+  std::string dir = from <= 1 ? base : base + "-" + std::to_string(from);
+  for (int n = std::max(from, 1) + 1; !is_free(dir); ++n) dir = base + "-" + std::to_string(n);
+  return dir;
+}
 
 void require_free(const fs::path& dir) {
   std::error_code ec;
@@ -80,18 +96,24 @@ RunDirPlan plan_run_dir(const Config& cfg, const std::string& override_dir) {
     }
     plan.path = (fs::path(cfg.output.dir) / name).string();
   }
-  require_free(plan.path);
+  if (plan.auto_named) {
+    plan.base = plan.path;
+    plan.path = first_free(plan.base, 1);
+  } else {
+    require_free(plan.path);
+  }
   return plan;
 }
 
 std::string create_run_dir(const RunDirPlan& plan, const Config& cfg) {
   std::string dir = plan.path;
+  // A generated name taken since planning (another run claimed it first) moves on to the next
+  // free suffix; a name the user chose is never replaced.
   for (int attempt = 2; !claim(dir); ++attempt) {
     if (!plan.auto_named)
       throw InputError("run directory " + plan.path +
                        " was taken by another run; choose another output.name or --run-dir");
-    dir = plan.path + "-" + std::to_string(attempt);
-    require_free(dir);
+    dir = first_free(plan.base, attempt);
   }
   write_file_atomic((fs::path(dir) / "config.yaml").string(), config_to_yaml(cfg));
   return dir;

@@ -11,12 +11,14 @@ namespace mpt {
 struct RunDirPlan {
   std::string path;
   bool auto_named = false;  // the name was generated, so a collision may pick another
+  std::string base;         // auto_named: the generated path, before any "-N" suffix
 };
 
 // Decides where the run goes: `override_dir` when given (--run-dir), else output.dir/output.name,
-// where an empty name becomes "<config stem>-<UTC time>" ("default" without a config file).
-// InputError when that directory already holds files (a run is never overwritten) or when
-// output.dir or the run directory exists as something other than a directory.
+// where an empty name becomes "<config stem>-<UTC time>" ("default" without a config file),
+// with a "-2", "-3", ... suffix when that is taken (not an empty directory). InputError when a
+// directory named by the user already holds files (a run is never overwritten) or when output.dir
+// or that directory exists as something other than a directory.
 RunDirPlan plan_run_dir(const Config& cfg, const std::string& override_dir);
 
 // Creates the planned directory (and parents), claims it by creating metrics.jsonl exclusively,

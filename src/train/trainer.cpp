@@ -369,7 +369,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                        std::to_string(resume->ckpt.state.step) + " and training.steps is " +
                        std::to_string(steps) + " (raise training.steps to train further)");
     // A fork into another directory claims it like a new run: never someone else's run.
-    plan = resume->same_run ? RunDirPlan{resume->run_dir, false}
+    plan = resume->same_run ? RunDirPlan{resume->run_dir, false, {}}
                             : plan_run_dir(cfg, resume->run_dir);
   } else {
     plan = plan_run_dir(cfg, opt.run_dir);
