@@ -179,7 +179,7 @@ int main(int argc, char** argv) {
                       "first fp32 run, else the first), or with --policies a policy (default: "
                       "the first)")
       ->type_name("RUN|POLICY");
-  compare->add_option("--out", policies_opt.out,
+  auto* c_out = compare->add_option("--out", policies_opt.out,
                       "Write compare.json and compare.svg into this directory (default: write "
                       "nothing, print the table only); required with --policies, whose runs go "
                       "there too")
@@ -222,6 +222,17 @@ int main(int argc, char** argv) {
         if (compare_dirs.empty())
           throw mpt::InputError("compare: give run directories, or --policies to train them "
                                 "(mpt compare --help)");
+        // --out checked before the comparison's work, which it would otherwise follow.
+        if (c_out->count() > 0) {
+          std::error_code ec;
+          if (policies_opt.out.empty())
+            throw mpt::InputError("--out: empty; give a directory, or leave the option out to "
+                                  "print the table only");
+          if (std::filesystem::exists(policies_opt.out, ec) &&
+              !std::filesystem::is_directory(policies_opt.out, ec))
+            throw mpt::InputError("--out " + policies_opt.out +
+                                  ": exists and is not a directory");
+        }
         return run_compare(compare_dirs, compare_baseline, policies_opt.out);
       }
       if (!compare_dirs.empty())

@@ -396,6 +396,19 @@ TEST_F(Compare, BaselineOptionAndNoBandWithOneSeed) {
   // A --baseline that is not among the runs is bad input.
   const auto r3 = run(mpt_bin() + " compare " + dir("fp32_s1") + " --baseline " + dir("tf32_s1"));
   EXPECT_EQ(r3.code, 2) << r3.out;
+
+  // An --out that cannot be one (a file; empty, as an unset $OUT gives) is refused before the
+  // comparison prints anything.
+  const std::string file = (fs::path(::testing::TempDir()) /
+                            ("mpt_compare_file_" + std::to_string(::getpid()))).string();
+  std::ofstream(file) << "x";
+  for (const std::string& out : {file, std::string("''")}) {
+    const auto r4 = run(mpt_bin() + " compare " + dir("fp32_s1") + " --out " + out);
+    EXPECT_EQ(r4.code, 2) << r4.out;
+    EXPECT_NE(r4.out.find("--out"), std::string::npos) << r4.out;
+    EXPECT_EQ(r4.out.find("val loss"), std::string::npos) << "no table first: " << r4.out;
+  }
+  fs::remove(file);
 }
 
 TEST_F(Compare, RefusesDifferentModelsAndNamesBadMetrics) {
@@ -501,8 +514,9 @@ TEST_F(Compare, AResumedRunIsComparedFromWhereItResumed) {
   EXPECT_NE(r.verdict.find("[run has no end record]"), std::string::npos) << r.verdict;
 }
 
-// A run that diverged is a result, not malformed input: its losses are null in the records
-// (JSON has no NaN; other writers give "NaN" or "Infinity" strings), its verdict says so, and
+// A run that diverged is a result, not malformed input: its losses are the strings "nan" or
+// "inf" in the records (JSON has no NaN; other writers give null, "NaN" or "Infinity"), its
+// verdict says so, and
 // neither it nor a diverged baseline gives a difference or joins the noise band.
 TEST_F(Compare, DivergedRunsAreComparedAsDiverged) {
   const std::string div = (root_ / "diverged").string();
@@ -513,7 +527,8 @@ TEST_F(Compare, DivergedRunsAreComparedAsDiverged) {
     EXPECT_NE(t.out.find("training diverged"), std::string::npos) << t.out;
   }
   const auto recs = read_jsonl(div + "/metrics.jsonl");
-  ASSERT_TRUE(events(recs, "eval").back()["val_loss"].is_null());
+  const json last_val = events(recs, "eval").back()["val_loss"];
+  ASSERT_TRUE(last_val == "nan" || last_val == "inf") << last_val;
   EXPECT_EQ(events(recs, "end").back()["status"], "failed");
   EXPECT_FALSE(fs::exists(div + "/checkpoints/step_00000006")) << "no broken final checkpoint";
 
@@ -535,13 +550,13 @@ TEST_F(Compare, DivergedRunsAreComparedAsDiverged) {
       EXPECT_EQ(svg.find(before + bad), std::string::npos) << "no " << bad << " in the picture";
   EXPECT_NE(svg.find("val diverged"), std::string::npos);
   EXPECT_NE(r.out.find("diverged"), std::string::npos) << "the table: " << r.out;
-  // The diverged run as the baseline; and the strings other writers use for NaN and infinity.
+  // The diverged run as the baseline; and the forms other writers use for NaN and infinity.
   fs::create_directories(root_ / "diverged_strings");
   {
     std::ofstream f(root_ / "diverged_strings" / "metrics.jsonl");
     for (json rec : recs) {
-      if (rec.contains("loss") && rec["loss"].is_null()) rec["loss"] = "NaN";
-      if (rec.contains("val_loss") && rec["val_loss"].is_null()) rec["val_loss"] = "Infinity";
+      if (rec.contains("loss") && rec["loss"].is_string()) rec["loss"] = nullptr;
+      if (rec.contains("val_loss") && rec["val_loss"].is_string()) rec["val_loss"] = "Infinity";
       f << rec.dump() << "\n";
     }
   }

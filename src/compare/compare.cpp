@@ -38,8 +38,9 @@ double num(const json& r, const char* key, const std::string& where) {
 }
 
 // A loss: a number, or the forms a non-finite one takes in a record (JSON has none: mpt's
-// writer gives null, other writers the strings "NaN", "Infinity", "inf"), read as NaN or ±inf,
-// so that a run that diverged is compared as one rather than refused as malformed.
+// writer gives the strings "nan", "inf", "-inf", other writers null, "NaN" or "Infinity"), read
+// as NaN or ±inf, so that a run that diverged is compared as one rather than refused as
+// malformed.
 double loss_num(const json& r, const char* key, const std::string& where) {
   if (r.contains(key) && r[key].is_null()) return std::numeric_limits<double>::quiet_NaN();
   if (r.contains(key) && r[key].is_string()) {

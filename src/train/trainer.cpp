@@ -526,7 +526,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     numerics.collect();
     const double val = evaluate(model, val_loader, eval_batches, B, T);
     numerics.discard();
-    emit({{"event", "eval"}, {"step", step}, {"val_loss", val}});
+    emit({{"event", "eval"}, {"step", step}, {"val_loss", json_number(val)}});
     spdlog::info("eval  step {:>6} | val_loss {:.4f}", step, val);
     return val;
   };
@@ -774,8 +774,8 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                  {"status", "completed"},
                  {"step", steps},
                  {"tokens", steps * tokens_per_step},
-                 {"loss", last_loss},
-                 {"val_loss", result.final_val_loss},
+                 {"loss", json_number(last_loss)},
+                 {"val_loss", json_number(result.final_val_loss)},
                  {"checkpoint", last_checkpoint},
                  {"elapsed_s", seconds_since(t_start)}});
   spdlog::info("done: {} steps, final loss {:.4f}, val_loss {:.4f}, {:.1f} s", steps, last_loss,
