@@ -546,7 +546,11 @@ TEST(Loader, BuiltinAndErrors) {
     for (int t = 0; t + 1 < 64; ++t) EXPECT_EQ(y[r * 64 + t], x[r * 64 + t + 1]);
   }
   LoaderFixture f({10, 12});
-  expect_input_error([&] { BatchLoader(f.ds, 1, 16, 0, true); }, {"17"});
+  // No window of T+1 = 17 tokens in either source (22 in all): the split's key, its data and
+  // the longest source are named.
+  expect_input_error([&] { BatchLoader(f.ds, 1, 16, 0, true); },
+                     {"data.train", "2 shards, 22 tokens", "17", f.dir.file("src_001.bin"),
+                      "holds 12"});
   expect_input_error([&] { BatchLoader(f.ds, 0, 4, 0, true); }, {"B=0"});
 }
 
@@ -691,4 +695,24 @@ TEST(Prepare, Errors) {
   expect_input_error([&] { prepare_shards({dir.file("one.txt")}, dir.file("o"), opt); },
                      {"1 token"});
   expect_input_error([&] { prepare_shards({}, dir.file("o"), opt); }, {"no input"});
+  // A val fraction that gives no val token at all is refused like one that gives one token.
+  opt.val_fraction = 0.01;
+  expect_input_error([&] { prepare_shards({a}, dir.file("o"), opt); },
+                     {"val split would hold 0 token", "raise val_fraction"});
+  opt = PrepareOptions{};
+  expect_input_error([&] { prepare_shards({dir.file("empty.txt")}, dir.file("o"), opt); },
+                     {"no text", dir.file("empty.txt")});
+  expect_input_error([&] { prepare_shards({a}, "", opt); }, {"output directory is empty"});
+  // The same file twice, by another name: its text would be in both splits.
+  expect_input_error([&] { prepare_shards({a, dir.path() + "/./a.txt"}, dir.file("o"), opt); },
+                     {"given twice", a});
+  // An input that is one of the shards this prepare replaces.
+  opt.val_fraction = 0;
+  prepare_shards({a}, dir.file("o"), opt);
+  const std::string shard = dir.file("o") + "/train_000000.bin";
+  const std::string before = read_bytes(shard);
+  expect_input_error([&] { prepare_shards({shard}, dir.file("o"), opt); },
+                     {shard, "replaces"});
+  EXPECT_EQ(read_bytes(shard), before);
+  EXPECT_FALSE(fs::exists(dir.file("o") + "/val_000000.bin"));
 }

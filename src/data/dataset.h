@@ -43,6 +43,8 @@ class TokenDataset {
   // "builtin corpus (train split, 1234567 tokens)", "3 shards, 300000000 tokens",
   // "1 shard (data/x.bin), 1000 tokens", "builtin corpus (train split) + 2 shards, 1500 tokens".
   std::string describe() const;
+  // The config key the split comes from: "data.train" or "data.val".
+  std::string key() const { return std::string("data.") + split_name(split_); }
 
  private:
   TokenDataset() = default;

@@ -33,8 +33,14 @@ BatchLoader::BatchLoader(const TokenDataset& data, int B, int T, uint64_t seed, 
     samples_per_epoch_ += n;
   }
   if (samples_per_epoch_ == 0) {
-    throw InputError(data.describe() + ": no source holds a full window of T+1 = " +
-                     std::to_string(T + 1) + " tokens (windows never span two sources)");
+    const TokenSource* longest = &sources_.front();  // open() refuses an empty dataset
+    for (const TokenSource& s : sources_)
+      if (s.size > longest->size) longest = &s;
+    throw InputError(data.key() + " (" + data.describe() + "): no source holds a full window of "
+                     "T+1 = " + std::to_string(T + 1) + " tokens (windows never span two "
+                     "sources); the longest, " + longest->name + ", holds " +
+                     std::to_string(longest->size) + ": use longer shards or a shorter "
+                     "training.seq_len");
   }
   reset();
 }

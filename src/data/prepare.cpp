@@ -83,6 +83,25 @@ void remove_stale(const std::string& dir, const char* split, size_t keep) {
 PrepareResult prepare_shards(const std::vector<std::string>& inputs, const std::string& out_dir,
                              const PrepareOptions& opt) {
   if (inputs.empty()) throw InputError("data prepare: no input files given");
+  if (out_dir.empty()) throw InputError("data prepare: the output directory is empty: expected a path");
+  // Each input once (a file given twice would put the same text in both splits), and none of
+  // the shards this prepare replaces or deletes (train_*.bin, val_*.bin in out_dir).
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    std::error_code ec;
+    for (size_t j = 0; j < i; ++j)
+      if (fs::equivalent(inputs[j], inputs[i], ec))
+        throw InputError("data prepare: input " + inputs[i] + " is given twice (also as " +
+                         inputs[j] + "): its text would be in both splits");
+    const fs::path in(inputs[i]);
+    const std::string name = in.filename().string();
+    const bool shard_like =
+        (name.rfind("train_", 0) == 0 || name.rfind("val_", 0) == 0) &&
+        name.size() > 4 && name.compare(name.size() - 4, 4, ".bin") == 0;
+    if (shard_like && fs::equivalent(in.has_parent_path() ? in.parent_path() : fs::path("."),
+                                     out_dir, ec))
+      throw InputError("data prepare: input " + inputs[i] + " is one of the shards in " +
+                       out_dir + " that this prepare replaces; prepare into another directory");
+  }
   if (!(opt.val_fraction >= 0.0 && opt.val_fraction < 1.0)) {
     throw InputError("data prepare: val_fraction must be in [0, 1), got " +
                      std::to_string(opt.val_fraction));
@@ -99,7 +118,11 @@ PrepareResult prepare_shards(const std::vector<std::string>& inputs, const std::
     text += t;
     if (text.back() != '\n') text += '\n';
   }
-  if (text.empty()) throw InputError("data prepare: the input files hold no text");
+  if (text.empty()) {
+    std::string names;
+    for (const std::string& in : inputs) names += (names.empty() ? "" : ", ") + in;
+    throw InputError("data prepare: the input files hold no text (" + names + ")");
+  }
 
   const int64_t total = static_cast<int64_t>(text.size());
   int64_t n_val = static_cast<int64_t>(std::floor(static_cast<double>(total) * opt.val_fraction));
@@ -110,9 +133,9 @@ PrepareResult prepare_shards(const std::vector<std::string>& inputs, const std::
                      " token(s); a split needs at least 2 (input has " + std::to_string(total) +
                      " tokens)");
   }
-  if (n_val == 1) {
-    throw InputError("data prepare: the val split would hold 1 token; a split needs at least 2 "
-                     "(input has " + std::to_string(total) +
+  if (opt.val_fraction > 0 && n_val < 2) {  // asked for a val split that would be (nearly) empty
+    throw InputError("data prepare: the val split would hold " + std::to_string(n_val) +
+                     " token(s); a split needs at least 2 (input has " + std::to_string(total) +
                      " tokens; raise val_fraction or set it to 0)");
   }
 
