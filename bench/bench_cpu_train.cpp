@@ -15,6 +15,7 @@
 // one policy (perf record) or for repeating one ratio. With --recompute 1, that policy (before
 // and after) against itself with training.recompute gelu+layernorm.
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <string>
@@ -132,24 +133,64 @@ int main(int argc, char** argv) {
   // gelu+layernorm against P itself (measured before and after, as fp32 is).
   std::string only;
   bool recompute_only = false;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const char* k = argv[i];
-    if (!std::strcmp(k, "--policy")) {
-      only = argv[i + 1];
-      continue;
+  const char* const usage =
+      "usage: bench_cpu_train [--threads N] [--steps N] [--repeats N] [--layers N] [--width N] "
+      "[--batch N] [--policy P [--recompute 1]]\n";
+  for (int i = 1; i < argc; i += 2) {
+    const std::string k = argv[i];
+    if (k == "--help" || k == "-h") {
+      std::fputs(usage, stdout);
+      return 0;
     }
-    const int v = std::atoi(argv[i + 1]);
-    if (!std::strcmp(k, "--threads")) threads = v;
-    else if (!std::strcmp(k, "--steps")) steps = v;
-    else if (!std::strcmp(k, "--repeats")) repeats = v;
-    else if (!std::strcmp(k, "--layers")) layers = v;
-    else if (!std::strcmp(k, "--width")) width = v;
-    else if (!std::strcmp(k, "--batch")) B = v;
-    else if (!std::strcmp(k, "--recompute")) recompute_only = v != 0;
-    else {
-      std::fprintf(stderr, "unknown option %s\n", k);
+    if (k.rfind("--", 0) != 0 || i + 1 >= argc) {
+      std::fprintf(stderr, "bench_cpu_train: %s\n%s",
+                   (k.rfind("--", 0) != 0 ? "unexpected argument '" + k + "'"
+                                          : k + " needs a value").c_str(),
+                   usage);
       return 2;
     }
+    const std::string v = argv[i + 1];
+    if (k == "--policy") {
+      try {
+        (void)PrecisionPolicy::preset(v);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "bench_cpu_train: --policy: %s\n", e.what());
+        return 2;
+      }
+      only = v;
+      continue;
+    }
+    // A whole number from 1 (0 for --recompute) to 1e6, parsed whole.
+    char* end = nullptr;
+    errno = 0;
+    const long x = std::strtol(v.c_str(), &end, 10);
+    const long lo = k == "--recompute" ? 0 : 1;
+    if (v.empty() || *end != '\0' || errno != 0 || x < lo || x > 1000000) {
+      std::fprintf(stderr, "bench_cpu_train: %s %s: expected a whole number from %ld to 1000000\n%s",
+                   k.c_str(), v.c_str(), lo, usage);
+      return 2;
+    }
+    const int n = static_cast<int>(x);
+    if (k == "--threads") threads = n;
+    else if (k == "--steps") steps = n;
+    else if (k == "--repeats") repeats = n;
+    else if (k == "--layers") layers = n;
+    else if (k == "--width") width = n;
+    else if (k == "--batch") B = n;
+    else if (k == "--recompute") recompute_only = n != 0;
+    else {
+      std::fprintf(stderr, "bench_cpu_train: unknown option %s\n%s", k.c_str(), usage);
+      return 2;
+    }
+  }
+  if (width % heads != 0) {
+    std::fprintf(stderr, "bench_cpu_train: --width %d: expected a multiple of the %d heads\n",
+                 width, heads);
+    return 2;
+  }
+  if (recompute_only && only.empty()) {
+    std::fprintf(stderr, "bench_cpu_train: --recompute 1 needs --policy P\n");
+    return 2;
   }
   const BenchShape sh{layers, width, heads, B, T};
   double fpt = 0;

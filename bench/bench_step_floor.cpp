@@ -16,15 +16,14 @@
 // training.recompute gelu+layernorm), or "config": the config's own policy (its precision
 // with its dtypes, loss_scale and fp8 sections) and training.recompute.
 //
-// Ceilings: by default the datasheet figures of --gpu (backend/gpu_peaks.h's dense peaks, and
-// --gbps, the H200's 4.8 TB/s) - a floor no run can beat. bench_gpu_train reads the same costs
+// Ceilings: by default the datasheet figures of --gpu (backend/gpu_peaks.h's dense peaks and
+// memory bandwidth; an unknown GPU needs --gbps and --tflops) - a floor no run can beat. bench_gpu_train reads the same costs
 // against the ceilings it measures on the GPU itself. --tflops overrides single formats.
 // --ops POLICY prints that policy's ops, the costliest floors first.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -36,6 +35,7 @@
 #include "bench_common.h"
 #include "config/config.h"
 #include "core/error.h"
+#include "io/files.h"
 #include "model/gpt.h"
 #include "optim/adamw.h"
 #include "precision/policy.h"
@@ -52,12 +52,13 @@ double positive(const std::string& v) {
   return !v.empty() && *end == '\0' && x > 0 && std::isfinite(x) ? x : 0.0;
 }
 
+const char* const kUsage =
+    "usage: bench_step_floor [--config PATH] [--batch B] [--seq T] [--accum N] "
+    "[--policies P,...] [--gpu NAME] [--gbps GB/s] [--tflops FORMAT=TFLOPS,...] [--ops POLICY] "
+    "[--json PATH]\n";
+
 int usage(const std::string& why) {
-  std::fprintf(stderr,
-               "bench_step_floor: %s\nusage: bench_step_floor [--config PATH] [--batch B] "
-               "[--seq T] [--accum N] [--policies P,...] [--gpu NAME] [--gbps GB/s] "
-               "[--tflops FORMAT=TFLOPS,...] [--ops POLICY] [--json PATH]\n",
-               why.c_str());
+  std::fprintf(stderr, "bench_step_floor: %s\n%s", why.c_str(), kUsage);
   return 2;
 }
 
@@ -68,9 +69,14 @@ int main(int argc, char** argv) {
   std::string policies = "fp32,tf32,fp16,bf16,fp8,bf16+recompute", gpu = "NVIDIA H200";
   std::string tflops_arg, ops_policy, json_path;
   int B = 0, T = 0, accum_arg = 0;  // 0: the config's
-  double gbps = 4800;
+  double gbps = 0;                  // 0: --gpu's datasheet figure
   for (int i = 1; i < argc; i += 2) {
     const std::string k = argv[i];
+    if (k == "--help" || k == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    if (k.rfind("--", 0) != 0) return usage("unexpected argument '" + k + "'");
     if (i + 1 >= argc) return usage(k + " needs a value");
     const std::string v = argv[i + 1];
     if (k == "--config") config_path = v;
@@ -82,16 +88,42 @@ int main(int argc, char** argv) {
     }
     else if (k == "--policies") policies = v;
     else if (k == "--gpu") gpu = v;
-    else if (k == "--gbps" && !(gbps = positive(v)))
-      return usage("--gbps " + v + ": expected a positive number of GB/s");
+    else if (k == "--gbps") {
+      if (!(gbps = positive(v))) return usage("--gbps " + v + ": expected a positive number of GB/s");
+    }
     else if (k == "--tflops") tflops_arg = v;
     else if (k == "--ops") ops_policy = v;
     else if (k == "--json") json_path = v;
     else return usage("unknown option " + k);
   }
+  // Every policy name checked before anything is printed: a preset, P+recompute or config, once.
+  std::vector<std::string> policy_names;
+  {
+    std::stringstream names(policies);
+    for (std::string name; std::getline(names, name, ',');) {
+      if (name != "config") {
+        try {
+          (void)PrecisionPolicy::preset(bench::parse_policy_name(name).first);
+        } catch (const std::exception& e) {
+          return usage("--policies: '" + name + "': " + e.what());
+        }
+      }
+      if (std::find(policy_names.begin(), policy_names.end(), name) != policy_names.end())
+        return usage("--policies: '" + name + "' is named twice");
+      policy_names.push_back(name);
+    }
+    if (policy_names.empty() || policies.back() == ',')
+      return usage("--policies '" + policies + "': expected a comma-separated list of policies");
+  }
   if (!ops_policy.empty() &&
-      ("," + policies + ",").find("," + ops_policy + ",") == std::string::npos)
+      std::find(policy_names.begin(), policy_names.end(), ops_policy) == policy_names.end())
     return usage("--ops " + ops_policy + ": not one of --policies " + policies);
+  if (gbps == 0) {
+    gbps = peak_bandwidth(gpu) / 1e9;
+    if (gbps == 0)
+      return usage("--gpu '" + gpu + "': no datasheet figures for it (known: " +
+                   known_gpu_names() + "); give its --gbps and --tflops");
+  }
 
   try {
     const Config cfg = load_config(config_path, {"data.train=builtin", "data.val=builtin"});
@@ -134,8 +166,7 @@ int main(int argc, char** argv) {
 
     nlohmann::json results = nlohmann::json::array();
     std::string ops_text;
-    std::stringstream names(policies);
-    for (std::string name; std::getline(names, name, ',');) {
+    for (const std::string& name : policy_names) {
       const bool own = name == "config";
       const auto parsed = bench::parse_policy_name(name);
       const PrecisionPolicy policy =
@@ -158,7 +189,13 @@ int main(int argc, char** argv) {
       };
       step();  // the first step allocates the activations; the second is the steady state
       shapes.set_observer(&table);
-      step();
+      try {
+        step();
+      } catch (const RuntimeError& e) {  // a format the ceilings have no rate for
+        if (std::string(e.what()).find("no rate was given") == std::string::npos) throw;
+        return usage(name + ": " + e.what() + " on " + gpu +
+                     ": give it with --tflops FORMAT=TFLOPS, or leave the policy out");
+      }
       nlohmann::json ops = nlohmann::json::array();
       std::vector<OpTotals> rows = table.rows();
       for (const OpTotals& t : rows)
@@ -216,12 +253,12 @@ int main(int argc, char** argv) {
       for (int f = 0; f < kPeakFormats; ++f)
         ceil_j[std::string(peak_format_name(PeakFormat(f))) + "_tflops"] =
             ceil.flops_per_s[f] / 1e12;
-      std::ofstream(json_path) << nlohmann::json({{"config", config_path}, {"batch", B},
-                                                  {"seq", T}, {"micro_batches", accum},
-                                                  {"ceilings", ceil_j},
-                                                  {"policies", results}})
-                                      .dump(1)
-                               << "\n";
+      write_file_atomic(json_path, nlohmann::json({{"config", config_path}, {"batch", B},
+                                                   {"seq", T}, {"micro_batches", accum},
+                                                   {"ceilings", ceil_j},
+                                                   {"policies", results}})
+                                           .dump(1) +
+                                       "\n");
     }
   } catch (const InputError& e) {  // a bad config
     std::fprintf(stderr, "bench_step_floor: %s\n", e.what());

@@ -92,6 +92,15 @@ TEST(GpuPeaks, PolicyFormatsAndDatasheetFigures) {
   EXPECT_DOUBLE_EQ(peak_flops("NVIDIA A100-SXM4-80GB", "fp8"), 0.0) << "A100 has no fp8";
   EXPECT_DOUBLE_EQ(peak_flops("NVIDIA GeForce RTX 4090", "bf16"), 0.0) << "not in the table";
   EXPECT_DOUBLE_EQ(peak_flops("NVIDIA H200 NVL", "bf16"), 0.0) << "not the SXM figure";
+  EXPECT_DOUBLE_EQ(peak_flops("NVIDIA A100-PCIE-40GB", "tf32"), 156e12);
+  EXPECT_DOUBLE_EQ(peak_bandwidth("NVIDIA H200"), 4.8e12);
+  EXPECT_DOUBLE_EQ(peak_bandwidth("NVIDIA H100 80GB HBM3"), 3.35e12);
+  EXPECT_DOUBLE_EQ(peak_bandwidth("NVIDIA H100 PCIe"), 2.0e12);
+  EXPECT_DOUBLE_EQ(peak_bandwidth("NVIDIA A100-SXM4-80GB"), 2.039e12);
+  EXPECT_DOUBLE_EQ(peak_bandwidth("NVIDIA A100 80GB PCIe"), 1.935e12);
+  EXPECT_DOUBLE_EQ(peak_bandwidth("NVIDIA A100-PCIE-40GB"), 1.555e12);
+  EXPECT_DOUBLE_EQ(peak_bandwidth("NVIDIA H200 NVL"), 0.0);
+  EXPECT_DOUBLE_EQ(peak_bandwidth("NVIDIA GeForce RTX 4090"), 0.0);
 }
 
 // MFU (bench_gpu_train and the trainer's step records): achieved FLOP/s over the devices' peak;

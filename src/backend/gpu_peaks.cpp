@@ -13,32 +13,51 @@ namespace {
 struct Peaks {
   const char* name_part;  // matched as a substring of cudaDeviceProp::name
   double fp32, tf32, fp16, bf16, fp8;  // TFLOP/s, dense
+  double tbps;                         // memory bandwidth, TB/s
 };
 // Order matters: the more specific names first ("H100 PCIe" before "H100").
 constexpr Peaks kPeaks[] = {
     // NVL boards ("H100 NVL", "H200 NVL") have lower clocks and power than the SXM parts whose
     // names they contain, and the sources we checked disagree on their dense peaks: unknown (no
     // MFU) rather than the SXM figures.
-    {"NVL", 0.0, 0.0, 0.0, 0.0, 0.0},
-    {"H200", 67.0, 494.7, 989.4, 989.4, 1978.9},
-    {"H100 PCIe", 51.0, 378.0, 756.0, 756.0, 1513.0},
-    {"H100", 67.0, 494.7, 989.4, 989.4, 1978.9},
-    {"A100", 19.5, 156.0, 312.0, 312.0, 0.0},
+    {"NVL", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0},
+    {"H200", 67.0, 494.7, 989.4, 989.4, 1978.9, 4.8},
+    {"H100 PCIe", 51.0, 378.0, 756.0, 756.0, 1513.0, 2.0},
+    {"H100", 67.0, 494.7, 989.4, 989.4, 1978.9, 3.35},
+    // The A100's compute is the same in every variant; its memory is not.
+    {"A100-SXM4-80GB", 19.5, 156.0, 312.0, 312.0, 0.0, 2.039},
+    {"A100 80GB PCIe", 19.5, 156.0, 312.0, 312.0, 0.0, 1.935},
+    {"A100", 19.5, 156.0, 312.0, 312.0, 0.0, 1.555},
 };
+
+const Peaks* find_gpu(const std::string& device_name) {
+  for (const Peaks& p : kPeaks)
+    if (device_name.find(p.name_part) != std::string::npos) return &p;
+  return nullptr;
+}
 }  // namespace
 
 double peak_flops(const std::string& device_name, const std::string& format) {
-  for (const Peaks& p : kPeaks) {
-    if (device_name.find(p.name_part) == std::string::npos) continue;
-    double t = 0;
-    if (format == "fp32") t = p.fp32;
-    else if (format == "tf32") t = p.tf32;
-    else if (format == "fp16") t = p.fp16;
-    else if (format == "bf16") t = p.bf16;
-    else if (format == "fp8") t = p.fp8;
-    return t * 1e12;
-  }
-  return 0.0;
+  const Peaks* p = find_gpu(device_name);
+  if (!p) return 0.0;
+  double t = 0;
+  if (format == "fp32") t = p->fp32;
+  else if (format == "tf32") t = p->tf32;
+  else if (format == "fp16") t = p->fp16;
+  else if (format == "bf16") t = p->bf16;
+  else if (format == "fp8") t = p->fp8;
+  return t * 1e12;
+}
+
+double peak_bandwidth(const std::string& device_name) {
+  const Peaks* p = find_gpu(device_name);
+  return p ? p->tbps * 1e12 : 0.0;
+}
+
+const char* known_gpu_names() {
+  return "NVIDIA H200, NVIDIA H100 (SXM), NVIDIA H100 PCIe, NVIDIA A100-SXM4-80GB, "
+         "NVIDIA A100 80GB PCIe, NVIDIA A100 (40GB); a name containing one of H200, H100 PCIe, "
+         "H100, A100 (NVL boards: unknown)";
 }
 
 PolicyPeak policy_peak(const std::string& device_name, MatmulPrecision matmul, DType activation) {

@@ -21,6 +21,13 @@ std::string matmul_peak_format(MatmulPrecision matmul, DType activation);
 // (the datasheets give the Tensor Core figures "with sparsity" as twice these).
 double peak_flops(const std::string& device_name, const std::string& format);
 
+// Datasheet memory bandwidth (bytes/s) of the GPU named `device_name`, 0 when not in the table:
+// H200 SXM 4.8 TB/s, H100 SXM5 3.35, H100 PCIe 2.0, A100 80GB SXM4 2.039, A100 80GB PCIe 1.935,
+// A100 40GB 1.555.
+double peak_bandwidth(const std::string& device_name);
+// The names the two tables know, for error messages.
+const char* known_gpu_names();
+
 // The dense peak that bounds a policy's matmuls on a GPU: its format (matmul_peak_format) and
 // FLOP/s (peak_flops; 0 when the GPU or the format is not in the table, or device_name is "").
 struct PolicyPeak {
