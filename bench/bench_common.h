@@ -1,6 +1,9 @@
 // Helpers the benchmarks share.
 #pragma once
 
+#include <cerrno>
+#include <cstdlib>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -9,6 +12,15 @@
 #include "model/gpt.h"
 
 namespace mpt::bench {
+
+// A whole number in [lo, hi] parsed from the whole of `v` (no atoi: "abc" is not 0), or nothing.
+inline std::optional<long> whole_number(const std::string& v, long lo, long hi) {
+  char* end = nullptr;
+  errno = 0;
+  const long x = std::strtol(v.c_str(), &end, 10);
+  if (v.empty() || *end != '\0' || errno != 0 || x < lo || x > hi) return std::nullopt;
+  return x;
+}
 
 // A benchmark's policy name: a preset, or "P+recompute" for preset P with training.recompute
 // gelu+layernorm (what the backward's extra passes cost, and what they save). Returns the

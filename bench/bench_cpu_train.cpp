@@ -15,7 +15,6 @@
 // one policy (perf record) or for repeating one ratio. With --recompute 1, that policy (before
 // and after) against itself with training.recompute gelu+layernorm.
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <string>
@@ -25,6 +24,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.h"
+#include "bench_common.h"
 #include "core/rng.h"
 #include "data/corpus.h"
 #include "model/gpt.h"
@@ -160,17 +160,14 @@ int main(int argc, char** argv) {
       only = v;
       continue;
     }
-    // A whole number from 1 (0 for --recompute) to 1e6, parsed whole.
-    char* end = nullptr;
-    errno = 0;
-    const long x = std::strtol(v.c_str(), &end, 10);
     const long lo = k == "--recompute" ? 0 : 1;
-    if (v.empty() || *end != '\0' || errno != 0 || x < lo || x > 1000000) {
+    const std::optional<long> x = bench::whole_number(v, lo, 1000000);
+    if (!x) {
       std::fprintf(stderr, "bench_cpu_train: %s %s: expected a whole number from %ld to 1000000\n%s",
                    k.c_str(), v.c_str(), lo, usage);
       return 2;
     }
-    const int n = static_cast<int>(x);
+    const int n = static_cast<int>(*x);
     if (k == "--threads") threads = n;
     else if (k == "--steps") steps = n;
     else if (k == "--repeats") repeats = n;

@@ -56,10 +56,15 @@ namespace {
 
 // The JSON written whole or not at all (a temporary file renamed over it): the benchmark may be
 // cut off by a timeout at any moment, and device-check reads what it left.
+// Reports a failure on stderr rather than throwing: the figures are printed anyway, and a
+// partial document is written from error paths.
 void write_json(const std::string& path, const nlohmann::json& doc) {
   const std::string tmp = path + ".tmp";
-  std::ofstream(tmp) << doc.dump(1) << "\n";
-  std::rename(tmp.c_str(), path.c_str());
+  std::ofstream f(tmp);
+  f << doc.dump(1) << "\n";
+  f.close();
+  if (!f || std::rename(tmp.c_str(), path.c_str()) != 0)
+    std::fprintf(stderr, "bench_gpu_train: cannot write %s\n", path.c_str());
 }
 
 // Two CUDA events, destroyed with the object (also when a timed call throws).
@@ -279,17 +284,51 @@ class EventObserver : public OpObserver {
 int main(int argc, char** argv) {
   int B = 32, T = 1024, steps = 10, warmup = 3;
   std::string policies = "fp32,tf32,fp16,bf16,fp8,bf16+recompute", json_path;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string k = argv[i], v = argv[i + 1];
-    if (k == "--batch") B = std::atoi(v.c_str());
-    else if (k == "--seq") T = std::atoi(v.c_str());
-    else if (k == "--steps") steps = std::atoi(v.c_str());
-    else if (k == "--warmup") warmup = std::atoi(v.c_str());
-    else if (k == "--policies") policies = v;
-    else if (k == "--json") json_path = v;
-    else {
-      std::fprintf(stderr, "unknown option %s\n", k.c_str());
+  const char* const usage =
+      "usage: bench_gpu_train [--batch B] [--seq T] [--steps N] [--warmup N] [--policies P,...] "
+      "[--json PATH]\n";
+  // Arguments are checked before any GPU work: device time is scarce.
+  for (int i = 1; i < argc; i += 2) {
+    const std::string k = argv[i];
+    if (k == "--help" || k == "-h") {
+      std::fputs(usage, stdout);
+      return 0;
+    }
+    if (k.rfind("--", 0) != 0 || i + 1 >= argc) {
+      std::fprintf(stderr, "bench_gpu_train: %s\n%s",
+                   (k.rfind("--", 0) != 0 ? "unexpected argument '" + k + "'"
+                                          : k + " needs a value").c_str(),
+                   usage);
       return 2;
+    }
+    const std::string v = argv[i + 1];
+    if (k == "--batch" || k == "--seq" || k == "--steps" || k == "--warmup") {
+      const long lo = k == "--warmup" ? 0 : 1;
+      const std::optional<long> x = bench::whole_number(v, lo, 1 << 20);
+      if (!x) {
+        std::fprintf(stderr, "bench_gpu_train: %s %s: expected a whole number from %ld to %d\n",
+                     k.c_str(), v.c_str(), lo, 1 << 20);
+        return 2;
+      }
+      (k == "--batch" ? B : k == "--seq" ? T : k == "--steps" ? steps : warmup) = int(*x);
+    } else if (k == "--policies") {
+      policies = v;
+    } else if (k == "--json") {
+      json_path = v;
+    } else {
+      std::fprintf(stderr, "bench_gpu_train: unknown option %s\n%s", k.c_str(), usage);
+      return 2;
+    }
+  }
+  {
+    std::stringstream names(policies);
+    for (std::string name; std::getline(names, name, ',');) {
+      try {
+        (void)PrecisionPolicy::preset(bench::parse_policy_name(name).first);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "bench_gpu_train: --policies: '%s': %s\n", name.c_str(), e.what());
+        return 2;
+      }
     }
   }
 #if !MPT_HAVE_CUDA

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The benchmarks' arguments: bad ones exit 2 with a message before any work, --help exits 0, a
 # --json that cannot be written fails the run, and --gpu/--gbps/--tflops set the ceilings.
-# Usage: bench_args.sh BENCH_STEP_FLOOR BENCH_CPU_TRAIN
+# Usage: bench_args.sh BENCH_STEP_FLOOR BENCH_CPU_TRAIN BENCH_GPU_TRAIN
 set -u
-floor=$1 cpu=$2
+floor=$1 cpu=$2 gpu=$3
 tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
 fails=0
 expect() {  # expect CODE PATTERN COMMAND...: exit status CODE, output matching PATTERN
@@ -42,5 +42,12 @@ expect 2 '--threads abc: expected a whole number' "$cpu" --threads abc
 expect 2 '--recompute 1 needs --policy' "$cpu" --recompute 1
 expect 2 '--width 30: expected a multiple' "$cpu" --width 30
 expect 2 "unexpected argument 'x'" "$cpu" x
+
+# bench_gpu_train checks its arguments before it looks for a GPU (device time is scarce).
+expect 0 '^usage: bench_gpu_train' "$gpu" --help
+expect 2 "unknown policy 'bogus'" "$gpu" --policies fp32,bogus
+expect 2 '--batch 0: expected a whole number' "$gpu" --batch 0
+expect 2 '--steps x: expected a whole number' "$gpu" --steps x
+expect 2 "unexpected argument 'x'" "$gpu" x
 echo "bench_args: $fails failed"
 [[ $fails -eq 0 ]]
