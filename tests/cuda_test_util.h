@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <memory>
 #include <string>
 
@@ -19,8 +20,25 @@
 
 namespace mpt::test {
 
+// MPT_GPU_TESTS_ON_CPU=1: the GPU tests' self-check. The backend under test is a second CPU
+// backend (one thread), so that every test that needs only the Backend interface runs here, on
+// any machine: its set-up, shapes, guards, tolerances and expectations are exercised before
+// scarce GPU time is spent on them (the CPU agrees with itself, so what fails is the test).
+// Tests of the CUDA backend's own parts (its context, profiler, GPU-only behaviour) skip.
+inline bool gpu_tests_on_cpu() {
+  const char* v = std::getenv("MPT_GPU_TESTS_ON_CPU");
+  return v && std::string(v) == "1";
+}
+
+// The backend the GPU tests test: the CUDA backend, or in the self-check a CPU backend.
+inline std::unique_ptr<Backend> gpu_backend_under_test(int threads = 1) {
+  if (gpu_tests_on_cpu()) return std::make_unique<CpuBackend>(1);
+  return make_backend("cuda", threads);
+}
+
 // Why GPU tests cannot run here, or "" when they can.
 inline std::string gpu_unavailable_reason() {
+  if (gpu_tests_on_cpu()) return "";
 #if MPT_HAVE_CUDA
   std::string why;
   return cuda::device_available(&why) ? std::string() : why;
@@ -53,6 +71,15 @@ struct PolicyTestName {
 };
 
 }  // namespace mpt::test
+
+// First statement of a GPU test that needs the CUDA backend itself (its context, its profiler,
+// behaviour only a GPU has): skipped in the self-check too.
+#define MPT_REQUIRE_CUDA_BACKEND()                                                         \
+  do {                                                                                     \
+    if (::mpt::test::gpu_tests_on_cpu())                                                   \
+      GTEST_SKIP() << "GPU test skipped in the CPU self-check: it needs the CUDA backend"; \
+    MPT_REQUIRE_GPU();                                                                     \
+  } while (0)
 
 // First statement of every GPU test.
 #define MPT_REQUIRE_GPU()                                                    \

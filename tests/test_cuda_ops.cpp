@@ -168,7 +168,7 @@ class CudaOps : public ::testing::TestWithParam<DType> {
  protected:
   void SetUp() override {
     MPT_REQUIRE_GPU();
-    gpu_ = make_backend("cuda", 1);
+    gpu_ = gpu_backend_under_test(1);
     cpu_ = std::make_unique<CpuBackend>(2);
     rng_.reseed(fresh_seed());
   }
@@ -283,7 +283,7 @@ TEST_P(CudaOps, EmbeddingRejectsBadTokenIds) {
 // the device; a copy_from_host over them afterwards is what the ops then see; a bad id is still
 // refused, naming its position.
 TEST_P(CudaOps, UploadedIdsServeTheOpsWithoutReadingBack) {
-  MPT_REQUIRE_GPU();
+  MPT_REQUIRE_CUDA_BACKEND();
   cuda::Context& ctx = dynamic_cast<CudaBackend&>(*gpu_).context();
   const int64_t B = 2, T = 29, C = 40, Vp = 56, V = 51;
   Owned tok = random_ids(*cpu_, {B, T}, V, rng_), tok2 = random_ids(*cpu_, {B, T}, V, rng_);
@@ -357,10 +357,10 @@ TEST_P(CudaOps, UploadedIdsServeTheOpsWithoutReadingBack) {
 // MPT_CUDA_SYNC=1 compares the host's copy of uploaded ids with the device's at every use: ids
 // overwritten behind the backend's back (a raw copy here) are reported, not used.
 TEST_P(CudaOps, DebugSyncCatchesIdsWrittenBehindTheBackendsBack) {
-  MPT_REQUIRE_GPU();
+  MPT_REQUIRE_CUDA_BACKEND();
   if (d() != DType::f32) GTEST_SKIP() << "no float dtype involved";
   setenv("MPT_CUDA_SYNC", "1", 1);
-  std::unique_ptr<Backend> gpu = make_backend("cuda", 1);
+  std::unique_ptr<Backend> gpu = gpu_backend_under_test(1);
   unsetenv("MPT_CUDA_SYNC");
   const int64_t B = 2, T = 9, C = 16, Vp = 24;
   Owned tok = random_ids(*cpu_, {B, T}, Vp, rng_), other = random_ids(*cpu_, {B, T}, Vp, rng_);
@@ -616,7 +616,7 @@ class CudaCast : public ::testing::TestWithParam<CastPair> {};
 
 TEST_P(CudaCast, MatchesCpuBitForBitWithCounts) {
   MPT_REQUIRE_GPU();
-  auto gpu = make_backend("cuda", 1);
+  auto gpu = gpu_backend_under_test(1);
   CpuBackend cpu(2);
   Rng rng(fresh_seed());
   const CastPair pr = GetParam();
@@ -655,9 +655,10 @@ INSTANTIATE_TEST_SUITE_P(AllPairs, CudaCast, ::testing::ValuesIn(all_cast_pairs(
 
 // ---- argument checks
 
+// The CUDA entry points' own checks (the CPU backend words its errors otherwise).
 TEST(CudaOpsChecks, WrongDtypesAndShapesThrowNamingTheArgument) {
-  MPT_REQUIRE_GPU();
-  auto gpu = make_backend("cuda", 1);
+  MPT_REQUIRE_CUDA_BACKEND();
+  auto gpu = gpu_backend_under_test(1);
   Buffer buf = gpu->allocate(4096);
   const Tensor f = buf.view(0, DType::f32, {4, 8}), i32 = buf.view(0, DType::i32, {4, 8});
   const Tensor small = buf.view(0, DType::f32, {3, 8});

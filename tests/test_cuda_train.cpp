@@ -65,7 +65,7 @@ std::vector<float> host_f32(Backend& be, Tensor t) {
 
 TEST(CudaTrain, ForwardBackwardMatchesTheCpuInFp32) {
   MPT_REQUIRE_GPU();
-  auto gpu = make_backend("cuda", 1);
+  auto gpu = test::gpu_backend_under_test(1);
   CpuBackend cpu(1);
   const PrecisionPolicy policy = PrecisionPolicy::preset("fp32");
   Gpt mc(tiny(), cpu, policy), mg(tiny(), *gpu, policy);
@@ -103,7 +103,7 @@ TEST_P(CudaTrainPolicy, FiftyStepsTrackTheCpu) {
   MPT_REQUIRE_GPU();
   const std::string name = GetParam();
   const double band = name == "fp32" ? 1e-4 : name == "tf32" ? 5e-3 : name == "fp8" ? 3e-2 : 1e-2;
-  auto gpu = make_backend("cuda", 1);
+  auto gpu = test::gpu_backend_under_test(1);
   CpuBackend cpu(1);
   const PrecisionPolicy policy = PrecisionPolicy::preset(name);
   const Batches b = corpus_batches(50);
@@ -153,7 +153,7 @@ TEST_P(CudaRecompute, GivesTheStepsOfKeepingTheActivations) {
   std::vector<std::vector<CastCounts>> counts(2);
   std::vector<std::string> params(2);
   for (int k = 0; k < 2; ++k) {
-    const std::unique_ptr<Backend> gpu = make_backend("cuda", 1);
+    const std::unique_ptr<Backend> gpu = test::gpu_backend_under_test(1);
     Gpt model(m, *gpu, policy, k == 0 ? Recompute::none : Recompute::gelu_layernorm);
     model.init_weights(5, 0.02);
     OptimizerConfig oc;
@@ -195,9 +195,9 @@ INSTANTIATE_TEST_SUITE_P(Policies, CudaRecompute,
 class CudaMemoryLedger : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaMemoryLedger, CountedPeakAndWorkspaceAreThePrediction) {
-  MPT_REQUIRE_GPU();
+  MPT_REQUIRE_CUDA_BACKEND();
   const PrecisionPolicy policy = PrecisionPolicy::preset(GetParam());
-  const std::unique_ptr<Backend> gpu = make_backend("cuda", 1);
+  const std::unique_ptr<Backend> gpu = test::gpu_backend_under_test(1);
   Backend& be = *gpu;
   const Batches b = corpus_batches(3);
   {
@@ -232,7 +232,7 @@ INSTANTIATE_TEST_SUITE_P(Policies, CudaMemoryLedger,
 // mpt train on the GPU: the start record holds the GPU's bf16 peak, every step record an MFU in
 // (0, 1], and the memory event the counted peak against the ledger (within the margin).
 TEST(CudaTrain, TrainerRecordsMfuAndMemoryAgainstThePlan) {
-  MPT_REQUIRE_GPU();
+  MPT_REQUIRE_CUDA_BACKEND();
   const std::string dir = ::testing::TempDir() + "mpt_cuda_metrics_run";
   std::filesystem::remove_all(dir);
   const Config cfg = load_config(test::source_dir() + "/configs/default.yaml",
@@ -247,7 +247,7 @@ TEST(CudaTrain, TrainerRecordsMfuAndMemoryAgainstThePlan) {
   for (std::string line; std::getline(f, line);) recs.push_back(nlohmann::json::parse(line));
   ASSERT_FALSE(recs.empty());
   const nlohmann::json& start = recs.front();
-  const std::string gpu = make_backend("cuda", 1)->gpu_info().gpu_name;
+  const std::string gpu = test::gpu_backend_under_test(1)->gpu_info().gpu_name;
   const double peak = peak_flops(gpu, "bf16");
   EXPECT_EQ(start["peak_flops_format"], "bf16");
   EXPECT_EQ(start["attention_kernel"], "flash") << "bf16 operands, heads of at most 128";
@@ -300,7 +300,8 @@ TEST_P(CudaResume, ContinuesExactlyAsAStraightRun) {
   std::filesystem::remove_all(root);
   auto config = [&](int steps) {
     return load_config(test::source_dir() + "/configs/default.yaml",
-                       {"backend=cuda", std::string("precision=") + GetParam(),
+                       {test::gpu_tests_on_cpu() ? "backend=cpu" : "backend=cuda",
+                        std::string("precision=") + GetParam(),
                         "training.steps=" + std::to_string(steps), "training.log_every=1",
                         "training.eval_every=0", "training.eval_batches=1",
                         "checkpoint.every=3", "checkpoint.keep_last=3"});
