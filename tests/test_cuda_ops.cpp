@@ -181,7 +181,8 @@ class CudaOps : public ::testing::TestWithParam<DType> {
     return randn_as(*cpu_, s, d(), rng_, scale, mean);
   }
 
-  void layernorm_case(DType wd, int64_t B = 2, int64_t T = 37, int64_t C = 67);
+  void layernorm_case(DType wd, int64_t B = 2, int64_t T = 37, int64_t C = 67,
+                      DType gd = DType::i32);
 
   std::unique_ptr<Backend> gpu_, cpu_;
   Rng rng_;
@@ -212,6 +213,14 @@ TEST_P(CudaOps, Residual) {
   // One rounding of an exact-ish fp32 sum: the same bits.
   expect_same_bits("residual out", fetch_bits(*gpu_, go, "residual out"), bits_of(out.t));
   expect_same_counts(*gpu_, *cpu_, "residual");
+  // In place (out is b), as the fused ops' fallbacks call it: b of d's dtype.
+  Owned b2 = rand(s);
+  GpuTensor gb2 = to_gpu(*gpu_, b2.t);
+  reset_counts();
+  cpu_->residual_forward(b2.t, a.t, b2.t);
+  gpu_->residual_forward(gb2.t, ga.t, gb2.t);
+  expect_same_bits("residual in place", fetch_bits(*gpu_, gb2, "residual in place"), bits_of(b2.t));
+  expect_same_counts(*gpu_, *cpu_, "residual in place");
 }
 
 TEST_P(CudaOps, GeluForwardAndBackward) {
@@ -232,6 +241,12 @@ TEST_P(CudaOps, GeluForwardAndBackward) {
   gpu_->gelu_backward(gdi.t, gx.t, gd.t);
   expect_close("gelu dinp", fetch(*gpu_, gdi, "gelu dinp"), widened(dinp.t), d(), 1e-5);
   expect_same_counts(*gpu_, *cpu_, "gelu_backward");
+  // In place (dinp is dout), as matmul_backward_gelu's separate path calls it.
+  reset_counts();
+  cpu_->gelu_backward(dout.t, x.t, dout.t);
+  gpu_->gelu_backward(gd.t, gx.t, gd.t);
+  expect_close("gelu dinp in place", fetch(*gpu_, gd, "gelu in place"), widened(dout.t), d(), 1e-5);
+  expect_same_counts(*gpu_, *cpu_, "gelu_backward in place");
 }
 
 TEST_P(CudaOps, EmbeddingForwardAndBackward) {
@@ -384,11 +399,19 @@ TEST_P(CudaOps, DebugSyncCatchesIdsWrittenBehindTheBackendsBack) {
 }
 #endif  // MPT_HAVE_CUDA
 
-// wd: the dtype of the weight, bias and their gradients (the activations' d(), or fp32 as the
-// mixed policies keep them).
-void CudaOps::layernorm_case(DType wd, int64_t B, int64_t T, int64_t C) {
+// wd: the dtype of the weight and bias (the activations' d(), or fp32); gd: that of their
+// gradients (i32: wd; the fp16 and bf16 presets keep 16-bit weights with fp32 gradients).
+// Two rows have a variance at or below eps, where eps's value and place (inside the square
+// root) decide rstd: one constant (variance 0, rstd = 1/sqrt(eps)), one of spread 3e-3
+// (variance ~ 9e-6, near eps = 1e-5).
+void CudaOps::layernorm_case(DType wd, int64_t B, int64_t T, int64_t C, DType gd) {
+  if (gd == DType::i32) gd = wd;
   const int64_t N = B * T;
   Owned x = rand({B, T, C}, 1.5, 0.3);
+  for (int64_t i = 0; i < C; ++i) {
+    store_rounded(x.t, i, 0.5f);
+    store_rounded(x.t, C + i, static_cast<float>(3e-3 * rng_.normal()));
+  }
   Owned w = randn_as(*cpu_, {C}, wd, rng_, 0.5, 1.0), b = randn_as(*cpu_, {C}, wd, rng_, 0.2);
   Owned out = make(*cpu_, {B, T, C}, d());
   Owned mean = make(*cpu_, {B, T}), rstd = make(*cpu_, {B, T});
@@ -406,7 +429,7 @@ void CudaOps::layernorm_case(DType wd, int64_t B, int64_t T, int64_t C) {
   // The backward reads the CPU's statistics on both sides (the same inputs).
   GpuTensor gmean2 = to_gpu(*gpu_, mean.t), grstd2 = to_gpu(*gpu_, rstd.t);
   Owned dout = rand({B, T, C}), dinp = rand({B, T, C});
-  Owned dw = randn_as(*cpu_, {C}, wd, rng_), db = randn_as(*cpu_, {C}, wd, rng_);
+  Owned dw = randn_as(*cpu_, {C}, gd, rng_), db = randn_as(*cpu_, {C}, gd, rng_);
   GpuTensor gdout = to_gpu(*gpu_, dout.t), gdinp = to_gpu(*gpu_, dinp.t),
             gdw = to_gpu(*gpu_, dw.t), gdb = to_gpu(*gpu_, db.t);
   reset_counts();
@@ -415,8 +438,8 @@ void CudaOps::layernorm_case(DType wd, int64_t B, int64_t T, int64_t C) {
   // Sums over C (dinp) and over N rows (dweight, dbias) in another order than the CPU's.
   const double rel = 1e-5 * std::sqrt(static_cast<double>(std::max(N, C)));
   expect_close("layernorm dinp", fetch(*gpu_, gdinp, "ln dinp"), widened(dinp.t), d(), rel);
-  expect_close("layernorm dweight", fetch(*gpu_, gdw, "ln dweight"), widened(dw.t), wd, rel);
-  expect_close("layernorm dbias", fetch(*gpu_, gdb, "ln dbias"), widened(db.t), wd, rel);
+  expect_close("layernorm dweight", fetch(*gpu_, gdw, "ln dweight"), widened(dw.t), gd, rel);
+  expect_close("layernorm dbias", fetch(*gpu_, gdb, "ln dbias"), widened(db.t), gd, rel);
   expect_same_counts(*gpu_, *cpu_, "layernorm_backward");
 }
 
@@ -447,6 +470,31 @@ TEST_P(CudaOps, LayerNormWithFp32WeightsAndNarrowActivations) {
   layernorm_case(DType::f32);
 }
 
+// The fp16 and bf16 presets: 16-bit activations and weights, fp32 weight gradients.
+TEST_P(CudaOps, LayerNormWithNarrowWeightsAndFp32Gradients) {
+  MPT_REQUIRE_GPU();
+  if (d() == DType::f32) GTEST_SKIP() << "covered by LayerNormForwardAndBackward";
+  layernorm_case(d(), 2, 37, 67, DType::f32);
+}
+
+// The presets' embedding backward: 16-bit output gradients into fp32 table gradients.
+TEST_P(CudaOps, EmbeddingBackwardIntoFp32Gradients) {
+  MPT_REQUIRE_GPU();
+  if (d() == DType::f32) GTEST_SKIP() << "covered by EmbeddingForwardAndBackward";
+  const int64_t B = 2, T = 29, C = 40, Vp = 56, maxT = 31;
+  Owned tok = random_ids(*cpu_, {B, T}, 11, rng_), dout = rand({B, T, C});
+  Owned dwte = randn_as(*cpu_, {Vp, C}, DType::f32, rng_),
+        dwpe = randn_as(*cpu_, {maxT, C}, DType::f32, rng_);
+  GpuTensor gtok = to_gpu(*gpu_, tok.t), gdout = to_gpu(*gpu_, dout.t),
+            gdwte = to_gpu(*gpu_, dwte.t), gdwpe = to_gpu(*gpu_, dwpe.t);
+  reset_counts();
+  cpu_->embedding_backward(dwte.t, dwpe.t, dout.t, tok.t);
+  gpu_->embedding_backward(gdwte.t, gdwpe.t, gdout.t, gtok.t);
+  expect_same_bits("embedding dwte (fp32)", fetch_bits(*gpu_, gdwte, "dwte"), bits_of(dwte.t));
+  expect_same_bits("embedding dwpe (fp32)", fetch_bits(*gpu_, gdwpe, "dwpe"), bits_of(dwpe.t));
+  expect_same_counts(*gpu_, *cpu_, "embedding_backward into fp32");
+}
+
 // Rows of 107 (misaligned: one element at a time) and of 112 starting on 16-byte boundaries
 // (16-byte accesses, the last one past the vocabulary's 101).
 TEST_P(CudaOps, CrossEntropy) {
@@ -454,7 +502,7 @@ TEST_P(CudaOps, CrossEntropy) {
   const int64_t N = 37, V = 101;
   Owned targets = random_ids(*cpu_, {N}, V, rng_);
   targets.i()[0] = static_cast<int32_t>(V - 1);
-  for (int64_t Vp : {int64_t{107}, int64_t{112}})
+  for (int64_t Vp : {V, int64_t{107}, int64_t{112}})  // V: no padded columns
   for (float dloss : {0.0f, 1.0f / static_cast<float>(N)}) {
     Owned logits = rand({N, Vp}, 3.0), losses = make(*cpu_, {N});
     GpuTensor glogits = to_gpu(*gpu_, logits.t, false, Vp % 8 == 0 ? 256 : 0);
@@ -555,13 +603,21 @@ TEST_P(CudaOps, SumSquaresOverManyChunksIsTheCpusBits) {
 TEST_P(CudaOps, AdamW) {
   MPT_REQUIRE_GPU();
   const Shape s{37, 67};
-  struct Case { bool master, sr; };
-  for (Case c : {Case{false, false}, Case{true, false}, Case{false, true}}) {
+  // grad32: fp32 gradients with 16-bit parameters and a master (the fp16 and bf16 presets);
+  // first: sr_first_index, the offset of a ZeRO-1 shard's elements in the stochastic-rounding
+  // stream.
+  struct Case { bool master, sr, grad32; int64_t first; };
+  for (Case c : {Case{false, false, false, 0}, Case{true, false, false, 0},
+                 Case{true, false, true, 0}, Case{false, true, false, 0},
+                 Case{false, true, false, 1000003}}) {
     if (c.master && d() == DType::f32) continue;
     if (c.sr && d() != DType::bf16) continue;
     const std::string what = std::string("adamw") + (c.master ? " master" : "") +
-                             (c.sr ? " stochastic rounding" : "");
-    Owned param = rand(s, 0.05), grad = rand(s, 1e-2);
+                             (c.grad32 ? " fp32 grad" : "") +
+                             (c.sr ? " stochastic rounding" : "") +
+                             (c.first ? " from element " + std::to_string(c.first) : "");
+    Owned param = rand(s, 0.05);
+    Owned grad = c.grad32 ? randn_as(*cpu_, s, DType::f32, rng_, 1e-2) : rand(s, 1e-2);
     Owned m = randn_as(*cpu_, s, DType::f32, rng_, 1e-3), v = make(*cpu_, s);
     for (int64_t i = 0; i < v.n(); ++i) v.f()[i] = static_cast<float>(1e-6 * (1 + rng_.uniform()));
     Owned master = f32_copy(*cpu_, param.t);
@@ -578,6 +634,7 @@ TEST_P(CudaOps, AdamW) {
     p.grad_scale = 0.5f;
     p.stochastic_rounding = c.sr;
     p.sr_seed = rng_.next_u64();
+    p.sr_first_index = c.first;
     for (int64_t step = 1; step <= 3; ++step) {
       p.step = step;
       AdamWStats sg, sc;
@@ -630,12 +687,15 @@ TEST_P(CudaCast, MatchesCpuBitForBitWithCounts) {
   }
   Owned dst = make(cpu, {n}, pr.dst);
   GpuTensor gs = to_gpu(*gpu, src.t), gd = to_gpu(*gpu, dst.t, true);
-  gpu->reset_cast_counts();
-  cpu.reset_cast_counts();
-  cpu.cast(dst.t, src.t, TensorClass::gradient);
-  gpu->cast(gd.t, gs.t, TensorClass::gradient);
-  expect_same_bits("cast", fetch_bits(*gpu, gd, "cast dst"), bits_of(dst.t));
-  expect_same_counts(*gpu, cpu, "cast");
+  for (int k = 0; k < kTensorClasses; ++k) {  // counted under the class the caller names
+    const TensorClass cls = static_cast<TensorClass>(k);
+    gpu->reset_cast_counts();
+    cpu.reset_cast_counts();
+    cpu.cast(dst.t, src.t, cls);
+    gpu->cast(gd.t, gs.t, cls);
+    expect_same_bits("cast", fetch_bits(*gpu, gd, "cast dst"), bits_of(dst.t));
+    expect_same_counts(*gpu, cpu, std::string("cast as ") + tensor_class_name(cls));
+  }
   fetch_bytes(*gpu, gs, "cast src must not change");
 }
 
@@ -652,6 +712,47 @@ INSTANTIATE_TEST_SUITE_P(AllPairs, CudaCast, ::testing::ValuesIn(all_cast_pairs(
                            return std::string(short_name(i.param.src)) + "_to_" +
                                   short_name(i.param.dst);
                          });
+
+// ---- fill and the reductions on fp8 tensors (their own kernel instances): bit for bit
+
+TEST(CudaOpsFp8, FillAndReductions) {
+  MPT_REQUIRE_GPU();
+  auto gpu = gpu_backend_under_test(1);
+  CpuBackend cpu(2);
+  Rng rng(fresh_seed());
+  for (DType f : {DType::e4m3, DType::e5m2}) {
+    SCOPED_TRACE(dtype_name(f));
+    const int64_t n = 3 * (int64_t{1} << 14) + 37;  // more than one chunk and block
+    Owned x = make(cpu, {n}, f);
+    for (int64_t i = 0; i < n; ++i) store_rounded(x.t, i, static_cast<float>(40 * rng.normal()));
+    for (int pass = 0; pass < 3; ++pass) {
+      if (pass == 1 && f == DType::e5m2) store_rounded(x.t, n - 2, INFINITY);  // e4m3 has none
+      if (pass == 2) store_rounded(x.t, 777, NAN);
+      GpuTensor g = to_gpu(*gpu, x.t);
+      const std::string what = std::string("pass ") + std::to_string(pass);
+      const float ag = gpu->amax(g.t), ac = cpu.amax(x.t);
+      if (std::isnan(ac))
+        EXPECT_TRUE(std::isnan(ag)) << what << ": amax " << ag;
+      else
+        EXPECT_EQ(ag, ac) << what << ": amax";
+      EXPECT_EQ(gpu->count_nonfinite(g.t), cpu.count_nonfinite(x.t)) << what;
+      const double sg = gpu->sum_squares(g.t), sc = cpu.sum_squares(x.t);
+      if (std::isfinite(sc))
+        EXPECT_EQ(sg, sc) << what << ": sum_squares";
+      else
+        EXPECT_EQ(std::isnan(sg), std::isnan(sc)) << what << ": sum_squares " << sg;
+      fetch_bytes(*gpu, g, what + ": reductions must not write");
+    }
+    Owned y = make(cpu, {37, 67}, f);
+    GpuTensor gy = to_gpu(*gpu, y.t, true);
+    for (float value : {0.1f, -500.0f, 1e-9f, 1e5f}) {  // rounded, saturated, underflowed
+      cpu.fill(y.t, value);
+      gpu->fill(gy.t, value);
+      expect_same_bits("fill " + std::to_string(value), fetch_bits(*gpu, gy, "fill"),
+                       bits_of(y.t));
+    }
+  }
+}
 
 // ---- argument checks
 
