@@ -103,7 +103,11 @@ class ResumeUnderPolicy : public Checkpoints, public ::testing::WithParamInterfa
 
 TEST_P(ResumeUnderPolicy, ContinuesExactly) {
   const PolicyCase& c = GetParam();
-  const std::string set = "--set precision=" + c.policy + " " + c.settings;
+  // Step records every 3 steps: the stop at step 10 falls between two, so the resumed run's
+  // record at 12 must count steps 10 to 12 as the straight run's does (the checkpoint carries
+  // the counts since the record at 9).
+  const std::string set =
+      "--set precision=" + c.policy + " --set training.log_every=3 " + c.settings;
   const std::string straight_run = "straight_" + c.name, split_run = "split_" + c.name;
   auto r = run(train_cmd(path(straight_run), set));
   ASSERT_EQ(r.code, 0) << r.out;
@@ -475,6 +479,19 @@ TEST_F(Checkpoints, ResumeFromAnOlderCheckpointOfTheSameRun) {
   EXPECT_EQ(slurp(path("straight/checkpoints/latest")), "step_00000016\n");
   for (const char* f : {"model.safetensors", "optimizer.safetensors", "state.json"})
     EXPECT_TRUE(slurp(ckpt("original", 16) + "/" + f) == slurp(ckpt("straight", 16) + "/" + f)) << f;
+}
+
+// A resume from an older checkpoint that cannot start (here its metrics file cannot be opened)
+// abandons nothing: the newer checkpoints and `latest` stay as they were.
+TEST_F(Checkpoints, AResumeThatCannotStartDeletesNothing) {
+  straight();
+  fs::rename(path("straight/metrics.jsonl"), path("metrics.keep"));
+  fs::create_directories(path("straight/metrics.jsonl"));
+  auto r = run(train_cmd(path("straight"), "--resume " + ckpt("straight", 8)));
+  EXPECT_NE(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("metrics.jsonl"), std::string::npos) << r.out;
+  EXPECT_TRUE(fs::exists(ckpt("straight", 16) + "/state.json"));
+  EXPECT_EQ(slurp(path("straight/checkpoints/latest")), "step_00000016\n");
 }
 
 TEST_F(Checkpoints, ForksNeverWriteIntoAnotherRun) {

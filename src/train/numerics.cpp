@@ -6,6 +6,8 @@
 #include <map>
 #include <vector>
 
+#include "core/error.h"
+
 namespace mpt {
 
 NumericsMonitor::NumericsMonitor(const PrecisionPolicy& policy, Backend& backend, const Gpt& model)
@@ -61,6 +63,41 @@ nlohmann::json json_number(double v) {
   if (std::isnan(v)) return "nan";
   if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
   return v;
+}
+
+nlohmann::json NumericsMonitor::interval_state(dist::Communicator* comm, bool weights_split) {
+  if (comm && comm->world_size() > 1) {
+    combine_processes(*comm, weights_split);
+    if (comm->rank() != 0) {
+      counts_ = {};
+      updates_ = {};
+    }
+  }
+  nlohmann::json casts = nlohmann::json::array();
+  for (const CastCounts& n : counts_) casts.push_back({n.values, n.overflow, n.underflow});
+  return {{"casts", casts}, {"updates", {updates_.values, updates_.lost_updates}}};
+}
+
+void NumericsMonitor::load_interval_state(const nlohmann::json& j, const std::string& where) {
+  auto count = [&](const nlohmann::json& v) {
+    if (!v.is_number_unsigned())
+      throw InputError(where + ": numerics.interval: expected counts (whole numbers >= 0), got " +
+                       v.dump());
+    return v.get<int64_t>();
+  };
+  const bool ok = j.is_object() && j.contains("casts") && j["casts"].is_array() &&
+                  j["casts"].size() == kTensorClasses && j.contains("updates") &&
+                  j["updates"].is_array() && j["updates"].size() == 2;
+  if (!ok) throw InputError(where + ": numerics.interval is malformed: " + j.dump());
+  for (int c = 0; c < kTensorClasses; ++c) {
+    const nlohmann::json& v = j["casts"][c];
+    if (!v.is_array() || v.size() != 3)
+      throw InputError(where + ": numerics.interval: expected [values, overflow, underflow], got " +
+                       v.dump());
+    counts_[c] = {count(v[0]), count(v[1]), count(v[2])};
+  }
+  updates_.values = count(j["updates"][0]);
+  updates_.lost_updates = count(j["updates"][1]);
 }
 
 nlohmann::json NumericsMonitor::take_record() {

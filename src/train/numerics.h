@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cstdint>
+#include <string>
 
 #include <nlohmann/json.hpp>
 
@@ -41,6 +42,16 @@ class NumericsMonitor {
   // The numerics fields of a step record, over the steps since the previous call; resets.
   // Empty for a policy that casts nothing (fp32, tf32).
   nlohmann::json take_record();
+
+  // The counts gathered since the last step record, for a checkpoint (a stop between two
+  // records: the resumed run's next record must count the same steps as a straight run's).
+  // Under several processes (a collective: every process calls it, `comm` given), the job's:
+  // the other processes' counts move into rank 0's, which is what rank 0 saves; theirs restart
+  // from zero, and the next combine_processes adds them to rank 0's as before.
+  nlohmann::json interval_state(dist::Communicator* comm, bool weights_split);
+  // Continues from a checkpoint's interval_state() (rank 0; the others start from zero).
+  // InputError naming `where` for a malformed one.
+  void load_interval_state(const nlohmann::json& j, const std::string& where);
 
  private:
   const PrecisionPolicy& policy_;

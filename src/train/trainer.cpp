@@ -244,14 +244,23 @@ nlohmann::json data_identity(const data::TokenDataset& d) {
   return out;
 }
 
+// `numerics`: the monitor that continues the checkpoint's interval counts (rank 0's; null on
+// the other ranks).
 void restore(Backend& be, Gpt& model, AdamW& optimizer, LossScaler& scaler,
-             const Checkpoint& c) {
+             NumericsMonitor* numerics, const Checkpoint& c) {
   restore_tensors(be, model, optimizer, c);
   optimizer.set_steps_taken(c.state.optimizer_step);
   // The loss scale and fp8 amax histories continue where they were (checkpoints of runs that
   // keep neither have none).
   const nlohmann::json& num = c.state.numerics;
-  if (num.is_object() && num.contains("loss_scaler")) scaler.load_state(num.at("loss_scaler"));
+  if (num.is_object() && num.contains("loss_scaler"))
+    scaler.load_state(num.at("loss_scaler"));
+  else if (model.policy().uses_loss_scaling())  // every checkpoint of ours writes one
+    throw InputError(c.dir + ": state.json has no loss scaler state, which this policy needs");
+  // The counts since the last step record (checkpoints before this field had none: the next
+  // record then counts from the resume).
+  if (numerics && num.is_object() && num.contains("interval"))
+    numerics->load_interval_state(num.at("interval"), c.dir + "/state.json");
   if (!model.fp8_gemms().empty()) {
     if (!num.is_object() || !num.contains("fp8"))
       throw InputError(c.dir + ": state.json has no fp8 scaling state, which this policy needs");
@@ -438,7 +447,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   std::string resumed_from;
   bool continue_in_place = false;
   if (resume) {
-    restore(*backend, model, optimizer, scaler, resume->ckpt);
+    restore(*backend, model, optimizer, scaler, writer ? &numerics : nullptr, resume->ckpt);
     backend->reset_cast_counts();  // rewriting the weights from the master is not training
     train_loader.seek({resume->ckpt.state.data_epoch, resume->ckpt.state.data_sample});
     start_step = resume->ckpt.state.step;
@@ -471,10 +480,12 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     if (continue_in_place)  // the resolved config may differ in the keys resuming may change
       write_file_atomic((fs::path(run_dir) / "config.yaml").string(), config_to_yaml(cfg));
     checkpoints.emplace(run_dir, cfg.checkpoint, faults);
+    metrics_file.emplace((fs::path(run_dir) / "metrics.jsonl").string(), /*append=*/true);
     // Continuing from an older checkpoint of this run abandons the newer ones: `latest` moves
     // back to it first, so that it never names a checkpoint the replay is about to replace.
+    // Last of the start-up steps that can fail (the metrics file opened above), so that a
+    // resume that cannot start deletes nothing.
     if (continue_in_place) checkpoints->restart_from(resumed_from);
-    metrics_file.emplace((fs::path(run_dir) / "metrics.jsonl").string(), /*append=*/true);
   }
   auto emit = [&](const nlohmann::json& record) {
     if (metrics_file) metrics_file->write(record);
@@ -540,7 +551,9 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     st.data_sample = cur.sample;
     st.config = config_to_json(cfg);
     st.train_data = data_identity(train_data);
-    st.numerics = {{"loss_scaler", scaler.state()}, {"fp8", model.fp8_state()}};
+    st.numerics = {{"loss_scaler", scaler.state()},
+                   {"fp8", model.fp8_state()},
+                   {"interval", numerics.interval_state(world > 1 ? &comm : nullptr, zero)}};
     st.world_size = world;
     // Rank 0 saves. Every rank holds the same weights; under ZeRO-1 the others send their parts
     // of the optimizer state to rank 0 one tensor at a time while it writes.
