@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <fstream>
 
 #include "cli_util.h"
@@ -492,6 +493,35 @@ TEST_F(Checkpoints, AResumeThatCannotStartDeletesNothing) {
   EXPECT_NE(r.out.find("metrics.jsonl"), std::string::npos) << r.out;
   EXPECT_TRUE(fs::exists(ckpt("straight", 16) + "/state.json"));
   EXPECT_EQ(slurp(path("straight/checkpoints/latest")), "step_00000016\n");
+}
+
+// A run that diverges saves no checkpoint of a model whose loss is not finite: its due saves
+// are skipped (and recorded), so that retention never pushes out the last good checkpoint.
+TEST_F(Checkpoints, ADivergedModelIsNotSaved) {
+  auto r = run(train_cmd(path("div"), "--set optimizer.lr=1000 --set schedule.warmup_steps=0"
+                                      " --set schedule.min_lr=0 --set optimizer.grad_clip=0"
+                                      " --set training.log_every=1 --set checkpoint.every=1"
+                                      " --set checkpoint.keep_last=2"));
+  EXPECT_EQ(r.code, 1) << "a run that diverges fails: " << r.out;
+  const auto recs = read_jsonl(path("div/metrics.jsonl"));
+  std::map<int64_t, bool> finite;  // step -> its loss was finite
+  for (const auto& rec : recs)
+    if (!rec.contains("event")) finite[rec["step"].get<int64_t>()] = rec["loss"].is_number();
+  int64_t first_bad = 0;
+  for (const auto& [step, ok] : finite)
+    if (!ok && !first_bad) first_bad = step;
+  ASSERT_GT(first_bad, 0) << "the run must diverge for this test";
+  for (const auto& c : events(recs, "checkpoint"))
+    EXPECT_TRUE(finite.at(c["step"].get<int64_t>())) << "saved at step " << c["step"];
+  const auto skipped = events(recs, "checkpoint_skipped");
+  ASSERT_FALSE(skipped.empty());
+  EXPECT_EQ(skipped.front()["step"], first_bad);
+  EXPECT_TRUE(skipped.front()["loss"].is_string()) << skipped.front();
+  for (const auto& e : fs::directory_iterator(path("div/checkpoints"))) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("step_", 0) != 0) continue;
+    EXPECT_TRUE(finite.at(std::stoll(name.substr(5)))) << name << " holds a diverged model";
+  }
 }
 
 TEST_F(Checkpoints, ForksNeverWriteIntoAnotherRun) {

@@ -594,6 +594,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   // In place: the run's own checkpoints/step_N (however the path to it was spelled: relative,
   // through a symlink, with a trailing slash).
   std::string last_checkpoint;
+  bool save_waiting = false;  // a due checkpoint put off until the loss is finite again
   if (continue_in_place) {
     fs::path p = fs::path(resumed_from).lexically_normal();
     if (p.filename().empty()) p = p.parent_path();
@@ -754,7 +755,28 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
           (cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0) || step == steps;
       // A signal during the last step changes nothing: the run is complete and saved.
       const bool stop = sig != 0 && step < steps;
-      if (save_due || stop) last_checkpoint = checkpoint(step);
+      // A model that no longer gives a finite loss is not saved: through retention its
+      // checkpoints would push out the good ones, the only way back. A due save waits for a step
+      // whose loss (and validation loss, where one was just measured) is finite; a stop then
+      // saves nothing, and the last checkpoint stays the one to resume from. (The last step's
+      // validation loss is finite here: it was checked above.)
+      const bool eval_now = eval_due || step == steps;
+      const bool healthy = step == steps || (std::isfinite(loss) &&
+                                             (!eval_now || std::isfinite(result.final_val_loss)));
+      if ((save_due || stop || save_waiting) && healthy) {
+        last_checkpoint = checkpoint(step);
+        save_waiting = false;
+      } else if ((save_due || stop) && !healthy) {
+        save_waiting = true;
+        emit({{"event", "checkpoint_skipped"},
+              {"step", step},
+              {"loss", json_number(loss)},
+              {"val_loss", eval_now ? json_number(result.final_val_loss) : nlohmann::json()},
+              {"last_checkpoint", last_checkpoint}});
+        spdlog::warn("step {}: checkpoint not saved: the {} is not finite; the last checkpoint "
+                     "is {}", step, std::isfinite(loss) ? "validation loss" : "loss",
+                     last_checkpoint.empty() ? std::string("none") : last_checkpoint);
+      }
       if (stop) {
         emit({{"event", "end"},
                        {"time", utc_timestamp()},
