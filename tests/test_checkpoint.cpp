@@ -281,7 +281,14 @@ TEST_F(Checkpoints, NonsenseAndOddFilesAreRefusedNotFollowed) {
     std::function<void(json&)> edit;
   };
   const std::vector<Edit> edits = {
-      {"negative step", "must be >= 0", [](json& j) { j["step"] = -5; }},
+      {"negative step", "step -5 is not a whole number >= 0", [](json& j) { j["step"] = -5; }},
+      {"fractional step", "step 16.5 is not a whole number", [](json& j) { j["step"] = 16.5; }},
+      {"negative epoch", "data.epoch -1 is not a whole number",
+       [](json& j) { j["data"]["epoch"] = -1; }},
+      {"negative sample", "data.sample -5 is not a whole number",
+       [](json& j) { j["data"]["sample"] = -5; }},
+      {"tokens a string", "tokens \"8\" is not a whole number",
+       [](json& j) { j["tokens"] = "8"; }},
       {"step not the directory's", "step 17 in a directory named step_00000016",
        [](json& j) { j["step"] = 17; }},
       {"optimizer ahead of the step", "optimizer step", [](json& j) { j["optimizer_step"] = 99; }},

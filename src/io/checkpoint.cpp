@@ -200,19 +200,25 @@ Checkpoint load_checkpoint(const std::string& dir) {
         throw InputError(path + ": checksum mismatch (corrupted)");
       files.push_back(safetensors::File::parse(path, std::move(bytes)));
     }
-    CheckpointState st;
-    st.step = j.at("step").get<int64_t>();
-    st.tokens = j.at("tokens").get<int64_t>();
-    st.optimizer_step = j.at("optimizer_step").get<int64_t>();
-    st.data_epoch = j.at("data").at("epoch").get<uint64_t>();
-    st.data_sample = j.at("data").at("sample").get<uint64_t>();
-    st.config = j.at("config");
-    st.numerics = j.value("numerics", nlohmann::json());
     // A checksum proves the file is what was written, not that what was written makes sense:
     // the values a resume acts on are checked too.
     auto bad = [&](const std::string& what) {
       return InputError(state_path + ": " + what + " (a checkpoint mpt did not write)");
     };
+    // Counters are whole numbers >= 0 (a 10.5 or a -1 would be cut or wrapped by get<>()).
+    auto counter = [&](const nlohmann::json& v, const std::string& key) {
+      if (!v.is_number_unsigned())
+        throw bad(key + " " + v.dump() + " is not a whole number >= 0");
+      return v.get<uint64_t>();
+    };
+    CheckpointState st;
+    st.step = static_cast<int64_t>(counter(j.at("step"), "step"));
+    st.tokens = static_cast<int64_t>(counter(j.at("tokens"), "tokens"));
+    st.optimizer_step = static_cast<int64_t>(counter(j.at("optimizer_step"), "optimizer_step"));
+    st.data_epoch = counter(j.at("data").at("epoch"), "data.epoch");
+    st.data_sample = counter(j.at("data").at("sample"), "data.sample");
+    st.config = j.at("config");
+    st.numerics = j.value("numerics", nlohmann::json());
     if (st.step < 0 || st.tokens < 0 || st.optimizer_step < 0 || st.optimizer_step > st.step)
       throw bad("step " + std::to_string(st.step) + ", tokens " + std::to_string(st.tokens) +
                 " and optimizer step " + std::to_string(st.optimizer_step) +
