@@ -153,6 +153,31 @@ INSTANTIATE_TEST_SUITE_P(
                       PolicyCase{"fp8_current", "fp8", "--set fp8.recipe=current"}),
     [](const auto& info) { return info.param.name; });
 
+// A stop signal during an evaluation cuts it short (an evaluation can be long): the run saves
+// a checkpoint that says the evaluation is pending and exits 3, and the resumed run evaluates
+// first, so that its records and weights are the straight run's. Before the first step (the
+// evaluation at step 0) the checkpoint is of step 0.
+TEST_F(Checkpoints, AStopDuringAnEvaluationResumesWithIt) {
+  straight();
+  for (int at : {0, 8}) {
+    SCOPED_TRACE("stopped in the evaluation at step " + std::to_string(at));
+    const std::string name = "eval_stop_" + std::to_string(at);
+    auto r = run("MPT_FAULT=stop_in_eval_at_step=" + std::to_string(at) + " " +
+                 train_cmd(path(name)));
+    ASSERT_EQ(r.code, 3) << r.out;
+    EXPECT_NE(r.out.find("cut short by a stop signal"), std::string::npos) << r.out;
+    const json state = json::parse(slurp(ckpt(name, at) + "/state.json"));
+    EXPECT_EQ(state["eval_pending"], true);
+    EXPECT_TRUE(events(read_jsonl(path(name + "/metrics.jsonl")), "eval").size() == (at ? 2u : 0u))
+        << "no record of the evaluation that was cut short";
+    r = run(train_cmd(path(name), "--resume"));
+    ASSERT_EQ(r.code, 0) << r.out;
+    EXPECT_EQ(steps_and_evals(read_jsonl(path("straight/metrics.jsonl"))),
+              steps_and_evals(read_jsonl(path(name + "/metrics.jsonl"))));
+    expect_same_final_checkpoint(name);
+  }
+}
+
 // A crash at any point of a save leaves the previous committed checkpoint loadable, and the
 // resumed run ends exactly where an uninterrupted one does.
 TEST_F(Checkpoints, CrashAtAnyPointOfASaveIsRecoverable) {

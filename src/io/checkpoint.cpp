@@ -132,11 +132,13 @@ FaultPlan FaultPlan::from_env() {
     } else if (key == "crash_step" && number(1, &f.crash_step)) {
     } else if (key == "preempt_at_step" && number(1, &f.preempt_at_step)) {
     } else if (key == "nonfinite_at_step" && number(1, &f.nonfinite_at_step)) {
+    } else if (key == "stop_in_eval_at_step" && number(0, &f.stop_in_eval_at_step)) {
     } else {
       throw InputError("MPT_FAULT: cannot use '" + item +
                        "' (expected crash=in_file|before_rename|in_latest|in_delete, "
                        "crash_step=N, enospc_after=BYTES, preempt_at_step=N, "
-                       "nonfinite_at_step=N; N >= 1, BYTES >= 0)");
+                       "nonfinite_at_step=N, stop_in_eval_at_step=N0; N >= 1, N0 and BYTES "
+                       ">= 0)");
     }
   }
   return f;
@@ -219,6 +221,11 @@ Checkpoint load_checkpoint(const std::string& dir) {
     st.data_sample = counter(j.at("data").at("sample"), "data.sample");
     st.config = j.at("config");
     st.numerics = j.value("numerics", nlohmann::json());
+    if (j.contains("eval_pending")) {  // absent from checkpoints written before it existed
+      if (!j["eval_pending"].is_boolean())
+        throw bad("eval_pending " + j["eval_pending"].dump() + " is not true or false");
+      st.eval_pending = j["eval_pending"].get<bool>();
+    }
     if (st.step < 0 || st.tokens < 0 || st.optimizer_step < 0 || st.optimizer_step > st.step)
       throw bad("step " + std::to_string(st.step) + ", tokens " + std::to_string(st.tokens) +
                 " and optimizer step " + std::to_string(st.optimizer_step) +
@@ -309,6 +316,7 @@ std::string CheckpointManager::save(const CheckpointState& state,
                         {"data", {{"epoch", state.data_epoch}, {"sample", state.data_sample}}},
                         {"precision", state.config.value("precision", "fp32")},
                         {"world_size", state.world_size},
+                        {"eval_pending", state.eval_pending},
                         {"config", state.config},
                         {"train_data", state.train_data},
                         {"numerics", state.numerics}};

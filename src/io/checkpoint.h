@@ -19,13 +19,15 @@ namespace mpt {
 // list of `crash=POINT` (the process ends abruptly at that point of a checkpoint save; POINT is
 // in_file, before_rename, in_latest or in_delete), `crash_step=N` (only in the save of step N;
 // default: the first save that reaches POINT), `enospc_after=BYTES` (checkpoint writes fail with
-// ENOSPC once that many bytes were written) and `preempt_at_step=N` (behave as if a stop signal
-// arrived during step N).
+// ENOSPC once that many bytes were written), `preempt_at_step=N` (behave as if a stop signal
+// arrived during step N) and `stop_in_eval_at_step=N` (as if one arrived during the evaluation
+// at step N, 0 included).
 struct FaultPlan {
   std::string crash_point;
   int64_t crash_step = -1;
   int64_t enospc_after = -1;
   int64_t preempt_at_step = 0;
+  int64_t stop_in_eval_at_step = -1;
   // Makes one gradient of this process infinite after the backward of that step (an overflow on
   // one rank of a data-parallel job).
   int64_t nonfinite_at_step = 0;
@@ -46,6 +48,8 @@ struct CheckpointState {
   nlohmann::json train_data;   // the training data's sources and sizes
   nlohmann::json numerics;     // loss scaler and fp8 scaling state (null when none)
   int world_size = 1;          // processes of the data-parallel job that wrote it
+  // A stop signal cut short the evaluation due at this step: a resume runs it first.
+  bool eval_pending = false;
 };
 
 // A checkpoint read back and verified.

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <limits>
 #include <map>
+#include <functional>
 #include <optional>
 #include <set>
 #include <vector>
@@ -65,11 +66,15 @@ std::string format_duration(double s) {
 
 // Mean loss over `batches` micro-batches of the validation split, from its beginning each time
 // so that every evaluation sees the same tokens.
-double evaluate(Gpt& model, data::BatchLoader& loader, int batches, int B, int T) {
+// The mean loss over the first `batches` micro-batches of `loader`; nothing when `stop` (if
+// given) says so between two of them (a stop signal: an evaluation may be long).
+std::optional<double> evaluate(Gpt& model, data::BatchLoader& loader, int batches, int B, int T,
+                               const std::function<bool()>& stop = nullptr) {
   std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
   loader.reset();
   double sum = 0.0;
   for (int i = 0; i < batches; ++i) {
+    if (stop && stop()) return std::nullopt;
     loader.next(inputs.data(), targets.data());
     sum += model.forward(inputs.data(), targets.data(), B, T, 0.0f);
   }
@@ -446,6 +451,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   int64_t start_step = 0;
   std::string resumed_from;
   bool continue_in_place = false;
+  bool resume_eval_pending = false;  // the checkpoint's evaluation was cut short: run it first
   if (resume) {
     restore(*backend, model, optimizer, scaler, writer ? &numerics : nullptr, resume->ckpt);
     backend->reset_cast_counts();  // rewriting the weights from the master is not training
@@ -453,6 +459,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     start_step = resume->ckpt.state.step;
     resumed_from = resume->ckpt.dir;
     continue_in_place = resume->same_run;
+    resume_eval_pending = resume->ckpt.state.eval_pending;
     resume.reset();  // the checkpoint's bytes are in the model now; free the host copy
   }
   // ZeRO-1: from here on this process keeps its range of the master weights (restored or
@@ -532,15 +539,33 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   for (const auto& w : policy_warnings) spdlog::warn("precision: {}", w);
 
   const int eval_batches = cfg.training.eval_batches;
-  auto run_eval = [&](int64_t step) {
+  // The evaluation due at a step; nothing when `interruptible` and a stop signal cut it short
+  // (the job's decision: any rank's signal cuts it on every rank). Not interruptible: the last
+  // step's (a signal during the last step changes nothing).
+  auto run_eval = [&](int64_t step, bool interruptible) -> std::optional<double> {
     // Evaluation's casts are not training's: keep them out of the step records.
     numerics.collect();
-    const double val = evaluate(model, val_loader, eval_batches, B, T);
+    std::function<bool()> stop_requested;
+    if (interruptible)
+      stop_requested = [&] {
+        return signals.requested() != 0 || faults.stop_in_eval_at_step == step;
+      };
+    std::optional<double> val = evaluate(model, val_loader, eval_batches, B, T, stop_requested);
     numerics.discard();
-    emit({{"event", "eval"}, {"step", step}, {"val_loss", json_number(val)}});
-    spdlog::info("eval  step {:>6} | val_loss {:.4f}", step, val);
+    if (interruptible && world > 1) {
+      float cut = val ? 0.0f : 1.0f;
+      comm.all_reduce_max(&cut, 1);
+      if (cut != 0.0f) val.reset();
+    }
+    if (!val) {
+      spdlog::warn("eval at step {} cut short by a stop signal; a resume runs it first", step);
+      return val;
+    }
+    emit({{"event", "eval"}, {"step", step}, {"val_loss", json_number(*val)}});
+    spdlog::info("eval  step {:>6} | val_loss {:.4f}", step, *val);
     return val;
   };
+  bool eval_pending = false;  // the evaluation due at the current step was cut short
   auto checkpoint = [&](int64_t step) {
     CheckpointState st;
     st.step = step;
@@ -555,6 +580,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                    {"fp8", model.fp8_state()},
                    {"interval", numerics.interval_state(world > 1 ? &comm : nullptr, zero)}};
     st.world_size = world;
+    st.eval_pending = eval_pending;
     // Rank 0 saves. Every rank holds the same weights; under ZeRO-1 the others send their parts
     // of the optimizer state to rank 0 one tensor at a time while it writes.
     std::optional<CheckpointTensors> tensors;
@@ -573,7 +599,6 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     return rel;
   };
 
-  if (resumed_from.empty()) result.final_val_loss = run_eval(0);
 
   // The step's micro-batches, kept for a replay when the step turns out non-finite.
   std::vector<std::vector<int32_t>> inputs(accum, std::vector<int32_t>(static_cast<size_t>(B) * T));
@@ -601,8 +626,47 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     last_checkpoint = (fs::path("checkpoints") / p.filename()).string();
   }
   int64_t current_step = start_step;
+  // A signal that stops the run after `step` (a checkpoint saved or not, as decided before).
+  auto end_stopped = [&](int64_t step, int sig) {
+    emit({{"event", "end"},
+          {"time", utc_timestamp()},
+          {"status", "stopped"},
+          {"signal", sig},
+          {"step", step},
+          {"tokens", step * tokens_per_step},
+          {"checkpoint", last_checkpoint}});
+    spdlog::warn("stopped by signal {} after step {}; continue with --resume", sig, step);
+    result.steps = step;
+    result.final_loss = last_loss;
+    result.stopped_by_signal = sig;
+    return result;
+  };
+  // The job's stop signal after a step (0: none): a signal to any rank stops every rank.
+  auto agreed_signal = [&](int sig) {
+    if (world > 1) {
+      float s = static_cast<float>(sig);
+      comm.all_reduce_max(&s, 1);
+      sig = static_cast<int>(s);
+    }
+    return sig;
+  };
 
   try {
+    // The evaluation before the first step: at step 0, or the one a stop cut short at the
+    // checkpoint resumed from. Cut short again, the run stops at once: a new run (or a fork)
+    // saves its starting point with the evaluation pending; in place, the checkpoint resumed
+    // from already says so.
+    if (resumed_from.empty() || resume_eval_pending) {
+      const std::optional<double> val = run_eval(start_step, start_step < steps);
+      eval_pending = !val;
+      if (val) result.final_val_loss = *val;
+      if (eval_pending) {
+        const int sig = agreed_signal(
+            faults.stop_in_eval_at_step == start_step ? SIGTERM : signals.requested());
+        if (!continue_in_place) last_checkpoint = checkpoint(start_step);
+        return end_stopped(start_step, sig);
+      }
+    }
     for (int64_t step = start_step + 1; step <= steps; ++step) {
       current_step = step;
       const auto t_step = Clock::now();
@@ -736,7 +800,11 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
       }
       if (auto ev = device_metrics.memory_check(step)) emit(*ev);
       const bool eval_due = cfg.training.eval_every > 0 && step % cfg.training.eval_every == 0;
-      if (eval_due || step == steps) result.final_val_loss = run_eval(step);
+      const bool eval_now = eval_due || step == steps;
+      std::optional<double> val;
+      if (eval_now) val = run_eval(step, step < steps);
+      if (val) result.final_val_loss = *val;
+      eval_pending = eval_now && !val;  // then a signal is pending: the run stops below
       // A run whose model ends unable to give a finite loss did not train (a short run can
       // skip every step after its weights broke without reaching the loss scaler's limit): it
       // fails, without saving the broken weights over the last checkpoint.
@@ -745,12 +813,8 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                            std::to_string(step) + ") is not finite; the last checkpoint is " +
                            (last_checkpoint.empty() ? std::string("none") : last_checkpoint));
 
-      int sig = faults.preempt_at_step == step ? SIGTERM : signals.requested();
-      if (world > 1) {  // a signal to any rank stops every rank after this same step
-        float s = static_cast<float>(sig);
-        comm.all_reduce_max(&s, 1);
-        sig = static_cast<int>(s);
-      }
+      const bool fault_stop = faults.preempt_at_step == step || faults.stop_in_eval_at_step == step;
+      const int sig = agreed_signal(fault_stop ? SIGTERM : signals.requested());
       const bool save_due =
           (cfg.checkpoint.every > 0 && step % cfg.checkpoint.every == 0) || step == steps;
       // A signal during the last step changes nothing: the run is complete and saved.
@@ -760,9 +824,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
       // whose loss (and validation loss, where one was just measured) is finite; a stop then
       // saves nothing, and the last checkpoint stays the one to resume from. (The last step's
       // validation loss is finite here: it was checked above.)
-      const bool eval_now = eval_due || step == steps;
-      const bool healthy = step == steps || (std::isfinite(loss) &&
-                                             (!eval_now || std::isfinite(result.final_val_loss)));
+      const bool healthy = step == steps || (std::isfinite(loss) && (!val || std::isfinite(*val)));
       if ((save_due || stop || save_waiting) && healthy) {
         last_checkpoint = checkpoint(step);
         save_waiting = false;
@@ -771,26 +833,13 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         emit({{"event", "checkpoint_skipped"},
               {"step", step},
               {"loss", json_number(loss)},
-              {"val_loss", eval_now ? json_number(result.final_val_loss) : nlohmann::json()},
+              {"val_loss", val ? json_number(*val) : nlohmann::json()},
               {"last_checkpoint", last_checkpoint}});
         spdlog::warn("step {}: checkpoint not saved: the {} is not finite; the last checkpoint "
                      "is {}", step, std::isfinite(loss) ? "validation loss" : "loss",
                      last_checkpoint.empty() ? std::string("none") : last_checkpoint);
       }
-      if (stop) {
-        emit({{"event", "end"},
-                       {"time", utc_timestamp()},
-                       {"status", "stopped"},
-                       {"signal", sig},
-                       {"step", step},
-                       {"tokens", step * tokens_per_step},
-                       {"checkpoint", last_checkpoint}});
-        spdlog::warn("stopped by signal {} after step {}; continue with --resume", sig, step);
-        result.steps = step;
-        result.final_loss = last_loss;
-        result.stopped_by_signal = sig;
-        return result;
-      }
+      if (stop) return end_stopped(step, sig);
     }
   } catch (const std::exception& e) {
     emit({{"event", "end"},
