@@ -474,6 +474,35 @@ TEST_F(Checkpoints, StopSignalsSaveAndExitThree) {
   EXPECT_EQ(r.code, 0) << r.out;
 }
 
+// SIGHUP (a closed terminal) stops a run like SIGTERM, unless it was ignored when mpt started
+// (nohup): then the run goes on. A closed pipe on stdout does not end the run either.
+TEST_F(Checkpoints, HangupStopsUnlessIgnoredAndAClosedPipeDoesNot) {
+  const std::string cmd = train_cmd(path("hup"), "--set training.steps=100000 "
+                                                 "--set checkpoint.every=0 --set threads=1");
+  auto wait_and_hup = [&](const std::string& launch, const std::string& run_dir) {
+    return run("(" + launch + " >" + path("log") + " 2>&1 & pid=$!; "
+               "for i in $(seq 1 1200); do grep -q '\"loss\"' " + path(run_dir + "/metrics.jsonl") +
+               " 2>/dev/null && break; sleep 0.05; done; "
+               "kill -HUP $pid; sleep 1; kill -0 $pid 2>/dev/null && echo alive && kill -TERM $pid; "
+               "wait $pid; echo rc=$?)");
+  };
+  auto r = wait_and_hup(cmd, "hup");
+  EXPECT_NE(r.out.find("rc=3"), std::string::npos) << r.out << slurp(path("log"));
+  EXPECT_EQ(read_jsonl(path("hup/metrics.jsonl")).back()["signal"], 1);
+  // Ignored at start (what nohup does): still running a second later, then stopped by SIGTERM.
+  r = wait_and_hup("trap '' HUP; " + train_cmd(path("nohup"), "--set training.steps=100000 "
+                                                              "--set checkpoint.every=0 "
+                                                              "--set threads=1"),
+                   "nohup");
+  EXPECT_NE(r.out.find("alive"), std::string::npos) << r.out << slurp(path("log"));
+  EXPECT_EQ(read_jsonl(path("nohup/metrics.jsonl")).back()["signal"], 15);
+  // stdout into a pipe whose reader is gone after the first line: the run completes.
+  r = run("{ " + train_cmd(path("pipe"), "--set training.steps=6") + " 2>&1; echo rc=$? >" +
+          path("pipe_rc") + "; } | head -1 >/dev/null; cat " + path("pipe_rc"));
+  EXPECT_NE(r.out.find("rc=0"), std::string::npos) << r.out;
+  EXPECT_EQ(read_jsonl(path("pipe/metrics.jsonl")).back()["status"], "completed");
+}
+
 TEST_F(Checkpoints, RetentionKeepsTheNewestAndEveryMth) {
   auto r = run(train_cmd(path("ret"), "--set training.steps=10 --set checkpoint.every=2 "
                                       "--set checkpoint.keep_last=2 --set checkpoint.keep_every=4"));

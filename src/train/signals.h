@@ -1,6 +1,7 @@
-// SIGTERM, SIGINT and SIGUSR1 ask a run to stop: it finishes the step in progress, saves a
-// checkpoint and exits with code 3 (README, "Exit codes"). Schedulers send SIGTERM (SLURM also
-// SIGUSR1 ahead of a time limit); SIGINT is Ctrl-C.
+// SIGTERM, SIGINT, SIGUSR1 and SIGHUP ask a run to stop: it finishes the step in progress, saves
+// a checkpoint and exits with code 3 (README, "Exit codes"). Schedulers send SIGTERM (SLURM also
+// SIGUSR1 ahead of a time limit); SIGINT is Ctrl-C; SIGHUP a closed terminal (not when it was
+// ignored at start, as under nohup). SIGPIPE is ignored meanwhile.
 #pragma once
 
 namespace mpt {
