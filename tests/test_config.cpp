@@ -250,6 +250,11 @@ const std::vector<BadCase> kBadCases = {
     {"output_name_dotdot", "output:\n  name: ..\n",
      {"output.name: must be a single path component"}},
     {"empty_output_dir", "output:\n  dir: \"\"\n", {"output.dir: must not be empty"}},
+    {"output_name_too_long", "output:\n  name: nnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnnn\n",
+     {"{F}:2:9: output.name: must be at most 255 bytes (a file name), got 256"}},
+    // A key below one that holds a value.
+    {"key_below_a_value", "model:\n  n_layer:\n    x: 3\n",
+     {"{F}:3:5: model.n_layer: expected an integer, got a map"}},
     // Syntax errors carry the parser's line and column.
     {"bad_yaml", "model:\n  n_layer: 4\n n_head: 2\n",
      {"{F}:3:2: invalid YAML: end of map not found"}},
@@ -576,7 +581,9 @@ TEST(Config, BadOverridesAreReportedWithSet) {
       {"model.n_layer=0", "  --set model.n_layer=0: must be >= 1, got 0"},
       {"model.n_layers=4", "  --set model.n_layers=4: unknown key (did you mean 'model.n_layer'?)"},
       {"optimiser.lr=1", "  --set optimiser.lr=1: unknown key (did you mean 'optimizer'?)"},
-      {"precision.x=1", "  --set precision.x=1: unknown key"},
+      {"precision.x=1", "  --set precision.x=1: unknown key ('precision' is a value, not a section)"},
+      {"model.n_layer.x=3",
+       "  --set model.n_layer.x=3: unknown key ('model.n_layer' is a value, not a section)"},
       {"training.steps", "  --set training.steps: expected KEY.PATH=VALUE"},
       {"data.train=[a,", "  --set data.train=[a,: invalid YAML value"},
       {"precision=bf17", "  --set precision=bf17: unknown value 'bf17' (did you mean 'bf16'?"},

@@ -298,6 +298,11 @@ void check_path_component(const KeyDef& key, const Config& c, const Origin& orig
     errors.add(origin.where, key.path,
                "must be a single path component (no '/', not '.' or '..'), got " +
                    in_quotes(name));
+  // NAME_MAX on Linux file systems; checked here so that a run that cannot make its directory
+  // is refused before anything (output.dir included) is created.
+  else if (name.size() > 255)
+    errors.add(origin.where, key.path,
+               "must be at most 255 bytes (a file name), got " + std::to_string(name.size()));
 }
 
 const std::vector<KeyDef>& key_table() {
@@ -623,6 +628,9 @@ std::string unknown_key_message(const std::string& parent, const std::string& na
     const std::string leaf = k.path.substr(k.path.rfind('.') + 1);
     if (lower(leaf) == lower(name)) return "unknown key (did you mean " + in_quotes(k.path) + "?)";
   }
+  // Below a key that holds a value ("model.n_layer.x"): it has no keys at all.
+  if (siblings.empty() && !parent.empty())
+    return "unknown key (" + in_quotes(parent) + " is a value, not a section)";
   return "unknown key (known here: " + join(siblings, ", ") + ")";
 }
 
