@@ -28,6 +28,10 @@ TEST_F(Cli, VersionHelpAndUsageErrors) {
   auto r = run(mpt_bin() + " --version");
   EXPECT_EQ(r.code, 0);
   EXPECT_NE(r.out.find(std::string("mpt ") + MPT_VERSION), std::string::npos) << r.out;
+  r = run(mpt_bin() + " frobnicate");
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.out.find("unknown subcommand 'frobnicate' (expected one of: train, inspect, data, "
+                       "compare"), std::string::npos) << r.out;
   for (const char* sub : {"train", "data", "data prepare", "data inspect"}) {
     r = run(mpt_bin() + " " + sub + " --help");
     EXPECT_EQ(r.code, 0) << sub;
