@@ -43,9 +43,19 @@ int run_prepare(const std::vector<std::string>& inputs, const std::string& out, 
   return 0;
 }
 
+// Every shard is inspected, a bad one reported without hiding the rest; exit 2 if any was bad.
 int run_inspect(const std::vector<std::string>& shards) {
-  for (const auto& s : shards) std::printf("%s\n", mpt::data::format_shard_info(mpt::data::inspect_shard(s)).c_str());
-  return 0;
+  int bad = 0;
+  for (const auto& s : shards) {
+    try {
+      std::printf("%s\n", mpt::data::format_shard_info(mpt::data::inspect_shard(s)).c_str());
+    } catch (const mpt::Error& e) {
+      std::fflush(stdout);
+      std::fprintf(stderr, "mpt: error: %s\n", e.what());
+      ++bad;
+    }
+  }
+  return bad ? static_cast<int>(mpt::ExitCode::bad_input) : 0;
 }
 
 int run_compare(const std::vector<std::string>& dirs, const std::string& baseline,

@@ -189,6 +189,14 @@ TEST_F(Cli, PrepareInspectAndTrainOnShards) {
   EXPECT_NE(r.out.find("20240520"), std::string::npos) << r.out;
   const auto info = mpt::data::inspect_shard(path("shards/val_000000.bin"));
   EXPECT_NE(r.out.find(std::to_string(info.num_tokens)), std::string::npos) << r.out;
+  // A bad shard among good ones: each is reported, the good one still shown, exit 2.
+  r = run(mpt_bin() + " data inspect " + write("bad.bin", "junk") + " " +
+          path("shards/val_000000.bin") + " " + path("missing.bin"));
+  EXPECT_EQ(r.code, 2) << r.out;
+  for (const std::string& want : {path("bad.bin") + ": file has 4 bytes",
+                                  "path:        " + path("shards/val_000000.bin"),
+                                  path("missing.bin") + ": cannot open"})
+    EXPECT_NE(r.out.find(want), std::string::npos) << want << " in: " << r.out;
 
   r = run(mpt_bin() + " train " + MPT_SOURCE_DIR + "/configs/default.yaml" + kTiny +
           " --set 'data.train=[\"" + path("shards") + "/train_*.bin\"]' --set data.val=" +
