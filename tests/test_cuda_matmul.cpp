@@ -1242,6 +1242,49 @@ TEST(CudaMatmul, ExactGeluIsGeluForwardsOwn) {
   EXPECT_EQ(from_gpu(*gpu, gout, "out"), from_gpu(*gpu, again, "gelu_forward(pre)"));
 }
 
+// backend.h assumes, with the CPU's emulation, that tf32 GEMMs round fp32 operands to tf32
+// (10 mantissa bits) to nearest even; NVIDIA documents no rounding mode for it. Each probe is an
+// operand times 1.0 (exact in tf32), on values the candidates round apart (u = 2^-10, tf32's
+// unit at 1): 1 + u/2 (a tie below an even mantissa), 1 + 3u/2 (a tie below an odd one) and
+// 1 + u/2 + 2^-20 (just above a tie). Reports "[ tf32 round ]" (collected by device-check);
+// asserts only that the results are one of round to nearest even, half away from zero,
+// truncation, or the operand unrounded (no Tensor Core path at this shape).
+TEST(CudaMatmul, ReportsHowTf32RoundsOperands) {
+  MPT_REQUIRE_GPU();
+  CpuBackend cpu(1);
+  std::unique_ptr<Backend> gpu = test::gpu_backend_under_test(0);
+  const int64_t N = 16, C = 16, OC = 16;
+  const float u = std::ldexp(1.0f, -10);
+  const float probe[3] = {1 + u / 2, 1 + u + u / 2, 1 + u / 2 + std::ldexp(1.0f, -20)};
+  struct Mode {
+    const char* name;
+    float want[3];
+  };
+  const Mode modes[4] = {{"round to nearest even (as the CPU emulates)", {1, 1 + 2 * u, 1 + u}},
+                         {"round half away from zero", {1 + u, 1 + 2 * u, 1 + u}},
+                         {"truncation", {1, 1 + u, 1}},
+                         {"none (operands unrounded)", {probe[0], probe[1], probe[2]}}};
+  Owned x = test::make(cpu, {N, C}, F32), w = test::make(cpu, {OC, C}, F32);
+  Owned o = test::make(cpu, {N, OC}, F32);
+  cpu.fill(x.t, 0.0f);
+  cpu.fill(w.t, 0.0f);
+  for (int i = 0; i < 3; ++i) static_cast<float*>(x.t.data)[i * C] = probe[i];
+  for (int64_t j = 0; j < OC; ++j) static_cast<float*>(w.t.data)[j * C] = 1.0f;
+  Dev gx = to_gpu(*gpu, x.t), gw = to_gpu(*gpu, w.t), go = to_gpu(*gpu, o.t);
+  gpu->matmul_forward(go.t, gx.t, gw.t, Tensor(), TF);
+  const std::vector<float> got = from_gpu(*gpu, go, "out");
+  const Mode* seen = nullptr;
+  for (const Mode& m : modes) {
+    bool all = true;
+    for (int i = 0; i < 3; ++i)
+      for (int64_t j = 0; j < OC; ++j) all = all && got[i * OC + j] == m.want[i];
+    if (all && !seen) seen = &m;
+  }
+  std::printf("[ tf32 round ] fp32 operands of tf32 GEMMs: %s; results %.9g %.9g %.9g\n",
+              seen ? seen->name : "none of the candidates", got[0], got[OC], got[2 * OC]);
+  EXPECT_NE(seen, nullptr) << "results " << got[0] << " " << got[OC] << " " << got[2 * OC];
+}
+
 // For the choice the next speed step hinges on (writing 16-bit GEMM outputs directly, without
 // the fp32 staging whose purpose is exact cast counts): whether cuBLASLt's GEMMs keep results
 // that are fp32 subnormals or flush them to zero. bf16 shares fp32's range, so a bf16 output

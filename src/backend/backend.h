@@ -30,7 +30,9 @@ namespace mpt {
 //   native: operands as stored: fp32 products for fp32 tensors, exact products of fp16/bf16
 //           values for fp16/bf16 tensors (as Tensor Cores compute them).
 //   tf32:   fp32 operands rounded to TF32 (fp32 with a 10-bit mantissa, round to nearest even),
-//           as Tensor Cores do for fp32 data under CUBLAS_COMPUTE_32F_FAST_TF32.
+//           as Tensor Cores do for fp32 data under CUBLAS_COMPUTE_32F_FAST_TF32 (NVIDIA does
+//           not document the rounding mode: test_cuda_matmul's ReportsHowTf32RoundsOperands
+//           shows what a GPU does).
 //   fp8:    each operand quantised to an fp8 format with a per-tensor scale (Fp8Operand), the
 //           products of the fp8 values summed in fp32 and the sum multiplied by both inverse
 //           scales (cuBLASLt's A/B scale pointers). The bias is added after, in fp32.
@@ -297,6 +299,10 @@ class Backend {
   // products are matmuls, computed as matmul_forward computes `native` or `tf32` (fp8 is not
   // accepted), so under fp16/bf16 the probabilities enter P.V rounded to that format. These
   // operand roundings are internal and not counted in the cast statistics; out's store is.
+  // A fused (FlashAttention-style) implementation may round exp(s[t2] - m') with a running
+  // maximum m' instead, and divide the fp32 sums by the row's exp-sum at the end: each
+  // probability's rounding then differs from the p~ above by up to about two units of the
+  // format, within the parity tests' bound (test_cuda_matmul, CudaAttention).
   virtual void attention_forward(Tensor out, Tensor lse, Tensor qkv, int n_head,
                                  MatmulPrecision prec) = 0;
   // dqkv(B,T,3C) writes, with s and p recomputed as in the forward (the same operand format if
