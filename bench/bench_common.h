@@ -2,7 +2,9 @@
 #pragma once
 
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -12,6 +14,30 @@
 #include "model/gpt.h"
 
 namespace mpt::bench {
+
+// Walks a benchmark's "--key value" pairs. --help (or -h) prints `usage` to stdout and gives 0;
+// a word that is no option, or an option without its value, is reported (as `prog`: why, then
+// `usage`) and gives 2; every pair goes to on(key, value), which returns an exit status to stop
+// with, or -1 to go on. -1 when every pair was taken.
+inline int for_each_option(int argc, char** argv, const char* prog, const char* usage,
+                           const std::function<int(const std::string&, const std::string&)>& on) {
+  for (int i = 1; i < argc; i += 2) {
+    const std::string k = argv[i];
+    if (k == "--help" || k == "-h") {
+      std::fputs(usage, stdout);
+      return 0;
+    }
+    if (k.rfind("--", 0) != 0 || i + 1 >= argc) {
+      const std::string why = k.rfind("--", 0) != 0 ? "unexpected argument '" + k + "'"
+                                                    : k + " needs a value";
+      std::fprintf(stderr, "%s: %s\n%s", prog, why.c_str(), usage);
+      return 2;
+    }
+    const int rc = on(k, argv[i + 1]);
+    if (rc >= 0) return rc;
+  }
+  return -1;
+}
 
 // A whole number in [lo, hi] parsed from the whole of `v` (no atoi: "abc" is not 0), or nothing.
 inline std::optional<long> whole_number(const std::string& v, long lo, long hi) {

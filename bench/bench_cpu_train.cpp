@@ -136,20 +136,8 @@ int main(int argc, char** argv) {
   const char* const usage =
       "usage: bench_cpu_train [--threads N] [--steps N] [--repeats N] [--layers N] [--width N] "
       "[--batch N] [--policy P [--recompute 1]]\n";
-  for (int i = 1; i < argc; i += 2) {
-    const std::string k = argv[i];
-    if (k == "--help" || k == "-h") {
-      std::fputs(usage, stdout);
-      return 0;
-    }
-    if (k.rfind("--", 0) != 0 || i + 1 >= argc) {
-      std::fprintf(stderr, "bench_cpu_train: %s\n%s",
-                   (k.rfind("--", 0) != 0 ? "unexpected argument '" + k + "'"
-                                          : k + " needs a value").c_str(),
-                   usage);
-      return 2;
-    }
-    const std::string v = argv[i + 1];
+  const int rc = bench::for_each_option(argc, argv, "bench_cpu_train", usage,
+                                        [&](const std::string& k, const std::string& v) {
     if (k == "--policy") {
       try {
         (void)PrecisionPolicy::preset(v);
@@ -158,7 +146,7 @@ int main(int argc, char** argv) {
         return 2;
       }
       only = v;
-      continue;
+      return -1;
     }
     const long lo = k == "--recompute" ? 0 : 1;
     const std::optional<long> x = bench::whole_number(v, lo, 1000000);
@@ -179,7 +167,9 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "bench_cpu_train: unknown option %s\n%s", k.c_str(), usage);
       return 2;
     }
-  }
+    return -1;
+  });
+  if (rc >= 0) return rc;
   if (width % heads != 0) {
     std::fprintf(stderr, "bench_cpu_train: --width %d: expected a multiple of the %d heads\n",
                  width, heads);

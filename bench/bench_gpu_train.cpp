@@ -288,20 +288,8 @@ int main(int argc, char** argv) {
       "usage: bench_gpu_train [--batch B] [--seq T] [--steps N] [--warmup N] [--policies P,...] "
       "[--json PATH]\n";
   // Arguments are checked before any GPU work: device time is scarce.
-  for (int i = 1; i < argc; i += 2) {
-    const std::string k = argv[i];
-    if (k == "--help" || k == "-h") {
-      std::fputs(usage, stdout);
-      return 0;
-    }
-    if (k.rfind("--", 0) != 0 || i + 1 >= argc) {
-      std::fprintf(stderr, "bench_gpu_train: %s\n%s",
-                   (k.rfind("--", 0) != 0 ? "unexpected argument '" + k + "'"
-                                          : k + " needs a value").c_str(),
-                   usage);
-      return 2;
-    }
-    const std::string v = argv[i + 1];
+  const int rc = bench::for_each_option(argc, argv, "bench_gpu_train", usage,
+                                        [&](const std::string& k, const std::string& v) {
     if (k == "--batch" || k == "--seq" || k == "--steps" || k == "--warmup") {
       const long lo = k == "--warmup" ? 0 : 1;
       const std::optional<long> x = bench::whole_number(v, lo, 1 << 20);
@@ -319,7 +307,9 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "bench_gpu_train: unknown option %s\n%s", k.c_str(), usage);
       return 2;
     }
-  }
+    return -1;
+  });
+  if (rc >= 0) return rc;
   {
     std::stringstream names(policies);
     for (std::string name; std::getline(names, name, ',');) {

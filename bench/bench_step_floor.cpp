@@ -70,21 +70,13 @@ int main(int argc, char** argv) {
   std::string tflops_arg, ops_policy, json_path;
   int B = 0, T = 0, accum_arg = 0;  // 0: the config's
   double gbps = 0;                  // 0: --gpu's datasheet figure
-  for (int i = 1; i < argc; i += 2) {
-    const std::string k = argv[i];
-    if (k == "--help" || k == "-h") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
-    if (k.rfind("--", 0) != 0) return usage("unexpected argument '" + k + "'");
-    if (i + 1 >= argc) return usage(k + " needs a value");
-    const std::string v = argv[i + 1];
+  const int rc = bench::for_each_option(argc, argv, "bench_step_floor", kUsage,
+                                        [&](const std::string& k, const std::string& v) {
     if (k == "--config") config_path = v;
     else if (k == "--batch" || k == "--seq" || k == "--accum") {
-      const double x = positive(v);
-      if (x < 1 || x > 1 << 20 || x != std::floor(x))
-        return usage(k + " " + v + ": expected a whole number from 1 to 1048576");
-      (k == "--batch" ? B : k == "--seq" ? T : accum_arg) = static_cast<int>(x);
+      const std::optional<long> x = bench::whole_number(v, 1, 1 << 20);
+      if (!x) return usage(k + " " + v + ": expected a whole number from 1 to 1048576");
+      (k == "--batch" ? B : k == "--seq" ? T : accum_arg) = static_cast<int>(*x);
     }
     else if (k == "--policies") policies = v;
     else if (k == "--gpu") gpu = v;
@@ -95,7 +87,9 @@ int main(int argc, char** argv) {
     else if (k == "--ops") ops_policy = v;
     else if (k == "--json") json_path = v;
     else return usage("unknown option " + k);
-  }
+    return -1;
+  });
+  if (rc >= 0) return rc;
   // Every policy name checked before anything is printed: a preset, P+recompute or config, once.
   std::vector<std::string> policy_names;
   {
