@@ -49,7 +49,7 @@ int run_inspect(const std::vector<std::string>& shards) {
   for (const auto& s : shards) {
     try {
       std::printf("%s\n", mpt::data::format_shard_info(mpt::data::inspect_shard(s)).c_str());
-    } catch (const mpt::Error& e) {
+    } catch (const std::exception& e) {
       std::fflush(stdout);
       std::fprintf(stderr, "mpt: error: %s\n", e.what());
       ++bad;

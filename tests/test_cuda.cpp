@@ -100,6 +100,8 @@ TEST(GpuPeaks, PolicyFormatsAndDatasheetFigures) {
   EXPECT_DOUBLE_EQ(peak_bandwidth("NVIDIA A100 80GB PCIe"), 1.935e12);
   EXPECT_DOUBLE_EQ(peak_bandwidth("NVIDIA A100-PCIE-40GB"), 1.555e12);
   EXPECT_DOUBLE_EQ(peak_bandwidth("NVIDIA H200 NVL"), 0.0);
+  EXPECT_DOUBLE_EQ(peak_bandwidth("NVIDIA GH200 480GB"), 0.0) << "not the H200's memory";
+  EXPECT_DOUBLE_EQ(peak_flops("NVIDIA GH200 480GB", "bf16"), 0.0);
   EXPECT_DOUBLE_EQ(peak_bandwidth("NVIDIA GeForce RTX 4090"), 0.0);
 }
 

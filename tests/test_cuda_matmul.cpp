@@ -698,6 +698,8 @@ struct Dev {
 // which has no op profile: the checks of which kernel ran are left out there.
 Context* context_of(Backend& b) {
   auto* cuda = dynamic_cast<CudaBackend*>(&b);
+  if (!cuda && !test::gpu_tests_on_cpu())
+    ADD_FAILURE() << "the backend under test is not the CUDA backend: no kernel check may be skipped";
   return cuda ? &cuda->context() : nullptr;
 }
 

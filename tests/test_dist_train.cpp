@@ -141,6 +141,30 @@ TEST_F(DistTrain, AnOverflowOnOneRankMakesEveryRankSkip) {
   }
 }
 
+// A stop during an evaluation that reaches one rank only (fault injection on rank 1) cuts the
+// evaluation short on every rank at the same point: the rank that got it does not wait in a
+// collective for the others' whole evaluation (which, twice the 2-second collective timeout
+// here, would end the job with exit 1 and no checkpoint). The job stops with a checkpoint that
+// says the evaluation is pending (what a resume makes of it: Checkpoints.AStopDuringAn...).
+TEST_F(DistTrain, AStopDuringAnEvaluationOnOneRankCutsItShortOnEvery) {
+  const std::string split = path("split");
+  // 12000 batches: about 4 seconds of evaluation at this size on two ranks.
+  const std::string a = train_args("fp32", 2) +
+                        " --set training.steps=4 --set training.eval_every=2"
+                        " --set training.eval_batches=12000 --run-dir " + split;
+  auto r = run("MPT_COMM_TIMEOUT_S=2 " + std::string(MPT_MPIEXEC) +
+               " --oversubscribe --allow-run-as-root -np 1 " + mpt_bin() + a +
+               " : -np 1 env MPT_FAULT=stop_in_eval_at_step=0 " + mpt_bin() + a);
+  EXPECT_NE(r.code, 0) << "stopped: " << r.out;
+  EXPECT_EQ(r.out.find("did not finish within"), std::string::npos) << r.out;
+  const std::string state = slurp(split + "/checkpoints/step_00000000/state.json");
+  ASSERT_FALSE(state.empty()) << r.out;
+  EXPECT_EQ(json::parse(state)["eval_pending"], true);
+  const auto recs = read_jsonl(split + "/metrics.jsonl");
+  EXPECT_EQ(recs.back()["status"], "stopped");
+  EXPECT_TRUE(events(recs, "eval").empty());
+}
+
 // training.global_batch_tokens means the same training on any number of processes: 2 ranks x
 // 1 micro-batch and 1 process x 2 accumulated micro-batches of the same size see the same windows
 // and agree to fp32 rounding. A global batch the processes cannot split evenly is refused

@@ -21,6 +21,9 @@ constexpr Peaks kPeaks[] = {
     // names they contain, and the sources we checked disagree on their dense peaks: unknown (no
     // MFU) rather than the SXM figures.
     {"NVL", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0},
+    // Grace Hopper ("NVIDIA GH200 480GB") contains "H200" but comes with other memory (HBM3 or
+    // HBM3e, 4.0 or 4.9 TB/s) and power limits: unknown rather than the H200's figures.
+    {"GH200", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0},
     {"H200", 67.0, 494.7, 989.4, 989.4, 1978.9, 4.8},
     {"H100 PCIe", 51.0, 378.0, 756.0, 756.0, 1513.0, 2.0},
     {"H100", 67.0, 494.7, 989.4, 989.4, 1978.9, 3.35},
@@ -57,7 +60,7 @@ double peak_bandwidth(const std::string& device_name) {
 const char* known_gpu_names() {
   return "NVIDIA H200, NVIDIA H100 (SXM), NVIDIA H100 PCIe, NVIDIA A100-SXM4-80GB, "
          "NVIDIA A100 80GB PCIe, NVIDIA A100 (40GB); a name containing one of H200, H100 PCIe, "
-         "H100, A100 (NVL boards: unknown)";
+         "H100, A100 (NVL boards and GH200: unknown)";
 }
 
 PolicyPeak policy_peak(const std::string& device_name, MatmulPrecision matmul, DType activation) {

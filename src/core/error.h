@@ -7,7 +7,8 @@
 
 namespace mpt {
 
-// stopped: a stop signal (SIGTERM, SIGINT, SIGUSR1) ended the run after it saved a checkpoint.
+// stopped: a stop signal (SIGTERM, SIGINT, SIGUSR1, SIGHUP) ended the run after it saved a
+// checkpoint.
 enum class ExitCode : int { ok = 0, runtime_failure = 1, bad_input = 2, stopped = 3 };
 
 class Error : public std::runtime_error {

@@ -92,11 +92,18 @@ PrepareResult prepare_shards(const std::vector<std::string>& inputs, const std::
       if (fs::equivalent(inputs[j], inputs[i], ec))
         throw InputError("data prepare: input " + inputs[i] + " is given twice (also as " +
                          inputs[j] + "): its text would be in both splits");
-    const fs::path in(inputs[i]);
+    // The file itself, through any symlink: its name and directory are what would be replaced.
+    fs::path in = fs::canonical(inputs[i], ec);
+    if (ec) in = fs::path(inputs[i]);
     const std::string name = in.filename().string();
-    const bool shard_like =
-        (name.rfind("train_", 0) == 0 || name.rfind("val_", 0) == 0) &&
-        name.size() > 4 && name.compare(name.size() - 4, 4, ".bin") == 0;
+    // train_NNNNNN.bin or val_NNNNNN.bin (shard_name's pattern).
+    auto shard_name_like = [&](const std::string& prefix) {
+      if (name.rfind(prefix, 0) != 0 || name.size() != prefix.size() + 6 + 4) return false;
+      for (size_t k = prefix.size(); k < prefix.size() + 6; ++k)
+        if (name[k] < '0' || name[k] > '9') return false;
+      return name.compare(name.size() - 4, 4, ".bin") == 0;
+    };
+    const bool shard_like = shard_name_like("train_") || shard_name_like("val_");
     if (shard_like && fs::equivalent(in.has_parent_path() ? in.parent_path() : fs::path("."),
                                      out_dir, ec))
       throw InputError("data prepare: input " + inputs[i] + " is one of the shards in " +

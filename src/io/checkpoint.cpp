@@ -254,6 +254,8 @@ std::string describe_checkpoint(const std::string& dir) {
     << c.state.optimizer_step << ")\n";
   o << "data        train cursor: epoch " << c.state.data_epoch << ", sample "
     << c.state.data_sample << "\n";
+  if (c.state.eval_pending)
+    o << "eval        pending: a stop cut this step's evaluation short; a resume runs it first\n";
   o << "written by  mpt " << c.state_json.value("mpt_version", "?") << ", precision "
     << c.state_json.value("precision", "?") << ", world size "
     << c.state_json.value("world_size", 1) << "\n";
@@ -390,7 +392,10 @@ void CheckpointManager::apply_retention(int64_t newest_step) {
   // Kept permanently: under this run's keep_every, or under the one the checkpoint was written
   // with (its state.json's config), so that a resume that changes or drops the key does not
   // delete what an earlier part of the run promised to keep.
-  auto kept_by = [](int64_t step, int64_t every) { return every > 0 && step % every == 0; };
+  // (Not step 0, the untrained model a stop during the first evaluation saves.)
+  auto kept_by = [](int64_t step, int64_t every) {
+    return every > 0 && step > 0 && step % every == 0;
+  };
   // Whether the checkpoint's own state.json says to keep it. Without a state.json (a deletion
   // cut short) it is not kept; one that cannot be read or parsed now is kept (not deleted on a
   // doubt).

@@ -67,14 +67,15 @@ std::string format_duration(double s) {
 // Mean loss over `batches` micro-batches of the validation split, from its beginning each time
 // so that every evaluation sees the same tokens.
 // The mean loss over the first `batches` micro-batches of `loader`; nothing when `stop` (if
-// given) says so between two of them (a stop signal: an evaluation may be long).
+// given), asked before every `stop_every`-th batch, says so (a stop signal: an evaluation may be
+// long).
 std::optional<double> evaluate(Gpt& model, data::BatchLoader& loader, int batches, int B, int T,
-                               const std::function<bool()>& stop = nullptr) {
+                               const std::function<bool()>& stop = nullptr, int stop_every = 1) {
   std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
   loader.reset();
   double sum = 0.0;
   for (int i = 0; i < batches; ++i) {
-    if (stop && stop()) return std::nullopt;
+    if (stop && i % stop_every == 0 && stop()) return std::nullopt;
     loader.next(inputs.data(), targets.data());
     sum += model.forward(inputs.data(), targets.data(), B, T, 0.0f);
   }
@@ -345,7 +346,7 @@ static void check_same_config_on_every_rank(dist::Communicator& comm, const Conf
 
 // train() within a job of comm.world_size() processes (one without a launcher). `signals`:
 // installed before the job's communicator was made, so that a stop signal during start-up
-// stops the run after its first step.
+// stops the run (in the evaluation at step 0, or a resumed run after its first step).
 static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                                 dist::Communicator& comm, const StopSignals& signals) {
   const int B = cfg.training.micro_batch, T = cfg.training.seq_len;
@@ -539,23 +540,31 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   for (const auto& w : policy_warnings) spdlog::warn("precision: {}", w);
 
   const int eval_batches = cfg.training.eval_batches;
-  // The evaluation due at a step; nothing when `interruptible` and a stop signal cut it short
-  // (the job's decision: any rank's signal cuts it on every rank). Not interruptible: the last
-  // step's (a signal during the last step changes nothing).
+  // The evaluation due at a step; nothing when `interruptible` and a stop signal cut it short.
+  // Under several processes the job decides before each batch (any rank's signal cuts it on
+  // every rank at the same batch: no rank waits in a collective for another's evaluation). Not
+  // interruptible: the last step's (a signal during the last step changes nothing).
+  // `val_finite`: whether the loss is finite on every rank (each evaluates for itself, and the
+  // decisions taken on it, such as checkpoint(), are collective).
+  bool val_finite = true;
   auto run_eval = [&](int64_t step, bool interruptible) -> std::optional<double> {
     // Evaluation's casts are not training's: keep them out of the step records.
     numerics.collect();
     std::function<bool()> stop_requested;
     if (interruptible)
       stop_requested = [&] {
-        return signals.requested() != 0 || faults.stop_in_eval_at_step == step;
+        float stop = signals.requested() != 0 || faults.stop_in_eval_at_step == step ? 1.0f : 0.0f;
+        if (world > 1) comm.all_reduce_max(&stop, 1);
+        return stop != 0.0f;
       };
-    std::optional<double> val = evaluate(model, val_loader, eval_batches, B, T, stop_requested);
+    // Several processes ask together (a collective) every 8 batches: a stop waits at most that.
+    std::optional<double> val = evaluate(model, val_loader, eval_batches, B, T, stop_requested,
+                                         world > 1 ? 8 : 1);
     numerics.discard();
-    if (interruptible && world > 1) {
-      float cut = val ? 0.0f : 1.0f;
-      comm.all_reduce_max(&cut, 1);
-      if (cut != 0.0f) val.reset();
+    if (val) {
+      float bad = std::isfinite(*val) ? 0.0f : 1.0f;
+      if (world > 1) comm.all_reduce_max(&bad, 1);
+      val_finite = bad == 0.0f;
     }
     if (!val) {
       spdlog::warn("eval at step {} cut short by a stop signal; a resume runs it first", step);
@@ -665,6 +674,16 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
             faults.stop_in_eval_at_step == start_step ? SIGTERM : signals.requested());
         if (!continue_in_place) last_checkpoint = checkpoint(start_step);
         return end_stopped(start_step, sig);
+      }
+      if (resume_eval_pending && !val_finite) {
+        // As the straight run would have decided at this step, had its evaluation finished:
+        // the checkpoint resumed from stays, but the next one waits for a finite loss.
+        save_waiting = true;
+        emit({{"event", "checkpoint_skipped"},
+              {"step", start_step},
+              {"loss", nullptr},  // that step's, not kept in the checkpoint
+              {"val_loss", json_number(*val)},
+              {"last_checkpoint", last_checkpoint}});
       }
     }
     for (int64_t step = start_step + 1; step <= steps; ++step) {
@@ -808,7 +827,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
       // A run whose model ends unable to give a finite loss did not train (a short run can
       // skip every step after its weights broke without reaching the loss scaler's limit): it
       // fails, without saving the broken weights over the last checkpoint.
-      if (step == steps && !std::isfinite(result.final_val_loss))
+      if (step == steps && !val_finite)
         throw RuntimeError("training diverged: the validation loss after the last step (" +
                            std::to_string(step) + ") is not finite; the last checkpoint is " +
                            (last_checkpoint.empty() ? std::string("none") : last_checkpoint));
@@ -824,7 +843,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
       // whose loss (and validation loss, where one was just measured) is finite; a stop then
       // saves nothing, and the last checkpoint stays the one to resume from. (The last step's
       // validation loss is finite here: it was checked above.)
-      const bool healthy = step == steps || (std::isfinite(loss) && (!val || std::isfinite(*val)));
+      const bool healthy = step == steps || (std::isfinite(loss) && (!val || val_finite));
       if ((save_due || stop || save_waiting) && healthy) {
         last_checkpoint = checkpoint(step);
         save_waiting = false;
@@ -894,7 +913,8 @@ static std::unique_ptr<dist::Communicator> make_job_communicator(const Config& c
 
 TrainResult train(const Config& cfg, const TrainOptions& opt) {
   // Stop signals count from here: one that arrives while the job starts (MPI, NCCL) or the run
-  // is set up stops it after its first step, with a checkpoint.
+  // is set up stops it with a checkpoint (in the evaluation at step 0, or a resumed run after
+  // its first step).
   const StopSignals signals;
   require_utf8("--run-dir", opt.run_dir);
   require_utf8("--resume", opt.resume_from);
