@@ -85,7 +85,7 @@ PrepareResult prepare_shards(const std::vector<std::string>& inputs, const std::
   if (inputs.empty()) throw InputError("data prepare: no input files given");
   if (out_dir.empty()) throw InputError("data prepare: the output directory is empty: expected a path");
   // Each input once (a file given twice would put the same text in both splits), and none of
-  // the shards this prepare replaces or deletes (train_*.bin, val_*.bin in out_dir).
+  // the shards this prepare replaces or deletes (train_NNNNNN.bin, val_NNNNNN.bin in out_dir).
   for (size_t i = 0; i < inputs.size(); ++i) {
     std::error_code ec;
     for (size_t j = 0; j < i; ++j)

@@ -7,9 +7,9 @@
 #include <cstdio>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <limits>
 #include <map>
-#include <functional>
 #include <optional>
 #include <set>
 #include <vector>
@@ -65,10 +65,8 @@ std::string format_duration(double s) {
 }
 
 // Mean loss over `batches` micro-batches of the validation split, from its beginning each time
-// so that every evaluation sees the same tokens.
-// The mean loss over the first `batches` micro-batches of `loader`; nothing when `stop` (if
-// given), asked before every `stop_every`-th batch, says so (a stop signal: an evaluation may be
-// long).
+// so that every evaluation sees the same tokens; nothing when `stop` (if given), asked before
+// every `stop_every`-th batch, says so (a stop signal: an evaluation may be long).
 std::optional<double> evaluate(Gpt& model, data::BatchLoader& loader, int batches, int B, int T,
                                const std::function<bool()>& stop = nullptr, int stop_every = 1) {
   std::vector<int32_t> inputs(static_cast<size_t>(B) * T), targets(inputs.size());
@@ -607,7 +605,6 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     emit({{"event", "checkpoint"}, {"step", step}, {"path", rel}});
     return rel;
   };
-
 
   // The step's micro-batches, kept for a replay when the step turns out non-finite.
   std::vector<std::vector<int32_t>> inputs(accum, std::vector<int32_t>(static_cast<size_t>(B) * T));
