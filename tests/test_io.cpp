@@ -141,6 +141,16 @@ TEST_F(Io, GeneratedRunNamesTakeTheNextFreeSuffix) {
     for (size_t j = 0; j < i; ++j) EXPECT_NE(dirs[i], dirs[j]);
   }
 
+  // A config file whose name is near the file-name limit: the generated name stays within it,
+  // cut at a character's start (a 2-byte 'é' straddles the cut).
+  Config long_cfg = cfg;
+  long_cfg.source_path = path(std::string(230, 'c') + "\xC3\xA9" + std::string(40, 'c') + ".yaml");
+  const RunDirPlan long_plan = plan_run_dir(long_cfg, "");
+  const std::string long_name = fs::path(long_plan.path).filename().string();
+  EXPECT_LE(long_name.size(), 255u - 8u) << long_name;
+  EXPECT_EQ(long_name.substr(0, 230), std::string(230, 'c'));
+  EXPECT_EQ(long_name[230], '-') << "the cut falls before the 2-byte character";
+
   // Taken after planning: the base holds a run, base-2 is a file, base-3 a non-empty directory.
   RunDirPlan plan;
   plan.auto_named = true;

@@ -89,8 +89,16 @@ RunDirPlan plan_run_dir(const Config& cfg, const std::string& override_dir) {
       throw InputError("output.dir: " + cfg.output.dir + " exists and is not a directory");
     std::string name = cfg.output.name;
     if (name.empty()) {
-      const std::string stem =
+      std::string stem =
           cfg.source_path.empty() ? "default" : fs::path(cfg.source_path).stem().string();
+      // A file name holds 255 bytes: room for the time and a "-N" suffix, the stem cut at a
+      // UTF-8 character's start if it must be.
+      constexpr size_t kMaxStem = 255 - 16 - 8;
+      if (stem.size() > kMaxStem) {
+        size_t cut = kMaxStem;
+        while (cut > 0 && (static_cast<unsigned char>(stem[cut]) & 0xC0) == 0x80) --cut;
+        stem.resize(cut);
+      }
       name = stem + "-" + utc_now("%Y%m%d-%H%M%S");
       plan.auto_named = true;
     }
