@@ -183,6 +183,19 @@ class CudaOps : public ::testing::TestWithParam<DType> {
 
   void layernorm_case(DType wd, int64_t B = 2, int64_t T = 37, int64_t C = 67,
                       DType gd = DType::i32);
+  // embedding_backward on both backends into accumulators that start as dwte/dwpe (their GPU
+  // copies given): the same bits and counts.
+  void expect_embedding_backward_matches(const std::string& what, const Owned& tok,
+                                         const Owned& dout, const Owned& dwte, const Owned& dwpe,
+                                         GpuTensor& gtok, GpuTensor& gdout, GpuTensor& gdwte,
+                                         GpuTensor& gdwpe) {
+    reset_counts();
+    cpu_->embedding_backward(dwte.t, dwpe.t, dout.t, tok.t);
+    gpu_->embedding_backward(gdwte.t, gdwpe.t, gdout.t, gtok.t);
+    expect_same_bits(what + " dwte", fetch_bits(*gpu_, gdwte, "dwte"), bits_of(dwte.t));
+    expect_same_bits(what + " dwpe", fetch_bits(*gpu_, gdwpe, "dwpe"), bits_of(dwpe.t));
+    expect_same_counts(*gpu_, *cpu_, what);
+  }
 
   std::unique_ptr<Backend> gpu_, cpu_;
   Rng rng_;
@@ -268,12 +281,8 @@ TEST_P(CudaOps, EmbeddingForwardAndBackward) {
   Owned dout = rand({B, T, C}), dwte = rand({Vp, C}), dwpe = rand({maxT, C});
   GpuTensor gdout = to_gpu(*gpu_, dout.t), gdwte = to_gpu(*gpu_, dwte.t),
             gdwpe = to_gpu(*gpu_, dwpe.t);
-  reset_counts();
-  cpu_->embedding_backward(dwte.t, dwpe.t, dout.t, tok.t);
-  gpu_->embedding_backward(gdwte.t, gdwpe.t, gdout.t, gtok.t);
-  expect_same_bits("embedding dwte", fetch_bits(*gpu_, gdwte, "dwte"), bits_of(dwte.t));
-  expect_same_bits("embedding dwpe", fetch_bits(*gpu_, gdwpe, "dwpe"), bits_of(dwpe.t));
-  expect_same_counts(*gpu_, *cpu_, "embedding_backward");
+  expect_embedding_backward_matches("embedding_backward", tok, dout, dwte, dwpe, gtok, gdout,
+                                    gdwte, gdwpe);
   // Twice more: deterministic.
   for (int rep = 0; rep < 2; ++rep) {
     cpu_->embedding_backward(dwte.t, dwpe.t, dout.t, tok.t);
@@ -487,12 +496,8 @@ TEST_P(CudaOps, EmbeddingBackwardIntoFp32Gradients) {
         dwpe = randn_as(*cpu_, {maxT, C}, DType::f32, rng_);
   GpuTensor gtok = to_gpu(*gpu_, tok.t), gdout = to_gpu(*gpu_, dout.t),
             gdwte = to_gpu(*gpu_, dwte.t), gdwpe = to_gpu(*gpu_, dwpe.t);
-  reset_counts();
-  cpu_->embedding_backward(dwte.t, dwpe.t, dout.t, tok.t);
-  gpu_->embedding_backward(gdwte.t, gdwpe.t, gdout.t, gtok.t);
-  expect_same_bits("embedding dwte (fp32)", fetch_bits(*gpu_, gdwte, "dwte"), bits_of(dwte.t));
-  expect_same_bits("embedding dwpe (fp32)", fetch_bits(*gpu_, gdwpe, "dwpe"), bits_of(dwpe.t));
-  expect_same_counts(*gpu_, *cpu_, "embedding_backward into fp32");
+  expect_embedding_backward_matches("embedding_backward into fp32", tok, dout, dwte, dwpe, gtok,
+                                    gdout, gdwte, gdwpe);
 }
 
 // Rows of 107 (misaligned: one element at a time) and of 112 starting on 16-byte boundaries

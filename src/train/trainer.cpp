@@ -647,6 +647,19 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     result.stopped_by_signal = sig;
     return result;
   };
+  // A due checkpoint not saved, the model's loss not being finite: the next save waits for a
+  // finite one. `loss`: the step's (null when unknown), `val`: the validation loss if measured.
+  auto skip_checkpoint = [&](int64_t step, const nlohmann::json& loss,
+                             const std::optional<double>& val) {
+    save_waiting = true;
+    emit({{"event", "checkpoint_skipped"},
+          {"step", step},
+          {"loss", loss},
+          {"val_loss", val ? json_number(*val) : nlohmann::json()},
+          {"last_checkpoint", last_checkpoint}});
+    spdlog::warn("step {}: checkpoint not saved: the loss is not finite; the last checkpoint is {}",
+                 step, last_checkpoint.empty() ? std::string("none") : last_checkpoint);
+  };
   // The job's stop signal after a step (0: none): a signal to any rank stops every rank.
   auto agreed_signal = [&](int sig) {
     if (world > 1) {
@@ -674,13 +687,9 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
       }
       if (resume_eval_pending && !val_finite) {
         // As the straight run would have decided at this step, had its evaluation finished:
-        // the checkpoint resumed from stays, but the next one waits for a finite loss.
-        save_waiting = true;
-        emit({{"event", "checkpoint_skipped"},
-              {"step", start_step},
-              {"loss", nullptr},  // that step's, not kept in the checkpoint
-              {"val_loss", json_number(*val)},
-              {"last_checkpoint", last_checkpoint}});
+        // the checkpoint resumed from stays, but the next one waits for a finite loss. (That
+        // step's training loss is not kept in the checkpoint.)
+        skip_checkpoint(start_step, nullptr, val);
       }
     }
     for (int64_t step = start_step + 1; step <= steps; ++step) {
@@ -845,15 +854,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         last_checkpoint = checkpoint(step);
         save_waiting = false;
       } else if ((save_due || stop) && !healthy) {
-        save_waiting = true;
-        emit({{"event", "checkpoint_skipped"},
-              {"step", step},
-              {"loss", json_number(loss)},
-              {"val_loss", val ? json_number(*val) : nlohmann::json()},
-              {"last_checkpoint", last_checkpoint}});
-        spdlog::warn("step {}: checkpoint not saved: the {} is not finite; the last checkpoint "
-                     "is {}", step, std::isfinite(loss) ? "validation loss" : "loss",
-                     last_checkpoint.empty() ? std::string("none") : last_checkpoint);
+        skip_checkpoint(step, json_number(loss), val);
       }
       if (stop) return end_stopped(step, sig);
     }
