@@ -259,6 +259,12 @@ class Tally:
         a = abs(x)
         self.over += int(a > maxf and a <= FLT_MAX)
         self.under += int(x != 0.0 and stored == 0.0)
+    def add_stored(self, stored):
+        """CastTally::add_stored (uncommitted change of 2026-12-02): a value a GEMM stored in the
+        narrow type itself; an infinity counts as an overflow, nothing as an underflow. Mutation
+        'add_stored_nan' counts a NaN as well."""
+        self.over += int(stored in (math.inf, -math.inf) or
+                         ('add_stored_nan' in MUT and stored != stored))
     def flush(self, t, counters):
         o, u = self.over, self.under
         if 'tally_noreduce' not in MUT:

@@ -1,7 +1,15 @@
-# matmul.cu store_kernel (lines 231-280) with store_launch (matmul_plan.cpp:227-238) and
-# store_output's alignment rule (matmul.cu:421-431); the fused ops against the separate kernels
-# (gelu.cu gelu_forward_kernel / gelu_backward_kernel, residual.cu residual_kernel) on the
-# rounded product, with gelu_math.cuh's expressions.
+# matmul.cu store_kernel (lines 231-280 at d97fddf) with store_launch (matmul_plan.cpp:227-238
+# there, 250-261 in the working tree of 2026-12-02, unchanged) and store_output's alignment rule
+# (matmul.cu:421-431); the fused ops against the separate kernels (gelu.cu gelu_forward_kernel /
+# gelu_backward_kernel, residual.cu residual_kernel) on the rounded product, with gelu_math.cuh's
+# expressions.
+# Since session 15 also the kDirect instances of the uncommitted change of 2026-12-02 (working
+# tree: matmul.cu store_kernel lines 256-313 and store_output lines 458-530, cuda_common.cuh
+# CastTally::add_stored, simt.py Tally.add_stored): the GEMM has written y in bf16 into out
+# itself (src is out, no bias); the kernel reads y, counts each element from its stored value
+# (an infinity is an overflow, nothing an underflow) and fuses the op (kPlain: writes nothing).
+# direct_case() checks the writes, the bits against the staged kernel fed an fp32 value rounding
+# to y, and the counts (see main() for the findings it prints).
 import sys, random, math, time
 import _path  # noqa: F401 (simt.py is in the parent folder)
 import simt
@@ -39,7 +47,9 @@ def gelu_derivative(v):
     right = mul(mul(mul(mul(0.5, v), sech2), kGeluScale), poly)
     return add(mul(0.5, add(1.0, th)), right)
 
-def store_kernel(t, Tout, kMode, kVec, d, out, gelu_out, residual, pre, bias, rows, cols, counters):
+def store_kernel(t, Tout, kMode, kVec, d, out, gelu_out, residual, pre, bias, rows, cols, counters,
+                 kDirect=False):
+    # d: `src`, the GEMM's result: fp32 (staged), or with kDirect y itself in Tout (src is out).
     tally = Tally()
     c0 = (t.bx * t.bdim[0] + t.tx) * kVec
     lim = cols if 'store_c0_le' not in MUT else cols + 1
@@ -47,27 +57,42 @@ def store_kernel(t, Tout, kMode, kVec, d, out, gelu_out, residual, pre, bias, ro
         r = t.by
         while r < rows:
             i = r * cols + c0 if 'store_row_stride' not in MUT else r * (cols - 1) + c0
-            v = t.ldv(d, i, 4) if kVec == 4 else [t.ld(d, i)]
-            if kMode == kResidual: res = t.ldv(residual, i, kVec)
-            y = [None] * kVec; z = [None] * kVec
+            if kDirect:
+                # y = *reinterpret_cast<const Pack<Tout, kVec>*>(static_cast<const Tout*>(src) + i);
+                # v[k] = load<Tout>(y.v[k]) (exact)
+                y = t.ldv(d, i, kVec)
+                v = list(y)
+            else:
+                v = t.ldv(d, i, 4) if kVec == 4 else [t.ld(d, i)]
+                y = [None] * kVec
+            z = [None] * kVec
+            if kMode == kResidual:
+                rsrc = d if (kDirect and 'direct_res_src' in MUT) else residual
+                res = t.ldv(rsrc, i, kVec)
             for k in range(kVec):
-                if bias is not None:
-                    bk = c0 + k if 'store_bias_idx' not in MUT else c0
-                    v[k] = add(v[k], t.ld(bias, bk))
-                y[k] = ROUND[Tout](v[k])
-                if narrow(Tout): tally.add(v[k], y[k], MAXF[Tout])
+                if kDirect:
+                    if 'direct_tally_add' in MUT: tally.add(v[k], v[k], MAXF[Tout])
+                    else: tally.add_stored(v[k])
+                else:
+                    if bias is not None:
+                        bk = c0 + k if 'store_bias_idx' not in MUT else c0
+                        v[k] = add(v[k], t.ld(bias, bk))
+                    y[k] = ROUND[Tout](v[k])
+                    if narrow(Tout): tally.add(v[k], y[k], MAXF[Tout])
                 if kMode != kPlain:
                     yk = y[k]
                     if kMode == kGelu: w = gelu_value(yk)
                     elif kMode == kResidual: w = add(res[k], yk)
                     else: w = mul(gelu_derivative(t.ld(pre, i + k)), yk)
                     z[k] = ROUND[Tout](w)
-                    if narrow(Tout): tally.add(w, z[k], MAXF[Tout])
+                    if narrow(Tout) and not (kDirect and 'direct_skip_fused_count' in MUT):
+                        tally.add(w, z[k], MAXF[Tout])
             if kMode in (kResidual, kDgelu):
                 t.stv(out, i, z)
             else:
-                t.stv(out, i, y)
-                if kMode == kGelu: t.stv(gelu_out, i, z)
+                if not kDirect or 'direct_plain_writes' in MUT: t.stv(out, i, y)
+                if kMode == kGelu:
+                    t.stv(out if (kDirect and 'direct_gelu_to_out' in MUT) else gelu_out, i, z)
             r += t.gdim[1] if 'store_rstride_x' not in MUT else t.gdim[0]
     if narrow(Tout): yield from tally.flush(t, counters)
 
@@ -132,6 +157,163 @@ def case(R, rows, cols, Tout, mode, Tbias, seed, alias=False, offset_elems=0, gr
     R.check(ctr(cnt) == cpu_count(vals, Tout), what + ': counts %s vs separate ops %s' % (ctr(cnt), cpu_count(vals, Tout)))
     return vec
 
+# ---------------- kDirect (bf16 only: store_output throws for any other direct output)
+BF16_MAX = MAXF['bf16']
+# fp32 inputs whose bf16 rounding the GEMM is taken to have stored: infinities, a NaN, finite
+# values above bf16's largest finite value (0x7F7F0000) that round down to it (counted by the
+# staged store, not seen by the direct one) or up to infinity (from the tie 0x7F7F8000 up),
+# bf16's largest value itself, and values near bf16's underflow (2^-134 = 0x00008000 is a tie
+# that rounds to zero).
+X_SPECIAL = [math.inf, -math.inf, math.nan, f32(3.39e38), f32(-3.39e38), from_bits(0x7F7F7FFF),
+             from_bits(0x7F7F8000), FLT_MAX, -FLT_MAX, from_bits(0x7F7F0000),
+             from_bits(0x00008000), from_bits(0x80007FFF), f32(1e-40), f32(-4e-41), 0.0, -0.0,
+             from_bits(0xFF800001)]  # a NaN with a payload (a negative signalling pattern)
+
+_FUSED = {}
+def fused_specials():
+    """(y, second) pairs whose fused op overflows (residual, dgelu) or underflows (dgelu) in
+    bf16, so that the fused op's own counts are exercised. Found once, checked here."""
+    if _FUSED: return _FUSED
+    yr, rr = bf16(1.7e38), bf16(1.695e38)
+    w = add(rr, yr)
+    assert BF16_MAX < w <= FLT_MAX, w
+    _FUSED['residual'] = [(yr, rr), (-yr, -rr)]
+    yu, pu = bf16(1e-38), bf16(-4.0)
+    w = mul(gelu_derivative(pu), yu)
+    assert w != 0 and bf16(w) == 0, w
+    pairs = [(yu, pu), (-yu, pu)]
+    for yb in range(0x7F68, 0x7F7F):           # bf16 y in [2.9e38, 3.39e38)
+        yv = from_bits(yb << 16)
+        for pb in range(0x3F00, 0x4040):       # bf16 pre in [0.5, 3)
+            pv = from_bits(pb << 16)
+            if BF16_MAX < abs(mul(gelu_derivative(pv), yv)) <= FLT_MAX:
+                pairs.append((yv, pv)); break
+        if len(pairs) == 3: break
+    assert len(pairs) == 3
+    _FUSED['dgelu'] = pairs
+    return _FUSED
+
+FINDINGS = {'round_to_max': [], 'tie_2m134': 0, 'x_inf': 0, 'cases': 0}
+
+def run_store(Tout, mode, vec, gx, gy, threads, src, out, g, second, bias, rows, cols, errs, sd, direct):
+    cnt = counters()
+    launch('store', store_kernel, (gx, gy), (threads, 1),
+           (Tout, mode, vec, src, out, g, second if mode == kResidual else None,
+            second if mode == kDgelu else None, bias, rows, cols, cnt, direct), errs, sd)
+    return cnt
+
+def direct_case(R, rows, cols, mode, seed, out_off=0, sec_off=0, grid_y=None, pre_dt='f32', special=True):
+    """store_output(ctx, nullptr, out, Tensor(), rows, cols, cls, mode, second) for a bf16 out the
+    GEMM wrote with the bf16 rounding of x: the kernel runs with src == out."""
+    rng = random.Random(seed)
+    what = 'direct %dx%d bf16 %s out+%d second+%d gy=%s pre=%s' % (rows, cols, MODES[mode], out_off, sec_off, grid_y, pre_dt)
+    n = rows * cols
+    x = [f32(rng.gauss(0, 2.0)) for _ in range(n)]
+    sec = None
+    if mode == kResidual: sec = rand_vals(rng, n, 'bf16', 3.0)
+    if mode == kDgelu: sec = rand_vals(rng, n, pre_dt, 2.0)
+    if special:
+        fs = fused_specials().get(MODES[mode], [])
+        nk = len(X_SPECIAL) + len(fs)
+        for j, i in enumerate(range(seed % 5, n, 5)):
+            kind = (j + seed) % nk
+            if kind < len(X_SPECIAL): x[i] = X_SPECIAL[kind]
+            else: x[i], sec[i] = fs[kind - len(X_SPECIAL)]
+    y = [bf16(v) for v in x]   # what the GEMM stored (cuBLASLt rounding to nearest even)
+    esz = ESIZE['bf16']
+    obase = 512 + out_off * esz
+    sbase = 8192 + sec_off * esz
+    if mode == kGelu: second = Buf('gelu_out', 'bf16', n, None, base=sbase)
+    elif mode == kResidual: second = Buf('residual', 'bf16', n, sec, base=sbase)
+    elif mode == kDgelu: second = Buf('pre', pre_dt, n, sec, base=sbase + 2)
+    else: second = None
+    pack = 4 * esz
+    # store_output's rule with d null: (direct || ...) && out's alignment && the second's
+    aligned = (pointer_alignment(obase) >= pack and
+               (mode in (kPlain, kDgelu) or pointer_alignment(second.base) >= pack))
+    vec, threads, gx, gy = store_launch(rows, cols, aligned)
+    if grid_y: gy = grid_y
+    R.check(gx * threads >= (cols + vec - 1) // vec, what + ': launch covers %d of %d column threads' % (gx * threads, (cols + vec - 1) // vec))
+    results = []
+    for sd in (seed, seed + 55):
+        o = Buf('out', 'bf16', n, y, base=obase)   # the GEMM's output: initialised, writes 0
+        g = Buf('gelu_out', 'bf16', n, None, base=sbase) if mode == kGelu else None
+        errs = []
+        cnt = run_store('bf16', mode, vec, gx, gy, threads, o, o, g, second, None, rows, cols, errs, sd, True)
+        R.errors(errs, what + ' seed %d' % sd)
+        results.append((o, g, cnt))
+    o, g, cnt = results[0]
+    o2, g2, cnt2 = results[1]
+    R.check([key(v) for v in o.data] == [key(v) for v in o2.data] and ctr(cnt) == ctr(cnt2) and
+            (g is None or [key(v) for v in g.data] == [key(v) for v in g2.data]),
+            what + ': differs between schedules')
+    # (a) writes: kPlain and kGelu leave out as the GEMM wrote it; kResidual/kDgelu once each
+    if mode in (kPlain, kGelu):
+        nw = [i for i in range(n) if o.writes[i]]
+        R.check(not nw, what + ': out written at %s (the GEMM wrote it)' % nw[:4])
+        bad = [i for i in range(n) if key(o.data[i]) != key(y[i])]
+        R.check(not bad, what + ": out no longer the GEMM's bits at %s" % bad[:4])
+    else:
+        writes_once(R, o, range(n), what + ' out')
+    if g: writes_once(R, g, range(n), what + ' gelu_out')
+    if mode == kResidual:
+        R.check(all(w == 0 for w in second.writes) and [key(v) for v in second.data] == [key(ROUND['bf16'](v)) for v in sec],
+                what + ': residual written')
+    # the separate ops on y (gelu_forward(gelu_out, out), residual_forward(out, residual, out),
+    # gelu_backward(out, pre, out))
+    w32 = []
+    if mode == kGelu: w32 = [gelu_value(v) for v in y]
+    elif mode == kResidual: w32 = [add(second.data[i], y[i]) for i in range(n)]
+    elif mode == kDgelu: w32 = [mul(gelu_derivative(second.data[i]), y[i]) for i in range(n)]
+    zz = [bf16(w) for w in w32]
+    exp = zz if mode in (kResidual, kDgelu) else y
+    bad = [i for i in range(n) if key(o.data[i]) != key(exp[i])]
+    R.check(not bad, what + ': out differs from the separate ops at %s' % bad[:4])
+    if g:
+        bad = [i for i in range(n) if key(g.data[i]) != key(zz[i])]
+        R.check(not bad, what + ': gelu_out differs from gelu_forward at %s' % bad[:4])
+    # (c) counts by add_stored's definition: the infinities among the y read, no underflows,
+    # plus the fused op's casts as store_counted counts them
+    n_inf = sum(1 for v in y if v in (math.inf, -math.inf))
+    fo, fu = cpu_count(w32, 'bf16')
+    R.check(ctr(cnt) == (n_inf + fo, fu), what + ': counts %s, expected %d infinities + fused %s' % (ctr(cnt), n_inf, (fo, fu)))
+    # (b) the staged kernel fed x (no bias): the same bits, the fused op's counts the same
+    d = Buf('d', 'f32', n, x, base=256)
+    so = Buf('out', 'bf16', n, None, base=obase)
+    sg = Buf('gelu_out', 'bf16', n, None, base=sbase) if mode == kGelu else None
+    saligned = pointer_alignment(d.base) >= 16 and aligned
+    svec, sthreads, sgx, sgy = store_launch(rows, cols, saligned)
+    if grid_y: sgy = grid_y
+    R.check(svec == vec, what + ': staged launch vec %d, direct %d' % (svec, vec))
+    errs = []
+    scnt = run_store('bf16', mode, svec, sgx, sgy, sthreads, d, so, sg, second, None, rows, cols, errs, seed + 7, False)
+    R.errors(errs, what + ' staged')
+    bad = [i for i in range(n) if key(so.data[i]) != key(o.data[i])]
+    R.check(not bad, what + ': direct out differs from staged at %s (direct %s staged %s)' % (
+        bad[:4], [o.data[i] for i in bad[:2]], [so.data[i] for i in bad[:2]]))
+    if g:
+        bad = [i for i in range(n) if key(sg.data[i]) != key(g.data[i])]
+        R.check(not bad, what + ': direct gelu_out differs from staged at %s' % bad[:4])
+    xo, xu = cpu_count(x, 'bf16')           # the staged store's counts of the product's cast
+    so_, su_ = ctr(scnt)
+    R.check((so_ - xo, su_ - xu) == (ctr(cnt)[0] - n_inf, ctr(cnt)[1]),
+            what + ": fused counts: staged %s less the cast's %s, direct %s less %d infinities" % (ctr(scnt), (xo, xu), ctr(cnt), n_inf))
+    # staged minus direct, for the product's cast: + finite fp32 above bf16's range (rounded to
+    # the largest value or to infinity) - infinities stored (from a finite or infinite x); - no
+    # underflows. Per element class:
+    rmax = [i for i in range(n) if abs(x[i]) > BF16_MAX and x[i] not in (math.inf, -math.inf) and
+            y[i] not in (math.inf, -math.inf)]
+    xinf = [i for i in range(n) if x[i] in (math.inf, -math.inf)]
+    und = [i for i in range(n) if x[i] != 0 and y[i] == 0]
+    R.check(so_ - ctr(cnt)[0] == len(rmax) - len(xinf) and su_ - ctr(cnt)[1] == len(und),
+            what + ': staged %s vs direct %s: expected differences +%d -%d over, +%d under' % (
+                ctr(scnt), ctr(cnt), len(rmax), len(xinf), len(und)))
+    FINDINGS['round_to_max'] += [(fbits(x[i]), x[i]) for i in rmax]
+    FINDINGS['tie_2m134'] += sum(1 for i in und if abs(x[i]) == from_bits(0x8000))
+    FINDINGS['x_inf'] += len(xinf)
+    FINDINGS['cases'] += 1
+    return vec
+
 def gelu_sanity(R):
     for x in [-5.0, -1.3, -0.1, 0.0, 0.2, 1.0, 3.7, 10.0]:
         x = f32(x)
@@ -163,12 +345,44 @@ def main(which='all'):
               dict(rows=7, cols=40, Tout='f16', mode=kGelu, Tbias='f16', seed=904, grid_y=3),   # row loop
               dict(rows=7, cols=33, Tout='bf16', mode=kDgelu, Tbias=None, seed=905, grid_y=2, pre_dt='f16')]
     if which == 'quick': cases = [c for c in cases if c.get('special')][::3] + cases[-6:]
+    # kDirect: every StoreMode on the same shapes, then alignments that force kVec 1 (out 4-byte
+    # aligned; a residual or gelu_out 2-byte aligned) or keep kVec 4 (8-byte), and row loops
+    dcases = []
+    s = 2000
+    pres = ('f32', 'bf16', 'f16')
+    for rows, cols in [(3, 8), (5, 12), (2, 257), (2, 300), (3, 1030), (2, 2304)]:
+        for mode in (kPlain, kGelu, kResidual, kDgelu):
+            s += 1
+            dcases.append(dict(rows=rows, cols=cols, mode=mode, seed=s, pre_dt=pres[s % 3]))
+    for mode in (kPlain, kGelu, kResidual, kDgelu):
+        dcases += [dict(rows=3, cols=16, mode=mode, seed=2100 + mode, out_off=2, pre_dt=pres[mode % 3]),   # vec 1
+                   dict(rows=3, cols=16, mode=mode, seed=2110 + mode, out_off=4, pre_dt=pres[(mode + 1) % 3])]  # vec 4
+    dcases += [dict(rows=3, cols=16, mode=kResidual, seed=2120, sec_off=1),   # residual 2-byte aligned: vec 1
+               dict(rows=3, cols=16, mode=kGelu, seed=2121, sec_off=6),       # gelu_out 4-byte aligned: vec 1
+               dict(rows=3, cols=16, mode=kResidual, seed=2122, sec_off=4),   # 8-byte aligned: vec 4
+               dict(rows=7, cols=40, mode=kGelu, seed=2123, grid_y=3),        # row loops
+               dict(rows=7, cols=33, mode=kDgelu, seed=2124, grid_y=2, pre_dt='bf16'),
+               dict(rows=9, cols=12, mode=kResidual, seed=2125, grid_y=4),
+               dict(rows=6, cols=20, mode=kPlain, seed=2126, grid_y=5),
+               dict(rows=4, cols=24, mode=kDgelu, seed=2127, special=False)]
+    if which == 'quick': dcases = [c for c in dcases if c['cols'] in (8, 257)] + dcases[24:]
     vecs = {}
     for c in cases:
         v = case(R, **c)
         vecs[v] = vecs.get(v, 0) + 1
-    print(R.summary(), '(%.0fs; %d cases, kVec counts %s)' % (time.time() - t0, len(cases), vecs))
+    dvecs = {}
+    for c in dcases:
+        v = direct_case(R, **c)
+        dvecs[(MODES[c['mode']], v)] = dvecs.get((MODES[c['mode']], v), 0) + 1
+    print(R.summary(), '(%.0fs; %d staged cases, kVec counts %s; %d direct cases, (mode, kVec) counts %s)' % (
+        time.time() - t0, len(cases), vecs, len(dcases), dict(sorted(dvecs.items()))))
     for f in R.fail[:10]: print('  FAIL', f[:300])
+    rm = FINDINGS['round_to_max']
+    print('direct vs staged counts over %d direct cases: %d fp32 infinities (counted by direct, not staged); '
+          '%d finite fp32 above bf16 max that round to bf16 max (counted by staged, not direct), e.g. %s; '
+          '%d underflows at exactly 2^-134 (a tie to zero; staged counts them)' % (
+              FINDINGS['cases'], FINDINGS['x_inf'], len(rm),
+              ', '.join('0x%08X (%.6g)' % b for b in sorted(set(rm))[:3]), FINDINGS['tie_2m134']))
     return R
 
 if __name__ == '__main__':
