@@ -48,15 +48,35 @@ inline std::optional<long> whole_number(const std::string& v, long lo, long hi) 
   return x;
 }
 
-// A benchmark's policy name: a preset, or "P+recompute" for preset P with training.recompute
-// gelu+layernorm (what the backward's extra passes cost, and what they save). Returns the
-// preset's name and the recompute mode.
-inline std::pair<std::string, Recompute> parse_policy_name(const std::string& name) {
-  const std::string suffix = "+recompute";
-  if (name.size() > suffix.size() &&
-      name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0)
-    return {name.substr(0, name.size() - suffix.size()), Recompute::gelu_layernorm};
-  return {name, Recompute::none};
+// A benchmark's policy name: a preset P, with suffixes in any order: "+recompute" for
+// training.recompute gelu+layernorm (what the backward's extra passes cost, and what they
+// save), "+direct" for MPT_GEMM_OUT=direct (the CUDA backend's GEMMs writing bf16 outputs
+// themselves: matmul_plan.h, GemmOut). A suffix named twice is left in the preset's name, which
+// is then no preset.
+struct BenchPolicy {
+  std::string preset;
+  Recompute recompute = Recompute::none;
+  bool direct_out = false;
+};
+inline BenchPolicy parse_policy_name(const std::string& name) {
+  BenchPolicy p;
+  p.preset = name;
+  auto strip = [&](const std::string& suffix, auto&& set) {
+    const std::string& n = p.preset;
+    if (n.size() > suffix.size() && n.compare(n.size() - suffix.size(), suffix.size(), suffix) == 0) {
+      p.preset = n.substr(0, n.size() - suffix.size());
+      set();
+      return true;
+    }
+    return false;
+  };
+  for (bool again = true; again;) {
+    again = false;
+    if (p.recompute == Recompute::none)
+      again |= strip("+recompute", [&] { p.recompute = Recompute::gelu_layernorm; });
+    if (!p.direct_out) again |= strip("+direct", [&] { p.direct_out = true; });
+  }
+  return p;
 }
 
 // The row of `results` (an array of objects with a "policy") for `policy`, or null.

@@ -1,6 +1,8 @@
 // GPU training throughput of GPT-2 124M (12 layers, width 768, 12 heads, vocabulary 50257
 // padded to 50304, sequence 1024) under fp32, tf32, fp16, bf16 and fp8 (and bf16 recomputing
-// its GELU and LayerNorm outputs: "bf16+recompute"), in one run on one GPU:
+// its GELU and LayerNorm outputs: "bf16+recompute"; and bf16 with MPT_GEMM_OUT=direct, the
+// GEMMs writing their bf16 outputs themselves: "bf16+direct"; "fp8+direct" when asked), in one
+// run on one GPU:
 // tokens/s, MFU (FLOPs per token as llm.c counts them, 6N + 6*L*C*T, over the dense peak of the
 // policy's matmul format on this GPU: backend/gpu_peaks.h), step time, device memory in use
 // (measured and as the memory ledger predicts it), and each as a ratio to fp32 and to bf16; and
@@ -283,7 +285,7 @@ class EventObserver : public OpObserver {
 
 int main(int argc, char** argv) {
   int B = 32, T = 1024, steps = 10, warmup = 3;
-  std::string policies = "fp32,tf32,fp16,bf16,fp8,bf16+recompute", json_path;
+  std::string policies = "fp32,tf32,fp16,bf16,fp8,bf16+recompute,bf16+direct", json_path;
   const char* const usage =
       "usage: bench_gpu_train [--batch B] [--seq T] [--steps N] [--warmup N] [--policies P,...] "
       "[--json PATH]\n";
@@ -314,7 +316,15 @@ int main(int argc, char** argv) {
     std::stringstream names(policies);
     for (std::string name; std::getline(names, name, ',');) {
       try {
-        (void)PrecisionPolicy::preset(bench::parse_policy_name(name).first);
+        const bench::BenchPolicy p = bench::parse_policy_name(name);
+        const PrecisionPolicy policy = PrecisionPolicy::preset(p.preset);  // throws if unknown
+        if (p.direct_out && policy.activation != DType::bf16) {
+          std::fprintf(stderr,
+                       "bench_gpu_train: --policies: '%s': '+direct' applies to bf16 "
+                       "activations only (other outputs are always staged)\n",
+                       name.c_str());
+          return 2;
+        }
       } catch (const std::exception& e) {
         std::fprintf(stderr, "bench_gpu_train: --policies: '%s': %s\n", name.c_str(), e.what());
         return 2;
@@ -371,9 +381,22 @@ int main(int argc, char** argv) {
   }
   std::stringstream names(policies);
   for (std::string name; std::getline(names, name, ',');) {
-    const auto parsed = bench::parse_policy_name(name);  // "P+recompute" too
-    const Recompute recompute = parsed.second;
-    const PrecisionPolicy policy = PrecisionPolicy::preset(parsed.first);
+    const bench::BenchPolicy parsed = bench::parse_policy_name(name);  // "P+recompute" too
+    const Recompute recompute = parsed.recompute;
+    const PrecisionPolicy policy = PrecisionPolicy::preset(parsed.preset);
+    // "+direct": the GEMMs write bf16 outputs themselves for this row (read at each matmul and
+    // by the workspace prediction below); whatever the environment says for the others.
+    const char* const was_out = std::getenv("MPT_GEMM_OUT");
+    const std::string saved_out = was_out ? was_out : "";
+    struct RestoreOut {
+      bool had;
+      const std::string& saved;
+      ~RestoreOut() {
+        if (had) setenv("MPT_GEMM_OUT", saved.c_str(), 1);
+        else unsetenv("MPT_GEMM_OUT");
+      }
+    } restore_out{was_out != nullptr, saved_out};
+    if (parsed.direct_out) setenv("MPT_GEMM_OUT", "direct", 1);
     CudaBackend be(0);  // a fresh backend per policy: its scratch starts empty
     device = be.device_description();
     size_t free0 = 0, total = 0;
@@ -507,6 +530,8 @@ int main(int argc, char** argv) {
     }
     results.push_back({{"policy", name},
                        {"attention_kernel", cuda::attention_kernel_name(att_kernel)},
+                       {"gemm_output", cuda::gemm_output_kind(policy.activation, policy.param,
+                                                              policy.matmul, cuda::gemm_out())},
                        {"attention_ms", attention_ms},
                        {"attention_gemm_ms", attention_gemm_ms},  // 0: the GEMM path ran the step
                        {"attention_share", attention_ms / step_ms},

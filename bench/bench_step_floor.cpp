@@ -97,7 +97,11 @@ int main(int argc, char** argv) {
     for (std::string name; std::getline(names, name, ',');) {
       if (name != "config") {
         try {
-          (void)PrecisionPolicy::preset(bench::parse_policy_name(name).first);
+          const bench::BenchPolicy p = bench::parse_policy_name(name);
+          (void)PrecisionPolicy::preset(p.preset);
+          // A floor counts what the ops must move, not how the GEMMs store their outputs.
+          if (p.direct_out)
+            return usage("--policies: '" + name + "': '+direct' changes no floor");
         } catch (const std::exception& e) {
           return usage("--policies: '" + name + "': " + e.what());
         }
@@ -162,10 +166,10 @@ int main(int argc, char** argv) {
     std::string ops_text;
     for (const std::string& name : policy_names) {
       const bool own = name == "config";
-      const auto parsed = bench::parse_policy_name(name);
+      const bench::BenchPolicy parsed = bench::parse_policy_name(name);
       const PrecisionPolicy policy =
-          own ? PrecisionPolicy::from_config(cfg) : PrecisionPolicy::preset(parsed.first);
-      const Recompute recompute = own ? recompute_from_name(cfg.training.recompute) : parsed.second;
+          own ? PrecisionPolicy::from_config(cfg) : PrecisionPolicy::preset(parsed.preset);
+      const Recompute recompute = own ? recompute_from_name(cfg.training.recompute) : parsed.recompute;
       CostTable table(ceil);
       TracingBackend shapes = TracingBackend::shape_only(nullptr);
       Gpt g(m, shapes, policy, recompute);

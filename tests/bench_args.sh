@@ -24,6 +24,8 @@ expect 2 "--gpu 'foo': no datasheet figures" "$floor" --gpu foo
 expect 2 "--policies '': expected" "$floor" --policies ''
 expect 2 "'fp32' is named twice" "$floor" --policies fp32,fp32
 expect 2 "unknown policy 'bogus'" "$floor" --policies bogus
+expect 2 "'\+direct' changes no floor" "$floor" --policies bf16+direct
+expect 2 "unknown policy 'bf16\+direct'" "$floor" --policies bf16+direct+direct
 expect 2 "--policies 'fp32,': expected" "$floor" --policies fp32,
 expect 2 'fp8 products and no rate was given .* on NVIDIA A100' "$floor" --gpu 'NVIDIA A100-SXM4-80GB' --seq 64 --policies fp8
 expect 2 '--gbps 0: expected a positive' "$floor" --gbps 0
@@ -46,6 +48,8 @@ expect 2 "unexpected argument 'x'" "$cpu" x
 # bench_gpu_train checks its arguments before it looks for a GPU (device time is scarce).
 expect 0 '^usage: bench_gpu_train' "$gpu" --help
 expect 2 "unknown policy 'bogus'" "$gpu" --policies fp32,bogus
+expect 2 "unknown policy 'fp16\+direct'" "$gpu" --policies bf16+recompute+direct,fp16+direct+direct
+expect 2 "'fp16\+direct': '\+direct' applies to bf16" "$gpu" --policies bf16+direct,fp16+direct
 expect 2 '--batch 0: expected a whole number' "$gpu" --batch 0
 expect 2 '--steps x: expected a whole number' "$gpu" --steps x
 expect 2 "unexpected argument 'x'" "$gpu" x

@@ -70,6 +70,7 @@ TEST_F(Cli, ReadmeTrainingCommandWritesConfigAndMetrics) {
     EXPECT_TRUE(start.contains(k)) << k;
   EXPECT_EQ(start["backend"], "cpu");
   EXPECT_EQ(start["attention_kernel"], "reference");
+  EXPECT_EQ(start["gemm_output"], "reference");
   for (const char* role : {"parameters", "master_weights", "gradients", "optimizer_state",
                            "activations", "workspace", "total"})
     EXPECT_TRUE(start["memory"].contains(role)) << role;

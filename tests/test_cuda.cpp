@@ -132,6 +132,9 @@ TEST(CudaWorkspacePlan, CublasLtWorkspaceIs32MiBOnHopperAnd4MiBElsewhere) {
 // rows, C=64, 4 heads, Vp=256): the cuBLASLt workspace plus the largest request of each scratch
 // role. test_cuda_train.cpp checks the same figures against a GPU's workspace_bytes().
 TEST(CudaWorkspacePlan, LedgerTermIsTheCublasLtWorkspacePlusEachScratchRole) {
+  // The defaults, whatever the environment running the test asks for.
+  test::ScopedEnv out("MPT_GEMM_OUT", nullptr), att("MPT_ATTENTION", nullptr),
+      epi("MPT_LT_EPILOGUES", nullptr);
   const ModelConfig m = test::tiny_gpu_model();
   ASSERT_EQ(m.padded_vocab(), 256);
   const int B = test::kTinyB, T = test::kTinyT;
@@ -176,6 +179,39 @@ TEST(CudaWorkspacePlan, LedgerTermIsTheCublasLtWorkspacePlusEachScratchRole) {
     test::ScopedEnv gemm("MPT_ATTENTION", "gemm");
     EXPECT_EQ(ws("bf16", 9), lt + attention16 + reduce + matmul_out);
     EXPECT_EQ(ws("fp32", 9), lt + attention + reduce);
+  }
+  {
+    // MPT_GEMM_OUT=direct (matmul_plan.h, GemmOut): the GEMMs write bf16 outputs and input
+    // gradients themselves, so nothing is staged but bf16-pure's weight gradients, which
+    // accumulate in fp32 (the largest: Vp x C or 4C x C, 256 x 64 x 4 bytes); fp16 stays staged.
+    test::ScopedEnv direct("MPT_GEMM_OUT", "direct");
+    EXPECT_EQ(ws("bf16", 9), lt + flash + reduce);
+    EXPECT_EQ(ws("fp8", 9), lt + flash + reduce + operands);
+    EXPECT_EQ(ws("bf16-pure", 9), lt + flash + reduce + 256.0 * 64 * 4);
+    EXPECT_EQ(ws("fp16", 9), lt + flash + reduce + matmul_out);
+    EXPECT_EQ(ws("fp32", 9), lt + attention + reduce);
+    // Without cuBLASLt's epilogues a bias needs the store kernel, so the biased outputs are
+    // staged again (the largest: the MLP's N x 4C); the LM head's logits have no bias.
+    {
+      test::ScopedEnv off("MPT_LT_EPILOGUES", "0");
+      EXPECT_EQ(ws("bf16", 9), lt + flash + reduce + matmul_out);
+    }
+    // bf16 activations with fp32 weights (dtypes.param: fp32): the GEMMs read fp32 operands
+    // (widened), and cuBLASLt has no such GEMM with a bf16 D: staged as without the variable.
+    PrecisionPolicy mixed = PrecisionPolicy::preset("bf16");
+    mixed.param = DType::f32;
+    mixed.master_weights = false;
+    auto ws_mixed = [&] {
+      return cuda_workspace_bytes(m, B, T, mixed, Gpt::plan_memory(m, B, T, mixed), 9);
+    };
+    const double direct_mixed = ws_mixed();
+    test::ScopedEnv staged("MPT_GEMM_OUT", "staged");
+    EXPECT_EQ(direct_mixed, ws_mixed());
+    EXPECT_GT(direct_mixed, lt + flash + reduce + matmul_out) << "with the widened operands";
+  }
+  {
+    test::ScopedEnv staged("MPT_GEMM_OUT", "staged");
+    EXPECT_EQ(ws("bf16", 9), lt + flash + reduce + matmul_out);
   }
 }
 

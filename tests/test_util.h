@@ -19,13 +19,14 @@
 namespace mpt::test {
 
 // A fresh seed per test run (printed so a failure can be reproduced with MPT_TEST_SEED).
-// Sets an environment variable for a scope and restores what it was (tests that switch a
-// backend option read from the environment, e.g. MPT_ATTENTION).
+// Sets an environment variable (value null: unsets it) for a scope and restores what it was
+// (tests that switch a backend option read from the environment, e.g. MPT_ATTENTION).
 class ScopedEnv {
  public:
   ScopedEnv(const char* name, const char* value) : name_(name) {
     if (const char* old = std::getenv(name)) old_ = old;
-    ::setenv(name, value, 1);
+    if (value) ::setenv(name, value, 1);
+    else ::unsetenv(name);
   }
   ~ScopedEnv() {
     if (old_) ::setenv(name_.c_str(), old_->c_str(), 1);

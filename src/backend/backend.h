@@ -116,7 +116,9 @@ const char* tensor_class_name(TensorClass c);  // "activations", "weights", "gra
 // Counts over narrowing casts (fp32 -> fp16/bf16/fp8) since the last reset: values cast, finite
 // values whose magnitude exceeded the format's largest finite value (whether they rounded to inf,
 // to the largest value, or saturated in fp8), and non-zero values that became zero (at most half
-// the smallest subnormal). Inputs already inf or NaN are not counted (docs/formats.md).
+// the smallest subnormal). Inputs already inf or NaN are not counted (docs/formats.md). (The
+// CUDA backend under MPT_GEMM_OUT=direct counts a bf16 GEMM output from its stored value,
+// which differs at the ends of fp32's range only: cuda/matmul_plan.h, GemmOut.)
 struct CastCounts {
   int64_t values = 0;
   int64_t overflow = 0;

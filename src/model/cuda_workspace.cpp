@@ -30,7 +30,7 @@ double cuda_workspace_bytes(const ModelConfig& cfg, int B, int T, const Precisio
   // and input gradients in the activation dtype, weight gradients in the grad dtype.
   auto linear = [&](int64_t Cin, int64_t OC, bool is_fp8, bool bias) {
     const MatmulSpec& spec = is_fp8 ? q : other;
-    plan_matmul_forward(s, N, Cin, OC, act, param, act, spec);
+    plan_matmul_forward(s, N, Cin, OC, act, param, act, spec, bias, param);
     // Gpt gives every fp8 GEMM the cache of its forward's quantised input (fp8_inp_cache).
     plan_matmul_backward(s, N, Cin, OC, act, param, act, /*dinp=*/true, act, grad, bias, spec,
                          /*inp_cached=*/is_fp8);

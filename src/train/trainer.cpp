@@ -16,6 +16,7 @@
 
 #include "backend/backend.h"
 #include "backend/cuda/attention_plan.h"
+#include "backend/cuda/matmul_plan.h"
 #include "core/error.h"
 #include "core/rng.h"
 #include "core/text.h"
@@ -418,11 +419,17 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   // Which attention kernels run (the CUDA backend's fused ones or its GEMM path; the CPU has
   // one): their numerics differ within the op's tolerance, so a run records it.
   std::string attention_kernel = "reference";
+  // How the GEMMs' 16-bit outputs are made (matmul_plan.h, GemmOut): the counts of their casts
+  // differ between the two ways in corner cases only, but a run says which it took.
+  std::string gemm_output = "reference";
   if (const int cc = backend->gpu_info().cc_major) {  // the workspace is the CUDA backend's
     memory.workspace = cuda_workspace_bytes(cfg.model, B, T, policy, memory, cc);
     attention_kernel = cuda::attention_kernel_name(cuda::attention_kernel(
         attention_operand_format(policy.activation, policy.activation, policy.unquantised_matmul()),
         cfg.model.n_embd / cfg.model.n_head));
+    // (a misspelt MPT_GEMM_OUT is refused here, before the run directory is made)
+    gemm_output = cuda::gemm_output_kind(policy.activation, policy.param, policy.matmul,
+                                         cuda::gemm_out());
   }
   // With the CUDA workspace. A dry run shows the model, data and ledger first, then refuses.
   const std::string too_big = memory_refusal(memory, *backend, comm.ranks_on_node());
@@ -504,6 +511,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                           {"device", backend->device_description()},
                           {"threads", backend->threads()},
                           {"attention_kernel", attention_kernel},
+                          {"gemm_output", gemm_output},
                           {"precision", policy.to_json()},
                           {"precision_warnings", policy_warnings},
                           {"n_params", model.num_params()},

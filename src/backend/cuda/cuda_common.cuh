@@ -71,6 +71,9 @@ struct CastTally {
     over += (a > maxf) & (a <= 3.40282347e38f);   // finite and above the format's range
     under += (x != 0.0f) & (stored == 0.0f);        // non-zero and became zero (NaN: neither)
   }
+  // A value a GEMM stored in the narrow type itself (matmul_plan.h, GemmOut::direct): the fp32
+  // value is gone, so an infinity counts as an overflow and nothing as an underflow.
+  __device__ __forceinline__ void add_stored(float stored) { over += isinf(stored) ? 1u : 0u; }
   // counters: Context::cast_counters(cls) ({overflow, underflow}). Every lane of the warp must
   // call it (it uses full-warp shuffles).
   __device__ __forceinline__ void flush(unsigned long long* counters) {

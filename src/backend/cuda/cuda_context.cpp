@@ -133,8 +133,7 @@ Context::Context(int device) : device_(device) {
   sync("zeroing the cast counters");
   const char* s = std::getenv("MPT_CUDA_SYNC");
   debug_sync_ = s && std::strcmp(s, "0") != 0 && *s;
-  const char* e = std::getenv("MPT_LT_EPILOGUES");
-  lt_epilogues_ = !(e && std::strcmp(e, "0") == 0);
+  lt_epilogues_ = lt_epilogues_enabled();
 }
 
 void Context::start_profile() {

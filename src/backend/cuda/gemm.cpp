@@ -135,6 +135,14 @@ bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* wh
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
     for (int i = 0; i < 4; ++i)
       MPT_CUDA_CHECK(cublasLtMatmulPreferenceSetAttribute(ds.pref, which[i], &al[i], sizeof al[i]));
+    if (p.d_type != GemmType::f32) {
+      // A 16-bit D: split-K partials may be added in the compute type (fp32) only; INPLACE and
+      // OUTPUT_TYPE add them in D's type (cublasLt.h, cublasLtReductionScheme_t), which would
+      // round every partial sum to 16 bits.
+      const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+      MPT_CUDA_CHECK(cublasLtMatmulPreferenceSetAttribute(
+          ds.pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof schemes));
+    }
     cublasLtMatmulHeuristicResult_t res{};
     int count = 0;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.lt(), ds.op, ds.a, ds.b, ds.d,

@@ -12,7 +12,7 @@ namespace mpt::cuda {
 struct GemmArgs {
   const void* a = nullptr;
   const void* b = nullptr;
-  float* d = nullptr;  // fp32, also C (beta)
+  void* d = nullptr;  // in the plan's d_type (fp32 unless a direct bf16 output), also C (beta)
   GemmEpilogue epilogue = GemmEpilogue::none;
   const void* bias = nullptr;  // with BIAS and GELU_AUX_BIAS; written by BGRADB
   DType bias_dtype = DType::f32;

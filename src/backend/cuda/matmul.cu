@@ -6,11 +6,13 @@
 //
 // Cast statistics (backend.h): outputs stored in fp16/bf16 count as activations (forward) or
 // gradients (backward), with overflows and underflows judged on the fp32 value before rounding,
-// as the CPU's commit() does. cuBLASLt rounds inside the GEMM where nothing can count, so the
-// GEMM always writes fp32: into the output itself when it is fp32, else into an fp32 staging
-// buffer (Scratch::kMatmulOut) that a counting store kernel rounds into the output (adding the
-// bias when the GEMM's epilogue did not). This costs an fp32 buffer of the output's size and a
-// pass over it; correct counts first, fused epilogues later.
+// as the CPU's commit() does. cuBLASLt rounds inside the GEMM where nothing can count, so by
+// default the GEMM writes fp32: into the output itself when it is fp32, else into an fp32
+// staging buffer (Scratch::kMatmulOut) that a counting store kernel rounds into the output
+// (adding the bias when the GEMM's epilogue did not). This costs an fp32 buffer of the output's
+// size and a pass over it. MPT_GEMM_OUT=direct lets GEMMs write bf16 outputs themselves, which
+// the store kernel then reads to count and to fuse (matmul_plan.h, GemmOut: what the counts
+// lose).
 //
 // fp8: each operand is quantised with its per-tensor scale by one kernel that also reduces the
 // operand's amax and counts the casts (inp: activations, weight: weights, dout: gradients; the
@@ -250,14 +252,18 @@ __global__ void widen_kernel(const T* __restrict__ x, float* __restrict__ y, int
 //   kGelu      out = y, gelu_out = gelu(y)               (matmul_gelu_forward)
 //   kResidual  out = residual + y, y itself not stored    (matmul_residual_forward)
 //   kDgelu     out = gelu'(pre) * y, y itself not stored  (matmul_backward_gelu's dgrad)
-// where y = d (+ bias) rounded to Tout; every rounding is counted.
+// where y = d (+ bias) rounded to Tout; every rounding is counted. With kDirect (below) y is
+// what the GEMM stored in out: counted from that value, out rewritten by kResidual and kDgelu
+// only.
 enum StoreMode : int { kPlain, kGelu, kResidual, kDgelu };
 
-// out (rows, cols) as kMode says, rounded to Tout and counted (as store_counted does). d may
-// alias out (fp32: each thread reads its elements before it writes them). Launched as
-// store_launch (matmul_plan.h) says.
-template <class Tout, class Tbias, int kMode, int kVec>
-__global__ void store_kernel(const float* d, Tout* out, Tout* gelu_out, const Tout* residual,
+// out (rows, cols) as kMode says, rounded to Tout and counted (as store_counted does). `src`
+// is the GEMM's result: fp32 (staged; it may alias an fp32 out: each thread reads its elements
+// before it writes them), or with kDirect y itself, written in Tout by the GEMM (GemmOut::direct;
+// src is out, no bias), which is then read, counted from its stored value (CastTally::
+// add_stored) and, kPlain, not written again. Launched as store_launch (matmul_plan.h) says.
+template <class Tout, class Tbias, int kMode, int kVec, bool kDirect>
+__global__ void store_kernel(const void* src, Tout* out, Tout* gelu_out, const Tout* residual,
                              const void* pre, DType pre_dt, const Tbias* __restrict__ bias,
                              int64_t rows, int64_t cols, unsigned long long* counters) {
   CastTally tally;
@@ -266,19 +272,27 @@ __global__ void store_kernel(const float* d, Tout* out, Tout* gelu_out, const To
     for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
       const int64_t i = r * cols + c0;
       float v[kVec];
-      if constexpr (kVec == 4) {
-        const float4 q = *reinterpret_cast<const float4*>(d + i);
+      Pack<Tout, kVec> y, z, res;  // z: the fused op's result (kMode != kPlain)
+      if constexpr (kDirect) {
+        y = *reinterpret_cast<const Pack<Tout, kVec>*>(static_cast<const Tout*>(src) + i);
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) v[k] = load<Tout>(y.v[k]);
+      } else if constexpr (kVec == 4) {
+        const float4 q = *reinterpret_cast<const float4*>(static_cast<const float*>(src) + i);
         v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
       } else {
-        v[0] = d[i];
+        v[0] = static_cast<const float*>(src)[i];
       }
-      Pack<Tout, kVec> y, z, res;  // z: the fused op's result (kMode != kPlain)
       if constexpr (kMode == kResidual) res = *reinterpret_cast<const Pack<Tout, kVec>*>(residual + i);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        if (bias) v[k] = __fadd_rn(v[k], load<Tbias>(bias[c0 + k]));
-        y.v[k] = store<Tout>(v[k]);
-        if (kNarrow<Tout>) tally.add(v[k], load<Tout>(y.v[k]), max_finite<Tout>());
+        if constexpr (kDirect) {
+          tally.add_stored(v[k]);
+        } else {
+          if (bias) v[k] = __fadd_rn(v[k], load<Tbias>(bias[c0 + k]));
+          y.v[k] = store<Tout>(v[k]);
+          if (kNarrow<Tout>) tally.add(v[k], load<Tout>(y.v[k]), max_finite<Tout>());
+        }
         if constexpr (kMode != kPlain) {
           // gelu_forward_kernel's GELU, residual_kernel's a + b with a the residual stream, or
           // gelu_backward_kernel's gelu'(inp) * dout
@@ -294,7 +308,7 @@ __global__ void store_kernel(const float* d, Tout* out, Tout* gelu_out, const To
       if constexpr (kMode == kResidual || kMode == kDgelu) {
         *reinterpret_cast<Pack<Tout, kVec>*>(out + i) = z;
       } else {
-        *reinterpret_cast<Pack<Tout, kVec>*>(out + i) = y;
+        if constexpr (!kDirect) *reinterpret_cast<Pack<Tout, kVec>*>(out + i) = y;
         if constexpr (kMode == kGelu) *reinterpret_cast<Pack<Tout, kVec>*>(gelu_out + i) = z;
       }
     }
@@ -443,14 +457,21 @@ const void* native_operand(Context& ctx, const GemmOperand& s, Tensor t, Scratch
 // out (rows, cols) = d (+ bias), counted under cls when out is narrow, fused as `mode` says with
 // `second`: GELU's output (kGelu) or the residual stream it reads (kResidual), of out's dtype
 // and shape, or GELU's input (kDgelu, any float dtype, read element by element); every rounding
-// counted under cls.
+// counted under cls. d null: the GEMM wrote out itself in bf16 (GemmOut::direct; no bias), which
+// the kernel reads, counts and fuses as `mode` says (kPlain: counts only).
 void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t rows,
                   int64_t cols, TensorClass cls, StoreMode mode = kPlain,
                   Tensor second = Tensor()) {
+  const bool direct = d == nullptr;
+  if (direct && (out.dtype != DType::bf16 || bias.defined()))
+    throw RuntimeError("matmul: only a bf16 output without a bias is read from the GEMM");
+  // A direct output that is only to be counted, while nothing is counted (evaluation): no pass.
+  if (direct && mode == kPlain && !ctx.cast_counting()) return;
   unsigned long long* counters = ctx.cast_counters(cls);
-  // 4 elements per thread: 16-byte loads of d, 4-element accesses of out (and the second).
+  // 4 elements per thread: 16-byte loads of d (direct: 8-byte loads of out), 4-element
+  // accesses of out (and the second).
   const uint32_t pack_bytes = 4 * static_cast<uint32_t>(dtype_size(out.dtype));
-  const bool aligned = pointer_alignment(reinterpret_cast<uintptr_t>(d)) >= 16 &&
+  const bool aligned = (direct || pointer_alignment(reinterpret_cast<uintptr_t>(d)) >= 16) &&
                        pointer_alignment(address(out)) >= pack_bytes &&
                        (mode == kPlain || mode == kDgelu ||
                         pointer_alignment(address(second)) >= pack_bytes);
@@ -469,8 +490,14 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
         // The fused stores serve 16-bit outputs only (the fp32 paths run the ops separately).
         if constexpr (decltype(m)::value != kPlain && !kNarrow<Tout>) {
           throw RuntimeError("matmul: the fused store kernels take fp16/bf16 outputs");
+        } else if (direct) {
+          // Only bf16 outputs are written by the GEMM (the check above): no other instances.
+          if constexpr (std::is_same_v<Tout, __nv_bfloat16> && std::is_same_v<Tbias, float>)
+            store_kernel<Tout, Tbias, decltype(m)::value, decltype(vec)::value, true>
+                <<<grid, sl.threads, 0, ctx.stream()>>>(o, o, go, res, pre, pre_dt, b, rows,
+                                                        cols, counters);
         } else {
-          store_kernel<Tout, Tbias, decltype(m)::value, decltype(vec)::value>
+          store_kernel<Tout, Tbias, decltype(m)::value, decltype(vec)::value, false>
               <<<grid, sl.threads, 0, ctx.stream()>>>(d, o, go, res, pre, pre_dt, b, rows, cols,
                                                       counters);
         }
@@ -494,10 +521,17 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
       MPT_DISPATCH_FLOAT(bias.dtype, "matmul bias", [&] { launch(static_cast<const T*>(bias.data)); });
     }
   });
-  MPT_LAUNCH_CHECK(ctx, mode == kGelu       ? "matmul: store output + gelu"
-                        : mode == kResidual ? "matmul: store output + residual"
-                        : mode == kDgelu    ? "matmul: store dgrad + gelu backward"
-                                            : "matmul: store output");
+  // Named as the staged stores, " (direct)" added: the op profile tells the two apart.
+  if (direct)
+    MPT_LAUNCH_CHECK(ctx, mode == kGelu       ? "matmul: store output + gelu (direct)"
+                          : mode == kResidual ? "matmul: store output + residual (direct)"
+                          : mode == kDgelu    ? "matmul: store dgrad + gelu backward (direct)"
+                                              : "matmul: count output (direct)");
+  else
+    MPT_LAUNCH_CHECK(ctx, mode == kGelu       ? "matmul: store output + gelu"
+                          : mode == kResidual ? "matmul: store output + residual"
+                          : mode == kDgelu    ? "matmul: store dgrad + gelu backward"
+                                              : "matmul: store output");
   const int64_t stores = (mode == kPlain ? 1 : 2) * rows * cols;
   if (out.dtype != DType::f32) ctx.add_cast_values(cls, stores);
 }
@@ -529,6 +563,7 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
   if (bias.defined()) expect_matrix(op, "bias", bias, {OC});
   const GemmPlan p =
       plan_matmul(MatmulOp::forward, N, C, OC, inp.dtype, weight.dtype, inp.dtype, spec);
+  const GemmOut out_mode = gemm_out();  // may throw: before any amax report is registered
 
   const bool cache = spec.inp_cache.defined();
   if (cache) Fp8InpCaches::check(op, spec, inp);
@@ -573,10 +608,43 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
     if (run_gemm(ctx, p, ge, op, /*may_fail=*/true)) return;
     gp = GeluPath::separate;  // no algorithm takes this epilogue here
   }
+  // MPT_GEMM_OUT=direct (matmul_plan.h, GemmOut): the GEMM writes a bf16 prod itself, its bias
+  // added by the BIAS epilogue; the store kernel then reads prod to count it and to do what it
+  // fuses (the GELU, the residual add), or the separate ops follow. Where cuBLASLt takes no such
+  // GEMM (remembered per key), the staged path below runs.
+  const bool bias_by_gemm = !bias.defined() || ctx.lt_epilogues();
+  if (bias_by_gemm &&
+      gemm_writes_output(p, prod.dtype, out_mode, bias.defined(), bias.dtype, address(bias))) {
+    GemmPlan pb = p;
+    pb.d_type = gemm_type_of(prod.dtype);
+    GemmArgs gb = g;
+    gb.d = prod.data;
+    if (bias.defined()) {
+      gb.epilogue = GemmEpilogue::bias;
+      gb.bias = bias.data;
+      gb.bias_dtype = bias.dtype;
+    }
+    if (run_gemm(ctx, pb, gb, op, /*may_fail=*/true)) {
+      // *staged stays null: matmul_crossentropy's classifier reads the logits in place.
+      if (gp == GeluPath::store_kernel) {
+        store_output(ctx, nullptr, prod, Tensor(), N, OC, TensorClass::activation, kGelu,
+                     gelu_out);
+      } else if (residual.defined() && residual_in_store(prod.dtype, residual.dtype)) {
+        store_output(ctx, nullptr, prod, Tensor(), N, OC, TensorClass::activation, kResidual,
+                     residual);
+      } else {
+        store_output(ctx, nullptr, prod, Tensor(), N, OC, TensorClass::activation);
+        if (gelu) gelu_forward(ctx, gelu_out, prod);
+        if (residual.defined()) residual_forward(ctx, prod, residual, prod);
+      }
+      return;
+    }
+  }
   const bool direct = prod.dtype == DType::f32;
-  g.d = direct ? static_cast<float*>(prod.data)
-               : static_cast<float*>(ctx.scratch(Scratch::kMatmulOut,
-                                                 operand_copy_bytes(N * OC, GemmType::f32)));
+  float* d = direct ? static_cast<float*>(prod.data)
+                    : static_cast<float*>(ctx.scratch(Scratch::kMatmulOut,
+                                                      operand_copy_bytes(N * OC, GemmType::f32)));
+  g.d = d;
   BiasPath bp = bias_path(bias.defined(), direct, p.fp8, bias.dtype, address(bias));
   if (bp == BiasPath::epilogue && !ctx.lt_epilogues()) bp = BiasPath::store_kernel;
   bool done = false;
@@ -594,23 +662,22 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
   }
   if (!done) run_gemm(ctx, p, g, op);
   if (staged && !direct) {
-    *staged = g.d;
+    *staged = d;
     return;
   }
   const Tensor store_bias = bp == BiasPath::store_kernel ? bias : Tensor();
   if (gp == GeluPath::store_kernel) {
-    store_output(ctx, g.d, prod, store_bias, N, OC, TensorClass::activation, kGelu, gelu_out);
+    store_output(ctx, d, prod, store_bias, N, OC, TensorClass::activation, kGelu, gelu_out);
     return;
   }
   // The residual add joins a 16-bit store of the same dtype (the add of the rounded product, as
   // residual_forward computes it); else it follows, in place.
   if (residual.defined() && residual_in_store(prod.dtype, residual.dtype)) {
-    store_output(ctx, g.d, prod, store_bias, N, OC, TensorClass::activation, kResidual,
-                 residual);
+    store_output(ctx, d, prod, store_bias, N, OC, TensorClass::activation, kResidual, residual);
     return;
   }
   if (!direct || bp == BiasPath::store_kernel)
-    store_output(ctx, g.d, prod, store_bias, N, OC, TensorClass::activation);
+    store_output(ctx, d, prod, store_bias, N, OC, TensorClass::activation);
   if (gelu) gelu_forward(ctx, gelu_out, prod);
   if (residual.defined()) residual_forward(ctx, prod, residual, prod);
 }
@@ -640,6 +707,7 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
   GemmPlan pd;
   if (dinp.defined())
     pd = plan_matmul(MatmulOp::dgrad, N, C, OC, inp.dtype, weight.dtype, dout.dtype, spec);
+  const GemmOut out_mode = gemm_out();  // may throw: before any amax report is registered
 
   // The bias gradient sums dout as stored, before any quantisation: by the wgrad GEMM's BGRADB
   // epilogue where it reads dout as stored (matmul_plan.h, dbias_in_epilogue), else (or when
@@ -715,30 +783,50 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
       g.a = native_operand(ctx, pd.a, weight, Scratch::kOperandA);
       g.b = native_operand(ctx, pd.b, dout, Scratch::kOperandB);
     }
-    const bool direct = dinp.dtype == DType::f32;
-    g.d = direct ? static_cast<float*>(dinp.data)
-                 : static_cast<float*>(ctx.scratch(Scratch::kMatmulOut,
-                                                   operand_copy_bytes(N * C, GemmType::f32)));
     GeluPath gp = GeluPath::separate;
     if (gelu_pre.defined())
       gp = gelu_backward_path(pd, dinp.dtype, gelu_pre.dtype, address(gelu_pre));
     if (gp == GeluPath::epilogue && !ctx.lt_epilogues()) gp = GeluPath::separate;
-    bool done = false;
-    if (gp == GeluPath::epilogue) {
-      // dinp = product * gelu'(gelu_pre) written by the GEMM (DGELU reads the aux buffer).
-      GemmArgs ge = g;
-      ge.epilogue = GemmEpilogue::dgelu;
-      ge.aux = gelu_pre.data;
-      done = run_gemm(ctx, pd, ge, "matmul_backward_gelu dgrad", /*may_fail=*/true);
-      if (!done) gp = GeluPath::separate;
+    // MPT_GEMM_OUT=direct: a bf16 dinp written by the GEMM, then counted (and multiplied by
+    // GELU's derivative) in place by the store kernel, as in the forward; else staged.
+    bool direct16 = false;
+    if (gemm_writes_output(pd, dinp.dtype, out_mode, false, DType::f32, 0)) {
+      GemmPlan pb = pd;
+      pb.d_type = gemm_type_of(dinp.dtype);
+      GemmArgs gb = g;
+      gb.d = dinp.data;
+      direct16 = run_gemm(ctx, pb, gb, "matmul_backward dgrad", /*may_fail=*/true);
     }
-    if (!done) run_gemm(ctx, pd, g, "matmul_backward dgrad");
-    if (gp == GeluPath::store_kernel)
-      store_output(ctx, g.d, dinp, Tensor(), N, C, TensorClass::gradient, kDgelu, gelu_pre);
-    else if (!direct)
-      store_output(ctx, g.d, dinp, Tensor(), N, C, TensorClass::gradient);
-    if (gp == GeluPath::separate && gelu_pre.defined())
-      gelu_backward(ctx, dinp, gelu_pre, dinp);  // in place (element-wise)
+    if (direct16) {
+      if (gp == GeluPath::store_kernel) {
+        store_output(ctx, nullptr, dinp, Tensor(), N, C, TensorClass::gradient, kDgelu, gelu_pre);
+      } else {
+        store_output(ctx, nullptr, dinp, Tensor(), N, C, TensorClass::gradient);
+        if (gelu_pre.defined()) gelu_backward(ctx, dinp, gelu_pre, dinp);  // in place
+      }
+    } else {
+      const bool direct = dinp.dtype == DType::f32;
+      float* d = direct ? static_cast<float*>(dinp.data)
+                        : static_cast<float*>(ctx.scratch(
+                              Scratch::kMatmulOut, operand_copy_bytes(N * C, GemmType::f32)));
+      g.d = d;
+      bool done = false;
+      if (gp == GeluPath::epilogue) {
+        // dinp = product * gelu'(gelu_pre) written by the GEMM (DGELU reads the aux buffer).
+        GemmArgs ge = g;
+        ge.epilogue = GemmEpilogue::dgelu;
+        ge.aux = gelu_pre.data;
+        done = run_gemm(ctx, pd, ge, "matmul_backward_gelu dgrad", /*may_fail=*/true);
+        if (!done) gp = GeluPath::separate;
+      }
+      if (!done) run_gemm(ctx, pd, g, "matmul_backward dgrad");
+      if (gp == GeluPath::store_kernel)
+        store_output(ctx, d, dinp, Tensor(), N, C, TensorClass::gradient, kDgelu, gelu_pre);
+      else if (!direct)
+        store_output(ctx, d, dinp, Tensor(), N, C, TensorClass::gradient);
+      if (gp == GeluPath::separate && gelu_pre.defined())
+        gelu_backward(ctx, dinp, gelu_pre, dinp);  // in place (element-wise)
+    }
   }
 
   // dweight (OC, C) += dout^T . inp
@@ -756,15 +844,16 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
       g.b = native_operand(ctx, pw.b, dout, Scratch::kOperandB);
     }
     const bool direct = dweight.dtype == DType::f32;
-    if (direct) {
-      g.d = static_cast<float*>(dweight.data);
-    } else {
-      // Accumulate in fp32: the existing gradient widened, the product added, rounded once.
-      g.d = static_cast<float*>(
-          ctx.scratch(Scratch::kMatmulOut, operand_copy_bytes(OC * C, GemmType::f32)));
+    // Accumulated 16-bit gradients are staged under every GemmOut: the existing gradient
+    // widened, the product added, rounded once.
+    float* d = direct ? static_cast<float*>(dweight.data)
+                      : static_cast<float*>(ctx.scratch(
+                            Scratch::kMatmulOut, operand_copy_bytes(OC * C, GemmType::f32)));
+    g.d = d;
+    if (!direct) {
       MPT_DISPATCH_FLOAT(dweight.dtype, "matmul_backward dweight", [&] {
         widen_kernel<T><<<grid_stride_blocks(OC * C), kBlock, 0, ctx.stream()>>>(
-            static_cast<const T*>(dweight.data), g.d, OC * C);
+            static_cast<const T*>(dweight.data), d, OC * C);
       });
       MPT_LAUNCH_CHECK(ctx, "matmul_backward: widen dweight");
     }
@@ -779,7 +868,7 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     }
     if (!done) run_gemm(ctx, pw, g, "matmul_backward wgrad");
     if (dbias_epilogue && !done) dbias_by_kernels();
-    if (!direct) store_output(ctx, g.d, dweight, Tensor(), OC, C, TensorClass::gradient);
+    if (!direct) store_output(ctx, d, dweight, Tensor(), OC, C, TensorClass::gradient);
   }
 }
 

@@ -1,6 +1,8 @@
 #include "backend/cuda/matmul_plan.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
 
 #include "backend/cuda/workspace_plan.h"
@@ -172,6 +174,36 @@ BiasPath bias_path(bool has_bias, bool out_direct, bool fp8, DType bias, uintptr
   // with fp8 operands (cuda-crib.md §2).
   const DType want = fp8 ? DType::bf16 : DType::f32;
   return bias == want ? BiasPath::epilogue : BiasPath::store_kernel;
+}
+
+const char* gemm_out_name(GemmOut m) { return m == GemmOut::direct ? "direct" : "staged"; }
+
+GemmOut gemm_out_for(const char* env) {
+  if (!env || !*env || std::strcmp(env, "staged") == 0) return GemmOut::staged;
+  if (std::strcmp(env, "direct") == 0) return GemmOut::direct;
+  throw RuntimeError(std::string("MPT_GEMM_OUT: expected 'staged' or 'direct', got '") + env +
+                     "'");
+}
+
+GemmOut gemm_out() { return gemm_out_for(std::getenv("MPT_GEMM_OUT")); }
+
+bool lt_epilogues_enabled() {
+  const char* e = std::getenv("MPT_LT_EPILOGUES");
+  return !(e && std::strcmp(e, "0") == 0);
+}
+
+bool gemm_writes_output(const GemmPlan& p, DType out, GemmOut mode, bool has_bias, DType bias,
+                        uintptr_t bias_ptr) {
+  if (out != DType::bf16 || mode != GemmOut::direct) return false;
+  if (!p.fp8 && !(p.a.type == GemmType::bf16 && p.b.type == GemmType::bf16)) return false;
+  return !has_bias || (bias == DType::bf16 && pointer_alignment(bias_ptr) >= 16);
+}
+
+const char* gemm_output_kind(DType activation, DType param, MatmulPrecision matmul, GemmOut mode) {
+  if (activation == DType::f32) return "fp32";
+  const bool writes = activation == DType::bf16 && mode == GemmOut::direct &&
+                      (param == DType::bf16 || matmul == MatmulPrecision::fp8);
+  return writes ? "direct" : "staged";
 }
 
 const char* gemm_epilogue_name(GemmEpilogue e) {

@@ -62,7 +62,9 @@ struct GemmPlan {
   MatmulOp op = MatmulOp::forward;
   int64_t m = 0, n = 0, k = 0;
   GemmOperand a, b;
-  GemmType d_type = GemmType::f32;  // always fp32 here: see matmul.cu (counted stores)
+  // fp32 as planned (matmul.cu: counted stores); the matmuls set bf16 where they write a bf16
+  // output directly (GemmOut::direct).
+  GemmType d_type = GemmType::f32;
   int64_t ldd = 0;
   GemmCompute compute = GemmCompute::f32;
   bool fp8 = false;     // A and B scale pointers (scale_inv) are set
@@ -93,6 +95,48 @@ GemmCompute compute_type(MatmulPrecision prec, GemmType operand_type);
 // stores the output. out_direct: the GEMM writes `out` itself (out is fp32).
 enum class BiasPath : uint8_t { none, epilogue, store_kernel };
 BiasPath bias_path(bool has_bias, bool out_direct, bool fp8, DType bias, uintptr_t bias_ptr);
+
+// How a GEMM's bf16 output is made, from MPT_GEMM_OUT (read at each call, as the workspace
+// prediction reads it too):
+//  - staged (unset, empty or "staged"): the GEMM writes fp32 into scratch, and the kernel that
+//    rounds it into the output counts each cast on the fp32 value, as the CPU does (matmul.cu);
+//  - direct ("direct"): the GEMM writes bf16 itself (its BIAS epilogue adds a bias before the
+//    rounding), and the kernel that then reads the output counts from the stored value: an
+//    infinity as an overflow, no underflows. bf16 has fp32's exponent range, so the counts
+//    differ from the staged ones only at the two ends of fp32's range: a finite fp32 result
+//    above bf16's largest value that rounds down to it (less than half a bf16 unit above it:
+//    counted there, not here), one that was already infinite (counted here, not there), and an
+//    fp32 subnormal of at most 2^-134 that rounds to zero (counted there, not here). The values
+//    are the staged ones up to the GEMM's summation order: cuBLASLt may pick another algorithm
+//    for a bf16 D (never one that adds split-K partials in bf16: gemm.cpp), and rounds to
+//    nearest even as our store does (test_cuda_matmul reports the bits that differ; a NaN's
+//    bits are cuBLASLt's). A plain output then moves 4 bytes per element (the GEMM's 2, the
+//    count's read of 2) instead of 10, and needs no fp32 buffer (bench/results: the staging is
+//    the largest cost above a bf16 step's floor). A GEMM cuBLASLt refuses falls back to the
+//    staged path (remembered per key), whose fp32 buffer the workspace prediction then lacks
+//    (the run's memory record shows it).
+// Only GEMMs of bf16 x bf16 or fp8 operands write bf16 (cuBLASLt has no fp32-operand GEMM with a
+// bf16 D); fp16 outputs are always staged: their underflows (below 2^-25) are common and cannot
+// be seen in the rounded value. Other values of MPT_GEMM_OUT throw RuntimeError naming it.
+enum class GemmOut : uint8_t { staged, direct };
+const char* gemm_out_name(GemmOut m);  // "staged", "direct"
+GemmOut gemm_out_for(const char* env);  // env: MPT_GEMM_OUT's value, null when unset
+GemmOut gemm_out();                     // this process's MPT_GEMM_OUT
+// Whether cuBLASLt's epilogues may run: not when MPT_LT_EPILOGUES is "0" (the Context reads it
+// once; the workspace prediction at each call).
+bool lt_epilogues_enabled();
+// Whether GEMM `p` writes an `out` of this dtype itself under `mode`: bf16 under GemmOut::direct,
+// when p reads bf16 x bf16 or fp8 operands and there is no bias or cuBLASLt's BIAS epilogue can
+// add it (a bf16 bias, the type cuBLASLt takes for bf16 D with bf16 or fp8 operands, cuda-crib.md
+// §2; 16-byte aligned, as bias_path asks). Otherwise the output is staged (a bias of another
+// dtype is added by the store kernel).
+bool gemm_writes_output(const GemmPlan& p, DType out, GemmOut mode, bool has_bias, DType bias,
+                        uintptr_t bias_ptr);
+// What a run records of its GEMMs' outputs (the start record's gemm_output, docs/metrics.md):
+// "fp32" (fp32 activations: nothing is rounded), "direct" (bf16 activations under
+// GemmOut::direct with bf16 weights or fp8 GEMMs, whose GEMMs write their outputs), else
+// "staged".
+const char* gemm_output_kind(DType activation, DType param, MatmulPrecision matmul, GemmOut mode);
 
 // Where matmul_gelu_forward's GELU, or matmul_backward_gelu's GELU derivative, is applied:
 //  - epilogue: by cuBLASLt (GELU_AUX[_BIAS] / DGELU), when the GEMM writes the result directly:

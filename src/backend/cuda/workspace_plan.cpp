@@ -29,11 +29,13 @@ size_t ScratchPlan::scratch_bytes() const {
 
 namespace {
 size_t f32_copy(int64_t elements) { return operand_copy_bytes(elements, GemmType::f32); }
+constexpr uintptr_t kAligned = 256;  // a pointer as aligned as the model's tensor views
 }  // namespace
 
 // As matmul.cu's matmul_forward.
 void plan_matmul_forward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType inp,
-                         DType weight, DType out, const MatmulSpec& spec) {
+                         DType weight, DType out, const MatmulSpec& spec, bool has_bias,
+                         DType bias) {
   const GemmPlan p = plan_matmul(MatmulOp::forward, N, C, OC, inp, weight, inp, spec);
   if (p.fp8) {
     s.need(Scratch::kOperandA, operand_copy_bytes(OC * C, p.a.type));
@@ -42,7 +44,11 @@ void plan_matmul_forward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType
     if (p.a.copy) s.need(Scratch::kOperandA, f32_copy(OC * C));  // the weight, widened
     if (p.b.copy) s.need(Scratch::kOperandB, f32_copy(N * C));   // the input, widened
   }
-  if (out != DType::f32) s.need(Scratch::kMatmulOut, f32_copy(N * OC));
+  // A bias needs the BIAS epilogue for a direct output (kAligned: the model's views are).
+  const bool bias_by_gemm = !has_bias || lt_epilogues_enabled();
+  const bool direct =
+      bias_by_gemm && gemm_writes_output(p, out, gemm_out(), has_bias, bias, kAligned);
+  if (out != DType::f32 && !direct) s.need(Scratch::kMatmulOut, f32_copy(N * OC));
 }
 
 // As matmul.cu's matmul_backward.
@@ -66,7 +72,9 @@ void plan_matmul_backward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DTyp
       if (pd.a.copy) s.need(Scratch::kOperandA, f32_copy(OC * C));  // the weight
       if (pd.b.copy) s.need(Scratch::kOperandB, f32_copy(N * OC));  // dout
     }
-    if (dinp_dtype != DType::f32) s.need(Scratch::kMatmulOut, f32_copy(N * C));
+    if (dinp_dtype != DType::f32 &&
+        !gemm_writes_output(pd, dinp_dtype, gemm_out(), false, DType::f32, kAligned))
+      s.need(Scratch::kMatmulOut, f32_copy(N * C));
   }
   if (pw.fp8) {
     if (!inp_cached) s.need(Scratch::kOperandA, operand_copy_bytes(N * C, pw.a.type));  // inp^T

@@ -64,10 +64,13 @@ struct ScratchPlan {
 };
 
 // What each op asks for, with the dtypes and shapes it is called with (see the op in backend.h).
-// A narrow `out`/`dinp`/`dweight` (not fp32) is staged in fp32 (kMatmulOut); `dinp` = false for
-// a matmul_backward without an input gradient.
+// A narrow `out`/`dinp`/`dweight` (not fp32) is staged in fp32 (kMatmulOut) unless the GEMM
+// writes it itself (matmul_plan.h, gemm_writes_output: bf16 outputs and input gradients under
+// MPT_GEMM_OUT=direct, with the bias, if any, in the epilogue; weight gradients, which
+// accumulate, stay staged); `dinp` = false for a matmul_backward without an input gradient.
 void plan_matmul_forward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType inp,
-                         DType weight, DType out, const MatmulSpec& spec);
+                         DType weight, DType out, const MatmulSpec& spec, bool has_bias = false,
+                         DType bias = DType::f32);
 // `inp_cached`: an fp8 backward given the forward's MatmulSpec::inp_cache (no inp^T copy).
 void plan_matmul_backward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType inp,
                           DType weight, DType dout, bool dinp, DType dinp_dtype, DType dweight,
