@@ -1724,10 +1724,10 @@ void run_classifier_case(const char* name, MatmulPrecision prec, DType act, DTyp
       for (const OpTime& o : ctx->stop_profile().sorted()) {
         from_product |= o.op == "crossentropy (logits from the fp32 product)";
         store |= o.op == "matmul: store output";
-        direct |= o.op == "matmul: count output (direct)";
+        direct |= o.op == "crossentropy (counting the GEMM's logits) (direct)";
       }
-      // Under MPT_GEMM_OUT=direct the GEMM writes bf16 logits itself, which are counted and
-      // then read in place (where cuBLASLt takes that GEMM).
+      // Under MPT_GEMM_OUT=direct the GEMM writes bf16 logits itself, which the classifier
+      // counts and reads in place (where cuBLASLt takes that GEMM).
       if (gemm_out() == GemmOut::staged) {
         EXPECT_FALSE(direct);
       }

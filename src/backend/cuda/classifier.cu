@@ -11,6 +11,7 @@
 // allow it are read and written 16 bytes at a time.
 #include "backend/cuda/classifier.cuh"
 
+#include <type_traits>
 #include <vector>
 
 #include "backend/cuda/cuda_common.cuh"
@@ -31,18 +32,23 @@ __device__ __forceinline__ void online_add(float x, float& m, float& s) {
   }
 }
 
-// The source of the first pass: the logits in place (kStaged false), or the matmul's fp32
-// product `d` (kStaged true: matmul_crossentropy), which the first pass rounds into the logits'
-// dtype, counts as activations (as matmul_forward's store does) and writes to the row before
-// the second pass reads it back (the same thread: no barrier needed).
-// kVec: elements per access (16 bytes of T when the row allows, else 1). Staged or not, the same
-// rule picks it: it decides which elements each thread's running (max, sum) takes, so the two
-// must split rows alike to give the same losses and gradients.
-template <class T, int kVec, bool kStaged>
+// The source of the first pass: the logits in place (kLogits), or the matmul's fp32 product
+// `d` (kProduct: matmul_crossentropy), which the first pass rounds into the logits' dtype,
+// counts as activations (as matmul_forward's store does) and writes to the row before the
+// second pass reads it back (the same thread: no barrier needed), or the logits in place as the
+// GEMM stored them (kStored: matmul_crossentropy under MPT_GEMM_OUT=direct), which the first
+// pass counts as activations from their stored values (CastTally::add_stored, as matmul.cu's
+// direct store kernel counts), every column as kProduct's store counts them.
+// kVec: elements per access (16 bytes of T when the row allows, else 1). Whatever the source,
+// the same rule picks it: it decides which elements each thread's running (max, sum) takes, so
+// they must split rows alike to give the same losses and gradients.
+enum ClassifierSource : int { kLogits, kProduct, kStored };
+template <class T, int kVec, int kSource>
 __global__ void __launch_bounds__(kClassifierBlock)
     crossentropy_kernel(float* losses, T* logits, const float* d, const int32_t* targets,
                         int64_t Vp, int64_t V, float dloss, unsigned long long* act_counters,
                         unsigned long long* grad_counters) {
+  constexpr bool kStaged = kSource == kProduct;
   __shared__ float shared[32];
   CastTally tally, act_tally;
   const int64_t n = blockIdx.x;
@@ -56,8 +62,9 @@ __global__ void __launch_bounds__(kClassifierBlock)
   else ly = load<T>(row[y]);
 
   float m = -INFINITY, s = 0.0f;
-  // Staged, every column is stored (the padded ones too, as matmul_forward stores them).
-  const int64_t pass1_end = kStaged ? Vp : V;
+  // Staged, every column is stored (the padded ones too, as matmul_forward stores them), and
+  // so every column the GEMM stored is counted.
+  const int64_t pass1_end = kSource == kLogits ? V : Vp;
   for (int64_t i0 = int64_t{threadIdx.x} * kVec; i0 < pass1_end; i0 += int64_t{blockDim.x} * kVec) {
     Pack<T, kVec> p;
     if constexpr (kStaged) {
@@ -88,12 +95,16 @@ __global__ void __launch_bounds__(kClassifierBlock)
       *reinterpret_cast<Pack<T, kVec>*>(row + i0) = p;
     } else {
       p = *reinterpret_cast<const Pack<T, kVec>*>(row + i0);
+      if constexpr (kSource == kStored) {
+#pragma unroll
+        for (int k = 0; k < kVec; ++k) act_tally.add_stored(load<T>(p.v[k]));
+      }
     }
 #pragma unroll
     for (int k = 0; k < kVec; ++k)
       if (i0 + k < V) online_add(load<T>(p.v[k]), m, s);
   }
-  if constexpr (kStaged) act_tally.flush(act_counters);
+  if constexpr (kSource != kLogits) act_tally.flush(act_counters);
   const float maxv = block_max(m, shared);  // m is never NaN (NaN > m is false)
   // This thread's sum relative to the row's max (nothing when it saw nothing: 0, not 0 * NaN).
   const float rel = s == 0.0f ? 0.0f : __fmul_rn(s, expf(__fsub_rn(m, maxv)));
@@ -143,54 +154,57 @@ int64_t check_crossentropy(Context& ctx, const char* op, const Tensor& losses,
 
 namespace {
 
-// The kernel for logits of type T (the discarded branch below is never instantiated: no staged
-// kernel for fp32 logits).
+// The kernel for logits of type T reading `source` (the discarded branches below are never
+// instantiated: the product and stored sources are for 16-bit logits only).
 template <class T>
-void launch_typed(Context& ctx, float* losses, T* logits, const float* d, const int32_t* targets,
-                  int64_t N, int64_t Vp, int64_t V, float dloss, unsigned long long* act_counters,
-                  unsigned long long* grad_counters) {
+void launch_typed(Context& ctx, ClassifierSource source, float* losses, T* logits, const float* d,
+                  const int32_t* targets, int64_t N, int64_t Vp, int64_t V, float dloss,
+                  unsigned long long* act_counters, unsigned long long* grad_counters) {
   auto run = [&](auto kernel) {
     kernel<<<static_cast<unsigned>(N), kClassifierBlock, 0, ctx.stream()>>>(
         losses, logits, d, targets, Vp, V, dloss, act_counters, grad_counters);
   };
   // 16-byte accesses of the logits when every row starts on a 16-byte boundary; the same rule
-  // staged or not (the kernel's kVec says why).
+  // whatever the source (the kernel's kVec says why).
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = Vp % kVec == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
-  if (d) {
-    if constexpr (kNarrow<T>) {
-      if (vec)
-        run(crossentropy_kernel<T, kVec, true>);
-      else
-        run(crossentropy_kernel<T, 1, true>);
+  auto with_source = [&](auto src) {
+    constexpr int kSource = decltype(src)::value;
+    if constexpr (kSource != kLogits && !kNarrow<T>) {
+      throw RuntimeError("crossentropy: only 16-bit logits come from a product or are counted");
+    } else if (vec) {
+      run(crossentropy_kernel<T, kVec, kSource>);
     } else {
-      throw RuntimeError("crossentropy: only 16-bit logits are rounded from a product");
+      run(crossentropy_kernel<T, 1, kSource>);
     }
-    return;
+  };
+  switch (source) {
+    case kLogits: with_source(std::integral_constant<int, kLogits>{}); break;
+    case kProduct: with_source(std::integral_constant<int, kProduct>{}); break;
+    case kStored: with_source(std::integral_constant<int, kStored>{}); break;
   }
-  if (vec)
-    run(crossentropy_kernel<T, kVec, false>);
-  else
-    run(crossentropy_kernel<T, 1, false>);
 }
 
-// The classifier over checked arguments; d: the fp32 product the logits are to be rounded from
-// (16-bit logits), or null for the logits in place.
-void launch_classifier(Context& ctx, Tensor losses, Tensor logits, const float* d, Tensor targets,
-                       int64_t Vp, int64_t V, float dloss) {
+// The classifier over checked arguments, reading `source`: d, the fp32 product the logits are
+// to be rounded from (kProduct, 16-bit logits); the logits in place (kLogits); or the logits in
+// place as a GEMM stored them, counted (kStored, 16-bit logits).
+void launch_classifier(Context& ctx, Tensor losses, Tensor logits, ClassifierSource source,
+                       const float* d, Tensor targets, int64_t Vp, int64_t V, float dloss) {
   const int64_t N = logits.numel() / Vp;
   if (N == 0) return;
   unsigned long long* grad_counters = ctx.cast_counters(TensorClass::gradient);
   unsigned long long* act_counters = ctx.cast_counters(TensorClass::activation);
   MPT_DISPATCH_FLOAT(logits.dtype, "crossentropy_forward_backward: logits", [&] {
-    launch_typed(ctx, static_cast<float*>(losses.data), static_cast<T*>(logits.data), d,
+    launch_typed(ctx, source, static_cast<float*>(losses.data), static_cast<T*>(logits.data), d,
                  static_cast<const int32_t*>(targets.data), N, Vp, V, dloss, act_counters,
                  grad_counters);
   });
-  MPT_LAUNCH_CHECK(ctx, d ? "crossentropy (logits from the fp32 product)"
-                          : "crossentropy_forward_backward");
+  // kStored's name ends as matmul.cu's direct stores' do (the op profile tells them apart).
+  MPT_LAUNCH_CHECK(ctx, source == kProduct  ? "crossentropy (logits from the fp32 product)"
+                        : source == kStored ? "crossentropy (counting the GEMM's logits) (direct)"
+                                            : "crossentropy_forward_backward");
   if (logits.dtype != DType::f32) {
-    if (d) ctx.add_cast_values(TensorClass::activation, N * Vp);
+    if (source != kLogits) ctx.add_cast_values(TensorClass::activation, N * Vp);
     if (dloss != 0.0f) ctx.add_cast_values(TensorClass::gradient, N * Vp);
   }
 }
@@ -201,12 +215,17 @@ void crossentropy_forward_backward(Context& ctx, Tensor losses, Tensor logits, T
                                    int vocab_size, float dloss) {
   const int64_t Vp =
       check_crossentropy(ctx, "crossentropy_forward_backward", losses, logits, targets, vocab_size);
-  launch_classifier(ctx, losses, logits, nullptr, targets, Vp, vocab_size, dloss);
+  launch_classifier(ctx, losses, logits, kLogits, nullptr, targets, Vp, vocab_size, dloss);
 }
 
 void crossentropy_from_product(Context& ctx, Tensor losses, Tensor logits, const float* d,
                                Tensor targets, int vocab_size, float dloss) {
-  launch_classifier(ctx, losses, logits, d, targets, logits.dim(-1), vocab_size, dloss);
+  // d null: fp32 logits, written by the GEMM and not counted, or 16-bit ones the GEMM stored
+  // itself (GemmOut::direct), which the classifier counts.
+  const ClassifierSource source = d                            ? kProduct
+                                  : logits.dtype == DType::f32 ? kLogits
+                                                               : kStored;
+  launch_classifier(ctx, losses, logits, source, d, targets, logits.dim(-1), vocab_size, dloss);
 }
 
 }  // namespace mpt::cuda

@@ -14,7 +14,8 @@ void crossentropy_forward_backward(Context& ctx, Tensor losses, Tensor logits, T
 // matmul_crossentropy's two halves (matmul.cu runs the GEMM between them): the classifier's
 // checks of its arguments (the targets on the host), made before the GEMM; then, over 16-bit
 // logits, the classifier reading the GEMM's fp32 product d (N,Vp) instead of the logits (d null:
-// the logits in place, as crossentropy_forward_backward without its checks): it
+// the logits in place, as crossentropy_forward_backward without its checks; 16-bit ones were
+// stored by the GEMM itself, MPT_GEMM_OUT=direct, and are counted as its store would): it
 // rounds d into the logits and counts that store as matmul_forward would, then proceeds as
 // crossentropy_forward_backward. Same bits and counts as the GEMM's own store followed by
 // crossentropy_forward_backward, with one pass fewer over the logits.

@@ -625,7 +625,9 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
       gb.bias_dtype = bias.dtype;
     }
     if (run_gemm(ctx, pb, gb, op, /*may_fail=*/true)) {
-      // *staged stays null: matmul_crossentropy's classifier reads the logits in place.
+      // *staged stays null: matmul_crossentropy's classifier reads the logits in place, and
+      // counts them in its first pass over them (crossentropy_from_product).
+      if (staged) return;
       if (gp == GeluPath::store_kernel) {
         store_output(ctx, nullptr, prod, Tensor(), N, OC, TensorClass::activation, kGelu,
                      gelu_out);

@@ -110,9 +110,11 @@ BiasPath bias_path(bool has_bias, bool out_direct, bool fp8, DType bias, uintptr
 //    are the staged ones up to the GEMM's summation order: cuBLASLt may pick another algorithm
 //    for a bf16 D (never one that adds split-K partials in bf16: gemm.cpp), and rounds to
 //    nearest even as our store does (test_cuda_matmul reports the bits that differ; a NaN's
-//    bits are cuBLASLt's). A plain output then moves 4 bytes per element (the GEMM's 2, the
-//    count's read of 2) instead of 10, and needs no fp32 buffer (bench/results: the staging is
-//    the largest cost above a bf16 step's floor). A GEMM cuBLASLt refuses falls back to the
+//    bits are cuBLASLt's). The GEMM then writes 2 bytes per element instead of 4, the pass
+//    after it (the fused store, the classifier's first pass over the logits) reads 2 instead of
+//    4, a plain output's count is a pass of its own (4 bytes in all instead of 10), and no fp32
+//    buffer is needed (bench/results: the staging is the largest cost above a bf16 step's
+//    floor). A GEMM cuBLASLt refuses falls back to the
 //    staged path (remembered per key), whose fp32 buffer the workspace prediction then lacks
 //    (the run's memory record shows it).
 // Only GEMMs of bf16 x bf16 or fp8 operands write bf16 (cuBLASLt has no fp32-operand GEMM with a
