@@ -38,7 +38,8 @@ __device__ __forceinline__ void online_add(float x, float& m, float& s) {
 // second pass reads it back (the same thread: no barrier needed), or the logits in place as the
 // GEMM stored them (kStored: matmul_crossentropy under MPT_GEMM_OUT=direct), which the first
 // pass counts as activations from their stored values (CastTally::add_stored, as matmul.cu's
-// direct store kernel counts), every column as kProduct's store counts them.
+// direct store kernel counts: matmul_plan.h GemmOut says how that differs from kProduct's
+// count of the fp32 values), over the same columns as kProduct, the padded ones included.
 // kVec: elements per access (16 bytes of T when the row allows, else 1). Whatever the source,
 // the same rule picks it: it decides which elements each thread's running (max, sum) takes, so
 // they must split rows alike to give the same losses and gradients.
@@ -62,8 +63,8 @@ __global__ void __launch_bounds__(kClassifierBlock)
   else ly = load<T>(row[y]);
 
   float m = -INFINITY, s = 0.0f;
-  // Staged, every column is stored (the padded ones too, as matmul_forward stores them), and
-  // so every column the GEMM stored is counted.
+  // kProduct stores and counts every column (the padded ones too, as matmul_forward stores
+  // them); kStored counts every column the GEMM stored; kLogits reads the first V only.
   const int64_t pass1_end = kSource == kLogits ? V : Vp;
   for (int64_t i0 = int64_t{threadIdx.x} * kVec; i0 < pass1_end; i0 += int64_t{blockDim.x} * kVec) {
     Pack<T, kVec> p;

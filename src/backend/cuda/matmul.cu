@@ -540,7 +540,8 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
 // with `residual` defined, matmul_residual_forward (prod is its `out`, and then holds the sum).
 // With `staged` (matmul_crossentropy's GEMM: no bias, GELU or residual), a 16-bit prod is not
 // stored: *staged points to the fp32 product in Scratch::kMatmulOut instead, for the caller to
-// round (an fp32 prod is written directly, and *staged stays null).
+// round (an fp32 prod is written directly, and *staged stays null; so does it when the GEMM
+// wrote a bf16 prod itself, GemmOut::direct, which the caller's classifier then counts).
 void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor inp,
              Tensor weight, Tensor bias, const MatmulSpec& spec,
              const float** staged = nullptr) {

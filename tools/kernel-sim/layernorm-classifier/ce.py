@@ -1,9 +1,17 @@
-# classifier.cu, emulated line by line.
+# classifier.cu, emulated line by line. Since session 15 the kernel's source follows the uncommitted
+# change of 2026-12-02: `int kSource` (kLogits: in place; kProduct: the old staged path, rounding
+# the fp32 product d; kStored: in place as a GEMM stored them under MPT_GEMM_OUT=direct, pass 1
+# reading every column up to Vp and counting each with CastTally::add_stored). kStaged (True/False)
+# as passed before is kProduct/kLogits (1/0).
+# Mutation flags of kStored (run_mut.py): ce_stored_pass1_V, ce_stored_add, ce_stored_write_pass1,
+# ce_stored_noflush, ce_stored_count_V, ce_stored_online_Vp, ce_stored_no_values,
+# ce_stored_values_V, ce_stored_kvec1.
 import _path  # noqa: F401 (simt.py is in the parent folder)
 from simt import *
 
 kClassifierBlock = 512
 INF = math.inf
+kLogits, kProduct, kStored = 0, 1, 2  # enum ClassifierSource
 
 def online_add(x, m, s):
     if x > m:
@@ -12,7 +20,8 @@ def online_add(x, m, s):
         s = add(s, expf(sub(x, m)))
     return m, s
 
-def ce_kernel(t, T, kVec, kStaged, losses, logits, d, targets, Vp, V, dloss, act_c, grad_c):
+def ce_kernel(t, T, kVec, kSource, losses, logits, d, targets, Vp, V, dloss, act_c, grad_c):
+    kStaged = kSource == kProduct
     shared = t.sh['shared']
     tally, act_tally = Tally(), Tally()
     n = t.bx
@@ -25,7 +34,10 @@ def ce_kernel(t, T, kVec, kStaged, losses, logits, d, targets, Vp, V, dloss, act
     else:
         ly = t.ld(logits, row + y)
     m, s = -INF, 0.0
-    pass1_end = Vp if kStaged and 'ce_pass1_V' not in MUT else V
+    if kSource == kStored:
+        pass1_end = V if 'ce_stored_pass1_V' in MUT else Vp
+    else:
+        pass1_end = Vp if kStaged and 'ce_pass1_V' not in MUT else V
     step = t.bdim[0] * kVec
     i0 = t.tid * kVec
     while i0 < pass1_end:
@@ -46,10 +58,18 @@ def ce_kernel(t, T, kVec, kStaged, losses, logits, d, targets, Vp, V, dloss, act
             t.stv(logits, row + i0, p)  # Pack<T, kVec> store
         else:
             p = t.ldv(logits, row + i0, kVec)
+            if kSource == kStored:
+                for k in range(kVec):
+                    if 'ce_stored_count_V' in MUT and i0 + k >= V: continue
+                    if 'ce_stored_add' in MUT: act_tally.add(p[k], p[k], MAXF[T])
+                    else: act_tally.add_stored(p[k])
+                if 'ce_stored_write_pass1' in MUT: t.stv(logits, row + i0, p)
         for k in range(kVec):
-            if i0 + k < V: m, s = online_add(p[k], m, s)
+            if i0 + k < (pass1_end if kSource == kStored and 'ce_stored_online_Vp' in MUT else V):
+                m, s = online_add(p[k], m, s)
         i0 += step
-    if kStaged: yield from act_tally.flush(t, act_c)
+    if kSource != kLogits and not (kSource == kStored and 'ce_stored_noflush' in MUT):
+        yield from act_tally.flush(t, act_c)
     maxv = yield from block_max(t, m, shared)
     rel = 0.0 if s == 0.0 else mul(s, expf(sub(m, maxv)))
     ssum = yield from block_sum(t, rel, shared)
@@ -71,20 +91,28 @@ def ce_kernel(t, T, kVec, kStaged, losses, logits, d, targets, Vp, V, dloss, act
             i0 += step
         if narrow(T): yield from tally.flush(t, grad_c)
 
-def launch_classifier(ctx, losses, logits, d, targets, N, Vp, V, dloss, seed=0):
+def launch_classifier(ctx, losses, logits, d, targets, N, Vp, V, dloss, seed=0, source=None):
+    """launch_classifier of classifier.cu. source: kLogits, kProduct or kStored; None: kProduct
+    with d, else kLogits (the callers before session 15). The Launch goes to ctx['launch']."""
     if N == 0: return None
+    if source is None: source = kProduct if d is not None else kLogits
     T = logits.dtype
     kVec = 16 // ESIZE[T]
     vec = Vp % kVec == 0 and logits.base % 16 == 0
-    staged = d is not None
-    if staged and not narrow(T): raise RuntimeError('only 16-bit logits are rounded from a product')
+    staged = source == kProduct
+    if source != kLogits and not narrow(T):
+        raise RuntimeError('crossentropy: only 16-bit logits come from a product or are counted')
     kv = kVec if vec else 1
     if staged and 'ce_staged_kvec1' in MUT: kv = 1
-    launch('crossentropy%s<%s,%d>' % ('_staged' if staged else '', T, kv), ce_kernel, (N, 1),
-           (kClassifierBlock, 1), (T, kv, staged, losses, logits, d, targets, Vp, V, dloss,
-                                   ctx['act'], ctx['grad']), ctx['errors'], seed,
-           shared_spec=(('shared', 32),))
+    if source == kStored and 'ce_stored_kvec1' in MUT: kv = 1
+    ctx['launch'] = launch('crossentropy%s<%s,%d>' % (('', '_staged', '_stored')[source], T, kv),
+                           ce_kernel, (N, 1), (kClassifierBlock, 1),
+                           (T, kv, source, losses, logits, d, targets, Vp, V, dloss,
+                            ctx['act'], ctx['grad']), ctx['errors'], seed,
+                           shared_spec=(('shared', 32),))
     if T != 'f32':
-        if staged: ctx['act_values'] += N * Vp
+        if source == kStored and 'ce_stored_no_values' in MUT: pass  # the old `if (d)`
+        elif source == kStored and 'ce_stored_values_V' in MUT: ctx['act_values'] += N * V
+        elif source != kLogits: ctx['act_values'] += N * Vp
         if dloss != 0.0: ctx['grad_values'] += N * Vp
     return kv

@@ -18,6 +18,21 @@ muts = [('load_cols_le', LN), ('reg_var_le', LN), ('reg_w_row', LN), ('warp_sum_
         ('tally_noreduce', LN), ('colsum_stride', LN_CH), ('colsum_idx', LN),
         ('block_sum_nosync', CE), ('ce_ly_from_row', CE), ('ce_pass1_V', CE), ('ce_pad_grad', CE),
         ('ce_staged_kvec1', CE), ('tally_noreduce', CE)]
+# Session 15: kStored (the uncommitted change of 2026-12-02), on inputs with infinities and NaN in
+# the first V columns and in the padded ones (run_ce.inject_nonfinite).
+CE_ST = [lambda R: run_ce.case(R, 3, 37, 40, 'bf16', 0.25, 1, nonfinite=True),          # kVec 8
+         lambda R: run_ce.case(R, 4, 1031, 1037, 'bf16', 0.0, 2, nonfinite=True),       # kVec 1, eval
+         lambda R: run_ce.case(R, 2, 5000, 5008, 'bf16', 0.5, 3, nonfinite=True)]       # two strides
+muts += [('ce_stored_pass1_V', CE_ST),     # pass1_end = V for kStored: padded columns not counted
+         ('ce_stored_count_V', CE_ST),     # add_stored only where i0 + k < V
+         ('ce_stored_add', CE_ST),         # CastTally::add(stored, stored, max) for add_stored
+         ('add_stored_nan', CE_ST),        # simt.Tally.add_stored counting a NaN as well
+         ('ce_stored_write_pass1', CE_ST), # the row written back in pass 1, as kProduct does
+         ('ce_stored_noflush', CE_ST),     # act_tally not flushed for kStored
+         ('ce_stored_online_Vp', CE_ST),   # the padded columns in the softmax (up to pass1_end)
+         ('ce_stored_no_values', CE_ST),   # the host's old `if (d)`: no N*Vp activation values
+         ('ce_stored_values_V', CE_ST),    # the host adds N*V activation values
+         ('ce_stored_kvec1', CE_ST)]       # kStored always kVec 1
 
 def suite(tests):
     """One run of a flag: the cases into one Report; an emulator stop ends that case only."""
