@@ -170,6 +170,15 @@ TEST_F(Checkpoints, AStopDuringAnEvaluationResumesWithIt) {
     EXPECT_EQ(state["eval_pending"], true);
     EXPECT_TRUE(events(read_jsonl(path(name + "/metrics.jsonl")), "eval").size() == (at ? 2u : 0u))
         << "no record of the evaluation that was cut short";
+    if (at > 0) {
+      // training.steps lowered to the checkpoint's step: nothing to train, and the message says
+      // what happens to the pending evaluation once training continues.
+      r = run(train_cmd(path(name), "--set training.steps=" + std::to_string(at) + " --resume"));
+      EXPECT_EQ(r.code, 2) << r.out;
+      EXPECT_NE(r.out.find("the evaluation a stop cut short at that step runs first"),
+                std::string::npos)
+          << r.out;
+    }
     r = run(train_cmd(path(name), "--resume"));
     ASSERT_EQ(r.code, 0) << r.out;
     EXPECT_EQ(steps_and_evals(read_jsonl(path("straight/metrics.jsonl"))),

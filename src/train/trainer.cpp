@@ -381,7 +381,11 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     if (resume->ckpt.state.step >= steps)
       throw InputError("nothing to resume: " + resume->ckpt.dir + " is at step " +
                        std::to_string(resume->ckpt.state.step) + " and training.steps is " +
-                       std::to_string(steps) + " (raise training.steps to train further)");
+                       std::to_string(steps) + " (raise training.steps to train further" +
+                       (resume->ckpt.state.eval_pending
+                            ? "; the evaluation a stop cut short at that step runs first"
+                            : "") +
+                       ")");
     // A fork into another directory claims it like a new run: never someone else's run.
     plan = resume->same_run ? RunDirPlan{resume->run_dir, false, {}}
                             : plan_run_dir(cfg, resume->run_dir);
