@@ -532,8 +532,9 @@ int main(int argc, char** argv) {
     }
     results.push_back({{"policy", name},
                        {"attention_kernel", cuda::attention_kernel_name(att_kernel)},
-                       {"gemm_output", cuda::gemm_output_kind(policy.activation, policy.param,
-                                                              policy.matmul, cuda::gemm_out())},
+                       {"gemm_output",
+                        cuda::gemm_output_kind(policy.activation, policy.param, policy.matmul,
+                                               cuda::gemm_out(), cuda::lt_epilogues_enabled())},
                        {"attention_ms", attention_ms},
                        {"attention_gemm_ms", attention_gemm_ms},  // 0: the GEMM path ran the step
                        {"attention_share", attention_ms / step_ms},

@@ -300,12 +300,16 @@ TEST(MatmulPlan, OnlyBf16OutputsAreWrittenByTheGemmWhenAsked) {
   EXPECT_FALSE(gemm_writes_output(hh, H, GemmOut::direct, false, F, 0)) << "fp16 underflows";
   EXPECT_FALSE(gemm_writes_output(bb, F, GemmOut::direct, false, F, 0)) << "fp32 is never staged";
   // What a run records (the start record's gemm_output).
-  EXPECT_STREQ(gemm_output_kind(F, F, MatmulPrecision::tf32, GemmOut::direct), "fp32");
-  EXPECT_STREQ(gemm_output_kind(B, B, MatmulPrecision::native, GemmOut::direct), "direct");
-  EXPECT_STREQ(gemm_output_kind(B, B, MatmulPrecision::native, GemmOut::staged), "staged");
-  EXPECT_STREQ(gemm_output_kind(B, F, MatmulPrecision::native, GemmOut::direct), "staged");
-  EXPECT_STREQ(gemm_output_kind(B, F, MatmulPrecision::fp8, GemmOut::direct), "direct");
-  EXPECT_STREQ(gemm_output_kind(H, H, MatmulPrecision::native, GemmOut::direct), "staged");
+  const auto NATIVE = MatmulPrecision::native, FP8 = MatmulPrecision::fp8;
+  EXPECT_STREQ(gemm_output_kind(F, F, MatmulPrecision::tf32, GemmOut::direct, true), "fp32");
+  EXPECT_STREQ(gemm_output_kind(B, B, NATIVE, GemmOut::direct, true), "direct");
+  EXPECT_STREQ(gemm_output_kind(B, B, FP8, GemmOut::direct, true), "direct");
+  EXPECT_STREQ(gemm_output_kind(B, B, NATIVE, GemmOut::staged, true), "staged");
+  EXPECT_STREQ(gemm_output_kind(B, F, NATIVE, GemmOut::direct, true), "staged") << "fp32 operands";
+  // fp32 biases (the weights' dtype) or no epilogues: the biased outputs stay staged.
+  EXPECT_STREQ(gemm_output_kind(B, F, FP8, GemmOut::direct, true), "partly direct");
+  EXPECT_STREQ(gemm_output_kind(B, B, NATIVE, GemmOut::direct, false), "partly direct");
+  EXPECT_STREQ(gemm_output_kind(H, H, NATIVE, GemmOut::direct, true), "staged");
 }
 
 TEST(MatmulPlan, GeluGoesToTheEpilogueOnlyWhereCublasLtTakesIt) {
@@ -1359,6 +1363,7 @@ TEST(CudaMatmul, ReportsHowTf32RoundsOperands) {
 // underflows only from such a result. Reports what it sees ("[ subnormal ]", collected by
 // device-check); asserts only that each result is the exact one or zero.
 TEST(CudaMatmul, ReportsWhetherGemmsKeepSubnormalResults) {
+  test::ScopedEnv staged("MPT_GEMM_OUT", "staged");  // its reference is the staged store
   MPT_REQUIRE_GPU();
   CpuBackend cpu(1);
   std::unique_ptr<Backend> gpu = test::gpu_backend_under_test(0);
@@ -1400,6 +1405,7 @@ TEST(CudaMatmul, ReportsWhetherGemmsKeepSubnormalResults) {
 // runs either way. Random products of a layer's size, with ties to even made likely by short
 // operands (bf16 inputs: products exact, sums rounded once to fp32 before the narrowing).
 TEST(CudaMatmul, ReportsWhetherDirect16BitOutputsMatchTheStagedStore) {
+  test::ScopedEnv staged("MPT_GEMM_OUT", "staged");  // its reference is the staged store
   MPT_REQUIRE_CUDA_BACKEND();
   CpuBackend cpu(1);
   std::unique_ptr<Backend> gpu = test::gpu_backend_under_test(0);

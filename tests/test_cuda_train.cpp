@@ -251,11 +251,15 @@ INSTANTIATE_TEST_SUITE_P(Policies, CudaRecompute,
 // MPT_GEMM_OUT=direct (matmul_plan.h, GemmOut): the GEMMs writing bf16 outputs themselves give
 // the staged default's steps, up to the GEMMs' summation order (cuBLASLt may choose other
 // algorithms for a bf16 D, and an element that then rounds the other way moves what follows by
-// a bf16 unit): the same cast counts, losses within 1e-3 relative, the last step's gradients
-// within 1e-2 relative L2 (a fifth of the bf16 band against the CPU, CudaTrainGradients) and
-// the weights within 1e-3; the printed figures ([ direct steps ]) are what to tighten these to,
-// zero where the algorithms sum alike. The workspace they grow to is the prediction for direct
-// outputs, smaller than the staged one (bf16-pure keeps fp32 staging for its weight gradients).
+// a bf16 unit). Where the steps come out bit for bit alike, so must every cast count. Otherwise
+// the same number of casts, and what the difference may move: the losses (1e-3 relative, fp8
+// 1e-2), the last step's gradients (relative L2 1e-2, a fifth of the bf16 band against the CPU
+// in CudaTrainGradients; fp8 0.1, its band, since a changed amax rescales every later fp8 cast),
+// each weight by at most what AdamW can move it in these steps (3 lr a step) plus two bf16
+// units; fp8's over- and underflow counts then move with its scales (printed, not compared). The
+// printed figures ([ direct steps ]) are what to tighten these to. The workspace each grows to
+// is its prediction, smaller with direct outputs (bf16-pure keeps fp32 staging for its weight
+// gradients).
 class CudaDirectOutputs : public ::testing::TestWithParam<std::string> {};
 
 double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
@@ -270,6 +274,7 @@ double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
 TEST_P(CudaDirectOutputs, GiveTheStepsOfStagedOutputs) {
   MPT_REQUIRE_GPU();
   const PrecisionPolicy policy = PrecisionPolicy::preset(GetParam());
+  const bool fp8 = policy.matmul == MatmulPrecision::fp8;
   ThreeSteps staged, direct;
   {
     test::ScopedEnv env("MPT_GEMM_OUT", "staged");
@@ -280,27 +285,42 @@ TEST_P(CudaDirectOutputs, GiveTheStepsOfStagedOutputs) {
     direct = three_steps(tiny(), policy, Recompute::none);
   }
   ASSERT_EQ(staged.losses.size(), direct.losses.size());
+  ASSERT_EQ(staged.grads.size(), direct.grads.size());
+  ASSERT_EQ(staged.params.size(), direct.params.size());
+  const bool same = staged.losses == direct.losses && staged.grads == direct.grads &&
+                    staged.params == direct.params;
+  if (same) {
+    expect_same_counts(staged, direct);
+  } else {
+    ASSERT_EQ(staged.counts.size(), direct.counts.size());
+    for (size_t i = 0; i < staged.counts.size(); ++i)
+      EXPECT_EQ(direct.counts[i].values, staged.counts[i].values) << i;
+    if (!fp8) expect_same_counts(staged, direct);
+  }
   double worst_loss = 0;
   for (size_t s = 0; s < staged.losses.size(); ++s) {
     ASSERT_TRUE(std::isfinite(staged.losses[s]) && std::isfinite(direct.losses[s])) << s;
     worst_loss = std::max(worst_loss, std::fabs(double(direct.losses[s]) - staged.losses[s]) /
                                           std::fabs(double(staged.losses[s])));
   }
-  expect_same_counts(staged, direct);
-  ASSERT_EQ(staged.grads.size(), direct.grads.size());
-  ASSERT_EQ(staged.params.size(), direct.params.size());
   const double grads = rel_l2(direct.grads, staged.grads);
   // The weights as stored (bf16 for these policies), widened.
   auto widen = [&](const std::string& bytes) {
     return test::widened(Tensor(const_cast<char*>(bytes.data()), policy.param,
                                 {static_cast<int64_t>(bytes.size() / dtype_size(policy.param))}));
   };
-  const double params = rel_l2(widen(direct.params), widen(staged.params));
-  std::printf("[ direct steps ] %s: loss rel %.3g, gradients rel L2 %.3g, weights rel L2 %.3g\n",
-              GetParam().c_str(), worst_loss, grads, params);
-  EXPECT_LE(worst_loss, 1e-3);
-  EXPECT_LE(grads, 1e-2);
-  EXPECT_LE(params, 1e-3);
+  const std::vector<float> wd = widen(direct.params), ws = widen(staged.params);
+  const double lr = 1e-3, unit = dtype_traits(policy.param).epsilon;  // three_steps' rate
+  int64_t beyond = 0;
+  for (size_t i = 0; i < ws.size(); ++i)
+    beyond += !(std::fabs(double(wd[i]) - ws[i]) <= 3 * lr * 3 + 2 * unit * std::fabs(ws[i]));
+  std::printf("[ direct steps ] %s: %s; loss rel %.3g, gradients rel L2 %.3g, weights rel L2 "
+              "%.3g\n",
+              GetParam().c_str(), same ? "bit for bit" : "different bits", worst_loss, grads,
+              rel_l2(wd, ws));
+  EXPECT_LE(worst_loss, fp8 ? 1e-2 : 1e-3);
+  EXPECT_LE(grads, fp8 ? 0.1 : 1e-2);
+  EXPECT_EQ(beyond, 0) << "weights moved further than AdamW moves them in three steps";
   if (!test::gpu_tests_on_cpu()) {
     EXPECT_EQ(staged.workspace, staged.predicted_workspace) << "staged";
     EXPECT_EQ(direct.workspace, direct.predicted_workspace) << "direct";

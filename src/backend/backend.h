@@ -252,7 +252,9 @@ class Backend {
   virtual void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                                   Tensor inp, Tensor weight, Tensor mean, Tensor rstd) = 0;
 
-  // out(N,OC) writes = inp(N,C) . weight(OC,C)^T + bias(OC); bias optional.
+  // out(N,OC) writes = inp(N,C) . weight(OC,C)^T + bias(OC); bias optional. out must not
+  // overlap inp or weight (a GPU GEMM may write it while it reads them); nor, in the matmuls
+  // below, a product's output its operands.
   virtual void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
                               const MatmulSpec& spec) = 0;
   // dinp(N,C) writes = dout . weight; dweight(OC,C) accumulates dout^T . inp; dbias(OC)

@@ -433,7 +433,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
         cfg.model.n_embd / cfg.model.n_head));
     // (a misspelt MPT_GEMM_OUT is refused here, before the run directory is made)
     gemm_output = cuda::gemm_output_kind(policy.activation, policy.param, policy.matmul,
-                                         cuda::gemm_out());
+                                         cuda::gemm_out(), cuda::lt_epilogues_enabled());
   }
   // With the CUDA workspace. A dry run shows the model, data and ledger first, then refuses.
   const std::string too_big = memory_refusal(memory, *backend, comm.ranks_on_node());

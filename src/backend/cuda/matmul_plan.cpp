@@ -199,11 +199,14 @@ bool gemm_writes_output(const GemmPlan& p, DType out, GemmOut mode, bool has_bia
   return !has_bias || (bias == DType::bf16 && pointer_alignment(bias_ptr) >= 16);
 }
 
-const char* gemm_output_kind(DType activation, DType param, MatmulPrecision matmul, GemmOut mode) {
+const char* gemm_output_kind(DType activation, DType param, MatmulPrecision matmul, GemmOut mode,
+                             bool lt_epilogues) {
   if (activation == DType::f32) return "fp32";
-  const bool writes = activation == DType::bf16 && mode == GemmOut::direct &&
-                      (param == DType::bf16 || matmul == MatmulPrecision::fp8);
-  return writes ? "direct" : "staged";
+  // bf16 x bf16 operands need bf16 weights; fp8 GEMMs quantise whatever they read.
+  const bool some = activation == DType::bf16 && mode == GemmOut::direct &&
+                    (param == DType::bf16 || matmul == MatmulPrecision::fp8);
+  if (!some) return "staged";
+  return param == DType::bf16 && lt_epilogues ? "direct" : "partly direct";
 }
 
 const char* gemm_epilogue_name(GemmEpilogue e) {

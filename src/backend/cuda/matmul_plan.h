@@ -134,11 +134,14 @@ bool lt_epilogues_enabled();
 // dtype is added by the store kernel).
 bool gemm_writes_output(const GemmPlan& p, DType out, GemmOut mode, bool has_bias, DType bias,
                         uintptr_t bias_ptr);
-// What a run records of its GEMMs' outputs (the start record's gemm_output, docs/metrics.md):
-// "fp32" (fp32 activations: nothing is rounded), "direct" (bf16 activations under
-// GemmOut::direct with bf16 weights or fp8 GEMMs, whose GEMMs write their outputs), else
-// "staged".
-const char* gemm_output_kind(DType activation, DType param, MatmulPrecision matmul, GemmOut mode);
+// What a run records of its GEMMs' outputs (the start record's gemm_output, docs/metrics.md),
+// by gemm_writes_output's rule for the model's GEMMs (biases in the weights' dtype):
+// "fp32" (fp32 activations: nothing is rounded); under GemmOut::direct with bf16 activations,
+// "direct" (bf16 weights and cuBLASLt's epilogues on: every bf16 output), "partly direct" (fp8
+// GEMMs with other weights, or the epilogues off: the outputs without a bias only, the input
+// gradients and the logits); else "staged".
+const char* gemm_output_kind(DType activation, DType param, MatmulPrecision matmul, GemmOut mode,
+                             bool lt_epilogues);
 
 // Where matmul_gelu_forward's GELU, or matmul_backward_gelu's GELU derivative, is applied:
 //  - epilogue: by cuBLASLt (GELU_AUX[_BIAS] / DGELU), when the GEMM writes the result directly:
