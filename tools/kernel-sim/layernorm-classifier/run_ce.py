@@ -142,18 +142,15 @@ def case(R, N, V, Vp, T, dloss, seed, lbase=256, dbase=256, special=False, nonfi
             pass
     msg = '%s: kVec %s' % (name, kvI)
     if staged_ok:
-        same_loss = [key(a) for a in lossS.data] == [key(b) for b in lossI.data]
-        same_logits = [key(a) for a in logS.data] == [key(b) for b in logI.data]
-        R.check(same_loss, '%s: staged vs in-place losses differ: %s vs %s' % (name, lossS.data, lossI.data))
-        R.check(same_logits, '%s: staged vs in-place logits/gradient bits differ' % name)
-        R.check(kvS == kvI, '%s: kVec staged %s in place %s' % (name, kvS, kvI))
-        msg += ', staged==in-place: losses %s, logits %s' % (same_loss, same_logits)
-        same_loss = [key(a) for a in lossS.data] == [key(b) for b in lossD.data]
-        same_logits = [key(a) for a in logS.data] == [key(b) for b in logD.data]
-        R.check(same_loss, '%s: staged vs stored losses differ: %s vs %s' % (name, lossS.data, lossD.data))
-        R.check(same_logits, '%s: staged vs stored logits/gradient bits differ' % name)
-        R.check(kvS == kvD, '%s: kVec staged %s stored %s' % (name, kvS, kvD))
-        msg += ', stored==staged: losses %s, logits %s' % (same_loss, same_logits)
+        def same_as_staged(other, loss, logits, kv):
+            same_loss = [key(a) for a in lossS.data] == [key(b) for b in loss.data]
+            same_logits = [key(a) for a in logS.data] == [key(b) for b in logits.data]
+            R.check(same_loss, '%s: staged vs %s losses differ: %s vs %s' % (name, other, lossS.data, loss.data))
+            R.check(same_logits, '%s: staged vs %s logits/gradient bits differ' % (name, other))
+            R.check(kvS == kv, '%s: kVec staged %s %s %s' % (name, kvS, other, kv))
+            return ', staged==%s: losses %s, logits %s' % (other, same_loss, same_logits)
+        msg += same_as_staged('in-place', lossI, logI, kvI)
+        msg += same_as_staged('stored', lossD, logD, kvD)
         msg += dmsg
     if dloss == 0:
         ok = [key(a) for a in logI.data] == [key(b) for b in rounded]

@@ -96,6 +96,18 @@ def store_kernel(t, Tout, kMode, kVec, d, out, gelu_out, residual, pre, bias, ro
             r += t.gdim[1] if 'store_rstride_x' not in MUT else t.gdim[0]
     if narrow(Tout): yield from tally.flush(t, counters)
 
+def launch_for(R, what, rows, cols, d_ok, out_base, pack, mode, second, grid_y):
+    """store_output's launch: vec 4 where d (d_ok), out and the second tensor allow it, as
+    store_launch says; the grid's y taken from grid_y when given; the columns covered. Returns
+    the launch and whether the pointers allowed vec 4."""
+    aligned = (d_ok and pointer_alignment(out_base) >= pack and
+               (mode in (kPlain, kDgelu) or pointer_alignment(second.base) >= pack))
+    vec, threads, gx, gy = store_launch(rows, cols, aligned)
+    if grid_y: gy = grid_y
+    R.check(gx * threads >= (cols + vec - 1) // vec, what + ': launch covers %d of %d column threads' % (gx * threads, (cols + vec - 1) // vec))
+    return vec, threads, gx, gy, aligned
+
+
 def case(R, rows, cols, Tout, mode, Tbias, seed, alias=False, offset_elems=0, grid_y=None, pre_dt='f32', special=False):
     rng = random.Random(seed)
     what = 'store %dx%d %s %s bias=%s alias=%s off=%d gy=%s' % (rows, cols, Tout, MODES[mode], Tbias, alias, offset_elems, grid_y)
@@ -113,11 +125,8 @@ def case(R, rows, cols, Tout, mode, Tbias, seed, alias=False, offset_elems=0, gr
     if mode == kDgelu: second = Buf('pre', pre_dt, n, rand_vals(rng, n, pre_dt, 2.0), base=4096 + 2)
     bias = Buf('bias', Tbias, cols, rand_vals(rng, cols, Tbias), base=8192 + 2) if Tbias else None
     pack = 4 * esz
-    aligned = (pointer_alignment(d.base) >= 16 and pointer_alignment(out.base) >= pack and
-               (mode in (kPlain, kDgelu) or pointer_alignment(second.base) >= pack))
-    vec, threads, gx, gy = store_launch(rows, cols, aligned)
-    if grid_y: gy = grid_y
-    R.check(gx * threads >= (cols + vec - 1) // vec, what + ': launch covers %d of %d column threads' % (gx * threads, (cols + vec - 1) // vec))
+    vec, threads, gx, gy, _ = launch_for(R, what, rows, cols, pointer_alignment(d.base) >= 16,
+                                         out.base, pack, mode, second, grid_y)
     results = []
     for sd in (seed, seed + 55):
         o = Buf('d', 'f32', n, dvals, base=256) if alias else Buf('out', Tout, n, None, base=out.base)
@@ -229,11 +238,8 @@ def direct_case(R, rows, cols, mode, seed, out_off=0, sec_off=0, grid_y=None, pr
     else: second = None
     pack = 4 * esz
     # store_output's rule with d null: (direct || ...) && out's alignment && the second's
-    aligned = (pointer_alignment(obase) >= pack and
-               (mode in (kPlain, kDgelu) or pointer_alignment(second.base) >= pack))
-    vec, threads, gx, gy = store_launch(rows, cols, aligned)
-    if grid_y: gy = grid_y
-    R.check(gx * threads >= (cols + vec - 1) // vec, what + ': launch covers %d of %d column threads' % (gx * threads, (cols + vec - 1) // vec))
+    vec, threads, gx, gy, aligned = launch_for(R, what, rows, cols, True, obase, pack, mode,
+                                               second, grid_y)
     results = []
     for sd in (seed, seed + 55):
         o = Buf('out', 'bf16', n, y, base=obase)   # the GEMM's output: initialised, writes 0
