@@ -424,7 +424,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
   // one): their numerics differ within the op's tolerance, so a run records it.
   std::string attention_kernel = "reference";
   // How the GEMMs' 16-bit outputs are made (matmul_plan.h, GemmOut): the counts of their casts
-  // differ between the two ways in corner cases only, but a run says which it took.
+  // differ between the two ways in corner cases only, but a run says which it asked for.
   std::string gemm_output = "reference";
   if (const int cc = backend->gpu_info().cc_major) {  // the workspace is the CUDA backend's
     memory.workspace = cuda_workspace_bytes(cfg.model, B, T, policy, memory, cc);
