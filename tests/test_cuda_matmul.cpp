@@ -289,16 +289,16 @@ TEST(MatmulPlan, OnlyBf16OutputsAreWrittenByTheGemmWhenAsked) {
   const GemmPlan mixed = plan_matmul(MatmulOp::forward, 64, 96, 160, B, F, B, MatmulPrecision::native);
   ASSERT_TRUE(q.fp8);
   ASSERT_EQ(mixed.a.type, GemmType::f32) << "bf16 activations, fp32 weights: widened";
-  EXPECT_TRUE(gemm_writes_output(bb, B, GemmOut::direct, false, F, 0));
-  EXPECT_TRUE(gemm_writes_output(bb, B, GemmOut::direct, true, B, al));
-  EXPECT_TRUE(gemm_writes_output(q, B, GemmOut::direct, true, B, al));
-  EXPECT_FALSE(gemm_writes_output(mixed, B, GemmOut::direct, false, F, 0)) << "fp32 operands";
-  EXPECT_FALSE(gemm_writes_output(bb, B, GemmOut::direct, true, F, al)) << "an fp32 bias";
-  EXPECT_FALSE(gemm_writes_output(bb, B, GemmOut::direct, true, B, odd)) << "a misaligned bias";
-  EXPECT_FALSE(gemm_writes_output(bb, B, GemmOut::staged, false, F, 0));
+  EXPECT_TRUE(gemm_writes_output(bb, B, GemmOut::direct, false, F, 0, true));
+  EXPECT_TRUE(gemm_writes_output(bb, B, GemmOut::direct, true, B, al, true));
+  EXPECT_TRUE(gemm_writes_output(q, B, GemmOut::direct, true, B, al, true));
+  EXPECT_FALSE(gemm_writes_output(mixed, B, GemmOut::direct, false, F, 0, true)) << "fp32 operands";
+  EXPECT_FALSE(gemm_writes_output(bb, B, GemmOut::direct, true, F, al, true)) << "an fp32 bias";
+  EXPECT_FALSE(gemm_writes_output(bb, B, GemmOut::direct, true, B, odd, true)) << "a misaligned bias";
+  EXPECT_FALSE(gemm_writes_output(bb, B, GemmOut::staged, false, F, 0, true));
   const GemmPlan hh = plan_matmul(MatmulOp::forward, 64, 96, 160, H, H, H, MatmulPrecision::native);
-  EXPECT_FALSE(gemm_writes_output(hh, H, GemmOut::direct, false, F, 0)) << "fp16 underflows";
-  EXPECT_FALSE(gemm_writes_output(bb, F, GemmOut::direct, false, F, 0)) << "fp32 is never staged";
+  EXPECT_FALSE(gemm_writes_output(hh, H, GemmOut::direct, false, F, 0, true)) << "fp16 underflows";
+  EXPECT_FALSE(gemm_writes_output(bb, F, GemmOut::direct, false, F, 0, true)) << "fp32 is never staged";
   // What a run records (the start record's gemm_output).
   const auto NATIVE = MatmulPrecision::native, FP8 = MatmulPrecision::fp8;
   EXPECT_STREQ(gemm_output_kind(F, F, MatmulPrecision::tf32, GemmOut::direct, true), "fp32");

@@ -521,17 +521,15 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
       MPT_DISPATCH_FLOAT(bias.dtype, "matmul bias", [&] { launch(static_cast<const T*>(bias.data)); });
     }
   });
-  // Named as the staged stores, " (direct)" added: the op profile tells the two apart.
-  if (direct)
-    MPT_LAUNCH_CHECK(ctx, mode == kGelu       ? "matmul: store output + gelu (direct)"
-                          : mode == kResidual ? "matmul: store output + residual (direct)"
-                          : mode == kDgelu    ? "matmul: store dgrad + gelu backward (direct)"
-                                              : "matmul: count output (direct)");
-  else
-    MPT_LAUNCH_CHECK(ctx, mode == kGelu       ? "matmul: store output + gelu"
-                          : mode == kResidual ? "matmul: store output + residual"
-                          : mode == kDgelu    ? "matmul: store dgrad + gelu backward"
-                                              : "matmul: store output");
+  // By StoreMode; the direct ones named as the staged stores, " (direct)" added: the op profile
+  // tells the two apart.
+  static constexpr const char* kLaunchNames[2][4] = {
+      {"matmul: store output", "matmul: store output + gelu", "matmul: store output + residual",
+       "matmul: store dgrad + gelu backward"},
+      {"matmul: count output (direct)", "matmul: store output + gelu (direct)",
+       "matmul: store output + residual (direct)",
+       "matmul: store dgrad + gelu backward (direct)"}};
+  MPT_LAUNCH_CHECK(ctx, kLaunchNames[direct ? 1 : 0][mode]);
   const int64_t stores = (mode == kPlain ? 1 : 2) * rows * cols;
   if (out.dtype != DType::f32) ctx.add_cast_values(cls, stores);
 }
@@ -613,9 +611,8 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
   // added by the BIAS epilogue; the store kernel then reads prod to count it and to do what it
   // fuses (the GELU, the residual add), or the separate ops follow. Where cuBLASLt takes no such
   // GEMM (remembered per key), the staged path below runs.
-  const bool bias_by_gemm = !bias.defined() || ctx.lt_epilogues();
-  if (bias_by_gemm &&
-      gemm_writes_output(p, prod.dtype, out_mode, bias.defined(), bias.dtype, address(bias))) {
+  if (gemm_writes_output(p, prod.dtype, out_mode, bias.defined(), bias.dtype, address(bias),
+                         ctx.lt_epilogues())) {
     GemmPlan pb = p;
     pb.d_type = gemm_type_of(prod.dtype);
     GemmArgs gb = g;
@@ -793,7 +790,7 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     // MPT_GEMM_OUT=direct: a bf16 dinp written by the GEMM, then counted (and multiplied by
     // GELU's derivative) in place by the store kernel, as in the forward; else staged.
     bool direct16 = false;
-    if (gemm_writes_output(pd, dinp.dtype, out_mode, false, DType::f32, 0)) {
+    if (gemm_writes_output(pd, dinp.dtype, out_mode, false, DType::f32, 0, ctx.lt_epilogues())) {
       GemmPlan pb = pd;
       pb.d_type = gemm_type_of(dinp.dtype);
       GemmArgs gb = g;

@@ -193,10 +193,11 @@ bool lt_epilogues_enabled() {
 }
 
 bool gemm_writes_output(const GemmPlan& p, DType out, GemmOut mode, bool has_bias, DType bias,
-                        uintptr_t bias_ptr) {
+                        uintptr_t bias_ptr, bool lt_epilogues) {
   if (out != DType::bf16 || mode != GemmOut::direct) return false;
   if (!p.fp8 && !(p.a.type == GemmType::bf16 && p.b.type == GemmType::bf16)) return false;
-  return !has_bias || (bias == DType::bf16 && pointer_alignment(bias_ptr) >= 16);
+  return !has_bias ||
+         (lt_epilogues && bias == DType::bf16 && pointer_alignment(bias_ptr) >= 16);
 }
 
 const char* gemm_output_kind(DType activation, DType param, MatmulPrecision matmul, GemmOut mode,

@@ -129,11 +129,12 @@ GemmOut gemm_out();                     // this process's MPT_GEMM_OUT
 bool lt_epilogues_enabled();
 // Whether GEMM `p` writes an `out` of this dtype itself under `mode`: bf16 under GemmOut::direct,
 // when p reads bf16 x bf16 or fp8 operands and there is no bias or cuBLASLt's BIAS epilogue can
-// add it (a bf16 bias, the type cuBLASLt takes for bf16 D with bf16 or fp8 operands, cuda-crib.md
-// §2; 16-byte aligned, as bias_path asks). Otherwise the output is staged (a bias of another
-// dtype is added by the store kernel).
+// add it (epilogues on, `lt_epilogues`; a bf16 bias, the type cuBLASLt takes for bf16 D with
+// bf16 or fp8 operands, cuda-crib.md §2; 16-byte aligned, as bias_path asks). Otherwise the
+// output is staged (a bias of another dtype, or with the epilogues off, is added by the store
+// kernel). The matmuls and the workspace prediction both ask this.
 bool gemm_writes_output(const GemmPlan& p, DType out, GemmOut mode, bool has_bias, DType bias,
-                        uintptr_t bias_ptr);
+                        uintptr_t bias_ptr, bool lt_epilogues);
 // What a run records of its GEMMs' outputs (the start record's gemm_output, docs/metrics.md),
 // by gemm_writes_output's rule for the model's GEMMs (biases in the weights' dtype):
 // "fp32" (fp32 activations: nothing is rounded); under GemmOut::direct with bf16 activations,

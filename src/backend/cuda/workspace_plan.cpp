@@ -44,10 +44,9 @@ void plan_matmul_forward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType
     if (p.a.copy) s.need(Scratch::kOperandA, f32_copy(OC * C));  // the weight, widened
     if (p.b.copy) s.need(Scratch::kOperandB, f32_copy(N * C));   // the input, widened
   }
-  // A bias needs the BIAS epilogue for a direct output (kAligned: the model's views are).
-  const bool bias_by_gemm = !has_bias || lt_epilogues_enabled();
+  // (kAligned: the model's views are.)
   const bool direct =
-      bias_by_gemm && gemm_writes_output(p, out, gemm_out(), has_bias, bias, kAligned);
+      gemm_writes_output(p, out, gemm_out(), has_bias, bias, kAligned, lt_epilogues_enabled());
   if (out != DType::f32 && !direct) s.need(Scratch::kMatmulOut, f32_copy(N * OC));
 }
 
@@ -73,7 +72,8 @@ void plan_matmul_backward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DTyp
       if (pd.b.copy) s.need(Scratch::kOperandB, f32_copy(N * OC));  // dout
     }
     if (dinp_dtype != DType::f32 &&
-        !gemm_writes_output(pd, dinp_dtype, gemm_out(), false, DType::f32, kAligned))
+        !gemm_writes_output(pd, dinp_dtype, gemm_out(), false, DType::f32, kAligned,
+                            lt_epilogues_enabled()))
       s.need(Scratch::kMatmulOut, f32_copy(N * C));
   }
   if (pw.fp8) {
