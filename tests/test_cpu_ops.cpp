@@ -436,6 +436,39 @@ TEST_F(CpuOps, AdamWMatchesFp64Reference) {
   }
 }
 
+// adamw_update_many's precondition, checked by every backend before it writes: no two tensors
+// overlap, within one element or across; touching ends, undefined and empty tensors are fine.
+TEST(AdamWUpdateMany, OverlapsAreRefusedNamingBoth) {
+  std::vector<float> mem(4000);
+  auto at = [&](int64_t first, int64_t n) { return Tensor(mem.data() + first, DType::f32, {n}); };
+  auto one = [&](int64_t base) {
+    return AdamWTensors{at(base, 100), Tensor(), at(base + 100, 100), at(base + 200, 100),
+                        at(base + 300, 100), AdamWParams{}};
+  };
+  auto refused = [](const std::vector<AdamWTensors>& all) -> std::string {
+    try {
+      check_adamw_disjoint(all);
+    } catch (const RuntimeError& e) {
+      return e.what();
+    }
+    return "";
+  };
+  std::vector<AdamWTensors> all = {one(0), one(400), one(800)};  // each ends where the next starts
+  all[1].master = Tensor(mem.data() + 1200, DType::f32, {0});     // empty: no bytes to overlap
+  EXPECT_EQ(refused(all), "");
+  all[2].master = at(750, 100);  // across the end of tensor 1's v and tensor 2's param's start
+  EXPECT_EQ(refused(all), "adamw_update_many: tensor 1's v and tensor 2's master overlap");
+  all[2].master = at(3000, 100);
+  all[0].v = at(50, 10);  // inside tensor 0's own param
+  EXPECT_EQ(refused(all), "adamw_update_many: tensor 0's param and tensor 0's v overlap");
+  all[0].v = at(300, 100);
+  all[2].grad = all[1].grad;  // the same gradient twice
+  const std::string msg = refused(all);
+  EXPECT_TRUE(msg == "adamw_update_many: tensor 1's grad and tensor 2's grad overlap" ||
+              msg == "adamw_update_many: tensor 2's grad and tensor 1's grad overlap")
+      << msg;
+}
+
 // Loops that are not BLAS must give the same bits whatever the thread count.
 TEST_F(CpuOps, LoopOpsAreIndependentOfThreadCount) {
   CpuBackend one(1);

@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "backend/cuda/adamw_plan.h"
 #include "backend/cuda/attention_plan.h"
 #include "backend/cuda/flash_fragments.h"
 #include "backend/cuda/host_ids.h"
@@ -217,6 +218,122 @@ TEST(CudaWorkspacePlan, LedgerTermIsTheCublasLtWorkspacePlusEachScratchRole) {
 
 // Which attention kernel runs: the fused one in fp16/bf16 up to head size 128, the GEMM path
 // otherwise or when MPT_ATTENTION=gemm asks for it; a misspelt value is refused by name.
+// ---- adamw_update_many's launches (adamw_plan.h)
+
+// A tensor of n elements at a made-up address: the plan reads dtypes, counts and parameters only.
+AdamWTensors adamw_tensors(int64_t n, DType param, DType grad, bool master, bool sr = false) {
+  static float dummy;
+  AdamWTensors t;
+  t.param = Tensor(&dummy, param, {n});
+  t.grad = Tensor(&dummy, grad, {n});
+  t.m = Tensor(&dummy, DType::f32, {n});
+  t.v = Tensor(&dummy, DType::f32, {n});
+  if (master) t.master = Tensor(&dummy, DType::f32, {n});
+  t.p = AdamWParams{6e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, 1.0f, sr, 1, 0};
+  return t;
+}
+
+// Every launch: its tensors all of its first's kind, at most kAdamWTensorsPerLaunch, each
+// tensor's blocks as adamw_update alone would launch; every tensor with elements in exactly one
+// launch, in the list's order within it; launches in the order of their first tensors.
+void expect_valid_plan(const std::vector<AdamWTensors>& all,
+                       const std::vector<cuda::AdamWLaunch>& ls) {
+  using cuda::adamw_blocks;
+  std::vector<int> seen(all.size(), 0);
+  size_t prev_first = 0;
+  for (size_t li = 0; li < ls.size(); ++li) {
+    const cuda::AdamWLaunch& l = ls[li];
+    ASSERT_FALSE(l.tensors.empty()) << "launch " << li;
+    ASSERT_LE(l.tensors.size(), cuda::kAdamWTensorsPerLaunch) << "launch " << li;
+    ASSERT_EQ(l.block_begin.size(), l.tensors.size() + 1) << "launch " << li;
+    EXPECT_EQ(l.block_begin[0], 0u) << "launch " << li;
+    if (li > 0) {
+      EXPECT_GT(l.tensors[0], prev_first) << "launch " << li;
+    }
+    prev_first = l.tensors[0];
+    for (size_t j = 0; j < l.tensors.size(); ++j) {
+      const size_t t = l.tensors[j];
+      ASSERT_LT(t, all.size());
+      ++seen[t];
+      if (j > 0) {
+        EXPECT_GT(t, l.tensors[j - 1]) << "launch " << li;
+      }
+      EXPECT_TRUE(cuda::adamw_same_launch(all[l.tensors[0]], all[t])) << "launch " << li;
+      EXPECT_EQ(l.block_begin[j + 1] - l.block_begin[j], adamw_blocks(all[t].param.numel()))
+          << "launch " << li << " tensor " << t;
+    }
+  }
+  for (size_t t = 0; t < all.size(); ++t)
+    EXPECT_EQ(seen[t], all[t].param.numel() > 0 ? 1 : 0) << "tensor " << t;
+}
+
+TEST(AdamWPlan, BlocksAreAdamWUpdatesOwnGridStrideLaunch) {
+  using cuda::adamw_blocks;
+  EXPECT_EQ(adamw_blocks(0), 1u);
+  EXPECT_EQ(adamw_blocks(1), 1u);
+  EXPECT_EQ(adamw_blocks(cuda::kBlock), 1u);
+  EXPECT_EQ(adamw_blocks(cuda::kBlock + 1), 2u);
+  EXPECT_EQ(adamw_blocks(int64_t{65535} * cuda::kBlock), 65535u);
+  EXPECT_EQ(adamw_blocks(int64_t{65535} * cuda::kBlock + 1), 65535u);
+  EXPECT_EQ(adamw_blocks(50304 * 768), 65535u);  // GPT-2's token embedding: grid-strided
+}
+
+// GPT-2 124M's 148 tensors (bf16 with fp32 masters and gradients, one kind): 4 launches, not 148.
+TEST(AdamWPlan, Gpt2sTensorsTakeFourLaunches) {
+  const int64_t C = 768;
+  std::vector<int64_t> sizes = {50304 * C, 1024 * C};
+  for (int l = 0; l < 12; ++l)
+    for (int64_t n : {C, C, 3 * C * C, 3 * C, C * C, C, C, C, 4 * C * C, 4 * C, 4 * C * C, C})
+      sizes.push_back(n);
+  sizes.push_back(C);
+  sizes.push_back(C);
+  ASSERT_EQ(sizes.size(), 148u);
+  std::vector<AdamWTensors> all;
+  for (int64_t n : sizes) all.push_back(adamw_tensors(n, DType::bf16, DType::f32, true));
+  const auto ls = cuda::plan_adamw_launches(all);
+  expect_valid_plan(all, ls);
+  ASSERT_EQ(ls.size(), 4u);
+  EXPECT_EQ(ls[0].tensors.size(), 40u);
+  EXPECT_EQ(ls[3].tensors.size(), 28u);
+  EXPECT_EQ(ls[0].tensors[0], 0u);
+  EXPECT_EQ(ls[1].tensors[0], 40u);
+}
+
+// What makes a kernel differ splits launches; what the table holds per tensor does not. Tensors
+// of one kind apart in the list share a launch; empty tensors get none.
+TEST(AdamWPlan, KindsShareNoLaunchAndEmptyTensorsGetNone) {
+  std::vector<AdamWTensors> all;
+  for (int i = 0; i < 50; ++i) {
+    // bf16 with a master (round to nearest), bf16 in place rounding stochastically, bf16 in place
+    // rounding to nearest (the masters' kind: the kernel reads a null master per tensor).
+    AdamWTensors t = adamw_tensors(100 + i, DType::bf16, DType::f32, i % 3 == 0, i % 3 == 1);
+    t.p.weight_decay = i % 2 ? 0.0f : 0.1f;  // per tensor: no new kind
+    t.p.sr_seed = static_cast<uint64_t>(i);
+    t.p.sr_first_index = i;
+    all.push_back(t);
+  }
+  all.push_back(adamw_tensors(0, DType::bf16, DType::f32, true));  // nothing to update
+  all.push_back(adamw_tensors(7, DType::bf16, DType::bf16, true));  // another gradient dtype
+  all.push_back(adamw_tensors(7, DType::f16, DType::f32, true));    // another parameter dtype
+  AdamWTensors later = adamw_tensors(9, DType::bf16, DType::f32, true);
+  later.p.step = 4;  // another step: its bias corrections are kernel arguments
+  all.push_back(later);
+  AdamWTensors scaled = adamw_tensors(9, DType::bf16, DType::f32, true);
+  scaled.p.grad_scale = 0.5f;
+  all.push_back(scaled);
+  all.push_back(adamw_tensors(11, DType::bf16, DType::f32, true));  // the first kind again
+  const auto ls = cuda::plan_adamw_launches(all);
+  expect_valid_plan(all, ls);
+  // Round to nearest: 33 tensors (i % 3 != 1) and the last one, 34 in one launch; stochastic:
+  // 17; then one launch each for the other gradient, parameter dtype, step and scale.
+  ASSERT_EQ(ls.size(), 6u);
+  EXPECT_EQ(ls[0].tensors.size(), 34u);
+  EXPECT_EQ(ls[0].tensors.back(), all.size() - 1);
+  EXPECT_EQ(ls[1].tensors.size(), 17u);
+  EXPECT_EQ(ls[1].tensors[0], 1u);
+  for (size_t k = 2; k < 6; ++k) EXPECT_EQ(ls[k].tensors, std::vector<size_t>{49 + k}) << k;
+}
+
 TEST(AttentionKernelChoice, FusedFor16BitFormatsUpToHeadSize128) {
   using cuda::AttentionKernel;
   using cuda::attention_kernel_for;

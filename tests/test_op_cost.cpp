@@ -282,6 +282,11 @@ TEST(OpCost, BytesFollowTheOpsContractsAndDtypes) {
             400 + 2 * (400 + 400 + 400) + 200);
   EXPECT_EQ(op_cost::adamw_update(p16.t, Tensor(), g32.t, mm.t, vv.t).bytes,
             400 + 2 * (400 + 400 + 200));
+  // The optimizer step's one call: the sum over its tensors, as one op.
+  const OpCost many = op_cost::adamw_update_many(
+      {{p16.t, master.t, g32.t, mm.t, vv.t, {}}, {p16.t, Tensor(), g32.t, mm.t, vv.t, {}}});
+  EXPECT_EQ(many.op, "adamw_update_many");
+  EXPECT_EQ(many.bytes, 400 + 2 * (400 + 400 + 400) + 200 + 400 + 2 * (400 + 400 + 200));
   // The classifier writes its gradient over the logits only when asked for one.
   auto losses = t(DType::f32, {10}), logits = t(DType::bf16, {10, 48}), tg = t(DType::i32, {10});
   EXPECT_EQ(op_cost::crossentropy(losses.t, logits.t, tg.t, 0.0f).bytes, 960 + 40 + 40);

@@ -205,6 +205,12 @@ OpCost adamw_update(const Tensor& param, const Tensor& master, const Tensor& gra
   return bytes_op("adamw_update", b(grad) + rw, rw + (master.defined() ? b(param) : 0.0));
 }
 
+OpCost adamw_update_many(const std::vector<AdamWTensors>& all) {
+  OpCost c = bytes_op("adamw_update_many", 0, 0);
+  for (const AdamWTensors& t : all) c.bytes += adamw_update(t.param, t.master, t.grad, t.m, t.v).bytes;
+  return c;
+}
+
 }  // namespace op_cost
 
 // ---- TracingBackend
@@ -449,6 +455,11 @@ void TracingBackend::adamw_update(Tensor param, Tensor master, Tensor grad, Tens
                                   const AdamWParams& p, AdamWStats* stats) {
   traced([&] { return op_cost::adamw_update(param, master, grad, m, v); },
          [&] { inner_->adamw_update(param, master, grad, m, v, p, stats); });
+}
+
+void TracingBackend::adamw_update_many(const std::vector<AdamWTensors>& all, AdamWStats* stats) {
+  traced([&] { return op_cost::adamw_update_many(all); },
+         [&] { inner_->adamw_update_many(all, stats); });
 }
 
 void TracingBackend::collect_stats() {

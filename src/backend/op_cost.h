@@ -85,6 +85,9 @@ OpCost matmul_crossentropy(const Tensor& losses, const Tensor& logits, const Ten
                            const Tensor& weight, const Tensor& targets, const MatmulSpec& spec);
 OpCost adamw_update(const Tensor& param, const Tensor& master, const Tensor& grad,
                     const Tensor& m, const Tensor& v);
+// The sum of adamw_update's bytes over the tensors: one op, as a GPU backend runs it in a few
+// launches.
+OpCost adamw_update_many(const std::vector<AdamWTensors>& all);
 }  // namespace op_cost
 
 // Sees each op a TracingBackend forwards: before() just before the call, after() just after it
@@ -172,6 +175,7 @@ class TracingBackend final : public Backend {
   double sum_squares(Tensor t) override;
   void adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m, Tensor v,
                     const AdamWParams& p, AdamWStats* stats) override;
+  void adamw_update_many(const std::vector<AdamWTensors>& all, AdamWStats* stats) override;
   void collect_stats() override;
 
  private:

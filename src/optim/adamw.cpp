@@ -107,6 +107,8 @@ void AdamW::step(double lr, float grad_scale) {
   // The backend may count into stats_ on the device until collect_stats(): collect it on every
   // path, so that no pointer to stats_ stays pending (a failed step then rethrows).
   try {
+    std::vector<AdamWTensors> all;
+    all.reserve(pieces_.size());
     for (size_t k = 0; k < pieces_.size(); ++k) {
       const ParamPiece& piece = pieces_[k];
       const ParamInfo& info = model_.params()[piece.param];
@@ -125,9 +127,10 @@ void AdamW::step(double lr, float grad_scale) {
         param = param.slice(piece.first, piece.count);
         grad = grad.slice(piece.first, piece.count);
       }
-      be_.adamw_update(param, piece_master(k), grad, piece_exp_avg(k), piece_exp_avg_sq(k), p,
-                       &stats_);
+      all.push_back({param, piece_master(k), grad, piece_exp_avg(k), piece_exp_avg_sq(k), p});
     }
+    // One call for the step: a GPU backend updates many parameters a launch.
+    be_.adamw_update_many(all, &stats_);
   } catch (...) {
     try {
       be_.collect_stats();

@@ -197,5 +197,8 @@ void CudaBackend::adamw_update(Tensor param, Tensor master, Tensor grad, Tensor 
                                const AdamWParams& p, AdamWStats* stats) {
   cuda::adamw_update(*ctx_, param, master, grad, m, v, p, stats);
 }
+void CudaBackend::adamw_update_many(const std::vector<AdamWTensors>& all, AdamWStats* stats) {
+  cuda::adamw_update_many(*ctx_, all, stats);
+}
 
 }  // namespace mpt

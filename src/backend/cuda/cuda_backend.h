@@ -79,6 +79,7 @@ class CudaBackend : public Backend {
   double sum_squares(Tensor t) override;
   void adamw_update(Tensor param, Tensor master, Tensor grad, Tensor m, Tensor v,
                     const AdamWParams& p, AdamWStats* stats) override;
+  void adamw_update_many(const std::vector<AdamWTensors>& all, AdamWStats* stats) override;
   void collect_stats() override;
 
   cuda::Context& context() { return *ctx_; }

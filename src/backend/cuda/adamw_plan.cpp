@@ -1,0 +1,53 @@
+#include "backend/cuda/adamw_plan.h"
+
+#include "backend/cuda/workspace_plan.h"
+
+namespace mpt::cuda {
+
+namespace {
+
+// Whether `t`'s kernel rounds stochastically (adamw.cu): bf16 weights updated in place.
+bool stochastic(const AdamWTensors& t) {
+  return t.p.stochastic_rounding && !t.master.defined() && t.param.dtype == DType::bf16;
+}
+
+}  // namespace
+
+bool adamw_same_launch(const AdamWTensors& a, const AdamWTensors& b) {
+  const AdamWParams &p = a.p, &q = b.p;
+  return a.param.dtype == b.param.dtype && a.grad.dtype == b.grad.dtype &&
+         stochastic(a) == stochastic(b) && p.lr == q.lr && p.beta1 == q.beta1 &&
+         p.beta2 == q.beta2 && p.eps == q.eps && p.step == q.step && p.grad_scale == q.grad_scale;
+}
+
+unsigned adamw_blocks(int64_t n) {
+  const int64_t b = (n + kBlock - 1) / kBlock;
+  return b < 1 ? 1u : b < 65535 ? static_cast<unsigned>(b) : 65535u;
+}
+
+std::vector<AdamWLaunch> plan_adamw_launches(const std::vector<AdamWTensors>& all) {
+  std::vector<AdamWLaunch> out;
+  // The launch still being filled for each kind met so far (by its first tensor's index); a
+  // model has one or two kinds, so a linear search.
+  std::vector<std::pair<size_t, size_t>> open;  // (a tensor of the kind, index into out)
+  for (size_t i = 0; i < all.size(); ++i) {
+    const int64_t n = all[i].param.numel();
+    if (n == 0) continue;
+    size_t* slot = nullptr;
+    for (auto& [kind, at] : open)
+      if (adamw_same_launch(all[kind], all[i])) slot = &at;
+    if (!slot || out[*slot].tensors.size() == kAdamWTensorsPerLaunch) {
+      out.push_back({{}, {0}});
+      if (slot)
+        *slot = out.size() - 1;
+      else
+        open.push_back({i, out.size() - 1});
+    }
+    AdamWLaunch& l = out[slot ? *slot : open.back().second];
+    l.tensors.push_back(i);
+    l.block_begin.push_back(l.block_begin.back() + adamw_blocks(n));
+  }
+  return out;
+}
+
+}  // namespace mpt::cuda
