@@ -469,6 +469,34 @@ TEST(AdamWUpdateMany, OverlapsAreRefusedNamingBoth) {
       << msg;
 }
 
+// Every tensor's arguments are checked before the first is updated: a bad last tensor leaves the
+// others as they were.
+TEST(AdamWUpdateMany, ABadTensorLeavesTheOthersUnwritten) {
+  CpuBackend be(1);
+  Rng rng(fresh_seed());
+  std::vector<Owned> keep;
+  std::vector<AdamWTensors> all;
+  for (int i = 0; i < 3; ++i) {
+    Owned p = randn(be, {50}, rng), g = randn(be, {50}, rng), m = randn(be, {50}, rng, 0.1),
+          v = make(be, {i == 2 ? 49 : 50});  // tensor 2's v is one element short
+    AdamWParams hp{1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1, 1.0f};
+    all.push_back({p.t, Tensor(), g.t, m.t, v.t, hp});
+    for (Owned* o : {&p, &g, &m, &v}) keep.push_back(std::move(*o));
+  }
+  const std::vector<float> p0 = copy_of(keep[0]), m0 = copy_of(keep[2]);
+  try {
+    be.adamw_update_many(all, nullptr);
+    ADD_FAILURE() << "a v of 49 elements for a parameter of 50 was accepted";
+  } catch (const RuntimeError& e) {
+    EXPECT_NE(std::string(e.what()).find("adamw_update_many: tensor 2: argument 'v' expected an "
+                                         "fp32 tensor of 50 elements (param's), got fp32(49)"),
+              std::string::npos)
+        << e.what();
+  }
+  EXPECT_EQ(copy_of(keep[0]), p0);
+  EXPECT_EQ(copy_of(keep[2]), m0);
+}
+
 // Loops that are not BLAS must give the same bits whatever the thread count.
 TEST_F(CpuOps, LoopOpsAreIndependentOfThreadCount) {
   CpuBackend one(1);

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <utility>
@@ -216,19 +217,18 @@ TEST(CudaWorkspacePlan, LedgerTermIsTheCublasLtWorkspacePlusEachScratchRole) {
   }
 }
 
-// Which attention kernel runs: the fused one in fp16/bf16 up to head size 128, the GEMM path
-// otherwise or when MPT_ATTENTION=gemm asks for it; a misspelt value is refused by name.
 // ---- adamw_update_many's launches (adamw_plan.h)
 
-// A tensor of n elements at a made-up address: the plan reads dtypes, counts and parameters only.
+// A tensor of n elements at an address nothing is behind (non-null, so defined): the plan reads
+// dtypes, counts and parameters only, never the memory.
 AdamWTensors adamw_tensors(int64_t n, DType param, DType grad, bool master, bool sr = false) {
-  static float dummy;
+  void* const nowhere = reinterpret_cast<void*>(uintptr_t{0x1000});
   AdamWTensors t;
-  t.param = Tensor(&dummy, param, {n});
-  t.grad = Tensor(&dummy, grad, {n});
-  t.m = Tensor(&dummy, DType::f32, {n});
-  t.v = Tensor(&dummy, DType::f32, {n});
-  if (master) t.master = Tensor(&dummy, DType::f32, {n});
+  t.param = Tensor(nowhere, param, {n});
+  t.grad = Tensor(nowhere, grad, {n});
+  t.m = Tensor(nowhere, DType::f32, {n});
+  t.v = Tensor(nowhere, DType::f32, {n});
+  if (master) t.master = Tensor(nowhere, DType::f32, {n});
   t.p = AdamWParams{6e-4f, 0.9f, 0.95f, 1e-8f, 0.1f, 3, 1.0f, sr, 1, 0};
   return t;
 }
@@ -321,19 +321,39 @@ TEST(AdamWPlan, KindsShareNoLaunchAndEmptyTensorsGetNone) {
   AdamWTensors scaled = adamw_tensors(9, DType::bf16, DType::f32, true);
   scaled.p.grad_scale = 0.5f;
   all.push_back(scaled);
+  AdamWTensors negative_zero = adamw_tensors(9, DType::bf16, DType::f32, true);
+  negative_zero.p.weight_decay = -0.0f;  // per tensor: still the first kind
+  all.push_back(negative_zero);
   all.push_back(adamw_tensors(11, DType::bf16, DType::f32, true));  // the first kind again
   const auto ls = cuda::plan_adamw_launches(all);
   expect_valid_plan(all, ls);
-  // Round to nearest: 33 tensors (i % 3 != 1) and the last one, 34 in one launch; stochastic:
+  // Round to nearest: 33 tensors (i % 3 != 1) and the last two, 35 in one launch; stochastic:
   // 17; then one launch each for the other gradient, parameter dtype, step and scale.
   ASSERT_EQ(ls.size(), 6u);
-  EXPECT_EQ(ls[0].tensors.size(), 34u);
+  EXPECT_EQ(ls[0].tensors.size(), 35u);
   EXPECT_EQ(ls[0].tensors.back(), all.size() - 1);
   EXPECT_EQ(ls[1].tensors.size(), 17u);
   EXPECT_EQ(ls[1].tensors[0], 1u);
   for (size_t k = 2; k < 6; ++k) EXPECT_EQ(ls[k].tensors, std::vector<size_t>{49 + k}) << k;
 }
 
+// The shared hyperparameters must be the same bits: a launch runs with its first tensor's, and
+// -0 is not +0 to the arithmetic (a weight of -0 stays -0 under lr +0, becomes +0 under -0).
+TEST(AdamWPlan, SharedHyperparametersMatchBitForBit) {
+  std::vector<AdamWTensors> all = {adamw_tensors(5, DType::bf16, DType::f32, true),
+                                   adamw_tensors(5, DType::bf16, DType::f32, true)};
+  all[0].p.lr = 0.0f;
+  all[1].p.lr = -0.0f;
+  EXPECT_FALSE(cuda::adamw_same_launch(all[0], all[1]));
+  EXPECT_EQ(cuda::plan_adamw_launches(all).size(), 2u);
+  all[1].p.lr = 0.0f;
+  EXPECT_TRUE(cuda::adamw_same_launch(all[0], all[1]));
+  all[0].p.eps = all[1].p.eps = std::nanf("");
+  EXPECT_TRUE(cuda::adamw_same_launch(all[0], all[1])) << "the same NaN: the same arithmetic";
+}
+
+// Which attention kernel runs: the fused one in fp16/bf16 up to head size 128, the GEMM path
+// otherwise or when MPT_ATTENTION=gemm asks for it; a misspelt value is refused by name.
 TEST(AttentionKernelChoice, FusedFor16BitFormatsUpToHeadSize128) {
   using cuda::AttentionKernel;
   using cuda::attention_kernel_for;

@@ -103,8 +103,38 @@ void check_adamw_disjoint(const std::vector<AdamWTensors>& all) {
   }
 }
 
-void Backend::adamw_update_many(const std::vector<AdamWTensors>& all, AdamWStats* stats) {
+void check_adamw_args(const std::string& op, const AdamWTensors& t) {
+  auto is_float = [](DType d) { return d == DType::f32 || d == DType::f16 || d == DType::bf16; };
+  if (!t.param.defined() || !is_float(t.param.dtype))
+    throw RuntimeError(op + ": argument 'param' expected a float tensor (fp32, fp16 or bf16), " +
+                       "got " + (t.param.defined() ? dtype_name(t.param.dtype) : "undefined"));
+  const int64_t n = t.param.numel();
+  auto expect = [&](const char* arg, const Tensor& x, bool any_float) {
+    if (x.defined() && x.numel() == n && (any_float ? is_float(x.dtype) : x.dtype == DType::f32))
+      return;
+    throw RuntimeError(op + ": argument '" + arg + "' expected " +
+                       (any_float ? "a float tensor (fp32, fp16 or bf16)" : "an fp32 tensor") +
+                       " of " + std::to_string(n) + " elements (param's), got " +
+                       (x.defined() ? dtype_name(x.dtype) : "undefined") + x.shape.str());
+  };
+  expect("grad", t.grad, true);
+  expect("m", t.m, false);
+  expect("v", t.v, false);
+  if (t.master.defined()) {
+    expect("master", t.master, false);
+    if (t.param.dtype == DType::f32)
+      throw RuntimeError(op + ": argument 'master' given for fp32 weights");
+  }
+}
+
+void check_adamw_update_many(const std::vector<AdamWTensors>& all) {
+  for (size_t i = 0; i < all.size(); ++i)
+    check_adamw_args("adamw_update_many: tensor " + std::to_string(i), all[i]);
   check_adamw_disjoint(all);
+}
+
+void Backend::adamw_update_many(const std::vector<AdamWTensors>& all, AdamWStats* stats) {
+  check_adamw_update_many(all);  // every tensor before the first is written
   for (const AdamWTensors& t : all) adamw_update(t.param, t.master, t.grad, t.m, t.v, t.p, stats);
 }
 

@@ -364,8 +364,8 @@ class Backend {
   // order: the optimizer step's one call, so that a GPU backend updates many tensors a launch
   // rather than launching once per parameter (~150 launches a step for GPT-2, most of them on a
   // few hundred elements). No two of the tensors given (any of param, master, grad, m, v of any
-  // element) may overlap: checked (check_adamw_disjoint) before anything is written. The
-  // default checks, then calls adamw_update for each.
+  // element) may overlap. Every argument is checked (check_adamw_update_many) before anything
+  // is written. The default checks, then calls adamw_update for each.
   virtual void adamw_update_many(const std::vector<AdamWTensors>& all, AdamWStats* stats);
   // Writes the statistics ops left pending on the device to the host memory they were given:
   // adamw_update's lost_updates (added into its `stats`) and the fp8 matmuls' amaxes
@@ -381,6 +381,12 @@ class Backend {
 // RuntimeError naming them.
 void check_disjoint_args(const char* op, const char* a_name, const Tensor& a,
                          const char* b_name, const Tensor& b);
+// adamw_update's checks of one tensor's arguments (backend.h: float param, grad of its size,
+// fp32 m, v and optional master, no master for fp32 weights). Throws RuntimeError naming `op`.
+void check_adamw_args(const std::string& op, const AdamWTensors& t);
+// Every implementation of adamw_update_many checks this before it writes anything: each tensor's
+// arguments (check_adamw_args, as "adamw_update_many: tensor 3") and check_adamw_disjoint.
+void check_adamw_update_many(const std::vector<AdamWTensors>& all);
 // adamw_update_many's check: no two of the defined tensors of `all` overlap (an overlap within
 // one element is refused too: a batched update reads and writes them concurrently). Throws
 // RuntimeError naming both, as "tensor 3's m and tensor 7's param".

@@ -207,7 +207,8 @@ OpCost adamw_update(const Tensor& param, const Tensor& master, const Tensor& gra
 
 OpCost adamw_update_many(const std::vector<AdamWTensors>& all) {
   OpCost c = bytes_op("adamw_update_many", 0, 0);
-  for (const AdamWTensors& t : all) c.bytes += adamw_update(t.param, t.master, t.grad, t.m, t.v).bytes;
+  for (const AdamWTensors& t : all)
+    c.bytes += adamw_update(t.param, t.master, t.grad, t.m, t.v).bytes;
   return c;
 }
 

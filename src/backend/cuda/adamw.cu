@@ -115,27 +115,12 @@ __global__ void adamw_kernel(const __grid_constant__ AdamWTable tab, DType dg, A
   }
 }
 
-// adamw_update's checks of one tensor's arguments (backend.h), naming the op as `op`.
-void check_tensors(const std::string& op, const AdamWTensors& t) {
-  const char* o = op.c_str();
-  if (!t.param.defined()) throw RuntimeError(op + ": argument 'param' is undefined");
-  const Shape s = t.param.shape;
-  expect_float(o, "param", t.param, s);
-  expect_float(o, "grad", as_shape(t.grad, s), s);
-  expect_tensor(o, "m", as_shape(t.m, s), DType::f32, s);
-  expect_tensor(o, "v", as_shape(t.v, s), DType::f32, s);
-  if (t.master.defined()) {
-    expect_tensor(o, "master", as_shape(t.master, s), DType::f32, s);
-    if (t.param.dtype == DType::f32)
-      throw RuntimeError(op + ": argument 'master' given for fp32 weights");
-  }
-}
-
-// Runs one launch of the plan (all its tensors adamw_same_launch).
-void launch(Context& ctx, const std::vector<AdamWTensors>& all, const AdamWLaunch& l,
-            AdamWStats* stats) {
+// Runs one launch of the plan (all its tensors adamw_same_launch); `op` names it to the launch
+// check (and so to MPT_CUDA_SYNC's reports and the op profile).
+void launch(Context& ctx, const char* op, const std::vector<AdamWTensors>& all,
+            const AdamWLaunch& l, AdamWStats* stats) {
   const AdamWTensors& first = all[l.tensors.front()];
-  const AdamWParams& p = first.p;
+  const AdamWParams& p = first.p;  // the hyperparameters the launch's tensors share
   AdamWArgs a{};
   a.lr = p.lr;
   a.beta1 = p.beta1;
@@ -167,7 +152,7 @@ void launch(Context& ctx, const std::vector<AdamWTensors>& all, const AdamWLaunc
   }
   tab.block_begin[l.tensors.size()] = l.block_begin.back();
   const DType pd = first.param.dtype;
-  const bool sr = p.stochastic_rounding && !first.master.defined() && pd == DType::bf16;
+  const bool sr = adamw_stochastic(first);  // as the plan grouped them
   const bool want_lost = pd == DType::bf16 && stats != nullptr;
   // Summed on the device over the optimizer step's calls; collect_stats() reads it once.
   unsigned long long* lost_dev = want_lost ? ctx.lost_update_counter(stats) : nullptr;
@@ -182,26 +167,28 @@ void launch(Context& ctx, const std::vector<AdamWTensors>& all, const AdamWLaunc
           tab, first.grad.dtype, a, want_lost, lost_dev, counters);
     });
   }
-  MPT_LAUNCH_CHECK(ctx, "adamw_update");
+  MPT_LAUNCH_CHECK(ctx, op);
   if (pd != DType::f32) ctx.add_cast_values(TensorClass::weight, values);
   if (stats) stats->values += values;
+}
+
+// The launches for checked arguments.
+void run(Context& ctx, const char* op, const std::vector<AdamWTensors>& all, AdamWStats* stats) {
+  for (const AdamWLaunch& l : plan_adamw_launches(all)) launch(ctx, op, all, l, stats);
 }
 
 }  // namespace
 
 void adamw_update_many(Context& ctx, const std::vector<AdamWTensors>& all, AdamWStats* stats) {
-  // Every argument is checked before the first launch: a bad call writes nothing.
-  for (size_t i = 0; i < all.size(); ++i)
-    check_tensors(all.size() == 1 ? std::string("adamw_update")
-                                  : "adamw_update_many: tensor " + std::to_string(i),
-                  all[i]);
-  if (all.size() > 1) check_adamw_disjoint(all);
-  for (const AdamWLaunch& l : plan_adamw_launches(all)) launch(ctx, all, l, stats);
+  check_adamw_update_many(all);  // all before the first launch: a bad call writes nothing
+  run(ctx, "adamw_update_many", all, stats);
 }
 
 void adamw_update(Context& ctx, Tensor param, Tensor master, Tensor grad, Tensor m, Tensor v,
                   const AdamWParams& p, AdamWStats* stats) {
-  adamw_update_many(ctx, {AdamWTensors{param, master, grad, m, v, p}}, stats);
+  const std::vector<AdamWTensors> one = {AdamWTensors{param, master, grad, m, v, p}};
+  check_adamw_args("adamw_update", one[0]);
+  run(ctx, "adamw_update", one, stats);
 }
 
 }  // namespace mpt::cuda

@@ -1,23 +1,28 @@
 #include "backend/cuda/adamw_plan.h"
 
+#include <cstring>
+
 #include "backend/cuda/workspace_plan.h"
 
 namespace mpt::cuda {
 
 namespace {
 
-// Whether `t`'s kernel rounds stochastically (adamw.cu): bf16 weights updated in place.
-bool stochastic(const AdamWTensors& t) {
-  return t.p.stochastic_rounding && !t.master.defined() && t.param.dtype == DType::bf16;
-}
+// Bit equality: the launch runs with the first tensor's values, which must be each tensor's own.
+bool same(float a, float b) { return std::memcmp(&a, &b, sizeof a) == 0; }
 
 }  // namespace
+
+bool adamw_stochastic(const AdamWTensors& t) {
+  return t.p.stochastic_rounding && !t.master.defined() && t.param.dtype == DType::bf16;
+}
 
 bool adamw_same_launch(const AdamWTensors& a, const AdamWTensors& b) {
   const AdamWParams &p = a.p, &q = b.p;
   return a.param.dtype == b.param.dtype && a.grad.dtype == b.grad.dtype &&
-         stochastic(a) == stochastic(b) && p.lr == q.lr && p.beta1 == q.beta1 &&
-         p.beta2 == q.beta2 && p.eps == q.eps && p.step == q.step && p.grad_scale == q.grad_scale;
+         adamw_stochastic(a) == adamw_stochastic(b) && same(p.lr, q.lr) &&
+         same(p.beta1, q.beta1) && same(p.beta2, q.beta2) && same(p.eps, q.eps) &&
+         p.step == q.step && same(p.grad_scale, q.grad_scale);
 }
 
 unsigned adamw_blocks(int64_t n) {

@@ -31,8 +31,12 @@ struct AdamWLaunch {
   std::vector<unsigned> block_begin;  // tensors.size() + 1 entries, from 0; the last is the grid
 };
 
+// Whether tensor t's kernel rounds stochastically (bf16 weights updated in place, asked to).
+bool adamw_stochastic(const AdamWTensors& t);
+
 // Whether tensors a and b of an adamw_update_many call can share a launch (see above). Both are
-// assumed checked (adamw.cu): defined param and grad.
+// assumed checked (check_adamw_args): defined param and grad. The shared hyperparameters must be
+// the same bits (so +0 and -0 do not share a launch; `==` would let them).
 bool adamw_same_launch(const AdamWTensors& a, const AdamWTensors& b);
 
 // The launches for `all`: every tensor with elements in exactly one, tensors without none; a
