@@ -603,6 +603,19 @@ TEST_P(CudaOps, SumSquaresOverManyChunksIsTheCpusBits) {
   EXPECT_EQ(gpu_->sum_squares(g.t), cpu_->sum_squares(x.t));
 }
 
+// The AdamW tests' hyperparameters: GPT-2's, with weight decay and a gradient factor other than 1.
+AdamWParams adamw_test_params() {
+  AdamWParams p{};
+  p.lr = 3e-4f;
+  p.beta1 = 0.9f;
+  p.beta2 = 0.95f;
+  p.eps = 1e-8f;
+  p.weight_decay = 0.1f;
+  p.grad_scale = 0.5f;
+  p.step = 1;
+  return p;
+}
+
 // AdamW: without a master (param in d, rounded to nearest), with a master (param in d != fp32),
 // and (bf16) with stochastic rounding: bit-identical to the CPU, lost updates equal.
 TEST_P(CudaOps, AdamW) {
@@ -630,13 +643,7 @@ TEST_P(CudaOps, AdamW) {
       for (int64_t i = 0; i < master.n(); ++i) master.f()[i] += static_cast<float>(1e-5 * rng_.normal());
     GpuTensor gp = to_gpu(*gpu_, param.t), gg = to_gpu(*gpu_, grad.t), gm = to_gpu(*gpu_, m.t),
               gv = to_gpu(*gpu_, v.t), gmaster = to_gpu(*gpu_, master.t);
-    AdamWParams p{};
-    p.lr = 3e-4f;
-    p.beta1 = 0.9f;
-    p.beta2 = 0.95f;
-    p.eps = 1e-8f;
-    p.weight_decay = 0.1f;
-    p.grad_scale = 0.5f;
+    AdamWParams p = adamw_test_params();
     p.stochastic_rounding = c.sr;
     p.sr_seed = rng_.next_u64();
     p.sr_first_index = c.first;
@@ -704,10 +711,7 @@ TEST_P(CudaOps, AdamWUpdateManyIsAdamWUpdateForEach) {
     t.gg = to_gpu(*gpu_, t.grad.t);
     t.gm = to_gpu(*gpu_, t.m.t);
     t.gv = to_gpu(*gpu_, t.v.t);
-    t.p.lr = 3e-4f;
-    t.p.beta1 = 0.9f;
-    t.p.beta2 = 0.95f;
-    t.p.eps = 1e-8f;
+    t.p = adamw_test_params();
     t.p.weight_decay = i % 2 ? 0.1f : 0.0f;
     t.p.grad_scale = i >= kTensors - 5 ? 0.25f : 0.5f;  // the last five: a launch of their own
     t.p.stochastic_rounding = d() == DType::bf16 && i % 4 != 1;
@@ -760,13 +764,7 @@ TEST_P(CudaOps, AdamWUpdateManyRefusesOverlappingTensors) {
     GpuTensor p = to_gpu(*be, hp.t), g = to_gpu(*be, hg.t), mv = to_gpu(*be, hmv.t);
     const Tensor whole = mv.t;
     auto at = [&](int64_t first) { return whole.slice(first, 300); };
-    AdamWParams prm{};
-    prm.lr = 1e-3f;
-    prm.beta1 = 0.9f;
-    prm.beta2 = 0.95f;
-    prm.eps = 1e-8f;
-    prm.step = 1;
-    prm.grad_scale = 1.0f;
+    const AdamWParams prm = adamw_test_params();
     // Tensor 0's m and v are elements [0, 300) and [500, 800) of one buffer, tensor 1's m is
     // [450, 750): it overlaps tensor 0's v (and only that). Everything else is apart.
     Owned hp1 = rand(s, 0.05), hg1 = rand(s, 1e-2);
