@@ -381,7 +381,7 @@ class Backend {
 // RuntimeError naming them.
 void check_disjoint_args(const char* op, const char* a_name, const Tensor& a,
                          const char* b_name, const Tensor& b);
-// adamw_update's checks of one tensor's arguments (backend.h: float param, grad of its size,
+// adamw_update's checks of one tensor's arguments (a float param, a float grad of its size,
 // fp32 m, v and optional master, no master for fp32 weights). Throws RuntimeError naming `op`.
 void check_adamw_args(const std::string& op, const AdamWTensors& t);
 // Every implementation of adamw_update_many checks this before it writes anything: each tensor's
