@@ -238,7 +238,7 @@ AdamWTensors adamw_tensors(int64_t n, DType param, DType grad, bool master, bool
 // launch, in the list's order within it; launches in the order of their first tensors.
 void expect_valid_plan(const std::vector<AdamWTensors>& all,
                        const std::vector<cuda::AdamWLaunch>& ls) {
-  using cuda::adamw_blocks;
+  using cuda::grid_stride_blocks;
   std::vector<int> seen(all.size(), 0);
   size_t prev_first = 0;
   for (size_t li = 0; li < ls.size(); ++li) {
@@ -259,7 +259,7 @@ void expect_valid_plan(const std::vector<AdamWTensors>& all,
         EXPECT_GT(t, l.tensors[j - 1]) << "launch " << li;
       }
       EXPECT_TRUE(cuda::adamw_same_launch(all[l.tensors[0]], all[t])) << "launch " << li;
-      EXPECT_EQ(l.block_begin[j + 1] - l.block_begin[j], adamw_blocks(all[t].param.numel()))
+      EXPECT_EQ(l.block_begin[j + 1] - l.block_begin[j], grid_stride_blocks(all[t].param.numel()))
           << "launch " << li << " tensor " << t;
     }
   }
@@ -268,14 +268,14 @@ void expect_valid_plan(const std::vector<AdamWTensors>& all,
 }
 
 TEST(AdamWPlan, BlocksAreAdamWUpdatesOwnGridStrideLaunch) {
-  using cuda::adamw_blocks;
-  EXPECT_EQ(adamw_blocks(0), 1u);
-  EXPECT_EQ(adamw_blocks(1), 1u);
-  EXPECT_EQ(adamw_blocks(cuda::kBlock), 1u);
-  EXPECT_EQ(adamw_blocks(cuda::kBlock + 1), 2u);
-  EXPECT_EQ(adamw_blocks(int64_t{65535} * cuda::kBlock), 65535u);
-  EXPECT_EQ(adamw_blocks(int64_t{65535} * cuda::kBlock + 1), 65535u);
-  EXPECT_EQ(adamw_blocks(50304 * 768), 65535u);  // GPT-2's token embedding: grid-strided
+  using cuda::grid_stride_blocks;
+  EXPECT_EQ(grid_stride_blocks(0), 1u);
+  EXPECT_EQ(grid_stride_blocks(1), 1u);
+  EXPECT_EQ(grid_stride_blocks(cuda::kBlock), 1u);
+  EXPECT_EQ(grid_stride_blocks(cuda::kBlock + 1), 2u);
+  EXPECT_EQ(grid_stride_blocks(int64_t{65535} * cuda::kBlock), 65535u);
+  EXPECT_EQ(grid_stride_blocks(int64_t{65535} * cuda::kBlock + 1), 65535u);
+  EXPECT_EQ(grid_stride_blocks(50304 * 768), 65535u);  // GPT-2's token embedding: grid-strided
 }
 
 // GPT-2 124M's 148 tensors (bf16 with fp32 masters and gradients, one kind): 4 launches, not 148.

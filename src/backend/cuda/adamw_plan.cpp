@@ -25,11 +25,6 @@ bool adamw_same_launch(const AdamWTensors& a, const AdamWTensors& b) {
          p.step == q.step && same(p.grad_scale, q.grad_scale);
 }
 
-unsigned adamw_blocks(int64_t n) {
-  const int64_t b = (n + kBlock - 1) / kBlock;
-  return b < 1 ? 1u : b < 65535 ? static_cast<unsigned>(b) : 65535u;
-}
-
 std::vector<AdamWLaunch> plan_adamw_launches(const std::vector<AdamWTensors>& all) {
   std::vector<AdamWLaunch> out;
   // The launch still being filled for each kind met so far (by its first tensor's index); a
@@ -50,7 +45,7 @@ std::vector<AdamWLaunch> plan_adamw_launches(const std::vector<AdamWTensors>& al
     }
     AdamWLaunch& l = out[slot ? *slot : open.back().second];
     l.tensors.push_back(i);
-    l.block_begin.push_back(l.block_begin.back() + adamw_blocks(n));
+    l.block_begin.push_back(l.block_begin.back() + grid_stride_blocks(n));
   }
   return out;
 }

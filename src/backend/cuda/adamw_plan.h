@@ -9,7 +9,7 @@
 // pointers, the element count and what AdamWParams lets differ between a model's tensors: weight
 // decay (none for biases and LayerNorm), the stochastic-rounding seed and first index. Tensor j
 // of a launch gets the blocks [block_begin[j], block_begin[j+1]): as many as adamw_update alone
-// would launch for it (grid_stride_blocks), over which it grid-strides as that launch did, so each
+// would launch for it (workspace_plan.h's grid_stride_blocks), over which it grid-strides as that launch did, so each
 // element sees the same arithmetic and the results are adamw_update's bit for bit.
 #pragma once
 
@@ -44,9 +44,5 @@ bool adamw_same_launch(const AdamWTensors& a, const AdamWTensors& b);
 // tensor, each holding at most kAdamWTensorsPerLaunch. Tensors that share a kernel but are apart
 // in the list still share launches (the order of updates does not matter: they are disjoint).
 std::vector<AdamWLaunch> plan_adamw_launches(const std::vector<AdamWTensors>& all);
-
-// The blocks adamw_update gives a tensor of n elements: one thread an element, kBlock threads a
-// block, at most 65535 blocks (cuda_common.cuh's grid_stride_blocks, whose host twin this is).
-unsigned adamw_blocks(int64_t n);
 
 }  // namespace mpt::cuda

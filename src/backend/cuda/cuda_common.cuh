@@ -175,18 +175,8 @@ inline Tensor as_shape(const Tensor& t, Shape shape) {
   return t.defined() && t.numel() == shape.numel() ? Tensor(t.data, t.dtype, shape) : t;
 }
 
-// ---- launch shapes
-
-// kBlock: workspace_plan.h (the workspace plan sizes reductions by it).
-inline unsigned blocks_for(int64_t n, int per_block = kBlock) {
-  const int64_t b = (n + per_block - 1) / per_block;
-  return static_cast<unsigned>(b < 1 ? 1 : b);
-}
-// Grid-stride kernels over n elements use at most this many blocks (enough to fill any GPU).
-inline unsigned grid_stride_blocks(int64_t n, int per_block = kBlock) {
-  const unsigned b = blocks_for(n, per_block);
-  return b < 65535u ? b : 65535u;
-}
+// ---- launch shapes: kBlock, blocks_for and grid_stride_blocks are in workspace_plan.h (plain
+// C++: the workspace plan and adamw_plan.h size launches by them too).
 
 }  // namespace mpt::cuda
 

@@ -37,6 +37,16 @@ size_t lt_workspace_size(int cc_major);
 
 // Threads per block of the elementwise and reduction kernels.
 constexpr int kBlock = 256;
+// Blocks of per_block threads for n elements, one thread an element (at least one block).
+inline unsigned blocks_for(int64_t n, int per_block = kBlock) {
+  const int64_t b = (n + per_block - 1) / per_block;
+  return static_cast<unsigned>(b < 1 ? 1 : b);
+}
+// Grid-stride kernels over n elements use at most this many blocks (enough to fill any GPU).
+inline unsigned grid_stride_blocks(int64_t n, int per_block = kBlock) {
+  const unsigned b = blocks_for(n, per_block);
+  return b < 65535u ? b : 65535u;
+}
 // amax and count_nonfinite: one partial per block of kBlock threads, at most this many blocks.
 constexpr unsigned kMaxReduceBlocks = 1024;
 unsigned reduce_blocks(int64_t n);

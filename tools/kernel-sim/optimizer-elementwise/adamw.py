@@ -71,7 +71,7 @@ def adamw_same_launch(a, b):  # adamw_plan.cpp:20-26
             same(p['eps'], q['eps']) and (p['step'] == q['step'] or 'plan_no_step' in MUT) and
             (same(p['grad_scale'], q['grad_scale']) or 'plan_no_scale' in MUT))
 
-def adamw_blocks(n, cfg):  # adamw_plan.cpp:28-31 (n >= 0: C++'s division truncates as // here)
+def adamw_blocks(n, cfg):  # workspace_plan.h's grid_stride_blocks, which adamw_plan.cpp calls (n >= 0: C++'s division truncates as // here)
     b = n // cfg.block if 'plan_blocks_floor' in MUT else (n + cfg.block - 1) // cfg.block
     return 1 if b < 1 else b if b < cfg.cap else cfg.cap
 
