@@ -67,6 +67,13 @@ bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* wh
                        gemm_epilogue_name(epi) + "' given " + (g.bias ? "a" : "no") +
                        " bias and " + (g.aux ? "an" : "no") + " aux pointer" +
                        (p.batch > 1 ? " in a batched GEMM" : ""));
+  // A GEMM with no output element, or one that adds an empty product to D, does nothing:
+  // cuBLASLt's behaviour for zero dimensions is not documented (its layouts want ld >= rows, and
+  // an fp8 wgrad of no rows has ld 0), so it is not asked. (m = 0 still has a BGRADB epilogue's
+  // n column sums to write.)
+  if (p.n == 0 || p.batch == 0 || (p.m == 0 && epi != GemmEpilogue::bgradb) ||
+      (p.k == 0 && p.beta == 1.0f && epi == GemmEpilogue::none))
+    return true;
   const GemmKey key = gemm_key(
       p, epi, operand_alignment(reinterpret_cast<uintptr_t>(g.a), p.batch, p.stride_a, p.a.type),
       operand_alignment(reinterpret_cast<uintptr_t>(g.b), p.batch, p.stride_b, p.b.type),
@@ -148,7 +155,13 @@ bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* wh
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.lt(), ds.op, ds.a, ds.b, ds.d,
                                                              ds.d, ds.pref, 1, &res, &count);
     const bool found = st == CUBLAS_STATUS_SUCCESS && count >= 1 && res.state == CUBLAS_STATUS_SUCCESS;
-    if (!found && may_fail) {
+    // Only "no algorithm" is remembered as unsupported (for good): another failure of the query
+    // (ALLOC_FAILED when device memory is full, as the query may load kernels; an internal
+    // error) is thrown, not taken for a missing epilogue that the caller would then do without
+    // for the rest of the run.
+    const bool none_exists =
+        st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && !found);
+    if (none_exists && may_fail) {
       CachedAlgo none;
       none.supported = false;
       cache.emplace(key, none);
@@ -159,7 +172,9 @@ bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* wh
                          key.str() + " (heuristic: " + cublas_status_name(st) + ", " +
                          std::to_string(count) + " result(s), state " +
                          cublas_status_name(res.state) + ")" +
-                         (p.fp8 ? "; fp8 GEMMs need m, n, k multiples of 16" : ""));
+                         (p.fp8 ? "; fp8 GEMMs need m, n, k multiples of 16 and operands "
+                                  "aligned to 16 bytes (the key's alignments)"
+                                : ""));
     if (res.workspaceSize > ctx.lt_workspace_bytes())
       throw RuntimeError(std::string("matmul (") + what + "): the algorithm for " + key.str() +
                          " wants more workspace than the context holds");
