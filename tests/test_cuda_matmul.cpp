@@ -207,10 +207,27 @@ TEST(MatmulPlan, E5m2TimesE5m2IsRejected) {
   EXPECT_THROW(plan_matmul(MatmulOp::dgrad, 48, 64, 96, DType::bf16, DType::bf16, DType::bf16,
                            fp8_spec(DType::e4m3, DType::e4m3, DType::bf16)),
                RuntimeError);
-  // fp8 operands are quantised from fp32/fp16/bf16 tensors only.
-  EXPECT_THROW(plan_matmul(MatmulOp::forward, 48, 64, 96, DType::e4m3, DType::bf16, DType::bf16,
+  // fp8 operands are quantised from fp32/fp16/bf16 tensors, but for an inp stored quantised in
+  // the spec's inp format, which the forward reads in place.
+  EXPECT_THROW(plan_matmul(MatmulOp::forward, 48, 64, 96, DType::e5m2, DType::bf16, DType::bf16,
                            fp8_spec(DType::e4m3, DType::e4m3, DType::e5m2)),
                RuntimeError);
+  EXPECT_THROW(plan_matmul(MatmulOp::forward, 48, 64, 96, DType::bf16, DType::e4m3, DType::bf16,
+                           fp8_spec(DType::e4m3, DType::e4m3, DType::e5m2)),
+               RuntimeError);
+  EXPECT_THROW(plan_matmul(MatmulOp::wgrad, 48, 64, 96, DType::e4m3, DType::bf16, DType::e5m2,
+                           fp8_spec(DType::e4m3, DType::e4m3, DType::e5m2)),
+               RuntimeError);
+  const MatmulSpec e4 = fp8_spec(DType::e4m3, DType::e4m3, DType::e5m2);
+  const GemmPlan f = plan_matmul(MatmulOp::forward, 48, 64, 96, DType::e4m3, DType::bf16,
+                                 DType::e4m3, e4);
+  EXPECT_FALSE(f.b.copy);  // inp read in place
+  EXPECT_TRUE(f.a.copy);   // the weight quantised
+  EXPECT_EQ(f.b.type, GemmType::e4m3);
+  const GemmPlan w = plan_matmul(MatmulOp::wgrad, 48, 64, 96, DType::e4m3, DType::bf16,
+                                 DType::bf16, e4);
+  EXPECT_TRUE(w.a.transposed_copy);  // inp^T: the cache, or a transposed copy
+  EXPECT_EQ(w.a.type, GemmType::e4m3);
 }
 
 TEST(MatmulPlan, Tf32OnlyForFp32OperandsAndMixedDtypesAreWidened) {
@@ -1942,6 +1959,145 @@ TEST(CudaMatmul, Fp8InputCacheGivesTheBitsOfQuantisingAgain) {
   run_inp_cache_case("bf16, tall (3 strips of rows)", BF, 528, 32, 48);
   run_inp_cache_case("fp16", F16, 32, 48, 16);
   run_inp_cache_case("fp32 operands", F32, 304, 64, 80);
+}
+
+// layernorm_forward_fp8 (backend.h, Fp8Output) followed by a GEMM that reads its output as
+// stored quantised, against layernorm_forward into the activations' dtype followed by the GEMM
+// quantising that, on the same GPU: the same fp8 values (the caches), products, counts and amax,
+// the backward's bits from the caches and from the inps themselves; the GEMM reading the fp8
+// tensor leaves its spec's amax alone and (on the CUDA backend) launches no quantise pass for
+// it. Then the fused op against the CPU's: statistics and counts equal, fp8 values within one
+// unit of the format (the LayerNorm's fp32 arithmetic may round across a boundary).
+void run_layernorm_fp8_case(DType act, DType fi, int64_t N, int64_t C, int64_t OC) {
+  SCOPED_TRACE(std::string(dtype_name(act)) + " activations, " + dtype_name(fi) + ", " +
+               std::to_string(N) + " x " + std::to_string(C));
+  Rng rng(test::fresh_seed());
+  CpuBackend cpu(2);
+  std::unique_ptr<Backend> gpu = test::gpu_backend_under_test(0);
+  Context* ctx = context_of(*gpu);
+  Owned x = test::randn_as(cpu, {N, C}, act, rng, 2.0, 0.5);
+  // Three columns of tiny LayerNorm weights (outputs ~1e-10) underflow in fp16 or in fp8.
+  Owned lw = test::randn_as(cpu, {C}, F32, rng, 0.3, 1.0), lb = test::randn_as(cpu, {C}, F32, rng, 0.3);
+  for (int c = 0; c < 3; ++c) lw.f()[c] = 1e-10f, lb.f()[c] = 0.0f;
+  Owned w = test::randn_as(cpu, {OC, C}, act, rng, 0.3), b = test::randn_as(cpu, {OC}, act, rng);
+  Owned dout = test::randn_as(cpu, {N, OC}, act, rng);
+  Owned ln = test::make(cpu, {N, C}, act), mean = test::make(cpu, {N}), rstd = test::make(cpu, {N});
+  cpu.layernorm_forward(ln.t, mean.t, rstd.t, x.t, lw.t, lb.t);
+  const float maxf = static_cast<float>(dtype_traits(fi).max_finite);
+  MatmulSpec spec(FP8);
+  spec.inp = {fi, 1.5f * maxf / cpu.amax(ln.t), nullptr};  // the largest third saturates
+  spec.weight = {DType::e4m3, 0.8f * 448.0f / cpu.amax(w.t), nullptr};
+  spec.dout = {DType::e5m2, 0.9f * 57344.0f / cpu.amax(dout.t), nullptr};
+  Owned zeros = test::make(cpu, {N, C}, fi), outs = test::make(cpu, {N, OC}, act);
+  Dev gx = to_gpu(*gpu, x.t), glw = to_gpu(*gpu, lw.t), glb = to_gpu(*gpu, lb.t),
+      gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t), gdout = to_gpu(*gpu, dout.t);
+  // fp8 tensors 256-byte aligned (skew 128 bytes on a 128-byte guard), as the model's arena and
+  // the scratch copies: the GEMMs' algorithms are chosen per alignment, and bits are compared.
+  Dev gln = to_gpu(*gpu, ln.t), gq = to_gpu(*gpu, zeros.t, 128), ca = to_gpu(*gpu, zeros.t, 128),
+      cb = to_gpu(*gpu, zeros.t, 128);
+  Dev gmean_a = to_gpu(*gpu, mean.t), grstd_a = to_gpu(*gpu, rstd.t), gmean_b = to_gpu(*gpu, mean.t),
+      grstd_b = to_gpu(*gpu, rstd.t), out_a = to_gpu(*gpu, outs.t), out_b = to_gpu(*gpu, outs.t);
+  auto counts = [&](Backend& be) {
+    std::vector<CastCounts> c;
+    for (int k = 0; k < kTensorClasses; ++k) c.push_back(be.cast_counts(TensorClass(k)));
+    return c;
+  };
+  auto quantise_launches = [&](const OpProfileTable& t, const char* name) {
+    int64_t n = 0;
+    for (const OpTime& o : t.sorted())
+      if (o.op == name) n = o.launches;
+    return n;
+  };
+  float amax_a = -1.0f, amax_b = -1.0f, untouched = -7.0f;
+  MatmulSpec sa = spec, sb = spec;
+  sa.inp.amax = &amax_a;
+  sa.inp_cache = ca.t;
+  sb.inp.amax = &untouched;
+  sb.inp_cache = cb.t;
+  Fp8Output fo{act, spec.inp};
+  fo.q.amax = &amax_b;
+
+  gpu->reset_cast_counts();
+  if (ctx) ctx->start_profile();
+  gpu->layernorm_forward(gln.t, gmean_a.t, grstd_a.t, gx.t, glw.t, glb.t);
+  gpu->matmul_forward(out_a.t, gln.t, gw.t, gb.t, sa);
+  gpu->collect_stats();
+  if (ctx) {
+    EXPECT_EQ(quantise_launches(ctx->stop_profile(), "matmul: fp8 quantise"), 2);
+  }
+  const auto counts_a = counts(*gpu);
+  gpu->reset_cast_counts();
+  if (ctx) ctx->start_profile();
+  gpu->layernorm_forward_fp8(gq.t, gmean_b.t, grstd_b.t, gx.t, glw.t, glb.t, fo);
+  gpu->matmul_forward(out_b.t, gq.t, gw.t, gb.t, sb);
+  gpu->collect_stats();
+  if (ctx) {
+    const OpProfileTable t = ctx->stop_profile();
+    EXPECT_EQ(quantise_launches(t, "matmul: fp8 quantise"), 1) << "the weight's only";
+    EXPECT_EQ(quantise_launches(t, "matmul: fp8 transpose (inp stored quantised)"), 1);
+  }
+  const auto counts_b = counts(*gpu);
+  for (int k = 0; k < kTensorClasses; ++k) {
+    EXPECT_EQ(counts_a[k].values, counts_b[k].values) << k;
+    EXPECT_EQ(counts_a[k].overflow, counts_b[k].overflow) << k;
+    EXPECT_EQ(counts_a[k].underflow, counts_b[k].underflow) << k;
+  }
+  const CastCounts acts = counts_b[static_cast<int>(TensorClass::activation)];
+  EXPECT_GT(acts.overflow, 0);
+  EXPECT_GT(acts.underflow, 0);
+  EXPECT_EQ(amax_a, amax_b);
+  EXPECT_GT(amax_b, 0.0f);
+  EXPECT_EQ(untouched, -7.0f) << "a GEMM reading a stored quantised inp reports no amax";
+  EXPECT_EQ(from_gpu(*gpu, gmean_a, "mean"), from_gpu(*gpu, gmean_b, "mean (fp8)"));
+  EXPECT_EQ(from_gpu(*gpu, grstd_a, "rstd"), from_gpu(*gpu, grstd_b, "rstd (fp8)"));
+  EXPECT_EQ(from_gpu(*gpu, ca, "cache"), from_gpu(*gpu, cb, "cache (fp8)"));
+  EXPECT_EQ(from_gpu(*gpu, out_a, "out"), from_gpu(*gpu, out_b, "out (fp8)"));
+
+  for (bool cached : {true, false}) {
+    SCOPED_TRACE(cached ? "backward from the caches" : "backward from the inps");
+    MatmulSpec ba = sa, bb = sb;
+    if (!cached) ba.inp_cache = bb.inp_cache = Tensor();
+    Owned dxs = test::make(cpu, {N, C}, act), dws = test::randn_as(cpu, {OC, C}, F32, rng, 0.1);
+    Dev dx_a = to_gpu(*gpu, dxs.t), dx_b = to_gpu(*gpu, dxs.t), dw_a = to_gpu(*gpu, dws.t),
+        dw_b = to_gpu(*gpu, dws.t);
+    gpu->matmul_backward(dx_a.t, dw_a.t, Tensor(), gdout.t, gln.t, gw.t, ba);
+    gpu->matmul_backward(dx_b.t, dw_b.t, Tensor(), gdout.t, gq.t, gw.t, bb);
+    EXPECT_EQ(from_gpu(*gpu, dx_a, "dinp"), from_gpu(*gpu, dx_b, "dinp (fp8)"));
+    const std::vector<float> dw = from_gpu(*gpu, dw_a, "dweight");
+    EXPECT_EQ(dw, from_gpu(*gpu, dw_b, "dweight (fp8)"));
+    for (float v : dw) ASSERT_TRUE(std::isfinite(v));
+  }
+
+  // Against the CPU's fused op.
+  Owned q = test::make(cpu, {N, C}, fi), mean_c = test::make(cpu, {N}), rstd_c = test::make(cpu, {N});
+  float amax_c = -1.0f;
+  cpu.reset_cast_counts();
+  gpu->reset_cast_counts();
+  fo.q.amax = &amax_c;
+  cpu.layernorm_forward_fp8(q.t, mean_c.t, rstd_c.t, x.t, lw.t, lb.t, fo);
+  fo.q.amax = &amax_b;
+  gpu->layernorm_forward_fp8(gq.t, gmean_b.t, grstd_b.t, gx.t, glw.t, glb.t, fo);
+  gpu->collect_stats();
+  expect_same_counts(*gpu, cpu, "layernorm_forward_fp8");
+  const std::vector<double> none(static_cast<size_t>(N * C), 0.0);
+  expect_close("fp8 values", from_gpu(*gpu, gq, "fp8 values"), test::widened(q.t), none, fi);
+  expect_close("amax", {amax_b}, {amax_c}, {0.0}, act);
+  // Sums of C terms in another order: gamma_C times their magnitudes (|x| < 10, rstd < 1).
+  const std::vector<double> stat_tol(static_cast<size_t>(N), gamma32(double(C)) * 10);
+  expect_close("mean", from_gpu(*gpu, gmean_b, "mean"), test::widened(mean_c.t), stat_tol, F32);
+  expect_close("rstd", from_gpu(*gpu, grstd_b, "rstd"), test::widened(rstd_c.t), stat_tol, F32);
+}
+
+TEST(CudaMatmul, LayerNormFp8OutputIsLayerNormThenTheGemmsQuantisation) {
+  MPT_REQUIRE_GPU();
+  run_layernorm_fp8_case(BF, DType::e4m3, 48, 64, 96);
+  run_layernorm_fp8_case(BF, DType::e5m2, 48, 64, 96);
+  run_layernorm_fp8_case(F16, DType::e4m3, 32, 48, 16);
+  run_layernorm_fp8_case(F32, DType::e4m3, 64, 32, 48);
+  // GPT-2's width (the register kernel of 24 columns a lane) and rows over several tiles.
+  run_layernorm_fp8_case(BF, DType::e4m3, 528, 768, 64);
+  // A row too wide for the register kernels: the loop kernel.
+  run_layernorm_fp8_case(BF, DType::e4m3, 32, 1040, 32);
 }
 
 TEST(CudaMatmul, Fp8E5m2TimesE5m2Throws) {

@@ -256,7 +256,7 @@ TEST(OpCost, BytesFollowTheOpsContractsAndDtypes) {
   // dweight and dbias.
   auto x = t(DType::bf16, {10, 8}), g = t(DType::bf16, {8}), be_ = t(DType::bf16, {8}),
        y = t(DType::bf16, {10, 8}), mean = t(DType::f32, {10}), rstd = t(DType::f32, {10});
-  EXPECT_EQ(op_cost::layernorm_forward(y.t, mean.t, rstd.t, x.t, g.t, be_.t).bytes,
+  EXPECT_EQ(op_cost::layernorm_forward("layernorm_forward", y.t, mean.t, rstd.t, x.t, g.t, be_.t).bytes,
             160 + 16 + 16 + 160 + 40 + 40);
   auto dx = t(DType::bf16, {10, 8}), dg = t(DType::f32, {8}), dbeta = t(DType::f32, {8});
   EXPECT_EQ(op_cost::layernorm_backward(dx.t, dg.t, dbeta.t, y.t, x.t, g.t, mean.t, rstd.t).bytes,

@@ -915,6 +915,116 @@ TEST_F(PrecisionOps, Fp8InputCacheGivesTheBitsOfQuantisingAgain) {
     }
 }
 
+// layernorm_forward_fp8 (an Fp8Output) followed by a GEMM that reads its output as stored
+// quantised is layernorm_forward into round_to followed by the GEMM quantising that: the same fp8
+// values (the caches hold them), the same products, cast counts and amax; the GEMM given the fp8
+// tensor leaves its spec's amax alone. The backward, from the cache or from the fp8 inp itself,
+// gives the same bits too. Scales saturate the largest outputs, and three columns of tiny LN
+// weights underflow, so both kinds of count are exercised.
+TEST_F(PrecisionOps, Fp8OutputIsTheOpThenTheGemmsQuantisation) {
+  const int64_t N = 21, C = 40, OC = 36;
+  for (DType act : {DType::bf16, DType::f16, DType::f32})
+    for (DType fi : {DType::e4m3, DType::e5m2}) {
+      SCOPED_TRACE(std::string(dtype_name(act)) + " activations, " + dtype_name(fi));
+      Owned x = randn_as(be, {N, C}, act, rng, 2.0, 0.5);
+      // fp32 LayerNorm weights (as under fp32 master weights), three of them tiny: those
+      // columns' outputs (~1e-10) underflow in fp16 or in fp8.
+      Owned lw2 = randn_as(be, {C}, DType::f32, rng, 0.3, 1.0);
+      Owned lb2 = randn_as(be, {C}, DType::f32, rng, 0.3);
+      for (int c = 0; c < 3; ++c) lw2.f()[c] = 1e-10f, lb2.f()[c] = 0.0f;
+      Owned w = randn_as(be, {OC, C}, act, rng, 0.4), bias = randn_as(be, {OC}, act, rng);
+
+      // Unfused: the LayerNorm stored in act, the GEMM quantising it.
+      Owned ln = make(be, {N, C}, act), mean = make(be, {N}), rstd = make(be, {N});
+      be.layernorm_forward(ln.t, mean.t, rstd.t, x.t, lw2.t, lb2.t);
+      const float maxf = static_cast<float>(dtype_traits(fi).max_finite);
+      MatmulSpec spec(MatmulPrecision::fp8);
+      spec.inp = {fi, 1.5f * maxf / be.amax(ln.t), nullptr};
+      spec.weight = {DType::e4m3, 0.8f * 448.0f / be.amax(w.t), nullptr};
+      spec.dout = {DType::e5m2, 4096.0f, nullptr};
+      float amax_a = -1.0f, amax_b = -1.0f, untouched = -7.0f;
+      MatmulSpec sa = spec, sb = spec;
+      Owned cache_a = make(be, {N, C}, fi), cache_b = make(be, {N, C}, fi);
+      sa.inp.amax = &amax_a;
+      sa.inp_cache = cache_a.t;
+      sb.inp.amax = &untouched;
+      sb.inp_cache = cache_b.t;
+      Owned out_a = make(be, {N, OC}, act), out_b = make(be, {N, OC}, act);
+      be.reset_cast_counts();
+      be.layernorm_forward(ln.t, mean.t, rstd.t, x.t, lw2.t, lb2.t);
+      be.matmul_forward(out_a.t, ln.t, w.t, bias.t, sa);
+      const auto counts_a = counts_now(be);
+
+      // Fused: the LayerNorm stored quantised, the GEMM reading it as it is.
+      Owned q = make(be, {N, C}, fi), mean_b = make(be, {N}), rstd_b = make(be, {N});
+      Fp8Output fo{act, spec.inp};
+      fo.q.amax = &amax_b;
+      be.reset_cast_counts();
+      be.layernorm_forward_fp8(q.t, mean_b.t, rstd_b.t, x.t, lw2.t, lb2.t, fo);
+      be.matmul_forward(out_b.t, q.t, w.t, bias.t, sb);
+      expect_same(counts_a, counts_now(be));
+      const CastCounts ca = counts_a[static_cast<int>(TensorClass::activation)];
+      EXPECT_GT(ca.overflow, 0);
+      EXPECT_GT(ca.underflow, 0);
+      EXPECT_EQ(ca.values, (act == DType::f32 ? 1 : 2) * N * C + (act == DType::f32 ? 0 : N * OC));
+      EXPECT_EQ(amax_a, amax_b);
+      EXPECT_EQ(untouched, -7.0f) << "a GEMM reading a stored quantised inp reports no amax";
+      same_bits("mean", mean, mean_b);
+      same_bits("rstd", rstd, rstd_b);
+      same_bits("fp8 values (the caches)", cache_a, cache_b);
+      same_bits("fp8 values (the fused output)", cache_a, q);
+      same_bits("out", out_a, out_b);
+
+      // The backward: from the caches, and from the inps themselves.
+      Owned dout = randn_as(be, {N, OC}, act, rng, 0.5);
+      for (bool cached : {true, false}) {
+        SCOPED_TRACE(cached ? "backward from the caches" : "backward from the inps");
+        MatmulSpec ba = sa, bb = sb;
+        if (!cached) ba.inp_cache = bb.inp_cache = Tensor();
+        Owned dx_a = make(be, {N, C}, act), dx_b = make(be, {N, C}, act);
+        Owned dw_a = make(be, {OC, C}), dw_b = make(be, {OC, C});
+        be.reset_cast_counts();
+        be.matmul_backward(dx_a.t, dw_a.t, Tensor(), dout.t, ln.t, w.t, ba);
+        const auto back_a = counts_now(be);
+        be.reset_cast_counts();
+        be.matmul_backward(dx_b.t, dw_b.t, Tensor(), dout.t, q.t, w.t, bb);
+        expect_same(back_a, counts_now(be));
+        same_bits("dinp", dx_a, dx_b);
+        same_bits("dweight", dw_a, dw_b);
+      }
+
+      // A NaN in the input: the amax the fused op reports is NaN, as the GEMM's would be.
+      Owned xn = make(be, {N, C}, act);
+      std::memcpy(xn.t.data, x.t.data, x.t.bytes());
+      store_rounded(xn.t, 5 * C + 7, NAN);
+      float amax_nan = 0.0f;
+      fo.q.amax = &amax_nan;
+      be.layernorm_forward_fp8(q.t, mean_b.t, rstd_b.t, xn.t, lw2.t, lb2.t, fo);
+      EXPECT_TRUE(std::isnan(amax_nan));
+
+      // Refused: an output not of the format, a round_to not a float storage dtype, a bad
+      // scale; a GEMM given an fp8 inp of another format than its spec's.
+      Owned wrong = make(be, {N, C}, fi == DType::e4m3 ? DType::e5m2 : DType::e4m3);
+      EXPECT_THROW(be.layernorm_forward_fp8(wrong.t, mean_b.t, rstd_b.t, x.t, lw2.t, lb2.t, fo),
+                   RuntimeError);
+      EXPECT_THROW(be.layernorm_forward_fp8(ln.t, mean_b.t, rstd_b.t, x.t, lw2.t, lb2.t, fo),
+                   RuntimeError);
+      Fp8Output bad = fo;
+      bad.round_to = DType::e4m3;
+      EXPECT_THROW(be.layernorm_forward_fp8(q.t, mean_b.t, rstd_b.t, x.t, lw2.t, lb2.t, bad),
+                   RuntimeError);
+      bad = fo;
+      bad.q.scale = 0.0f;
+      EXPECT_THROW(be.layernorm_forward_fp8(q.t, mean_b.t, rstd_b.t, x.t, lw2.t, lb2.t, bad),
+                   RuntimeError);
+      MatmulSpec other = spec;
+      other.inp.format = fi == DType::e4m3 ? DType::e5m2 : DType::e4m3;
+      if (other.inp.format == DType::e5m2) other.weight.format = DType::e4m3;
+      EXPECT_THROW(be.matmul_forward(out_b.t, q.t, w.t, bias.t, other), RuntimeError);
+      EXPECT_THROW(be.matmul_forward(out_b.t, q.t, w.t, bias.t, MatmulSpec()), RuntimeError);
+    }
+}
+
 TEST_F(PrecisionOps, Residual) {
   for (const Policy& pol : kPolicies) {
     SCOPED_TRACE(pol.name);

@@ -1,6 +1,7 @@
 #include "backend/backend.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "backend/cpu/cpu_backend.h"
 #if MPT_HAVE_CUDA
@@ -136,6 +137,27 @@ void check_adamw_update_many(const std::vector<AdamWTensors>& all) {
 void Backend::adamw_update_many(const std::vector<AdamWTensors>& all, AdamWStats* stats) {
   check_adamw_update_many(all);  // every tensor before the first is written
   for (const AdamWTensors& t : all) adamw_update(t.param, t.master, t.grad, t.m, t.v, t.p, stats);
+}
+
+bool matmul_inp_quantised(const Tensor& inp, const MatmulSpec& spec) {
+  return spec.prec == MatmulPrecision::fp8 && inp.defined() && inp.dtype == spec.inp.format;
+}
+
+void check_fp8_output(const char* op, const Tensor& out, const Fp8Output& fp8) {
+  const std::string where = std::string(op) + ": ";
+  if (fp8.q.format != DType::e4m3 && fp8.q.format != DType::e5m2)
+    throw RuntimeError(where + "fp8 output format must be e4m3 or e5m2, got " +
+                       dtype_name(fp8.q.format));
+  if (!out.defined() || out.dtype != fp8.q.format)
+    throw RuntimeError(where + "argument 'out' expected a tensor of the fp8 output format " +
+                       dtype_name(fp8.q.format) + ", got " +
+                       (out.defined() ? dtype_name(out.dtype) : "undefined"));
+  if (fp8.round_to != DType::f32 && fp8.round_to != DType::f16 && fp8.round_to != DType::bf16)
+    throw RuntimeError(where + "fp8 output round_to must be fp32, fp16 or bf16, got " +
+                       dtype_name(fp8.round_to));
+  if (!(std::isfinite(fp8.q.scale) && fp8.q.scale > 0.0f))
+    throw RuntimeError(where + "fp8 output scale must be finite and > 0, got " +
+                       std::to_string(fp8.q.scale));
 }
 
 void check_crossentropy_args(const Tensor& losses, const Tensor& logits, const Tensor& inp,

@@ -53,12 +53,16 @@ struct Fp8Operand {
 struct MatmulSpec {
   MatmulPrecision prec = MatmulPrecision::native;
   // fp8 only: the forward reads inp and weight; the backward reads dout, weight and inp.
+  // inp may be stored already quantised: a tensor of dtype inp.format holding what quantising
+  // with inp.scale gave (an op's Fp8Output, below). Such an inp is read as it is: not quantised,
+  // counted or reduced to an amax again (its producer did that), and inp.amax is not written.
   Fp8Operand inp, weight, dout;
   // fp8 only, optional: where a forward leaves inp's quantised values for the backward, so that
   // the backward need not quantise inp again. A tensor of dtype inp.format and inp's element
   // count, laid out as the backend chooses (the CUDA backend keeps the transposed copy its
   // weight-gradient GEMM reads). matmul_forward and its fused forms write it (a CUDA forward in
-  // the pass that quantises inp anyway); matmul_backward reads it in place of inp's
+  // the pass that quantises inp anyway, or for an inp stored quantised in a pass that transposes
+  // its bytes); matmul_backward reads it in place of inp's
   // quantisation and reads nothing of inp but its shape and address, so the caller may reuse
   // inp's memory in between, but not the cache's. A backward whose cache was last written for
   // another inp tensor, format or scale (or never) is refused (Fp8InpCaches).
@@ -70,6 +74,20 @@ struct MatmulSpec {
 
   MatmulSpec() = default;
   MatmulSpec(MatmulPrecision p) : prec(p) {}  // NOLINT: implicit, most calls name a precision
+};
+
+// An activation an op stores quantised for the fp8 GEMM that reads it next, in place of storing
+// it in `round_to` for that GEMM to quantise (layernorm_forward_fp8): each value is rounded to
+// round_to (fp32, fp16 or bf16) as the op would store it, then quantised as that GEMM's
+// MatmulSpec::inp would quantise a tensor of round_to: q = saturate(RNE(x * q.scale)) in
+// q.format, max |x| to q.amax. Both casts are counted as activations, as the two ops would count
+// them. So the fp8 values, the counts and the amax are those of the two ops, and the GEMM, given
+// the fp8 tensor as its inp and `q` as its spec.inp, computes the same product; what it saves is
+// the round_to copy's write and the GEMM's read of it. Delayed scaling only: the scale must be
+// known before the values are (current scaling derives it from the tensor's own amax).
+struct Fp8Output {
+  DType round_to = DType::bf16;
+  Fp8Operand q;
 };
 
 // What the last forward wrote into each fp8 input cache (MatmulSpec::inp_cache), kept by a
@@ -254,6 +272,10 @@ class Backend {
   // out(N,C) writes = (inp - mean) * rstd * weight + bias; mean, rstd (N) write, in fp32.
   virtual void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight,
                                  Tensor bias) = 0;
+  // layernorm_forward's values stored as `fp8` says (Fp8Output): out(N,C) of dtype fp8.q.format
+  // writes; mean, rstd as layernorm_forward.
+  virtual void layernorm_forward_fp8(Tensor out, Tensor mean, Tensor rstd, Tensor inp,
+                                     Tensor weight, Tensor bias, const Fp8Output& fp8) = 0;
   // dinp(N,C) accumulates (it is the residual stream's gradient); dweight, dbias (C) accumulate.
   virtual void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                                   Tensor inp, Tensor weight, Tensor mean, Tensor rstd) = 0;
@@ -391,6 +413,12 @@ void check_adamw_update_many(const std::vector<AdamWTensors>& all);
 // one element is refused too: a batched update reads and writes them concurrently). Throws
 // RuntimeError naming both, as "tensor 3's m and tensor 7's param".
 void check_adamw_disjoint(const std::vector<AdamWTensors>& all);
+// Whether a matmul's inp is stored quantised (MatmulSpec::inp): an fp8 spec and inp of dtype
+// spec.inp.format.
+bool matmul_inp_quantised(const Tensor& inp, const MatmulSpec& spec);
+// The checks of an op's Fp8Output: out defined, of dtype fp8.q.format (e4m3 or e5m2), round_to
+// fp32, fp16 or bf16, a finite scale > 0. Throws RuntimeError naming `op`.
+void check_fp8_output(const char* op, const Tensor& out, const Fp8Output& fp8);
 // matmul_crossentropy's three: logits apart from inp, losses and targets.
 void check_crossentropy_args(const Tensor& losses, const Tensor& logits, const Tensor& inp,
                              const Tensor& targets);

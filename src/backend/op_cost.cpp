@@ -100,9 +100,10 @@ OpCost embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& 
   return bytes_op("embedding_backward", b(dout) + b(tokens), acc);
 }
 
-OpCost layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd,
-                         const Tensor& inp, const Tensor& weight, const Tensor& bias) {
-  return bytes_op("layernorm_forward", b(inp) + b(weight) + b(bias), b(out) + b(mean) + b(rstd));
+OpCost layernorm_forward(const char* op, const Tensor& out, const Tensor& mean,
+                         const Tensor& rstd, const Tensor& inp, const Tensor& weight,
+                         const Tensor& bias) {
+  return bytes_op(op, b(inp) + b(weight) + b(bias), b(out) + b(mean) + b(rstd));
 }
 
 OpCost layernorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
@@ -336,8 +337,21 @@ void TracingBackend::embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, T
 
 void TracingBackend::layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp,
                                        Tensor weight, Tensor bias) {
-  traced([&] { return op_cost::layernorm_forward(out, mean, rstd, inp, weight, bias); },
-         [&] { inner_->layernorm_forward(out, mean, rstd, inp, weight, bias); });
+  traced(
+      [&] {
+        return op_cost::layernorm_forward("layernorm_forward", out, mean, rstd, inp, weight, bias);
+      },
+      [&] { inner_->layernorm_forward(out, mean, rstd, inp, weight, bias); });
+}
+
+void TracingBackend::layernorm_forward_fp8(Tensor out, Tensor mean, Tensor rstd, Tensor inp,
+                                           Tensor weight, Tensor bias, const Fp8Output& fp8) {
+  traced(
+      [&] {
+        return op_cost::layernorm_forward("layernorm_forward_fp8", out, mean, rstd, inp, weight,
+                                          bias);
+      },
+      [&] { inner_->layernorm_forward_fp8(out, mean, rstd, inp, weight, bias, fp8); });
 }
 
 void TracingBackend::layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,

@@ -57,8 +57,10 @@ OpCost embedding_forward(const Tensor& out, const Tensor& tokens, const Tensor& 
                          const Tensor& wpe);
 OpCost embedding_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
                           const Tensor& tokens);
-OpCost layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd,
-                         const Tensor& inp, const Tensor& weight, const Tensor& bias);
+// layernorm_forward, and layernorm_forward_fp8 (op names it; out is its fp8 tensor).
+OpCost layernorm_forward(const char* op, const Tensor& out, const Tensor& mean,
+                         const Tensor& rstd, const Tensor& inp, const Tensor& weight,
+                         const Tensor& bias);
 OpCost layernorm_backward(const Tensor& dinp, const Tensor& dweight, const Tensor& dbias,
                           const Tensor& dout, const Tensor& inp, const Tensor& weight,
                           const Tensor& mean, const Tensor& rstd);
@@ -148,6 +150,8 @@ class TracingBackend final : public Backend {
   void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) override;
   void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight,
                          Tensor bias) override;
+  void layernorm_forward_fp8(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight,
+                             Tensor bias, const Fp8Output& fp8) override;
   void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
                           Tensor weight, Tensor mean, Tensor rstd) override;
   void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,

@@ -49,6 +49,8 @@ class CpuBackend : public Backend {
   void embedding_backward(Tensor dwte, Tensor dwpe, Tensor dout, Tensor tokens) override;
   void layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight,
                          Tensor bias) override;
+  void layernorm_forward_fp8(Tensor out, Tensor mean, Tensor rstd, Tensor inp, Tensor weight,
+                             Tensor bias, const Fp8Output& fp8) override;
   void layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout, Tensor inp,
                           Tensor weight, Tensor mean, Tensor rstd) override;
   void matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
@@ -111,7 +113,9 @@ class CpuBackend : public Backend {
   // A matmul operand as the multiplications see it (fp32 values): the widened tensor, rounded
   // to tf32 or quantised to fp8 per `spec` (in `scratch` when the widened tensor is the caller's
   // own fp32 memory, which must not change). For fp8 returns the inverse scale in *scale_inv
-  // and adds the quantisation's cast counts to *counts (when given).
+  // and adds the quantisation's cast counts to *counts (when given); a tensor of dtype q.format
+  // is taken as quantised already (MatmulSpec::inp): widened, not counted, no amax.
+  // The callers check which operands may be stored quantised (inp only).
   const float* matmul_operand(Tensor t, Slot slot, const MatmulSpec& spec, const Fp8Operand& q,
                               CastCounts* counts, int scratch, float* scale_inv);
   CastCounts& counts_of(TensorClass c) { return counts_[static_cast<int>(c)]; }
@@ -120,6 +124,9 @@ class CpuBackend : public Backend {
   // cache into scratch instead of quantising inp again (matmul_backward has checked that it
   // holds inp under spec.inp).
   void store_inp_cache(const MatmulSpec& spec, const Tensor& inp, const float* x);
+  // out (fp8.q.format) = the two casts of Fp8Output applied to x (n = out's elements), counted
+  // as activations; the amax to fp8.q.amax.
+  void store_fp8(Tensor out, const float* x, const Fp8Output& fp8);
   const float* load_inp_cache(const MatmulSpec& spec, const Tensor& inp, float* scale_inv);
 
   int threads_;

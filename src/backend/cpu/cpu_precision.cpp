@@ -8,6 +8,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/cpu_common.h"
@@ -29,6 +30,12 @@ void expect_float(const char* op, const char* arg, const Tensor& t, Shape shape)
     throw RuntimeError(std::string(op) + ": argument '" + arg + "' expected a float tensor " +
                        "(fp32, fp16 or bf16) of shape " + shape.str() + ", got " +
                        (t.defined() ? dtype_name(t.dtype) : "undefined") + t.shape.str());
+}
+
+// A matmul's inp: a float tensor, or one stored quantised (MatmulSpec::inp).
+void expect_matmul_inp(const char* op, const Tensor& t, Shape shape, const MatmulSpec& spec) {
+  if (matmul_inp_quantised(t, spec) && t.shape == shape) return;
+  expect_float(op, "inp", t, shape);
 }
 
 // ---- conversions
@@ -394,6 +401,16 @@ void CpuBackend::layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor 
   commit(out, o, TensorClass::activation);
 }
 
+void CpuBackend::layernorm_forward_fp8(Tensor out, Tensor mean, Tensor rstd, Tensor inp,
+                                       Tensor weight, Tensor bias, const Fp8Output& fp8) {
+  check_fp8_output("layernorm_forward_fp8", out, fp8);
+  // layernorm_forward_f32 checks the shapes (of an fp32 view of out's shape).
+  const Tensor o(staging(kOut, out.numel()), DType::f32, out.shape);
+  layernorm_forward_f32(o, mean, rstd, widen(inp, kIn0), widen(weight, kWeight),
+                        widen(bias, kBias));
+  store_fp8(out, o.as<float>(), fp8);
+}
+
 void CpuBackend::layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                                     Tensor inp, Tensor weight, Tensor mean, Tensor rstd) {
   const Tensor dx = output(dinp, kOut, true), dw = output(dweight, kGrad0, true),
@@ -468,6 +485,14 @@ const float* CpuBackend::matmul_operand(Tensor t, Slot slot, const MatmulSpec& s
             std::string("fp8 matmul: operand format must be e4m3 or e5m2, got ") +
                 dtype_name(q.format));
   MPT_CHECK(std::isfinite(q.scale) && q.scale > 0.0f, "fp8 matmul: scale must be finite and > 0");
+  if (t.dtype == q.format) {
+    // Stored quantised (MatmulSpec::inp): its values as they are, in the slot a 16-bit operand
+    // widens into (so the workspace is the same).
+    float* y = staging(slot, t.numel());
+    widen_into(t.data, t.dtype, y, t.numel(), threads_);
+    *scale_inv = 1.0f / q.scale;
+    return y;
+  }
   MPT_CHECK(t.dtype == DType::f32 || is_staged_dtype(t.dtype),
             std::string("fp8 matmul: operand must be fp32, fp16 or bf16, got ") +
                 dtype_name(t.dtype));
@@ -519,6 +544,106 @@ void CpuBackend::store_inp_cache(const MatmulSpec& spec, const Tensor& inp, cons
   fp8_caches_->wrote(spec, inp);
 }
 
+namespace {
+
+// One value's first cast of Fp8Output, to round_to: the rounded value, with the cast counted as
+// narrow_block counts it (into the low and high halves of *counts, as quantise_block does).
+struct RoundBf16 {
+  static float round(float x, uint32_t max_bits, uint32_t& counts) {
+    const uint32_t b = fast::bf16_bits(x);
+    const uint32_t a = detail::float_to_bits(x) & 0x7FFFFFFFu;
+    counts += uint32_t((a > max_bits) & (a <= kMaxFiniteBits)) |
+              (uint32_t((a != 0) & ((b & 0x7FFFu) == 0)) << 16);
+    return fast::to_float(bf16::from_bits(static_cast<uint16_t>(b)));
+  }
+};
+struct RoundF16 {
+  static float round(float x, uint32_t max_bits, uint32_t& counts) {
+    const uint32_t b = fast::f16_bits(x);
+    const uint32_t a = detail::float_to_bits(x) & 0x7FFFFFFFu;
+    counts += uint32_t((a > max_bits) & (a <= kMaxFiniteBits)) |
+              (uint32_t((a != 0) & ((b & 0x7FFFu) == 0)) << 16);
+    return fast::widen_tables().f16[b];
+  }
+};
+struct RoundF32 {  // an fp32 value stored as fp32: no cast
+  static float round(float x, uint32_t, uint32_t&) { return x; }
+};
+
+// out[i] = fp8 bits of saturate(RNE(round(x[i]) * scale)); both casts counted (the first only
+// when Round narrows), max |round(x[i])| returned in *amax. Blocks of kCountBlock, as
+// quantise_loop, so that the 16-bit counters cannot overflow.
+template <class Round, class ToBits>
+void store_fp8_loop(const float* x, uint8_t* out, int64_t n, DType round_to, float scale,
+                    float fp8_max, ToBits to_bits, bool narrows, CastCounts* rounded,
+                    CastCounts* quantised, float* amax, int threads) {
+  const uint32_t round_max =
+      narrows ? detail::float_to_bits(static_cast<float>(dtype_traits(round_to).max_finite)) : 0;
+  const uint32_t q_max = detail::float_to_bits(fp8_max);
+  const int64_t blocks = (n + kCountBlock - 1) / kCountBlock;
+  int64_t r_over = 0, r_under = 0, q_over = 0, q_under = 0;
+  int32_t m = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    reduction(+ : r_over, r_under, q_over, q_under) reduction(max : m)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t i0 = b * kCountBlock, i1 = std::min(n, i0 + kCountBlock);
+    uint32_t rc = 0, qc = 0;
+    int32_t bm = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const float w = Round::round(x[i], round_max, rc);
+      const int32_t a = magnitude_bits(w);
+      bm = a > bm ? a : bm;
+      const float s = w * scale;
+      const uint32_t q = to_bits(s);
+      out[i] = static_cast<uint8_t>(q);
+      const uint32_t sa = detail::float_to_bits(s) & 0x7FFFFFFFu;
+      qc += uint32_t((sa > q_max) & (sa <= kMaxFiniteBits)) |
+            (uint32_t((sa != 0) & ((q & 0x7Fu) == 0)) << 16);
+    }
+    r_over += rc & 0xFFFFu;
+    r_under += rc >> 16;
+    q_over += qc & 0xFFFFu;
+    q_under += qc >> 16;
+    m = bm > m ? bm : m;
+  }
+  *rounded = {narrows ? n : 0, r_over, r_under};
+  *quantised = {n, q_over, q_under};
+  *amax = amax_value(m);
+}
+
+}  // namespace
+
+void CpuBackend::store_fp8(Tensor out, const float* x, const Fp8Output& fp8) {
+  const int64_t n = out.numel();
+  auto* o = static_cast<uint8_t*>(out.data);
+  const float maxf = static_cast<float>(dtype_traits(fp8.q.format).max_finite);
+  CastCounts rounded, quantised;
+  float amax = 0.0f;
+  auto run = [&](auto round, auto to_bits) {
+    using Round = decltype(round);
+    store_fp8_loop<Round>(x, o, n, fp8.round_to, fp8.q.scale, maxf, to_bits,
+                          !std::is_same_v<Round, RoundF32>, &rounded, &quantised, &amax,
+                          threads_);
+  };
+  auto with_format = [&](auto round) {
+    if (fp8.q.format == DType::e4m3)
+      run(round, [](float v) { return fast::e4m3_bits(v); });
+    else
+      run(round, [](float v) { return fast::e5m2_bits(v); });
+  };
+  switch (fp8.round_to) {
+    case DType::bf16: with_format(RoundBf16{}); break;
+    case DType::f16: with_format(RoundF16{}); break;
+    default: with_format(RoundF32{}); break;
+  }
+  fp8_caches_->forget(out.data, out.bytes());  // a cache written over by other means is stale
+  if (counting_) {
+    counts_of(TensorClass::activation) += rounded;
+    counts_of(TensorClass::activation) += quantised;
+  }
+  if (fp8.q.amax) *fp8.q.amax = amax;
+}
+
 const float* CpuBackend::load_inp_cache(const MatmulSpec& spec, const Tensor& inp,
                                         float* scale_inv) {
   const auto* c = static_cast<const uint8_t*>(spec.inp_cache.data);
@@ -539,7 +664,7 @@ const float* CpuBackend::load_inp_cache(const MatmulSpec& spec, const Tensor& in
 void CpuBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bias,
                                 const MatmulSpec& spec) {
   const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
-  expect_float("matmul_forward", "inp", inp.reshape({N, C}), {N, C});
+  expect_matmul_inp("matmul_forward", inp.reshape({N, C}), {N, C}, spec);
   expect_float("matmul_forward", "weight", weight, {OC, C});
   expect_float("matmul_forward", "out", out.reshape({N, OC}), {N, OC});
   if (spec.inp_cache.defined()) Fp8InpCaches::check("matmul_forward", spec, inp);
@@ -571,7 +696,7 @@ void CpuBackend::matmul_forward(Tensor out, Tensor inp, Tensor weight, Tensor bi
 void CpuBackend::matmul_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                                  Tensor inp, Tensor weight, const MatmulSpec& spec) {
   const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
-  expect_float("matmul_backward", "inp", inp.reshape({N, C}), {N, C});
+  expect_matmul_inp("matmul_backward", inp.reshape({N, C}), {N, C}, spec);
   expect_float("matmul_backward", "weight", weight, {OC, C});
   expect_float("matmul_backward", "dout", dout.reshape({N, OC}), {N, OC});
   expect_float("matmul_backward", "dweight", dweight, {OC, C});

@@ -142,6 +142,10 @@ void CudaBackend::layernorm_forward(Tensor out, Tensor mean, Tensor rstd, Tensor
                                     Tensor weight, Tensor bias) {
   cuda::layernorm_forward(*ctx_, out, mean, rstd, inp, weight, bias);
 }
+void CudaBackend::layernorm_forward_fp8(Tensor out, Tensor mean, Tensor rstd, Tensor inp,
+                                        Tensor weight, Tensor bias, const Fp8Output& fp8) {
+  cuda::layernorm_forward(*ctx_, out, mean, rstd, inp, weight, bias, &fp8);
+}
 void CudaBackend::layernorm_backward(Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,
                                      Tensor inp, Tensor weight, Tensor mean, Tensor rstd) {
   cuda::layernorm_backward(*ctx_, dinp, dweight, dbias, dout, inp, weight, mean, rstd);

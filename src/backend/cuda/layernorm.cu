@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/fp8_math.cuh"
 
 namespace mpt::cuda {
 namespace {
@@ -25,8 +26,41 @@ constexpr float kLayerNormEps = 1e-5f;
 constexpr int kRowsPerBlock = kBlock / 32;  // one warp per row
 // Rows per partial sum of dweight/dbias: layernorm_row_chunk() (workspace_plan.h).
 
+// How the forward kernels store out: rounded to T (PlainOut), or as Fp8Output says, rounded to
+// T and then quantised to fp8 with the GEMM's scale and quantise_one, the amax of the rounded
+// values reduced as the quantise kernels reduce it (Fp8Out). put() stores element i; every lane
+// of a warp calls finish() once, after its last put().
 template <class T>
-__global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const void* inp,
+struct PlainOut {
+  T* out;
+  __device__ __forceinline__ void put(int64_t i, float y, CastTally& tally) {
+    store_counted(out, i, y, tally);
+  }
+  __device__ __forceinline__ void finish(CastTally& tally, unsigned long long* counters) {
+    if (kNarrow<T>) tally.flush(counters);
+  }
+};
+
+template <class T, bool kE4M3>
+struct Fp8Out {
+  uint8_t* out;
+  float scale;
+  unsigned* amax_bits;  // null: no amax wanted
+  unsigned am;          // this thread's largest magnitude so far; 0 at launch
+  __device__ __forceinline__ void put(int64_t i, float y, CastTally& tally) {
+    const T r = store<T>(y);
+    const float v = load<T>(r);
+    if (kNarrow<T>) tally.add(y, v, max_finite<T>());
+    out[i] = quantise_one<kE4M3>(v, scale, am, tally);
+  }
+  __device__ __forceinline__ void finish(CastTally& tally, unsigned long long* counters) {
+    tally.flush(counters);
+    flush_amax(am, amax_bits);
+  }
+};
+
+template <class Out>
+__global__ void layernorm_forward_kernel(Out out, float* mean, float* rstd, const void* inp,
                                          DType di, const void* weight, DType dw, const void* bias,
                                          DType db, int64_t N, int64_t C,
                                          unsigned long long* counters) {
@@ -48,14 +82,14 @@ __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const
     for (int64_t c = lane; c < C; c += 32) {
       const float norm = __fmul_rn(__fsub_rn(load_any(inp, di, row + c), m), s);
       const float y = __fadd_rn(__fmul_rn(norm, load_any(weight, dw, c)), load_any(bias, db, c));
-      store_counted(out, row + c, y, tally);
+      out.put(row + c, y, tally);
     }
     if (lane == 0) {
       mean[n] = m;
       rstd[n] = s;
     }
   }
-  if (kNarrow<T>) tally.flush(counters);
+  out.finish(tally, counters);
 }
 
 // dinp += (dnorm - mean(dnorm) - norm * mean(dnorm * norm)) * rstd, dnorm = weight * dout.
@@ -121,9 +155,9 @@ __device__ __forceinline__ void load_cols(float (&v)[kCols], const void* p, DTyp
 }
 
 // layernorm_forward_kernel's rows from registers: the same operations in the same order.
-template <class T, int kCols>
+template <class Out, int kCols>
 __global__ void __launch_bounds__(kBlock)
-    layernorm_forward_regs_kernel(T* out, float* mean, float* rstd, const void* inp, DType di,
+    layernorm_forward_regs_kernel(Out out, float* mean, float* rstd, const void* inp, DType di,
                                   const void* weight, DType dw, const void* bias, DType db,
                                   int64_t N, int64_t C, unsigned long long* counters) {
   CastTally tally;
@@ -155,7 +189,7 @@ __global__ void __launch_bounds__(kBlock)
       const int64_t c = lane + 32 * k;
       if (c < C) {
         const float norm = __fmul_rn(__fsub_rn(x[k], m), s);
-        store_counted(out, row + c, __fadd_rn(__fmul_rn(norm, w[k]), b[k]), tally);
+        out.put(row + c, __fadd_rn(__fmul_rn(norm, w[k]), b[k]), tally);
       }
     }
     if (lane == 0) {
@@ -163,7 +197,7 @@ __global__ void __launch_bounds__(kBlock)
       rstd[n] = s;
     }
   }
-  if (kNarrow<T>) tally.flush(counters);
+  out.finish(tally, counters);
 }
 
 // Block blockIdx.x takes the rows of chunk blockIdx.x (row_chunk rows), its warps rows
@@ -321,38 +355,62 @@ void rows_of(const char* op, const Tensor& inp, int64_t* N, int64_t* C) {
 }  // namespace
 
 void layernorm_forward(Context& ctx, Tensor out, Tensor mean, Tensor rstd, Tensor inp,
-                       Tensor weight, Tensor bias) {
-  const char* op = "layernorm_forward";
+                       Tensor weight, Tensor bias, const Fp8Output* fp8) {
+  const char* op = fp8 ? "layernorm_forward_fp8" : "layernorm_forward";
   int64_t N, C;
   rows_of(op, inp, &N, &C);
   expect_float(op, "inp", as_shape(inp, {N, C}), {N, C});
-  expect_float(op, "out", as_shape(out, {N, C}), {N, C});
+  if (fp8) {
+    check_fp8_output(op, out, *fp8);
+    if (out.numel() != N * C || out.shape.ndim < 1 || out.dim(-1) != C)
+      throw RuntimeError(std::string(op) + ": argument 'out' expected inp's shape " +
+                         inp.shape.str() + ", got " + out.shape.str());
+  } else {
+    expect_float(op, "out", as_shape(out, {N, C}), {N, C});
+  }
   expect_stats(op, "mean", mean, N);
   expect_stats(op, "rstd", rstd, N);
   expect_float(op, "weight", weight, {C});
   expect_float(op, "bias", bias, {C});
+  if (fp8) ctx.fp8_inp_caches().forget(out.data, out.bytes());  // written by other means
   if (N == 0) return;
   unsigned long long* counters = ctx.cast_counters(TensorClass::activation);
   const unsigned blocks = static_cast<unsigned>((N + kRowsPerBlock - 1) / kRowsPerBlock);
   const int cols = register_cols(C);
-  MPT_DISPATCH_FLOAT(out.dtype, "layernorm_forward: out", [&] {
-    auto* o = static_cast<T*>(out.data);
-    auto* mu = static_cast<float*>(mean.data);
-    auto* rs = static_cast<float*>(rstd.data);
+  auto* mu = static_cast<float*>(mean.data);
+  auto* rs = static_cast<float*>(rstd.data);
+  auto launch = [&](auto o) {
+    using Out = decltype(o);
     if (cols == 0) {
-      layernorm_forward_kernel<T><<<blocks, kBlock, 0, ctx.stream()>>>(
+      layernorm_forward_kernel<Out><<<blocks, kBlock, 0, ctx.stream()>>>(
           o, mu, rs, inp.data, inp.dtype, weight.data, weight.dtype, bias.data, bias.dtype, N, C,
           counters);
       return;
     }
     with_register_cols(cols, [&](auto k) {
-      layernorm_forward_regs_kernel<T, decltype(k)::value><<<blocks, kBlock, 0, ctx.stream()>>>(
+      layernorm_forward_regs_kernel<Out, decltype(k)::value><<<blocks, kBlock, 0, ctx.stream()>>>(
           o, mu, rs, inp.data, inp.dtype, weight.data, weight.dtype, bias.data, bias.dtype, N, C,
           counters);
     });
+  };
+  if (!fp8) {
+    MPT_DISPATCH_FLOAT(out.dtype, "layernorm_forward: out",
+                       [&] { launch(PlainOut<T>{static_cast<T*>(out.data)}); });
+    MPT_LAUNCH_CHECK(ctx, op);
+    if (out.dtype != DType::f32) ctx.add_cast_values(TensorClass::activation, N * C);
+    return;
+  }
+  auto* q = static_cast<uint8_t*>(out.data);
+  unsigned* amax_bits = fp8->q.amax ? ctx.amax_report(fp8->q.amax) : nullptr;
+  MPT_DISPATCH_FLOAT(fp8->round_to, "layernorm_forward_fp8: round_to", [&] {
+    if (fp8->q.format == DType::e4m3)
+      launch(Fp8Out<T, true>{q, fp8->q.scale, amax_bits, 0u});
+    else
+      launch(Fp8Out<T, false>{q, fp8->q.scale, amax_bits, 0u});
   });
   MPT_LAUNCH_CHECK(ctx, op);
-  if (out.dtype != DType::f32) ctx.add_cast_values(TensorClass::activation, N * C);
+  // Both casts, as layernorm_forward's store and the GEMM's quantisation count them.
+  ctx.add_cast_values(TensorClass::activation, (fp8->round_to != DType::f32 ? 2 : 1) * N * C);
 }
 
 void layernorm_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,

@@ -50,6 +50,7 @@
 
 #include "backend/cuda/classifier.cuh"
 #include "backend/cuda/cuda_common.cuh"
+#include "backend/cuda/fp8_math.cuh"
 #include "backend/cuda/gelu.cuh"
 #include "backend/cuda/gelu_math.cuh"
 #include "backend/cuda/gemm.h"
@@ -62,9 +63,12 @@ namespace {
 
 // A float argument holding `shape`'s elements with its last dimension (leading dimensions may
 // be split: inp may be (B,T,C) for (N,C)).
-void expect_matrix(const char* op, const char* arg, const Tensor& t, Shape shape) {
+// `quantised`: an inp stored quantised (MatmulSpec::inp), whose fp8 dtype the caller checked.
+void expect_matrix(const char* op, const char* arg, const Tensor& t, Shape shape,
+                   bool quantised = false) {
   const bool ok = t.defined() &&
-                  (t.dtype == DType::f32 || t.dtype == DType::f16 || t.dtype == DType::bf16) &&
+                  (quantised || t.dtype == DType::f32 || t.dtype == DType::f16 ||
+                   t.dtype == DType::bf16) &&
                   t.numel() == shape.numel() && t.dim(-1) == shape[shape.ndim - 1];
   if (!ok)
     throw RuntimeError(std::string(op) + ": argument '" + arg + "' expected a float tensor " +
@@ -76,29 +80,6 @@ void expect_matrix(const char* op, const char* arg, const Tensor& t, Shape shape
 
 constexpr int kTile = 32;
 constexpr int kTileRows = 8;  // blockDim (32, 8): each thread handles 4 elements of a tile
-
-// One element's fp8 cast, as the quantise kernels (and the CPU) make it: q = saturate(RNE(v *
-// scale)); max |v| kept in *am as magnitude bits (NaN's exceed infinity's); the cast counted.
-template <bool kE4M3>
-__device__ __forceinline__ uint8_t quantise_one(float v, float scale, unsigned& am,
-                                                CastTally& tally) {
-  const unsigned mag = __float_as_uint(v) & 0x7FFFFFFFu;
-  am = mag > am ? mag : am;
-  const float s = __fmul_rn(v, scale);
-  const uint8_t q = static_cast<uint8_t>(
-      __nv_cvt_float_to_fp8(s, __NV_SATFINITE, kE4M3 ? __NV_E4M3 : __NV_E5M2));
-  // stored == 0 exactly when the magnitude bits are zero (a NaN stays NaN: not counted).
-  tally.add(s, (q & 0x7Fu) ? 1.0f : 0.0f, kE4M3 ? 448.0f : 57344.0f);
-  return q;
-}
-
-// A warp's amax into *amax_bits (when given): one integer atomicMax per warp, order-independent.
-// Every lane of the warp must call it.
-__device__ __forceinline__ void flush_amax(unsigned am, unsigned* amax_bits) {
-  if (!amax_bits) return;
-  am = __reduce_max_sync(0xFFFFFFFFu, am);
-  if ((threadIdx.x & 31) == 0 && am) atomicMax(amax_bits, am);
-}
 
 // The inverse scales an fp8 GEMM reads through its scale pointers (Context::fp8_scale_words:
 // inp, weight, dout), written by the quantise pass that runs last before the GEMM rather than by
@@ -237,6 +218,31 @@ quantise_strip_kernel(const Tin* __restrict__ x, int64_t rows, int64_t cols, flo
   }
   if (counters) tally.flush(counters);
   flush_amax(am, amax_bits);
+}
+
+// yt (cols, rows) = x (rows, cols) transposed, bytes: an inp stored quantised (MatmulSpec::inp)
+// to the transposed copy the wgrad GEMM reads (quantise_kernel's transposition without the
+// cast). Tiles of kTile x kTile through shared memory, blockDim (kTile, kTileRows): each warp
+// reads and writes 32 consecutive bytes, one sector. The grid's y dimension strides over the
+// row tiles (at most 65535 blocks).
+__global__ void transpose_bytes_kernel(const uint8_t* __restrict__ x, int64_t rows, int64_t cols,
+                                       uint8_t* __restrict__ yt) {
+  __shared__ uint8_t tile[kTile][kTile + 1];
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  for (int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile; r0 < rows;
+       r0 += static_cast<int64_t>(gridDim.y) * kTile) {
+    for (int j = ty; j < kTile; j += kTileRows) {
+      const int64_t r = r0 + j, c = c0 + tx;
+      if (r < rows && c < cols) tile[j][tx] = x[r * cols + c];
+    }
+    __syncthreads();
+    for (int j = ty; j < kTile; j += kTileRows) {
+      const int64_t c = c0 + j, r = r0 + tx;  // yt[c][r] = tile[r - r0][c - c0]
+      if (r < rows && c < cols) yt[c * rows + r] = tile[tx][j];
+    }
+    __syncthreads();  // the tile is refilled for the next row tile
+  }
 }
 
 template <class T>
@@ -442,6 +448,18 @@ void quantise(Context& ctx, Tensor t, int64_t rows, int64_t cols, const Fp8Opera
   if (count) ctx.add_cast_values(cls, rows * cols);
 }
 
+// yt = the transposed copy of inp (rows x cols) stored quantised (MatmulSpec::inp): the bytes
+// as they are, transposed.
+void transpose_quantised(Context& ctx, Tensor inp, int64_t rows, int64_t cols, void* yt) {
+  if (rows == 0 || cols == 0) return;
+  const int64_t row_tiles = (rows + kTile - 1) / kTile;
+  const dim3 grid(static_cast<unsigned>((cols + kTile - 1) / kTile),
+                  static_cast<unsigned>(std::min<int64_t>(row_tiles, 65535)));
+  transpose_bytes_kernel<<<grid, dim3(kTile, kTileRows), 0, ctx.stream()>>>(
+      static_cast<const uint8_t*>(inp.data), rows, cols, static_cast<uint8_t*>(yt));
+  MPT_LAUNCH_CHECK(ctx, "matmul: fp8 transpose (inp stored quantised)");
+}
+
 // The pointer a native GEMM slot reads: the tensor, or its fp32 widening in `role` scratch.
 const void* native_operand(Context& ctx, const GemmOperand& s, Tensor t, Scratch role) {
   if (!s.copy) return t.data;
@@ -553,7 +571,8 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
   if (!inp.defined() || !weight.defined() || weight.shape.ndim != 2)
     throw RuntimeError(std::string(op) + ": inp and a 2-d weight are required");
   const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
-  expect_matrix(op, "inp", inp, {N, C});
+  const bool inp_quantised = matmul_inp_quantised(inp, spec);  // backend.h, MatmulSpec::inp
+  expect_matrix(op, "inp", inp, {N, C}, inp_quantised);
   expect_matrix(op, "weight", weight, {OC, C});
   expect_matrix(op, gelu ? "pre" : "out", prod, {N, OC});
   if (gelu) expect_matrix(op, "out", gelu_out, {N, OC});
@@ -572,17 +591,26 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
     check_scale(spec.inp);
     check_scale(spec.weight);
     void* qa = ctx.scratch(Scratch::kOperandA, operand_copy_bytes(OC * C, p.a.type));
-    void* qb = ctx.scratch(Scratch::kOperandB, operand_copy_bytes(N * C, p.b.type));
-    quantise(ctx, weight, OC, C, spec.weight, qa, nullptr, true, TensorClass::weight,
-             amax_word(ctx, spec.weight));
-    // With a cache, the same pass writes the transposed copy the backward's wgrad GEMM reads
-    // (its A operand: inp^T, (C, N)), which spares the backward a pass over inp. The last pass
-    // before the GEMM, it also writes the GEMM's inverse scales.
     const ScaleWords words = scale_words(ctx, spec, false);
-    quantise(ctx, inp, N, C, spec.inp, qb, cache ? spec.inp_cache.data : nullptr, true,
-             TensorClass::activation, amax_word(ctx, spec.inp), nullptr, words);
+    // The last quantise pass before the GEMM writes its inverse scales: inp's, or the weight's
+    // when inp is stored quantised and has none.
+    quantise(ctx, weight, OC, C, spec.weight, qa, nullptr, true, TensorClass::weight,
+             amax_word(ctx, spec.weight), nullptr, inp_quantised ? words : ScaleWords{});
+    if (inp_quantised) {
+      // Read in place; with a cache, its bytes transposed into it (no cast, count or amax: the
+      // producer made them).
+      if (cache) transpose_quantised(ctx, inp, N, C, spec.inp_cache.data);
+      g.b = inp.data;
+    } else {
+      void* qb = ctx.scratch(Scratch::kOperandB, operand_copy_bytes(N * C, p.b.type));
+      // With a cache, the same pass writes the transposed copy the backward's wgrad GEMM reads
+      // (its A operand: inp^T, (C, N)), which spares the backward a pass over inp.
+      quantise(ctx, inp, N, C, spec.inp, qb, cache ? spec.inp_cache.data : nullptr, true,
+               TensorClass::activation, amax_word(ctx, spec.inp), nullptr, words);
+      g.b = qb;
+    }
     if (cache) ctx.fp8_inp_caches().wrote(spec, inp);
-    g.a = qa, g.b = qb;
+    g.a = qa;
     g.scale_a = words.dst + kWeight, g.scale_b = words.dst + kInp;
   } else {
     g.a = native_operand(ctx, p.a, weight, Scratch::kOperandA);
@@ -689,7 +717,8 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
   if (!inp.defined() || !weight.defined() || weight.shape.ndim != 2)
     throw RuntimeError("matmul_backward: inp and a 2-d weight are required");
   const int64_t C = inp.dim(-1), N = inp.numel() / C, OC = weight.dim(0);
-  expect_matrix("matmul_backward", "inp", inp, {N, C});
+  const bool inp_quantised = matmul_inp_quantised(inp, spec);  // backend.h, MatmulSpec::inp
+  expect_matrix("matmul_backward", "inp", inp, {N, C}, inp_quantised);
   expect_matrix("matmul_backward", "weight", weight, {OC, C});
   expect_matrix("matmul_backward", "dout", dout, {N, OC});
   expect_matrix("matmul_backward", "dweight", dweight, {OC, C});
@@ -835,7 +864,9 @@ void backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor do
     if (pw.fp8) {
       void* xt = cache ? spec.inp_cache.data
                        : ctx.scratch(Scratch::kOperandA, operand_copy_bytes(N * C, pw.a.type));
-      if (!cache)
+      if (!cache && inp_quantised)
+        transpose_quantised(ctx, inp, N, C, xt);
+      else if (!cache)
         quantise(ctx, inp, N, C, spec.inp, nullptr, xt, false, TensorClass::activation, nullptr);
       g.a = xt, g.b = dqt;
       g.scale_a = scale_inv + kInp, g.scale_b = scale_inv + kDout;

@@ -110,9 +110,17 @@ GemmPlan plan_matmul(MatmulOp op, int64_t N, int64_t C, int64_t OC, DType inp, D
   const bool fp8 = spec.prec == MatmulPrecision::fp8;
   p.fp8 = fp8;
   GemmType ti = GemmType::f32, tw = GemmType::f32, td = GemmType::f32;
+  // An fp8 spec's inp may be stored quantised already (backend.h, MatmulSpec::inp).
+  const bool inp_quantised = fp8 && inp == spec.inp.format;
   if (fp8) {
-    for (DType d : {inp, weight, dout})
-      if (d != DType::f32 && d != DType::f16 && d != DType::bf16)
+    auto is_float = [](DType d) { return d == DType::f32 || d == DType::f16 || d == DType::bf16; };
+    if (!is_float(inp) && !inp_quantised)
+      throw RuntimeError(std::string("fp8 matmul: inp must be fp32, fp16, bf16 or stored in the "
+                                     "spec's inp format, got ") +
+                         dtype_name(inp));
+    // (The forward does not read dout, whose dtype it is given as inp's.)
+    for (DType d : {weight, op == MatmulOp::forward ? weight : dout})
+      if (!is_float(d))
         throw RuntimeError(std::string("fp8 matmul: operands must be fp32, fp16 or bf16, got ") +
                            dtype_name(d));
     ti = fp8_type("inp", spec.inp.format);
@@ -129,6 +137,7 @@ GemmPlan plan_matmul(MatmulOp op, int64_t N, int64_t C, int64_t OC, DType inp, D
       if (fp8) {
         p.a = fp8_slot(MatmulOperand::weight, tw, false, true, C, OC);
         p.b = fp8_slot(MatmulOperand::inp, ti, false, false, C, N);
+        p.b.copy = !inp_quantised;  // read in place when stored quantised
       } else {
         const GemmType t = native_pair_type(weight, inp);
         p.a = native_slot(MatmulOperand::weight, weight, t, true, C, OC);

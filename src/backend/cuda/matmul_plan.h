@@ -77,7 +77,8 @@ struct GemmPlan {
 // The GEMM for `op` (N rows, C input channels, OC output channels) with operand dtypes
 // `inp`, `weight`, `dout` (the ones the op reads) under `spec`'s precision and fp8 formats.
 // Throws RuntimeError for combinations no GEMM computes: e5m2 x e5m2, an fp8 format other than
-// e4m3/e5m2, non-float dtypes.
+// e4m3/e5m2, non-float dtypes but an fp8 spec's inp of dtype spec.inp.format (stored quantised:
+// the forward reads it in place, b.copy false).
 GemmPlan plan_matmul(MatmulOp op, int64_t N, int64_t C, int64_t OC, DType inp, DType weight,
                      DType dout, const MatmulSpec& spec);
 

@@ -39,7 +39,7 @@ void plan_matmul_forward(ScratchPlan& s, int64_t N, int64_t C, int64_t OC, DType
   const GemmPlan p = plan_matmul(MatmulOp::forward, N, C, OC, inp, weight, inp, spec);
   if (p.fp8) {
     s.need(Scratch::kOperandA, operand_copy_bytes(OC * C, p.a.type));
-    s.need(Scratch::kOperandB, operand_copy_bytes(N * C, p.b.type));
+    if (p.b.copy) s.need(Scratch::kOperandB, operand_copy_bytes(N * C, p.b.type));
   } else {
     if (p.a.copy) s.need(Scratch::kOperandA, f32_copy(OC * C));  // the weight, widened
     if (p.b.copy) s.need(Scratch::kOperandB, f32_copy(N * C));   // the input, widened
