@@ -262,6 +262,35 @@ INSTANTIATE_TEST_SUITE_P(Policies, CudaRecompute,
 // gradients).
 class CudaDirectOutputs : public ::testing::TestWithParam<std::string> {};
 
+// The fp8 LayerNorms stored quantised for their GEMMs (layernorm_forward_fp8) give the steps of
+// storing them in 16 bits for the GEMMs to quantise (MPT_FP8_PRODUCERS=0), bit for bit: the same
+// kernels' arithmetic, and the GEMMs read fp8 operands as aligned as the scratch copies they
+// replace (the model's arena is 256-byte aligned), so the same algorithms. The workspace each
+// grows to is its prediction.
+TEST(CudaFp8Producers, GiveTheStepsOfTheUnfusedModel) {
+  MPT_REQUIRE_GPU();
+  for (const bool ends : {false, true}) {
+    SCOPED_TRACE(ends ? "first and last blocks in bf16" : "every block in fp8");
+    PrecisionPolicy policy = PrecisionPolicy::preset("fp8");
+    policy.fp8.first_last_blocks_bf16 = ends;
+    ModelConfig m = tiny();
+    m.n_layer = 3;
+    ThreeSteps fused, plain;
+    {
+      test::ScopedEnv env("MPT_FP8_PRODUCERS", "1");
+      fused = three_steps(m, policy, Recompute::none);
+    }
+    {
+      test::ScopedEnv env("MPT_FP8_PRODUCERS", "0");
+      plain = three_steps(m, policy, Recompute::none);
+    }
+    expect_same_steps(fused, plain);
+    if (fused.predicted_workspace > 0) {
+      EXPECT_EQ(fused.workspace, fused.predicted_workspace);
+    }
+  }
+}
+
 double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
   double d = 0, n = 0;
   for (size_t i = 0; i < a.size(); ++i) {

@@ -8,9 +8,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 
 #include "backend/cpu/cpu_backend.h"
+#include "backend/op_cost.h"
 #include "config/config.h"
 #include "model/gpt.h"
 #include "optim/adamw.h"
@@ -449,6 +451,118 @@ INSTANTIATE_TEST_SUITE_P(Policies, RecomputePerPolicy,
                          ::testing::Values("fp32", "tf32", "fp16", "bf16", "bf16-pure", "fp8",
                                            "fp8_bf16_ends"),
                          policy_test_name);
+
+// fp8 LayerNorms stored quantised for their GEMMs (Gpt::fp8_producers_, layernorm_forward_fp8)
+// give the steps of the model that stores them in 16 bits for the GEMMs to quantise
+// (MPT_FP8_PRODUCERS=0): the same losses (an evaluation pass's too), gradients, weights, cast
+// counts and fp8 scaling state, bit for bit. With every block in fp8, with the ends in bf16,
+// with the LM head in fp8 (ln_f fused too), and under current scaling, where nothing is fused.
+struct Fp8ProducersCase {
+  const char* name;
+  bool ends_bf16, head_fp8, current;
+  int fused_per_step;  // layernorm_forward_fp8 calls a training forward makes (3 blocks)
+};
+
+class CountOps : public OpObserver {
+ public:
+  void after(const OpCost& c) override { ++calls[c.op]; }
+  std::map<std::string, int> calls;
+};
+
+class Fp8Producers : public ::testing::TestWithParam<Fp8ProducersCase> {};
+
+TEST_P(Fp8Producers, GiveTheStepsOfTheUnfusedModel) {
+  const Fp8ProducersCase& c = GetParam();
+  PrecisionPolicy policy = PrecisionPolicy::preset("fp8");
+  policy.fp8.first_last_blocks_bf16 = c.ends_bf16;
+  policy.fp8.lm_head_fp8 = c.head_fp8;
+  if (c.current) policy.fp8.scaling.recipe = "current";
+  ModelConfig m = tiny_model();
+  m.n_layer = 3;
+  m.n_embd = 16;  // fp8 GEMMs want multiples of 16
+  const int B = 2, T = 8;
+  const uint64_t seed = fresh_seed();
+  CpuBackend cpu_fused(1), cpu_plain(1);
+  CountOps ops;
+  TracingBackend be_fused(cpu_fused, &ops);
+  auto model = [&](Backend& be, const char* producers) {
+    ScopedEnv env("MPT_FP8_PRODUCERS", producers);
+    return Gpt(m, be, policy);
+  };
+  Gpt fused = model(be_fused, "1"), plain = model(cpu_plain, "0");
+  OptimizerConfig oc;
+  oc.lr = 1e-2;
+  AdamW opt_fused(oc, fused, be_fused), opt_plain(oc, plain, cpu_plain);
+  for (Gpt* g : {&fused, &plain}) g->init_weights(seed, 0.02);
+  opt_fused.set_rounding_seed(seed + 1);
+  opt_plain.set_rounding_seed(seed + 1);
+  Rng rng(seed + 2);
+  for (int step = 0; step < 4; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step + 1));
+    const auto in = random_tokens(rng, B * T, m.vocab_size);
+    const auto tg = random_tokens(rng, B * T, m.vocab_size);
+    auto train = [&](Gpt& g, AdamW& o, Backend& be) {
+      be.reset_cast_counts();
+      g.zero_grad();
+      const float loss = g.forward(in.data(), tg.data(), B, T, 1.0f / (B * T));
+      g.backward();
+      std::vector<CastCounts> counts;
+      for (int k = 0; k < kTensorClasses; ++k)
+        counts.push_back(be.cast_counts(static_cast<TensorClass>(k)));
+      o.step(oc.lr, o.clip_scale(o.grad_norm()));
+      g.end_step();
+      const float eval = g.forward(in.data(), tg.data(), B, T, 0.0f);
+      return std::make_tuple(loss, eval, counts);
+    };
+    ops.calls.clear();
+    const auto [loss_f, eval_f, counts_f] = train(fused, opt_fused, be_fused);
+    // The training forward's fused LayerNorms, and the evaluation's.
+    EXPECT_EQ(ops.calls["layernorm_forward_fp8"], 2 * c.fused_per_step);
+    const auto [loss_p, eval_p, counts_p] = train(plain, opt_plain, cpu_plain);
+    ASSERT_TRUE(std::isfinite(loss_f));
+    EXPECT_EQ(std::memcmp(&loss_f, &loss_p, sizeof(float)), 0);
+    EXPECT_EQ(std::memcmp(&eval_f, &eval_p, sizeof(float)), 0);
+    for (int k = 0; k < kTensorClasses; ++k) {
+      EXPECT_EQ(counts_f[k].values, counts_p[k].values) << tensor_class_name(TensorClass(k));
+      EXPECT_EQ(counts_f[k].overflow, counts_p[k].overflow);
+      EXPECT_EQ(counts_f[k].underflow, counts_p[k].underflow);
+    }
+    EXPECT_EQ(std::memcmp(fused.all_grads().data, plain.all_grads().data,
+                          fused.all_grads().bytes()), 0);
+    EXPECT_EQ(std::memcmp(fused.all_params().data, plain.all_params().data,
+                          fused.all_params().bytes()), 0);
+    EXPECT_EQ(fused.fp8_state(), plain.fp8_state());
+  }
+  // While tracing non-finite values (which reads the LayerNorms' outputs) nothing is fused.
+  fused.trace_nonfinite(true);
+  ops.calls.clear();
+  const auto in = random_tokens(rng, B * T, m.vocab_size);
+  fused.forward(in.data(), in.data(), B, T, 0.0f);
+  EXPECT_EQ(ops.calls["layernorm_forward_fp8"], 0);
+  EXPECT_EQ(ops.calls["layernorm_forward"], 2 * m.n_layer + 1);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Recipes, Fp8Producers,
+    ::testing::Values(Fp8ProducersCase{"all_blocks", false, false, false, 6},
+                      Fp8ProducersCase{"bf16_ends", true, false, false, 2},
+                      Fp8ProducersCase{"fp8_head", false, true, false, 7},
+                      Fp8ProducersCase{"current_scaling", false, false, true, 0}),
+    [](const ::testing::TestParamInfo<Fp8ProducersCase>& i) { return std::string(i.param.name); });
+
+TEST(Fp8Producers, EnvironmentSwitch) {
+  EXPECT_TRUE(fp8_producers_from_env(nullptr));
+  EXPECT_TRUE(fp8_producers_from_env(""));
+  EXPECT_TRUE(fp8_producers_from_env("1"));
+  EXPECT_FALSE(fp8_producers_from_env("0"));
+  try {
+    fp8_producers_from_env("off");
+    ADD_FAILURE() << "no throw";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("MPT_FP8_PRODUCERS"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("'off'"), std::string::npos) << e.what();
+  }
+}
 
 // The saving at GPT-2 124M's shape under bf16 (the numbers a user weighs): per block, GELU's
 // output is 4C and the two LayerNorm outputs 2C of the 16C a block keeps, less one shared buffer.

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 
 #include "core/rng.h"
 
@@ -24,6 +26,12 @@ Recompute recompute_from_name(const std::string& name) {
   throw RuntimeError("training.recompute '" + name + "': not none, gelu or gelu+layernorm");
 }
 
+bool fp8_producers_from_env(const char* env) {
+  if (!env || !*env || std::strcmp(env, "1") == 0) return true;
+  if (std::strcmp(env, "0") == 0) return false;
+  throw InputError(std::string("MPT_FP8_PRODUCERS: expected 0 or 1, got '") + env + "'");
+}
+
 Gpt::Gpt(const ModelConfig& cfg, Backend& backend, const PrecisionPolicy& policy,
          Recompute recompute)
     : cfg_(cfg),
@@ -35,7 +43,8 @@ Gpt::Gpt(const ModelConfig& cfg, Backend& backend, const PrecisionPolicy& policy
       C_(cfg.n_embd),
       V_(cfg.vocab_size),
       Vp_(cfg.padded_vocab()),
-      maxT_(cfg.max_seq_len) {
+      maxT_(cfg.max_seq_len),
+      fp8_producers_(fp8_producers_from_env(std::getenv("MPT_FP8_PRODUCERS"))) {
   using I = ParamInfo::Init;
   const int64_t C = C_;
   wte_ = params_.size();
@@ -545,9 +554,11 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
   // residual + the layer's output, as one op (matmul_residual_forward, `name` naming the sum).
   // A backend may fuse either.
   // `cache`: where an fp8 GEMM leaves its quantised input for the backward (training only).
+  // `given`: the spec, when the producer of inp already took it (a LayerNorm stored quantised).
   auto linear = [&](int layer, int gemm, const char* name, Tensor out, Tensor inp, size_t w,
-                    Tensor bias, Tensor gelu_out, Tensor residual, Tensor cache) {
-    MatmulSpec spec = gemm_spec(gemm, inp, param(w), Tensor());
+                    Tensor bias, Tensor gelu_out, Tensor residual, Tensor cache,
+                    const MatmulSpec* given = nullptr) {
+    MatmulSpec spec = given ? *given : gemm_spec(gemm, inp, param(w), Tensor());
     if (recording_ && gemm >= 0) spec.inp_cache = cache;
     // The backward computes this GELU again (training.recompute): both must be gelu_forward's.
     spec.exact_gelu = gelu_out.defined() && recomputes_gelu(policy_, recompute_, layer, L_);
@@ -564,6 +575,32 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
     }
   };
 
+  // A LayerNorm whose output feeds only the fp8 GEMM after it (`gemm` >= 0; the backward reads
+  // that GEMM's cache) is stored quantised for it (Backend::layernorm_forward_fp8), with the
+  // scale the GEMM's spec takes now: the same values, counts and amax as storing `out` for the
+  // GEMM to quantise, without the 16-bit copy's write and read. Not under current scaling (the
+  // scale comes from the values), nor while tracing non-finite values (which reads `out`), nor
+  // with MPT_FP8_PRODUCERS=0. Returns what the GEMM reads, and its spec in *spec when fused.
+  const bool fuse_fp8 =
+      fp8_producers_ && !tracing_ && policy_.fp8.scaling.recipe != "current";
+  auto layernorm = [&](int layer, const char* name, Tensor out, Tensor mean, Tensor rstd,
+                       Tensor inp, size_t lnw, size_t lnb, int gemm, size_t gemm_w,
+                       std::optional<MatmulSpec>* spec) {
+    if (gemm >= 0 && fuse_fp8) {
+      *spec = gemm_spec(gemm, out, param(gemm_w), Tensor());
+      const Tensor q(out.data, (*spec)->inp.format, out.shape);
+      be_.layernorm_forward_fp8(q, mean, rstd, inp, param(lnw), param(lnb),
+                                Fp8Output{out.dtype, (*spec)->inp});
+      return q;
+    }
+    spec->reset();
+    be_.layernorm_forward(out, mean, rstd, inp, param(lnw), param(lnb));
+    check(layer, "layernorm_forward", name, out, false);
+    return out;
+  };
+  std::optional<MatmulSpec> fused;
+  auto given = [&]() { return fused ? &*fused : nullptr; };
+
   be_.embedding_forward(encoded_, tokens_, param(wte_), param(wpe_));  // (B,T,C)
   check(-1, "embedding_forward", "encoded", encoded_, false);
   Tensor residual = encoded_;
@@ -571,27 +608,26 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
     const Layer& w = layers_[l];
     LayerActs& a = acts_[l];
     const auto& gm = layer_gemms_[l];
-    be_.layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, residual, param(w.ln1w), param(w.ln1b));
-    check(l, "layernorm_forward", "ln_1", a.ln1, false);
-    linear(l, gm[0], "attn.c_attn", a.qkv, a.ln1, w.qkvw, param(w.qkvb), Tensor(), Tensor(),
-           a.fp8_inp[0]);
+    const Tensor ln1 = layernorm(l, "ln_1", a.ln1, a.ln1_mean, a.ln1_rstd, residual, w.ln1w,
+                                 w.ln1b, gm[0], w.qkvw, &fused);
+    linear(l, gm[0], "attn.c_attn", a.qkv, ln1, w.qkvw, param(w.qkvb), Tensor(), Tensor(),
+           a.fp8_inp[0], given());
     be_.attention_forward(a.atty, a.att_lse, a.qkv, NH_, policy_.unquantised_matmul());  // (B,T,C)
     check(l, "attention_forward", "attn", a.atty, false);
     // attn.c_proj, added to the residual stream
     linear(l, gm[1], "residual2", a.residual2, a.atty, w.attprojw, param(w.attprojb), Tensor(),
            residual, a.fp8_inp[1]);
-    be_.layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, param(w.ln2w),
-                          param(w.ln2b));
-    check(l, "layernorm_forward", "ln_2", a.ln2, false);
-    linear(l, gm[2], "mlp.c_fc", a.fch, a.ln2, w.fcw, param(w.fcb), a.fch_gelu, Tensor(),
-           a.fp8_inp[2]);
+    const Tensor ln2 = layernorm(l, "ln_2", a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, w.ln2w,
+                                 w.ln2b, gm[2], w.fcw, &fused);
+    linear(l, gm[2], "mlp.c_fc", a.fch, ln2, w.fcw, param(w.fcb), a.fch_gelu, Tensor(),
+           a.fp8_inp[2], given());
     // mlp.c_proj, added to the residual stream
     linear(l, gm[3], "residual3", a.residual3, a.fch_gelu, w.fcprojw, param(w.fcprojb), Tensor(),
            a.residual2, a.fp8_inp[3]);
     residual = a.residual3;
   }
-  be_.layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, residual, param(lnfw_), param(lnfb_));
-  check(-1, "layernorm_forward", "ln_f", lnf_, false);
+  const Tensor lnf = layernorm(-1, "ln_f", lnf_, lnf_mean_, lnf_rstd_, residual, lnfw_, lnfb_,
+                               head_gemm_, wte_, &fused);
   // The LM head (weights tied to wte) and the classifier: one op, which a backend may fuse,
   // except when tracing non-finite values, which needs the logits between the two (the fused op
   // gives the same bits, so tracing a step repeats it exactly).
@@ -600,9 +636,9 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
            fp8_lnf_);
     be_.crossentropy_forward_backward(losses_, logits_, targets_, V_, dloss);
   } else {
-    MatmulSpec spec = gemm_spec(head_gemm_, lnf_, param(wte_), Tensor());
+    MatmulSpec spec = fused ? *fused : gemm_spec(head_gemm_, lnf_, param(wte_), Tensor());
     if (recording_ && head_gemm_ >= 0) spec.inp_cache = fp8_lnf_;
-    be_.matmul_crossentropy(losses_, logits_, lnf_, param(wte_), targets_, V_, dloss, spec);
+    be_.matmul_crossentropy(losses_, logits_, lnf, param(wte_), targets_, V_, dloss, spec);
   }
   check(-1, "crossentropy_forward_backward", "losses", losses_, false);
   if (dloss != 0.0f) check(-1, "crossentropy_forward_backward", "dlogits", logits_, true);

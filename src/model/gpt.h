@@ -73,6 +73,9 @@ struct Fp8Gemm {
 enum class Recompute { none, gelu, gelu_layernorm };
 // From training.recompute's value ("none", "gelu", "gelu+layernorm"); RuntimeError otherwise.
 Recompute recompute_from_name(const std::string& name);
+// MPT_FP8_PRODUCERS's value: unset, empty or "1" true, "0" false; anything else throws
+// InputError naming it (Gpt::fp8_producers_).
+bool fp8_producers_from_env(const char* env);
 
 class Gpt {
  public:
@@ -208,6 +211,10 @@ class Gpt {
   PrecisionPolicy policy_;
   Recompute recompute_;
   int L_, NH_, C_, V_, Vp_, maxT_;
+  // Whether the forward stores the LayerNorm outputs that feed only an fp8 GEMM quantised for it
+  // (forward(): layernorm_forward_fp8). On unless MPT_FP8_PRODUCERS=0, which keeps the 16-bit
+  // outputs (the same results; for measuring what the fusion saves).
+  bool fp8_producers_;
   std::vector<ParamInfo> params_;
   size_t slab_elems_ = 0;
   size_t wte_, wpe_, lnfw_, lnfb_;
