@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/scoped_env.h"
 #include "model/gpt.h"
 
 namespace mpt::bench {
@@ -51,13 +52,16 @@ inline std::optional<long> whole_number(const std::string& v, long lo, long hi) 
 // A benchmark's policy name: a preset P, with suffixes in any order: "+recompute" for
 // training.recompute gelu+layernorm (what the backward's extra passes cost, and what they
 // save), "+direct" for MPT_GEMM_OUT=direct (the CUDA backend's GEMMs writing bf16 outputs
-// themselves: matmul_plan.h, GemmOut). A suffix named twice is left in the preset's name, which
-// is then no preset.
+// themselves: matmul_plan.h, GemmOut), "+unfused" for MPT_FP8_PRODUCERS=0 (fp8 blocks' LayerNorms
+// stored in 16 bits for their GEMMs to quantise: what Gpt's fp8 producers save). A suffix named
+// twice is left in the preset's name, which is then no preset.
 struct BenchPolicy {
   std::string preset;
   Recompute recompute = Recompute::none;
   bool direct_out = false;
+  bool fp8_unfused = false;
 };
+
 inline BenchPolicy parse_policy_name(const std::string& name) {
   BenchPolicy p;
   p.preset = name;
@@ -75,6 +79,7 @@ inline BenchPolicy parse_policy_name(const std::string& name) {
     if (p.recompute == Recompute::none)
       again |= strip("+recompute", [&] { p.recompute = Recompute::gelu_layernorm; });
     if (!p.direct_out) again |= strip("+direct", [&] { p.direct_out = true; });
+    if (!p.fp8_unfused) again |= strip("+unfused", [&] { p.fp8_unfused = true; });
   }
   return p;
 }

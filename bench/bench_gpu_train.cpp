@@ -1,8 +1,9 @@
 // GPU training throughput of GPT-2 124M (12 layers, width 768, 12 heads, vocabulary 50257
 // padded to 50304, sequence 1024) under fp32, tf32, fp16, bf16 and fp8 (and bf16 recomputing
 // its GELU and LayerNorm outputs: "bf16+recompute"; and bf16 and fp8 with MPT_GEMM_OUT=direct,
-// the GEMMs writing their bf16 outputs themselves: "bf16+direct", "fp8+direct"), in one run on
-// one GPU:
+// the GEMMs writing their bf16 outputs themselves: "bf16+direct", "fp8+direct"; and fp8 with
+// MPT_FP8_PRODUCERS=0, its LayerNorms stored in bf16 for the GEMMs to quantise: "fp8+unfused"),
+// in one run on one GPU:
 // tokens/s, MFU (FLOPs per token as llm.c counts them, 6N + 6*L*C*T, over the dense peak of the
 // policy's matmul format on this GPU: backend/gpu_peaks.h), step time, device memory in use
 // (measured and as the memory ledger predicts it), and each as a ratio to fp32 and to bf16; and
@@ -286,7 +287,9 @@ class EventObserver : public OpObserver {
 int main(int argc, char** argv) {
   int B = 32, T = 1024, steps = 10, warmup = 3;
   // bf16+direct right after bf16: a run cut short by its time limit keeps that comparison.
-  std::string policies = "fp32,tf32,fp16,bf16,bf16+direct,fp8,bf16+recompute,fp8+direct",
+  // fp8+unfused right after fp8 likewise.
+  std::string policies =
+      "fp32,tf32,fp16,bf16,bf16+direct,fp8,fp8+unfused,bf16+recompute,fp8+direct",
               json_path;
   const char* const usage =
       "usage: bench_gpu_train [--batch B] [--seq T] [--steps N] [--warmup N] [--policies P,...] "
@@ -324,6 +327,12 @@ int main(int argc, char** argv) {
           std::fprintf(stderr,
                        "bench_gpu_train: --policies: '%s': '+direct' applies to bf16 "
                        "activations only (other outputs are always staged)\n",
+                       name.c_str());
+          return 2;
+        }
+        if (p.fp8_unfused && policy.matmul != MatmulPrecision::fp8) {
+          std::fprintf(stderr,
+                       "bench_gpu_train: --policies: '%s': '+unfused' applies to fp8 only\n",
                        name.c_str());
           return 2;
         }
@@ -387,18 +396,11 @@ int main(int argc, char** argv) {
     const Recompute recompute = parsed.recompute;
     const PrecisionPolicy policy = PrecisionPolicy::preset(parsed.preset);
     // "+direct": the GEMMs write bf16 outputs themselves for this row (read at each matmul and
-    // by the workspace prediction below); whatever the environment says for the others.
-    const char* const was_out = std::getenv("MPT_GEMM_OUT");
-    const std::string saved_out = was_out ? was_out : "";
-    struct RestoreOut {
-      bool had;
-      const std::string& saved;
-      ~RestoreOut() {
-        if (had) setenv("MPT_GEMM_OUT", saved.c_str(), 1);
-        else unsetenv("MPT_GEMM_OUT");
-      }
-    } restore_out{was_out != nullptr, saved_out};
-    if (parsed.direct_out) setenv("MPT_GEMM_OUT", "direct", 1);
+    // by the workspace prediction below); "+unfused": the model keeps its fp8 LayerNorms'
+    // 16-bit outputs (read when it is made). Whatever the environment says for the others.
+    std::optional<ScopedEnv> direct_env, unfused_env;
+    if (parsed.direct_out) direct_env.emplace("MPT_GEMM_OUT", "direct");
+    if (parsed.fp8_unfused) unfused_env.emplace("MPT_FP8_PRODUCERS", "0");
     CudaBackend be(0);  // a fresh backend per policy: its scratch starts empty
     device = be.device_description();
     size_t free0 = 0, total = 0;
@@ -522,12 +524,8 @@ int main(int argc, char** argv) {
       };
       attention_ms = time_attention();
       if (att_kernel == cuda::AttentionKernel::flash) {
-        const char* was = std::getenv("MPT_ATTENTION");
-        const std::string saved = was ? was : "";
-        setenv("MPT_ATTENTION", "gemm", 1);
+        const ScopedEnv gemm_path("MPT_ATTENTION", "gemm");
         attention_gemm_ms = time_attention();
-        if (was) setenv("MPT_ATTENTION", saved.c_str(), 1);
-        else unsetenv("MPT_ATTENTION");
       }
     }
     results.push_back({{"policy", name},
@@ -535,6 +533,8 @@ int main(int argc, char** argv) {
                        {"gemm_output",
                         cuda::gemm_output_kind(policy.activation, policy.param, policy.matmul,
                                                cuda::gemm_out(), cuda::lt_epilogues_enabled())},
+                       // fp8: whether its LayerNorms were stored quantised (Gpt's fp8 producers)
+                       {"fp8_producers", model.fp8_producers()},
                        {"attention_ms", attention_ms},
                        {"attention_gemm_ms", attention_gemm_ms},  // 0: the GEMM path ran the step
                        {"attention_share", attention_ms / step_ms},

@@ -13,8 +13,9 @@
 // The model, the micro-batch (B x T) and the micro-batches per optimizer step are the config's
 // (training.micro_batch, seq_len, grad_accum or global_batch_tokens for one process) unless
 // --batch, --seq or --accum say otherwise. A policy is a preset, "P+recompute" (preset P with
-// training.recompute gelu+layernorm), or "config": the config's own policy (its precision
-// with its dtypes, loss_scale and fp8 sections) and training.recompute.
+// training.recompute gelu+layernorm), "fp8+unfused" (fp8 with its LayerNorms stored in 16 bits
+// for the GEMMs to quantise, MPT_FP8_PRODUCERS=0), or "config": the config's own policy (its
+// precision with its dtypes, loss_scale and fp8 sections) and training.recompute.
 //
 // Ceilings: by default the datasheet figures of --gpu (backend/gpu_peaks.h's dense peaks and
 // memory bandwidth; an unknown GPU needs --gbps and --tflops) - a floor no run can beat. bench_gpu_train reads the same costs
@@ -24,6 +25,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -102,6 +104,8 @@ int main(int argc, char** argv) {
           // A floor counts what the ops must move, not how the GEMMs store their outputs.
           if (p.direct_out)
             return usage("--policies: '" + name + "': '+direct' changes no floor");
+          if (p.fp8_unfused && PrecisionPolicy::preset(p.preset).matmul != MatmulPrecision::fp8)
+            return usage("--policies: '" + name + "': '+unfused' applies to fp8 only");
         } catch (const std::exception& e) {
           return usage("--policies: '" + name + "': " + e.what());
         }
@@ -172,6 +176,8 @@ int main(int argc, char** argv) {
       const Recompute recompute = own ? recompute_from_name(cfg.training.recompute) : parsed.recompute;
       CostTable table(ceil);
       TracingBackend shapes = TracingBackend::shape_only(nullptr);
+      std::optional<ScopedEnv> unfused;  // read by Gpt's constructor
+      if (parsed.fp8_unfused) unfused.emplace("MPT_FP8_PRODUCERS", "0");
       Gpt g(m, shapes, policy, recompute);
       OptimizerConfig oc;
       AdamW opt(oc, g, shapes);

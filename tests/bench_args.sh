@@ -27,6 +27,9 @@ expect 2 "unknown policy 'bogus'" "$floor" --policies bogus
 expect 2 "'\+direct' changes no floor" "$floor" --policies bf16+direct
 expect 2 "unknown policy 'bf16\+direct'" "$floor" --policies bf16+direct+direct
 expect 2 "--policies 'fp32,': expected" "$floor" --policies fp32,
+expect 2 "'bf16\+unfused': '\+unfused' applies to fp8 only" "$floor" --policies bf16+unfused
+# fp8+unfused's floor is fp8's with the LayerNorms' 16-bit outputs written and read again.
+expect 0 'fp8\+unfused ' "$floor" --seq 64 --policies fp8,fp8+unfused --ops fp8+unfused
 expect 2 'fp8 products and no rate was given .* on NVIDIA A100' "$floor" --gpu 'NVIDIA A100-SXM4-80GB' --seq 64 --policies fp8
 expect 2 '--gbps 0: expected a positive' "$floor" --gbps 0
 expect 1 'x.json.tmp: cannot create' "$floor" --seq 64 --policies bf16 --json "$tmp/none/x.json"
@@ -50,6 +53,7 @@ expect 0 '^usage: bench_gpu_train' "$gpu" --help
 expect 2 "unknown policy 'bogus'" "$gpu" --policies fp32,bogus
 expect 2 "unknown policy 'fp16\+direct'" "$gpu" --policies bf16+recompute+direct,fp16+direct+direct
 expect 2 "'fp16\+direct': '\+direct' applies to bf16" "$gpu" --policies bf16+direct,fp16+direct
+expect 2 "'tf32\+unfused': '\+unfused' applies to fp8 only" "$gpu" --policies fp8+unfused,tf32+unfused
 expect 2 '--batch 0: expected a whole number' "$gpu" --batch 0
 expect 2 '--steps x: expected a whole number' "$gpu" --steps x
 expect 2 "unexpected argument 'x'" "$gpu" x

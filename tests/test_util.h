@@ -15,30 +15,12 @@
 #include "backend/backend.h"
 #include "core/formats.h"
 #include "core/rng.h"
+#include "core/scoped_env.h"
 
 namespace mpt::test {
 
-// A fresh seed per test run (printed so a failure can be reproduced with MPT_TEST_SEED).
-// Sets an environment variable (value null: unsets it) for a scope and restores what it was
-// (tests that switch a backend option read from the environment, e.g. MPT_ATTENTION).
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    if (const char* old = std::getenv(name)) old_ = old;
-    if (value) ::setenv(name, value, 1);
-    else ::unsetenv(name);
-  }
-  ~ScopedEnv() {
-    if (old_) ::setenv(name_.c_str(), old_->c_str(), 1);
-    else ::unsetenv(name_.c_str());
-  }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
- private:
-  std::string name_;
-  std::optional<std::string> old_;
-};
+// An environment variable set for a scope (core/scoped_env.h).
+using mpt::ScopedEnv;
 
 // The source tree (configs/ and the like): $MPT_SOURCE_DIR when set, else the tree the test was
 // built from. Binaries built on one machine run on another from a copy of the tree elsewhere
@@ -63,6 +45,7 @@ inline std::string policy_test_name(const ::testing::TestParamInfo<std::string>&
   return n;
 }
 
+// A fresh seed per test run (printed so a failure can be reproduced with MPT_TEST_SEED).
 inline uint64_t fresh_seed() {
   if (const char* s = std::getenv("MPT_TEST_SEED")) return std::strtoull(s, nullptr, 10);
   const uint64_t seed = std::random_device{}();

@@ -81,6 +81,9 @@ class Gpt {
  public:
   Gpt(const ModelConfig& cfg, Backend& backend, const PrecisionPolicy& policy = {},
       Recompute recompute = Recompute::none);
+  // Whether fp8 blocks store their LayerNorm outputs quantised for their GEMMs (an fp8 policy,
+  // and MPT_FP8_PRODUCERS not 0 when the model was made; forward() says when it applies).
+  bool fp8_producers() const { return fp8_producers_ && policy_.matmul == MatmulPrecision::fp8; }
   // Collects amax reports still pending: the backend holds pointers into this model.
   ~Gpt();
   Gpt(Gpt&&) = default;
