@@ -2088,6 +2088,105 @@ void run_layernorm_fp8_case(DType act, DType fi, int64_t N, int64_t C, int64_t O
   expect_close("rstd", from_gpu(*gpu, grstd_b, "rstd"), test::widened(rstd_c.t), stat_tol, F32);
 }
 
+// The MLP's GELU stored quantised for mlp.c_proj (MatmulSpec::gelu_fp8) against the GELU stored
+// in the activations' dtype for c_proj to quantise, on the same GPU: c_fc's pre, the fp8 values
+// (the caches), c_proj's sums, counts and amax, bit for bit; with 16-bit activations the store
+// kernel does it (kGeluFp8), with fp32 ones gelu_forward_fp8 after the store. Then against the
+// CPU: the fp8 values within a unit of the format (the GEMMs sum in another order), the amax
+// within the activations' dtype.
+// `skew`: pre this many elements off its aligned place (the store kernel's one-element path).
+void run_gelu_fp8_case(DType act, DType fi, int64_t N, int64_t C, int64_t H, int64_t skew = 0) {
+  SCOPED_TRACE(std::string(dtype_name(act)) + " activations, " + dtype_name(fi) + ", " +
+               std::to_string(N) + " x " + std::to_string(C) + " x " + std::to_string(H));
+  Rng rng(test::fresh_seed());
+  CpuBackend cpu(2);
+  std::unique_ptr<Backend> gpu = test::gpu_backend_under_test(0);
+  Context* ctx = context_of(*gpu);
+  Owned x = test::randn_as(cpu, {N, C}, act, rng), wfc = test::randn_as(cpu, {H, C}, act, rng, 0.5);
+  Owned bfc = test::randn_as(cpu, {H}, act, rng), wpr = test::randn_as(cpu, {C, H}, act, rng, 0.3);
+  Owned bpr = test::randn_as(cpu, {C}, act, rng), res = test::randn_as(cpu, {N, C}, act, rng);
+  Owned pre = test::make(cpu, {N, H}, act), g = test::make(cpu, {N, H}, act);
+  const MatmulSpec fc = spec_for(FP8, cpu, x.t, wfc.t, Tensor());
+  cpu.matmul_gelu_forward(g.t, pre.t, x.t, wfc.t, bfc.t, fc);
+  const float maxf = static_cast<float>(dtype_traits(fi).max_finite);
+  MatmulSpec proj(FP8);
+  proj.inp = {fi, 1.5f * maxf / cpu.amax(g.t), nullptr};
+  proj.weight = {DType::e4m3, 0.8f * 448.0f / cpu.amax(wpr.t), nullptr};
+  proj.dout = {DType::e5m2, 4096.0f, nullptr};
+  Owned zeros = test::make(cpu, {N, H}, fi), outs = test::make(cpu, {N, C}, act);
+  Dev gx = to_gpu(*gpu, x.t), gwfc = to_gpu(*gpu, wfc.t), gbfc = to_gpu(*gpu, bfc.t),
+      gwpr = to_gpu(*gpu, wpr.t), gbpr = to_gpu(*gpu, bpr.t), gres = to_gpu(*gpu, res.t);
+  Dev pre_a = to_gpu(*gpu, pre.t, skew), pre_b = to_gpu(*gpu, pre.t, skew), ga = to_gpu(*gpu, g.t);
+  Dev gq = to_gpu(*gpu, zeros.t, 128), ca = to_gpu(*gpu, zeros.t, 128), cb = to_gpu(*gpu, zeros.t, 128);
+  Dev out_a = to_gpu(*gpu, outs.t), out_b = to_gpu(*gpu, outs.t);
+  float amax_a = -1.0f, amax_b = -1.0f, untouched = -7.0f;
+  MatmulSpec pa = proj, pb = proj, fc_b = fc;
+  pa.inp.amax = &amax_a;
+  pa.inp_cache = ca.t;
+  pb.inp.amax = &untouched;
+  pb.inp_cache = cb.t;
+  fc_b.gelu_fp8 = Fp8Output{act, proj.inp};
+  fc_b.gelu_fp8.q.amax = &amax_b;
+  auto counts = [&](Backend& be) {
+    std::vector<CastCounts> c;
+    for (int k = 0; k < kTensorClasses; ++k) c.push_back(be.cast_counts(TensorClass(k)));
+    return c;
+  };
+  gpu->reset_cast_counts();
+  gpu->matmul_gelu_forward(ga.t, pre_a.t, gx.t, gwfc.t, gbfc.t, fc);
+  gpu->matmul_residual_forward(out_a.t, gres.t, ga.t, gwpr.t, gbpr.t, pa);
+  gpu->collect_stats();
+  const auto counts_a = counts(*gpu);
+  gpu->reset_cast_counts();
+  if (ctx) ctx->start_profile();
+  gpu->matmul_gelu_forward(gq.t, pre_b.t, gx.t, gwfc.t, gbfc.t, fc_b);
+  gpu->matmul_residual_forward(out_b.t, gres.t, gq.t, gwpr.t, gbpr.t, pb);
+  gpu->collect_stats();
+  if (ctx) {
+    bool fused_store = false, separate = false;
+    for (const OpTime& o : ctx->stop_profile().sorted()) {
+      fused_store |= o.op == "matmul: store output + gelu (fp8)";
+      separate |= o.op == "gelu_forward_fp8";
+    }
+    EXPECT_EQ(fused_store, act != F32) << "the store kernel quantises a 16-bit GELU";
+    EXPECT_EQ(separate, act == F32);
+  }
+  const auto counts_b = counts(*gpu);
+  for (int k = 0; k < kTensorClasses; ++k) {
+    EXPECT_EQ(counts_a[k].values, counts_b[k].values) << k;
+    EXPECT_EQ(counts_a[k].overflow, counts_b[k].overflow) << k;
+    EXPECT_EQ(counts_a[k].underflow, counts_b[k].underflow) << k;
+  }
+  EXPECT_GT(counts_b[static_cast<int>(TensorClass::activation)].overflow, 0);
+  EXPECT_EQ(amax_a, amax_b);
+  EXPECT_GT(amax_b, 0.0f);
+  EXPECT_EQ(untouched, -7.0f) << "a GEMM reading a stored quantised inp reports no amax";
+  EXPECT_EQ(from_gpu(*gpu, pre_a, "pre"), from_gpu(*gpu, pre_b, "pre (fp8 GELU)"));
+  EXPECT_EQ(from_gpu(*gpu, ca, "cache"), from_gpu(*gpu, cb, "cache (fp8 GELU)"));
+  EXPECT_EQ(from_gpu(*gpu, out_a, "out"), from_gpu(*gpu, out_b, "out (fp8 GELU)"));
+
+  // Against the CPU's (the composition): fp8 values within a unit of the format, where the
+  // GEMM's summation order moved pre across a rounding boundary.
+  Owned q = test::make(cpu, {N, H}, fi), pre_c = test::make(cpu, {N, H}, act);
+  MatmulSpec fc_c = fc_b;
+  float amax_c = -1.0f;
+  fc_c.gelu_fp8.q.amax = &amax_c;
+  cpu.matmul_gelu_forward(q.t, pre_c.t, x.t, wfc.t, bfc.t, fc_c);
+  const std::vector<double> none(static_cast<size_t>(N * H), 0.0);
+  expect_close("fp8 values", from_gpu(*gpu, gq, "fp8 values"), test::widened(q.t), none, fi);
+  expect_close("amax", {amax_b}, {amax_c}, {0.0}, act);
+}
+
+TEST(CudaMatmul, GeluFp8OutputIsTheGeluThenTheGemmsQuantisation) {
+  MPT_REQUIRE_GPU();
+  run_gelu_fp8_case(BF, DType::e4m3, 48, 64, 256);
+  run_gelu_fp8_case(BF, DType::e5m2, 32, 48, 64);
+  run_gelu_fp8_case(F16, DType::e4m3, 32, 32, 128);
+  run_gelu_fp8_case(F32, DType::e4m3, 16, 32, 64);
+  // pre off 8-byte alignment: the store kernel's one-element path.
+  run_gelu_fp8_case(BF, DType::e4m3, 32, 48, 80, 1);
+}
+
 TEST(CudaMatmul, LayerNormFp8OutputIsLayerNormThenTheGemmsQuantisation) {
   MPT_REQUIRE_GPU();
   run_layernorm_fp8_case(BF, DType::e4m3, 48, 64, 96);

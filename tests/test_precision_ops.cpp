@@ -1025,6 +1025,74 @@ TEST_F(PrecisionOps, Fp8OutputIsTheOpThenTheGemmsQuantisation) {
     }
 }
 
+// The MLP's GELU stored quantised for mlp.c_proj (MatmulSpec::gelu_fp8: matmul_gelu_forward
+// with an fp8 out), then c_proj reading it (matmul_residual_forward), is the unfused pair: the
+// same pre, fp8 values (caches), sums, counts and amax. So is gelu_forward_fp8 alone.
+TEST_F(PrecisionOps, Fp8GeluOutputIsTheGeluThenTheGemmsQuantisation) {
+  const int64_t N = 19, C = 32, H = 48;  // H: the hidden width (c_fc's OC, c_proj's C)
+  for (DType act : {DType::bf16, DType::f16, DType::f32})
+    for (DType fi : {DType::e4m3, DType::e5m2}) {
+      SCOPED_TRACE(std::string(dtype_name(act)) + " activations, " + dtype_name(fi));
+      Owned x = randn_as(be, {N, C}, act, rng), wfc = randn_as(be, {H, C}, act, rng, 0.5);
+      Owned bfc = randn_as(be, {H}, act, rng), wpr = randn_as(be, {C, H}, act, rng, 0.3);
+      Owned bpr = randn_as(be, {C}, act, rng), res = randn_as(be, {N, C}, act, rng);
+      // Unfused first, to pick c_proj's scale from the GELU's amax: its largest third saturates.
+      Owned pre = make(be, {N, H}, act), g = make(be, {N, H}, act);
+      const MatmulSpec fc(MatmulPrecision::native);
+      be.matmul_gelu_forward(g.t, pre.t, x.t, wfc.t, bfc.t, fc);
+      const float maxf = static_cast<float>(dtype_traits(fi).max_finite);
+      MatmulSpec proj(MatmulPrecision::fp8);
+      proj.inp = {fi, 1.5f * maxf / be.amax(g.t), nullptr};
+      proj.weight = {DType::e4m3, 0.8f * 448.0f / be.amax(wpr.t), nullptr};
+      proj.dout = {DType::e5m2, 4096.0f, nullptr};
+      float amax_a = -1.0f, amax_b = -1.0f, untouched = -7.0f;
+      MatmulSpec pa = proj, pb = proj;
+      pa.inp.amax = &amax_a;
+      pb.inp.amax = &untouched;
+      Owned cache_a = make(be, {N, H}, fi), cache_b = make(be, {N, H}, fi);
+      pa.inp_cache = cache_a.t;
+      pb.inp_cache = cache_b.t;
+      Owned out_a = make(be, {N, C}, act), out_b = make(be, {N, C}, act);
+      be.reset_cast_counts();
+      be.matmul_gelu_forward(g.t, pre.t, x.t, wfc.t, bfc.t, fc);
+      be.matmul_residual_forward(out_a.t, res.t, g.t, wpr.t, bpr.t, pa);
+      const auto counts_a = counts_now(be);
+
+      Owned pre_b = make(be, {N, H}, act), q = make(be, {N, H}, fi);
+      MatmulSpec fc_b = fc;
+      fc_b.gelu_fp8 = Fp8Output{act, proj.inp};
+      fc_b.gelu_fp8.q.amax = &amax_b;
+      be.reset_cast_counts();
+      be.matmul_gelu_forward(q.t, pre_b.t, x.t, wfc.t, bfc.t, fc_b);
+      be.matmul_residual_forward(out_b.t, res.t, q.t, wpr.t, bpr.t, pb);
+      expect_same(counts_a, counts_now(be));
+      EXPECT_GT(counts_a[static_cast<int>(TensorClass::activation)].overflow, 0);
+      EXPECT_EQ(amax_a, amax_b);
+      EXPECT_EQ(untouched, -7.0f);
+      same_bits("pre", pre, pre_b);
+      same_bits("fp8 values (the caches)", cache_a, cache_b);
+      same_bits("fp8 values (the fused output)", cache_a, q);
+      same_bits("out", out_a, out_b);
+
+      // gelu_forward_fp8 alone: the same bytes, counts and amax as the fused store.
+      Owned q2 = make(be, {N, H}, fi);
+      float amax_c = -1.0f;
+      Fp8Output alone = fc_b.gelu_fp8;
+      alone.q.amax = &amax_c;
+      be.reset_cast_counts();
+      be.gelu_forward_fp8(q2.t, pre_b.t, alone);
+      const CastCounts c2 = be.cast_counts(TensorClass::activation);
+      EXPECT_EQ(c2.values, (act == DType::f32 ? 1 : 2) * N * H);
+      same_bits("gelu_forward_fp8", q, q2);
+      EXPECT_EQ(amax_c, amax_b);
+      // An fp8 out needs its Fp8Output's format.
+      MatmulSpec wrong = fc_b;
+      wrong.gelu_fp8.q.format = fi == DType::e4m3 ? DType::e5m2 : DType::e4m3;
+      EXPECT_THROW(be.matmul_gelu_forward(q.t, pre_b.t, x.t, wfc.t, bfc.t, wrong), RuntimeError);
+      EXPECT_THROW(be.gelu_forward_fp8(q.t, pre_b.t, wrong.gelu_fp8), RuntimeError);
+    }
+}
+
 TEST_F(PrecisionOps, Residual) {
   for (const Policy& pol : kPolicies) {
     SCOPED_TRACE(pol.name);

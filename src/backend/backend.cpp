@@ -44,8 +44,13 @@ void check_disjoint_args(const char* op, const char* a_name, const Tensor& a,
 void Backend::matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Tensor weight, Tensor bias,
                                   const MatmulSpec& spec) {
   check_disjoint_args("matmul_gelu_forward", "out", out, "pre", pre);
+  const bool fp8_out = out.dtype == DType::e4m3 || out.dtype == DType::e5m2;
+  if (fp8_out) check_fp8_output("matmul_gelu_forward", out, spec.gelu_fp8);
   matmul_forward(pre, inp, weight, bias, spec);
-  gelu_forward(out, pre);
+  if (fp8_out)
+    gelu_forward_fp8(out, pre, spec.gelu_fp8);
+  else
+    gelu_forward(out, pre);
 }
 
 void Backend::matmul_residual_forward(Tensor out, Tensor residual, Tensor inp, Tensor weight,

@@ -50,6 +50,21 @@ struct Fp8Operand {
   float* amax = nullptr;
 };
 
+// An activation an op stores quantised for the fp8 GEMM that reads it next, in place of storing
+// it in `round_to` for that GEMM to quantise (layernorm_forward_fp8, gelu_forward_fp8, and
+// matmul_gelu_forward's GELU: MatmulSpec::gelu_fp8): each value is rounded to
+// round_to (fp32, fp16 or bf16) as the op would store it, then quantised as that GEMM's
+// MatmulSpec::inp would quantise a tensor of round_to: q = saturate(RNE(x * q.scale)) in
+// q.format, max |x| to q.amax. Both casts are counted as activations, as the two ops would count
+// them. So the fp8 values, the counts and the amax are those of the two ops, and the GEMM, given
+// the fp8 tensor as its inp and `q` as its spec.inp, computes the same product; what it saves is
+// the round_to copy's write and the GEMM's read of it. Delayed scaling only: the scale must be
+// known before the values are (current scaling derives it from the tensor's own amax).
+struct Fp8Output {
+  DType round_to = DType::bf16;
+  Fp8Operand q;
+};
+
 struct MatmulSpec {
   MatmulPrecision prec = MatmulPrecision::native;
   // fp8 only: the forward reads inp and weight; the backward reads dout, weight and inp.
@@ -71,24 +86,14 @@ struct MatmulSpec {
   // computes its own way), because the caller computes it again with gelu_forward later
   // (training.recompute) and the two must agree.
   bool exact_gelu = false;
+  // matmul_gelu_forward only, when its `out` is an fp8 tensor: how the GELU is stored
+  // (Fp8Output: the next GEMM's input format and scale; round_to is pre's dtype).
+  Fp8Output gelu_fp8;
 
   MatmulSpec() = default;
   MatmulSpec(MatmulPrecision p) : prec(p) {}  // NOLINT: implicit, most calls name a precision
 };
 
-// An activation an op stores quantised for the fp8 GEMM that reads it next, in place of storing
-// it in `round_to` for that GEMM to quantise (layernorm_forward_fp8): each value is rounded to
-// round_to (fp32, fp16 or bf16) as the op would store it, then quantised as that GEMM's
-// MatmulSpec::inp would quantise a tensor of round_to: q = saturate(RNE(x * q.scale)) in
-// q.format, max |x| to q.amax. Both casts are counted as activations, as the two ops would count
-// them. So the fp8 values, the counts and the amax are those of the two ops, and the GEMM, given
-// the fp8 tensor as its inp and `q` as its spec.inp, computes the same product; what it saves is
-// the round_to copy's write and the GEMM's read of it. Delayed scaling only: the scale must be
-// known before the values are (current scaling derives it from the tensor's own amax).
-struct Fp8Output {
-  DType round_to = DType::bf16;
-  Fp8Operand q;
-};
 
 // What the last forward wrote into each fp8 input cache (MatmulSpec::inp_cache), kept by a
 // backend so that a backward is refused a cache written for another inp, format or scale
@@ -293,7 +298,8 @@ class Backend {
   // The MLP's first linear layer and its GELU as one op, so that a backend can fuse them (CUDA:
   // in the GEMM's epilogue, or in the kernel that stores the product). pre writes what
   // matmul_forward(pre, inp, weight, bias, spec) writes; out writes gelu_forward(out, pre), the
-  // GELU of pre as stored (out and pre must not overlap). The default runs those two ops. A
+  // GELU of pre as stored (out and pre must not overlap), or, when out is an fp8 tensor,
+  // gelu_forward_fp8(out, pre, spec.gelu_fp8). The default runs those two ops. A
   // fusing backend gives the same values and cast counts, except that under
   // MatmulPrecision::tf32 with fp32 pre and out it may take GELU from cuBLASLt's epilogue: the
   // same tanh formula, at an accuracy cuBLASLt does not document (at worst the hardware tanh's,
@@ -349,6 +355,8 @@ class Backend {
   // dinp may be dout (in place).
   virtual void gelu_forward(Tensor out, Tensor inp) = 0;
   virtual void gelu_backward(Tensor dinp, Tensor inp, Tensor dout) = 0;
+  // gelu_forward's values stored as `fp8` says (Fp8Output): out of dtype fp8.q.format writes.
+  virtual void gelu_forward_fp8(Tensor out, Tensor inp, const Fp8Output& fp8) = 0;
 
   // out writes = a + b (same shapes). Element-wise: out may be a or b (in place).
   virtual void residual_forward(Tensor out, Tensor a, Tensor b) = 0;

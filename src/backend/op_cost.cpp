@@ -416,6 +416,15 @@ void TracingBackend::attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Te
          [&] { inner_->attention_backward(dqkv, dout, qkv, lse, n_head, prec); });
 }
 
+void TracingBackend::gelu_forward_fp8(Tensor out, Tensor inp, const Fp8Output& fp8) {
+  traced(
+      [&] {
+        return op_cost::bytes_op("gelu_forward_fp8", op_cost::bytes_of(inp),
+                                 op_cost::bytes_of(out));
+      },
+      [&] { inner_->gelu_forward_fp8(out, inp, fp8); });
+}
+
 void TracingBackend::gelu_forward(Tensor out, Tensor inp) {
   traced(
       [&] {

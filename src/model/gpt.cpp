@@ -554,11 +554,13 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
   // residual + the layer's output, as one op (matmul_residual_forward, `name` naming the sum).
   // A backend may fuse either.
   // `cache`: where an fp8 GEMM leaves its quantised input for the backward (training only).
-  // `given`: the spec, when the producer of inp already took it (a LayerNorm stored quantised).
+  // `given`: the spec, when the producer of inp already took it (an output stored quantised).
+  // `gelu_fp8`: gelu_out is an fp8 tensor, the GELU stored as it says (MatmulSpec::gelu_fp8).
   auto linear = [&](int layer, int gemm, const char* name, Tensor out, Tensor inp, size_t w,
                     Tensor bias, Tensor gelu_out, Tensor residual, Tensor cache,
-                    const MatmulSpec* given = nullptr) {
+                    const MatmulSpec* given = nullptr, const Fp8Output* gelu_fp8 = nullptr) {
     MatmulSpec spec = given ? *given : gemm_spec(gemm, inp, param(w), Tensor());
+    if (gelu_fp8) spec.gelu_fp8 = *gelu_fp8;
     if (recording_ && gemm >= 0) spec.inp_cache = cache;
     // The backward computes this GELU again (training.recompute): both must be gelu_forward's.
     spec.exact_gelu = gelu_out.defined() && recomputes_gelu(policy_, recompute_, layer, L_);
@@ -578,9 +580,10 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
   // A LayerNorm whose output feeds only the fp8 GEMM after it (`gemm` >= 0; the backward reads
   // that GEMM's cache) is stored quantised for it (Backend::layernorm_forward_fp8), with the
   // scale the GEMM's spec takes now: the same values, counts and amax as storing `out` for the
-  // GEMM to quantise, without the 16-bit copy's write and read. Not under current scaling (the
-  // scale comes from the values), nor while tracing non-finite values (which reads `out`), nor
-  // with MPT_FP8_PRODUCERS=0. Returns what the GEMM reads, and its spec in *spec when fused.
+  // GEMM to quantise, without the 16-bit copy's write and read. So is an fp8 block's GELU output
+  // for mlp.c_proj (MatmulSpec::gelu_fp8). Not under current scaling (the scale comes from the
+  // values), nor while tracing non-finite values (which reads the 16-bit outputs), nor with
+  // MPT_FP8_PRODUCERS=0. Returns what the GEMM reads, and its spec in *spec when fused.
   const bool fuse_fp8 =
       fp8_producers_ && !tracing_ && policy_.fp8.scaling.recipe != "current";
   auto layernorm = [&](int layer, const char* name, Tensor out, Tensor mean, Tensor rstd,
@@ -619,11 +622,20 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
            residual, a.fp8_inp[1]);
     const Tensor ln2 = layernorm(l, "ln_2", a.ln2, a.ln2_mean, a.ln2_rstd, a.residual2, w.ln2w,
                                  w.ln2b, gm[2], w.fcw, &fused);
-    linear(l, gm[2], "mlp.c_fc", a.fch, ln2, w.fcw, param(w.fcb), a.fch_gelu, Tensor(),
-           a.fp8_inp[2], given());
+    // mlp.c_fc and its GELU, stored quantised for mlp.c_proj when fused.
+    std::optional<MatmulSpec> proj;
+    std::optional<Fp8Output> gelu_fp8;
+    Tensor gelu = a.fch_gelu;
+    if (gm[3] >= 0 && fuse_fp8) {
+      proj = gemm_spec(gm[3], a.fch_gelu, param(w.fcprojw), Tensor());
+      gelu_fp8 = Fp8Output{a.fch_gelu.dtype, proj->inp};
+      gelu = Tensor(a.fch_gelu.data, proj->inp.format, a.fch_gelu.shape);
+    }
+    linear(l, gm[2], "mlp.c_fc", a.fch, ln2, w.fcw, param(w.fcb), gelu, Tensor(), a.fp8_inp[2],
+           given(), gelu_fp8 ? &*gelu_fp8 : nullptr);
     // mlp.c_proj, added to the residual stream
-    linear(l, gm[3], "residual3", a.residual3, a.fch_gelu, w.fcprojw, param(w.fcprojb), Tensor(),
-           a.residual2, a.fp8_inp[3]);
+    linear(l, gm[3], "residual3", a.residual3, gelu, w.fcprojw, param(w.fcprojb), Tensor(),
+           a.residual2, a.fp8_inp[3], proj ? &*proj : nullptr);
     residual = a.residual3;
   }
   const Tensor lnf = layernorm(-1, "ln_f", lnf_, lnf_mean_, lnf_rstd_, residual, lnfw_, lnfb_,

@@ -63,6 +63,7 @@ class CpuBackend : public Backend {
                           MatmulPrecision prec) override;
   void gelu_forward(Tensor out, Tensor inp) override;
   void gelu_backward(Tensor dinp, Tensor inp, Tensor dout) override;
+  void gelu_forward_fp8(Tensor out, Tensor inp, const Fp8Output& fp8) override;
   void residual_forward(Tensor out, Tensor a, Tensor b) override;
   void crossentropy_forward_backward(Tensor losses, Tensor logits, Tensor targets, int vocab_size,
                                      float dloss) override;

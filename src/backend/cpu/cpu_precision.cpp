@@ -444,6 +444,13 @@ void CpuBackend::gelu_forward(Tensor out, Tensor inp) {
   commit(out, o, TensorClass::activation);
 }
 
+void CpuBackend::gelu_forward_fp8(Tensor out, Tensor inp, const Fp8Output& fp8) {
+  check_fp8_output("gelu_forward_fp8", out, fp8);
+  const Tensor o(staging(kOut, out.numel()), DType::f32, out.shape);
+  gelu_forward_f32(o, widen(inp, kIn0));  // checks inp has out's size
+  store_fp8(out, o.as<float>(), fp8);
+}
+
 void CpuBackend::gelu_backward(Tensor dinp, Tensor inp, Tensor dout) {
   const Tensor dx = output(dinp, kOut, false);
   gelu_backward_f32(dx, widen(inp, kIn0), widen(dout, kIn1));

@@ -181,6 +181,9 @@ void CudaBackend::attention_backward(Tensor dqkv, Tensor dout, Tensor qkv, Tenso
   cuda::attention_backward(*ctx_, dqkv, dout, qkv, lse, n_head, prec);
 }
 void CudaBackend::gelu_forward(Tensor out, Tensor inp) { cuda::gelu_forward(*ctx_, out, inp); }
+void CudaBackend::gelu_forward_fp8(Tensor out, Tensor inp, const Fp8Output& fp8) {
+  cuda::gelu_forward_fp8(*ctx_, out, inp, fp8);
+}
 void CudaBackend::gelu_backward(Tensor dinp, Tensor inp, Tensor dout) {
   cuda::gelu_backward(*ctx_, dinp, inp, dout);
 }

@@ -23,6 +23,17 @@ __device__ __forceinline__ uint8_t quantise_one(float v, float scale, unsigned& 
   return q;
 }
 
+// One value y stored as Fp8Output says (backend.h): rounded to T as an op storing T would round
+// it (counted, unless T is fp32), then quantise_one of the rounded value (its magnitude into am).
+template <class T, bool kE4M3>
+__device__ __forceinline__ uint8_t store_fp8_one(float y, float scale, unsigned& am,
+                                                 CastTally& tally) {
+  const T r = store<T>(y);
+  const float v = load<T>(r);
+  if (kNarrow<T>) tally.add(y, v, max_finite<T>());
+  return quantise_one<kE4M3>(v, scale, am, tally);
+}
+
 // A warp's amax into *amax_bits (when given): one integer atomicMax per warp, order-independent.
 // Every lane of the warp must call it.
 __device__ __forceinline__ void flush_amax(unsigned am, unsigned* amax_bits) {

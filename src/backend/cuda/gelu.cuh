@@ -10,5 +10,6 @@ namespace mpt::cuda {
 
 void gelu_forward(Context& ctx, Tensor out, Tensor inp);
 void gelu_backward(Context& ctx, Tensor dinp, Tensor inp, Tensor dout);
+void gelu_forward_fp8(Context& ctx, Tensor out, Tensor inp, const Fp8Output& fp8);
 
 }  // namespace mpt::cuda

@@ -48,10 +48,7 @@ struct Fp8Out {
   unsigned* amax_bits;  // null: no amax wanted
   unsigned am;          // this thread's largest magnitude so far; 0 at launch
   __device__ __forceinline__ void put(int64_t i, float y, CastTally& tally) {
-    const T r = store<T>(y);
-    const float v = load<T>(r);
-    if (kNarrow<T>) tally.add(y, v, max_finite<T>());
-    out[i] = quantise_one<kE4M3>(v, scale, am, tally);
+    out[i] = store_fp8_one<T, kE4M3>(y, scale, am, tally);
   }
   __device__ __forceinline__ void finish(CastTally& tally, unsigned long long* counters) {
     tally.flush(counters);

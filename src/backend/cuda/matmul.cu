@@ -258,10 +258,19 @@ __global__ void widen_kernel(const T* __restrict__ x, float* __restrict__ y, int
 //   kGelu      out = y, gelu_out = gelu(y)               (matmul_gelu_forward)
 //   kResidual  out = residual + y, y itself not stored    (matmul_residual_forward)
 //   kDgelu     out = gelu'(pre) * y, y itself not stored  (matmul_backward_gelu's dgrad)
+//   kGeluFp8   out = y, gelu_out = gelu(y) rounded to Tout, then quantised to fp8 (Fp8Output:
+//              MatmulSpec::gelu_fp8, the next GEMM's input scale; store_fp8_one)
 // where y = d (+ bias) rounded to Tout; every rounding is counted. With kDirect (below) y is
 // what the GEMM stored in out: counted from that value, out rewritten by kResidual and kDgelu
 // only.
-enum StoreMode : int { kPlain, kGelu, kResidual, kDgelu };
+enum StoreMode : int { kPlain, kGelu, kResidual, kDgelu, kGeluFp8 };
+
+// kGeluFp8's quantisation: the format, the scale, and where the amax goes (null: nowhere).
+struct StoreFp8 {
+  bool e4m3 = true;
+  float scale = 1.0f;
+  unsigned* amax_bits = nullptr;
+};
 
 // out (rows, cols) as kMode says, rounded to Tout and counted (as store_counted does). `src`
 // is the GEMM's result: fp32 (staged; it may alias an fp32 out: each thread reads its elements
@@ -269,16 +278,19 @@ enum StoreMode : int { kPlain, kGelu, kResidual, kDgelu };
 // src is out, no bias), which is then read, counted from its stored value (CastTally::
 // add_stored) and, kPlain, not written again. Launched as store_launch (matmul_plan.h) says.
 template <class Tout, class Tbias, int kMode, int kVec, bool kDirect>
-__global__ void store_kernel(const void* src, Tout* out, Tout* gelu_out, const Tout* residual,
+__global__ void store_kernel(const void* src, Tout* out, void* gelu_out, const Tout* residual,
                              const void* pre, DType pre_dt, const Tbias* __restrict__ bias,
-                             int64_t rows, int64_t cols, unsigned long long* counters) {
+                             int64_t rows, int64_t cols, unsigned long long* counters,
+                             StoreFp8 fp8) {
   CastTally tally;
+  unsigned am = 0;  // kGeluFp8: the largest magnitude this thread quantised
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   if (c0 < cols) {  // no early return: every lane reaches the flush
     for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
       const int64_t i = r * cols + c0;
       float v[kVec];
       Pack<Tout, kVec> y, z, res;  // z: the fused op's result (kMode != kPlain)
+      Pack<uint8_t, kVec> zq;      // kGeluFp8's
       if constexpr (kDirect) {
         y = *reinterpret_cast<const Pack<Tout, kVec>*>(static_cast<const Tout*>(src) + i);
 #pragma unroll
@@ -299,7 +311,12 @@ __global__ void store_kernel(const void* src, Tout* out, Tout* gelu_out, const T
           y.v[k] = store<Tout>(v[k]);
           if (kNarrow<Tout>) tally.add(v[k], load<Tout>(y.v[k]), max_finite<Tout>());
         }
-        if constexpr (kMode != kPlain) {
+        if constexpr (kMode == kGeluFp8) {
+          // gelu_forward_fp8_kernel's: the GELU rounded to Tout, then quantised
+          const float w = gelu_value(load<Tout>(y.v[k]));
+          zq.v[k] = fp8.e4m3 ? store_fp8_one<Tout, true>(w, fp8.scale, am, tally)
+                             : store_fp8_one<Tout, false>(w, fp8.scale, am, tally);
+        } else if constexpr (kMode != kPlain) {
           // gelu_forward_kernel's GELU, residual_kernel's a + b with a the residual stream, or
           // gelu_backward_kernel's gelu'(inp) * dout
           const float yk = load<Tout>(y.v[k]);
@@ -315,11 +332,15 @@ __global__ void store_kernel(const void* src, Tout* out, Tout* gelu_out, const T
         *reinterpret_cast<Pack<Tout, kVec>*>(out + i) = z;
       } else {
         if constexpr (!kDirect) *reinterpret_cast<Pack<Tout, kVec>*>(out + i) = y;
-        if constexpr (kMode == kGelu) *reinterpret_cast<Pack<Tout, kVec>*>(gelu_out + i) = z;
+        if constexpr (kMode == kGelu)
+          *reinterpret_cast<Pack<Tout, kVec>*>(static_cast<Tout*>(gelu_out) + i) = z;
+        if constexpr (kMode == kGeluFp8)
+          *reinterpret_cast<Pack<uint8_t, kVec>*>(static_cast<uint8_t*>(gelu_out) + i) = zq;
       }
     }
   }
   if (kNarrow<Tout>) tally.flush(counters);
+  if constexpr (kMode == kGeluFp8) flush_amax(am, fp8.amax_bits);
 }
 
 // dbias, deterministically in two passes (no atomics): partial column sums over fixed chunks of
@@ -479,7 +500,9 @@ const void* native_operand(Context& ctx, const GemmOperand& s, Tensor t, Scratch
 // the kernel reads, counts and fuses as `mode` says (kPlain: counts only).
 void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t rows,
                   int64_t cols, TensorClass cls, StoreMode mode = kPlain,
-                  Tensor second = Tensor()) {
+                  Tensor second = Tensor(), const Fp8Output* fp8 = nullptr) {
+  if ((mode == kGeluFp8) != (fp8 != nullptr))
+    throw RuntimeError("matmul: an fp8 GELU output needs its Fp8Output, and only it");
   const bool direct = d == nullptr;
   if (direct && (out.dtype != DType::bf16 || bias.defined()))
     throw RuntimeError("matmul: only a bf16 output without a bias is read from the GEMM");
@@ -492,13 +515,20 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
   const bool aligned = (direct || pointer_alignment(reinterpret_cast<uintptr_t>(d)) >= 16) &&
                        pointer_alignment(address(out)) >= pack_bytes &&
                        (mode == kPlain || mode == kDgelu ||
-                        pointer_alignment(address(second)) >= pack_bytes);
+                        pointer_alignment(address(second)) >=
+                            4 * static_cast<uint32_t>(dtype_size(second.dtype)));
+  StoreFp8 q8;
+  if (fp8) {
+    q8.e4m3 = fp8->q.format == DType::e4m3;
+    q8.scale = fp8->q.scale;
+    q8.amax_bits = fp8->q.amax ? ctx.amax_report(fp8->q.amax) : nullptr;
+  }
   const StoreLaunch sl = store_launch(rows, cols, aligned);
   const dim3 grid(sl.grid_x, sl.grid_y);
   MPT_DISPATCH_FLOAT(out.dtype, "matmul output", [&] {
     using Tout = T;
     Tout* o = static_cast<Tout*>(out.data);
-    Tout* go = mode == kGelu ? static_cast<Tout*>(second.data) : nullptr;
+    void* go = mode == kGelu || mode == kGeluFp8 ? second.data : nullptr;
     const Tout* res = mode == kResidual ? static_cast<const Tout*>(second.data) : nullptr;
     const void* pre = mode == kDgelu ? second.data : nullptr;
     const DType pre_dt = mode == kDgelu ? second.dtype : DType::f32;
@@ -513,11 +543,11 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
           if constexpr (std::is_same_v<Tout, __nv_bfloat16> && std::is_same_v<Tbias, float>)
             store_kernel<Tout, Tbias, decltype(m)::value, decltype(vec)::value, true>
                 <<<grid, sl.threads, 0, ctx.stream()>>>(o, o, go, res, pre, pre_dt, b, rows,
-                                                        cols, counters);
+                                                        cols, counters, q8);
         } else {
           store_kernel<Tout, Tbias, decltype(m)::value, decltype(vec)::value, false>
               <<<grid, sl.threads, 0, ctx.stream()>>>(d, o, go, res, pre, pre_dt, b, rows, cols,
-                                                      counters);
+                                                      counters, q8);
         }
       };
       auto with_vec = [&](auto vec) {
@@ -526,6 +556,7 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
           case kGelu: run(std::integral_constant<int, kGelu>{}, vec); break;
           case kResidual: run(std::integral_constant<int, kResidual>{}, vec); break;
           case kDgelu: run(std::integral_constant<int, kDgelu>{}, vec); break;
+          case kGeluFp8: run(std::integral_constant<int, kGeluFp8>{}, vec); break;
         }
       };
       if (sl.vec == 4)
@@ -541,14 +572,15 @@ void store_output(Context& ctx, const float* d, Tensor out, Tensor bias, int64_t
   });
   // By StoreMode; the direct ones named as the staged stores, " (direct)" added: the op profile
   // tells the two apart.
-  static constexpr const char* kLaunchNames[2][4] = {
+  static constexpr const char* kLaunchNames[2][5] = {
       {"matmul: store output", "matmul: store output + gelu", "matmul: store output + residual",
-       "matmul: store dgrad + gelu backward"},
+       "matmul: store dgrad + gelu backward", "matmul: store output + gelu (fp8)"},
       {"matmul: count output (direct)", "matmul: store output + gelu (direct)",
        "matmul: store output + residual (direct)",
-       "matmul: store dgrad + gelu backward (direct)"}};
+       "matmul: store dgrad + gelu backward (direct)", "matmul: store output + gelu (fp8, direct)"}};
   MPT_LAUNCH_CHECK(ctx, kLaunchNames[direct ? 1 : 0][mode]);
-  const int64_t stores = (mode == kPlain ? 1 : 2) * rows * cols;
+  // kGeluFp8: y, the GELU's rounding and its quantisation.
+  const int64_t stores = (mode == kPlain ? 1 : mode == kGeluFp8 ? 3 : 2) * rows * cols;
   if (out.dtype != DType::f32) ctx.add_cast_values(cls, stores);
 }
 
@@ -575,7 +607,11 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
   expect_matrix(op, "inp", inp, {N, C}, inp_quantised);
   expect_matrix(op, "weight", weight, {OC, C});
   expect_matrix(op, gelu ? "pre" : "out", prod, {N, OC});
-  if (gelu) expect_matrix(op, "out", gelu_out, {N, OC});
+  // An fp8 GELU output (MatmulSpec::gelu_fp8): the store kernel rounds the GELU to prod's dtype
+  // and quantises it when that is its round_to; else gelu_forward_fp8 follows.
+  const bool gelu_fp8 = gelu && (gelu_out.dtype == DType::e4m3 || gelu_out.dtype == DType::e5m2);
+  if (gelu_fp8) check_fp8_output(op, gelu_out, spec.gelu_fp8);
+  if (gelu) expect_matrix(op, "out", gelu_out, {N, OC}, gelu_fp8);
   if (residual.defined()) expect_matrix(op, "residual", residual, {N, OC});
   if (weight.dim(1) != C) throw RuntimeError(std::string(op) + ": weight must be (OC, C)");
   if (bias.defined()) expect_matrix(op, "bias", bias, {OC});
@@ -618,8 +654,17 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
   }
   GeluPath gp = GeluPath::separate;
   if (gelu)
-    gp = gelu_forward_path(p, prod.dtype, gelu_out.dtype, address(prod), bias.defined(),
-                           bias.dtype, address(bias));
+    gp = gelu_forward_path(p, prod.dtype, gelu_fp8 ? spec.gelu_fp8.round_to : gelu_out.dtype,
+                           address(prod), bias.defined(), bias.dtype, address(bias));
+  if (gelu_fp8 && gp == GeluPath::epilogue) gp = GeluPath::separate;
+  const StoreMode gelu_mode = gelu_fp8 ? kGeluFp8 : kGelu;
+  const Fp8Output* gelu_q = gelu_fp8 ? &spec.gelu_fp8 : nullptr;
+  auto separate_gelu = [&] {
+    if (gelu_fp8)
+      gelu_forward_fp8(ctx, gelu_out, prod, spec.gelu_fp8);
+    else
+      gelu_forward(ctx, gelu_out, prod);
+  };
   // exact_gelu: the caller recomputes this GELU with gelu_forward, whose bits the epilogue's
   // need not have (backend.h).
   if (gp == GeluPath::epilogue && (!ctx.lt_epilogues() || spec.exact_gelu))
@@ -655,14 +700,14 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
       // counts them in its first pass over them (crossentropy_from_product).
       if (staged) return;
       if (gp == GeluPath::store_kernel) {
-        store_output(ctx, nullptr, prod, Tensor(), N, OC, TensorClass::activation, kGelu,
-                     gelu_out);
+        store_output(ctx, nullptr, prod, Tensor(), N, OC, TensorClass::activation, gelu_mode,
+                     gelu_out, gelu_q);
       } else if (residual.defined() && residual_in_store(prod.dtype, residual.dtype)) {
         store_output(ctx, nullptr, prod, Tensor(), N, OC, TensorClass::activation, kResidual,
                      residual);
       } else {
         store_output(ctx, nullptr, prod, Tensor(), N, OC, TensorClass::activation);
-        if (gelu) gelu_forward(ctx, gelu_out, prod);
+        if (gelu) separate_gelu();
         if (residual.defined()) residual_forward(ctx, prod, residual, prod);
       }
       return;
@@ -695,7 +740,8 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
   }
   const Tensor store_bias = bp == BiasPath::store_kernel ? bias : Tensor();
   if (gp == GeluPath::store_kernel) {
-    store_output(ctx, d, prod, store_bias, N, OC, TensorClass::activation, kGelu, gelu_out);
+    store_output(ctx, d, prod, store_bias, N, OC, TensorClass::activation, gelu_mode, gelu_out,
+                 gelu_q);
     return;
   }
   // The residual add joins a 16-bit store of the same dtype (the add of the rounded product, as
@@ -706,7 +752,7 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
   }
   if (!direct || bp == BiasPath::store_kernel)
     store_output(ctx, d, prod, store_bias, N, OC, TensorClass::activation);
-  if (gelu) gelu_forward(ctx, gelu_out, prod);
+  if (gelu) separate_gelu();
   if (residual.defined()) residual_forward(ctx, prod, residual, prod);
 }
 
