@@ -116,6 +116,16 @@ struct Context::Profiler {
 };
 
 Context::Context(int device) : device_(device) {
+  try {
+    init();
+  } catch (...) {
+    release();
+    throw;
+  }
+}
+
+void Context::init() {
+  const int device = device_;
   MPT_CUDA_CHECK(cudaSetDevice(device));
   MPT_CUDA_CHECK(cudaGetDeviceProperties(&props_, device));
   MPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -157,12 +167,17 @@ OpProfileTable Context::stop_profile() {
   return table;
 }
 
-Context::~Context() {
+Context::~Context() { release(); }
+
+void Context::release() noexcept {
   // Destruction order matters: the handle before the stream; errors are not thrown here.
   if (stream_) cudaStreamSynchronize(stream_);
   if (lt_) cublasLtDestroy(lt_);
   if (stream_) cudaStreamDestroy(stream_);
   if (pinned_) cudaFreeHost(pinned_);
+  lt_ = nullptr;
+  stream_ = nullptr;
+  pinned_ = nullptr;
 }
 
 void* Context::scratch(Scratch role, size_t bytes) {

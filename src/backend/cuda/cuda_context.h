@@ -170,6 +170,10 @@ class Context {
   bool profiling() const;
 
  private:
+  // The handle, stream and pinned block, in the order they must go (the destructor, and a
+  // constructor that throws half way: its DeviceBuffers free themselves).
+  void release() noexcept;
+  void init();  // the constructor's work, which release() undoes if it throws
   int device_ = 0;
   cudaDeviceProp props_{};
   cudaStream_t stream_ = nullptr;
