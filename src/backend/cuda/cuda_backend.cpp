@@ -1,5 +1,7 @@
 #include "backend/cuda/cuda_backend.h"
 
+#include <cublasLt.h>
+
 #include <string>
 
 #include "backend/cuda/adamw.cuh"
@@ -34,9 +36,16 @@ CudaBackend::~CudaBackend() = default;
 
 std::string CudaBackend::device_description() const {
   const cudaDeviceProp& p = ctx_->props();
+  // The versions too: a GPU run's results are read against the libraries that produced them
+  // (cuBLASLt's algorithms, and so the GEMMs' summation orders, change between releases).
+  int runtime = 0, driver = 0;
+  MPT_CUDA_CHECK(cudaRuntimeGetVersion(&runtime));
+  MPT_CUDA_CHECK(cudaDriverGetVersion(&driver));
   return std::string(p.name) + " (compute capability " + std::to_string(p.major) + "." +
          std::to_string(p.minor) + ", " + std::to_string(p.multiProcessorCount) + " SMs, " +
-         std::to_string(p.totalGlobalMem >> 20) + " MiB)";
+         std::to_string(p.totalGlobalMem >> 20) + " MiB; CUDA runtime " +
+         std::to_string(runtime) + ", driver " + std::to_string(driver) + ", cuBLASLt " +
+         std::to_string(cublasLtGetVersion()) + ")";
 }
 
 Buffer CudaBackend::allocate(size_t bytes) {
