@@ -840,6 +840,24 @@ void expect_same_counts(Backend& gpu, Backend& cpu, const std::string& what) {
   }
 }
 
+// A backend's cast counts now, by tensor class; two such records compared.
+std::vector<CastCounts> counts_now(const Backend& be) {
+  std::vector<CastCounts> c;
+  for (int k = 0; k < kTensorClasses; ++k) c.push_back(be.cast_counts(TensorClass(k)));
+  return c;
+}
+
+void expect_same_counts(const std::vector<CastCounts>& a, const std::vector<CastCounts>& b,
+                        const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (size_t k = 0; k < a.size(); ++k) {
+    const char* c = tensor_class_name(TensorClass(k));
+    EXPECT_EQ(a[k].values, b[k].values) << what << " " << c;
+    EXPECT_EQ(a[k].overflow, b[k].overflow) << what << " " << c;
+    EXPECT_EQ(a[k].underflow, b[k].underflow) << what << " " << c;
+  }
+}
+
 struct MatmulCase {
   const char* name;
   MatmulPrecision prec;
@@ -1997,11 +2015,6 @@ void run_layernorm_fp8_case(DType act, DType fi, int64_t N, int64_t C, int64_t O
       cb = to_gpu(*gpu, zeros.t, 128);
   Dev gmean_a = to_gpu(*gpu, mean.t), grstd_a = to_gpu(*gpu, rstd.t), gmean_b = to_gpu(*gpu, mean.t),
       grstd_b = to_gpu(*gpu, rstd.t), out_a = to_gpu(*gpu, outs.t), out_b = to_gpu(*gpu, outs.t);
-  auto counts = [&](Backend& be) {
-    std::vector<CastCounts> c;
-    for (int k = 0; k < kTensorClasses; ++k) c.push_back(be.cast_counts(TensorClass(k)));
-    return c;
-  };
   auto quantise_launches = [&](const OpProfileTable& t, const char* name) {
     int64_t n = 0;
     for (const OpTime& o : t.sorted())
@@ -2025,7 +2038,7 @@ void run_layernorm_fp8_case(DType act, DType fi, int64_t N, int64_t C, int64_t O
   if (ctx) {
     EXPECT_EQ(quantise_launches(ctx->stop_profile(), "matmul: fp8 quantise"), 2);
   }
-  const auto counts_a = counts(*gpu);
+  const auto counts_a = counts_now(*gpu);
   gpu->reset_cast_counts();
   if (ctx) ctx->start_profile();
   gpu->layernorm_forward_fp8(gq.t, gmean_b.t, grstd_b.t, gx.t, glw.t, glb.t, fo);
@@ -2036,12 +2049,8 @@ void run_layernorm_fp8_case(DType act, DType fi, int64_t N, int64_t C, int64_t O
     EXPECT_EQ(quantise_launches(t, "matmul: fp8 quantise"), 1) << "the weight's only";
     EXPECT_EQ(quantise_launches(t, "matmul: fp8 transpose (inp stored quantised)"), 1);
   }
-  const auto counts_b = counts(*gpu);
-  for (int k = 0; k < kTensorClasses; ++k) {
-    EXPECT_EQ(counts_a[k].values, counts_b[k].values) << k;
-    EXPECT_EQ(counts_a[k].overflow, counts_b[k].overflow) << k;
-    EXPECT_EQ(counts_a[k].underflow, counts_b[k].underflow) << k;
-  }
+  const auto counts_b = counts_now(*gpu);
+  expect_same_counts(counts_a, counts_b, "fused against unfused");
   const CastCounts acts = counts_b[static_cast<int>(TensorClass::activation)];
   EXPECT_GT(acts.overflow, 0);
   EXPECT_GT(acts.underflow, 0);
@@ -2094,8 +2103,12 @@ void run_layernorm_fp8_case(DType act, DType fi, int64_t N, int64_t C, int64_t O
 // kernel does it (kGeluFp8), with fp32 ones gelu_forward_fp8 after the store. Then against the
 // CPU: the fp8 values within a unit of the format (the GEMMs sum in another order), the amax
 // within the activations' dtype.
-// `skew`: pre this many elements off its aligned place (the store kernel's one-element path).
-void run_gelu_fp8_case(DType act, DType fi, int64_t N, int64_t C, int64_t H, int64_t skew = 0) {
+// `skew`: pre this many elements off its aligned place (the store kernel's one-element path);
+// `qskew`: the fp8 GELU output this many bytes off 256-byte alignment (the store kernel's
+// one-element path too, and c_proj's GEMM, which wants 16-byte aligned fp8 operands, reading it
+// through an aligned copy).
+void run_gelu_fp8_case(DType act, DType fi, int64_t N, int64_t C, int64_t H, int64_t skew = 0,
+                       int64_t qskew = 0) {
   SCOPED_TRACE(std::string(dtype_name(act)) + " activations, " + dtype_name(fi) + ", " +
                std::to_string(N) + " x " + std::to_string(C) + " x " + std::to_string(H));
   Rng rng(test::fresh_seed());
@@ -2117,7 +2130,8 @@ void run_gelu_fp8_case(DType act, DType fi, int64_t N, int64_t C, int64_t H, int
   Dev gx = to_gpu(*gpu, x.t), gwfc = to_gpu(*gpu, wfc.t), gbfc = to_gpu(*gpu, bfc.t),
       gwpr = to_gpu(*gpu, wpr.t), gbpr = to_gpu(*gpu, bpr.t), gres = to_gpu(*gpu, res.t);
   Dev pre_a = to_gpu(*gpu, pre.t, skew), pre_b = to_gpu(*gpu, pre.t, skew), ga = to_gpu(*gpu, g.t);
-  Dev gq = to_gpu(*gpu, zeros.t, 128), ca = to_gpu(*gpu, zeros.t, 128), cb = to_gpu(*gpu, zeros.t, 128);
+  Dev gq = to_gpu(*gpu, zeros.t, 128 + qskew), ca = to_gpu(*gpu, zeros.t, 128),
+      cb = to_gpu(*gpu, zeros.t, 128);
   Dev out_a = to_gpu(*gpu, outs.t), out_b = to_gpu(*gpu, outs.t);
   float amax_a = -1.0f, amax_b = -1.0f, untouched = -7.0f;
   MatmulSpec pa = proj, pb = proj, fc_b = fc;
@@ -2127,16 +2141,11 @@ void run_gelu_fp8_case(DType act, DType fi, int64_t N, int64_t C, int64_t H, int
   pb.inp_cache = cb.t;
   fc_b.gelu_fp8 = Fp8Output{act, proj.inp};
   fc_b.gelu_fp8.q.amax = &amax_b;
-  auto counts = [&](Backend& be) {
-    std::vector<CastCounts> c;
-    for (int k = 0; k < kTensorClasses; ++k) c.push_back(be.cast_counts(TensorClass(k)));
-    return c;
-  };
   gpu->reset_cast_counts();
   gpu->matmul_gelu_forward(ga.t, pre_a.t, gx.t, gwfc.t, gbfc.t, fc);
   gpu->matmul_residual_forward(out_a.t, gres.t, ga.t, gwpr.t, gbpr.t, pa);
   gpu->collect_stats();
-  const auto counts_a = counts(*gpu);
+  const auto counts_a = counts_now(*gpu);
   gpu->reset_cast_counts();
   if (ctx) ctx->start_profile();
   gpu->matmul_gelu_forward(gq.t, pre_b.t, gx.t, gwfc.t, gbfc.t, fc_b);
@@ -2151,12 +2160,8 @@ void run_gelu_fp8_case(DType act, DType fi, int64_t N, int64_t C, int64_t H, int
     EXPECT_EQ(fused_store, act != F32) << "the store kernel quantises a 16-bit GELU";
     EXPECT_EQ(separate, act == F32);
   }
-  const auto counts_b = counts(*gpu);
-  for (int k = 0; k < kTensorClasses; ++k) {
-    EXPECT_EQ(counts_a[k].values, counts_b[k].values) << k;
-    EXPECT_EQ(counts_a[k].overflow, counts_b[k].overflow) << k;
-    EXPECT_EQ(counts_a[k].underflow, counts_b[k].underflow) << k;
-  }
+  const auto counts_b = counts_now(*gpu);
+  expect_same_counts(counts_a, counts_b, "fused against unfused");
   EXPECT_GT(counts_b[static_cast<int>(TensorClass::activation)].overflow, 0);
   EXPECT_EQ(amax_a, amax_b);
   EXPECT_GT(amax_b, 0.0f);
@@ -2183,8 +2188,9 @@ TEST(CudaMatmul, GeluFp8OutputIsTheGeluThenTheGemmsQuantisation) {
   run_gelu_fp8_case(BF, DType::e5m2, 32, 48, 64);
   run_gelu_fp8_case(F16, DType::e4m3, 32, 32, 128);
   run_gelu_fp8_case(F32, DType::e4m3, 16, 32, 64);
-  // pre off 8-byte alignment: the store kernel's one-element path.
+  // pre off 8-byte alignment, then the fp8 output off 4-byte alignment.
   run_gelu_fp8_case(BF, DType::e4m3, 32, 48, 80, 1);
+  run_gelu_fp8_case(BF, DType::e4m3, 32, 48, 80, 0, 1);
 }
 
 TEST(CudaMatmul, LayerNormFp8OutputIsLayerNormThenTheGemmsQuantisation) {

@@ -21,6 +21,7 @@
 #include "backend/gpu_peaks.h"
 #include "config/config.h"
 #include "model/cuda_workspace.h"
+#include "backend/op_cost.h"
 #include "model/gpt.h"
 #include "optim/adamw.h"
 #include "precision/policy.h"
@@ -178,12 +179,17 @@ struct ThreeSteps {
   std::vector<CastCounts> counts;
   std::string params;
   double workspace = 0, predicted_workspace = 0;
+  float eval_loss = 0;  // an evaluation pass after the steps
 };
 
-ThreeSteps three_steps(const ModelConfig& m, const PrecisionPolicy& policy, Recompute recompute) {
+// `obs`: sees the model's ops (a TracingBackend between them and the GPU backend).
+ThreeSteps three_steps(const ModelConfig& m, const PrecisionPolicy& policy, Recompute recompute,
+                       OpObserver* obs = nullptr) {
   const Batches b = corpus_batches(3);
   ThreeSteps r;
-  const std::unique_ptr<Backend> gpu = test::gpu_backend_under_test(1);
+  const std::unique_ptr<Backend> device = test::gpu_backend_under_test(1);
+  TracingBackend traced(*device, obs);
+  Backend* gpu = obs ? static_cast<Backend*>(&traced) : device.get();
   Gpt model(m, *gpu, policy, recompute);
   model.init_weights(5, 0.02);
   OptimizerConfig oc;
@@ -201,7 +207,7 @@ ThreeSteps three_steps(const ModelConfig& m, const PrecisionPolicy& policy, Reco
   }
   r.params.resize(model.all_params().bytes());
   gpu->copy_to_host(r.params.data(), model.all_params());
-  model.forward(b.in[0].data(), b.tg[0].data(), kB, kT, 0.0f);
+  r.eval_loss = model.forward(b.in[0].data(), b.tg[0].data(), kB, kT, 0.0f);
   gpu->synchronize();
   r.workspace = double(gpu->workspace_bytes());
   if (const int cc = gpu->gpu_info().cc_major) {
@@ -261,35 +267,6 @@ INSTANTIATE_TEST_SUITE_P(Policies, CudaRecompute,
 // is its prediction, smaller with direct outputs (bf16-pure keeps fp32 staging for its weight
 // gradients).
 class CudaDirectOutputs : public ::testing::TestWithParam<std::string> {};
-
-// The fp8 LayerNorms stored quantised for their GEMMs (layernorm_forward_fp8) give the steps of
-// storing them in 16 bits for the GEMMs to quantise (MPT_FP8_PRODUCERS=0), bit for bit: the same
-// kernels' arithmetic, and the GEMMs read fp8 operands as aligned as the scratch copies they
-// replace (the model's arena is 256-byte aligned), so the same algorithms. The workspace each
-// grows to is its prediction.
-TEST(CudaFp8Producers, GiveTheStepsOfTheUnfusedModel) {
-  MPT_REQUIRE_GPU();
-  for (const bool ends : {false, true}) {
-    SCOPED_TRACE(ends ? "first and last blocks in bf16" : "every block in fp8");
-    PrecisionPolicy policy = PrecisionPolicy::preset("fp8");
-    policy.fp8.first_last_blocks_bf16 = ends;
-    ModelConfig m = tiny();
-    m.n_layer = 3;
-    ThreeSteps fused, plain;
-    {
-      test::ScopedEnv env("MPT_FP8_PRODUCERS", "1");
-      fused = three_steps(m, policy, Recompute::none);
-    }
-    {
-      test::ScopedEnv env("MPT_FP8_PRODUCERS", "0");
-      plain = three_steps(m, policy, Recompute::none);
-    }
-    expect_same_steps(fused, plain);
-    if (fused.predicted_workspace > 0) {
-      EXPECT_EQ(fused.workspace, fused.predicted_workspace);
-    }
-  }
-}
 
 double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
   double d = 0, n = 0;
@@ -359,6 +336,54 @@ TEST_P(CudaDirectOutputs, GiveTheStepsOfStagedOutputs) {
 
 INSTANTIATE_TEST_SUITE_P(Policies, CudaDirectOutputs,
                          ::testing::Values("bf16", "bf16-pure", "fp8"), test::PolicyTestName());
+
+// The fp8 LayerNorms and GELU stored quantised for their GEMMs (Gpt::fp8_producers) give the
+// steps of storing them in 16 bits for the GEMMs to quantise (MPT_FP8_PRODUCERS=0), bit for bit:
+// the same kernels' arithmetic, and the GEMMs read fp8 operands as aligned as the scratch copies
+// they replace (the model's arena is 256-byte aligned), so the same algorithms. Every block in
+// fp8, the ends in bf16, and the LM head in fp8 (its GEMM and classifier reading ln_f's fp8
+// output). The workspace each grows to is its prediction.
+class CountFp8Outputs : public OpObserver {
+ public:
+  void after(const OpCost& c) override { n += c.op == "layernorm_forward_fp8"; }
+  int n = 0;
+};
+
+TEST(CudaFp8Producers, GiveTheStepsOfTheUnfusedModel) {
+  MPT_REQUIRE_GPU();
+  struct Case {
+    const char* name;
+    bool ends, head;
+  };
+  for (const Case& c : {Case{"every block in fp8", false, false},
+                        Case{"first and last blocks in bf16", true, false},
+                        Case{"the LM head in fp8", false, true}}) {
+    SCOPED_TRACE(c.name);
+    PrecisionPolicy policy = PrecisionPolicy::preset("fp8");
+    policy.fp8.first_last_blocks_bf16 = c.ends;
+    policy.fp8.lm_head_fp8 = c.head;
+    ModelConfig m = tiny();
+    m.n_layer = 3;
+    ThreeSteps fused, plain;
+    CountFp8Outputs ops;
+    {
+      test::ScopedEnv env("MPT_FP8_PRODUCERS", "1");
+      fused = three_steps(m, policy, Recompute::none, &ops);
+    }
+    {
+      test::ScopedEnv env("MPT_FP8_PRODUCERS", "0");
+      plain = three_steps(m, policy, Recompute::none);
+    }
+    // Two LayerNorms a fp8 block (and ln_f under an fp8 head) in each of three steps and the
+    // evaluation pass.
+    EXPECT_EQ(ops.n, 4 * (2 * (c.ends ? 1 : 3) + (c.head ? 1 : 0)));
+    expect_same_steps(fused, plain);
+    EXPECT_EQ(fused.eval_loss, plain.eval_loss);
+    if (fused.predicted_workspace > 0) {  // 0: the CPU self-check, no CUDA workspace to predict
+      EXPECT_EQ(fused.workspace, fused.predicted_workspace);
+    }
+  }
+}
 
 // The memory ledger's CUDA terms against the GPU's own count, per policy: after training steps
 // and an evaluation pass, the workspace is what cuda_workspace_bytes predicts (the host-side

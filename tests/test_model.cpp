@@ -455,12 +455,15 @@ INSTANTIATE_TEST_SUITE_P(Policies, RecomputePerPolicy,
 // fp8 LayerNorms stored quantised for their GEMMs (Gpt::fp8_producers_, layernorm_forward_fp8)
 // give the steps of the model that stores them in 16 bits for the GEMMs to quantise
 // (MPT_FP8_PRODUCERS=0): the same losses (an evaluation pass's too), gradients, weights, cast
-// counts and fp8 scaling state, bit for bit. With every block in fp8, with the ends in bf16,
-// with the LM head in fp8 (ln_f fused too), and under current scaling, where nothing is fused.
+// counts and fp8 scaling state, bit for bit, in the memory the ledger predicts. With every block
+// in fp8, with the ends in bf16 (and recomputing theirs), with the LM head in fp8 (ln_f fused
+// too), with fp16 activations; and where nothing is fused: current scaling, fp32 activations.
 struct Fp8ProducersCase {
   const char* name;
   bool ends_bf16, head_fp8, current;
   int fused_per_step;  // layernorm_forward_fp8 calls a training forward makes (3 blocks)
+  DType act = DType::bf16;
+  Recompute recompute = Recompute::none;
 };
 
 void PrintTo(const Fp8ProducersCase& c, std::ostream* os) { *os << c.name; }
@@ -483,6 +486,7 @@ TEST_P(Fp8Producers, GiveTheStepsOfTheUnfusedModel) {
   policy.fp8.first_last_blocks_bf16 = c.ends_bf16;
   policy.fp8.lm_head_fp8 = c.head_fp8;
   if (c.current) policy.fp8.scaling.recipe = "current";
+  policy.activation = c.act;
   ModelConfig m = tiny_model();
   m.n_layer = 3;
   m.n_embd = 16;  // fp8 GEMMs want multiples of 16
@@ -493,7 +497,7 @@ TEST_P(Fp8Producers, GiveTheStepsOfTheUnfusedModel) {
   TracingBackend be_fused(cpu_fused, &ops), cpu_plain(cpu_raw, &ops_plain);
   auto model = [&](Backend& be, const char* producers) {
     ScopedEnv env("MPT_FP8_PRODUCERS", producers);
-    return Gpt(m, be, policy);
+    return Gpt(m, be, policy, c.recompute);
   };
   Gpt fused = model(be_fused, "1"), plain = model(cpu_plain, "0");
   OptimizerConfig oc;
@@ -530,7 +534,9 @@ TEST_P(Fp8Producers, GiveTheStepsOfTheUnfusedModel) {
     // mlp.c_fc in the fp8 blocks writes its GELU a byte an element instead of bf16's two, and
     // reads ln_2's the same way (per forward: 4C and C a token).
     const int fp8_blocks = m.n_layer - (c.ends_bf16 ? 2 : 0);
-    const double saved = c.current ? 0.0 : 2.0 * fp8_blocks * B * T * 5 * m.n_embd;
+    const double saved = c.fused_per_step == 0
+                             ? 0.0
+                             : 2.0 * fp8_blocks * B * T * 5 * m.n_embd * (dtype_size(c.act) - 1);
     EXPECT_EQ(ops_plain.bytes["matmul_gelu_forward"] - ops.bytes["matmul_gelu_forward"], saved);
     ASSERT_TRUE(std::isfinite(loss_f));
     EXPECT_EQ(std::memcmp(&loss_f, &loss_p, sizeof(float)), 0);
@@ -546,6 +552,9 @@ TEST_P(Fp8Producers, GiveTheStepsOfTheUnfusedModel) {
                           fused.all_params().bytes()), 0);
     EXPECT_EQ(fused.fp8_state(), plain.fp8_state());
   }
+  EXPECT_EQ(double(cpu_fused.memory_usage().peak_bytes),
+            Gpt::plan_memory(m, B, T, policy, 1, false, c.recompute).total());
+  EXPECT_EQ(fused.fp8_producers(), c.fused_per_step > 0);
   // While tracing non-finite values (which reads the LayerNorms' outputs) nothing is fused.
   fused.trace_nonfinite(true);
   ops.calls.clear();
@@ -560,7 +569,11 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Fp8ProducersCase{"all_blocks", false, false, false, 6},
                       Fp8ProducersCase{"bf16_ends", true, false, false, 2},
                       Fp8ProducersCase{"fp8_head", false, true, false, 7},
-                      Fp8ProducersCase{"current_scaling", false, false, true, 0}),
+                      Fp8ProducersCase{"current_scaling", false, false, true, 0},
+                      Fp8ProducersCase{"fp16_activations", false, false, false, 6, DType::f16},
+                      Fp8ProducersCase{"fp32_activations", false, false, false, 0, DType::f32},
+                      Fp8ProducersCase{"bf16_ends_recomputing", true, false, false, 2,
+                                       DType::bf16, Recompute::gelu_layernorm}),
     [](const ::testing::TestParamInfo<Fp8ProducersCase>& i) { return std::string(i.param.name); });
 
 TEST(Fp8Producers, EnvironmentSwitch) {

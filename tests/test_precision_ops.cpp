@@ -1074,7 +1074,8 @@ TEST_F(PrecisionOps, Fp8GeluOutputIsTheGeluThenTheGemmsQuantisation) {
       same_bits("fp8 values (the fused output)", cache_a, q);
       same_bits("out", out_a, out_b);
 
-      // gelu_forward_fp8 alone: the same bytes, counts and amax as the fused store.
+      // gelu_forward_fp8 alone (which the default matmul_gelu_forward calls): its counts, the
+      // rounding's and the quantisation's, and its amax.
       Owned q2 = make(be, {N, H}, fi);
       float amax_c = -1.0f;
       Fp8Output alone = fc_b.gelu_fp8;

@@ -44,7 +44,7 @@ void check_disjoint_args(const char* op, const char* a_name, const Tensor& a,
 void Backend::matmul_gelu_forward(Tensor out, Tensor pre, Tensor inp, Tensor weight, Tensor bias,
                                   const MatmulSpec& spec) {
   check_disjoint_args("matmul_gelu_forward", "out", out, "pre", pre);
-  const bool fp8_out = out.dtype == DType::e4m3 || out.dtype == DType::e5m2;
+  const bool fp8_out = dtype_is_fp8(out.dtype);
   if (fp8_out) check_fp8_output("matmul_gelu_forward", out, spec.gelu_fp8);
   matmul_forward(pre, inp, weight, bias, spec);
   if (fp8_out)
@@ -145,12 +145,13 @@ void Backend::adamw_update_many(const std::vector<AdamWTensors>& all, AdamWStats
 }
 
 bool matmul_inp_quantised(const Tensor& inp, const MatmulSpec& spec) {
-  return spec.prec == MatmulPrecision::fp8 && inp.defined() && inp.dtype == spec.inp.format;
+  return spec.prec == MatmulPrecision::fp8 && inp.defined() && dtype_is_fp8(inp.dtype) &&
+         inp.dtype == spec.inp.format;
 }
 
 void check_fp8_output(const char* op, const Tensor& out, const Fp8Output& fp8) {
   const std::string where = std::string(op) + ": ";
-  if (fp8.q.format != DType::e4m3 && fp8.q.format != DType::e5m2)
+  if (!dtype_is_fp8(fp8.q.format))
     throw RuntimeError(where + "fp8 output format must be e4m3 or e5m2, got " +
                        dtype_name(fp8.q.format));
   if (!out.defined() || out.dtype != fp8.q.format)

@@ -421,6 +421,11 @@ void check_adamw_update_many(const std::vector<AdamWTensors>& all);
 // one element is refused too: a batched update reads and writes them concurrently). Throws
 // RuntimeError naming both, as "tensor 3's m and tensor 7's param".
 void check_adamw_disjoint(const std::vector<AdamWTensors>& all);
+// The narrowing casts storing n values as `fp8` says makes: the rounding to round_to (none for
+// fp32) and the quantisation.
+inline int64_t fp8_output_casts(const Fp8Output& fp8, int64_t n) {
+  return (fp8.round_to == DType::f32 ? 1 : 2) * n;
+}
 // Whether a matmul's inp is stored quantised (MatmulSpec::inp): an fp8 spec and inp of dtype
 // spec.inp.format.
 bool matmul_inp_quantised(const Tensor& inp, const MatmulSpec& spec);

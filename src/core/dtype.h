@@ -90,6 +90,7 @@ constexpr DTypeTraits dtype_traits(DType t) {
 constexpr double dtype_epsilon(DType t) { return dtype_traits(t).epsilon; }
 
 constexpr bool dtype_is_float(DType t) { return t != DType::i32; }
+constexpr bool dtype_is_fp8(DType t) { return t == DType::e4m3 || t == DType::e5m2; }
 
 struct f16;
 struct bf16;

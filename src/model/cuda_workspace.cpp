@@ -30,6 +30,10 @@ double cuda_workspace_bytes(const ModelConfig& cfg, int B, int T, const Precisio
   // and input gradients in the activation dtype, weight gradients in the grad dtype.
   auto linear = [&](int64_t Cin, int64_t OC, bool is_fp8, bool bias) {
     const MatmulSpec& spec = is_fp8 ? q : other;
+    // (An fp8 GEMM whose input its producer stored quantised (Gpt::fp8_producers) takes no
+    // input copy in its forward; planned as if it did, the workspace is the same, since the
+    // backward's copy of dout (N x OC) is at least as large: OC >= Cin but for mlp.c_proj, whose
+    // N x 4C is c_fc's dout copy.)
     plan_matmul_forward(s, N, Cin, OC, act, param, act, spec, bias, param);
     // Gpt gives every fp8 GEMM the cache of its forward's quantised input (fp8_inp_cache).
     plan_matmul_backward(s, N, Cin, OC, act, param, act, /*dinp=*/true, act, grad, bias, spec,

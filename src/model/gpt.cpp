@@ -581,11 +581,10 @@ float Gpt::forward(const int32_t* inputs, const int32_t* targets, int B, int T, 
   // that GEMM's cache) is stored quantised for it (Backend::layernorm_forward_fp8), with the
   // scale the GEMM's spec takes now: the same values, counts and amax as storing `out` for the
   // GEMM to quantise, without the 16-bit copy's write and read. So is an fp8 block's GELU output
-  // for mlp.c_proj (MatmulSpec::gelu_fp8). Not under current scaling (the scale comes from the
-  // values), nor while tracing non-finite values (which reads the 16-bit outputs), nor with
-  // MPT_FP8_PRODUCERS=0. Returns what the GEMM reads, and its spec in *spec when fused.
-  const bool fuse_fp8 =
-      fp8_producers_ && !tracing_ && policy_.fp8.scaling.recipe != "current";
+  // for mlp.c_proj (MatmulSpec::gelu_fp8). When fp8_producers() says so, and not while tracing
+  // non-finite values (which reads the 16-bit outputs). Returns what the GEMM reads, and its
+  // spec in *spec when fused.
+  const bool fuse_fp8 = fp8_producers() && !tracing_;
   auto layernorm = [&](int layer, const char* name, Tensor out, Tensor mean, Tensor rstd,
                        Tensor inp, size_t lnw, size_t lnb, int gemm, size_t gemm_w,
                        std::optional<MatmulSpec>* spec) {

@@ -81,9 +81,15 @@ class Gpt {
  public:
   Gpt(const ModelConfig& cfg, Backend& backend, const PrecisionPolicy& policy = {},
       Recompute recompute = Recompute::none);
-  // Whether fp8 blocks store their LayerNorm outputs quantised for their GEMMs (an fp8 policy,
-  // and MPT_FP8_PRODUCERS not 0 when the model was made; forward() says when it applies).
-  bool fp8_producers() const { return fp8_producers_ && policy_.matmul == MatmulPrecision::fp8; }
+  // Whether the forward stores the fp8 blocks' LayerNorm and GELU outputs quantised for their
+  // GEMMs (forward() says how): under fp8 with delayed scaling (current scaling needs the values
+  // before the scale) and 16-bit activations (with fp32 ones the CPU backend would need staging
+  // the memory ledger does not plan), unless MPT_FP8_PRODUCERS was 0 when the model was made.
+  // Not while tracing non-finite values either.
+  bool fp8_producers() const {
+    return fp8_producers_ && policy_.matmul == MatmulPrecision::fp8 &&
+           policy_.fp8.scaling.recipe != "current" && policy_.activation != DType::f32;
+  }
   // Collects amax reports still pending: the backend holds pointers into this model.
   ~Gpt();
   Gpt(Gpt&&) = default;
@@ -214,9 +220,8 @@ class Gpt {
   PrecisionPolicy policy_;
   Recompute recompute_;
   int L_, NH_, C_, V_, Vp_, maxT_;
-  // Whether the forward stores the LayerNorm outputs that feed only an fp8 GEMM quantised for it
-  // (forward(): layernorm_forward_fp8). On unless MPT_FP8_PRODUCERS=0, which keeps the 16-bit
-  // outputs (the same results; for measuring what the fusion saves).
+  // MPT_FP8_PRODUCERS when the model was made: 0 keeps the 16-bit LayerNorm and GELU outputs
+  // (the same results; for measuring what storing them quantised saves). fp8_producers().
   bool fp8_producers_;
   std::vector<ParamInfo> params_;
   size_t slab_elems_ = 0;

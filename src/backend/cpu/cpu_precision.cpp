@@ -206,6 +206,15 @@ struct ReadF16 {  // widens by table: a gather, so this one does not vectorise
   float value(Mag m) const { return table[static_cast<uint16_t>(m)]; }
 };
 
+// One narrowing cast of x counted as the loops below count, packed: an overflow (finite |x| above
+// the format's largest value, max_bits) in the low 16 bits, an underflow (x non-zero, its stored
+// magnitude bits zero) in the high 16. A block's sum fits (fewer than 2^16 elements).
+inline uint32_t packed_cast_count(float x, uint32_t stored_magnitude, uint32_t max_bits) {
+  const uint32_t a = detail::float_to_bits(x) & 0x7FFFFFFFu;
+  return uint32_t((a > max_bits) & (a <= kMaxFiniteBits)) |
+         (uint32_t((a != 0) & (stored_magnitude == 0)) << 16);
+}
+
 // Quantises one block of x[i] * scale to an fp8 format, as fp32 values of the fp8 grid (what
 // the multiplications of an fp8 GEMM see), widening fp16/bf16 in the same pass (one pass over
 // the operand instead of a widen pass and a quantise pass). Counts like narrow_block; with kAmax
@@ -228,11 +237,7 @@ CastCounts quantise_block(const typename Read::Src* x, Read read, float* y, int6
     const float s = read.widen(x[i]) * scale;
     const uint32_t q = to_bits(s);
     y[i] = value(q);
-    if (kCount) {
-      const uint32_t a = detail::float_to_bits(s) & 0x7FFFFFFFu;
-      counts += uint32_t((a > max_bits) & (a <= kMaxFiniteBits)) |
-                (uint32_t((a != 0) & ((q & 0x7Fu) == 0)) << 16);
-    }
+    if (kCount) counts += packed_cast_count(s, q & 0x7Fu, max_bits);
   }
   *amax_out = amax;
   return {kCount ? n : 0, counts & 0xFFFFu, counts >> 16};
@@ -555,24 +560,24 @@ namespace {
 
 // One value's first cast of Fp8Output, to round_to: the rounded value, with the cast counted as
 // narrow_block counts it (into the low and high halves of *counts, as quantise_block does).
-struct RoundBf16 {
+template <class Fmt>  // Fmt: bits(x), the 16-bit pattern; value(bits), it widened
+struct Round16 {
   static float round(float x, uint32_t max_bits, uint32_t& counts) {
-    const uint32_t b = fast::bf16_bits(x);
-    const uint32_t a = detail::float_to_bits(x) & 0x7FFFFFFFu;
-    counts += uint32_t((a > max_bits) & (a <= kMaxFiniteBits)) |
-              (uint32_t((a != 0) & ((b & 0x7FFFu) == 0)) << 16);
-    return fast::to_float(bf16::from_bits(static_cast<uint16_t>(b)));
+    const uint32_t b = Fmt::bits(x);
+    counts += packed_cast_count(x, b & 0x7FFFu, max_bits);
+    return Fmt::value(b);
   }
 };
-struct RoundF16 {
-  static float round(float x, uint32_t max_bits, uint32_t& counts) {
-    const uint32_t b = fast::f16_bits(x);
-    const uint32_t a = detail::float_to_bits(x) & 0x7FFFFFFFu;
-    counts += uint32_t((a > max_bits) & (a <= kMaxFiniteBits)) |
-              (uint32_t((a != 0) & ((b & 0x7FFFu) == 0)) << 16);
-    return fast::widen_tables().f16[b];
-  }
+struct Bf16Fmt {
+  static uint32_t bits(float x) { return fast::bf16_bits(x); }
+  static float value(uint32_t b) { return fast::to_float(bf16::from_bits(uint16_t(b))); }
 };
+struct F16Fmt {
+  static uint32_t bits(float x) { return fast::f16_bits(x); }
+  static float value(uint32_t b) { return fast::widen_tables().f16[b]; }
+};
+using RoundBf16 = Round16<Bf16Fmt>;
+using RoundF16 = Round16<F16Fmt>;
 struct RoundF32 {  // an fp32 value stored as fp32: no cast
   static float round(float x, uint32_t, uint32_t&) { return x; }
 };
@@ -603,9 +608,7 @@ void store_fp8_loop(const float* x, uint8_t* out, int64_t n, DType round_to, flo
       const float s = w * scale;
       const uint32_t q = to_bits(s);
       out[i] = static_cast<uint8_t>(q);
-      const uint32_t sa = detail::float_to_bits(s) & 0x7FFFFFFFu;
-      qc += uint32_t((sa > q_max) & (sa <= kMaxFiniteBits)) |
-            (uint32_t((sa != 0) & ((q & 0x7Fu) == 0)) << 16);
+      qc += packed_cast_count(s, q & 0x7Fu, q_max);
     }
     r_over += rc & 0xFFFFu;
     r_under += rc >> 16;

@@ -89,7 +89,7 @@ void gelu_forward_fp8(Context& ctx, Tensor out, Tensor inp, const Fp8Output& fp8
   });
   MPT_LAUNCH_CHECK(ctx, op);
   // Both casts, as gelu_forward's store and the GEMM's quantisation count them.
-  ctx.add_cast_values(TensorClass::activation, (fp8.round_to != DType::f32 ? 2 : 1) * n);
+  ctx.add_cast_values(TensorClass::activation, fp8_output_casts(fp8, n));
 }
 
 void gelu_backward(Context& ctx, Tensor dinp, Tensor inp, Tensor dout) {

@@ -155,12 +155,14 @@ bool run_gemm(Context& ctx, const GemmPlan& p, const GemmArgs& g, const char* wh
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.lt(), ds.op, ds.a, ds.b, ds.d,
                                                              ds.d, ds.pref, 1, &res, &count);
     const bool found = st == CUBLAS_STATUS_SUCCESS && count >= 1 && res.state == CUBLAS_STATUS_SUCCESS;
-    // Only "no algorithm" is remembered as unsupported (for good): another failure of the query
-    // (ALLOC_FAILED when device memory is full, as the query may load kernels; an internal
-    // error) is thrown, not taken for a missing epilogue that the caller would then do without
-    // for the rest of the run.
-    const bool none_exists =
-        st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && !found);
+    // Only "no algorithm" is remembered as unsupported (for good): no result, NOT_SUPPORTED, or
+    // INVALID_VALUE (which cuBLASLt may give for a combination it does not take, as the call
+    // below may). Another failure of the query (ALLOC_FAILED when device memory is full, as the
+    // query may load kernels; an internal error) is thrown, not taken for a missing epilogue
+    // that the caller would then do without for the rest of the run.
+    const bool none_exists = st == CUBLAS_STATUS_NOT_SUPPORTED ||
+                             st == CUBLAS_STATUS_INVALID_VALUE ||
+                             (st == CUBLAS_STATUS_SUCCESS && !found);
     if (none_exists && may_fail) {
       CachedAlgo none;
       none.supported = false;

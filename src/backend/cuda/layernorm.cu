@@ -407,7 +407,7 @@ void layernorm_forward(Context& ctx, Tensor out, Tensor mean, Tensor rstd, Tenso
   });
   MPT_LAUNCH_CHECK(ctx, op);
   // Both casts, as layernorm_forward's store and the GEMM's quantisation count them.
-  ctx.add_cast_values(TensorClass::activation, (fp8->round_to != DType::f32 ? 2 : 1) * N * C);
+  ctx.add_cast_values(TensorClass::activation, fp8_output_casts(*fp8, N * C));
 }
 
 void layernorm_backward(Context& ctx, Tensor dinp, Tensor dweight, Tensor dbias, Tensor dout,

@@ -609,8 +609,12 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
   expect_matrix(op, gelu ? "pre" : "out", prod, {N, OC});
   // An fp8 GELU output (MatmulSpec::gelu_fp8): the store kernel rounds the GELU to prod's dtype
   // and quantises it when that is its round_to; else gelu_forward_fp8 follows.
-  const bool gelu_fp8 = gelu && (gelu_out.dtype == DType::e4m3 || gelu_out.dtype == DType::e5m2);
-  if (gelu_fp8) check_fp8_output(op, gelu_out, spec.gelu_fp8);
+  const bool gelu_fp8 = gelu && dtype_is_fp8(gelu_out.dtype);
+  if (gelu_fp8) {
+    check_fp8_output(op, gelu_out, spec.gelu_fp8);
+    // Written by other means than a forward's cache write (as gelu_forward_fp8 forgets it).
+    ctx.fp8_inp_caches().forget(gelu_out.data, gelu_out.bytes());
+  }
   if (gelu) expect_matrix(op, "out", gelu_out, {N, OC}, gelu_fp8);
   if (residual.defined()) expect_matrix(op, "residual", residual, {N, OC});
   if (weight.dim(1) != C) throw RuntimeError(std::string(op) + ": weight must be (OC, C)");
@@ -637,6 +641,14 @@ void forward(Context& ctx, Tensor prod, Tensor gelu_out, Tensor residual, Tensor
       // producer made them).
       if (cache) transpose_quantised(ctx, inp, N, C, spec.inp_cache.data);
       g.b = inp.data;
+      if (pointer_alignment(address(inp)) < 16) {
+        // fp8 GEMMs take 16-byte aligned operands (the model's arena is): an inp off that
+        // alignment is copied into aligned scratch first.
+        void* qb = ctx.scratch(Scratch::kOperandB, operand_copy_bytes(N * C, p.b.type));
+        MPT_CUDA_CHECK(cudaMemcpyAsync(qb, inp.data, inp.bytes(), cudaMemcpyDeviceToDevice,
+                                       ctx.stream()));
+        g.b = qb;
+      }
     } else {
       void* qb = ctx.scratch(Scratch::kOperandB, operand_copy_bytes(N * C, p.b.type));
       // With a cache, the same pass writes the transposed copy the backward's wgrad GEMM reads
