@@ -1,6 +1,12 @@
 # layernorm.cu, emulated line by line (kernels and launchers).
+# Since 2026-12-02 (against 6e29cce; 5589148 added it): the forward kernels take an output policy, Out,
+# in place of T* out: PlainOut<T> (store_counted; the flush when T narrows: the kernels as before)
+# or Fp8Out<T, kE4M3> (layernorm.cu:29-57 there: fp8_math.cuh's store_fp8_one per element, the
+# tally flushed always, then flush_amax), and layernorm_forward's host side with an Fp8Output
+# (layernorm.cu:354-411: N * C values, twice when round_to narrows).
 import _path  # noqa: F401 (simt.py is in the parent folder)
 from simt import *
+from fp8_math import store_fp8_one, flush_amax
 
 kBlock = 256
 kRowsPerBlock = kBlock // 32
@@ -16,8 +22,33 @@ def register_cols(C):
         if C <= 32 * k: return k
     return 0
 
+# ---- output policies (a kernel parameter: each thread works on its own copy, per_thread())
+class PlainOut:
+    """template <class T> struct PlainOut { T* out; put(); finish(); }"""
+    def __init__(self, T, out): self.T, self.out, self.dtype = T, out, T
+    def per_thread(self): return self
+    def put(self, t, i, y, tally): store_counted(t, self.out, i, y, tally, self.T)
+    def finish(self, t, tally, counters):
+        if narrow(self.T): yield from tally.flush(t, counters)
+
+class Fp8Out:
+    """template <class T, bool kE4M3> struct Fp8Out { uint8_t* out; float scale; unsigned*
+    amax_bits; unsigned am; put(); finish(); }"""
+    def __init__(self, T, e4, out, scale, amax_bits, am=0):
+        self.T, self.e4, self.out, self.scale, self.amax_bits, self.am = T, e4, out, scale, amax_bits, am
+    def per_thread(self):
+        return Fp8Out(self.T, self.e4, self.out, self.scale, self.amax_bits, self.am)
+    def put(self, t, i, y, tally):
+        q, self.am = store_fp8_one(self.T if 'lnfp8_noround' not in MUT else 'f32', y, self.scale,
+                                   self.am, tally, self.e4)
+        t.st(self.out, i, q)
+    def finish(self, t, tally, counters):
+        if narrow(self.T) or 'lnfp8_flush_narrow_only' not in MUT: yield from tally.flush(t, counters)
+        if 'lnfp8_no_amax' not in MUT: yield from flush_amax(t, self.am, self.amax_bits)
+
 # ---- loop kernels
-def fwd_loop_kernel(t, T, out, mean, rstd, inp, di, weight, dw, bias, db, N, C, counters):
+def fwd_loop_kernel(t, Out, mean, rstd, inp, di, weight, dw, bias, db, N, C, counters):
+    out = Out.per_thread()
     tally = Tally()
     lane = t.tid & 31
     n = t.bx * kRowsPerBlock + (t.tid >> 5)
@@ -39,10 +70,10 @@ def fwd_loop_kernel(t, T, out, mean, rstd, inp, di, weight, dw, bias, db, N, C, 
         while c < C:
             norm = mul(sub(t.ld(inp, row + c, di), m), sd)
             y = add(mul(norm, t.ld(weight, c, dw)), t.ld(bias, c, db))
-            store_counted(t, out, row + c, y, tally, T); c += 32
+            out.put(t, row + c, y, tally); c += 32
         if lane == 0:
             t.st(mean, n, m); t.st(rstd, n, sd)
-    if narrow(T): yield from tally.flush(t, counters)
+    yield from out.finish(t, tally, counters)
 
 def dinp_loop_kernel(t, T, dinp, dout, dd, inp, di, weight, dw, mean, rstd, N, C, counters):
     tally = Tally()
@@ -75,7 +106,8 @@ def load_cols(t, kCols, buf, dt, row, lane, C):
         v[k] = t.ld(buf, row + lane + 32 * k, dt) if lim(lane + 32 * k) else 0.0
     return v
 
-def fwd_regs_kernel(t, T, kCols, out, mean, rstd, inp, di, weight, dw, bias, db, N, C, counters):
+def fwd_regs_kernel(t, kCols, Out, mean, rstd, inp, di, weight, dw, bias, db, N, C, counters):
+    out = Out.per_thread()
     tally = Tally()
     lane = t.tid & 31
     n = t.bx * kRowsPerBlock + (t.tid >> 5)
@@ -99,10 +131,11 @@ def fwd_regs_kernel(t, T, kCols, out, mean, rstd, inp, di, weight, dw, bias, db,
             c = lane + 32 * k
             if c < C:
                 norm = mul(sub(x[k], m), sd)
-                store_counted(t, out, row + c, add(mul(norm, w[k]), b[k]), tally, T)
+                i = row + c if not ('lnfp8_regs_put_c' in MUT and isinstance(out, Fp8Out)) else row + lane * kCols + k
+                out.put(t, i, add(mul(norm, w[k]), b[k]), tally)
         if lane == 0:
             t.st(mean, n, m); t.st(rstd, n, sd)
-    if narrow(T): yield from tally.flush(t, counters)
+    yield from out.finish(t, tally, counters)
 
 def bwd_regs_kernel(t, T, kCols, dinp, pw, pb, dout, dd, inp, di, weight, dw, mean, rstd, N, C,
                     row_chunk, counters):
@@ -193,23 +226,39 @@ def column_sums_kernel(t, Tw, Tb, dweight, dbias, pw, pb, chunks, C, counters):
 # ---- launchers
 def blocks_for(n, per=kBlock): return max(1, (n + per - 1) // per)
 
-def layernorm_forward(ctx, out, mean, rstd, inp, weight, bias, N, C, force=None, seed=0):
-    """force: None (the launcher's choice), 'loop', or 'regs' (register kernel when cols != 0)."""
+class Fp8Output:
+    """backend.h Fp8Output: round_to, and q (format, scale, amax: a u32 Buf standing for the
+    context's amax word, or None)."""
+    def __init__(self, round_to, e4m3, scale, amax=None):
+        self.round_to, self.e4m3, self.scale, self.amax = round_to, e4m3, scale, amax
+
+def layernorm_forward(ctx, out, mean, rstd, inp, weight, bias, N, C, force=None, seed=0, fp8=None):
+    """force: None (the launcher's choice), 'loop', or 'regs' (register kernel when cols != 0).
+    fp8: an Fp8Output (layernorm_forward_fp8; out a u8 Buf), or None (PlainOut<out.dtype>)."""
     errs = ctx['errors']
     counters = ctx['act']
+    if N == 0: return None
     blocks = (N + kRowsPerBlock - 1) // kRowsPerBlock
     cols = register_cols(C)
     if 'launcher_lt' in MUT:
         cols = next((k for k in kRegCols if C < 32 * k), 0)
-    T = out.dtype
-    args_tail = (out, mean, rstd, inp, inp.dtype, weight, weight.dtype, bias, bias.dtype, N, C, counters)
+    if fp8 is None:
+        o = PlainOut(out.dtype, out)
+    else:
+        o = Fp8Out(fp8.round_to, fp8.e4m3, out, fp8.scale, fp8.amax, 0)
+    args_tail = (o, mean, rstd, inp, inp.dtype, weight, weight.dtype, bias, bias.dtype, N, C, counters)
     if force == 'loop' or (force is None and cols == 0):
-        launch('fwd_loop', fwd_loop_kernel, (blocks, 1), (kBlock, 1), (T,) + args_tail, errs, seed)
+        launch('fwd_loop', fwd_loop_kernel, (blocks, 1), (kBlock, 1), args_tail, errs, seed)
         path = 'loop'
     else:
-        launch('fwd_regs%d' % cols, fwd_regs_kernel, (blocks, 1), (kBlock, 1), (T, cols) + args_tail, errs, seed)
+        launch('fwd_regs%d' % cols, fwd_regs_kernel, (blocks, 1), (kBlock, 1), (cols,) + args_tail, errs, seed)
         path = 'regs%d' % cols
-    if T != 'f32': ctx['act_values'] += N * C
+    if fp8 is None:
+        if out.dtype != 'f32': ctx['act_values'] += N * C
+    else:
+        # Both casts, as layernorm_forward's store and the GEMM's quantisation count them.
+        k = 2 if fp8.round_to != 'f32' and 'lnfp8_values1' not in MUT else 1
+        ctx['act_values'] += k * N * C
     return path
 
 def layernorm_backward(ctx, dinp, dweight, dbias, dout, inp, weight, mean, rstd, N, C, force=None,

@@ -2,7 +2,7 @@
 # check fail. Usage: python3 run_mut.py [flag ...]
 import _path  # noqa: F401 (simt.py and mutate.py are in the parent folder)
 import simt, mutate
-import run_ln, run_ce
+import run_ln, run_ce, run_ln_fp8
 from run_ln import Report, test_case
 MIX = ('bf16', 'f32', 'f16', 'bf16', 'f16', 'f32', 'bf16', 'f16')
 F16S = ('f32', 'f32', 'f32', 'f32', 'f16', 'f16', 'f16', 'f16')
@@ -33,6 +33,22 @@ muts += [('ce_stored_pass1_V', CE_ST),     # pass1_end = V for kStored: padded c
          ('ce_stored_no_values', CE_ST),   # the host's old `if (d)`: no N*Vp activation values
          ('ce_stored_values_V', CE_ST),    # the host adds N*V activation values
          ('ce_stored_kvec1', CE_ST)]       # kStored always kVec 1
+
+# Added 2026-12-02 against 6e29cce: the forward kernels' Fp8Out policy (5589148), cases of run_ln_fp8.py
+# (under fp8_math.device_rounding, as that script runs them).
+LN8 = [lambda R: run_ln_fp8.checked(R, 3, 33, ('bf16', 'f32', 'f16'), 'f16', False, 0.5, 1, nonfinite=True),
+       lambda R: run_ln_fp8.checked(R, 7, 37, ('bf16', 'bf16', 'bf16'), 'bf16', True, 64.0, 2),
+       lambda R: run_ln_fp8.checked(R, 11, 129, ('f32',) * 3, 'f32', True, 1.0, 3),
+       lambda R: run_ln_fp8.checked(R, 4, 1031, ('bf16',) * 3, 'bf16', False, 0.5, 4)]
+muts += [('lnfp8_noround', LN8),            # Fp8Out::put quantises y unrounded (store_fp8_one<float>)
+         ('lnfp8_flush_narrow_only', LN8),  # Fp8Out::finish flushes only when T narrows
+         ('lnfp8_no_amax', LN8),            # Fp8Out::finish without flush_amax
+         ('lnfp8_regs_put_c', LN8),         # register kernel: put(row + lane * kCols + k)
+         ('lnfp8_values1', LN8),            # host: N * C values whatever round_to
+         ('fp8_am_last', LN8),              # quantise_one keeps the last magnitude only
+         ('fp8_amax_noreduce', LN8),        # flush_amax without __reduce_max_sync
+         ('fp8_amax_unrounded', LN8),       # store_fp8_one: the amax of y unrounded
+         ('fp8_noround_count', LN8)]        # store_fp8_one: the rounding to T not counted
 
 def suite(tests):
     """One run of a flag: the cases into one Report; an emulator stop ends that case only."""

@@ -2,7 +2,7 @@
 # the comparisons must catch it. Usage: python3 mut.py [flag ...]
 import _path  # noqa: F401 (simt.py and mutate.py are in the parent folder)
 import mutate
-import dbias, embedding, store, attention, quantise
+import dbias, embedding, store, attention, quantise, store_fp8, transpose
 
 D = lambda: dbias.main('quick')
 E = lambda: embedding.main('all')
@@ -10,6 +10,9 @@ S = lambda: store.main('quick')
 SF = lambda: store.main('all')
 A = lambda: attention.main('quick')
 Q = lambda: quantise.main('all')
+F8 = lambda: store_fp8.main('quick')
+F8F = lambda: store_fp8.main('all')
+TR = lambda: transpose.main('all')
 muts = [
     ('partial_skip_last', D, 'dbias_partial_kernel stops one row early'),
     ('final_stride7', D, 'dbias_final: warps stride 7 chunks instead of 8'),
@@ -48,5 +51,32 @@ muts = [
     ('elem_nosync', Q, 'element kernel: __syncthreads before the transpose removed'),
     ('strip_nosync1', Q, 'strip kernel: sync between sub-tiles removed'),
     ('tally_noreduce', Q, 'CastTally::flush without the shuffle reduction'),
+    # added 2026-12-02 against 6e29cce: store_kernel's kGeluFp8, gelu_forward_fp8_kernel, fp8_math.cuh,
+    # transpose_bytes_kernel
+    ('sfp8_gelu_of_v', F8, 'kGeluFp8: GELU of the fp32 sum, not of y rounded to Tout'),
+    ('sfp8_direct_writes_y', F8, 'kGeluFp8 kDirect: y written back into out'),
+    ('sfp8_zq_tout_ptr', F8, 'kGeluFp8: the byte pack stored through a Tout* (byte i * sizeof(Tout))'),
+    ('sfp8_no_flush_amax', F8, 'kGeluFp8: flush_amax not called'),
+    ('sfp8_align_skip', F8, "store_output: gelu_out's alignment not checked for kGeluFp8"),
+    ('sfp8_host_values2', F8, 'store_output: 2 * rows * cols values for kGeluFp8'),
+    ('fp8_noround', F8, 'store_fp8_one: no rounding to T (quantised from fp32)'),
+    ('fp8_noround_count', F8, "store_fp8_one: the rounding to T not counted"),
+    ('fp8_amax_unrounded', F8, 'store_fp8_one: the amax of the unrounded value'),
+    ('fp8_amax_scaled', F8, 'quantise_one: the amax of v * scale'),
+    ('fp8_am_last', F8, "quantise_one: am = the last magnitude (no running max)"),
+    ('fp8_fmt_swap', F8, 'quantise_one: e4m3 and e5m2 swapped'),
+    ('fp8_nocount', F8, "quantise_one: the fp8 cast not counted"),
+    ('fp8_zero_mask', F8, 'quantise_one: underflow tested on q & 0xFF (-0 not counted)'),
+    ('fp8_amax_noreduce', F8, 'flush_amax: lane 0 atomicMax of its own am (no warp reduction)'),
+    ('gfp8_round_f32', F8, 'gelu_forward_fp8_kernel: store_fp8_one<float> whatever Tr'),
+    ('gfp8_stride_block', F8, 'gelu_forward_fp8_kernel: grid stride blockDim.x'),
+    ('gfp8_values2', F8, 'gelu_forward_fp8: 2n values for round_to fp32 too'),
+    ('tr_nosync1', TR, 'transpose_bytes_kernel: __syncthreads after the loads removed'),
+    ('tr_nosync2', TR, 'transpose_bytes_kernel: __syncthreads before the tile is refilled removed'),
+    ('tr_store_noguard_r', TR, 'transpose_bytes_kernel: store guard without r < rows'),
+    ('tr_notrans', TR, 'transpose_bytes_kernel: tile[j][tx] stored (not transposed)'),
+    ('tr_ystride_x', TR, 'transpose_bytes_kernel: row tiles strided by gridDim.x'),
+    ('tr_grid_x_floor', TR, 'transpose_quantised: grid x = cols / 32 (rounded down)'),
+    ('tr_grid_y_floor', TR, 'transpose_quantised: grid y = min(rows / 32, cap) (rounded down)'),
 ]
 mutate.main(muts)

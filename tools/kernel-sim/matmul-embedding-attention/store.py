@@ -10,14 +10,27 @@
 # (an infinity is an overflow, nothing an underflow) and fuses the op (kPlain: writes nothing).
 # direct_case() checks the writes, the bits against the staged kernel fed an fp32 value rounding
 # to y, and the counts (see main() for the findings it prints).
+# Since 2026-12-02 (against 6e29cce; the kGeluFp8 mode of 75c3740): store_kernel's StoreFp8 argument,
+# the per-thread amax `am`, the kGeluFp8 branch (gelu_value of y, then fp8_math.cuh's
+# store_fp8_one: rounded to Tout, then quantise_one), the byte pack zq written to gelu_out, and
+# flush_amax after the tally's flush (matmul.cu store_kernel lines 256-344 there); store_output's
+# alignment rule for the second tensor is now 4 * its element size (matmul.cu:515-519). The
+# kGeluFp8 checks are in store_fp8.py.
 import sys, random, math, time
 import _path  # noqa: F401 (simt.py is in the parent folder)
 import simt
 from simt import *
 from common import *
+from fp8_math import store_fp8_one, flush_amax
 
-kPlain, kGelu, kResidual, kDgelu = 0, 1, 2, 3
-MODES = {kPlain: 'plain', kGelu: 'gelu', kResidual: 'residual', kDgelu: 'dgelu'}
+kPlain, kGelu, kResidual, kDgelu, kGeluFp8 = 0, 1, 2, 3, 4
+MODES = {kPlain: 'plain', kGelu: 'gelu', kResidual: 'residual', kDgelu: 'dgelu', kGeluFp8: 'gelu_fp8'}
+
+
+class StoreFp8:
+    """struct StoreFp8 { bool e4m3 = true; float scale = 1.0f; unsigned* amax_bits = nullptr; }"""
+    def __init__(self, e4m3=True, scale=1.0, amax_bits=None):
+        self.e4m3, self.scale, self.amax_bits = e4m3, scale, amax_bits
 
 def store_launch(rows, cols, aligned):
     vec = 4 if aligned and cols % 4 == 0 else 1
@@ -48,9 +61,12 @@ def gelu_derivative(v):
     return add(mul(0.5, add(1.0, th)), right)
 
 def store_kernel(t, Tout, kMode, kVec, d, out, gelu_out, residual, pre, bias, rows, cols, counters,
-                 kDirect=False):
+                 kDirect=False, fp8=None):
     # d: `src`, the GEMM's result: fp32 (staged), or with kDirect y itself in Tout (src is out).
+    # fp8: the StoreFp8 argument (kGeluFp8's format, scale and amax word; a default one otherwise).
+    if fp8 is None: fp8 = StoreFp8()
     tally = Tally()
+    am = 0  # kGeluFp8: the largest magnitude this thread quantised
     c0 = (t.bx * t.bdim[0] + t.tx) * kVec
     lim = cols if 'store_c0_le' not in MUT else cols + 1
     if c0 < lim:
@@ -66,6 +82,7 @@ def store_kernel(t, Tout, kMode, kVec, d, out, gelu_out, residual, pre, bias, ro
                 v = t.ldv(d, i, 4) if kVec == 4 else [t.ld(d, i)]
                 y = [None] * kVec
             z = [None] * kVec
+            zq = [None] * kVec  # kGeluFp8's
             if kMode == kResidual:
                 rsrc = d if (kDirect and 'direct_res_src' in MUT) else residual
                 res = t.ldv(rsrc, i, kVec)
@@ -79,7 +96,12 @@ def store_kernel(t, Tout, kMode, kVec, d, out, gelu_out, residual, pre, bias, ro
                         v[k] = add(v[k], t.ld(bias, bk))
                     y[k] = ROUND[Tout](v[k])
                     if narrow(Tout): tally.add(v[k], y[k], MAXF[Tout])
-                if kMode != kPlain:
+                if kMode == kGeluFp8:
+                    # gelu_forward_fp8_kernel's: the GELU rounded to Tout, then quantised
+                    w = gelu_value(y[k] if 'sfp8_gelu_of_v' not in MUT else v[k])
+                    e4 = fp8.e4m3
+                    zq[k], am = store_fp8_one(Tout, w, fp8.scale, am, tally, e4)
+                elif kMode != kPlain:
                     yk = y[k]
                     if kMode == kGelu: w = gelu_value(yk)
                     elif kMode == kResidual: w = add(res[k], yk)
@@ -90,18 +112,27 @@ def store_kernel(t, Tout, kMode, kVec, d, out, gelu_out, residual, pre, bias, ro
             if kMode in (kResidual, kDgelu):
                 t.stv(out, i, z)
             else:
-                if not kDirect or 'direct_plain_writes' in MUT: t.stv(out, i, y)
+                plain_w = 'direct_plain_writes' in MUT or (kMode == kGeluFp8 and 'sfp8_direct_writes_y' in MUT)
+                if not kDirect or plain_w: t.stv(out, i, y)
                 if kMode == kGelu:
                     t.stv(out if (kDirect and 'direct_gelu_to_out' in MUT) else gelu_out, i, z)
+                if kMode == kGeluFp8:
+                    # (mutation: the pack stored through a Tout* gelu_out, as kGelu stores it: byte i * sizeof(Tout))
+                    t.stv(gelu_out, i if 'sfp8_zq_tout_ptr' not in MUT else i * ESIZE[Tout], zq)
             r += t.gdim[1] if 'store_rstride_x' not in MUT else t.gdim[0]
     if narrow(Tout): yield from tally.flush(t, counters)
+    if kMode == kGeluFp8 and 'sfp8_no_flush_amax' not in MUT: yield from flush_amax(t, am, fp8.amax_bits)
 
 def launch_for(R, what, rows, cols, d_ok, out_base, pack, mode, second, grid_y):
     """store_output's launch: vec 4 where d (d_ok), out and the second tensor allow it, as
     store_launch says; the grid's y taken from grid_y when given; the columns covered. Returns
     the launch and whether the pointers allowed vec 4."""
+    # store_output (6e29cce): the second tensor's pointer aligned to 4 of its elements (a
+    # Pack<Tout, 4> of gelu_out or the residual; kGeluFp8: a Pack<uint8_t, 4>, 4 bytes)
+    sec_ok = lambda: pointer_alignment(second.base) >= 4 * ESIZE[second.dtype]
+    if mode == kGeluFp8 and 'sfp8_align_skip' in MUT: sec_ok = lambda: True
     aligned = (d_ok and pointer_alignment(out_base) >= pack and
-               (mode in (kPlain, kDgelu) or pointer_alignment(second.base) >= pack))
+               (mode in (kPlain, kDgelu) or sec_ok()))
     vec, threads, gx, gy = store_launch(rows, cols, aligned)
     if grid_y: gy = grid_y
     R.check(gx * threads >= (cols + vec - 1) // vec, what + ': launch covers %d of %d column threads' % (gx * threads, (cols + vec - 1) // vec))
