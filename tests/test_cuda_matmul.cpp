@@ -2001,11 +2001,8 @@ void run_layernorm_fp8_case(DType act, DType fi, int64_t N, int64_t C, int64_t O
   Owned dout = test::randn_as(cpu, {N, OC}, act, rng);
   Owned ln = test::make(cpu, {N, C}, act), mean = test::make(cpu, {N}), rstd = test::make(cpu, {N});
   cpu.layernorm_forward(ln.t, mean.t, rstd.t, x.t, lw.t, lb.t);
-  const float maxf = static_cast<float>(dtype_traits(fi).max_finite);
-  MatmulSpec spec(FP8);
-  spec.inp = {fi, 1.5f * maxf / cpu.amax(ln.t), nullptr};  // the largest third saturates
-  spec.weight = {DType::e4m3, 0.8f * 448.0f / cpu.amax(w.t), nullptr};
-  spec.dout = {DType::e5m2, 0.9f * 57344.0f / cpu.amax(dout.t), nullptr};
+  MatmulSpec spec = test::producer_fp8_spec(fi, cpu.amax(ln.t), cpu.amax(w.t));
+  spec.dout.scale = 0.9f * 57344.0f / cpu.amax(dout.t);
   Owned zeros = test::make(cpu, {N, C}, fi), outs = test::make(cpu, {N, OC}, act);
   Dev gx = to_gpu(*gpu, x.t), glw = to_gpu(*gpu, lw.t), glb = to_gpu(*gpu, lb.t),
       gw = to_gpu(*gpu, w.t), gb = to_gpu(*gpu, b.t), gdout = to_gpu(*gpu, dout.t);
@@ -2121,11 +2118,7 @@ void run_gelu_fp8_case(DType act, DType fi, int64_t N, int64_t C, int64_t H, int
   Owned pre = test::make(cpu, {N, H}, act), g = test::make(cpu, {N, H}, act);
   const MatmulSpec fc = spec_for(FP8, cpu, x.t, wfc.t, Tensor());
   cpu.matmul_gelu_forward(g.t, pre.t, x.t, wfc.t, bfc.t, fc);
-  const float maxf = static_cast<float>(dtype_traits(fi).max_finite);
-  MatmulSpec proj(FP8);
-  proj.inp = {fi, 1.5f * maxf / cpu.amax(g.t), nullptr};
-  proj.weight = {DType::e4m3, 0.8f * 448.0f / cpu.amax(wpr.t), nullptr};
-  proj.dout = {DType::e5m2, 4096.0f, nullptr};
+  const MatmulSpec proj = test::producer_fp8_spec(fi, cpu.amax(g.t), cpu.amax(wpr.t));
   Owned zeros = test::make(cpu, {N, H}, fi), outs = test::make(cpu, {N, C}, act);
   Dev gx = to_gpu(*gpu, x.t), gwfc = to_gpu(*gpu, wfc.t), gbfc = to_gpu(*gpu, bfc.t),
       gwpr = to_gpu(*gpu, wpr.t), gbpr = to_gpu(*gpu, bpr.t), gres = to_gpu(*gpu, res.t);

@@ -937,11 +937,7 @@ TEST_F(PrecisionOps, Fp8OutputIsTheOpThenTheGemmsQuantisation) {
       // Unfused: the LayerNorm stored in act, the GEMM quantising it.
       Owned ln = make(be, {N, C}, act), mean = make(be, {N}), rstd = make(be, {N});
       be.layernorm_forward(ln.t, mean.t, rstd.t, x.t, lw2.t, lb2.t);
-      const float maxf = static_cast<float>(dtype_traits(fi).max_finite);
-      MatmulSpec spec(MatmulPrecision::fp8);
-      spec.inp = {fi, 1.5f * maxf / be.amax(ln.t), nullptr};
-      spec.weight = {DType::e4m3, 0.8f * 448.0f / be.amax(w.t), nullptr};
-      spec.dout = {DType::e5m2, 4096.0f, nullptr};
+      const MatmulSpec spec = producer_fp8_spec(fi, be.amax(ln.t), be.amax(w.t));
       float amax_a = -1.0f, amax_b = -1.0f, untouched = -7.0f;
       MatmulSpec sa = spec, sb = spec;
       Owned cache_a = make(be, {N, C}, fi), cache_b = make(be, {N, C}, fi);
@@ -1040,11 +1036,7 @@ TEST_F(PrecisionOps, Fp8GeluOutputIsTheGeluThenTheGemmsQuantisation) {
       Owned pre = make(be, {N, H}, act), g = make(be, {N, H}, act);
       const MatmulSpec fc(MatmulPrecision::native);
       be.matmul_gelu_forward(g.t, pre.t, x.t, wfc.t, bfc.t, fc);
-      const float maxf = static_cast<float>(dtype_traits(fi).max_finite);
-      MatmulSpec proj(MatmulPrecision::fp8);
-      proj.inp = {fi, 1.5f * maxf / be.amax(g.t), nullptr};
-      proj.weight = {DType::e4m3, 0.8f * 448.0f / be.amax(wpr.t), nullptr};
-      proj.dout = {DType::e5m2, 4096.0f, nullptr};
+      const MatmulSpec proj = producer_fp8_spec(fi, be.amax(g.t), be.amax(wpr.t));
       float amax_a = -1.0f, amax_b = -1.0f, untouched = -7.0f;
       MatmulSpec pa = proj, pb = proj;
       pa.inp.amax = &amax_a;

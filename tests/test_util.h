@@ -19,6 +19,17 @@
 
 namespace mpt::test {
 
+// The fp8 GEMM spec of the fp8 producers' tests (an activation stored quantised for the GEMM
+// that reads it): inp in `fi` scaled so that values above 2/3 of inp_amax saturate (counted
+// overflows), an e4m3 weight with headroom, an e5m2 dout at a fixed scale.
+inline MatmulSpec producer_fp8_spec(DType fi, float inp_amax, float weight_amax) {
+  MatmulSpec s(MatmulPrecision::fp8);
+  s.inp = {fi, 1.5f * static_cast<float>(dtype_traits(fi).max_finite) / inp_amax, nullptr};
+  s.weight = {DType::e4m3, 0.8f * 448.0f / weight_amax, nullptr};
+  s.dout = {DType::e5m2, 4096.0f, nullptr};
+  return s;
+}
+
 // An environment variable set for a scope (core/scoped_env.h).
 using mpt::ScopedEnv;
 
