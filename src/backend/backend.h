@@ -69,8 +69,9 @@ struct MatmulSpec {
   MatmulPrecision prec = MatmulPrecision::native;
   // fp8 only: the forward reads inp and weight; the backward reads dout, weight and inp.
   // inp may be stored already quantised: a tensor of dtype inp.format holding what quantising
-  // with inp.scale gave (an op's Fp8Output, below). Such an inp is read as it is: not quantised,
-  // counted or reduced to an amax again (its producer did that), and inp.amax is not written.
+  // with inp.scale gave (an op's Fp8Output, above; that scale is the caller's word, which no op
+  // can check). Such an inp is read as it is: not quantised, counted or reduced to an amax again
+  // (its producer did that), and inp.amax is not written.
   Fp8Operand inp, weight, dout;
   // fp8 only, optional: where a forward leaves inp's quantised values for the backward, so that
   // the backward need not quantise inp again. A tensor of dtype inp.format and inp's element
@@ -93,7 +94,6 @@ struct MatmulSpec {
   MatmulSpec() = default;
   MatmulSpec(MatmulPrecision p) : prec(p) {}  // NOLINT: implicit, most calls name a precision
 };
-
 
 // What the last forward wrote into each fp8 input cache (MatmulSpec::inp_cache), kept by a
 // backend so that a backward is refused a cache written for another inp, format or scale
