@@ -71,6 +71,7 @@ TEST_F(Cli, ReadmeTrainingCommandWritesConfigAndMetrics) {
   EXPECT_EQ(start["backend"], "cpu");
   EXPECT_EQ(start["attention_kernel"], "reference");
   EXPECT_EQ(start["gemm_output"], "reference");
+  EXPECT_EQ(start["fp8_producers"], false);  // the default config is not fp8
   for (const char* role : {"parameters", "master_weights", "gradients", "optimizer_state",
                            "activations", "workspace", "total"})
     EXPECT_TRUE(start["memory"].contains(role)) << role;
@@ -273,6 +274,19 @@ TEST_F(Cli, BadConfigsExitTwoWithoutRunDirectory) {
     for (const auto& e : c.expect) EXPECT_NE(r.out.find(e), std::string::npos) << e << " in: " << r.out;
     EXPECT_FALSE(fs::exists(run_dir));
   }
+}
+
+// A misspelt MPT_FP8_PRODUCERS (read from the environment, as the CUDA backend's options are):
+// exit 2 naming it and the value, before any run directory.
+TEST_F(Cli, BadFp8ProducersSettingExitsTwoWithoutRunDirectory) {
+  const std::string cfg = write("ok.yaml", "");
+  const std::string run_dir = path("run");
+  auto r = run("MPT_FP8_PRODUCERS=off " + mpt_bin() + " train " + cfg +
+               " --set training.steps=1 --run-dir " + run_dir);
+  EXPECT_EQ(r.code, 2) << r.out;
+  EXPECT_NE(r.out.find("MPT_FP8_PRODUCERS"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("'off'"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(run_dir));
 }
 
 // Bad shards: exit 2, the message names the file, no run directory.

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <filesystem>
 #include <functional>
@@ -435,6 +436,9 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
     gemm_output = cuda::gemm_output_kind(policy.activation, policy.param, policy.matmul,
                                          cuda::gemm_out(), cuda::lt_epilogues_enabled());
   }
+  // A misspelt MPT_FP8_PRODUCERS is refused here too, before the run directory is made (Gpt
+  // reads it).
+  fp8_producers_from_env(std::getenv("MPT_FP8_PRODUCERS"));
   // With the CUDA workspace. A dry run shows the model, data and ledger first, then refuses.
   const std::string too_big = memory_refusal(memory, *backend, comm.ranks_on_node());
   if (!too_big.empty() && !opt.dry_run) throw InputError(too_big);
@@ -516,6 +520,7 @@ static TrainResult train_in_job(const Config& cfg, const TrainOptions& opt,
                           {"threads", backend->threads()},
                           {"attention_kernel", attention_kernel},
                           {"gemm_output", gemm_output},
+                          {"fp8_producers", model.fp8_producers()},
                           {"precision", policy.to_json()},
                           {"precision_warnings", policy_warnings},
                           {"n_params", model.num_params()},
