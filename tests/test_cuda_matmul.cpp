@@ -1936,7 +1936,7 @@ void run_inp_cache_case(const char* name, DType act, int64_t N, int64_t C, int64
     gpu->matmul_backward_gelu(dx.t, dw.t, db.t, gdout.t, xin, gw.t, gpre.t, s);
     for (const OpTime& o : ctx->stop_profile().sorted())
       if (o.op == "matmul: fp8 quantise") r.quantise_launches = static_cast<int>(o.launches);
-    for (int k = 0; k < kTensorClasses; ++k) r.counts.push_back(gpu->cast_counts(TensorClass(k)));
+    r.counts = counts_now(*gpu);
     r.pre = from_gpu(*gpu, pre, "pre");
     r.out = from_gpu(*gpu, out, "out");
     r.dx = from_gpu(*gpu, dx, "dinp");
@@ -1951,11 +1951,7 @@ void run_inp_cache_case(const char* name, DType act, int64_t N, int64_t C, int64
   EXPECT_EQ(with.dw, without.dw);
   EXPECT_EQ(with.db, without.db);
   for (float v : with.dw) ASSERT_TRUE(std::isfinite(v));
-  for (int k = 0; k < kTensorClasses; ++k) {
-    EXPECT_EQ(with.counts[k].values, without.counts[k].values) << k;
-    EXPECT_EQ(with.counts[k].overflow, without.counts[k].overflow) << k;
-    EXPECT_EQ(with.counts[k].underflow, without.counts[k].underflow) << k;
-  }
+  expect_same_counts(with.counts, without.counts, "with the cache against without");
   // Without the cache the backward quantises weight^T and inp^T (dout's pass also sums dbias).
   EXPECT_EQ(without.quantise_launches, 2);
   EXPECT_EQ(with.quantise_launches, 1) << "inp is not quantised again";

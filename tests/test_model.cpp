@@ -382,6 +382,31 @@ INSTANTIATE_TEST_SUITE_P(Presets, MemoryLedgerPerPolicy,
 // exactly and that is smaller (unchanged when every block is in fp8, which keeps neither).
 class RecomputePerPolicy : public ::testing::TestWithParam<std::string> {};
 
+// One training step as the trainer takes it: its loss and the cast counts it made, by class.
+struct TrainedStep {
+  float loss;
+  std::vector<CastCounts> counts;
+};
+TrainedStep train_step(Gpt& g, AdamW& o, Backend& be, const std::vector<int32_t>& in,
+                       const std::vector<int32_t>& tg, int B, int T, float lr) {
+  be.reset_cast_counts();
+  g.zero_grad();
+  TrainedStep r{g.forward(in.data(), tg.data(), B, T, 1.0f / (B * T)), {}};
+  g.backward();
+  for (int c = 0; c < kTensorClasses; ++c) r.counts.push_back(be.cast_counts(TensorClass(c)));
+  o.step(lr, o.clip_scale(o.grad_norm()));
+  g.end_step();
+  return r;
+}
+
+void expect_same_counts(const std::vector<CastCounts>& a, const std::vector<CastCounts>& b) {
+  for (int c = 0; c < kTensorClasses; ++c) {
+    EXPECT_EQ(a[c].values, b[c].values) << tensor_class_name(TensorClass(c));
+    EXPECT_EQ(a[c].overflow, b[c].overflow);
+    EXPECT_EQ(a[c].underflow, b[c].underflow);
+  }
+}
+
 TEST_P(RecomputePerPolicy, GivesTheStepsOfKeepingTheActivations) {
   const bool mixed = GetParam() == "fp8_bf16_ends";
   PrecisionPolicy policy = PrecisionPolicy::preset(mixed ? "fp8" : GetParam());
@@ -407,27 +432,11 @@ TEST_P(RecomputePerPolicy, GivesTheStepsOfKeepingTheActivations) {
       SCOPED_TRACE("step " + std::to_string(step + 1));
       const auto in = random_tokens(rng, B * T, m.vocab_size);
       const auto tg = random_tokens(rng, B * T, m.vocab_size);
-      auto train = [&](Gpt& g, AdamW& o, CpuBackend& be) {
-        be.reset_cast_counts();
-        g.zero_grad();
-        const float loss = g.forward(in.data(), tg.data(), B, T, 1.0f / (B * T));
-        g.backward();
-        std::vector<CastCounts> counts;
-        for (int c = 0; c < kTensorClasses; ++c)
-          counts.push_back(be.cast_counts(static_cast<TensorClass>(c)));
-        o.step(oc.lr, o.clip_scale(o.grad_norm()));
-        g.end_step();
-        return std::make_pair(loss, counts);
-      };
-      const auto [loss_keep, counts_keep] = train(keep, opt_keep, be_keep);
-      const auto [loss_re, counts_re] = train(re, opt_re, be_re);
+      const auto [loss_keep, counts_keep] = train_step(keep, opt_keep, be_keep, in, tg, B, T, oc.lr);
+      const auto [loss_re, counts_re] = train_step(re, opt_re, be_re, in, tg, B, T, oc.lr);
       EXPECT_TRUE(std::isfinite(loss_keep));
       EXPECT_EQ(std::memcmp(&loss_keep, &loss_re, sizeof(float)), 0);
-      for (int c = 0; c < kTensorClasses; ++c) {
-        EXPECT_EQ(counts_keep[c].values, counts_re[c].values) << tensor_class_name(TensorClass(c));
-        EXPECT_EQ(counts_keep[c].overflow, counts_re[c].overflow);
-        EXPECT_EQ(counts_keep[c].underflow, counts_re[c].underflow);
-      }
+      expect_same_counts(counts_keep, counts_re);
       if (policy.activation != DType::f32) {  // what must match was counted
         EXPECT_GT(counts_keep[static_cast<int>(TensorClass::activation)].values, 0);
       }
@@ -511,18 +520,9 @@ TEST_P(Fp8Producers, GiveTheStepsOfTheUnfusedModel) {
     SCOPED_TRACE("step " + std::to_string(step + 1));
     const auto in = random_tokens(rng, B * T, m.vocab_size);
     const auto tg = random_tokens(rng, B * T, m.vocab_size);
-    auto train = [&](Gpt& g, AdamW& o, Backend& be) {
-      be.reset_cast_counts();
-      g.zero_grad();
-      const float loss = g.forward(in.data(), tg.data(), B, T, 1.0f / (B * T));
-      g.backward();
-      std::vector<CastCounts> counts;
-      for (int k = 0; k < kTensorClasses; ++k)
-        counts.push_back(be.cast_counts(static_cast<TensorClass>(k)));
-      o.step(oc.lr, o.clip_scale(o.grad_norm()));
-      g.end_step();
-      const float eval = g.forward(in.data(), tg.data(), B, T, 0.0f);
-      return std::make_tuple(loss, eval, counts);
+    auto train = [&](Gpt& g, AdamW& o, Backend& be) {  // a step, then an evaluation pass
+      const TrainedStep s = train_step(g, o, be, in, tg, B, T, oc.lr);
+      return std::make_tuple(s.loss, g.forward(in.data(), tg.data(), B, T, 0.0f), s.counts);
     };
     ops = CountOps();
     ops_plain = CountOps();
@@ -541,11 +541,7 @@ TEST_P(Fp8Producers, GiveTheStepsOfTheUnfusedModel) {
     ASSERT_TRUE(std::isfinite(loss_f));
     EXPECT_EQ(std::memcmp(&loss_f, &loss_p, sizeof(float)), 0);
     EXPECT_EQ(std::memcmp(&eval_f, &eval_p, sizeof(float)), 0);
-    for (int k = 0; k < kTensorClasses; ++k) {
-      EXPECT_EQ(counts_f[k].values, counts_p[k].values) << tensor_class_name(TensorClass(k));
-      EXPECT_EQ(counts_f[k].overflow, counts_p[k].overflow);
-      EXPECT_EQ(counts_f[k].underflow, counts_p[k].underflow);
-    }
+    expect_same_counts(counts_f, counts_p);
     EXPECT_EQ(std::memcmp(fused.all_grads().data, plain.all_grads().data,
                           fused.all_grads().bytes()), 0);
     EXPECT_EQ(std::memcmp(fused.all_params().data, plain.all_params().data,

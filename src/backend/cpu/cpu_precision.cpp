@@ -587,8 +587,9 @@ struct RoundF32 {  // an fp32 value stored as fp32: no cast
 // quantise_loop, so that the 16-bit counters cannot overflow.
 template <class Round, class ToBits>
 void store_fp8_loop(const float* x, uint8_t* out, int64_t n, DType round_to, float scale,
-                    float fp8_max, ToBits to_bits, bool narrows, CastCounts* rounded,
-                    CastCounts* quantised, float* amax, int threads) {
+                    float fp8_max, ToBits to_bits, CastCounts* rounded, CastCounts* quantised,
+                    float* amax, int threads) {
+  constexpr bool narrows = !std::is_same_v<Round, RoundF32>;
   const uint32_t round_max =
       narrows ? detail::float_to_bits(static_cast<float>(dtype_traits(round_to).max_finite)) : 0;
   const uint32_t q_max = detail::float_to_bits(fp8_max);
@@ -631,9 +632,8 @@ void CpuBackend::store_fp8(Tensor out, const float* x, const Fp8Output& fp8) {
   float amax = 0.0f;
   auto run = [&](auto round, auto to_bits) {
     using Round = decltype(round);
-    store_fp8_loop<Round>(x, o, n, fp8.round_to, fp8.q.scale, maxf, to_bits,
-                          !std::is_same_v<Round, RoundF32>, &rounded, &quantised, &amax,
-                          threads_);
+    store_fp8_loop<Round>(x, o, n, fp8.round_to, fp8.q.scale, maxf, to_bits, &rounded,
+                          &quantised, &amax, threads_);
   };
   auto with_format = [&](auto round) {
     if (fp8.q.format == DType::e4m3)
